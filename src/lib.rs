@@ -1,0 +1,3 @@
+//! ferry (architecture map to be written)
+pub mod config;
+pub mod protocol;

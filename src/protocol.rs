@@ -1,0 +1,86 @@
+//! Wire protocol v1 between the agent and the cloud (see `docs/PROTOCOL.md`).
+//!
+//! These types are the single definition of the JSON the agent sends and the answers it reads; the
+//! reference receiver (`ferry-cloud`) parses incoming batches more defensively (as raw JSON values),
+//! because a receiver must give a clear error for anything a device might send.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Header that carries the batch's idempotency key: `<device_id>:<first_seq>-<last_seq>`.
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+
+/// One upload: records and gaps, both sorted by seq, covering a contiguous range of seqs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Batch {
+    pub device_id: String,
+    pub records: Vec<Record>,
+    #[serde(default)]
+    pub gaps: Vec<Gap>,
+}
+
+/// One journaled MQTT message. Exactly one of `payload`, `payload_text`, `payload_b64` is set.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// Time the gateway received the message, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    pub topic: String,
+    #[serde(flatten)]
+    pub payload: Payload,
+    /// Set when the payload failed the parser its topic asked for; the payload is then `payload_b64`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub parse_error: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Payload {
+    /// Parsed JSON, embedded as-is (the agent validated it at ingest).
+    #[serde(rename = "payload")]
+    Json(Box<RawValue>),
+    #[serde(rename = "payload_text")]
+    Text(String),
+    /// Standard base64 with padding.
+    #[serde(rename = "payload_b64")]
+    Base64(String),
+}
+
+/// A range of seqs the device assigned but will never deliver, with the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub reason: GapReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapReason {
+    /// Dropped by `journal.on_full = "drop_oldest"`.
+    JournalFull,
+    /// Refused by the cloud (4xx) and moved to the dead-letter store.
+    Rejected,
+    /// Lost with a journal that could not be opened or was found inconsistent at start.
+    JournalLost,
+}
+
+impl GapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::JournalFull => "journal_full",
+            GapReason::Rejected => "rejected",
+            GapReason::JournalLost => "journal_lost",
+        }
+    }
+}
+
+/// The body of a 2xx answer. Agents do not depend on it; it is informative.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct IngestResponse {
+    pub accepted: u64,
+    pub duplicates: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
