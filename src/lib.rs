@@ -1,3 +1,99 @@
-//! ferry (architecture map to be written)
+//! ferry: durable store-and-forward of MQTT telemetry from an edge gateway to the cloud.
+//!
+//! # Data flow
+//! ```text
+//!  mosquitto ──► [mqtt] ──channel──► [journal-writer] ──► Journal (sled, fsync) ──► [uplink] ──► HTTP cloud
+//!                  ▲                        │                                          │
+//!                  └──── PUBACK after ──────┘ durable watermark          cursor moves on 2xx
+//!                                                        [control] ◄── GET /status, /metrics
+//! ```
+//! - `ingest` owns the MQTT connection (`rumqttc`): the `mqtt` thread polls it and never blocks on
+//!   the disk; the `journal-writer` thread group-commits messages to the journal.
+//! - `journal` owns the sled database: records by seq, gaps, dead letters, the cursor. Every other
+//!   module holds a clonable `Journal` handle.
+//! - `uplink` owns the HTTP agent (`ureq`): one batch in flight, in seq order, from the cursor.
+//! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown.
+//! - `cloud` is the reference receiver (`ferry-cloud`), sharing only `protocol` with the agent.
+//!
+//! # Durability contract
+//! A QoS1 message is PUBACKed to the broker only after the journal batch holding it is fsynced, so
+//! nothing the broker considers delivered can be lost by a crash or a power cut. Every record gets
+//! a seq once, strictly increasing and never reused; only durable records are uploaded, and the
+//! cursor moves only after the cloud answered 2xx. Every seq ends up either delivered or reported
+//! as a gap (`journal_full`, `rejected`, `journal_lost`), so nothing is skipped silently; a record
+//! may be sent twice after a crash, and the cloud deduplicates by `(device_id, seq)`.
+
+pub mod agent;
+pub mod backoff;
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod identity;
+pub mod ingest;
+pub mod journal;
+pub mod payload;
 pub mod protocol;
+pub mod shutdown;
+pub mod stats;
+pub mod uplink;
+
+/// An error and its causes on one line (`what: because: because`), for the one place that reports
+/// it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// The `/status` JSON rendered for a person (`ferry status`).
+pub fn status_text(json: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return format!("{json}\n");
+    };
+    let n = |path: &[&str]| {
+        let mut cur = &v;
+        for p in path {
+            cur = &cur[*p];
+        }
+        match cur {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    };
+    format!(
+        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\ndead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
+        n(&["device_id"]),
+        n(&["version"]),
+        n(&["uptime_s"]),
+        if v["mqtt_connected"] == true {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        n(&["head_seq"]),
+        n(&["acked_seq"]),
+        n(&["backlog_records"]),
+        n(&["backlog_bytes"]),
+        n(&["journal_disk_bytes"]),
+        if v["journal_accepting"] == false {
+            ", NOT ACCEPTING (full or failing)"
+        } else {
+            ""
+        },
+        n(&["uplink", "state"]),
+        n(&["uplink", "last_error"]),
+        n(&["dead_letters"]),
+        n(&["totals", "ingested"]),
+        n(&["totals", "delivered"]),
+        n(&["totals", "dropped"]),
+        n(&["totals", "dead_lettered"]),
+        n(&["totals", "parse_failed"]),
+        n(&["totals", "redeliveries"]),
+    )
+}

@@ -1,1 +1,102 @@
-fn main() {}
+//! `ferry`: parse the command line, set up logging, load the config, dispatch. The architecture map
+//! is at the top of `lib.rs`.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ferry::cli::{self, Command};
+use ferry::config::Config;
+use ferry::{agent, control, error_chain};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(
+        env_logger::Env::new()
+            .filter_or("FERRY_LOG", "info")
+            .write_style("FERRY_LOG_STYLE"),
+    )
+    .format_timestamp_millis()
+    .init();
+    let cmd = match cli::parse(std::env::args().skip(1)) {
+        Ok(cmd) => cmd,
+        Err(msg) => {
+            eprintln!("ferry: {msg}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    match cmd {
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("ferry {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_masked_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => return config_error(&e),
+            };
+            match agent::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{}", error_chain(&e));
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Status { config, json } => with_agent(&config, |addr| {
+            let body = control::get(addr, "/status", Duration::from_secs(3))?;
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", ferry::status_text(&body));
+            }
+            Ok(())
+        }),
+        Command::DeadLetters { config, requeue } => with_agent(&config, |addr| {
+            let body = match requeue {
+                None => control::get(addr, "/dead-letters", Duration::from_secs(3))?,
+                Some(seq) => control::post(
+                    addr,
+                    &format!("/dead-letters/{seq}/requeue"),
+                    Duration::from_secs(10),
+                )?,
+            };
+            println!("{body}");
+            Ok(())
+        }),
+    }
+}
+
+fn config_error(e: &ferry::config::Error) -> ExitCode {
+    eprintln!("ferry: {}", error_chain(e));
+    ExitCode::from(2)
+}
+
+/// Runs `f` against the control address from the config file.
+fn with_agent(
+    config: &std::path::Path,
+    f: impl FnOnce(std::net::SocketAddr) -> Result<(), control::Error>,
+) -> ExitCode {
+    let cfg = match Config::load(config) {
+        Ok(cfg) => cfg,
+        Err(e) => return config_error(&e),
+    };
+    match f(cfg.control.listen) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

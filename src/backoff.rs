@@ -1,0 +1,127 @@
+//! Exponential backoff with jitter, shared by every retry loop (MQTT reconnect, uploads). Pure: the
+//! caller sleeps.
+
+use std::time::Duration;
+
+/// Doubling delays from `base` up to `max`, each drawn uniformly from the upper half of the current
+/// step ("equal jitter"), so that a fleet of gateways that lost the same link does not retry in step.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base: base.min(max),
+            max,
+            attempt: 0,
+            rng: seed(),
+        }
+    }
+
+    /// The delay before the next attempt; each call makes the following one longer, up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self
+            .base
+            .checked_mul(1u32 << self.attempt.min(30))
+            .unwrap_or(self.max)
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = step / 2;
+        let nanos = half.as_nanos() as u64;
+        let jitter = if nanos == 0 {
+            0
+        } else {
+            self.next_random() % (nanos + 1)
+        };
+        half + Duration::from_nanos(jitter)
+    }
+
+    /// The delay before the next attempt when the peer asked for at least `at_least` (Retry-After).
+    pub fn next_delay_at_least(&mut self, at_least: Option<Duration>) -> Duration {
+        let d = self.next_delay();
+        match at_least {
+            Some(a) => d.max(a),
+            None => d,
+        }
+    }
+
+    /// Back to the first step, after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// xorshift64*: plenty for jitter, and no dependency.
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    // Mix in the address of a stack value so that threads started in the same nanosecond differ.
+    let local = 0u8;
+    (nanos ^ (&local as *const u8 as u64).rotate_left(32)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_double_within_jitter_and_stop_at_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let steps = [100u64, 200, 400, 800, 1000, 1000, 1000];
+        for step in steps {
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_millis(step / 2),
+                "{d:?} < half of {step}ms"
+            );
+            assert!(d <= Duration::from_millis(step), "{d:?} > {step}ms");
+        }
+    }
+
+    #[test]
+    fn reset_starts_over() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(60));
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn retry_after_wins_when_longer() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(
+            b.next_delay_at_least(Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn many_attempts_never_overflow() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(3600));
+        for _ in 0..10_000 {
+            assert!(b.next_delay() <= Duration::from_secs(3600));
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The control endpoint (`control.listen`, loopback by default): `GET /status` (JSON),
+//! `GET /metrics` (Prometheus text), `GET /dead-letters`, `POST /dead-letters/<seq>/requeue`.
+//! Both ends live here: the `control` thread that serves it, and the small client behind
+//! `ferry status`.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use serde::Serialize;
+
+use crate::journal::{Journal, Positions};
+use crate::shutdown::Shutdown;
+use crate::stats::{Stats, UplinkState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {message}")]
+    Bind { addr: SocketAddr, message: String },
+    #[error("cannot reach the agent at {addr} (is `ferry run` up?)")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bad answer from the agent at {addr}: {message}")]
+    Answer { addr: SocketAddr, message: String },
+}
+
+/// Everything `/status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub device_id: String,
+    pub version: &'static str,
+    pub uptime_s: u64,
+    pub mqtt_connected: bool,
+    pub journal_accepting: bool,
+    #[serde(flatten)]
+    pub positions: Positions,
+    pub journal_disk_bytes: u64,
+    pub uplink: UplinkState,
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub ingested: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub dead_lettered: u64,
+    pub parse_failed: u64,
+    pub redeliveries: u64,
+    pub qos0_dropped: u64,
+    pub upload_failures: u64,
+}
+
+/// What the endpoint reads from; cheap to clone into the thread.
+#[derive(Clone)]
+pub struct Sources {
+    pub device_id: String,
+    pub journal: Journal,
+    pub stats: Arc<Stats>,
+    pub started: Instant,
+}
+
+impl Sources {
+    pub fn status(&self) -> Status {
+        let s = &self.stats;
+        Status {
+            device_id: self.device_id.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: self.started.elapsed().as_secs(),
+            mqtt_connected: s.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
+            journal_accepting: s
+                .journal_accepting
+                .load(std::sync::atomic::Ordering::Relaxed),
+            positions: self.journal.positions(),
+            journal_disk_bytes: self.journal.disk_bytes(),
+            uplink: s.uplink(),
+            totals: Totals {
+                ingested: Stats::get(&s.ingested),
+                delivered: Stats::get(&s.delivered),
+                dropped: Stats::get(&s.dropped),
+                dead_lettered: Stats::get(&s.dead_lettered),
+                parse_failed: Stats::get(&s.parse_failed),
+                redeliveries: Stats::get(&s.redeliveries),
+                qos0_dropped: Stats::get(&s.qos0_dropped),
+                upload_failures: Stats::get(&s.upload_failures),
+            },
+        }
+    }
+}
+
+/// Binds `addr` (so a port conflict is a start-up error) and serves it on the `control` thread.
+pub fn spawn(
+    addr: SocketAddr,
+    sources: Sources,
+    shutdown: Shutdown,
+) -> Result<JoinHandle<()>, Error> {
+    let server = tiny_http::Server::http(addr).map_err(|e| Error::Bind {
+        addr,
+        message: e.to_string(),
+    })?;
+    info!("control endpoint listening addr={}", addr);
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || serve(server, sources, shutdown))
+        .map_err(|e| Error::Bind {
+            addr,
+            message: e.to_string(),
+        })
+}
+
+fn serve(server: tiny_http::Server, sources: Sources, shutdown: Shutdown) {
+    while !shutdown.is_set() {
+        let req = match server.recv_timeout(Duration::from_millis(250)) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!("control endpoint accept failed: {}", e);
+                shutdown.sleep(Duration::from_millis(250));
+                continue;
+            }
+        };
+        let (code, content_type, body) = route(req.method(), req.url(), &sources);
+        debug!("control {} {} -> {}", req.method(), req.url(), code);
+        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes());
+        let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
+        if let Ok(h) = header {
+            resp = resp.with_header(h);
+        }
+        if let Err(e) = req.respond(resp) {
+            debug!("control response not delivered: {}", e);
+        }
+    }
+}
+
+fn route(method: &tiny_http::Method, url: &str, sources: &Sources) -> (u16, &'static str, String) {
+    use tiny_http::Method::{Get, Post};
+    const JSON: &str = "application/json";
+    let path = url.split('?').next().unwrap_or("");
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (Get, ["status"]) => (200, JSON, to_json(&sources.status())),
+        (Get, ["metrics"]) => (200, "text/plain; version=0.0.4", metrics(&sources.status())),
+        (Get, ["dead-letters"]) => match sources.journal.dead_letters(1000) {
+            Ok(list) => (
+                200,
+                JSON,
+                to_json(&serde_json::json!({ "dead_letters": list })),
+            ),
+            Err(e) => (500, JSON, error_json(&crate::error_chain(&e))),
+        },
+        (Post, ["dead-letters", seq, "requeue"]) => match seq.parse::<u64>() {
+            Err(_) => (400, JSON, error_json(&format!("not a seq: {seq}"))),
+            Ok(seq) => match sources.journal.requeue(seq) {
+                Ok(new_seq) => (
+                    200,
+                    JSON,
+                    to_json(&serde_json::json!({ "seq": seq, "new_seq": new_seq })),
+                ),
+                Err(e @ crate::journal::Error::NoDeadLetter { .. }) => {
+                    (404, JSON, error_json(&e.to_string()))
+                }
+                Err(e) => (500, JSON, error_json(&crate::error_chain(&e))),
+            },
+        },
+        (_, ["status"] | ["metrics"] | ["dead-letters"]) => {
+            (405, JSON, error_json("method not allowed"))
+        }
+        _ => (404, JSON, error_json("not found")),
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| error_json(&e.to_string()))
+}
+
+fn error_json(msg: &str) -> String {
+    serde_json::json!({ "error": msg }).to_string()
+}
+
+/// Prometheus text exposition of the status.
+pub fn metrics(s: &Status) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP ferry_{name} {help}\n# TYPE ferry_{name} {kind}\nferry_{name} {value}\n"
+        ));
+    };
+    let p = &s.positions;
+    let t = &s.totals;
+    metric("head_seq", "gauge", "Highest seq assigned.", p.head_seq);
+    metric(
+        "acked_seq",
+        "gauge",
+        "Highest seq acknowledged by the cloud (the cursor).",
+        p.acked_seq,
+    );
+    metric(
+        "backlog_records",
+        "gauge",
+        "Journal entries not yet acknowledged.",
+        p.backlog_records,
+    );
+    metric(
+        "backlog_bytes",
+        "gauge",
+        "Bytes of journal entries not yet acknowledged.",
+        p.backlog_bytes,
+    );
+    metric(
+        "dead_letters",
+        "gauge",
+        "Records in the dead-letter store.",
+        p.dead_letters,
+    );
+    metric(
+        "journal_disk_bytes",
+        "gauge",
+        "Bytes the journal takes on disk.",
+        s.journal_disk_bytes,
+    );
+    metric(
+        "mqtt_connected",
+        "gauge",
+        "1 while connected to the broker.",
+        u64::from(s.mqtt_connected),
+    );
+    metric(
+        "journal_accepting",
+        "gauge",
+        "1 while the journal accepts new records.",
+        u64::from(s.journal_accepting),
+    );
+    metric(
+        "ingested_total",
+        "counter",
+        "Records journaled.",
+        t.ingested,
+    );
+    metric(
+        "delivered_total",
+        "counter",
+        "Records acknowledged by the cloud.",
+        t.delivered,
+    );
+    metric(
+        "dropped_total",
+        "counter",
+        "Records dropped by drop_oldest.",
+        t.dropped,
+    );
+    metric(
+        "dead_lettered_total",
+        "counter",
+        "Records refused by the cloud.",
+        t.dead_lettered,
+    );
+    metric(
+        "parse_failed_total",
+        "counter",
+        "Payloads that failed their parser.",
+        t.parse_failed,
+    );
+    metric(
+        "redeliveries_total",
+        "counter",
+        "Broker redeliveries not journaled twice.",
+        t.redeliveries,
+    );
+    metric(
+        "qos0_dropped_total",
+        "counter",
+        "QoS0 messages dropped under overload.",
+        t.qos0_dropped,
+    );
+    metric(
+        "upload_failures_total",
+        "counter",
+        "Failed upload attempts.",
+        t.upload_failures,
+    );
+    out
+}
+
+/// `GET path` on the agent's control endpoint, with a deadline on every step. Returns the body of a
+/// 200 answer.
+pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, Error> {
+    request(addr, "GET", path, timeout)
+}
+
+/// `POST path` (no body) on the agent's control endpoint.
+pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, Error> {
+    request(addr, "POST", path, timeout)
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<String, Error> {
+    let connect = |source| Error::Connect { addr, source };
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
+    stream.set_read_timeout(Some(timeout)).map_err(connect)?;
+    stream.set_write_timeout(Some(timeout)).map_err(connect)?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(connect)?;
+    let mut raw = Vec::new();
+    stream
+        .take(16 * 1024 * 1024)
+        .read_to_end(&mut raw)
+        .map_err(connect)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| Error::Answer {
+        addr,
+        message: "no header end".into(),
+    })?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(Error::Answer {
+            addr,
+            message: format!("status {status}: {}", body.trim()),
+        });
+    }
+    Ok(body.to_string())
+}

@@ -1,0 +1,109 @@
+//! The device identity: configured (`device.id`), or generated once and kept in the journal
+//! directory. Never derived from an IP address, a host name or a PID, which cloned images and
+//! containers share.
+
+use std::fs::{self, File};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+
+use log::{info, warn};
+
+const FILE: &str = "device-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read random bytes for a device id")]
+    Random(#[source] std::io::Error),
+    #[error("cannot store the device id in {path}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether `id` is a valid device id: 1..=64 of `[A-Za-z0-9._-]` (protocol v1).
+pub fn is_valid(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The configured id, else the one stored in `dir`, else a new random one, stored durably.
+pub fn resolve(configured: Option<&str>, dir: &Path) -> Result<String, Error> {
+    if let Some(id) = configured {
+        return Ok(id.to_string());
+    }
+    let path = dir.join(FILE);
+    if let Ok(text) = fs::read_to_string(&path) {
+        let id = text.trim();
+        if is_valid(id) {
+            return Ok(id.to_string());
+        }
+        warn!(
+            "stored device id in {} is invalid; generating a new one",
+            path.display()
+        );
+    }
+    let id = generate()?;
+    store(&path, &id)?;
+    info!("generated device id={} stored in {}", id, path.display());
+    Ok(id)
+}
+
+fn generate() -> Result<String, Error> {
+    let mut bytes = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(Error::Random)?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("gw-{hex}"))
+}
+
+/// Temp file, fsync, rename, fsync the directory: a power cut leaves the old file or the new one.
+fn store(path: &Path, id: &str) -> Result<(), Error> {
+    let err = |source| Error::Store {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(err)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(err)?;
+    f.write_all(format!("{id}\n").as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_id_is_stored_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = resolve(None, dir.path()).unwrap();
+        assert!(is_valid(&a) && a.starts_with("gw-"));
+        assert_eq!(resolve(None, dir.path()).unwrap(), a);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(resolve(None, other.path()).unwrap(), a);
+    }
+
+    #[test]
+    fn a_configured_id_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(resolve(Some("gw-01"), dir.path()).unwrap(), "gw-01");
+    }
+
+    #[test]
+    fn validity_follows_the_protocol() {
+        assert!(is_valid("gw-01.a_b"));
+        assert!(!is_valid(""));
+        assert!(!is_valid("a b"));
+        assert!(!is_valid(&"x".repeat(65)));
+        assert!(!is_valid("gw/1"));
+    }
+}

@@ -1,0 +1,451 @@
+//! Ingest: the local MQTT broker into the journal. The only module that names `rumqttc`.
+//!
+//! Two threads, so that a slow disk never stalls the MQTT connection (a stalled poll loop misses
+//! keep-alives and the broker evicts the client):
+//! - `mqtt` owns the connection: polls it with a short timeout, re-subscribes on every CONNACK,
+//!   backs off on errors, hands each PUBLISH to the writer in arrival order, and sends the PUBACKs
+//!   for everything the writer reports durable, in the same order.
+//! - `journal-writer` appends whatever has queued up as one batch, syncs once (group commit) and then
+//!   publishes the durable watermark.
+//!
+//! A QoS1 message is acknowledged to the broker only after it is durable in the journal, so a crash
+//! at any point loses nothing the broker considers delivered: the session is persistent
+//! (`clean_session = false`, stable client id) and the broker redelivers what was not acked. PUBACKs
+//! are only ever sent on the connection the message arrived on; after a reconnect the broker
+//! redelivers with DUP and the journal recognises copies it already holds (see `journal`).
+//!
+//! QoS0 messages carry no acknowledgement: they are journaled the same way, but when the writer
+//! falls more than `QOS0_QUEUE_BYTES` behind they are dropped and counted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, trace, warn};
+use rumqttc::{
+    Client, Connection, ConnectionError, Event, Incoming, MqttOptions, Publish, QoS,
+    SubscribeFilter,
+};
+
+use crate::backoff::Backoff;
+use crate::config::MqttConfig;
+use crate::journal::{self, Journal, MqttDelivery, NewRecord, StoredFormat};
+use crate::payload;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// Poll timeout of the MQTT connection: how quickly the loop sees shutdown and the writer's progress.
+const POLL: Duration = Duration::from_millis(50);
+/// Largest group commit.
+const MAX_GROUP: usize = 1000;
+/// Messages waiting for the writer beyond which QoS0 messages are dropped.
+const QOS0_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Channel depth between the threads (QoS1 depth is bounded by the broker's in-flight window).
+const CHANNEL: usize = 4096;
+/// How long shutdown waits for the writer so that journaled messages can still be acked.
+const ACK_DRAIN: Duration = Duration::from_millis(1500);
+/// Packets up to this size are read even when over `mqtt.max_packet_size`, so that an oversized
+/// message is reported and acknowledged instead of breaking the connection on every redelivery.
+const HARD_PACKET_CAP: u64 = 32 * 1024 * 1024;
+
+struct Delivery {
+    index: u64,
+    record: NewRecord,
+}
+
+/// The two ingest threads.
+pub struct Ingest {
+    pub mqtt: JoinHandle<()>,
+    pub writer: JoinHandle<()>,
+}
+
+pub fn spawn(
+    cfg: &MqttConfig,
+    client_id: String,
+    journal: Journal,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+) -> std::io::Result<Ingest> {
+    let (tx, rx) = mpsc::sync_channel(CHANNEL);
+    let durable = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let journal = journal.clone();
+        let stats = Arc::clone(&stats);
+        let durable = Arc::clone(&durable);
+        let shutdown = shutdown.clone();
+        thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || run_writer(rx, journal, stats, durable, shutdown))?
+    };
+    let mqtt = {
+        let cfg = cfg.clone();
+        thread::Builder::new()
+            .name("mqtt".into())
+            .spawn(move || MqttLoop::new(cfg, client_id, tx, durable, stats, shutdown).run())?
+    };
+    Ok(Ingest { mqtt, writer })
+}
+
+struct MqttLoop {
+    cfg: MqttConfig,
+    client: Client,
+    connection: Connection,
+    tx: SyncSender<Delivery>,
+    durable: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+    next_index: u64,
+    /// QoS1 messages of the current connection not yet acked, in arrival order.
+    unacked: VecDeque<(u64, Publish)>,
+    /// Messages the writer's channel had no room for yet, in arrival order.
+    overflow: VecDeque<Delivery>,
+    overflow_bytes: usize,
+    backoff: Backoff,
+}
+
+impl MqttLoop {
+    fn new(
+        cfg: MqttConfig,
+        client_id: String,
+        tx: SyncSender<Delivery>,
+        durable: Arc<AtomicU64>,
+        stats: Arc<Stats>,
+        shutdown: Shutdown,
+    ) -> MqttLoop {
+        let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+        opts.set_keep_alive(cfg.keep_alive)
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(
+                read_limit(cfg.max_packet_size),
+                cfg.max_packet_size as usize,
+            );
+        if let Some(user) = &cfg.username {
+            let pass = cfg
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default();
+            opts.set_credentials(user.clone(), pass);
+        }
+        let (client, connection) = Client::new(opts, 1024);
+        let backoff = Backoff::new(Duration::from_millis(200), cfg.max_backoff);
+        MqttLoop {
+            cfg,
+            client,
+            connection,
+            tx,
+            durable,
+            stats,
+            shutdown,
+            next_index: 1,
+            unacked: VecDeque::new(),
+            overflow: VecDeque::new(),
+            overflow_bytes: 0,
+            backoff,
+        }
+    }
+
+    fn run(mut self) {
+        info!(
+            "mqtt connecting host={} port={} topics={:?}",
+            self.cfg.host, self.cfg.port, self.cfg.topics
+        );
+        while !self.shutdown.is_set() {
+            match self.connection.recv_timeout(POLL) {
+                Ok(Ok(event)) => self.on_event(event),
+                Ok(Err(e)) => self.on_error(e),
+                Err(rumqttc::RecvTimeoutError::Timeout) => {}
+                Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.feed_writer();
+            self.send_acks();
+        }
+        self.finish();
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Incoming(Incoming::ConnAck(ack)) => {
+                info!("mqtt connected session_present={}", ack.session_present);
+                self.stats.mqtt_connected.store(true, Ordering::Relaxed);
+                self.backoff.reset();
+                self.unacked.clear();
+                let filters = self
+                    .cfg
+                    .topics
+                    .iter()
+                    .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                if let Err(e) = self.client.try_subscribe_many(filters) {
+                    error!("mqtt subscribe request failed: {}", e);
+                }
+            }
+            Event::Incoming(Incoming::SubAck(ack)) => {
+                for (filter, code) in self.cfg.topics.iter().zip(ack.return_codes.iter()) {
+                    match code {
+                        rumqttc::SubscribeReasonCode::Failure => {
+                            error!(
+                                "mqtt broker refused subscription filter={} (check the broker's ACL)",
+                                filter
+                            )
+                        }
+                        rumqttc::SubscribeReasonCode::Success(qos) => {
+                            debug!("mqtt subscribed filter={} qos={:?}", filter, qos)
+                        }
+                    }
+                }
+            }
+            Event::Incoming(Incoming::Publish(p)) => self.on_publish(p),
+            _ => {}
+        }
+    }
+
+    fn on_publish(&mut self, p: Publish) {
+        let index = self.next_index;
+        self.next_index += 1;
+        trace!(
+            "mqtt publish topic={} pkid={} qos={:?} dup={} bytes={}",
+            p.topic,
+            p.pkid,
+            p.qos,
+            p.dup,
+            p.payload.len()
+        );
+        let record = self.to_record(&p);
+        let qos1 = p.qos != QoS::AtMostOnce;
+        if qos1 {
+            self.unacked.push_back((index, p));
+        } else if self.overflow_bytes > QOS0_QUEUE_BYTES {
+            Stats::add(&self.stats.qos0_dropped, 1);
+            warn!(
+                "journal is behind: dropped a QoS0 message topic={} (use QoS1 for delivery guarantees)",
+                record.topic
+            );
+            return;
+        }
+        self.overflow_bytes += record.payload.len();
+        self.overflow.push_back(Delivery { index, record });
+    }
+
+    fn to_record(&self, p: &Publish) -> NewRecord {
+        let mqtt = match p.qos {
+            QoS::AtMostOnce => None,
+            _ => Some(MqttDelivery {
+                pkid: p.pkid,
+                dup: p.dup,
+            }),
+        };
+        if p.payload.len() as u64 > self.cfg.max_packet_size {
+            return NewRecord {
+                ts_ms: journal::now_ms(),
+                topic: p.topic.clone(),
+                payload: Vec::new(),
+                format: StoredFormat::Raw,
+                parse_error: false,
+                too_large: Some(p.payload.len() as u64),
+                mqtt,
+            };
+        }
+        let wanted = payload::format_for(&self.cfg.parse, &p.topic);
+        let c = payload::classify(wanted, &p.payload);
+        NewRecord {
+            ts_ms: journal::now_ms(),
+            topic: p.topic.clone(),
+            payload: p.payload.to_vec(),
+            format: c.format,
+            parse_error: c.parse_error,
+            too_large: None,
+            mqtt,
+        }
+    }
+
+    fn feed_writer(&mut self) {
+        while let Some(d) = self.overflow.pop_front() {
+            let bytes = d.record.payload.len();
+            match self.tx.try_send(d) {
+                Ok(()) => self.overflow_bytes -= bytes,
+                Err(TrySendError::Full(d)) => {
+                    self.overflow.push_front(d);
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    // The writer is gone (shutdown); the broker redelivers what was not acked.
+                    self.overflow.clear();
+                    self.overflow_bytes = 0;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn send_acks(&mut self) {
+        let durable = self.durable.load(Ordering::Acquire);
+        while let Some((index, p)) = self.unacked.front() {
+            if *index > durable {
+                return;
+            }
+            match self.client.try_ack(p) {
+                Ok(()) => {
+                    self.unacked.pop_front();
+                }
+                // The request queue is full; the next poll drains it.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn on_error(&mut self, e: ConnectionError) {
+        let was_connected = self.stats.mqtt_connected.swap(false, Ordering::Relaxed);
+        // Acks belong to the connection the messages came on; the broker redelivers the rest.
+        self.unacked.clear();
+        self.connection.eventloop.pending.clear();
+        let delay = self.backoff.next_delay();
+        if let ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+        )) = &e
+        {
+            error!(
+                "mqtt packet of {} bytes is over the read limit of {} bytes; the broker will redeliver it \
+                 and ferry cannot take it: set max_packet_size in mosquitto.conf to at most mqtt.max_packet_size",
+                size,
+                read_limit(self.cfg.max_packet_size)
+            );
+        } else if was_connected {
+            warn!("mqtt connection lost: {}; reconnecting in {:?}", e, delay);
+        } else {
+            warn!("mqtt connect failed: {}; retrying in {:?}", e, delay);
+        }
+        self.shutdown.sleep(delay);
+    }
+
+    /// Stops intake, gives the writer a moment to make queued messages durable so they can still be
+    /// acked, then disconnects cleanly.
+    fn finish(mut self) {
+        let deadline = Instant::now() + ACK_DRAIN;
+        while !self.unacked.is_empty() && Instant::now() < deadline {
+            self.feed_writer();
+            self.send_acks();
+            match self.connection.recv_timeout(POLL) {
+                Ok(Err(_)) | Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+                // Messages arriving now are not taken: they stay with the broker.
+                _ => {}
+            }
+        }
+        if !self.unacked.is_empty() {
+            info!(
+                "mqtt shutting down with {} messages not yet acked; the broker keeps them",
+                self.unacked.len()
+            );
+        }
+        drop(self.tx);
+        if self.client.try_disconnect().is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                match self.connection.recv_timeout(POLL) {
+                    Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) => break,
+                    Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+                    _ => {}
+                }
+            }
+        }
+        self.stats.mqtt_connected.store(false, Ordering::Relaxed);
+        info!("mqtt disconnected");
+    }
+}
+
+fn read_limit(max_packet_size: u64) -> usize {
+    max_packet_size.max(HARD_PACKET_CAP) as usize
+}
+
+fn run_writer(
+    rx: Receiver<Delivery>,
+    journal: Journal,
+    stats: Arc<Stats>,
+    durable: Arc<AtomicU64>,
+    shutdown: Shutdown,
+) {
+    let mut group: Vec<Delivery> = Vec::new();
+    let mut full_since: Option<Instant> = None;
+    let mut failing = false;
+    loop {
+        if group.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(d) => group.push(d),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(d) => group.push(d),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<NewRecord> = group.iter().map(|d| d.record.clone()).collect();
+        let result = journal
+            .append(&records)
+            .and_then(|a| journal.sync().map(|()| a));
+        match result {
+            Ok(appended) => {
+                let n = records.len() as u64 - appended.redeliveries;
+                Stats::add(&stats.ingested, n);
+                Stats::add(&stats.redeliveries, appended.redeliveries);
+                Stats::add(&stats.dropped, appended.dropped);
+                Stats::add(
+                    &stats.parse_failed,
+                    records.iter().filter(|r| r.parse_error).count() as u64,
+                );
+                if let Some(last) = group.last() {
+                    durable.store(last.index, Ordering::Release);
+                }
+                if appended.redeliveries > 0 {
+                    info!(
+                        "skipped {} broker redeliveries already in the journal",
+                        appended.redeliveries
+                    );
+                }
+                debug!(
+                    "journaled records={} first_seq={:?} last_seq={:?}",
+                    n, appended.first_seq, appended.last_seq
+                );
+                if let Some(since) = full_since.take() {
+                    info!("journal accepting again after {:?}", since.elapsed());
+                }
+                if failing {
+                    info!("journal writes recovered");
+                    failing = false;
+                }
+                stats.journal_accepting.store(true, Ordering::Relaxed);
+                group.clear();
+            }
+            Err(e) => {
+                stats.journal_accepting.store(false, Ordering::Relaxed);
+                if e.is_full() {
+                    if full_since.is_none() {
+                        warn!("{}; not acking the broker until the uplink frees space", e);
+                        full_since = Some(Instant::now());
+                    }
+                } else if !failing {
+                    error!(
+                        "journal write failed, not acking the broker until it recovers: {}",
+                        crate::error_chain(&e)
+                    );
+                    failing = true;
+                }
+                // Keep the group and retry; the broker holds everything not acked.
+                if !shutdown.sleep(Duration::from_millis(250)) {
+                    break;
+                }
+            }
+        }
+    }
+    if !group.is_empty() {
+        info!(
+            "writer stopped with {} messages not journaled; the broker keeps them",
+            group.len()
+        );
+    }
+}

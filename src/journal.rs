@@ -1,0 +1,1518 @@
+//! The journal: every ingested message, durably, in seq order, until the cloud acknowledges it.
+//!
+//! This is the only module that names `sled`. Everyone else holds a [`Journal`], a cheap clonable
+//! handle.
+//!
+//! # On-disk layout
+//! One sled database in `journal.dir/db`, and in it one tree, `log`. Keeping every kind of key in one
+//! tree lets each change of state be a single `sled::Batch`, which sled applies atomically, also
+//! across a crash. Keys are a one-byte prefix and a big-endian number, so they sort by seq:
+//!
+//! | key | value |
+//! |---|---|
+//! | `E` seq:u64 | an unacknowledged entry: a record (kind 1), or a gap (kind 2) covering `seq..=to_seq` |
+//! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record as stored under `E` |
+//! | `I` pkid:u16 | the last QoS1 message journaled under that MQTT packet id: hash of topic+payload, seq |
+//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, all u64 |
+//!
+//! A record value is `[1] postcard(header) payload`; the payload is stored as the raw MQTT bytes and
+//! turned into its wire form (JSON, text or base64) only at upload.
+//!
+//! # Invariants
+//! - `seq` starts at 1 and is assigned once, at append, from `M/next_seq`, which is written in the same
+//!   batch as the records. It never goes backwards: on open, `next_seq` is raised past the last entry
+//!   and past the cursor if either is ahead of it.
+//! - The `E` entries cover exactly the seqs `acked+1 ..= next_seq-1`, each seq by one record or one
+//!   gap. An ack removes the acknowledged entries and moves `M/acked` in one batch.
+//! - The cursor (`M/acked`) only moves forward, and only by [`Journal::ack`] after the cloud answered
+//!   2xx (or, later, by an explicit audited rewind).
+//!
+//! # Durability and the crash window
+//! sled 0.34's `flush()` writes its buffers and calls `sync_file_range`, which is not a barrier
+//! against power loss. [`Journal::sync`] therefore follows it with `fdatasync` of the database file
+//! and an fsync of every blob file (sled stores values larger than a quarter segment as separate
+//! files; the segment size is chosen so that a maximal MQTT packet stays inline). Appends are group
+//! committed: the writer appends a batch, syncs once, and only then lets the MQTT thread PUBACK.
+//! Only synced records are handed to the uplink ([`Journal::read_batch`] stops at the durable head),
+//! so a power cut can never take back a seq that the cloud has seen. A crash between the sync and the
+//! PUBACK makes the broker redeliver with DUP; the `I` marks let the writer recognise the copy.
+//!
+//! # Full journal
+//! The on-disk budget is `journal.max_bytes`. sled's file never shrinks below its high-water mark and
+//! keeps freed space for reuse, so admission is decided on the logical bytes held (entries and dead
+//! letters), against a share of `max_bytes` that leaves room for sled's own space amplification (see
+//! `LOGICAL_SHARE`). `reject_new` refuses the append (the writer retries; the broker queues);
+//! `drop_oldest` replaces the oldest unsent records with a `journal_full` gap.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::config::OnFull;
+use crate::protocol::GapReason;
+
+/// Share of `journal.max_bytes` that logical bytes may use. Measured with `make bench`'s journal
+/// scenario: sled's files grow to about 2x the live data under a FIFO workload.
+const LOGICAL_SHARE: f64 = 0.4;
+/// Dead letters may use at most this share of the logical budget; beyond it the oldest are removed.
+const DEAD_SHARE: f64 = 0.1;
+
+const P_ENTRY: u8 = b'E';
+const P_DEAD: u8 = b'D';
+const P_INGEST: u8 = b'I';
+
+const M_NEXT_SEQ: &[u8] = b"Mnext_seq";
+const M_ACKED: &[u8] = b"Macked";
+const M_BACKLOG_RECORDS: &[u8] = b"Mbacklog_records";
+const M_BACKLOG_BYTES: &[u8] = b"Mbacklog_bytes";
+const M_DEAD_BYTES: &[u8] = b"Mdead_bytes";
+
+const KIND_RECORD: u8 = 1;
+const KIND_GAP: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create journal directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open journal at {path}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("journal i/o error while {action}")]
+    Storage {
+        action: &'static str,
+        source: sled::Error,
+    },
+    #[error("cannot sync journal file {path}")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("journal entry seq={seq} is corrupt: {reason}")]
+    Corrupt { seq: u64, reason: String },
+    #[error("journal is full ({used} of {budget} bytes used)")]
+    Full { used: u64, budget: u64 },
+    #[error("no dead letter with seq={seq}")]
+    NoDeadLetter { seq: u64 },
+}
+
+impl Error {
+    /// Errors that are expected to clear by themselves (space freed by the uplink, disk space back).
+    pub fn is_full(&self) -> bool {
+        matches!(self, Error::Full { .. })
+    }
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How the payload is represented on the wire, decided at ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredFormat {
+    Json,
+    Text,
+    Raw,
+}
+
+/// A message to append, as the ingest side hands it over.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub ts_ms: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub format: StoredFormat,
+    pub parse_error: bool,
+    /// Set (to the payload's size) for a message over `mqtt.max_packet_size`: its seq is reported
+    /// to the cloud as a `rejected` gap instead of being stored.
+    pub too_large: Option<u64>,
+    /// MQTT packet id and DUP flag of a QoS1 delivery, for redelivery detection.
+    pub mqtt: Option<MqttDelivery>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MqttDelivery {
+    pub pkid: u16,
+    pub dup: bool,
+}
+
+/// A record read back from the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub format: StoredFormat,
+    pub parse_error: bool,
+}
+
+/// One unacknowledged entry, in seq order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Record(Record),
+    Gap {
+        from_seq: u64,
+        to_seq: u64,
+        reason: GapReason,
+    },
+}
+
+impl Entry {
+    pub fn first_seq(&self) -> u64 {
+        match self {
+            Entry::Record(r) => r.seq,
+            Entry::Gap { from_seq, .. } => *from_seq,
+        }
+    }
+    pub fn last_seq(&self) -> u64 {
+        match self {
+            Entry::Record(r) => r.seq,
+            Entry::Gap { to_seq, .. } => *to_seq,
+        }
+    }
+}
+
+/// A record the cloud refused, kept for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub status: u16,
+    pub error: String,
+    pub at_ms: u64,
+    pub topic: String,
+    pub payload_bytes: usize,
+}
+
+/// What an append did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Seqs assigned, in order (empty when every record was a recognised redelivery).
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// Redeliveries recognised by their `I` mark and not journaled again.
+    pub redeliveries: u64,
+    /// Records replaced by a gap to make room (`drop_oldest`).
+    pub dropped: u64,
+}
+
+/// A snapshot of the journal's positions and sizes, for `/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Positions {
+    pub head_seq: u64,
+    pub acked_seq: u64,
+    pub durable_seq: u64,
+    pub backlog_records: u64,
+    pub backlog_bytes: u64,
+    pub dead_letters: u64,
+    pub logical_bytes: u64,
+    pub budget_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub on_full: OnFull,
+    pub cache_bytes: u64,
+    /// Largest payload that will be appended (sizes sled's segments so records stay inline).
+    pub max_record_bytes: u64,
+}
+
+/// Handle to the journal. Cloning is cheap; all clones share one sled database.
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    log: sled::Tree,
+    db_path: PathBuf,
+    db_file: File,
+    blob_dir: PathBuf,
+    on_full: OnFull,
+    budget: u64,
+    state: Mutex<State>,
+    /// Signalled when the durable head moves, for the uplink.
+    data: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    next_seq: u64,
+    acked: u64,
+    /// Highest seq known to be synced to disk.
+    durable: u64,
+    backlog_records: u64,
+    backlog_bytes: u64,
+    dead_bytes: u64,
+    dead_count: u64,
+    /// Entries up to here may be in an upload right now and must not be trimmed.
+    protected_through: u64,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `opts.dir`, checks the cursor against the entries and logs
+    /// any inconsistency it repairs.
+    pub fn open(opts: &Options) -> Result<Journal> {
+        create_private_dir(&opts.dir)?;
+        let db_dir = opts.dir.join("db");
+        let db = sled::Config::new()
+            .path(&db_dir)
+            .cache_capacity(opts.cache_bytes)
+            .segment_size(segment_size_for(opts.max_record_bytes))
+            .flush_every_ms(Some(1000))
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|source| Error::Open {
+                path: db_dir.clone(),
+                source,
+            })?;
+        let log = db.open_tree("log").map_err(|source| Error::Open {
+            path: db_dir.clone(),
+            source,
+        })?;
+        let db_path = db_dir.join("db");
+        let db_file = File::open(&db_path).map_err(|source| Error::Sync {
+            path: db_path.clone(),
+            source,
+        })?;
+        let budget = (opts.max_bytes as f64 * LOGICAL_SHARE) as u64;
+        let state = State {
+            next_seq: 1,
+            acked: 0,
+            durable: 0,
+            backlog_records: 0,
+            backlog_bytes: 0,
+            dead_bytes: 0,
+            dead_count: 0,
+            protected_through: 0,
+        };
+        let journal = Journal {
+            inner: Arc::new(Inner {
+                db,
+                log,
+                db_path,
+                db_file,
+                blob_dir: db_dir.join("blobs"),
+                on_full: opts.on_full,
+                budget,
+                state: Mutex::new(state),
+                data: Condvar::new(),
+            }),
+        };
+        journal.recover()?;
+        journal.sync()?;
+        sync_dir(&opts.dir)?;
+        Ok(journal)
+    }
+
+    /// Loads the positions and repairs what a foreign or damaged database could hold, saying so.
+    fn recover(&self) -> Result<()> {
+        let meta_next = self.meta(M_NEXT_SEQ)?.unwrap_or(1).max(1);
+        let mut acked = self.meta(M_ACKED)?.unwrap_or(0);
+        let mut next_seq = meta_next;
+        let mut batch = sled::Batch::default();
+        let mut repaired = false;
+
+        if let Some(last) = self.last_entry()? {
+            if last.last_seq() >= next_seq {
+                warn!(
+                    "journal next_seq={} is behind its last entry seq={}; continuing after it",
+                    next_seq,
+                    last.last_seq()
+                );
+                next_seq = last.last_seq() + 1;
+            }
+        }
+        // Entries at or below the cursor were acknowledged already; an ack removes them in the same
+        // batch that moves the cursor, so finding one means the database was damaged or tampered with.
+        let mut stale = 0u64;
+        for item in self.inner.log.range(entry_key(0)..=entry_key(acked)) {
+            let (k, _) = item.map_err(|source| Error::Storage {
+                action: "scanning acknowledged entries",
+                source,
+            })?;
+            batch.remove(k);
+            stale += 1;
+        }
+        if stale > 0 {
+            warn!(
+                "removed {} journal entries at or below the cursor acked_seq={}",
+                stale, acked
+            );
+            repaired = true;
+        }
+        if acked >= next_seq {
+            // The cloud acknowledged seqs this journal never assigned (a restored or foreign
+            // database). Never reuse them: report them as lost and continue after them. The cursor
+            // is set to the journal's head so that the gap is sent like any other entry.
+            warn!(
+                "cursor is ahead of the journal: acked_seq={} head_seq={}; reporting {}..={} as journal_lost and continuing at seq={}",
+                acked,
+                next_seq - 1,
+                next_seq,
+                acked,
+                acked + 1
+            );
+            batch.insert(
+                &entry_key(next_seq)[..],
+                encode_gap(acked, GapReason::JournalLost),
+            );
+            let head = next_seq - 1;
+            next_seq = acked + 1;
+            acked = head;
+            repaired = true;
+        } else {
+            // Every seq in acked+1 ..= head must be held by an entry; a hole in front means records
+            // vanished (a damaged database). Report them rather than skip them silently.
+            let first = self.first_entry_after(acked)?.map(|e| e.first_seq());
+            let hole_end = match first {
+                Some(f) if f > acked + 1 => Some(f - 1),
+                None if next_seq - 1 > acked => Some(next_seq - 1),
+                _ => None,
+            };
+            if let Some(hole_end) = hole_end {
+                warn!(
+                    "cursor is behind the journal's first entry: acked_seq={} first_seq={}; reporting {}..={} as journal_lost",
+                    acked,
+                    hole_end + 1,
+                    acked + 1,
+                    hole_end
+                );
+                batch.insert(
+                    &entry_key(acked + 1)[..],
+                    encode_gap(hole_end, GapReason::JournalLost),
+                );
+                repaired = true;
+            }
+        }
+        batch.insert(M_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
+        batch.insert(M_ACKED, &acked.to_be_bytes()[..]);
+        self.apply(batch, "repairing positions")?;
+
+        let counters = (self.meta(M_BACKLOG_RECORDS)?, self.meta(M_BACKLOG_BYTES)?);
+        let (backlog_records, backlog_bytes) = match counters {
+            (Some(r), Some(b)) if !repaired => (r, b),
+            _ => self.count_entries()?,
+        };
+        let (dead_count, dead_bytes) = self.count_dead()?;
+        let mut st = self.lock();
+        st.next_seq = next_seq;
+        st.acked = acked;
+        st.protected_through = acked;
+        st.durable = next_seq - 1;
+        st.backlog_records = backlog_records;
+        st.backlog_bytes = backlog_bytes;
+        st.dead_bytes = dead_bytes;
+        st.dead_count = dead_count;
+        let mut batch = sled::Batch::default();
+        self.put_counters(&st, &mut batch);
+        self.apply(batch, "writing counters")?;
+        info!(
+            "journal opened head_seq={} acked_seq={} backlog_records={} backlog_bytes={} dead_letters={}",
+            next_seq - 1,
+            acked,
+            backlog_records,
+            backlog_bytes,
+            dead_count
+        );
+        Ok(())
+    }
+
+    /// Appends `records` in order, assigning consecutive seqs, in one atomic batch. The records are
+    /// not durable until [`Journal::sync`] returns.
+    ///
+    /// A record whose MQTT delivery is a DUP of the message last journaled under the same packet id
+    /// (same topic and payload) is skipped and counted in `redeliveries`.
+    pub fn append(&self, records: &[NewRecord]) -> Result<Appended> {
+        let mut out = Appended::default();
+        let mut st = self.lock();
+        let mut batch = sled::Batch::default();
+        let mut next = st.next_seq;
+        let mut added_bytes = 0u64;
+        let mut added_records = 0u64;
+        // Marks written earlier in this same batch (a pkid can repeat within one batch).
+        let mut marks: Vec<(u16, u64)> = Vec::new();
+        for rec in records {
+            let hash = content_hash(&rec.topic, &rec.payload);
+            if let Some(m) = rec.mqtt {
+                if m.dup && self.is_redelivery(m.pkid, hash, &marks)? {
+                    out.redeliveries += 1;
+                    continue;
+                }
+                marks.retain(|(p, _)| *p != m.pkid);
+                marks.push((m.pkid, hash));
+                let mut mark = [0u8; 16];
+                mark[..8].copy_from_slice(&hash.to_be_bytes());
+                mark[8..].copy_from_slice(&next.to_be_bytes());
+                batch.insert(&ingest_key(m.pkid)[..], &mark[..]);
+            }
+            let value = match rec.too_large {
+                None => encode_record(rec),
+                Some(bytes) => {
+                    error!(
+                        "message too large topic={} bytes={} (over mqtt.max_packet_size): reported to the cloud as rejected gap seq={}",
+                        rec.topic, bytes, next
+                    );
+                    encode_gap(next, GapReason::Rejected)
+                }
+            };
+            added_bytes += entry_size(&value);
+            added_records += 1;
+            batch.insert(&entry_key(next)[..], value);
+            out.first_seq.get_or_insert(next);
+            out.last_seq = Some(next);
+            next += 1;
+        }
+        if added_records == 0 {
+            if out.redeliveries > 0 {
+                self.apply(batch, "recording redeliveries")?;
+            }
+            return Ok(out);
+        }
+        let used = st.backlog_bytes + st.dead_bytes + added_bytes;
+        if used > self.inner.budget {
+            match self.inner.on_full {
+                OnFull::RejectNew => {
+                    return Err(Error::Full {
+                        used: st.backlog_bytes + st.dead_bytes,
+                        budget: self.inner.budget,
+                    });
+                }
+                OnFull::DropOldest => {
+                    out.dropped =
+                        self.trim_oldest(&mut st, &mut batch, used - self.inner.budget)?;
+                    if st.backlog_bytes + st.dead_bytes + added_bytes > self.inner.budget {
+                        return Err(Error::Full {
+                            used: st.backlog_bytes + st.dead_bytes,
+                            budget: self.inner.budget,
+                        });
+                    }
+                }
+            }
+        }
+        st.backlog_records += added_records;
+        st.backlog_bytes += added_bytes;
+        st.next_seq = next;
+        batch.insert(M_NEXT_SEQ, &next.to_be_bytes()[..]);
+        self.put_counters(&st, &mut batch);
+        self.apply(batch, "appending records")?;
+        Ok(out)
+    }
+
+    fn is_redelivery(&self, pkid: u16, hash: u64, in_batch: &[(u16, u64)]) -> Result<bool> {
+        if let Some((_, h)) = in_batch.iter().rev().find(|(p, _)| *p == pkid) {
+            return Ok(*h == hash);
+        }
+        let mark = self
+            .inner
+            .log
+            .get(ingest_key(pkid))
+            .map_err(|source| Error::Storage {
+                action: "reading ingest mark",
+                source,
+            })?;
+        Ok(match mark {
+            Some(v) if v.len() == 16 => v[..8] == hash.to_be_bytes(),
+            _ => false,
+        })
+    }
+
+    /// Replaces the oldest unprotected records by `journal_full` gaps until `need` bytes are freed
+    /// (or nothing more can be dropped). Changes go into `batch`, applied by the caller.
+    fn trim_oldest(&self, st: &mut State, batch: &mut sled::Batch, need: u64) -> Result<u64> {
+        let start = st.protected_through.max(st.acked) + 1;
+        let mut freed = 0u64;
+        let mut dropped = 0u64;
+        let mut run: Option<(u64, u64)> = None;
+        let mut runs = Vec::new();
+        for item in self
+            .inner
+            .log
+            .range(entry_key(start)..entry_key(st.next_seq))
+        {
+            if freed >= need {
+                break;
+            }
+            let (k, v) = item.map_err(|source| Error::Storage {
+                action: "scanning for the oldest records",
+                source,
+            })?;
+            let seq = key_seq(&k);
+            if v.first() != Some(&KIND_RECORD) {
+                // An existing gap ends the current run; gaps keep their own reason.
+                runs.extend(run.take());
+                continue;
+            }
+            freed += entry_size(&v);
+            dropped += 1;
+            batch.remove(k);
+            run = match run {
+                Some((from, to)) if to + 1 == seq => Some((from, seq)),
+                other => {
+                    runs.extend(other);
+                    Some((seq, seq))
+                }
+            };
+        }
+        runs.extend(run);
+        for (from, to) in &runs {
+            let gap = encode_gap(*to, GapReason::JournalFull);
+            freed = freed.saturating_sub(entry_size(&gap));
+            batch.insert(&entry_key(*from)[..], gap);
+            warn!(
+                "journal full: dropped records {}..={} (reported to the cloud as a journal_full gap)",
+                from, to
+            );
+        }
+        st.backlog_records = st.backlog_records - dropped + runs.len() as u64;
+        st.backlog_bytes = st.backlog_bytes.saturating_sub(freed);
+        Ok(dropped)
+    }
+
+    /// Makes everything appended so far durable: sled's flush, then a real `fdatasync` of the
+    /// database file and of any blob files. Returns only after the data is on stable storage.
+    pub fn sync(&self) -> Result<()> {
+        let target = self.lock().next_seq - 1;
+        self.inner.db.flush().map_err(|source| Error::Storage {
+            action: "flushing",
+            source,
+        })?;
+        self.inner
+            .db_file
+            .sync_data()
+            .map_err(|source| Error::Sync {
+                path: self.inner.db_path.clone(),
+                source,
+            })?;
+        self.sync_blobs()?;
+        let mut st = self.lock();
+        if target > st.durable {
+            st.durable = target;
+            self.inner.data.notify_all();
+        }
+        Ok(())
+    }
+
+    fn sync_blobs(&self) -> Result<()> {
+        let dir = &self.inner.blob_dir;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(());
+        };
+        let mut any = false;
+        for entry in entries.flatten() {
+            any = true;
+            let path = entry.path();
+            let synced = File::open(&path).and_then(|f| f.sync_all());
+            match synced {
+                Ok(()) => {}
+                // sled removes blobs it no longer needs; a vanished file needs no sync.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(Error::Sync { path, source }),
+            }
+        }
+        if any {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for durable entries beyond `after`. Returns whether there are some.
+    pub fn wait_for_data(&self, after: u64, timeout: Duration) -> bool {
+        let st = self.lock();
+        if st.durable > after {
+            return true;
+        }
+        let (st, _) = self
+            .inner
+            .data
+            .wait_timeout(st, timeout)
+            .unwrap_or_else(|e| e.into_inner());
+        st.durable > after
+    }
+
+    /// Reads unacknowledged, durable entries in seq order, starting at the oldest and stopping at
+    /// `through` (inclusive), after `max_records` entries or once `max_bytes` of entries are read
+    /// (always at least one entry). Entries read are protected from `drop_oldest` until the next
+    /// call of [`Journal::ack`] or [`Journal::release`].
+    pub fn read_batch(
+        &self,
+        through: Option<u64>,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>> {
+        let mut st = self.lock();
+        let end = through.unwrap_or(u64::MAX).min(st.durable);
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        if end <= st.acked {
+            return Ok(out);
+        }
+        for item in self
+            .inner
+            .log
+            .range(entry_key(st.acked + 1)..=entry_key(end))
+        {
+            let (k, v) = item.map_err(|source| Error::Storage {
+                action: "reading a batch",
+                source,
+            })?;
+            let size = entry_size(&v);
+            if !out.is_empty() && (out.len() >= max_records || bytes + size > max_bytes) {
+                break;
+            }
+            bytes += size;
+            out.push(decode_entry(key_seq(&k), &v)?);
+        }
+        if let Some(last) = out.last() {
+            st.protected_through = st.protected_through.max(last.last_seq());
+        }
+        Ok(out)
+    }
+
+    /// Drops the protection of entries read for an upload that will not be acknowledged.
+    pub fn release(&self) {
+        let mut st = self.lock();
+        st.protected_through = st.acked;
+    }
+
+    /// Records that the cloud acknowledged every entry up to and including `through`: removes them
+    /// and moves the cursor, atomically, then syncs. The cursor never moves backwards.
+    pub fn ack(&self, through: u64) -> Result<()> {
+        let mut st = self.lock();
+        if through <= st.acked {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut records = 0u64;
+        let mut bytes = 0u64;
+        for item in self
+            .inner
+            .log
+            .range(entry_key(st.acked + 1)..=entry_key(through))
+        {
+            let (k, v) = item.map_err(|source| Error::Storage {
+                action: "acknowledging",
+                source,
+            })?;
+            records += 1;
+            bytes += entry_size(&v);
+            batch.remove(k);
+        }
+        let from = st.acked;
+        st.acked = through;
+        st.protected_through = through;
+        st.backlog_records = st.backlog_records.saturating_sub(records);
+        st.backlog_bytes = st.backlog_bytes.saturating_sub(bytes);
+        batch.insert(M_ACKED, &through.to_be_bytes()[..]);
+        self.put_counters(&st, &mut batch);
+        self.apply(batch, "moving the cursor")?;
+        drop(st);
+        debug!(
+            "cursor moved acked_seq={} from={} entries={}",
+            through, from, records
+        );
+        self.sync()
+    }
+
+    /// Moves the record `seq` to the dead-letter store and leaves a `rejected` gap in its place, so
+    /// the cloud is told and the records around it flow on. Synced before returning.
+    pub fn dead_letter(&self, seq: u64, status: u16, reason: &str) -> Result<()> {
+        let mut st = self.lock();
+        let value = self
+            .inner
+            .log
+            .get(entry_key(seq))
+            .map_err(|source| Error::Storage {
+                action: "reading a record to dead-letter",
+                source,
+            })?;
+        let Some(value) = value else {
+            return Err(Error::NoDeadLetter { seq });
+        };
+        if value.first() != Some(&KIND_RECORD) {
+            return Err(Error::Corrupt {
+                seq,
+                reason: "only records can be dead-lettered".into(),
+            });
+        }
+        let header = DeadHeader {
+            status,
+            error: truncate(reason, 512).to_string(),
+            at_ms: now_ms(),
+        };
+        let mut dead = postcard::to_stdvec(&header).map_err(|e| Error::Corrupt {
+            seq,
+            reason: e.to_string(),
+        })?;
+        dead.extend_from_slice(&value);
+        let gap = encode_gap(seq, GapReason::Rejected);
+        st.backlog_bytes = st.backlog_bytes.saturating_sub(entry_size(&value)) + entry_size(&gap);
+        st.dead_bytes += entry_size(&dead);
+        st.dead_count += 1;
+        let mut batch = sled::Batch::default();
+        batch.insert(&entry_key(seq)[..], gap);
+        batch.insert(&dead_key(seq)[..], dead);
+        self.evict_dead(&mut st, &mut batch)?;
+        self.put_counters(&st, &mut batch);
+        self.apply(batch, "dead-lettering")?;
+        drop(st);
+        self.sync()
+    }
+
+    /// Keeps dead letters within their share of the budget by removing the oldest.
+    fn evict_dead(&self, st: &mut State, batch: &mut sled::Batch) -> Result<()> {
+        let cap = (self.inner.budget as f64 * DEAD_SHARE) as u64;
+        if st.dead_bytes <= cap {
+            return Ok(());
+        }
+        for item in self.inner.log.scan_prefix([P_DEAD]) {
+            if st.dead_bytes <= cap {
+                break;
+            }
+            let (k, v) = item.map_err(|source| Error::Storage {
+                action: "evicting dead letters",
+                source,
+            })?;
+            error!(
+                "dead-letter store full: removed dead letter seq={} (its gap was reported to the cloud)",
+                key_seq(&k)
+            );
+            st.dead_bytes = st.dead_bytes.saturating_sub(entry_size(&v));
+            st.dead_count = st.dead_count.saturating_sub(1);
+            batch.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Lists dead letters, oldest first, at most `limit`.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        let mut out = Vec::new();
+        for item in self.inner.log.scan_prefix([P_DEAD]).take(limit) {
+            let (k, v) = item.map_err(|source| Error::Storage {
+                action: "listing dead letters",
+                source,
+            })?;
+            let seq = key_seq(&k);
+            let (header, record) = decode_dead(seq, &v)?;
+            out.push(DeadLetter {
+                seq,
+                status: header.status,
+                error: header.error,
+                at_ms: header.at_ms,
+                topic: record.topic,
+                payload_bytes: record.payload.len(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Appends the dead letter `seq` again as a new record (with a new seq; the old seq stays
+    /// reported as `rejected`) and removes it from the dead-letter store. Returns the new seq.
+    pub fn requeue(&self, seq: u64) -> Result<u64> {
+        let value = self
+            .inner
+            .log
+            .get(dead_key(seq))
+            .map_err(|source| Error::Storage {
+                action: "reading a dead letter",
+                source,
+            })?
+            .ok_or(Error::NoDeadLetter { seq })?;
+        let (_, record) = decode_dead(seq, &value)?;
+        let appended = self.append(&[NewRecord {
+            ts_ms: record.ts_ms,
+            topic: record.topic,
+            payload: record.payload,
+            format: record.format,
+            parse_error: record.parse_error,
+            too_large: None,
+            mqtt: None,
+        }])?;
+        let mut st = self.lock();
+        st.dead_bytes = st.dead_bytes.saturating_sub(entry_size(&value));
+        st.dead_count = st.dead_count.saturating_sub(1);
+        let mut batch = sled::Batch::default();
+        batch.remove(&dead_key(seq)[..]);
+        self.put_counters(&st, &mut batch);
+        self.apply(batch, "removing a requeued dead letter")?;
+        drop(st);
+        self.sync()?;
+        let new_seq = appended.first_seq.unwrap_or(0);
+        info!("dead letter requeued seq={} new_seq={}", seq, new_seq);
+        Ok(new_seq)
+    }
+
+    pub fn positions(&self) -> Positions {
+        let st = self.lock();
+        Positions {
+            head_seq: st.next_seq - 1,
+            acked_seq: st.acked,
+            durable_seq: st.durable,
+            backlog_records: st.backlog_records,
+            backlog_bytes: st.backlog_bytes,
+            dead_letters: st.dead_count,
+            logical_bytes: st.backlog_bytes + st.dead_bytes,
+            budget_bytes: self.inner.budget,
+        }
+    }
+
+    /// Bytes the journal's files take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves only counters behind; they are still usable.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, batch: sled::Batch, action: &'static str) -> Result<()> {
+        self.inner
+            .log
+            .apply_batch(batch)
+            .map_err(|source| Error::Storage { action, source })
+    }
+
+    fn put_counters(&self, st: &State, batch: &mut sled::Batch) {
+        batch.insert(M_BACKLOG_RECORDS, &st.backlog_records.to_be_bytes()[..]);
+        batch.insert(M_BACKLOG_BYTES, &st.backlog_bytes.to_be_bytes()[..]);
+        batch.insert(M_DEAD_BYTES, &st.dead_bytes.to_be_bytes()[..]);
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<Option<u64>> {
+        let v = self.inner.log.get(key).map_err(|source| Error::Storage {
+            action: "reading positions",
+            source,
+        })?;
+        Ok(match v {
+            Some(v) if v.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&v);
+                Some(u64::from_be_bytes(b))
+            }
+            Some(_) => {
+                warn!(
+                    "journal position {:?} has a bad length; recomputing",
+                    String::from_utf8_lossy(key)
+                );
+                None
+            }
+            None => None,
+        })
+    }
+
+    fn first_entry_after(&self, after: u64) -> Result<Option<Entry>> {
+        let item = self
+            .inner
+            .log
+            .range(entry_key(after.saturating_add(1))..=entry_key(u64::MAX))
+            .next();
+        match item {
+            None => Ok(None),
+            Some(Err(source)) => Err(Error::Storage {
+                action: "reading the first entry",
+                source,
+            }),
+            Some(Ok((k, v))) => Ok(Some(decode_entry(key_seq(&k), &v)?)),
+        }
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry>> {
+        let item = self
+            .inner
+            .log
+            .range(entry_key(0)..=entry_key(u64::MAX))
+            .next_back();
+        match item {
+            None => Ok(None),
+            Some(Err(source)) => Err(Error::Storage {
+                action: "reading the last entry",
+                source,
+            }),
+            Some(Ok((k, v))) => Ok(Some(decode_entry(key_seq(&k), &v)?)),
+        }
+    }
+
+    fn count_entries(&self) -> Result<(u64, u64)> {
+        let mut n = 0;
+        let mut bytes = 0;
+        for item in self.inner.log.scan_prefix([P_ENTRY]) {
+            let (_, v) = item.map_err(|source| Error::Storage {
+                action: "counting entries",
+                source,
+            })?;
+            n += 1;
+            bytes += entry_size(&v);
+        }
+        Ok((n, bytes))
+    }
+
+    fn count_dead(&self) -> Result<(u64, u64)> {
+        let mut n = 0;
+        let mut bytes = 0;
+        for item in self.inner.log.scan_prefix([P_DEAD]) {
+            let (_, v) = item.map_err(|source| Error::Storage {
+                action: "counting dead letters",
+                source,
+            })?;
+            n += 1;
+            bytes += entry_size(&v);
+        }
+        Ok((n, bytes))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is going away: leave nothing in sled's buffers.
+        if let Err(e) = self.db.flush() {
+            error!("journal flush at close failed: {}", e);
+        } else if let Err(e) = self.db_file.sync_data() {
+            error!("journal sync at close failed: {}", e);
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct RecordHeader {
+    ts_ms: u64,
+    topic: String,
+    format: StoredFormat,
+    parse_error: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GapBody {
+    to_seq: u64,
+    reason: GapReason,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeadHeader {
+    status: u16,
+    error: String,
+    at_ms: u64,
+}
+
+fn encode_record(rec: &NewRecord) -> Vec<u8> {
+    let header = RecordHeader {
+        ts_ms: rec.ts_ms,
+        topic: rec.topic.clone(),
+        format: rec.format,
+        parse_error: rec.parse_error,
+    };
+    let mut out = Vec::with_capacity(rec.topic.len() + rec.payload.len() + 24);
+    out.push(KIND_RECORD);
+    // Serializing a plain struct into a Vec cannot fail.
+    out.extend_from_slice(&postcard::to_stdvec(&header).unwrap_or_default());
+    out.extend_from_slice(&rec.payload);
+    out
+}
+
+fn encode_gap(to_seq: u64, reason: GapReason) -> Vec<u8> {
+    let mut out = vec![KIND_GAP];
+    out.extend_from_slice(&postcard::to_stdvec(&GapBody { to_seq, reason }).unwrap_or_default());
+    out
+}
+
+/// Decodes an `E` value. Corrupt bytes give an error naming the seq, never a panic, and never an
+/// allocation larger than the value itself.
+pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
+    let corrupt = |reason: String| Error::Corrupt { seq, reason };
+    match value.split_first() {
+        Some((&KIND_RECORD, rest)) => {
+            let (h, payload): (RecordHeader, &[u8]) = postcard::take_from_bytes(rest)
+                .map_err(|e| corrupt(format!("record header: {e}")))?;
+            Ok(Entry::Record(Record {
+                seq,
+                ts_ms: h.ts_ms,
+                topic: h.topic,
+                payload: payload.to_vec(),
+                format: h.format,
+                parse_error: h.parse_error,
+            }))
+        }
+        Some((&KIND_GAP, rest)) => {
+            let g: GapBody =
+                postcard::from_bytes(rest).map_err(|e| corrupt(format!("gap: {e}")))?;
+            if g.to_seq < seq {
+                return Err(corrupt(format!(
+                    "gap ends at {} before it starts",
+                    g.to_seq
+                )));
+            }
+            Ok(Entry::Gap {
+                from_seq: seq,
+                to_seq: g.to_seq,
+                reason: g.reason,
+            })
+        }
+        Some((kind, _)) => Err(corrupt(format!("unknown entry kind {kind}"))),
+        None => Err(corrupt("empty value".into())),
+    }
+}
+
+fn decode_dead(seq: u64, value: &[u8]) -> Result<(DeadHeader, Record)> {
+    let (header, rest): (DeadHeader, &[u8]) =
+        postcard::take_from_bytes(value).map_err(|e| Error::Corrupt {
+            seq,
+            reason: format!("dead letter header: {e}"),
+        })?;
+    match decode_entry(seq, rest)? {
+        Entry::Record(r) => Ok((header, r)),
+        Entry::Gap { .. } => Err(Error::Corrupt {
+            seq,
+            reason: "dead letter holds a gap".into(),
+        }),
+    }
+}
+
+fn entry_key(seq: u64) -> [u8; 9] {
+    let mut k = [P_ENTRY; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn dead_key(seq: u64) -> [u8; 9] {
+    let mut k = [P_DEAD; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn ingest_key(pkid: u16) -> [u8; 3] {
+    let b = pkid.to_be_bytes();
+    [P_INGEST, b[0], b[1]]
+}
+
+fn key_seq(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if key.len() == 9 {
+        b.copy_from_slice(&key[1..]);
+    }
+    u64::from_be_bytes(b)
+}
+
+/// What an entry costs in the budget: key, value and sled's per-item overhead.
+fn entry_size(value: &[u8]) -> u64 {
+    value.len() as u64 + 9 + 32
+}
+
+/// sled moves values over a quarter segment into blob files, which need their own syncs; pick the
+/// smallest power-of-two segment that keeps the largest record inline.
+fn segment_size_for(max_record: u64) -> usize {
+    let want = (max_record + 4096).saturating_mul(4).max(512 * 1024);
+    want.checked_next_power_of_two()
+        .unwrap_or(1 << 30)
+        .min(1 << 30) as usize
+}
+
+/// FNV-1a over topic, a separator, and payload: stable across builds and versions.
+fn content_hash(topic: &str, payload: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in topic.as_bytes().iter().chain([0u8].iter()).chain(payload) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// fsync of a directory, so that files created or renamed in it survive a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Sync {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> Options {
+        Options {
+            dir: dir.to_path_buf(),
+            max_bytes: 64 * 1024 * 1024,
+            on_full: OnFull::RejectNew,
+            cache_bytes: 4 * 1024 * 1024,
+            max_record_bytes: 256 * 1024,
+        }
+    }
+
+    fn rec(topic: &str, payload: &[u8]) -> NewRecord {
+        NewRecord {
+            ts_ms: 1,
+            topic: topic.into(),
+            payload: payload.to_vec(),
+            format: StoredFormat::Text,
+            parse_error: false,
+            too_large: None,
+            mqtt: None,
+        }
+    }
+
+    fn qos1(pkid: u16, dup: bool, payload: &[u8]) -> NewRecord {
+        NewRecord {
+            mqtt: Some(MqttDelivery { pkid, dup }),
+            ..rec("t", payload)
+        }
+    }
+
+    fn append_synced(j: &Journal, recs: &[NewRecord]) -> Appended {
+        let a = j.append(recs).unwrap();
+        j.sync().unwrap();
+        a
+    }
+
+    fn seqs(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(Entry::first_seq).collect()
+    }
+
+    #[test]
+    fn seqs_start_at_one_and_stay_monotonic_across_reopen_and_trim() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(&opts(dir.path())).unwrap();
+            let a = append_synced(&j, &[rec("t", b"1"), rec("t", b"2")]);
+            assert_eq!((a.first_seq, a.last_seq), (Some(1), Some(2)));
+            j.ack(2).unwrap();
+        }
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        assert_eq!(j.positions().acked_seq, 2);
+        // Everything was acked and removed: the next seq must still not reuse 1 or 2.
+        let a = append_synced(&j, &[rec("t", b"3")]);
+        assert_eq!(a.first_seq, Some(3));
+    }
+
+    #[test]
+    fn only_durable_entries_are_read_and_acks_remove_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        j.append(&[rec("t", b"a"), rec("t", b"b"), rec("t", b"c")])
+            .unwrap();
+        assert!(
+            j.read_batch(None, 10, 1 << 20).unwrap().is_empty(),
+            "unsynced records must not be uploaded"
+        );
+        j.sync().unwrap();
+        let batch = j.read_batch(None, 2, 1 << 20).unwrap();
+        assert_eq!(seqs(&batch), vec![1, 2]);
+        j.ack(2).unwrap();
+        let p = j.positions();
+        assert_eq!((p.acked_seq, p.head_seq, p.backlog_records), (2, 3, 1));
+        assert_eq!(seqs(&j.read_batch(None, 10, 1 << 20).unwrap()), vec![3]);
+        // The cursor never moves backwards.
+        j.ack(1).unwrap();
+        assert_eq!(j.positions().acked_seq, 2);
+    }
+
+    #[test]
+    fn batch_respects_byte_limit_but_always_returns_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        append_synced(&j, &[rec("t", &[b'x'; 1000]), rec("t", &[b'y'; 1000])]);
+        assert_eq!(j.read_batch(None, 10, 10).unwrap().len(), 1);
+        assert_eq!(j.read_batch(None, 10, 1100).unwrap().len(), 1);
+        assert_eq!(j.read_batch(None, 10, 4000).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_dup_redelivery_of_a_journaled_message_is_not_journaled_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(&opts(dir.path())).unwrap();
+            append_synced(&j, &[qos1(7, false, b"m1")]);
+        }
+        // Crash between fsync and PUBACK: the broker redelivers with DUP after restart.
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        let a = append_synced(&j, &[qos1(7, true, b"m1")]);
+        assert_eq!(a.redeliveries, 1);
+        assert_eq!(a.first_seq, None);
+        assert_eq!(j.positions().head_seq, 1);
+        // A DUP with different content under the same packet id is a different message.
+        let a = append_synced(&j, &[qos1(7, true, b"other")]);
+        assert_eq!(a.first_seq, Some(2));
+        // A new (non-DUP) message reusing the packet id is always journaled.
+        let a = append_synced(&j, &[qos1(7, false, b"other")]);
+        assert_eq!(a.first_seq, Some(3));
+    }
+
+    #[test]
+    fn reject_new_refuses_appends_over_budget_and_accepts_after_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_bytes = 100_000; // budget 40 kB
+        let j = Journal::open(&o).unwrap();
+        let big = vec![b'x'; 10_000];
+        for _ in 0..3 {
+            append_synced(&j, &[rec("t", &big)]);
+        }
+        let err = j.append(&[rec("t", &big), rec("t", &big)]).unwrap_err();
+        assert!(err.is_full(), "{err}");
+        assert_eq!(j.positions().head_seq, 3, "a refused append assigns no seq");
+        j.read_batch(None, 10, 1 << 20).unwrap();
+        j.ack(3).unwrap();
+        append_synced(&j, &[rec("t", &big), rec("t", &big)]);
+        assert_eq!(j.positions().head_seq, 5);
+    }
+
+    #[test]
+    fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_bytes = 100_000;
+        o.on_full = OnFull::DropOldest;
+        let j = Journal::open(&o).unwrap();
+        let big = vec![b'x'; 10_000];
+        for _ in 0..3 {
+            append_synced(&j, &[rec("t", &big)]);
+        }
+        // Seq 1 is in flight: protected from trimming.
+        assert_eq!(seqs(&j.read_batch(None, 1, 1 << 20).unwrap()), vec![1]);
+        let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
+        assert_eq!(a.dropped, 2);
+        assert_eq!((a.first_seq, a.last_seq), (Some(4), Some(5)));
+        j.release();
+        let all = j.read_batch(None, 100, 1 << 30).unwrap();
+        assert_eq!(all[0].first_seq(), 1);
+        assert_eq!(
+            all[1],
+            Entry::Gap {
+                from_seq: 2,
+                to_seq: 3,
+                reason: GapReason::JournalFull
+            }
+        );
+        assert_eq!(seqs(&all[2..]), vec![4, 5]);
+        assert!(j.positions().logical_bytes <= j.positions().budget_bytes);
+    }
+
+    #[test]
+    fn dead_letter_leaves_a_rejected_gap_and_can_be_requeued() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        append_synced(&j, &[rec("a", b"1"), rec("b", b"poison"), rec("c", b"3")]);
+        j.dead_letter(2, 422, "status 422 bad").unwrap();
+        let all = j.read_batch(None, 10, 1 << 20).unwrap();
+        assert_eq!(
+            all[1],
+            Entry::Gap {
+                from_seq: 2,
+                to_seq: 2,
+                reason: GapReason::Rejected
+            }
+        );
+        let dl = j.dead_letters(10).unwrap();
+        assert_eq!(
+            (dl[0].seq, dl[0].status, dl[0].topic.as_str()),
+            (2, 422, "b")
+        );
+        let new_seq = j.requeue(2).unwrap();
+        assert_eq!(new_seq, 4);
+        assert!(j.dead_letters(10).unwrap().is_empty());
+        assert!(matches!(j.requeue(2), Err(Error::NoDeadLetter { seq: 2 })));
+    }
+
+    #[test]
+    fn a_cursor_behind_the_first_entry_is_reported_as_journal_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(&opts(dir.path())).unwrap();
+            append_synced(&j, &[rec("t", b"1"), rec("t", b"2"), rec("t", b"3")]);
+            // Damage: records 1 and 2 vanish without the cursor moving.
+            j.inner.log.remove(entry_key(1)).unwrap();
+            j.inner.log.remove(entry_key(2)).unwrap();
+            j.sync().unwrap();
+        }
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        let all = j.read_batch(None, 10, 1 << 20).unwrap();
+        assert_eq!(
+            all[0],
+            Entry::Gap {
+                from_seq: 1,
+                to_seq: 2,
+                reason: GapReason::JournalLost
+            }
+        );
+        assert_eq!(all[1].first_seq(), 3);
+    }
+
+    #[test]
+    fn a_cursor_ahead_of_the_journal_never_reuses_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(&opts(dir.path())).unwrap();
+            append_synced(&j, &[rec("t", b"1")]);
+            j.inner
+                .log
+                .insert(M_ACKED, &10u64.to_be_bytes()[..])
+                .unwrap();
+            j.sync().unwrap();
+        }
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        let a = append_synced(&j, &[rec("t", b"new")]);
+        assert_eq!(a.first_seq, Some(11));
+        let all = j.read_batch(None, 10, 1 << 20).unwrap();
+        assert_eq!(
+            all[0],
+            Entry::Gap {
+                from_seq: 2,
+                to_seq: 10,
+                reason: GapReason::JournalLost
+            }
+        );
+    }
+
+    #[test]
+    fn corrupt_entries_give_errors_not_panics() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![9],
+            vec![KIND_RECORD],
+            vec![
+                KIND_RECORD,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x01,
+            ],
+            vec![KIND_GAP],
+            vec![KIND_GAP, 0x01, 7],
+            // A topic length of ~2^63: must not allocate it.
+            vec![
+                KIND_RECORD,
+                1,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x7f,
+            ],
+        ];
+        for c in cases {
+            assert!(decode_entry(5, &c).is_err(), "{c:?}");
+        }
+        // Every truncation and every single-byte corruption of a valid value decodes or errors.
+        let good = encode_record(&rec("sensors/ü", b"{\"t\":1}"));
+        for n in 0..good.len() {
+            let _ = decode_entry(1, &good[..n]);
+            for b in [0u8, 0x7f, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[n] = b;
+                let _ = decode_entry(1, &bad);
+            }
+        }
+    }
+
+    /// Model test: random appends, acks, syncs and restarts against a BTreeMap of what must be
+    /// there. Seqs are never reused, acked entries never come back, unacked durable ones never go.
+    #[test]
+    fn journal_matches_a_model_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut model: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
+        let mut acked = 0u64;
+        let mut max_seq = 0u64;
+        let mut j = Journal::open(&opts(dir.path())).unwrap();
+        for step in 0..400 {
+            match next() % 10 {
+                0..=4 => {
+                    let n = (next() % 5 + 1) as usize;
+                    let recs: Vec<NewRecord> = (0..n)
+                        .map(|i| rec("t", format!("{step}-{i}").as_bytes()))
+                        .collect();
+                    let a = append_synced(&j, &recs);
+                    let first = a.first_seq.unwrap();
+                    assert_eq!(first, max_seq + 1, "seqs are consecutive and never reused");
+                    for (i, r) in recs.iter().enumerate() {
+                        model.insert(first + i as u64, r.payload.clone());
+                    }
+                    max_seq = a.last_seq.unwrap();
+                }
+                5..=7 => {
+                    let batch = j
+                        .read_batch(None, (next() % 7 + 1) as usize, 1 << 20)
+                        .unwrap();
+                    if let Some(last) = batch.last() {
+                        j.ack(last.last_seq()).unwrap();
+                        acked = last.last_seq();
+                        model.retain(|s, _| *s > acked);
+                    }
+                }
+                _ => {
+                    drop(j);
+                    j = Journal::open(&opts(dir.path())).unwrap();
+                }
+            }
+            let all = j.read_batch(None, usize::MAX, u64::MAX).unwrap();
+            j.release();
+            let got: Vec<(u64, Vec<u8>)> = all
+                .into_iter()
+                .map(|e| match e {
+                    Entry::Record(r) => (r.seq, r.payload),
+                    Entry::Gap { .. } => panic!("no gaps expected"),
+                })
+                .collect();
+            let want: Vec<(u64, Vec<u8>)> = model.iter().map(|(k, v)| (*k, v.clone())).collect();
+            assert_eq!(got, want, "step {step}");
+            let p = j.positions();
+            assert_eq!(
+                (p.acked_seq, p.head_seq, p.backlog_records),
+                (acked, max_seq, model.len() as u64)
+            );
+        }
+    }
+}

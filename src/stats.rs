@@ -1,0 +1,61 @@
+//! Counters and live state that several threads report into and `/status` reads. Plain atomics: no
+//! thread ever waits on another to count.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Records journaled.
+    pub ingested: AtomicU64,
+    /// Records acknowledged by the cloud.
+    pub delivered: AtomicU64,
+    /// Records replaced by `journal_full` gaps.
+    pub dropped: AtomicU64,
+    /// Records moved to the dead-letter store.
+    pub dead_lettered: AtomicU64,
+    /// Payloads that failed their topic's parser (journaled as flagged raw).
+    pub parse_failed: AtomicU64,
+    /// Broker redeliveries recognised and not journaled twice.
+    pub redeliveries: AtomicU64,
+    /// QoS0 messages dropped because the journal could not keep up (QoS1 is never dropped).
+    pub qos0_dropped: AtomicU64,
+    /// Upload attempts that failed.
+    pub upload_failures: AtomicU64,
+    pub mqtt_connected: AtomicBool,
+    pub journal_accepting: AtomicBool,
+    uplink: Mutex<UplinkState>,
+}
+
+/// What the uplink is doing, for people.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UplinkState {
+    /// `idle`, `sending`, `backoff`, `refused` (401/403/404), `stopped`.
+    pub state: &'static str,
+    pub last_error: Option<String>,
+    pub last_success_ms: Option<u64>,
+    pub consecutive_failures: u64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn uplink(&self) -> UplinkState {
+        self.uplink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_uplink(&self, f: impl FnOnce(&mut UplinkState)) {
+        f(&mut self.uplink.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}

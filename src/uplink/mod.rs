@@ -1,0 +1,423 @@
+//! Uplink: the journal to the cloud over HTTP. The only module that names `ureq`.
+//!
+//! One thread, `uplink`, one batch in flight, entries in seq order. Every request has a connect
+//! timeout and a global deadline; statuses are the agent's to handle (`http_status_as_error(false)`)
+//! and every response body is read to its end, bounded, so that connections are reused and never
+//! pile up half-closed behind a proxy that answers 502 in a loop. The cursor moves only after a 2xx
+//! (`Journal::ack`). What each status means is in `batch::verdict` and `docs/PROTOCOL.md`.
+
+mod batch;
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{debug, error, info, warn};
+
+pub use batch::{OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict};
+
+use crate::backoff::Backoff;
+use crate::config::{Compression, UplinkConfig};
+use crate::journal::{Entry, Journal};
+use crate::protocol::IDEMPOTENCY_HEADER;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// Largest response body read; the rest of a larger one is dropped with its connection.
+const MAX_RESPONSE_BODY: u64 = 64 * 1024;
+/// At most one repeated warning or error line per this period while a failure persists.
+const REPEAT_LOG: Duration = Duration::from_secs(60);
+/// While a backlog exists, one INFO progress line per this period.
+const PROGRESS_LOG: Duration = Duration::from_secs(60);
+
+/// How one upload attempt ended.
+#[derive(Debug)]
+enum Attempt {
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+        body: String,
+    },
+    /// No HTTP status: DNS, connect, TLS, timeout, reset, a body cut short.
+    Failed(ureq::Error),
+}
+
+pub fn spawn(
+    cfg: UplinkConfig,
+    device_id: String,
+    journal: Journal,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name("uplink".into())
+        .spawn(move || Uplink::new(cfg, device_id, journal, stats, shutdown).run())
+}
+
+/// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`
+/// later, so that a test exercises exactly what the uplink uses.
+pub fn http_agent(connect_timeout: Duration, request_timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(connect_timeout))
+        .timeout_global(Some(request_timeout))
+        .max_redirects(0)
+        .max_idle_connections(4)
+        .max_idle_connections_per_host(2)
+        .max_idle_age(Duration::from_secs(30))
+        .user_agent(format!("ferry/{}", env!("CARGO_PKG_VERSION")))
+        .build()
+        .new_agent()
+}
+
+struct Uplink {
+    cfg: UplinkConfig,
+    device_id: String,
+    journal: Journal,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+    agent: ureq::Agent,
+    backoff: Backoff,
+    plan: SplitPlan,
+    failures: u64,
+    last_failure_log: Option<Instant>,
+    last_progress: Instant,
+}
+
+impl Uplink {
+    fn new(
+        cfg: UplinkConfig,
+        device_id: String,
+        journal: Journal,
+        stats: Arc<Stats>,
+        shutdown: Shutdown,
+    ) -> Uplink {
+        let agent = http_agent(cfg.connect_timeout, cfg.request_timeout);
+        let backoff = Backoff::new(Duration::from_millis(100), cfg.max_backoff);
+        Uplink {
+            cfg,
+            device_id,
+            journal,
+            stats,
+            shutdown,
+            agent,
+            backoff,
+            plan: SplitPlan::default(),
+            failures: 0,
+            last_failure_log: None,
+            last_progress: Instant::now(),
+        }
+    }
+
+    fn run(mut self) {
+        info!("uplink started url={}", self.cfg.url);
+        self.stats.set_uplink(|u| u.state = "idle");
+        while !self.shutdown.is_set() {
+            self.log_progress();
+            let acked = self.journal.positions().acked_seq;
+            if !self
+                .journal
+                .wait_for_data(acked, Duration::from_millis(500))
+            {
+                continue;
+            }
+            let through = self.plan.window().map(|(_, to)| to);
+            let entries = match self.journal.read_batch(
+                through,
+                self.cfg.batch_max_records,
+                self.cfg.batch_max_bytes,
+            ) {
+                Ok(e) if e.is_empty() => continue,
+                Ok(e) => e,
+                Err(e) => {
+                    error!("cannot read from the journal: {}", crate::error_chain(&e));
+                    self.shutdown.sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let attempt = self.send(&entries);
+            self.handle(&entries, attempt);
+        }
+        self.journal.release();
+        self.stats.set_uplink(|u| u.state = "stopped");
+        info!("uplink stopped");
+    }
+
+    /// One POST of `entries`, with the body read to its end (bounded).
+    fn send(&mut self, entries: &[Entry]) -> Attempt {
+        let (first, last) = span(entries);
+        let body = encode_body(&self.device_id, entries);
+        let body = match self.cfg.compression {
+            Compression::None => body,
+            Compression::Gzip => gzip(&body),
+        };
+        debug!(
+            "uploading first_seq={} last_seq={} entries={} bytes={}",
+            first,
+            last,
+            entries.len(),
+            body.len()
+        );
+        self.stats.set_uplink(|u| u.state = "sending");
+        let mut req = self
+            .agent
+            .post(&self.cfg.url)
+            .header("Content-Type", "application/json")
+            .header(
+                IDEMPOTENCY_HEADER,
+                format!("{}:{}-{}", self.device_id, first, last),
+            );
+        if self.cfg.compression == Compression::Gzip {
+            req = req.header("Content-Encoding", "gzip");
+        }
+        if let Some(token) = &self.cfg.token {
+            req = req.header("Authorization", format!("Bearer {}", token.expose()));
+        }
+        let mut resp = match req.send(&body[..]) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Failed(e),
+        };
+        let code = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        // Read the whole body so the connection goes back to the pool; one too large (or broken)
+        // closes the connection, which is fine: the status is what counts.
+        let body = match resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BODY)
+            .read_to_vec()
+        {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(ureq::Error::BodyExceedsLimit(_)) => String::from("(response body over 64 KiB)"),
+            Err(e) if (200..300).contains(&code) => {
+                // A 2xx whose body broke off: the cloud may or may not have stored the batch.
+                // Resending is safe (the cloud deduplicates), acknowledging is not.
+                return Attempt::Failed(e);
+            }
+            Err(_) => String::new(),
+        };
+        Attempt::Status {
+            code,
+            retry_after,
+            body,
+        }
+    }
+
+    fn handle(&mut self, entries: &[Entry], attempt: Attempt) {
+        let (first, last) = span(entries);
+        let (code, retry_after, body) = match attempt {
+            Attempt::Failed(e) => {
+                self.journal.release();
+                let msg = describe(&e);
+                self.fail("retrying", &msg, None, false);
+                return;
+            }
+            Attempt::Status {
+                code,
+                retry_after,
+                body,
+            } => (code, retry_after, body),
+        };
+        match verdict(code) {
+            Verdict::Ack => {
+                if let Err(e) = self.journal.ack(last) {
+                    error!(
+                        "cloud acknowledged seqs {}..={} but the cursor could not be saved: {}",
+                        first,
+                        last,
+                        crate::error_chain(&e)
+                    );
+                    self.shutdown.sleep(Duration::from_secs(1));
+                    return;
+                }
+                let records = entries
+                    .iter()
+                    .filter(|e| matches!(e, Entry::Record(_)))
+                    .count() as u64;
+                Stats::add(&self.stats.delivered, records);
+                if self.failures > 0 {
+                    info!("uplink recovered after {} failed attempts", self.failures);
+                }
+                self.failures = 0;
+                self.last_failure_log = None;
+                self.backoff.reset();
+                self.plan.done();
+                self.stats.set_uplink(|u| {
+                    u.state = "idle";
+                    u.last_success_ms = Some(crate::journal::now_ms());
+                    u.consecutive_failures = 0;
+                });
+            }
+            Verdict::Retry => {
+                self.journal.release();
+                self.fail(
+                    "retrying",
+                    &format!("status {} {}", code, snippet(&body)),
+                    retry_after,
+                    false,
+                );
+            }
+            Verdict::Refused => {
+                self.journal.release();
+                self.fail(
+                    "refused",
+                    &format!("status {} {}: the cloud refuses this device or the url is wrong; data is kept", code, snippet(&body)),
+                    retry_after,
+                    true,
+                );
+            }
+            Verdict::Split => self.split(entries, code, &body),
+        }
+    }
+
+    fn split(&mut self, entries: &[Entry], code: u16, body: &str) {
+        let (first, last) = span(entries);
+        match self.plan.refused(entries) {
+            OnRefusal::Retry => {
+                info!(
+                    "cloud refused batch {}..={} with status {}: splitting to isolate the refused record",
+                    first, last, code
+                );
+                self.journal.release();
+            }
+            OnRefusal::DeadLetter(seq) => {
+                let reason = format!("status {} {}", code, snippet(body));
+                match self.journal.dead_letter(seq, code, &reason) {
+                    Ok(()) => {
+                        warn!(
+                            "cloud refused record seq={} ({}): moved to dead letters and reported as a rejected gap",
+                            seq, reason
+                        );
+                        Stats::add(&self.stats.dead_lettered, 1);
+                        self.plan.done();
+                    }
+                    Err(e) => {
+                        self.journal.release();
+                        error!("cannot dead-letter seq={}: {}", seq, crate::error_chain(&e));
+                        self.shutdown.sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            OnRefusal::Stuck => {
+                self.journal.release();
+                self.fail(
+                    "refused",
+                    &format!(
+                        "status {} {} for a batch holding only a gap {}..={}",
+                        code,
+                        snippet(body),
+                        first,
+                        last
+                    ),
+                    None,
+                    true,
+                );
+            }
+        }
+    }
+
+    /// Counts a failed attempt, logs it without flooding (the first, then one line a minute), and
+    /// sleeps the backoff.
+    fn fail(
+        &mut self,
+        state: &'static str,
+        msg: &str,
+        retry_after: Option<Duration>,
+        refused: bool,
+    ) {
+        self.failures += 1;
+        Stats::add(&self.stats.upload_failures, 1);
+        let delay = self.backoff.next_delay_at_least(retry_after);
+        let due = self
+            .last_failure_log
+            .is_none_or(|t| t.elapsed() >= REPEAT_LOG);
+        if due {
+            self.last_failure_log = Some(Instant::now());
+            if refused {
+                error!(
+                    "upload {}: {} (attempts={} retry_in={:?})",
+                    state, msg, self.failures, delay
+                );
+            } else {
+                warn!(
+                    "upload failed: {} (attempts={} retry_in={:?})",
+                    msg, self.failures, delay
+                );
+            }
+        } else {
+            debug!(
+                "upload failed: {} (attempts={} retry_in={:?})",
+                msg, self.failures, delay
+            );
+        }
+        let failures = self.failures;
+        let msg = msg.to_string();
+        self.stats.set_uplink(|u| {
+            u.state = if refused { "refused" } else { "backoff" };
+            u.last_error = Some(msg);
+            u.consecutive_failures = failures;
+        });
+        self.shutdown.sleep(delay);
+    }
+
+    fn log_progress(&mut self) {
+        if self.last_progress.elapsed() < PROGRESS_LOG {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let p = self.journal.positions();
+        if p.backlog_records > 0 {
+            info!(
+                "progress acked_seq={} head_seq={} backlog_records={} backlog_bytes={}",
+                p.acked_seq, p.head_seq, p.backlog_records, p.backlog_bytes
+            );
+        }
+    }
+}
+
+fn span(entries: &[Entry]) -> (u64, u64) {
+    let first = entries.first().map(Entry::first_seq).unwrap_or(0);
+    let last = entries.last().map(Entry::last_seq).unwrap_or(0);
+    (first, last)
+}
+
+/// A transport error in plain words, for logs and `/status`.
+pub fn describe(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::HostNotFound => "host not found (DNS)".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused".into()
+        }
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
+            "connection reset".into()
+        }
+        other => crate::error_chain(other),
+    }
+}
+
+/// The start of a response body, on one line, for logs.
+fn snippet(body: &str) -> String {
+    let one_line: String = body
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    one_line.trim().to_string()
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(body);
+    enc.finish().unwrap_or_default()
+}
