@@ -1,0 +1,451 @@
+//! Test harness: real peers on loopback ports. A real mosquitto, the real `ferry-cloud` and the real
+//! `ferry` binary, each started in its own temp directory and stopped (or killed) by its guard. On a
+//! failed test, the agent's log is printed.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+pub const FERRY_CLOUD: &str = env!("CARGO_BIN_EXE_ferry-cloud");
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
+}
+
+/// Waits for `child` to exit within `timeout`; returns its exit code, or kills it and panics.
+fn wait_exit(child: &mut Child, name: &str, timeout: Duration) -> Option<i32> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- mosquitto
+
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto with persistence in `dir` on a free port.
+    pub fn start(dir: &Path) -> Mosquitto {
+        Self::start_on(dir, free_port(), "")
+    }
+
+    pub fn start_on(dir: &Path, port: u16, extra_conf: &str) -> Mosquitto {
+        std::fs::create_dir_all(dir).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 20\nlog_dest file {}/mosquitto.log\n{extra_conf}\n",
+                dir.display(),
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            port,
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        m.spawn(&conf);
+        m
+    }
+
+    fn spawn(&mut self, conf: &Path) {
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto not installed: run .ci/run or apt-get install mosquitto");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("mosquitto to listen", Duration::from_secs(10), || port_open(port));
+    }
+
+    /// Stops it cleanly (it saves its persistence file) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let conf = self.dir.join("mosquitto.conf");
+        self.spawn(&conf);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "TERM");
+            wait_exit(&mut c, "mosquitto", Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn mosquitto_bin() -> &'static str {
+    if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" }
+}
+
+// ---------------------------------------------------------------- publisher
+
+/// Publishes `n` QoS1 messages and returns once the broker acknowledged every one.
+pub fn publish(port: u16, topic: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> usize {
+    publish_to(port, payloads.into_iter().map(|p| (topic.to_string(), p)).collect())
+}
+
+pub fn publish_to(port: u16, messages: Vec<(String, Vec<u8>)>) -> usize {
+    use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
+    let id = format!("pub-{}-{}", std::process::id(), free_port());
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 24, 1 << 24);
+    opts.set_inflight(100);
+    let (client, mut conn) = Client::new(opts, 200);
+    let n = messages.len();
+    let sender = std::thread::spawn(move || {
+        for (topic, payload) in messages {
+            client.publish(topic, QoS::AtLeastOnce, false, payload).unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    let end = Instant::now() + Duration::from_secs(60);
+    while acked < n {
+        assert!(Instant::now() < end, "publisher: only {acked} of {n} acked by the broker");
+        match conn.recv_timeout(Duration::from_millis(500)) {
+            Ok(Ok(Event::Incoming(Incoming::PubAck(_)))) => acked += 1,
+            Ok(Err(e)) => panic!("publisher connection failed: {e}"),
+            _ => {}
+        }
+    }
+    let client = sender.join().unwrap();
+    let _ = client.disconnect();
+    for _ in 0..10 {
+        if matches!(conn.recv_timeout(Duration::from_millis(100)), Ok(Err(_)) | Err(_)) {
+            break;
+        }
+    }
+    acked
+}
+
+/// Numbered JSON payloads `{"n": i}` for i in range.
+pub fn numbered(range: std::ops::Range<u64>) -> Vec<Vec<u8>> {
+    range.map(|i| format!("{{\"n\":{i}}}").into_bytes()).collect()
+}
+
+// ---------------------------------------------------------------- ferry-cloud
+
+pub struct Cloud {
+    pub port: u16,
+    pub dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Cloud {
+    pub fn start(dir: &Path) -> Cloud {
+        Self::start_with(dir, free_port(), &[])
+    }
+
+    pub fn start_with(dir: &Path, port: u16, args: &[&str]) -> Cloud {
+        let mut c = Cloud {
+            port,
+            dir: dir.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let mut child = Command::new(FERRY_CLOUD)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.dir.join("cloud.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening on"), "ferry-cloud said {line:?}");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/ingest", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "TERM");
+            wait_exit(&mut c, "ferry-cloud", Duration::from_secs(10));
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        http_get(self.port, path)
+    }
+
+    /// The records stored for `device`, in file order.
+    pub fn records(&self, device: &str) -> Vec<Value> {
+        self.get(&format!("/v1/devices/{device}/records"))
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn device(&self, device: &str) -> Option<Value> {
+        let v: Value = serde_json::from_str(&self.get("/v1/devices")).unwrap();
+        v["devices"].as_array().unwrap().iter().find(|d| d["device_id"] == device).cloned()
+    }
+
+    pub fn stats(&self) -> Value {
+        serde_json::from_str(&self.get("/v1/stats")).unwrap()
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal HTTP GET with deadlines; returns the body of a 200.
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "GET {path}: {head}");
+    body.to_string()
+}
+
+// ---------------------------------------------------------------- ferry agent
+
+/// A `ferry run` child process with its config and journal in `dir`.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub control_port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    runs: u32,
+}
+
+/// The config a test agent runs with; `extra` is appended (extra sections or keys at the end).
+pub fn agent_config(dir: &Path, mqtt_port: u16, uplink_url: &str, control_port: u16, extra_mqtt: &str, extra: &str) -> String {
+    format!(
+        r#"[device]
+id = "gw-test"
+
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt_port}
+topics = ["sensors/#"]
+max_backoff = "500ms"
+{extra_mqtt}
+
+[journal]
+dir = "{journal}"
+max_bytes = "64MiB"
+
+[uplink]
+url = "{uplink_url}"
+batch_max_records = 100
+max_backoff = "500ms"
+connect_timeout = "2s"
+request_timeout = "5s"
+
+[control]
+listen = "127.0.0.1:{control_port}"
+{extra}
+"#,
+        journal = dir.join("journal").display()
+    )
+}
+
+impl Agent {
+    pub fn start(dir: &Path, config_text: &str, control_port: u16) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("ferry.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let mut a = Agent {
+            dir: dir.to_path_buf(),
+            config,
+            control_port,
+            child: None,
+            log: dir.join("ferry.log"),
+            runs: 0,
+        };
+        a.spawn();
+        a
+    }
+
+    /// A standard agent against `mqtt_port` and `uplink_url`.
+    pub fn standard(dir: &Path, mqtt_port: u16, uplink_url: &str) -> Agent {
+        let control = free_port();
+        Self::start(dir, &agent_config(dir, mqtt_port, uplink_url, control, "", ""), control)
+    }
+
+    fn spawn(&mut self) {
+        self.runs += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        writeln!(&log, "----- run {} -----", self.runs).unwrap();
+        let child = Command::new(FERRY)
+            .arg("run")
+            .arg("-c")
+            .arg(&self.config)
+            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "debug".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.control_port;
+        let log = self.log.clone();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !port_open(port) {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().unwrap() {
+                    panic!("ferry exited at start ({status}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                }
+            }
+            assert!(Instant::now() < end, "ferry control endpoint did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&http_get(self.control_port, "/status")).unwrap()
+    }
+
+    /// SIGTERM; asserts a clean exit (code 0) within 10 s, and returns how long it took.
+    pub fn stop(&mut self) -> Duration {
+        let mut c = self.child.take().expect("agent not running");
+        let t = Instant::now();
+        signal(&c, "TERM");
+        let code = wait_exit(&mut c, "ferry", Duration::from_secs(10));
+        assert_eq!(code, Some(0), "ferry exit code; log:\n{}", self.log_text());
+        t.elapsed()
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            eprintln!("----- ferry log (last 150 lines) -----");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The `n` values of the records at the cloud, in order.
+pub fn numbers(records: &[Value]) -> Vec<u64> {
+    records.iter().filter_map(|r| r["payload"]["n"].as_u64()).collect()
+}
+
+/// Asserts that `records` hold exactly the numbers `0..n`, each once (after dedupe by seq).
+pub fn assert_exactly_once(records: &[Value], n: u64) {
+    let mut seen = std::collections::BTreeMap::new();
+    for r in records {
+        let seq = r["seq"].as_u64().unwrap();
+        if let Some(k) = r["payload"]["n"].as_u64() {
+            assert!(seen.insert(k, seq).is_none(), "message n={k} stored twice (seqs {:?} and {seq})", seen.get(&k));
+        }
+    }
+    let missing: Vec<u64> = (0..n).filter(|k| !seen.contains_key(k)).collect();
+    assert!(missing.is_empty(), "missing {} messages, first: {:?}", missing.len(), &missing[..missing.len().min(20)]);
+    assert_eq!(seen.len() as u64, n);
+}
