@@ -1,11 +1,20 @@
 //! Configuration: the TOML file read into raw serde structs, then validated into [`Config`] with real
 //! types. Nothing downstream re-parses strings.
 //!
-//! INTERFACE STUB — the types below are the contract the rest of the agent codes against.
+//! Two stages: serde reads the file into `Raw*` structs that reject unknown keys and already parse sizes
+//! and durations ([`units`]); [`Config::parse_str`] then fills in defaults, checks ranges and formats,
+//! and resolves a relative `journal.dir` against the config file's directory. Every error names the file
+//! and the dotted key (`uplink.batch_max_records`), says what is wrong and what is allowed.
+//! [`Config::to_masked_toml`] prints the effective configuration in the same syntax, secrets masked.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use units::{ByteSize, HumanDuration, format_duration, format_size};
 
 pub mod units;
 
@@ -43,13 +52,14 @@ pub struct MqttConfig {
     pub parse: Vec<ParseRule>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParseRule {
     pub filter: String,
     pub format: PayloadFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PayloadFormat {
     Json,
     Text,
@@ -66,7 +76,8 @@ pub struct JournalConfig {
     pub cache_bytes: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnFull {
     RejectNew,
     DropOldest,
@@ -88,7 +99,8 @@ pub struct UplinkConfig {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
     None,
     Gzip,
@@ -129,15 +141,1365 @@ pub enum Error {
     Invalid { path: PathBuf, message: String },
 }
 
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+
+/// What [`Config::to_masked_toml`] prints instead of a password or token.
+const MASK: &str = "****";
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let _ = path;
-        todo!("helper implements")
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse_str(&text, path)
+    }
+
+    /// Validates `text` as the contents of the file `source`, which is used in messages and to resolve a
+    /// relative `journal.dir`. Does not touch the file system.
+    pub fn parse_str(text: &str, source: &Path) -> Result<Config, Error> {
+        let invalid = |message| Error::Invalid {
+            path: source.to_owned(),
+            message,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| invalid(describe_toml_error(text, &e)))?;
+        validate(raw, source).map_err(invalid)
     }
 
     /// The effective configuration as TOML, secrets masked.
+    ///
+    /// Every key is written out with its effective value (defaults filled in, `journal.dir` resolved),
+    /// sizes and durations in the file's own syntax. The text parses back with [`Config::parse_str`] to
+    /// the same configuration, except that a set password or token reads back as `"****"`.
     pub fn to_masked_toml(&self) -> String {
-        todo!("helper implements")
+        let effective = Effective {
+            device: EffectiveDevice {
+                id: self.device.id.as_deref(),
+            },
+            mqtt: EffectiveMqtt {
+                host: &self.mqtt.host,
+                port: self.mqtt.port,
+                topics: &self.mqtt.topics,
+                client_id: self.mqtt.client_id.as_deref(),
+                username: self.mqtt.username.as_deref(),
+                password: self.mqtt.password.as_ref().map(|_| MASK),
+                keep_alive: format_duration(self.mqtt.keep_alive),
+                max_packet_size: format_size(self.mqtt.max_packet_size),
+                max_backoff: format_duration(self.mqtt.max_backoff),
+                parse: &self.mqtt.parse,
+            },
+            journal: EffectiveJournal {
+                dir: self.journal.dir.to_string_lossy().into_owned(),
+                max_bytes: format_size(self.journal.max_bytes),
+                on_full: self.journal.on_full,
+                cache_bytes: format_size(self.journal.cache_bytes),
+            },
+            uplink: EffectiveUplink {
+                url: &self.uplink.url,
+                token: self.uplink.token.as_ref().map(|_| MASK),
+                batch_max_records: self.uplink.batch_max_records,
+                batch_max_bytes: format_size(self.uplink.batch_max_bytes),
+                compression: self.uplink.compression,
+                max_backoff: format_duration(self.uplink.max_backoff),
+                connect_timeout: format_duration(self.uplink.connect_timeout),
+                request_timeout: format_duration(self.uplink.request_timeout),
+                shutdown_grace: format_duration(self.uplink.shutdown_grace),
+            },
+            control: EffectiveControl {
+                listen: self.control.listen.to_string(),
+            },
+        };
+        // Only strings, integers, enums and arrays of tables: serialization has nothing that can fail,
+        // but a printout is not worth a panic if it ever does.
+        toml::to_string(&effective)
+            .unwrap_or_else(|e| format!("# cannot print the effective configuration: {e}\n"))
+    }
+}
+
+/// Checks an MQTT topic filter: not empty, no NUL, at most 65535 bytes, `+` only as a whole level and
+/// `#` only as the whole last level. The error says what is wrong, without repeating the filter.
+pub fn validate_filter(f: &str) -> Result<(), String> {
+    if f.is_empty() {
+        return Err("a filter must not be empty".to_owned());
+    }
+    if f.contains('\0') {
+        return Err("a filter must not contain NUL".to_owned());
+    }
+    if f.len() > usize::from(u16::MAX) {
+        return Err(format!(
+            "a filter is at most {} bytes, this one has {}",
+            u16::MAX,
+            f.len()
+        ));
+    }
+    let levels = f.split('/').count();
+    for (i, level) in f.split('/').enumerate() {
+        if level.contains('#') && (level != "#" || i + 1 != levels) {
+            return Err("'#' is allowed only as the whole last level, as in \"a/#\"".to_owned());
+        }
+        if level.contains('+') && level != "+" {
+            return Err("'+' is allowed only as a whole level, as in \"a/+/c\"".to_owned());
+        }
+    }
+    Ok(())
+}
+
+// ---- stage one: the file as written -------------------------------------------------------------------
+
+// Every key is optional here, so that a missing required key is reported by `validate` with its full
+// dotted name rather than by serde with the name of the enclosing table.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a toml document")]
+struct RawConfig {
+    #[serde(default)]
+    device: RawDevice,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default)]
+    journal: RawJournal,
+    #[serde(default)]
+    uplink: RawUplink,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [device]")]
+struct RawDevice {
+    id: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [mqtt]")]
+struct RawMqtt {
+    host: Option<String>,
+    // i64, not u16: an out-of-range port gets the same message as every other range check.
+    port: Option<i64>,
+    topics: Option<Vec<String>>,
+    client_id: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    keep_alive: Option<HumanDuration>,
+    max_packet_size: Option<ByteSize>,
+    max_backoff: Option<HumanDuration>,
+    #[serde(default)]
+    parse: Vec<RawParseRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [[mqtt.parse]]")]
+struct RawParseRule {
+    filter: String,
+    format: PayloadFormat,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [journal]")]
+struct RawJournal {
+    dir: Option<String>,
+    max_bytes: Option<ByteSize>,
+    on_full: Option<OnFull>,
+    cache_bytes: Option<ByteSize>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [uplink]")]
+struct RawUplink {
+    url: Option<String>,
+    token: Option<String>,
+    batch_max_records: Option<i64>,
+    batch_max_bytes: Option<ByteSize>,
+    compression: Option<Compression>,
+    max_backoff: Option<HumanDuration>,
+    connect_timeout: Option<HumanDuration>,
+    request_timeout: Option<HumanDuration>,
+    shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [control]")]
+struct RawControl {
+    listen: Option<String>,
+}
+
+// ---- stage two: defaults, ranges and formats ----------------------------------------------------------
+
+fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
+    Ok(Config {
+        source: source.to_owned(),
+        device: validate_device(raw.device)?,
+        mqtt: validate_mqtt(raw.mqtt)?,
+        journal: validate_journal(raw.journal, source)?,
+        uplink: validate_uplink(raw.uplink)?,
+        control: validate_control(raw.control)?,
+    })
+}
+
+fn validate_device(raw: RawDevice) -> Result<DeviceConfig, String> {
+    if let Some(id) = &raw.id {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if id.is_empty() || id.len() > 64 || !id.chars().all(allowed) {
+            return Err(format!(
+                "device.id = {id:?} is invalid: allowed 1 to 64 characters of A-Z a-z 0-9 . _ -"
+            ));
+        }
+    }
+    Ok(DeviceConfig { id: raw.id })
+}
+
+fn validate_mqtt(raw: RawMqtt) -> Result<MqttConfig, String> {
+    let host = raw.host.unwrap_or_else(|| "127.0.0.1".to_owned());
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "mqtt.host = {host:?} is invalid: allowed a non-empty host name or address without spaces"
+        ));
+    }
+    let port = int_in("mqtt.port", raw.port.unwrap_or(1883), 1..=65535)?;
+
+    let topics = raw.topics.ok_or(
+        "mqtt.topics is required: the mqtt topic filters to subscribe to, e.g. topics = [\"sensors/#\"]",
+    )?;
+    if topics.is_empty() {
+        return Err(
+            "mqtt.topics is empty: list at least one mqtt topic filter, e.g. topics = [\"sensors/#\"]"
+                .to_owned(),
+        );
+    }
+    for (i, topic) in topics.iter().enumerate() {
+        validate_filter(topic).map_err(|why| {
+            format!("mqtt.topics[{i}] = {topic:?} is not a valid mqtt topic filter: {why}")
+        })?;
+    }
+
+    if let Some(id) = &raw.client_id {
+        let chars = id.chars().count();
+        if chars == 0 || chars > 128 || id.contains('\0') {
+            return Err(format!(
+                "mqtt.client_id = {id:?} is invalid: allowed 1 to 128 characters without NUL, \
+                 or leave it out for \"ferry-<device id>\""
+            ));
+        }
+    }
+    if raw.password.is_some() && raw.username.is_none() {
+        return Err(
+            "mqtt.password is set but mqtt.username is not: mqtt sends a password only with a username"
+                .to_owned(),
+        );
+    }
+
+    let mut parse = Vec::with_capacity(raw.parse.len());
+    for (i, rule) in raw.parse.into_iter().enumerate() {
+        validate_filter(&rule.filter).map_err(|why| {
+            format!(
+                "mqtt.parse[{i}].filter = {:?} is not a valid mqtt topic filter: {why}",
+                rule.filter
+            )
+        })?;
+        parse.push(ParseRule {
+            filter: rule.filter,
+            format: rule.format,
+        });
+    }
+
+    Ok(MqttConfig {
+        host,
+        port,
+        topics,
+        client_id: raw.client_id,
+        username: raw.username,
+        password: raw.password.map(Secret::new),
+        keep_alive: duration_in(
+            "mqtt.keep_alive",
+            raw.keep_alive,
+            Duration::from_secs(30),
+            Duration::from_secs(5)..=Duration::from_secs(3600),
+        )?,
+        max_packet_size: size_in(
+            "mqtt.max_packet_size",
+            raw.max_packet_size,
+            256 * KIB,
+            KIB..=256 * MIB,
+        )?,
+        max_backoff: duration_in(
+            "mqtt.max_backoff",
+            raw.max_backoff,
+            Duration::from_secs(30),
+            Duration::from_millis(100)..=Duration::from_secs(3600),
+        )?,
+        parse,
+    })
+}
+
+fn validate_journal(raw: RawJournal, source: &Path) -> Result<JournalConfig, String> {
+    let dir = raw.dir.ok_or(
+        "journal.dir is required: the directory the journal is kept in, e.g. dir = \"/var/lib/ferry\"",
+    )?;
+    if dir.is_empty() {
+        return Err(
+            "journal.dir is empty: allowed a directory path, e.g. \"/var/lib/ferry\"".to_owned(),
+        );
+    }
+    // Relative to the config file, not to whatever directory the agent happens to be started from.
+    let dir = match source.parent() {
+        Some(base) => base.join(dir),
+        None => PathBuf::from(dir),
+    };
+    Ok(JournalConfig {
+        dir,
+        max_bytes: size_in("journal.max_bytes", raw.max_bytes, 256 * MIB, MIB..=TIB)?,
+        on_full: raw.on_full.unwrap_or(OnFull::RejectNew),
+        cache_bytes: size_in("journal.cache_bytes", raw.cache_bytes, 16 * MIB, MIB..=GIB)?,
+    })
+}
+
+fn validate_uplink(raw: RawUplink) -> Result<UplinkConfig, String> {
+    let url = raw.url.ok_or(
+        "uplink.url is required: the http(s) endpoint batches are sent to, \
+         e.g. url = \"http://127.0.0.1:8080/v1/ingest\"",
+    )?;
+    validate_url(&url).map_err(|why| format!("uplink.url = {url:?} is invalid: {why}"))?;
+
+    // An empty token means "no token", so that a template can leave the key in place.
+    let token = raw.token.filter(|t| !t.is_empty());
+    if let Some(token) = &token {
+        // A pasted trailing newline would otherwise surface as a failed request at runtime. The token
+        // itself is never echoed.
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(
+                "uplink.token contains whitespace or control characters: allowed printable characters only"
+                    .to_owned(),
+            );
+        }
+    }
+
+    let millis = Duration::from_millis;
+    let secs = Duration::from_secs;
+    Ok(UplinkConfig {
+        url,
+        token: token.map(Secret::new),
+        batch_max_records: int_in(
+            "uplink.batch_max_records",
+            raw.batch_max_records.unwrap_or(500),
+            1..=100_000,
+        )?,
+        batch_max_bytes: size_in(
+            "uplink.batch_max_bytes",
+            raw.batch_max_bytes,
+            512 * KIB,
+            KIB..=64 * MIB,
+        )?,
+        compression: raw.compression.unwrap_or(Compression::Gzip),
+        max_backoff: duration_in(
+            "uplink.max_backoff",
+            raw.max_backoff,
+            secs(60),
+            millis(100)..=secs(3600),
+        )?,
+        connect_timeout: duration_in(
+            "uplink.connect_timeout",
+            raw.connect_timeout,
+            secs(10),
+            millis(100)..=secs(300),
+        )?,
+        request_timeout: duration_in(
+            "uplink.request_timeout",
+            raw.request_timeout,
+            secs(30),
+            millis(100)..=secs(600),
+        )?,
+        shutdown_grace: duration_in(
+            "uplink.shutdown_grace",
+            raw.shutdown_grace,
+            secs(5),
+            secs(0)..=secs(60),
+        )?,
+    })
+}
+
+fn validate_control(raw: RawControl) -> Result<ControlConfig, String> {
+    let listen = match raw.listen {
+        None => SocketAddr::from(([127, 0, 0, 1], 9100)),
+        Some(text) => text.parse().map_err(|_| {
+            format!(
+                "control.listen = {text:?} is invalid: allowed an ip address and port, \
+                 e.g. \"127.0.0.1:9100\" or \"[::1]:9100\""
+            )
+        })?,
+    };
+    Ok(ControlConfig { listen })
+}
+
+/// `http://` or `https://`, a non-empty host, an optional numeric port, no whitespace, no credentials.
+fn validate_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("allowed only urls starting with http:// or https://")?;
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a url must not contain whitespace or control characters".to_owned());
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        // The url is printed in logs and in the effective config; the secret belongs in the token.
+        return Err("credentials in the url are not allowed, use uplink.token".to_owned());
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or("an ipv6 host lacks its closing ']'")?;
+            match after {
+                "" => (host, None),
+                _ => (
+                    host,
+                    Some(after.strip_prefix(':').ok_or("junk after the ipv6 host")?),
+                ),
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("the url has no host".to_owned());
+    }
+    if let Some(port) = port {
+        let ok = !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p != 0);
+        if !ok {
+            return Err(format!("port {port:?} is not a number in 1..=65535"));
+        }
+    }
+    Ok(())
+}
+
+fn size_in(
+    key: &str,
+    value: Option<ByteSize>,
+    default: u64,
+    allowed: RangeInclusive<u64>,
+) -> Result<u64, String> {
+    let value = value.map_or(default, |v| v.0);
+    if allowed.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{key} = {} is out of range, allowed {}..={}",
+            format_size(value),
+            format_size(*allowed.start()),
+            format_size(*allowed.end())
+        ))
+    }
+}
+
+fn duration_in(
+    key: &str,
+    value: Option<HumanDuration>,
+    default: Duration,
+    allowed: RangeInclusive<Duration>,
+) -> Result<Duration, String> {
+    let value = value.map_or(default, |v| v.0);
+    if allowed.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{key} = {} is out of range, allowed {}..={}",
+            format_duration(value),
+            format_duration(*allowed.start()),
+            format_duration(*allowed.end())
+        ))
+    }
+}
+
+/// Checks `value` against `allowed` and converts it; `allowed` must fit in `T`.
+fn int_in<T: TryFrom<i64>>(
+    key: &str,
+    value: i64,
+    allowed: RangeInclusive<i64>,
+) -> Result<T, String> {
+    let out_of_range = || {
+        format!(
+            "{key} = {value} is out of range, allowed {}..={}",
+            allowed.start(),
+            allowed.end()
+        )
+    };
+    if !allowed.contains(&value) {
+        return Err(out_of_range());
+    }
+    T::try_from(value).map_err(|_| out_of_range())
+}
+
+// ---- toml errors --------------------------------------------------------------------------------------
+
+/// One line: the dotted key (when the error points into a key or value), toml's message, the position.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim_end();
+    let Some(span) = err.span() else {
+        return message.to_owned();
+    };
+    let (line, column) = line_column(text, span.start);
+    match key_at(text, &span) {
+        Some(key) => format!("{key}: {message} (line {line}, column {column})"),
+        None => format!("{message} (line {line}, column {column})"),
+    }
+}
+
+/// 1-based line and column (in characters) of the byte offset `pos`.
+fn line_column(text: &str, pos: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..pos.min(text.len())];
+    let line_start = before
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    // Count characters, not bytes: skip UTF-8 continuation bytes.
+    let column = before[line_start..]
+        .iter()
+        .filter(|b| (**b & 0xC0) != 0x80)
+        .count()
+        + 1;
+    (line, column)
+}
+
+#[derive(Clone)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+/// The dotted path (`mqtt.parse[0].format`) of the innermost key or value whose span covers `span`.
+/// Parses `text` again, which only happens on the error path.
+fn key_at(text: &str, span: &std::ops::Range<usize>) -> Option<String> {
+    // Recoverable, so that a syntax error (a duplicate key) still finds the keys around it.
+    let (doc, _) = toml::de::DeTable::parse_recoverable(text);
+    let mut best: Option<(usize, Vec<Segment>)> = None;
+    let mut path = Vec::new();
+    visit_table(doc.get_ref(), span, &mut path, &mut best);
+    let (_, segments) = best?;
+    let mut key = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Key(k) if key.is_empty() => key.push_str(&k),
+            Segment::Key(k) => {
+                key.push('.');
+                key.push_str(&k);
+            }
+            Segment::Index(i) => key.push_str(&format!("[{i}]")),
+        }
+    }
+    Some(key)
+}
+
+type Candidate = Option<(usize, Vec<Segment>)>;
+
+fn visit_table(
+    table: &toml::de::DeTable<'_>,
+    span: &std::ops::Range<usize>,
+    path: &mut Vec<Segment>,
+    best: &mut Candidate,
+) {
+    for (key, value) in table {
+        path.push(Segment::Key(key.get_ref().to_string()));
+        consider(&key.span(), span, path, best);
+        visit_value(value, span, path, best);
+        path.pop();
+    }
+}
+
+fn visit_value(
+    value: &toml::Spanned<toml::de::DeValue<'_>>,
+    span: &std::ops::Range<usize>,
+    path: &mut Vec<Segment>,
+    best: &mut Candidate,
+) {
+    consider(&value.span(), span, path, best);
+    match value.get_ref() {
+        toml::de::DeValue::Table(table) => visit_table(table, span, path, best),
+        toml::de::DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(Segment::Index(i));
+                visit_value(item, span, path, best);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Keeps the candidate with the smallest span covering the error; on a tie, the deeper path.
+fn consider(
+    candidate: &std::ops::Range<usize>,
+    span: &std::ops::Range<usize>,
+    path: &[Segment],
+    best: &mut Candidate,
+) {
+    if candidate.start > span.start || span.end > candidate.end {
+        return;
+    }
+    let len = candidate.end - candidate.start;
+    let better = match best {
+        None => true,
+        Some((best_len, best_path)) => {
+            len < *best_len || (len == *best_len && path.len() > best_path.len())
+        }
+    };
+    if better {
+        *best = Some((len, path.to_vec()));
+    }
+}
+
+// ---- the effective configuration, as printed -----------------------------------------------------------
+
+#[derive(Serialize)]
+struct Effective<'a> {
+    device: EffectiveDevice<'a>,
+    mqtt: EffectiveMqtt<'a>,
+    journal: EffectiveJournal,
+    uplink: EffectiveUplink<'a>,
+    control: EffectiveControl,
+}
+
+#[derive(Serialize)]
+struct EffectiveDevice<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct EffectiveMqtt<'a> {
+    host: &'a str,
+    port: u16,
+    topics: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password: Option<&'static str>,
+    keep_alive: String,
+    max_packet_size: String,
+    max_backoff: String,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    parse: &'a [ParseRule],
+}
+
+#[derive(Serialize)]
+struct EffectiveJournal {
+    dir: String,
+    max_bytes: String,
+    on_full: OnFull,
+    cache_bytes: String,
+}
+
+#[derive(Serialize)]
+struct EffectiveUplink<'a> {
+    url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<&'static str>,
+    batch_max_records: usize,
+    batch_max_bytes: String,
+    compression: Compression,
+    max_backoff: String,
+    connect_timeout: String,
+    request_timeout: String,
+    shutdown_grace: String,
+}
+
+#[derive(Serialize)]
+struct EffectiveControl {
+    listen: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = "/etc/ferry/ferry.toml";
+
+    const FULL: &str = r#"
+[device]
+id = "gw-01"
+
+[mqtt]
+host = "broker.local"
+port = 8883
+topics = ["sensors/#", "plant/+/status"]
+client_id = "ferry-test"
+username = "agent"
+password = "hunter2"
+keep_alive = "45s"
+max_packet_size = "1MiB"
+max_backoff = "2m"
+
+[[mqtt.parse]]
+filter = "sensors/#"
+format = "json"
+
+[[mqtt.parse]]
+filter = "plant/+/status"
+format = "text"
+
+[journal]
+dir = "/var/lib/ferry"
+max_bytes = "2GiB"
+on_full = "drop_oldest"
+cache_bytes = 8388608
+
+[uplink]
+url = "https://cloud.example.com:8443/v1/ingest"
+token = "s3cr3t-token"
+batch_max_records = 1000
+batch_max_bytes = "1 MiB"
+compression = "none"
+max_backoff = "5m"
+connect_timeout = "250ms"
+request_timeout = "1m"
+shutdown_grace = "0s"
+
+[control]
+listen = "[::1]:9200"
+"#;
+
+    fn parse(text: &str) -> Config {
+        match Config::parse_str(text, Path::new(SOURCE)) {
+            Ok(config) => config,
+            Err(e) => panic!("rejected: {e}\n{text}"),
+        }
+    }
+
+    fn error(text: &str) -> String {
+        match Config::parse_str(text, Path::new(SOURCE)) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The minimal valid file with `line` added to (or replacing the same key in) `section`.
+    fn with(section: &str, line: &str) -> String {
+        edit(
+            section,
+            line.split('=').next().unwrap_or_default().trim(),
+            Some(line),
+        )
+    }
+
+    /// The minimal valid file without `key` in `section`.
+    fn without(section: &str, key: &str) -> String {
+        edit(section, key, None)
+    }
+
+    fn edit(section: &str, key: &str, line: Option<&str>) -> String {
+        let mut sections = vec![
+            ("device", vec![]),
+            ("mqtt", vec![r#"topics = ["sensors/#"]"#]),
+            ("journal", vec![r#"dir = "/var/lib/ferry""#]),
+            ("uplink", vec![r#"url = "http://127.0.0.1:8080/v1/ingest""#]),
+            ("control", vec![]),
+        ];
+        let mut text = String::new();
+        for (name, lines) in &mut sections {
+            if *name == section {
+                lines.retain(|l| !l.starts_with(&format!("{key} ")));
+                lines.extend(line);
+            }
+            text.push_str(&format!("[{name}]\n"));
+            for l in lines {
+                text.push_str(l);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
+    fn assert_names(message: &str, needles: &[&str]) {
+        assert!(message.contains(SOURCE), "no file in: {message}");
+        for needle in needles {
+            assert!(message.contains(needle), "no {needle:?} in: {message}");
+        }
+    }
+
+    #[test]
+    fn a_full_config_sets_every_key() {
+        let c = parse(FULL);
+        assert_eq!(c.source, Path::new(SOURCE));
+        assert_eq!(c.device.id.as_deref(), Some("gw-01"));
+
+        assert_eq!(c.mqtt.host, "broker.local");
+        assert_eq!(c.mqtt.port, 8883);
+        assert_eq!(c.mqtt.topics, ["sensors/#", "plant/+/status"]);
+        assert_eq!(c.mqtt.client_id.as_deref(), Some("ferry-test"));
+        assert_eq!(c.mqtt.username.as_deref(), Some("agent"));
+        assert_eq!(
+            c.mqtt.password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert_eq!(c.mqtt.keep_alive, Duration::from_secs(45));
+        assert_eq!(c.mqtt.max_packet_size, MIB);
+        assert_eq!(c.mqtt.max_backoff, Duration::from_secs(120));
+        assert_eq!(
+            c.mqtt.parse,
+            [
+                ParseRule {
+                    filter: "sensors/#".to_owned(),
+                    format: PayloadFormat::Json
+                },
+                ParseRule {
+                    filter: "plant/+/status".to_owned(),
+                    format: PayloadFormat::Text
+                },
+            ]
+        );
+
+        assert_eq!(c.journal.dir, Path::new("/var/lib/ferry"));
+        assert_eq!(c.journal.max_bytes, 2 * GIB);
+        assert_eq!(c.journal.on_full, OnFull::DropOldest);
+        assert_eq!(c.journal.cache_bytes, 8 * MIB);
+
+        assert_eq!(c.uplink.url, "https://cloud.example.com:8443/v1/ingest");
+        assert_eq!(
+            c.uplink.token.as_ref().map(Secret::expose),
+            Some("s3cr3t-token")
+        );
+        assert_eq!(c.uplink.batch_max_records, 1000);
+        assert_eq!(c.uplink.batch_max_bytes, MIB);
+        assert_eq!(c.uplink.compression, Compression::None);
+        assert_eq!(c.uplink.max_backoff, Duration::from_secs(300));
+        assert_eq!(c.uplink.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.uplink.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.uplink.shutdown_grace, Duration::ZERO);
+
+        let ipv6_loopback = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 9200));
+        assert_eq!(c.control.listen, ipv6_loopback);
+    }
+
+    #[test]
+    fn omitted_sections_and_keys_take_their_defaults() {
+        let c = parse(
+            "mqtt.topics = [\"sensors/#\"]\njournal.dir = \"/var/lib/ferry\"\n\
+             uplink.url = \"http://127.0.0.1:8080/v1/ingest\"\n",
+        );
+        assert_eq!(c.device.id, None);
+        assert_eq!(c.mqtt.host, "127.0.0.1");
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.mqtt.client_id, None);
+        assert_eq!(c.mqtt.username, None);
+        assert!(c.mqtt.password.is_none());
+        assert_eq!(c.mqtt.keep_alive, Duration::from_secs(30));
+        assert_eq!(c.mqtt.max_packet_size, 256 * KIB);
+        assert_eq!(c.mqtt.max_backoff, Duration::from_secs(30));
+        assert!(c.mqtt.parse.is_empty());
+        assert_eq!(c.journal.max_bytes, 256 * MIB);
+        assert_eq!(c.journal.on_full, OnFull::RejectNew);
+        assert_eq!(c.journal.cache_bytes, 16 * MIB);
+        assert!(c.uplink.token.is_none());
+        assert_eq!(c.uplink.batch_max_records, 500);
+        assert_eq!(c.uplink.batch_max_bytes, 512 * KIB);
+        assert_eq!(c.uplink.compression, Compression::Gzip);
+        assert_eq!(c.uplink.max_backoff, Duration::from_secs(60));
+        assert_eq!(c.uplink.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.uplink.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.uplink.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.control.listen, SocketAddr::from(([127, 0, 0, 1], 9100)));
+    }
+
+    #[test]
+    fn an_unknown_top_level_key_is_named() {
+        let e = error(&format!("verbose = true\n{FULL}"));
+        assert_names(&e, &["verbose", "unknown field", "line 1, column 1"]);
+        // After a table header the same key belongs to that table.
+        let e = error(&format!("{FULL}verbose = true\n"));
+        assert_names(&e, &["control.verbose", "unknown field"]);
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_section_is_named_with_its_section() {
+        assert_names(
+            &error(&with("uplink", "batch_size = 5")),
+            &["uplink.batch_size", "unknown field", "batch_max_records"],
+        );
+        assert_names(
+            &error(&with("mqtt", "hots = \"x\"")),
+            &["mqtt.hots", "expected one of"],
+        );
+        assert_names(
+            &error(&format!(
+                "{}[[mqtt.parse]]\nfilter = \"a\"\nformat = \"json\"\nfromat = 1\n",
+                with("device", "")
+            )),
+            &["mqtt.parse[0].fromat", "unknown field"],
+        );
+        assert_names(&error(&with("device", "name = \"x\"")), &["device.name"]);
+        assert_names(
+            &error(&format!("{}[mqqt]\n", with("device", ""))),
+            &["mqqt"],
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key_and_the_position() {
+        let cases = [
+            ("mqtt", "port = \"1883\"", "mqtt.port"),
+            ("mqtt", "topics = \"sensors/#\"", "mqtt.topics"),
+            ("mqtt", "topics = [\"a\", 5]", "mqtt.topics[1]"),
+            ("mqtt", "keep_alive = 1.5", "mqtt.keep_alive"),
+            ("journal", "max_bytes = true", "journal.max_bytes"),
+            ("journal", "on_full = \"drop\"", "journal.on_full"),
+            ("uplink", "compression = \"zstd\"", "uplink.compression"),
+            (
+                "uplink",
+                "batch_max_records = \"500\"",
+                "uplink.batch_max_records",
+            ),
+            ("control", "listen = 9100", "control.listen"),
+            ("device", "id = 7", "device.id"),
+        ];
+        for (section, line, key) in cases {
+            assert_names(&error(&with(section, line)), &[key, "line "]);
+        }
+        assert_names(&error("mqtt = 5\n"), &["mqtt", "a table, as in [mqtt]"]);
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key_and_the_allowed_range() {
+        let cases = [
+            ("mqtt", "port = 0", "mqtt.port = 0", "1..=65535"),
+            ("mqtt", "port = 70000", "mqtt.port = 70000", "1..=65535"),
+            (
+                "mqtt",
+                "keep_alive = \"4s\"",
+                "mqtt.keep_alive = 4s",
+                "5s..=1h",
+            ),
+            ("mqtt", "keep_alive = \"61m\"", "mqtt.keep_alive", "5s..=1h"),
+            (
+                "mqtt",
+                "max_packet_size = 1023",
+                "mqtt.max_packet_size",
+                "1KiB..=256MiB",
+            ),
+            (
+                "mqtt",
+                "max_backoff = \"99ms\"",
+                "mqtt.max_backoff",
+                "100ms..=1h",
+            ),
+            (
+                "journal",
+                "max_bytes = \"1023KiB\"",
+                "journal.max_bytes",
+                "1MiB..=1TiB",
+            ),
+            (
+                "journal",
+                "max_bytes = \"2TiB\"",
+                "journal.max_bytes = 2TiB",
+                "1MiB..=1TiB",
+            ),
+            (
+                "journal",
+                "cache_bytes = \"2GiB\"",
+                "journal.cache_bytes",
+                "1MiB..=1GiB",
+            ),
+            (
+                "uplink",
+                "batch_max_records = 0",
+                "uplink.batch_max_records = 0",
+                "1..=100000",
+            ),
+            (
+                "uplink",
+                "batch_max_records = -1",
+                "uplink.batch_max_records",
+                "1..=100000",
+            ),
+            (
+                "uplink",
+                "batch_max_records = 100001",
+                "uplink.batch_max_records",
+                "1..=100000",
+            ),
+            (
+                "uplink",
+                "batch_max_bytes = \"65MiB\"",
+                "uplink.batch_max_bytes",
+                "1KiB..=64MiB",
+            ),
+            (
+                "uplink",
+                "max_backoff = \"2h\"",
+                "uplink.max_backoff",
+                "100ms..=1h",
+            ),
+            (
+                "uplink",
+                "connect_timeout = \"6m\"",
+                "uplink.connect_timeout",
+                "100ms..=5m",
+            ),
+            (
+                "uplink",
+                "request_timeout = \"11m\"",
+                "uplink.request_timeout",
+                "100ms..=10m",
+            ),
+            (
+                "uplink",
+                "request_timeout = \"0s\"",
+                "uplink.request_timeout",
+                "100ms..=10m",
+            ),
+            (
+                "uplink",
+                "shutdown_grace = \"61s\"",
+                "uplink.shutdown_grace",
+                "0s..=1m",
+            ),
+        ];
+        for (section, line, key, range) in cases {
+            assert_names(&error(&with(section, line)), &[key, "out of range", range]);
+        }
+        // The bounds themselves are allowed.
+        for (section, line) in [
+            ("mqtt", "port = 65535"),
+            ("mqtt", "keep_alive = \"5s\""),
+            ("mqtt", "keep_alive = \"1h\""),
+            ("journal", "max_bytes = \"1TiB\""),
+            ("uplink", "batch_max_records = 100000"),
+            ("uplink", "batch_max_bytes = 1024"),
+            ("uplink", "shutdown_grace = \"60s\""),
+        ] {
+            parse(&with(section, line));
+        }
+    }
+
+    #[test]
+    fn a_bad_size_string_names_the_key() {
+        for bad in ["12XB", "16KB", "1.5MiB", "-1MiB", "MiB", ""] {
+            let e = error(&with("journal", &format!("max_bytes = \"{bad}\"")));
+            assert_names(&e, &["journal.max_bytes", "is not a size", "KiB"]);
+        }
+        let e = error(&with("journal", "max_bytes = -5"));
+        assert_names(&e, &["journal.max_bytes", "negative"]);
+    }
+
+    #[test]
+    fn a_bad_duration_string_names_the_key() {
+        for bad in ["3 days", "1.5s", "30", "s", "1H"] {
+            let e = error(&with("uplink", &format!("connect_timeout = \"{bad}\"")));
+            assert_names(
+                &e,
+                &[
+                    "uplink.connect_timeout",
+                    "is not a duration",
+                    "ms, s, m or h",
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn a_duration_written_as_a_bare_integer_is_rejected_as_ambiguous() {
+        let e = error(&with("mqtt", "keep_alive = 30"));
+        assert_names(&e, &["mqtt.keep_alive", "needs a unit", "\"30s\""]);
+    }
+
+    #[test]
+    fn sizes_and_durations_too_large_to_represent_are_errors_not_panics() {
+        let cases = [
+            (
+                "journal",
+                "max_bytes = \"99999999999999999999TiB\"",
+                "journal.max_bytes",
+            ),
+            (
+                "journal",
+                "max_bytes = \"16777216TiB\"",
+                "journal.max_bytes",
+            ),
+            (
+                "uplink",
+                "max_backoff = \"99999999999999999999h\"",
+                "uplink.max_backoff",
+            ),
+            (
+                "mqtt",
+                "keep_alive = \"5124095576030432h\"",
+                "mqtt.keep_alive",
+            ),
+        ];
+        for (section, line, key) in cases {
+            assert_names(&error(&with(section, line)), &[key, "too large"]);
+        }
+        // Larger than a TOML integer can be: toml's own error, still with the key.
+        let e = error(&with("journal", "max_bytes = 99999999999999999999"));
+        assert_names(&e, &["journal.max_bytes", "line "]);
+    }
+
+    #[test]
+    fn a_missing_required_key_is_named() {
+        let cases = [
+            (without("mqtt", "topics"), "mqtt.topics is required"),
+            (without("journal", "dir"), "journal.dir is required"),
+            (without("uplink", "url"), "uplink.url is required"),
+            (String::new(), "mqtt.topics is required"),
+            (
+                "[mqtt]\ntopics = [\"a\"]\n[uplink]\nurl = \"http://h/\"\n".to_owned(),
+                "journal.dir is required",
+            ),
+            (with("mqtt", "topics = []"), "mqtt.topics is empty"),
+            (with("journal", "dir = \"\""), "journal.dir is empty"),
+        ];
+        for (text, want) in cases {
+            assert_names(&error(&text), &[want]);
+        }
+        let e = error(&format!(
+            "{}[[mqtt.parse]]\nformat = \"json\"\n",
+            with("device", "")
+        ));
+        assert_names(&e, &["mqtt.parse[0]", "missing field `filter`"]);
+    }
+
+    #[test]
+    fn bad_urls_are_rejected_with_the_key() {
+        let bad = [
+            "",
+            "127.0.0.1:8080/v1/ingest",
+            "ftp://h/x",
+            "HTTP://h/x",
+            "http://",
+            "http:///x",
+            "https://:8080/x",
+            "http://h /x",
+            "http://h/x y",
+            " http://h/x",
+            "http://h/x\n",
+            "http://user:pw@h/x",
+            "http://h:port/x",
+            "http://h:0/x",
+            "http://h:65536/x",
+            "http://h:/x",
+            "http://[::1/x",
+            "http://[::1]x/",
+            "http://[]:80/",
+        ];
+        for url in bad {
+            let e = error(&with("uplink", &format!("url = {url:?}")));
+            assert_names(&e, &["uplink.url", "is invalid"]);
+        }
+        let good = [
+            "http://h",
+            "http://h/",
+            "https://cloud.example.com/v1/ingest?site=3#x",
+            "http://127.0.0.1:8080/v1/ingest",
+            "http://[::1]:8080/v1/ingest",
+            "http://[::1]",
+            "https://h:443",
+        ];
+        for url in good {
+            assert_eq!(
+                parse(&with("uplink", &format!("url = {url:?}"))).uplink.url,
+                url
+            );
+        }
+    }
+
+    #[test]
+    fn mqtt_filters_follow_the_wildcard_rules() {
+        let good = [
+            "#",
+            "+",
+            "a",
+            "a/b",
+            "a/#",
+            "a/+",
+            "+/+",
+            "+/#",
+            "/",
+            "//",
+            "a//b",
+            "/a",
+            "a/",
+            "$SYS/#",
+            "sensors/+/temp",
+            "é/ü",
+        ];
+        for f in good {
+            assert_eq!(validate_filter(f), Ok(()), "{f:?}");
+        }
+        let bad = [
+            "", "#/a", "a/#/b", "a#", "a/b#", "##", "a+", "a/+b", "++", "a/\0", "+#",
+        ];
+        for f in bad {
+            assert!(validate_filter(f).is_err(), "{f:?}");
+        }
+        assert!(validate_filter(&"a".repeat(65_535)).is_ok());
+        assert!(validate_filter(&"a".repeat(65_536)).is_err());
+    }
+
+    #[test]
+    fn a_bad_filter_in_topics_or_parse_rules_names_the_key() {
+        let e = error(&with("mqtt", "topics = [\"a/#\", \"a/#/b\"]"));
+        assert_names(&e, &["mqtt.topics[1]", "\"a/#/b\"", "'#'"]);
+        let e = error(&with("mqtt", "topics = [\"\"]"));
+        assert_names(&e, &["mqtt.topics[0]", "empty"]);
+        let e = error(&format!(
+            "{}[[mqtt.parse]]\nfilter = \"a/+b\"\nformat = \"auto\"\n",
+            with("device", "")
+        ));
+        assert_names(&e, &["mqtt.parse[0].filter", "'+'"]);
+    }
+
+    #[test]
+    fn bad_device_ids_are_rejected_and_good_ones_kept() {
+        let too_long = "a".repeat(65);
+        for id in [
+            "",
+            "gw 01",
+            "gw/01",
+            "gw:01",
+            "é",
+            "gw\n",
+            too_long.as_str(),
+        ] {
+            let e = error(&with("device", &format!("id = {id:?}")));
+            assert_names(&e, &["device.id", "1 to 64 characters"]);
+        }
+        let longest = "Z".repeat(64);
+        for id in ["gw-01", "a", "A.b_c-9", longest.as_str()] {
+            assert_eq!(
+                parse(&with("device", &format!("id = {id:?}")))
+                    .device
+                    .id
+                    .as_deref(),
+                Some(id)
+            );
+        }
+    }
+
+    #[test]
+    fn other_invalid_values_name_their_key() {
+        let cases = [
+            ("mqtt", "host = \"\"", "mqtt.host"),
+            ("mqtt", "host = \"a b\"", "mqtt.host"),
+            ("mqtt", "client_id = \"\"", "mqtt.client_id"),
+            (
+                "mqtt",
+                "password = \"pw\"",
+                "mqtt.password is set but mqtt.username is not",
+            ),
+            ("control", "listen = \"localhost:9100\"", "control.listen"),
+            ("control", "listen = \"127.0.0.1\"", "control.listen"),
+        ];
+        for (section, line, key) in cases {
+            assert_names(&error(&with(section, line)), &[key]);
+        }
+        let long_id = format!("client_id = \"{}\"", "c".repeat(129));
+        assert_names(
+            &error(&with("mqtt", &long_id)),
+            &["mqtt.client_id", "1 to 128"],
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file_and_the_position() {
+        let e = error("[mqtt\ntopics = [\"a\"]\n");
+        assert_names(&e, &["line 1, column 6"]);
+        let e = error("[uplink]\nurl = \"http://h/\n");
+        assert_names(&e, &["uplink.url", "line 2"]);
+        let e = error("[mqtt]\nport = 12x\n");
+        assert_names(&e, &["mqtt.port", "line 2, column 8"]);
+    }
+
+    #[test]
+    fn an_empty_token_means_no_token() {
+        assert!(
+            parse(&with("uplink", "token = \"\""))
+                .uplink
+                .token
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_token_with_whitespace_is_rejected_without_echoing_it() {
+        let e = error(&with("uplink", "token = \"abc123\\n\""));
+        assert_names(&e, &["uplink.token", "whitespace"]);
+        assert!(!e.contains("abc123"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_journal_dir_is_resolved_against_the_config_file() {
+        let c = parse(&with("journal", "dir = \"data/journal\""));
+        assert_eq!(c.journal.dir, Path::new("/etc/ferry/data/journal"));
+        let c = Config::parse_str(&with("journal", "dir = \"data\""), Path::new("ferry.toml"));
+        assert_eq!(c.ok().map(|c| c.journal.dir), Some(PathBuf::from("data")));
+    }
+
+    #[test]
+    fn the_masked_toml_hides_secrets() {
+        let text = parse(FULL).to_masked_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("s3cr3t-token"), "{text}");
+        assert!(text.contains("password = \"****\""), "{text}");
+        assert!(text.contains("token = \"****\""), "{text}");
+        assert!(!format!("{:?}", parse(FULL)).contains("hunter2"));
+    }
+
+    #[test]
+    fn the_masked_toml_parses_back_to_the_same_config() {
+        let minimal = with("device", "");
+        for text in [FULL, minimal.as_str()] {
+            let printed = parse(text).to_masked_toml();
+            let reread = parse(&printed);
+            assert_eq!(reread.to_masked_toml(), printed);
+        }
+        let printed = parse(FULL).to_masked_toml();
+        let reread = parse(&printed);
+        assert_eq!(
+            reread.mqtt.password.as_ref().map(Secret::expose),
+            Some(MASK)
+        );
+        assert_eq!(reread.mqtt.max_packet_size, MIB);
+        assert_eq!(reread.uplink.connect_timeout, Duration::from_millis(250));
+        assert_eq!(reread.mqtt.parse.len(), 2);
+
+        let printed = parse(&minimal).to_masked_toml();
+        for key in [
+            "keep_alive = \"30s\"",
+            "max_bytes = \"256MiB\"",
+            "listen = \"127.0.0.1:9100\"",
+        ] {
+            assert!(printed.contains(key), "no {key} in:\n{printed}");
+        }
+        assert!(!printed.contains("token"), "{printed}");
+    }
+
+    #[test]
+    fn load_reads_a_file_and_reports_a_missing_one_as_a_read_error() {
+        let dir = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let path = dir.path().join("ferry.toml");
+        assert!(std::fs::write(&path, with("journal", "dir = \"j\"")).is_ok());
+        match Config::load(&path) {
+            Ok(c) => assert_eq!(c.journal.dir, dir.path().join("j")),
+            Err(e) => panic!("{e}"),
+        }
+        let missing = dir.path().join("missing.toml");
+        match Config::load(&missing) {
+            Err(Error::Read { path, .. }) => assert_eq!(path, missing),
+            other => panic!("expected a read error, got {other:?}"),
+        }
     }
 }
