@@ -390,15 +390,16 @@ fn run_writer(
             .and_then(|a| journal.sync().map(|()| a));
         match result {
             Ok(appended) => {
-                let n = records.len() as u64 - appended.redeliveries;
+                let taken = &records[..appended.taken];
+                let n = taken.len() as u64 - appended.redeliveries;
                 Stats::add(&stats.ingested, n);
                 Stats::add(&stats.redeliveries, appended.redeliveries);
                 Stats::add(&stats.dropped, appended.dropped);
                 Stats::add(
                     &stats.parse_failed,
-                    records.iter().filter(|r| r.parse_error).count() as u64,
+                    taken.iter().filter(|r| r.parse_error).count() as u64,
                 );
-                if let Some(last) = group.last() {
+                if let Some(last) = group.get(appended.taken.wrapping_sub(1)) {
                     durable.store(last.index, Ordering::Release);
                 }
                 if appended.redeliveries > 0 {
@@ -419,7 +420,8 @@ fn run_writer(
                     failing = false;
                 }
                 stats.journal_accepting.store(true, Ordering::Relaxed);
-                group.clear();
+                // What did not fit is offered again on the next round, ahead of newer messages.
+                group.drain(..appended.taken);
             }
             Err(e) => {
                 stats.journal_accepting.store(false, Ordering::Relaxed);

@@ -18,23 +18,37 @@ fn outage_loses_nothing_and_delivers_in_order() {
     let mut cloud = Cloud::start(&tmp.path().join("cloud"));
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
 
-    wait_until("mqtt connected", Duration::from_secs(10), || agent.status()["mqtt_connected"] == true);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
     publish(broker.port, "sensors/a", numbered(0..1000));
-    wait_until("first 1000 at the cloud", Duration::from_secs(30), || cloud.records(DEVICE).len() == 1000);
+    wait_until("first 1000 at the cloud", Duration::from_secs(30), || {
+        cloud.records(DEVICE).len() == 1000
+    });
 
     cloud.stop();
     publish(broker.port, "sensors/a", numbered(1000..2000));
-    wait_until("all 2000 journaled", Duration::from_secs(30), || agent.status()["head_seq"] == 2000);
+    wait_until("all 2000 journaled", Duration::from_secs(30), || {
+        agent.status()["head_seq"] == 2000
+    });
     assert!(agent.status()["backlog_records"].as_u64().unwrap() >= 1000 - 100);
 
     cloud.start_again();
-    wait_until("all 2000 at the cloud", Duration::from_secs(60), || cloud.records(DEVICE).len() >= 2000);
+    wait_until("all 2000 at the cloud", Duration::from_secs(60), || {
+        cloud.records(DEVICE).len() >= 2000
+    });
     let records = cloud.records(DEVICE);
     assert_exactly_once(&records, 2000);
-    assert_eq!(numbers(&records), (0..2000).collect::<Vec<_>>(), "records arrive in publish order");
+    assert_eq!(
+        numbers(&records),
+        (0..2000).collect::<Vec<_>>(),
+        "records arrive in publish order"
+    );
     let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=2000).collect::<Vec<_>>());
-    wait_until("cursor at head", Duration::from_secs(10), || agent.status()["acked_seq"] == 2000);
+    wait_until("cursor at head", Duration::from_secs(10), || {
+        agent.status()["acked_seq"] == 2000
+    });
     let device = cloud.device(DEVICE).unwrap();
     assert_eq!(device["missing"], serde_json::json!([]));
 }
@@ -47,26 +61,51 @@ fn restart_with_backlog_resumes_at_the_cursor_without_resending() {
     let mut cloud = Cloud::start(&tmp.path().join("cloud"));
     let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
 
-    wait_until("mqtt connected", Duration::from_secs(10), || agent.status()["mqtt_connected"] == true);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
     publish(broker.port, "sensors/a", numbered(0..500));
-    wait_until("500 at the cloud", Duration::from_secs(30), || cloud.records(DEVICE).len() == 500);
-    wait_until("cursor at 500", Duration::from_secs(10), || agent.status()["acked_seq"] == 500);
+    wait_until("500 at the cloud", Duration::from_secs(30), || {
+        cloud.records(DEVICE).len() == 500
+    });
+    wait_until("cursor at 500", Duration::from_secs(10), || {
+        agent.status()["acked_seq"] == 500
+    });
 
     cloud.stop();
     publish(broker.port, "sensors/a", numbered(500..1000));
-    wait_until("backlog journaled", Duration::from_secs(30), || agent.status()["head_seq"] == 1000);
+    wait_until("backlog journaled", Duration::from_secs(30), || {
+        agent.status()["head_seq"] == 1000
+    });
     let stop_took = agent.stop();
-    assert!(stop_took < Duration::from_secs(10), "shutdown took {stop_took:?}");
+    assert!(
+        stop_took < Duration::from_secs(10),
+        "shutdown took {stop_took:?}"
+    );
 
     cloud.start_again();
     agent.start_again();
     let st = agent.status();
-    assert!(st["acked_seq"].as_u64().unwrap() >= 500, "cursor survived the restart: {st}");
-    wait_until("all 1000 at the cloud", Duration::from_secs(60), || cloud.records(DEVICE).len() >= 1000);
+    assert!(
+        st["acked_seq"].as_u64().unwrap() >= 500,
+        "cursor survived the restart: {st}"
+    );
+    wait_until("all 1000 at the cloud", Duration::from_secs(60), || {
+        cloud.records(DEVICE).len() >= 1000
+    });
     assert_exactly_once(&cloud.records(DEVICE), 1000);
     let stats = cloud.stats();
-    assert_eq!(stats["duplicates"], 0, "no acknowledged record was sent again: {stats}");
-    assert!(agent.log_text().contains("journal opened head_seq=1000 acked_seq=500"), "{}", agent.log_text());
+    assert_eq!(
+        stats["duplicates"], 0,
+        "no acknowledged record was sent again: {stats}"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("journal opened head_seq=1000 acked_seq=500"),
+        "{}",
+        agent.log_text()
+    );
 }
 
 /// The broker restarts (persistent session): the agent reconnects, re-subscribes and loses nothing,
@@ -78,12 +117,18 @@ fn broker_restart_reconnects_resubscribes_and_loses_nothing() {
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
 
-    wait_until("mqtt connected", Duration::from_secs(10), || agent.status()["mqtt_connected"] == true);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
     publish(broker.port, "sensors/a", numbered(0..300));
     broker.restart();
-    wait_until("mqtt reconnected", Duration::from_secs(20), || agent.status()["mqtt_connected"] == true);
+    wait_until("mqtt reconnected", Duration::from_secs(20), || {
+        agent.status()["mqtt_connected"] == true
+    });
     publish(broker.port, "sensors/b", numbered(300..600));
-    wait_until("600 at the cloud", Duration::from_secs(60), || cloud.records(DEVICE).len() >= 600);
+    wait_until("600 at the cloud", Duration::from_secs(60), || {
+        cloud.records(DEVICE).len() >= 600
+    });
     assert_exactly_once(&cloud.records(DEVICE), 600);
 }
 
@@ -95,12 +140,18 @@ fn broker_unreachable_at_start_is_waited_for() {
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let mqtt_port = free_port();
     let agent = Agent::standard(&tmp.path().join("agent"), mqtt_port, &cloud.url());
-    wait_until("a failed connect attempt", Duration::from_secs(10), || agent.log_text().contains("mqtt connect failed"));
+    wait_until("a failed connect attempt", Duration::from_secs(10), || {
+        agent.log_text().contains("mqtt connect failed")
+    });
     assert_eq!(agent.status()["mqtt_connected"], false);
 
     let broker = Mosquitto::start_on(&tmp.path().join("mqtt"), mqtt_port, "");
-    wait_until("mqtt connected", Duration::from_secs(20), || agent.status()["mqtt_connected"] == true);
+    wait_until("mqtt connected", Duration::from_secs(20), || {
+        agent.status()["mqtt_connected"] == true
+    });
     publish(broker.port, "sensors/a", numbered(0..200));
-    wait_until("200 at the cloud", Duration::from_secs(30), || cloud.records(DEVICE).len() >= 200);
+    wait_until("200 at the cloud", Duration::from_secs(30), || {
+        cloud.records(DEVICE).len() >= 200
+    });
     assert_exactly_once(&cloud.records(DEVICE), 200);
 }

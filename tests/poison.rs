@@ -13,33 +13,52 @@ const DEVICE: &str = "gw-test";
 fn a_poison_record_is_dead_lettered_and_the_rest_is_delivered_once() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
-    let cloud = Cloud::start_with(&tmp.path().join("cloud"), free_port(), &["--reject-marker", "POISON"]);
+    let cloud = Cloud::start_with(
+        &tmp.path().join("cloud"),
+        free_port(),
+        &["--reject-marker", "POISON"],
+    );
     let mut cloud = cloud;
     // Journal everything first, then let the agent upload full batches of 100.
     cloud.stop();
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    wait_until("mqtt connected", Duration::from_secs(10), || agent.status()["mqtt_connected"] == true);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
     let mut payloads = numbered(0..300);
     payloads[157] = br#"{"n":157,"note":"POISON"}"#.to_vec();
     publish(broker.port, "sensors/p", payloads);
-    wait_until("300 journaled", Duration::from_secs(30), || agent.status()["head_seq"] == 300);
+    wait_until("300 journaled", Duration::from_secs(30), || {
+        agent.status()["head_seq"] == 300
+    });
     cloud.start_again();
 
-    wait_until("the rest delivered", Duration::from_secs(60), || agent.status()["acked_seq"] == 300);
+    wait_until("the rest delivered", Duration::from_secs(60), || {
+        agent.status()["acked_seq"] == 300
+    });
     let records = cloud.records(DEVICE);
     let got = numbers(&records);
     let want: Vec<u64> = (0..300).filter(|n| *n != 157).collect();
     assert_eq!(got, want);
 
     let device = cloud.device(DEVICE).unwrap();
-    assert_eq!(device["gaps"], serde_json::json!([{"from_seq": 158, "to_seq": 158, "reason": "rejected"}]));
+    assert_eq!(
+        device["gaps"],
+        serde_json::json!([{"from_seq": 158, "to_seq": 158, "reason": "rejected"}])
+    );
     assert_eq!(device["missing"], serde_json::json!([]));
 
     let stats = cloud.stats();
-    assert_eq!(stats["duplicates"], 0, "healthy records were accepted exactly once: {stats}");
+    assert_eq!(
+        stats["duplicates"], 0,
+        "healthy records were accepted exactly once: {stats}"
+    );
     // One refused batch of 100 is bisected down to one record: 100 -> 50 -> 25 -> 13 -> 7 -> 4 -> 2 -> 1.
     let refused = stats["rejected"].as_u64().unwrap();
-    assert!((1..=8).contains(&refused), "refusals needed to isolate one record in 100: {refused}");
+    assert!(
+        (1..=8).contains(&refused),
+        "refusals needed to isolate one record in 100: {refused}"
+    );
 
     let st = agent.status();
     assert_eq!(st["dead_letters"], 1);

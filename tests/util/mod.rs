@@ -16,7 +16,11 @@ pub const FERRY_CLOUD: &str = env!("CARGO_BIN_EXE_ferry-cloud");
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
@@ -32,11 +36,18 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 }
 
 fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok()
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
 }
 
 fn signal(child: &Child, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
 }
 
 /// Waits for `child` to exit within `timeout`; returns its exit code, or kills it and panics.
@@ -101,7 +112,9 @@ impl Mosquitto {
             .expect("mosquitto not installed: run .ci/run or apt-get install mosquitto");
         self.child = Some(child);
         let port = self.port;
-        wait_until("mosquitto to listen", Duration::from_secs(10), || port_open(port));
+        wait_until("mosquitto to listen", Duration::from_secs(10), || {
+            port_open(port)
+        });
     }
 
     /// Stops it cleanly (it saves its persistence file) and starts it again on the same port.
@@ -129,14 +142,24 @@ impl Drop for Mosquitto {
 }
 
 fn mosquitto_bin() -> &'static str {
-    if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" }
+    if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    }
 }
 
 // ---------------------------------------------------------------- publisher
 
 /// Publishes `n` QoS1 messages and returns once the broker acknowledged every one.
 pub fn publish(port: u16, topic: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> usize {
-    publish_to(port, payloads.into_iter().map(|p| (topic.to_string(), p)).collect())
+    publish_to(
+        port,
+        payloads
+            .into_iter()
+            .map(|p| (topic.to_string(), p))
+            .collect(),
+    )
 }
 
 pub fn publish_to(port: u16, messages: Vec<(String, Vec<u8>)>) -> usize {
@@ -150,14 +173,19 @@ pub fn publish_to(port: u16, messages: Vec<(String, Vec<u8>)>) -> usize {
     let n = messages.len();
     let sender = std::thread::spawn(move || {
         for (topic, payload) in messages {
-            client.publish(topic, QoS::AtLeastOnce, false, payload).unwrap();
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .unwrap();
         }
         client
     });
     let mut acked = 0;
     let end = Instant::now() + Duration::from_secs(60);
     while acked < n {
-        assert!(Instant::now() < end, "publisher: only {acked} of {n} acked by the broker");
+        assert!(
+            Instant::now() < end,
+            "publisher: only {acked} of {n} acked by the broker"
+        );
         match conn.recv_timeout(Duration::from_millis(500)) {
             Ok(Ok(Event::Incoming(Incoming::PubAck(_)))) => acked += 1,
             Ok(Err(e)) => panic!("publisher connection failed: {e}"),
@@ -167,7 +195,10 @@ pub fn publish_to(port: u16, messages: Vec<(String, Vec<u8>)>) -> usize {
     let client = sender.join().unwrap();
     let _ = client.disconnect();
     for _ in 0..10 {
-        if matches!(conn.recv_timeout(Duration::from_millis(100)), Ok(Err(_)) | Err(_)) {
+        if matches!(
+            conn.recv_timeout(Duration::from_millis(100)),
+            Ok(Err(_)) | Err(_)
+        ) {
             break;
         }
     }
@@ -176,7 +207,9 @@ pub fn publish_to(port: u16, messages: Vec<(String, Vec<u8>)>) -> usize {
 
 /// Numbered JSON payloads `{"n": i}` for i in range.
 pub fn numbered(range: std::ops::Range<u64>) -> Vec<Vec<u8>> {
-    range.map(|i| format!("{{\"n\":{i}}}").into_bytes()).collect()
+    range
+        .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+        .collect()
 }
 
 // ---------------------------------------------------------------- ferry-cloud
@@ -217,8 +250,13 @@ impl Cloud {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.starts_with("listening on"), "ferry-cloud said {line:?}");
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("listening on"),
+            "ferry-cloud said {line:?}"
+        );
         self.child = Some(child);
     }
 
@@ -253,7 +291,12 @@ impl Cloud {
 
     pub fn device(&self, device: &str) -> Option<Value> {
         let v: Value = serde_json::from_str(&self.get("/v1/devices")).unwrap();
-        v["devices"].as_array().unwrap().iter().find(|d| d["device_id"] == device).cloned()
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == device)
+            .cloned()
     }
 
     pub fn stats(&self) -> Value {
@@ -272,14 +315,25 @@ impl Drop for Cloud {
 
 /// A minimal HTTP GET with deadlines; returns the body of a 200.
 pub fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(5)).unwrap();
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "GET {path}: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "GET {path}: {head}"
+    );
     body.to_string()
 }
 
@@ -296,7 +350,14 @@ pub struct Agent {
 }
 
 /// The config a test agent runs with; `extra` is appended (extra sections or keys at the end).
-pub fn agent_config(dir: &Path, mqtt_port: u16, uplink_url: &str, control_port: u16, extra_mqtt: &str, extra: &str) -> String {
+pub fn agent_config(
+    dir: &Path,
+    mqtt_port: u16,
+    uplink_url: &str,
+    control_port: u16,
+    extra_mqtt: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"[device]
 id = "gw-test"
@@ -347,18 +408,29 @@ impl Agent {
     /// A standard agent against `mqtt_port` and `uplink_url`.
     pub fn standard(dir: &Path, mqtt_port: u16, uplink_url: &str) -> Agent {
         let control = free_port();
-        Self::start(dir, &agent_config(dir, mqtt_port, uplink_url, control, "", ""), control)
+        Self::start(
+            dir,
+            &agent_config(dir, mqtt_port, uplink_url, control, "", ""),
+            control,
+        )
     }
 
     fn spawn(&mut self) {
         self.runs += 1;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         writeln!(&log, "----- run {} -----", self.runs).unwrap();
         let child = Command::new(FERRY)
             .arg("run")
             .arg("-c")
             .arg(&self.config)
-            .env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "debug".into()))
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_LOG").unwrap_or_else(|_| "debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -370,10 +442,16 @@ impl Agent {
         while !port_open(port) {
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait().unwrap() {
-                    panic!("ferry exited at start ({status}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                    panic!(
+                        "ferry exited at start ({status}):\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
                 }
             }
-            assert!(Instant::now() < end, "ferry control endpoint did not come up");
+            assert!(
+                Instant::now() < end,
+                "ferry control endpoint did not come up"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -433,7 +511,10 @@ impl Drop for Agent {
 
 /// The `n` values of the records at the cloud, in order.
 pub fn numbers(records: &[Value]) -> Vec<u64> {
-    records.iter().filter_map(|r| r["payload"]["n"].as_u64()).collect()
+    records
+        .iter()
+        .filter_map(|r| r["payload"]["n"].as_u64())
+        .collect()
 }
 
 /// Asserts that `records` hold exactly the numbers `0..n`, each once (after dedupe by seq).
@@ -442,10 +523,19 @@ pub fn assert_exactly_once(records: &[Value], n: u64) {
     for r in records {
         let seq = r["seq"].as_u64().unwrap();
         if let Some(k) = r["payload"]["n"].as_u64() {
-            assert!(seen.insert(k, seq).is_none(), "message n={k} stored twice (seqs {:?} and {seq})", seen.get(&k));
+            assert!(
+                seen.insert(k, seq).is_none(),
+                "message n={k} stored twice (seqs {:?} and {seq})",
+                seen.get(&k)
+            );
         }
     }
     let missing: Vec<u64> = (0..n).filter(|k| !seen.contains_key(k)).collect();
-    assert!(missing.is_empty(), "missing {} messages, first: {:?}", missing.len(), &missing[..missing.len().min(20)]);
+    assert!(
+        missing.is_empty(),
+        "missing {} messages, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
     assert_eq!(seen.len() as u64, n);
 }
