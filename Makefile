@@ -1,0 +1,33 @@
+# ferry's front door. `make demo` tells the product's story; `make test` is what CI runs.
+CARGO ?= cargo
+# Debian's cargo/rustc 1.85 (rustc-web), the toolchain that builds the ARM release binaries.
+MSRV_CARGO ?= /usr/bin/cargo
+
+.PHONY: all build test lint unit msrv demo deps clean
+
+all: build
+
+build:
+	$(CARGO) build --release --bins
+
+deps:
+	@scripts/ensure-deps.sh
+
+## The whole suite: formatting, lints with warnings denied, unit and integration tests.
+test: deps lint
+	$(CARGO) test --all-targets
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Build with the minimum supported Rust (1.85) from Debian; install it with scripts/ensure-deps.sh --msrv.
+msrv:
+	PATH=/usr/bin:$$PATH CARGO_TARGET_DIR=target/msrv $(MSRV_CARGO) build --locked --bins
+
+## The outage story end to end: broker, cloud, agent; the cloud goes away and comes back.
+demo: deps build
+	@scripts/demo.sh
+
+clean:
+	$(CARGO) clean
