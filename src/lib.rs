@@ -1,3 +1,4 @@
 //! ferry (architecture map to be written)
+pub mod cloud;
 pub mod config;
 pub mod protocol;
