@@ -26,6 +26,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod cli;
+pub mod cloud;
 pub mod config;
 pub mod control;
 pub mod identity;

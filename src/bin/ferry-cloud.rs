@@ -1,1 +1,116 @@
-fn main() {}
+//! `ferry-cloud`: the reference receiver of ferry's wire protocol (see `ferry::cloud`). This file only
+//! parses arguments, sets up logging and signals, runs the receiver and maps the outcome to an exit
+//! code: 0 after SIGTERM/SIGINT, 1 when the receiver cannot start or fails, 2 for bad arguments.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use ferry::cloud;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+const USAGE: &str = "\
+usage: ferry-cloud --listen HOST:PORT --data DIR [--reject-marker STR] [--token TOKEN]
+
+Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
+
+  --listen HOST:PORT     address to listen on; port 0 picks a free port. Prints
+                         'listening on <addr>' on stdout once accepting.
+  --data DIR             directory of the stored records and gaps (created if missing)
+  --reject-marker STR    answer 422 to any batch with a record whose payload contains STR
+  --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads
+  -h, --help             print this help
+
+Logs go to stderr; set RUST_LOG (default info).";
+
+const WORKERS: usize = 4;
+
+fn main() -> ExitCode {
+    let config = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Some(config)) => config,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("ferry-cloud: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-cloud: {}", cloud::chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: cloud::Config) -> Result<(), Box<dyn std::error::Error>> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        // A second signal while shutting down exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&shutdown))?;
+        signal_hook::flag::register(signal, Arc::clone(&shutdown))?;
+    }
+    let running = cloud::start(config, Arc::clone(&shutdown))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {}", running.local_addr())?;
+    stdout.flush()?;
+    drop(stdout);
+    running.join()?;
+    log::info!("stopped");
+    Ok(())
+}
+
+/// `Ok(None)` means help was asked for. Values stay `OsString` until they must be text, so a data
+/// directory whose name is not UTF-8 still works.
+fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::Config>, String> {
+    let mut listen = None;
+    let mut data = None;
+    let mut reject_marker = None;
+    let mut token = None;
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        let (flag, inline) = match text.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(OsString::from(value)))
+            }
+            _ => (text.into_owned(), None),
+        };
+        let slot = match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--listen" => &mut listen,
+            "--data" => &mut data,
+            "--reject-marker" => &mut reject_marker,
+            "--token" => &mut token,
+            _ => return Err(format!("unknown argument {flag}")),
+        };
+        let value = match inline.or_else(|| args.next()) {
+            Some(value) if !value.is_empty() => value,
+            _ => return Err(format!("{flag} needs a non-empty value")),
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("{flag} given twice"));
+        }
+    }
+    let text = |flag: &str, value: OsString| {
+        value
+            .into_string()
+            .map_err(|_| format!("{flag} is not valid UTF-8"))
+    };
+    Ok(Some(cloud::Config {
+        listen: text("--listen", listen.ok_or("--listen is required")?)?,
+        data_dir: PathBuf::from(data.ok_or("--data is required")?),
+        reject_marker: reject_marker
+            .map(|v| text("--reject-marker", v))
+            .transpose()?,
+        token: token.map(|v| text("--token", v)).transpose()?,
+        workers: WORKERS,
+    }))
+}

@@ -1,0 +1,472 @@
+//! Validation of an incoming batch: from the decompressed request body to a [`Batch`] or an
+//! [`Invalid`] that names the offending field (`records[3].seq: missing`).
+//!
+//! Pure: no I/O, no state. The body is read as a `serde_json::Value` rather than into
+//! `protocol::Batch`, because a receiver must tell a device exactly what was wrong, and because key
+//! presence matters (`"payload": null` is a JSON payload, a missing `payload` is not).
+
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Map, Value};
+
+use crate::protocol::{Gap, GapReason};
+
+/// Longest device id, in bytes (ids are ASCII).
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// A batch that passed validation. Records are in strictly ascending seq order.
+#[derive(Debug)]
+pub struct Batch {
+    pub device_id: String,
+    pub records: Vec<Record>,
+    pub gaps: Vec<Gap>,
+}
+
+/// One validated record.
+#[derive(Debug)]
+pub struct Record {
+    pub seq: u64,
+    /// The record object as received, serialized as one line of JSON (no newline).
+    pub line: String,
+    payload: PayloadView,
+}
+
+/// The payload in the form the reject marker is matched against.
+#[derive(Debug)]
+enum PayloadView {
+    /// The JSON text of `payload`.
+    Json(String),
+    Text(String),
+    /// The decoded bytes of `payload_b64`.
+    Bytes(Vec<u8>),
+}
+
+impl Record {
+    /// Whether the payload (its JSON text, its text, or its bytes read as lossy UTF-8) contains
+    /// `marker`.
+    pub fn payload_contains(&self, marker: &str) -> bool {
+        match &self.payload {
+            PayloadView::Json(text) | PayloadView::Text(text) => text.contains(marker),
+            PayloadView::Bytes(bytes) => String::from_utf8_lossy(bytes).contains(marker),
+        }
+    }
+}
+
+/// Why a body is not a valid batch: `at` names the place (`body`, `device_id`, `records[3].seq`),
+/// `problem` what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub at: String,
+    pub problem: String,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.problem)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+fn invalid(at: impl Into<String>, problem: impl Into<String>) -> Invalid {
+    Invalid {
+        at: at.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Whether `id` is a device id: 1..=64 characters of `[A-Za-z0-9._-]`.
+pub fn is_valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DEVICE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Validates a decompressed request body.
+pub fn parse(body: &[u8]) -> Result<Batch, Invalid> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| invalid("body", format!("invalid json: {e}")))?;
+    let Value::Object(mut top) = value else {
+        return Err(invalid("body", "not a json object"));
+    };
+
+    let device_id = match top.remove("device_id") {
+        None => return Err(invalid("device_id", "missing")),
+        Some(Value::String(id)) if is_valid_device_id(&id) => id,
+        Some(Value::String(_)) => {
+            return Err(invalid(
+                "device_id",
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        Some(_) => return Err(invalid("device_id", "not a string")),
+    };
+
+    let records = match top.remove("records") {
+        None => return Err(invalid("records", "missing")),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(invalid("records", "not an array")),
+    };
+    let mut parsed = Vec::with_capacity(records.len());
+    let mut previous: Option<u64> = None;
+    for (i, item) in records.into_iter().enumerate() {
+        let record = parse_record(i, item)?;
+        if previous.is_some_and(|p| record.seq <= p) {
+            return Err(invalid(
+                format!("records[{i}].seq"),
+                "not greater than the previous record's seq (records must be sorted by seq, each seq once)",
+            ));
+        }
+        previous = Some(record.seq);
+        parsed.push(record);
+    }
+
+    let gaps = match top.remove("gaps") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| parse_gap(i, item))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(invalid("gaps", "not an array")),
+    };
+
+    Ok(Batch {
+        device_id,
+        records: parsed,
+        gaps,
+    })
+}
+
+fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
+    let at = |field: &str| format!("records[{i}].{field}");
+    let Value::Object(fields) = item else {
+        return Err(invalid(format!("records[{i}]"), "not a json object"));
+    };
+    let seq = require_seq(&fields, "seq", &at)?;
+    require_u64(&fields, "ts_ms", &at)?;
+    match fields.get("topic") {
+        None => return Err(invalid(at("topic"), "missing")),
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(invalid(at("topic"), "not a string")),
+    }
+    match fields.get("parse_error") {
+        None | Some(Value::Bool(_)) => {}
+        Some(_) => return Err(invalid(at("parse_error"), "not a boolean")),
+    }
+
+    let forms: Vec<&str> = ["payload", "payload_text", "payload_b64"]
+        .into_iter()
+        .filter(|key| fields.contains_key(*key))
+        .collect();
+    let payload = match forms.as_slice() {
+        [] => {
+            return Err(invalid(
+                format!("records[{i}]"),
+                "none of payload, payload_text, payload_b64",
+            ));
+        }
+        ["payload"] => PayloadView::Json(
+            fields
+                .get("payload")
+                .map_or_else(String::new, |v| v.to_string()),
+        ),
+        ["payload_text"] => match fields.get("payload_text") {
+            Some(Value::String(text)) => PayloadView::Text(text.clone()),
+            _ => return Err(invalid(at("payload_text"), "not a string")),
+        },
+        ["payload_b64"] => match fields.get("payload_b64") {
+            Some(Value::String(encoded)) => match STANDARD.decode(encoded) {
+                Ok(bytes) => PayloadView::Bytes(bytes),
+                Err(e) => return Err(invalid(at("payload_b64"), format!("invalid base64: {e}"))),
+            },
+            _ => return Err(invalid(at("payload_b64"), "not a string")),
+        },
+        _ => {
+            return Err(invalid(
+                format!("records[{i}]"),
+                format!("more than one payload form ({})", forms.join(", ")),
+            ));
+        }
+    };
+
+    // Serializing a `Value` only fails for maps with non-string keys, which JSON cannot produce.
+    let line = Value::Object(fields).to_string();
+    Ok(Record { seq, line, payload })
+}
+
+fn parse_gap(i: usize, item: Value) -> Result<Gap, Invalid> {
+    let at = |field: &str| format!("gaps[{i}].{field}");
+    let Value::Object(fields) = item else {
+        return Err(invalid(format!("gaps[{i}]"), "not a json object"));
+    };
+    let from_seq = require_seq(&fields, "from_seq", &at)?;
+    let to_seq = require_seq(&fields, "to_seq", &at)?;
+    if from_seq > to_seq {
+        return Err(invalid(
+            at("to_seq"),
+            format!("less than from_seq {from_seq}"),
+        ));
+    }
+    let reason = match fields.get("reason") {
+        None => return Err(invalid(at("reason"), "missing")),
+        Some(Value::String(reason)) => match reason.as_str() {
+            "journal_full" => GapReason::JournalFull,
+            "rejected" => GapReason::Rejected,
+            "journal_lost" => GapReason::JournalLost,
+            _ => {
+                return Err(invalid(
+                    at("reason"),
+                    "not one of journal_full, rejected, journal_lost",
+                ));
+            }
+        },
+        Some(_) => return Err(invalid(at("reason"), "not a string")),
+    };
+    Ok(Gap {
+        from_seq,
+        to_seq,
+        reason,
+    })
+}
+
+fn require_u64(
+    fields: &Map<String, Value>,
+    key: &str,
+    at: &impl Fn(&str) -> String,
+) -> Result<u64, Invalid> {
+    match fields.get(key) {
+        None => Err(invalid(at(key), "missing")),
+        Some(value) => value
+            .as_u64()
+            .ok_or_else(|| invalid(at(key), "not an unsigned 64-bit integer")),
+    }
+}
+
+/// A seq: an unsigned integer of at least 1.
+fn require_seq(
+    fields: &Map<String, Value>,
+    key: &str,
+    at: &impl Fn(&str) -> String,
+) -> Result<u64, Invalid> {
+    match require_u64(fields, key, at)? {
+        0 => Err(invalid(at(key), "must be at least 1")),
+        seq => Ok(seq),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(value: Value) -> Vec<u8> {
+        value.to_string().into_bytes()
+    }
+
+    fn error_of(value: Value) -> String {
+        match parse(&body(value)) {
+            Ok(batch) => panic!("accepted {batch:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn example() -> Value {
+        json!({"device_id": "gw-01",
+               "records": [
+                 {"seq": 101, "ts_ms": 1763700000000u64, "topic": "sensors/t1", "payload": {"t": 21.5}},
+                 {"seq": 102, "ts_ms": 1763700000012u64, "topic": "sensors/raw", "payload_b64": "AAEC"},
+                 {"seq": 103, "ts_ms": 1763700000013u64, "topic": "log", "payload_text": "hello"},
+                 {"seq": 104, "ts_ms": 1763700000014u64, "topic": "bad", "payload_b64": "e30=", "parse_error": true}],
+               "gaps": [{"from_seq": 40, "to_seq": 99, "reason": "journal_full"}]})
+    }
+
+    #[test]
+    fn the_protocol_example_is_accepted() {
+        let batch = parse(&body(example())).expect("valid batch");
+        assert_eq!(batch.device_id, "gw-01");
+        let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![101, 102, 103, 104]);
+        assert_eq!(
+            batch.gaps,
+            vec![Gap {
+                from_seq: 40,
+                to_seq: 99,
+                reason: GapReason::JournalFull
+            }]
+        );
+    }
+
+    #[test]
+    fn the_stored_line_keeps_the_payload_form_and_all_fields() {
+        let batch = parse(&body(example())).expect("valid batch");
+        let lines: Vec<Value> = batch
+            .records
+            .iter()
+            .map(|r| serde_json::from_str(&r.line).expect("line is json"))
+            .collect();
+        assert_eq!(lines[0]["payload"], json!({"t": 21.5}));
+        assert_eq!(lines[1]["payload_b64"], json!("AAEC"));
+        assert_eq!(lines[2]["payload_text"], json!("hello"));
+        assert_eq!(lines[3]["parse_error"], json!(true));
+        assert!(batch.records.iter().all(|r| !r.line.contains('\n')));
+    }
+
+    #[test]
+    fn a_null_json_payload_is_a_payload() {
+        let batch = parse(&body(json!({"device_id": "d", "records": [
+            {"seq": 1, "ts_ms": 0, "topic": "t", "payload": null}]})))
+        .expect("valid batch");
+        let line: Value = serde_json::from_str(&batch.records[0].line).expect("line is json");
+        assert_eq!(
+            line,
+            json!({"seq": 1, "ts_ms": 0, "topic": "t", "payload": null})
+        );
+        assert!(line.as_object().is_some_and(|r| r.contains_key("payload")));
+    }
+
+    #[test]
+    fn gaps_may_be_omitted_and_records_may_be_empty() {
+        let batch = parse(br#"{"device_id": "d", "records": []}"#).expect("valid batch");
+        assert!(batch.records.is_empty() && batch.gaps.is_empty());
+    }
+
+    #[test]
+    fn the_error_names_the_field_and_the_record_index() {
+        let mut v = example();
+        v["records"][3].as_object_mut().map(|r| r.remove("seq"));
+        assert_eq!(error_of(v), "records[3].seq: missing");
+
+        let mut v = example();
+        v["records"][1]["seq"] = json!(-4);
+        assert_eq!(
+            error_of(v),
+            "records[1].seq: not an unsigned 64-bit integer"
+        );
+
+        let mut v = example();
+        v["records"][0]["seq"] = json!(0);
+        assert_eq!(error_of(v), "records[0].seq: must be at least 1");
+
+        let mut v = example();
+        v["records"][2]["ts_ms"] = json!("soon");
+        assert_eq!(
+            error_of(v),
+            "records[2].ts_ms: not an unsigned 64-bit integer"
+        );
+
+        let mut v = example();
+        v["records"][0]["topic"] = json!(7);
+        assert_eq!(error_of(v), "records[0].topic: not a string");
+
+        let mut v = example();
+        v["records"][3]["parse_error"] = json!("yes");
+        assert_eq!(error_of(v), "records[3].parse_error: not a boolean");
+    }
+
+    #[test]
+    fn a_record_needs_exactly_one_payload_form() {
+        let mut v = example();
+        v["records"][0].as_object_mut().map(|r| r.remove("payload"));
+        assert_eq!(
+            error_of(v),
+            "records[0]: none of payload, payload_text, payload_b64"
+        );
+
+        let mut v = example();
+        v["records"][2]["payload"] = json!(null);
+        assert_eq!(
+            error_of(v),
+            "records[2]: more than one payload form (payload, payload_text)"
+        );
+    }
+
+    #[test]
+    fn base64_that_does_not_decode_is_refused() {
+        let mut v = example();
+        v["records"][1]["payload_b64"] = json!("not base64!");
+        assert!(error_of(v).starts_with("records[1].payload_b64: invalid base64"));
+
+        let mut v = example();
+        v["records"][1]["payload_b64"] = json!(12);
+        assert_eq!(error_of(v), "records[1].payload_b64: not a string");
+    }
+
+    #[test]
+    fn unsorted_or_repeated_seqs_are_refused() {
+        let mut v = example();
+        v["records"][2]["seq"] = json!(102);
+        assert!(error_of(v).starts_with("records[2].seq: not greater than the previous"));
+    }
+
+    #[test]
+    fn device_ids_outside_the_identity_rules_are_refused() {
+        for bad in [
+            json!(""),
+            json!("a b"),
+            json!("gw/01"),
+            json!("é"),
+            json!("x".repeat(65)),
+        ] {
+            let mut v = example();
+            v["device_id"] = bad;
+            assert!(error_of(v).starts_with("device_id: must be 1 to 64"));
+        }
+        let mut v = example();
+        v["device_id"] = json!("A.z_0-9".to_owned() + &"x".repeat(57));
+        assert!(parse(&body(v)).is_ok());
+
+        let mut v = example();
+        v.as_object_mut().map(|o| o.remove("device_id"));
+        assert_eq!(error_of(v), "device_id: missing");
+    }
+
+    #[test]
+    fn gaps_are_checked_for_order_and_reason() {
+        let mut v = example();
+        v["gaps"][0]["to_seq"] = json!(10);
+        assert_eq!(error_of(v), "gaps[0].to_seq: less than from_seq 40");
+
+        let mut v = example();
+        v["gaps"][0]["reason"] = json!("lost");
+        assert_eq!(
+            error_of(v),
+            "gaps[0].reason: not one of journal_full, rejected, journal_lost"
+        );
+
+        let mut v = example();
+        v["gaps"] = json!({});
+        assert_eq!(error_of(v), "gaps: not an array");
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_objects_are_refused() {
+        let error = |bytes: &[u8]| parse(bytes).map(|_| ()).map_err(|e| e.to_string());
+        assert!(error(b"{\"device_id\": ").is_err_and(|e| e.starts_with("body: invalid json")));
+        assert_eq!(error(b"[1]"), Err("body: not a json object".to_owned()));
+        assert_eq!(
+            error(br#"{"device_id": "d", "records": {}}"#),
+            Err("records: not an array".to_owned())
+        );
+    }
+
+    #[test]
+    fn the_reject_marker_is_found_in_every_payload_form() {
+        let batch = parse(&body(json!({"device_id": "d", "records": [
+            {"seq": 1, "ts_ms": 0, "topic": "t", "payload": {"k": "POISON"}},
+            {"seq": 2, "ts_ms": 0, "topic": "t", "payload_text": "a POISON b"},
+            {"seq": 3, "ts_ms": 0, "topic": "t", "payload_b64": "UE9JU09O"},
+            {"seq": 4, "ts_ms": 0, "topic": "POISON", "payload_text": "clean"}]})))
+        .expect("valid batch");
+        let hits: Vec<bool> = batch
+            .records
+            .iter()
+            .map(|r| r.payload_contains("POISON"))
+            .collect();
+        assert_eq!(hits, vec![true, true, true, false]);
+    }
+}

@@ -1,0 +1,580 @@
+//! `ferry-cloud`: the reference receiver of wire protocol v1 (`docs/PROTOCOL.md`), used by the
+//! integration tests and as a worked example for writing a real one.
+//!
+//! Layout: one `tiny_http::Server` owned by this module and a pool of named worker threads that all
+//! take requests from it with `recv_timeout` and check the shutdown flag between requests. Batches
+//! are validated by [`batch`] (pure), stored by [`store`] (the owner of the data directory), and seqs
+//! are tracked in [`ranges`]. Durability: `200` is answered only after the new records and gaps are
+//! fsynced, so everything acknowledged survives a crash; dedupe by `(device_id, seq)` makes resends
+//! harmless.
+//!
+//! Endpoints: `POST /v1/ingest`, `GET /v1/devices`, `GET /v1/devices/<id>/records`, `GET /v1/stats`.
+//! Every error answer has a JSON body `{"error": "..."}`.
+//!
+//! Limits inherited from tiny_http 0.12: sockets have no read timeout, so a client that stops sending
+//! mid-body holds its worker until it disconnects; a body the receiver does not read is drained after
+//! the answer is written; and a request declaring an absurd body is abandoned unanswered (see
+//! [`MAX_DRAINABLE_BYTES`]).
+
+pub mod batch;
+pub mod ranges;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use flate2::read::MultiGzDecoder;
+use log::{debug, error, info, warn};
+use serde_json::{Value, json};
+use tiny_http::{Header, Method, Request, Response, StatusCode};
+
+use self::store::Store;
+
+/// Largest request body accepted as sent (compressed or not).
+pub const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest request body accepted after gzip decompression.
+pub const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest declared body a refused request may have. tiny_http drains an unread body when the
+/// request is dropped, first allocating a buffer of the whole remaining declared length; a
+/// `Content-Length` of a terabyte aborts the process. A request declaring more than this is leaked
+/// instead, unanswered: one connection and one tiny_http thread, rather than the whole receiver.
+const MAX_DRAINABLE_BYTES: usize = 1 << 30;
+/// How long a worker waits for a request before it looks at the shutdown flag again.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Validated settings of the receiver.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `host:port`; port 0 picks a free port (see [`Cloud::local_addr`]).
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// A batch with a record whose payload contains this string is refused with 422.
+    pub reject_marker: Option<String>,
+    /// When set, `POST /v1/ingest` requires `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    pub workers: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Its messages name the file (and line) at fault.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("listening address of {addr} is not an ip socket")]
+    NotIp { addr: String },
+    #[error("cannot start thread {name}")]
+    Spawn { name: String, source: io::Error },
+    #[error("thread {name} panicked")]
+    Panicked { name: String },
+}
+
+/// A running receiver: its address and its worker threads.
+#[derive(Debug)]
+pub struct Cloud {
+    addr: SocketAddr,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Cloud {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits for every worker to exit, which they do within about [`POLL_INTERVAL`] after the
+    /// shutdown flag is set (plus the time to finish the request in hand).
+    pub fn join(self) -> Result<(), Error> {
+        let mut result = Ok(());
+        for worker in self.workers {
+            let name = worker.thread().name().unwrap_or("worker").to_owned();
+            if worker.join().is_err() && result.is_ok() {
+                result = Err(Error::Panicked { name });
+            }
+        }
+        result
+    }
+}
+
+/// Rebuilds the state from the data directory, binds, and starts the workers. Returns once the
+/// receiver is accepting connections. Setting `shutdown` stops it; then call [`Cloud::join`].
+pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> {
+    let store = Store::open(&config.data_dir)?;
+    let server = tiny_http::Server::http(config.listen.as_str()).map_err(|source| Error::Bind {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let addr = server.server_addr().to_ip().ok_or_else(|| Error::NotIp {
+        addr: config.listen.clone(),
+    })?;
+    let shared = Arc::new(Shared {
+        server,
+        store,
+        reject_marker: config.reject_marker,
+        token: config.token,
+        stats: Mutex::new(Stats::default()),
+    });
+
+    let mut workers = Vec::new();
+    for i in 0..config.workers.max(1) {
+        let name = format!("cloud-worker-{i}");
+        let shared = Arc::clone(&shared);
+        let flag = Arc::clone(&shutdown);
+        let spawned = thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || worker(&shared, &flag));
+        match spawned {
+            Ok(handle) => workers.push(handle),
+            Err(source) => {
+                // Stop the workers already running before reporting.
+                shutdown.store(true, Ordering::SeqCst);
+                for handle in workers {
+                    let _ = handle.join();
+                }
+                return Err(Error::Spawn { name, source });
+            }
+        }
+    }
+    info!(
+        "listening addr={} data={} workers={} token={} reject_marker={}",
+        addr,
+        config.data_dir.display(),
+        workers.len(),
+        shared.token.is_some(),
+        shared.reject_marker.is_some()
+    );
+    Ok(Cloud { addr, workers })
+}
+
+/// State shared by the workers.
+struct Shared {
+    server: tiny_http::Server,
+    store: Store,
+    reject_marker: Option<String>,
+    token: Option<String>,
+    stats: Mutex<Stats>,
+}
+
+/// Counters of `POST /v1/ingest` answers, for tests that count resends.
+#[derive(Debug, Default)]
+struct Stats {
+    requests: u64,
+    accepted: u64,
+    duplicates: u64,
+    /// 4xx answers.
+    rejected: u64,
+    status: BTreeMap<u16, u64>,
+}
+
+fn worker(shared: &Shared, shutdown: &AtomicBool) {
+    while !shutdown.load(Ordering::SeqCst) {
+        let request = match shared.server.recv_timeout(POLL_INTERVAL) {
+            Ok(Some(request)) => request,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!("accept failed error={e}");
+                continue;
+            }
+        };
+        // A panic while serving one request must not shrink the pool.
+        if panic::catch_unwind(AssertUnwindSafe(|| serve(shared, request))).is_err() {
+            error!("request handler panicked; the connection is dropped");
+        }
+    }
+    debug!("worker stopped");
+}
+
+/// An answer: status, body, extra headers.
+struct Reply {
+    status: u16,
+    body: Body,
+    headers: Vec<(&'static str, String)>,
+}
+
+enum Body {
+    Json(Value),
+    /// NDJSON: the first `len` bytes of a file, or nothing.
+    Records(Option<(File, u64)>),
+}
+
+impl Reply {
+    fn json(status: u16, body: Value) -> Reply {
+        Reply {
+            status,
+            body: Body::Json(body),
+            headers: Vec::new(),
+        }
+    }
+
+    fn error(status: u16, message: impl Into<String>) -> Reply {
+        Reply::json(status, json!({ "error": message.into() }))
+    }
+
+    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+fn serve(shared: &Shared, mut request: Request) {
+    if request
+        .body_length()
+        .is_some_and(|n| n > MAX_DRAINABLE_BYTES)
+    {
+        warn!(
+            "connection abandoned remote={} content_length={:?} reason=declared body too large to drain",
+            remote(&request),
+            request.body_length()
+        );
+        std::mem::forget(request);
+        return;
+    }
+    let path = request
+        .url()
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let method = request.method().clone();
+    let is_get = matches!(method, Method::Get | Method::Head);
+    let is_ingest = path == "/v1/ingest" && method == Method::Post;
+    let reply = match path.as_str() {
+        "/v1/ingest" if is_ingest => {
+            let outcome = ingest(shared, &mut request);
+            shared.count(&outcome);
+            match outcome {
+                Ok(o) => Reply::json(
+                    200,
+                    json!({ "accepted": o.accepted, "duplicates": o.duplicates }),
+                ),
+                Err(refusal) => refusal,
+            }
+        }
+        "/v1/ingest" => not_allowed("POST"),
+        "/v1/devices" if is_get => devices(shared),
+        "/v1/stats" if is_get => stats(shared),
+        "/v1/devices" | "/v1/stats" => not_allowed("GET, HEAD"),
+        _ => match path
+            .strip_prefix("/v1/devices/")
+            .and_then(|rest| rest.strip_suffix("/records"))
+        {
+            Some(_) if !is_get => not_allowed("GET, HEAD"),
+            Some(id) if batch::is_valid_device_id(id) => records(shared, id),
+            Some(_) => Reply::error(404, "no such device"),
+            None => Reply::error(404, format!("no such path {path}")),
+        },
+    };
+    // 5xx answers are logged with their cause where they are made.
+    if is_ingest && (400..500).contains(&reply.status) {
+        if let Body::Json(body) = &reply.body {
+            warn!(
+                "batch refused status={} remote={} error={}",
+                reply.status,
+                remote(&request),
+                body["error"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    discard_chunked_body(&mut request);
+    respond(request, reply);
+}
+
+fn not_allowed(allow: &str) -> Reply {
+    Reply::error(405, "method not allowed").with_header("Allow", allow)
+}
+
+fn remote(request: &Request) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+}
+
+fn respond(request: Request, reply: Reply) {
+    let mut headers: Vec<Header> = reply
+        .headers
+        .iter()
+        .filter_map(|(name, value)| Header::from_bytes(name.as_bytes(), value.as_bytes()).ok())
+        .collect();
+    let status = StatusCode(reply.status);
+    let result = match reply.body {
+        Body::Json(value) => {
+            let mut bytes = value.to_string().into_bytes();
+            bytes.push(b'\n');
+            headers.extend(Header::from_bytes("Content-Type", "application/json").ok());
+            let len = bytes.len();
+            request.respond(Response::new(
+                status,
+                headers,
+                io::Cursor::new(bytes),
+                Some(len),
+                None,
+            ))
+        }
+        Body::Records(file) => {
+            headers.extend(Header::from_bytes("Content-Type", "application/x-ndjson").ok());
+            match file {
+                Some((file, len)) => {
+                    // With a known length tiny_http would still switch to chunked past 32 KiB; a
+                    // plain Content-Length is easier on simple clients. (A length past usize, which
+                    // cannot occur on 64-bit targets, is sent chunked.)
+                    let known = usize::try_from(len).ok();
+                    let response = Response::new(status, headers, file.take(len), known, None)
+                        .with_chunked_threshold(usize::MAX);
+                    request.respond(response)
+                }
+                None => request.respond(Response::new(status, headers, io::empty(), Some(0), None)),
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!("response not delivered error={e}");
+    }
+}
+
+impl Shared {
+    fn count(&self, outcome: &Result<store::Outcome, Reply>) {
+        let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.requests += 1;
+        let status = match outcome {
+            Ok(o) => {
+                stats.accepted += o.accepted;
+                stats.duplicates += o.duplicates;
+                200
+            }
+            Err(refusal) => refusal.status,
+        };
+        *stats.status.entry(status).or_default() += 1;
+        if (400..500).contains(&status) {
+            stats.rejected += 1;
+        }
+    }
+}
+
+fn header<'r>(request: &'r Request, name: &'static str) -> Option<&'r str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str().trim())
+}
+
+/// `POST /v1/ingest`: checks headers, reads and validates the body, stores the batch. `Err` is the
+/// refusal to answer.
+fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Reply> {
+    if let Some(refusal) = check_headers(shared, request) {
+        return Err(refusal);
+    }
+    let gzip = header(request, "Content-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+
+    if request
+        .body_length()
+        .is_some_and(|n| n as u64 > MAX_BODY_BYTES)
+    {
+        return Err(too_large(MAX_BODY_BYTES, ""));
+    }
+    let mut sent = Vec::with_capacity(request.body_length().unwrap_or(0));
+    if let Err(e) = request
+        .as_reader()
+        .take(MAX_BODY_BYTES + 1)
+        .read_to_end(&mut sent)
+    {
+        return Err(Reply::error(400, format!("body: cannot read: {e}")));
+    }
+    if sent.len() as u64 > MAX_BODY_BYTES {
+        return Err(too_large(MAX_BODY_BYTES, ""));
+    }
+    let body = if gzip {
+        let mut plain = Vec::new();
+        if let Err(e) = MultiGzDecoder::new(sent.as_slice())
+            .take(MAX_DECOMPRESSED_BYTES + 1)
+            .read_to_end(&mut plain)
+        {
+            return Err(Reply::error(400, format!("body: invalid gzip: {e}")));
+        }
+        if plain.len() as u64 > MAX_DECOMPRESSED_BYTES {
+            return Err(too_large(MAX_DECOMPRESSED_BYTES, " decompressed"));
+        }
+        plain
+    } else {
+        sent
+    };
+
+    let batch = batch::parse(&body).map_err(|invalid| Reply::error(400, invalid.to_string()))?;
+    if let Some(marker) = &shared.reject_marker {
+        if let Some(record) = batch.records.iter().find(|r| r.payload_contains(marker)) {
+            let message = format!("record seq={} rejected by policy", record.seq);
+            return Err(Reply::error(422, message));
+        }
+    }
+    match shared.store.ingest(&batch) {
+        Ok(outcome) => {
+            debug!(
+                "batch stored device={} accepted={} duplicates={} gaps={}",
+                batch.device_id, outcome.accepted, outcome.duplicates, outcome.new_gaps
+            );
+            Ok(outcome)
+        }
+        Err(e @ store::Error::ReservedDeviceId { .. }) => {
+            Err(Reply::error(400, format!("device_id: {e}")))
+        }
+        Err(e) => {
+            error!(
+                "batch not stored device={} error={}",
+                batch.device_id,
+                chain(&e)
+            );
+            Err(Reply::error(500, "cannot store the batch"))
+        }
+    }
+}
+
+/// Checks authorization, content encoding and content type; `Some` is the refusal.
+fn check_headers(shared: &Shared, request: &Request) -> Option<Reply> {
+    if let Some(token) = &shared.token {
+        let presented = header(request, "Authorization").and_then(|v| {
+            let (scheme, credentials) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(credentials.trim())
+        });
+        let reply = match presented {
+            None => Some("authorization: missing bearer token"),
+            Some(t) if !same_bytes(t.as_bytes(), token.as_bytes()) => {
+                Some("authorization: wrong bearer token")
+            }
+            Some(_) => None,
+        };
+        if let Some(message) = reply {
+            return Some(Reply::error(401, message).with_header("WWW-Authenticate", "Bearer"));
+        }
+    }
+    match header(request, "Content-Encoding") {
+        None => {}
+        Some(v) if v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("identity") => {}
+        Some(v) => {
+            return Some(Reply::error(
+                415,
+                format!("content-encoding: {v} is not gzip or identity"),
+            ));
+        }
+    }
+    match header(request, "Content-Type") {
+        None => {}
+        Some(v)
+            if v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) => {}
+        Some(v) => {
+            return Some(Reply::error(
+                415,
+                format!("content-type: {v} is not application/json"),
+            ));
+        }
+    }
+    None
+}
+
+/// Reads and drops what is left of a chunked request body, up to the body limit, so the connection
+/// can carry the next request. A body with a `Content-Length` is drained by tiny_http itself, after
+/// the answer is written.
+fn discard_chunked_body(request: &mut Request) {
+    if request.body_length().is_none() {
+        let _ = io::copy(
+            &mut request.as_reader().take(MAX_BODY_BYTES),
+            &mut io::sink(),
+        );
+    }
+}
+
+fn too_large(limit: u64, what: &str) -> Reply {
+    Reply::error(
+        413,
+        format!("body: larger than {} MiB{what}", limit / (1024 * 1024)),
+    )
+}
+
+/// Compares without stopping at the first difference, so the time taken does not reveal how much of
+/// a guessed token was right.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `error: cause: cause`, for one log line or one message at the top.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn devices(shared: &Shared) -> Reply {
+    let devices: Vec<Value> = shared
+        .store
+        .devices()
+        .into_iter()
+        .map(|d| {
+            json!({
+                "device_id": d.device_id,
+                "records": d.records,
+                "highest_seq": d.highest_seq,
+                "missing": d.missing.iter().map(|&(from, to)| json!([from, to])).collect::<Vec<_>>(),
+                "gaps": d.gaps.iter().map(|g| json!({
+                    "from_seq": g.from_seq, "to_seq": g.to_seq, "reason": g.reason.as_str()
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Reply::json(200, json!({ "devices": devices }))
+}
+
+fn records(shared: &Shared, device_id: &str) -> Reply {
+    match shared.store.records_file(device_id) {
+        Ok(file) => Reply {
+            status: 200,
+            body: Body::Records(file),
+            headers: Vec::new(),
+        },
+        Err(e) => {
+            error!(
+                "records not readable device={device_id} error={}",
+                chain(&e)
+            );
+            Reply::error(500, "cannot read the records")
+        }
+    }
+}
+
+fn stats(shared: &Shared) -> Reply {
+    let stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+    let status: serde_json::Map<String, Value> = stats
+        .status
+        .iter()
+        .map(|(code, n)| (code.to_string(), json!(n)))
+        .collect();
+    Reply::json(
+        200,
+        json!({
+            "requests": stats.requests,
+            "accepted": stats.accepted,
+            "duplicates": stats.duplicates,
+            "rejected": stats.rejected,
+            "status": status,
+        }),
+    )
+}

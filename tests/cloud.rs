@@ -1,0 +1,351 @@
+//! Drives the real `ferry-cloud` binary over HTTP: ingest with gzip, dedupe of resends, validation
+//! errors, the completeness report, the policy and token refusals, and dedupe across a restart.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use serde_json::{Value, json};
+
+const START_DEADLINE: Duration = Duration::from_secs(20);
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A running `ferry-cloud`; killed on drop, and its stderr printed if the test is failing.
+struct Cloud {
+    child: Child,
+    base: String,
+    stderr: Arc<Mutex<String>>,
+    http: ureq::Agent,
+}
+
+impl Cloud {
+    fn start(dir: &Path, extra: &[&str]) -> Cloud {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-cloud"))
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry-cloud");
+
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = rx.recv_timeout(START_DEADLINE);
+        let mut cloud = Cloud {
+            child,
+            base: String::new(),
+            stderr,
+            http: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into(),
+        };
+        let line = line.expect("ferry-cloud printed its address");
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        cloud.base = format!("http://{addr}");
+        cloud
+    }
+
+    fn post(&self, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/ingest", self.base))
+            .header("Content-Type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let mut response = request.send(body).expect("post reaches ferry-cloud");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().expect("response body");
+        (status, serde_json::from_str(&text).expect("json answer"))
+    }
+
+    fn post_gzip(&self, batch: &Value) -> (u16, Value) {
+        self.post(&gzip(batch), &[("Content-Encoding", "gzip")])
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .call()
+            .expect("get reaches ferry-cloud");
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().expect("body"))
+    }
+
+    fn get_json(&self, path: &str) -> Value {
+        let (status, text) = self.get(path);
+        assert_eq!(status, 200, "GET {path}: {text}");
+        serde_json::from_str(&text).expect("json answer")
+    }
+
+    /// Sends SIGTERM and waits (polling, with a deadline) for the exit status.
+    fn terminate(&mut self) -> ExitStatus {
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(killed.success());
+        let deadline = Instant::now() + STOP_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for ferry-cloud") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ferry-cloud ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            if let Ok(stderr) = self.stderr.lock() {
+                eprintln!("--- ferry-cloud stderr ---\n{stderr}--- end ---");
+            }
+        }
+    }
+}
+
+fn gzip(value: &Value) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+    encoder
+        .write_all(value.to_string().as_bytes())
+        .expect("gzip in memory");
+    encoder.finish().expect("gzip in memory")
+}
+
+fn example_batch() -> Value {
+    json!({"device_id": "gw-01",
+           "records": [
+             {"seq": 5, "ts_ms": 1763700000000u64, "topic": "sensors/t1", "payload": {"t": 21.5}},
+             {"seq": 6, "ts_ms": 1763700000012u64, "topic": "sensors/raw", "payload_b64": "AAEC"},
+             {"seq": 7, "ts_ms": 1763700000013u64, "topic": "log", "payload_text": "hello"}],
+           "gaps": [{"from_seq": 1, "to_seq": 2, "reason": "journal_full"}]})
+}
+
+#[test]
+fn batches_are_stored_once_and_dedupe_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cloud = Cloud::start(dir.path(), &[]);
+
+    let batch = example_batch();
+    assert_eq!(
+        cloud.post_gzip(&batch),
+        (200, json!({"accepted": 3, "duplicates": 0}))
+    );
+    // A resend after a lost answer.
+    assert_eq!(
+        cloud.post_gzip(&batch),
+        (200, json!({"accepted": 0, "duplicates": 3}))
+    );
+
+    let mut invalid = example_batch();
+    invalid["records"][1]
+        .as_object_mut()
+        .map(|r| r.remove("seq"));
+    let (status, answer) = cloud.post_gzip(&invalid);
+    assert_eq!(status, 400);
+    assert_eq!(answer["error"], "records[1].seq: missing");
+
+    let devices = cloud.get_json("/v1/devices");
+    assert_eq!(
+        devices,
+        json!({"devices": [{
+            "device_id": "gw-01", "records": 3, "highest_seq": 7, "missing": [[3, 4]],
+            "gaps": [{"from_seq": 1, "to_seq": 2, "reason": "journal_full"}]}]})
+    );
+
+    let stats = cloud.get_json("/v1/stats");
+    assert_eq!(
+        stats,
+        json!({"requests": 3, "accepted": 3, "duplicates": 3, "rejected": 1,
+               "status": {"200": 2, "400": 1}})
+    );
+
+    let (status, text) = cloud.get("/v1/devices/gw-01/records");
+    assert_eq!(status, 200);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("ndjson line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["payload"], json!({"t": 21.5}));
+    assert_eq!(lines[1]["payload_b64"], "AAEC");
+    assert_eq!(lines[2]["payload_text"], "hello");
+
+    assert!(cloud.terminate().success(), "exit status after SIGTERM");
+    drop(cloud);
+
+    let cloud = Cloud::start(dir.path(), &[]);
+    // Seq 8 is new; seqs 5 to 7 were stored before the restart.
+    let mut more = example_batch();
+    if let Some(records) = more["records"].as_array_mut() {
+        records.push(json!({"seq": 8, "ts_ms": 1, "topic": "t", "payload": null}));
+    }
+    assert_eq!(
+        cloud.post_gzip(&more),
+        (200, json!({"accepted": 1, "duplicates": 3}))
+    );
+    let devices = cloud.get_json("/v1/devices");
+    assert_eq!(devices["devices"][0]["records"], 4);
+    assert_eq!(devices["devices"][0]["missing"], json!([[3, 4]]));
+    assert_eq!(
+        devices["devices"][0]["gaps"].as_array().map(Vec::len),
+        Some(1)
+    );
+}
+
+#[test]
+fn policy_and_token_refusals_store_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(
+        dir.path(),
+        &["--reject-marker", "POISON", "--token", "s3cret"],
+    );
+    let body = example_batch().to_string();
+
+    let (status, answer) = cloud.post(body.as_bytes(), &[]);
+    assert_eq!(status, 401, "{answer}");
+    let (status, _) = cloud.post(body.as_bytes(), &[("Authorization", "Bearer wrong")]);
+    assert_eq!(status, 401);
+
+    let auth = [("Authorization", "Bearer s3cret")];
+    let mut poisoned = example_batch();
+    poisoned["records"][2]["payload_text"] = json!("a POISON pill");
+    let (status, answer) = cloud.post(poisoned.to_string().as_bytes(), &auth);
+    assert_eq!(
+        (status, answer),
+        (422, json!({"error": "record seq=7 rejected by policy"}))
+    );
+    assert_eq!(cloud.get_json("/v1/devices"), json!({"devices": []}));
+    assert_eq!(cloud.get("/v1/devices/gw-01/records"), (200, String::new()));
+
+    assert_eq!(
+        cloud.post(body.as_bytes(), &auth),
+        (200, json!({"accepted": 3, "duplicates": 0}))
+    );
+    let stats = cloud.get_json("/v1/stats");
+    assert_eq!(stats["status"], json!({"200": 1, "401": 2, "422": 1}));
+    assert_eq!(stats["rejected"], 3);
+}
+
+#[test]
+fn unknown_paths_and_methods_get_json_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path(), &[]);
+
+    let (status, text) = cloud.get("/v1/nothing");
+    assert_eq!(status, 404);
+    assert!(serde_json::from_str::<Value>(&text).is_ok_and(|v| v["error"].is_string()));
+
+    let (status, text) = cloud.get("/v1/ingest");
+    assert_eq!(status, 405);
+    assert!(serde_json::from_str::<Value>(&text).is_ok_and(|v| v["error"].is_string()));
+
+    assert_eq!(cloud.get("/v1/devices/bad%20id/records").0, 404);
+
+    let (status, answer) = cloud.post(b"{\"device_id\": \"gw-01\"", &[]);
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("body: invalid json"))
+    );
+
+    let (status, _) = cloud.post(b"not gzip", &[("Content-Encoding", "gzip")]);
+    assert_eq!(status, 400);
+    let (status, _) = cloud.post(b"{}", &[("Content-Encoding", "br")]);
+    assert_eq!(status, 415);
+}
+
+#[test]
+fn bad_arguments_exit_with_status_2() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-cloud"))
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run ferry-cloud");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--data is required"));
+}
+
+/// Regression: a refused chunked upload was answered without reading its body, so the rest of the
+/// body was parsed as the next request on the keep-alive connection and answered 400.
+#[test]
+fn a_refused_chunked_upload_leaves_the_connection_usable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path(), &["--token", "s3cret"]);
+    let addr = cloud.base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let body = "x".repeat(3000);
+    write!(
+        stream,
+        "POST /v1/ingest HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x}\r\n{body}\r\n0\r\n\r\n\
+         GET /v1/stats HTTP/1.1\r\nHost: t\r\n\r\n",
+        body.len()
+    )
+    .expect("send two requests");
+
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while seen.matches("HTTP/1.1 ").count() < 2 || !seen.contains("\"requests\"") {
+        assert!(Instant::now() < deadline, "answers so far: {seen}");
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) => panic!("reading answers: {e}; so far: {seen}"),
+        }
+    }
+    let statuses: Vec<&str> = seen
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1.1 "))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec!["HTTP/1.1 401 Unauthorized", "HTTP/1.1 200 OK"],
+        "{seen}"
+    );
+}
