@@ -27,7 +27,9 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 rm -rf "$DATA"; mkdir -p "$DATA"/{mqtt,cloud,agent}
-cat > "$DATA/mosquitto.conf" <<CONF
+# As root, mosquitto drops to its own user, which could not write its persistence file here.
+[ "$(id -u)" -eq 0 ] && echo "user root" > "$DATA/mosquitto.conf"
+cat >> "$DATA/mosquitto.conf" <<CONF
 listener $MQTT_PORT 127.0.0.1
 allow_anonymous true
 persistence true

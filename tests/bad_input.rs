@@ -35,6 +35,7 @@ fn check_config(text: &str) -> (Option<i32>, String, String) {
 const GOOD: &str = r#"
 [mqtt]
 topics = ["sensors/#"]
+username = "ferry"
 password = "hunter2"
 [journal]
 dir = "/tmp/ferry-never-created"
@@ -141,7 +142,8 @@ fn odd_payloads_and_topics_are_flagged_or_kept_never_lost() {
         agent.status()["mqtt_connected"] == true
     });
 
-    let odd_topic = "sensors/ünï/🌡/\u{200b}/a b/\u{7f}";
+    // mosquitto itself refuses control characters in topics, so those never reach ferry.
+    let odd_topic = "sensors/ünï/🌡/\u{200b}/a b/\u{202e}ltr/漢字";
     let messages = vec![
         ("sensors/json/a".to_string(), b"not json {".to_vec()),
         ("sensors/json/a".to_string(), br#"{"ok":true}"#.to_vec()),

@@ -57,7 +57,7 @@ fn sigkill_at_random_moments_loses_nothing() {
                 "sensors/crash",
                 numbered(chunk * 100..(chunk + 1) * 100),
             );
-            std::thread::sleep(Duration::from_millis(40));
+            std::thread::sleep(Duration::from_millis(150));
         }
         sent
     });

@@ -86,10 +86,11 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
                  max_queued_messages 1000000\nmax_inflight_messages 20\nlog_dest file {}/mosquitto.log\n{extra_conf}\n",
                 dir.display(),
-                dir.display()
+                dir.display(),
+                user = run_as()
             ),
         )
         .unwrap();
@@ -139,6 +140,19 @@ impl Drop for Mosquitto {
             let _ = c.wait();
         }
     }
+}
+
+/// mosquitto started as root drops to the `mosquitto` user, which cannot write its persistence
+/// file in our temp dir: the session would silently vanish on restart. Keep it as root then.
+fn run_as() -> &'static str {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        });
+    if uid == Some(true) { "user root\n" } else { "" }
 }
 
 fn mosquitto_bin() -> &'static str {
@@ -429,7 +443,7 @@ impl Agent {
             .arg(&self.config)
             .env(
                 "FERRY_LOG",
-                std::env::var("FERRY_LOG").unwrap_or_else(|_| "debug".into()),
+                std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug".into()),
             )
             .stdout(Stdio::null())
             .stderr(log)
