@@ -79,7 +79,7 @@ publish() { # from to
 }
 
 say "starting mosquitto on 127.0.0.1:$MQTT_PORT, ferry-cloud on :$CLOUD_PORT"
-"$MOSQUITTO" -c "$DATA/mosquitto.conf" & pids+=($!)
+"$MOSQUITTO" -c "$DATA/mosquitto.conf" 2>>"$DATA/mqtt/stderr" & pids+=($!)
 wait_for mosquitto port_busy "$MQTT_PORT"
 start_cloud
 

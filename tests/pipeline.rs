@@ -155,3 +155,203 @@ fn broker_unreachable_at_start_is_waited_for() {
     });
     assert_exactly_once(&cloud.records(DEVICE), 200);
 }
+
+/// SIGTERM while an upload hangs (a cloud that accepts and never answers): the agent abandons the
+/// request after `uplink.shutdown_grace`, exits 0 well within 10 s, and the batch is sent again
+/// after the restart.
+#[test]
+fn shutdown_abandons_a_hung_upload_in_time_and_resends_it_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    // A "cloud" that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        silent.set_nonblocking(true).unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < end {
+            if let Ok((c, _)) = silent.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let url = format!("http://127.0.0.1:{silent_port}/v1/ingest");
+    let config = agent_config(&dir, broker.port, &url, control, "", "").replace(
+        "request_timeout = \"5s\"",
+        "request_timeout = \"60s\"\nshutdown_grace = \"2s\"",
+    );
+    let mut agent = Agent::start(&dir, &config, control);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+    publish(broker.port, "sensors/a", numbered(0..50));
+    wait_until("an upload in flight", Duration::from_secs(10), || {
+        agent.status()["uplink"]["state"] == "sending"
+    });
+
+    let took = agent.stop();
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?} with a 2 s grace"
+    );
+    assert!(
+        agent.log_text().contains("did not stop in time"),
+        "the abandonment is logged"
+    );
+    drop(held);
+
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "");
+    std::fs::write(&agent.config, config).unwrap();
+    agent.start_again();
+    wait_until("50 at the cloud", Duration::from_secs(30), || {
+        cloud.records(DEVICE).len() == 50
+    });
+    assert_exactly_once(&cloud.records(DEVICE), 50);
+}
+
+/// 401 means the cloud refuses this device: keep every record, say so at ERROR and in /status,
+/// never dead-letter; delivery resumes once the credentials are right.
+#[test]
+fn a_refused_device_keeps_its_data_until_the_cloud_accepts_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start_with(
+        &tmp.path().join("cloud"),
+        free_port(),
+        &["--token", "right"],
+    );
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = |token: &str| {
+        agent_config(&dir, broker.port, &cloud.url(), control, "", "")
+            .replace("[uplink]\n", &format!("[uplink]\ntoken = \"{token}\"\n"))
+    };
+    let mut agent = Agent::start(&dir, &config("wrong"), control);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+    publish(broker.port, "sensors/a", numbered(0..100));
+    wait_until("all journaled and refused", Duration::from_secs(10), || {
+        let st = agent.status();
+        st["head_seq"] == 100 && st["uplink"]["state"] == "refused"
+    });
+    let st = agent.status();
+    assert_eq!(st["acked_seq"], 0);
+    assert_eq!(st["dead_letters"], 0);
+    assert!(
+        st["uplink"]["last_error"].as_str().unwrap().contains("401"),
+        "{st}"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("ERROR ferry::uplink] upload refused: status 401")
+    );
+    assert!(
+        !agent.log_text().contains("right"),
+        "the token is never logged"
+    );
+
+    agent.stop();
+    std::fs::write(&agent.config, config("right")).unwrap();
+    agent.start_again();
+    wait_until("100 at the cloud", Duration::from_secs(30), || {
+        cloud.records(DEVICE).len() == 100
+    });
+    assert_exactly_once(&cloud.records(DEVICE), 100);
+}
+
+/// The control endpoint: /status for programs, /metrics for Prometheus, `ferry status` for people.
+#[test]
+fn status_metrics_and_the_status_command_report_the_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+    publish(broker.port, "sensors/a", numbered(0..10));
+    wait_until("delivered", Duration::from_secs(20), || {
+        agent.status()["acked_seq"] == 10
+    });
+
+    let st = agent.status();
+    for key in [
+        "device_id",
+        "head_seq",
+        "acked_seq",
+        "backlog_records",
+        "backlog_bytes",
+        "journal_disk_bytes",
+        "mqtt_connected",
+    ] {
+        assert!(!st[key].is_null(), "/status has {key}: {st}");
+    }
+    for key in [
+        "ingested",
+        "delivered",
+        "dropped",
+        "dead_lettered",
+        "parse_failed",
+    ] {
+        assert!(st["totals"][key].is_u64(), "/status totals has {key}: {st}");
+    }
+    assert_eq!(st["totals"]["delivered"], 10);
+    assert!(st["uplink"]["state"].is_string() && st["uplink"].get("last_error").is_some());
+
+    let metrics = http_get(agent.control_port, "/metrics");
+    assert!(
+        metrics.contains("# TYPE ferry_acked_seq gauge\nferry_acked_seq 10\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ferry_delivered_total 10"));
+
+    let out = std::process::Command::new(FERRY)
+        .arg("status")
+        .arg("-c")
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("gw-test") && text.contains("acked_seq=10") && text.contains("connected"),
+        "{text}"
+    );
+
+    let json = std::process::Command::new(FERRY)
+        .args(["status", "--json", "-c"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["acked_seq"], 10);
+}
+
+/// `ferry status` against an agent that is not running says so, in words, with exit code 1.
+#[test]
+fn the_status_command_explains_when_no_agent_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("ferry.toml");
+    std::fs::write(
+        &cfg,
+        agent_config(&dir, 1, "http://127.0.0.1:1/v1/ingest", free_port(), "", ""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(FERRY)
+        .arg("status")
+        .arg("-c")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
+}
