@@ -367,6 +367,9 @@ fn run_writer(
     durable: Arc<AtomicU64>,
     shutdown: Shutdown,
 ) {
+    // Test failpoint (as sled's `failpoints`): `FERRY_FAILPOINT=crash_after_sync` aborts the process
+    // right after the first durable append, before any PUBACK: the window the DUP check covers.
+    let crash_after_sync = std::env::var("FERRY_FAILPOINT").is_ok_and(|v| v == "crash_after_sync");
     let mut group: Vec<Delivery> = Vec::new();
     let mut full_since: Option<Instant> = None;
     let mut failing = false;
@@ -390,6 +393,11 @@ fn run_writer(
             .and_then(|a| journal.sync().map(|()| a));
         match result {
             Ok(appended) => {
+                if crash_after_sync {
+                    // Failpoint for the redelivery test: the journal is durable, no PUBACK went out.
+                    log::error!("failpoint crash_after_sync: aborting");
+                    std::process::abort();
+                }
                 let taken = &records[..appended.taken];
                 let n = taken.len() as u64 - appended.redeliveries;
                 Stats::add(&stats.ingested, n);

@@ -94,3 +94,43 @@ fn sigkill_at_random_moments_loses_nothing() {
         "no seq was given up: {device}"
     );
 }
+
+/// Regression for the crash window between the journal's fsync and the PUBACK: the broker
+/// redelivers every unacked message with DUP, and those already journaled must not get a second
+/// seq (they would reach the cloud as different records).
+#[test]
+fn a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+    // Let the session exist, then restart the agent with the failpoint armed.
+    agent.stop();
+    agent.start_again_with_env(&[("FERRY_FAILPOINT", "crash_after_sync")]);
+    wait_until(
+        "the armed agent to connect",
+        Duration::from_secs(10),
+        || agent.log_text().matches("mqtt connected").count() >= 2,
+    );
+    publish(broker.port, "sensors/dup", numbered(0..20));
+    assert!(
+        agent.wait_exit(Duration::from_secs(10)),
+        "the failpoint fired"
+    );
+    assert!(agent.log_text().contains("failpoint crash_after_sync"));
+
+    agent.start_again();
+    wait_until("20 at the cloud", Duration::from_secs(30), || {
+        cloud.records(DEVICE).len() >= 20
+    });
+    let st = agent.status();
+    assert!(
+        st["totals"]["redeliveries"].as_u64().unwrap() >= 1,
+        "the broker redelivered journaled messages: {st}"
+    );
+    assert_exactly_once(&cloud.records(DEVICE), 20);
+    assert_eq!(st["head_seq"], 20, "no message got a second seq: {st}");
+}

@@ -430,13 +430,38 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// Starts the agent again with extra environment variables (failpoints).
+    pub fn start_again_with_env(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none());
+        self.spawn_with_env(env);
+    }
+
+    /// Waits for the agent to exit by itself; returns whether it did within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    self.child = None;
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         self.runs += 1;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        writeln!(&log, "----- run {} -----", self.runs).unwrap();
+        writeln!(&log, "----- run {} {env:?} -----", self.runs).unwrap();
         let child = Command::new(FERRY)
             .arg("run")
             .arg("-c")
@@ -445,6 +470,7 @@ impl Agent {
                 "FERRY_LOG",
                 std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
