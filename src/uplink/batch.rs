@@ -200,25 +200,13 @@ impl SplitPlan {
                     entries[mid].first_seq(),
                     entries[entries.len() - 1].last_seq(),
                 );
-                self.stack.pop_if_top(entries);
+                // The refused window (if it was one) is replaced by its two halves.
+                if self.stack.last().is_some_and(|top| top.0 == first.0) {
+                    self.stack.pop();
+                }
                 self.stack.push(second);
                 self.stack.push(first);
                 OnRefusal::Retry
-            }
-        }
-    }
-}
-
-trait PopIfTop {
-    fn pop_if_top(&mut self, entries: &[Entry]);
-}
-
-impl PopIfTop for Vec<(u64, u64)> {
-    /// Removes the top window if `entries` were read from it (they start at its start).
-    fn pop_if_top(&mut self, entries: &[Entry]) {
-        if let (Some(top), Some(first)) = (self.last(), entries.first()) {
-            if top.0 == first.first_seq() {
-                self.pop();
             }
         }
     }

@@ -70,18 +70,9 @@ const MEASURE_EVERY: u64 = 16;
 /// Dead letters may use at most this share of the logical budget; beyond it the oldest are removed.
 const DEAD_SHARE: f64 = 0.1;
 
-const P_ENTRY: u8 = b'E';
-const P_DEAD: u8 = b'D';
-const P_INGEST: u8 = b'I';
+mod codec;
 
-const M_NEXT_SEQ: &[u8] = b"Mnext_seq";
-const M_ACKED: &[u8] = b"Macked";
-const M_BACKLOG_RECORDS: &[u8] = b"Mbacklog_records";
-const M_BACKLOG_BYTES: &[u8] = b"Mbacklog_bytes";
-const M_DEAD_BYTES: &[u8] = b"Mdead_bytes";
-
-const KIND_RECORD: u8 = 1;
-const KIND_GAP: u8 = 2;
+use codec::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -357,10 +348,7 @@ impl Journal {
         // batch that moves the cursor, so finding one means the database was damaged or tampered with.
         let mut stale = 0u64;
         for item in self.inner.log.range(entry_key(0)..=entry_key(acked)) {
-            let (k, _) = item.map_err(|source| Error::Storage {
-                action: "scanning acknowledged entries",
-                source,
-            })?;
+            let (k, _) = item.map_err(storage("scanning acknowledged entries"))?;
             batch.remove(k);
             stale += 1;
         }
@@ -422,9 +410,9 @@ impl Journal {
         let counters = (self.meta(M_BACKLOG_RECORDS)?, self.meta(M_BACKLOG_BYTES)?);
         let (backlog_records, backlog_bytes) = match counters {
             (Some(r), Some(b)) if !repaired => (r, b),
-            _ => self.count_entries()?,
+            _ => self.count_prefix(P_ENTRY, "counting entries")?,
         };
-        let (dead_count, dead_bytes) = self.count_dead()?;
+        let (dead_count, dead_bytes) = self.count_prefix(P_DEAD, "counting dead letters")?;
         let mut st = self.lock();
         st.next_seq = next_seq;
         st.acked = acked;
@@ -592,10 +580,7 @@ impl Journal {
             .inner
             .log
             .get(ingest_key(pkid))
-            .map_err(|source| Error::Storage {
-                action: "reading ingest mark",
-                source,
-            })?;
+            .map_err(storage("reading ingest mark"))?;
         Ok(match mark {
             Some(v) if v.len() == 16 => v[..8] == hash.to_be_bytes(),
             _ => false,
@@ -618,10 +603,7 @@ impl Journal {
             if freed >= need {
                 break;
             }
-            let (k, v) = item.map_err(|source| Error::Storage {
-                action: "scanning for the oldest records",
-                source,
-            })?;
+            let (k, v) = item.map_err(storage("scanning for the oldest records"))?;
             let seq = key_seq(&k);
             if v.first() != Some(&KIND_RECORD) {
                 // An existing gap ends the current run; gaps keep their own reason.
@@ -658,10 +640,7 @@ impl Journal {
     /// database file and of any blob files. Returns only after the data is on stable storage.
     pub fn sync(&self) -> Result<()> {
         let target = self.lock().next_seq - 1;
-        self.inner.db.flush().map_err(|source| Error::Storage {
-            action: "flushing",
-            source,
-        })?;
+        self.inner.db.flush().map_err(storage("flushing"))?;
         self.inner
             .db_file
             .sync_data()
@@ -737,10 +716,7 @@ impl Journal {
             .log
             .range(entry_key(st.acked + 1)..=entry_key(end))
         {
-            let (k, v) = item.map_err(|source| Error::Storage {
-                action: "reading a batch",
-                source,
-            })?;
+            let (k, v) = item.map_err(storage("reading a batch"))?;
             let size = entry_size(&v);
             if !out.is_empty() && (out.len() >= max_records || bytes + size > max_bytes) {
                 break;
@@ -775,10 +751,7 @@ impl Journal {
             .log
             .range(entry_key(st.acked + 1)..=entry_key(through))
         {
-            let (k, v) = item.map_err(|source| Error::Storage {
-                action: "acknowledging",
-                source,
-            })?;
+            let (k, v) = item.map_err(storage("acknowledging"))?;
             records += 1;
             bytes += entry_size(&v);
             batch.remove(k);
@@ -807,10 +780,7 @@ impl Journal {
             .inner
             .log
             .get(entry_key(seq))
-            .map_err(|source| Error::Storage {
-                action: "reading a record to dead-letter",
-                source,
-            })?;
+            .map_err(storage("reading a record to dead-letter"))?;
         let Some(value) = value else {
             return Err(Error::NoDeadLetter { seq });
         };
@@ -854,10 +824,7 @@ impl Journal {
             if st.dead_bytes <= cap {
                 break;
             }
-            let (k, v) = item.map_err(|source| Error::Storage {
-                action: "evicting dead letters",
-                source,
-            })?;
+            let (k, v) = item.map_err(storage("evicting dead letters"))?;
             error!(
                 "dead-letter store full: removed dead letter seq={} (its gap was reported to the cloud)",
                 key_seq(&k)
@@ -873,10 +840,7 @@ impl Journal {
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let mut out = Vec::new();
         for item in self.inner.log.scan_prefix([P_DEAD]).take(limit) {
-            let (k, v) = item.map_err(|source| Error::Storage {
-                action: "listing dead letters",
-                source,
-            })?;
+            let (k, v) = item.map_err(storage("listing dead letters"))?;
             let seq = key_seq(&k);
             let (header, record) = decode_dead(seq, &v)?;
             out.push(DeadLetter {
@@ -898,10 +862,7 @@ impl Journal {
             .inner
             .log
             .get(dead_key(seq))
-            .map_err(|source| Error::Storage {
-                action: "reading a dead letter",
-                source,
-            })?
+            .map_err(storage("reading a dead letter"))?
             .ok_or(Error::NoDeadLetter { seq })?;
         let (_, record) = decode_dead(seq, &value)?;
         let appended = self.append(&[NewRecord {
@@ -965,10 +926,11 @@ impl Journal {
     }
 
     fn meta(&self, key: &[u8]) -> Result<Option<u64>> {
-        let v = self.inner.log.get(key).map_err(|source| Error::Storage {
-            action: "reading positions",
-            source,
-        })?;
+        let v = self
+            .inner
+            .log
+            .get(key)
+            .map_err(storage("reading positions"))?;
         Ok(match v {
             Some(v) if v.len() == 8 => {
                 let mut b = [0u8; 8];
@@ -1018,28 +980,12 @@ impl Journal {
         }
     }
 
-    fn count_entries(&self) -> Result<(u64, u64)> {
+    /// Number and budget size of the values under `prefix`: a full scan, only at open.
+    fn count_prefix(&self, prefix: u8, action: &'static str) -> Result<(u64, u64)> {
         let mut n = 0;
         let mut bytes = 0;
-        for item in self.inner.log.scan_prefix([P_ENTRY]) {
-            let (_, v) = item.map_err(|source| Error::Storage {
-                action: "counting entries",
-                source,
-            })?;
-            n += 1;
-            bytes += entry_size(&v);
-        }
-        Ok((n, bytes))
-    }
-
-    fn count_dead(&self) -> Result<(u64, u64)> {
-        let mut n = 0;
-        let mut bytes = 0;
-        for item in self.inner.log.scan_prefix([P_DEAD]) {
-            let (_, v) = item.map_err(|source| Error::Storage {
-                action: "counting dead letters",
-                source,
-            })?;
+        for item in self.inner.log.scan_prefix([prefix]) {
+            let (_, v) = item.map_err(storage(action))?;
             n += 1;
             bytes += entry_size(&v);
         }
@@ -1058,147 +1004,16 @@ impl Drop for Inner {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct RecordHeader {
-    ts_ms: u64,
-    topic: String,
-    format: StoredFormat,
-    parse_error: bool,
+/// Maps a sled error to [`Error::Storage`] with what the journal was doing.
+fn storage(action: &'static str) -> impl FnOnce(sled::Error) -> Error {
+    move |source| Error::Storage { action, source }
 }
 
-#[derive(Serialize, Deserialize)]
-struct GapBody {
-    to_seq: u64,
-    reason: GapReason,
-}
-
-#[derive(Serialize, Deserialize)]
-struct DeadHeader {
-    status: u16,
-    error: String,
-    at_ms: u64,
-}
-
-fn encode_record(rec: &NewRecord) -> Vec<u8> {
-    let header = RecordHeader {
-        ts_ms: rec.ts_ms,
-        topic: rec.topic.clone(),
-        format: rec.format,
-        parse_error: rec.parse_error,
-    };
-    let mut out = Vec::with_capacity(rec.topic.len() + rec.payload.len() + 24);
-    out.push(KIND_RECORD);
-    // Serializing a plain struct into a Vec cannot fail.
-    out.extend_from_slice(&postcard::to_stdvec(&header).unwrap_or_default());
-    out.extend_from_slice(&rec.payload);
-    out
-}
-
-fn encode_gap(to_seq: u64, reason: GapReason) -> Vec<u8> {
-    let mut out = vec![KIND_GAP];
-    out.extend_from_slice(&postcard::to_stdvec(&GapBody { to_seq, reason }).unwrap_or_default());
-    out
-}
-
-/// Decodes an `E` value. Corrupt bytes give an error naming the seq, never a panic, and never an
-/// allocation larger than the value itself.
-pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
-    let corrupt = |reason: String| Error::Corrupt { seq, reason };
-    match value.split_first() {
-        Some((&KIND_RECORD, rest)) => {
-            let (h, payload): (RecordHeader, &[u8]) = postcard::take_from_bytes(rest)
-                .map_err(|e| corrupt(format!("record header: {e}")))?;
-            Ok(Entry::Record(Record {
-                seq,
-                ts_ms: h.ts_ms,
-                topic: h.topic,
-                payload: payload.to_vec(),
-                format: h.format,
-                parse_error: h.parse_error,
-            }))
-        }
-        Some((&KIND_GAP, rest)) => {
-            let g: GapBody =
-                postcard::from_bytes(rest).map_err(|e| corrupt(format!("gap: {e}")))?;
-            if g.to_seq < seq {
-                return Err(corrupt(format!(
-                    "gap ends at {} before it starts",
-                    g.to_seq
-                )));
-            }
-            Ok(Entry::Gap {
-                from_seq: seq,
-                to_seq: g.to_seq,
-                reason: g.reason,
-            })
-        }
-        Some((kind, _)) => Err(corrupt(format!("unknown entry kind {kind}"))),
-        None => Err(corrupt("empty value".into())),
-    }
-}
-
-fn decode_dead(seq: u64, value: &[u8]) -> Result<(DeadHeader, Record)> {
-    let (header, rest): (DeadHeader, &[u8]) =
-        postcard::take_from_bytes(value).map_err(|e| Error::Corrupt {
-            seq,
-            reason: format!("dead letter header: {e}"),
-        })?;
-    match decode_entry(seq, rest)? {
-        Entry::Record(r) => Ok((header, r)),
-        Entry::Gap { .. } => Err(Error::Corrupt {
-            seq,
-            reason: "dead letter holds a gap".into(),
-        }),
-    }
-}
-
-fn entry_key(seq: u64) -> [u8; 9] {
-    let mut k = [P_ENTRY; 9];
-    k[1..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn dead_key(seq: u64) -> [u8; 9] {
-    let mut k = [P_DEAD; 9];
-    k[1..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn ingest_key(pkid: u16) -> [u8; 3] {
-    let b = pkid.to_be_bytes();
-    [P_INGEST, b[0], b[1]]
-}
-
-fn key_seq(key: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    if key.len() == 9 {
-        b.copy_from_slice(&key[1..]);
-    }
-    u64::from_be_bytes(b)
-}
-
-/// What an entry costs in the budget: key, value and sled's per-item overhead.
-fn entry_size(value: &[u8]) -> u64 {
-    value.len() as u64 + 9 + 32
-}
-
-/// sled moves values over a quarter segment into blob files, which need their own syncs; pick the
-/// smallest power-of-two segment that keeps the largest record inline.
 fn segment_size_for(max_record: u64) -> usize {
     let want = (max_record + 4096).saturating_mul(4).max(512 * 1024);
     want.checked_next_power_of_two()
         .unwrap_or(1 << 30)
         .min(1 << 30) as usize
-}
-
-/// FNV-1a over topic, a separator, and payload: stable across builds and versions.
-fn content_hash(topic: &str, payload: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in topic.as_bytes().iter().chain([0u8].iter()).chain(payload) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -1242,374 +1057,4 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn opts(dir: &Path) -> Options {
-        Options {
-            dir: dir.to_path_buf(),
-            max_bytes: 64 * 1024 * 1024,
-            on_full: OnFull::RejectNew,
-            cache_bytes: 4 * 1024 * 1024,
-            max_record_bytes: 256 * 1024,
-            fixed_budget: None,
-        }
-    }
-
-    fn rec(topic: &str, payload: &[u8]) -> NewRecord {
-        NewRecord {
-            ts_ms: 1,
-            topic: topic.into(),
-            payload: payload.to_vec(),
-            format: StoredFormat::Text,
-            parse_error: false,
-            too_large: None,
-            mqtt: None,
-        }
-    }
-
-    fn qos1(pkid: u16, dup: bool, payload: &[u8]) -> NewRecord {
-        NewRecord {
-            mqtt: Some(MqttDelivery { pkid, dup }),
-            ..rec("t", payload)
-        }
-    }
-
-    fn append_synced(j: &Journal, recs: &[NewRecord]) -> Appended {
-        let a = j.append(recs).unwrap();
-        j.sync().unwrap();
-        a
-    }
-
-    fn seqs(entries: &[Entry]) -> Vec<u64> {
-        entries.iter().map(Entry::first_seq).collect()
-    }
-
-    #[test]
-    fn seqs_start_at_one_and_stay_monotonic_across_reopen_and_trim() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let j = Journal::open(&opts(dir.path())).unwrap();
-            let a = append_synced(&j, &[rec("t", b"1"), rec("t", b"2")]);
-            assert_eq!((a.first_seq, a.last_seq), (Some(1), Some(2)));
-            j.ack(2).unwrap();
-        }
-        let j = Journal::open(&opts(dir.path())).unwrap();
-        assert_eq!(j.positions().acked_seq, 2);
-        // Everything was acked and removed: the next seq must still not reuse 1 or 2.
-        let a = append_synced(&j, &[rec("t", b"3")]);
-        assert_eq!(a.first_seq, Some(3));
-    }
-
-    #[test]
-    fn only_durable_entries_are_read_and_acks_remove_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&opts(dir.path())).unwrap();
-        j.append(&[rec("t", b"a"), rec("t", b"b"), rec("t", b"c")])
-            .unwrap();
-        assert!(
-            j.read_batch(None, 10, 1 << 20).unwrap().is_empty(),
-            "unsynced records must not be uploaded"
-        );
-        j.sync().unwrap();
-        let batch = j.read_batch(None, 2, 1 << 20).unwrap();
-        assert_eq!(seqs(&batch), vec![1, 2]);
-        j.ack(2).unwrap();
-        let p = j.positions();
-        assert_eq!((p.acked_seq, p.head_seq, p.backlog_records), (2, 3, 1));
-        assert_eq!(seqs(&j.read_batch(None, 10, 1 << 20).unwrap()), vec![3]);
-        // The cursor never moves backwards.
-        j.ack(1).unwrap();
-        assert_eq!(j.positions().acked_seq, 2);
-    }
-
-    #[test]
-    fn batch_respects_byte_limit_but_always_returns_one_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&opts(dir.path())).unwrap();
-        append_synced(&j, &[rec("t", &[b'x'; 1000]), rec("t", &[b'y'; 1000])]);
-        assert_eq!(j.read_batch(None, 10, 10).unwrap().len(), 1);
-        assert_eq!(j.read_batch(None, 10, 1100).unwrap().len(), 1);
-        assert_eq!(j.read_batch(None, 10, 4000).unwrap().len(), 2);
-    }
-
-    #[test]
-    fn a_dup_redelivery_of_a_journaled_message_is_not_journaled_twice() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let j = Journal::open(&opts(dir.path())).unwrap();
-            append_synced(&j, &[qos1(7, false, b"m1")]);
-        }
-        // Crash between fsync and PUBACK: the broker redelivers with DUP after restart.
-        let j = Journal::open(&opts(dir.path())).unwrap();
-        let a = append_synced(&j, &[qos1(7, true, b"m1")]);
-        assert_eq!(a.redeliveries, 1);
-        assert_eq!(a.first_seq, None);
-        assert_eq!(j.positions().head_seq, 1);
-        // A DUP with different content under the same packet id is a different message.
-        let a = append_synced(&j, &[qos1(7, true, b"other")]);
-        assert_eq!(a.first_seq, Some(2));
-        // A new (non-DUP) message reusing the packet id is always journaled.
-        let a = append_synced(&j, &[qos1(7, false, b"other")]);
-        assert_eq!(a.first_seq, Some(3));
-    }
-
-    #[test]
-    fn reject_new_refuses_appends_over_budget_and_accepts_after_acks() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path());
-        o.fixed_budget = Some(50_000); // room for four 10 kB records
-        let j = Journal::open(&o).unwrap();
-        let big = vec![b'x'; 10_000];
-        for _ in 0..3 {
-            append_synced(&j, &[rec("t", &big)]);
-        }
-        let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
-        assert_eq!(a.taken, 1, "only the prefix that fits is taken");
-        let err = j.append(&[rec("t", &big)]).unwrap_err();
-        assert!(err.is_full(), "{err}");
-        assert_eq!(j.positions().head_seq, 4, "a refused append assigns no seq");
-        j.read_batch(None, 10, 1 << 20).unwrap();
-        j.ack(4).unwrap();
-        let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
-        assert_eq!(a.taken, 2);
-        assert_eq!(j.positions().head_seq, 6);
-    }
-
-    #[test]
-    fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path());
-        o.fixed_budget = Some(40_000);
-        o.on_full = OnFull::DropOldest;
-        let j = Journal::open(&o).unwrap();
-        let big = vec![b'x'; 10_000];
-        for _ in 0..3 {
-            append_synced(&j, &[rec("t", &big)]);
-        }
-        // Seq 1 is in flight: protected from trimming.
-        assert_eq!(seqs(&j.read_batch(None, 1, 1 << 20).unwrap()), vec![1]);
-        let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
-        assert_eq!(a.dropped, 2);
-        assert_eq!((a.first_seq, a.last_seq), (Some(4), Some(5)));
-        j.release();
-        let all = j.read_batch(None, 100, 1 << 30).unwrap();
-        assert_eq!(all[0].first_seq(), 1);
-        assert_eq!(
-            all[1],
-            Entry::Gap {
-                from_seq: 2,
-                to_seq: 3,
-                reason: GapReason::JournalFull
-            }
-        );
-        assert_eq!(seqs(&all[2..]), vec![4, 5]);
-        assert!(j.positions().logical_bytes <= j.positions().budget_bytes);
-    }
-
-    #[test]
-    fn dead_letter_leaves_a_rejected_gap_and_can_be_requeued() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&opts(dir.path())).unwrap();
-        append_synced(&j, &[rec("a", b"1"), rec("b", b"poison"), rec("c", b"3")]);
-        j.dead_letter(2, 422, "status 422 bad").unwrap();
-        let all = j.read_batch(None, 10, 1 << 20).unwrap();
-        assert_eq!(
-            all[1],
-            Entry::Gap {
-                from_seq: 2,
-                to_seq: 2,
-                reason: GapReason::Rejected
-            }
-        );
-        let dl = j.dead_letters(10).unwrap();
-        assert_eq!(
-            (dl[0].seq, dl[0].status, dl[0].topic.as_str()),
-            (2, 422, "b")
-        );
-        let new_seq = j.requeue(2).unwrap();
-        assert_eq!(new_seq, 4);
-        assert!(j.dead_letters(10).unwrap().is_empty());
-        assert!(matches!(j.requeue(2), Err(Error::NoDeadLetter { seq: 2 })));
-    }
-
-    #[test]
-    fn a_cursor_behind_the_first_entry_is_reported_as_journal_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let j = Journal::open(&opts(dir.path())).unwrap();
-            append_synced(&j, &[rec("t", b"1"), rec("t", b"2"), rec("t", b"3")]);
-            // Damage: records 1 and 2 vanish without the cursor moving.
-            j.inner.log.remove(entry_key(1)).unwrap();
-            j.inner.log.remove(entry_key(2)).unwrap();
-            j.sync().unwrap();
-        }
-        let j = Journal::open(&opts(dir.path())).unwrap();
-        let all = j.read_batch(None, 10, 1 << 20).unwrap();
-        assert_eq!(
-            all[0],
-            Entry::Gap {
-                from_seq: 1,
-                to_seq: 2,
-                reason: GapReason::JournalLost
-            }
-        );
-        assert_eq!(all[1].first_seq(), 3);
-    }
-
-    #[test]
-    fn a_cursor_ahead_of_the_journal_never_reuses_seqs() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let j = Journal::open(&opts(dir.path())).unwrap();
-            append_synced(&j, &[rec("t", b"1")]);
-            j.inner
-                .log
-                .insert(M_ACKED, &10u64.to_be_bytes()[..])
-                .unwrap();
-            j.sync().unwrap();
-        }
-        let j = Journal::open(&opts(dir.path())).unwrap();
-        let a = append_synced(&j, &[rec("t", b"new")]);
-        assert_eq!(a.first_seq, Some(11));
-        let all = j.read_batch(None, 10, 1 << 20).unwrap();
-        assert_eq!(
-            all[0],
-            Entry::Gap {
-                from_seq: 2,
-                to_seq: 10,
-                reason: GapReason::JournalLost
-            }
-        );
-    }
-
-    #[test]
-    fn a_record_larger_than_the_whole_budget_is_taken_into_an_empty_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path());
-        o.fixed_budget = Some(1_000);
-        let j = Journal::open(&o).unwrap();
-        let a = append_synced(&j, &[rec("t", &[0; 5_000]), rec("t", b"next")]);
-        assert_eq!(a.taken, 1);
-        assert!(j.append(&[rec("t", b"next")]).unwrap_err().is_full());
-        j.read_batch(None, 10, 1 << 20).unwrap();
-        j.ack(1).unwrap();
-        assert_eq!(append_synced(&j, &[rec("t", b"next")]).taken, 1);
-    }
-
-    #[test]
-    fn corrupt_entries_give_errors_not_panics() {
-        let cases: Vec<Vec<u8>> = vec![
-            vec![],
-            vec![9],
-            vec![KIND_RECORD],
-            vec![
-                KIND_RECORD,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0x01,
-            ],
-            vec![KIND_GAP],
-            vec![KIND_GAP, 0x01, 7],
-            // A topic length of ~2^63: must not allocate it.
-            vec![
-                KIND_RECORD,
-                1,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0xff,
-                0x7f,
-            ],
-        ];
-        for c in cases {
-            assert!(decode_entry(5, &c).is_err(), "{c:?}");
-        }
-        // Every truncation and every single-byte corruption of a valid value decodes or errors.
-        let good = encode_record(&rec("sensors/ü", b"{\"t\":1}"));
-        for n in 0..good.len() {
-            let _ = decode_entry(1, &good[..n]);
-            for b in [0u8, 0x7f, 0x80, 0xff] {
-                let mut bad = good.clone();
-                bad[n] = b;
-                let _ = decode_entry(1, &bad);
-            }
-        }
-    }
-
-    /// Model test: random appends, acks, syncs and restarts against a BTreeMap of what must be
-    /// there. Seqs are never reused, acked entries never come back, unacked durable ones never go.
-    #[test]
-    fn journal_matches_a_model_across_restarts() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = 0x1234_5678_9abc_def1u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
-        let mut model: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
-        let mut acked = 0u64;
-        let mut max_seq = 0u64;
-        let mut j = Journal::open(&opts(dir.path())).unwrap();
-        for step in 0..400 {
-            match next() % 10 {
-                0..=4 => {
-                    let n = (next() % 5 + 1) as usize;
-                    let recs: Vec<NewRecord> = (0..n)
-                        .map(|i| rec("t", format!("{step}-{i}").as_bytes()))
-                        .collect();
-                    let a = append_synced(&j, &recs);
-                    let first = a.first_seq.unwrap();
-                    assert_eq!(first, max_seq + 1, "seqs are consecutive and never reused");
-                    for (i, r) in recs.iter().enumerate() {
-                        model.insert(first + i as u64, r.payload.clone());
-                    }
-                    max_seq = a.last_seq.unwrap();
-                }
-                5..=7 => {
-                    let batch = j
-                        .read_batch(None, (next() % 7 + 1) as usize, 1 << 20)
-                        .unwrap();
-                    if let Some(last) = batch.last() {
-                        j.ack(last.last_seq()).unwrap();
-                        acked = last.last_seq();
-                        model.retain(|s, _| *s > acked);
-                    }
-                }
-                _ => {
-                    drop(j);
-                    j = Journal::open(&opts(dir.path())).unwrap();
-                }
-            }
-            let all = j.read_batch(None, usize::MAX, u64::MAX).unwrap();
-            j.release();
-            let got: Vec<(u64, Vec<u8>)> = all
-                .into_iter()
-                .map(|e| match e {
-                    Entry::Record(r) => (r.seq, r.payload),
-                    Entry::Gap { .. } => panic!("no gaps expected"),
-                })
-                .collect();
-            let want: Vec<(u64, Vec<u8>)> = model.iter().map(|(k, v)| (*k, v.clone())).collect();
-            assert_eq!(got, want, "step {step}");
-            let p = j.positions();
-            assert_eq!(
-                (p.acked_seq, p.head_seq, p.backlog_records),
-                (acked, max_seq, model.len() as u64)
-            );
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,248 @@
+//! Values and keys of the journal's sled tree, encoded and decoded. Pure: no sled, no I/O.
+//!
+//! Decoding bytes from disk never panics and never allocates more than the value's own length:
+//! a damaged value is an [`Error::Corrupt`] naming its seq.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Entry, Error, NewRecord, Record, Result, StoredFormat};
+use crate::protocol::GapReason;
+
+pub(super) const P_ENTRY: u8 = b'E';
+pub(super) const P_DEAD: u8 = b'D';
+pub(super) const P_INGEST: u8 = b'I';
+
+pub(super) const M_NEXT_SEQ: &[u8] = b"Mnext_seq";
+pub(super) const M_ACKED: &[u8] = b"Macked";
+pub(super) const M_BACKLOG_RECORDS: &[u8] = b"Mbacklog_records";
+pub(super) const M_BACKLOG_BYTES: &[u8] = b"Mbacklog_bytes";
+pub(super) const M_DEAD_BYTES: &[u8] = b"Mdead_bytes";
+
+pub(super) const KIND_RECORD: u8 = 1;
+pub(super) const KIND_GAP: u8 = 2;
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct RecordHeader {
+    pub ts_ms: u64,
+    pub topic: String,
+    pub format: StoredFormat,
+    pub parse_error: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct GapBody {
+    pub to_seq: u64,
+    pub reason: GapReason,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct DeadHeader {
+    pub status: u16,
+    pub error: String,
+    pub at_ms: u64,
+}
+
+/// Maps a sled error to [`Error::Storage`] with what the journal was doing.
+pub(super) fn encode_record(rec: &NewRecord) -> Vec<u8> {
+    let header = RecordHeader {
+        ts_ms: rec.ts_ms,
+        topic: rec.topic.clone(),
+        format: rec.format,
+        parse_error: rec.parse_error,
+    };
+    let mut out = Vec::with_capacity(rec.topic.len() + rec.payload.len() + 24);
+    out.push(KIND_RECORD);
+    // Serializing a plain struct into a Vec cannot fail.
+    out.extend_from_slice(&postcard::to_stdvec(&header).unwrap_or_default());
+    out.extend_from_slice(&rec.payload);
+    out
+}
+
+pub(super) fn encode_gap(to_seq: u64, reason: GapReason) -> Vec<u8> {
+    let mut out = vec![KIND_GAP];
+    out.extend_from_slice(&postcard::to_stdvec(&GapBody { to_seq, reason }).unwrap_or_default());
+    out
+}
+
+/// Decodes an `E` value. Corrupt bytes give an error naming the seq, never a panic, and never an
+/// allocation larger than the value itself.
+pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
+    let corrupt = |reason: String| Error::Corrupt { seq, reason };
+    match value.split_first() {
+        Some((&KIND_RECORD, rest)) => {
+            let (h, payload): (RecordHeader, &[u8]) = postcard::take_from_bytes(rest)
+                .map_err(|e| corrupt(format!("record header: {e}")))?;
+            Ok(Entry::Record(Record {
+                seq,
+                ts_ms: h.ts_ms,
+                topic: h.topic,
+                payload: payload.to_vec(),
+                format: h.format,
+                parse_error: h.parse_error,
+            }))
+        }
+        Some((&KIND_GAP, rest)) => {
+            let g: GapBody =
+                postcard::from_bytes(rest).map_err(|e| corrupt(format!("gap: {e}")))?;
+            if g.to_seq < seq {
+                return Err(corrupt(format!(
+                    "gap ends at {} before it starts",
+                    g.to_seq
+                )));
+            }
+            Ok(Entry::Gap {
+                from_seq: seq,
+                to_seq: g.to_seq,
+                reason: g.reason,
+            })
+        }
+        Some((kind, _)) => Err(corrupt(format!("unknown entry kind {kind}"))),
+        None => Err(corrupt("empty value".into())),
+    }
+}
+
+pub(super) fn decode_dead(seq: u64, value: &[u8]) -> Result<(DeadHeader, Record)> {
+    let (header, rest): (DeadHeader, &[u8]) =
+        postcard::take_from_bytes(value).map_err(|e| Error::Corrupt {
+            seq,
+            reason: format!("dead letter header: {e}"),
+        })?;
+    match decode_entry(seq, rest)? {
+        Entry::Record(r) => Ok((header, r)),
+        Entry::Gap { .. } => Err(Error::Corrupt {
+            seq,
+            reason: "dead letter holds a gap".into(),
+        }),
+    }
+}
+
+pub(super) fn entry_key(seq: u64) -> [u8; 9] {
+    let mut k = [P_ENTRY; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(super) fn dead_key(seq: u64) -> [u8; 9] {
+    let mut k = [P_DEAD; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(super) fn ingest_key(pkid: u16) -> [u8; 3] {
+    let b = pkid.to_be_bytes();
+    [P_INGEST, b[0], b[1]]
+}
+
+pub(super) fn key_seq(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if key.len() == 9 {
+        b.copy_from_slice(&key[1..]);
+    }
+    u64::from_be_bytes(b)
+}
+
+/// What an entry costs in the budget: key, value and sled's per-item overhead.
+pub(super) fn entry_size(value: &[u8]) -> u64 {
+    value.len() as u64 + 9 + 32
+}
+
+/// sled moves values over a quarter segment into blob files, which need their own syncs; pick the
+/// smallest power-of-two segment that keeps the largest record inline.
+/// FNV-1a over topic, a separator, and payload: stable across builds and versions.
+pub(super) fn content_hash(topic: &str, payload: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in topic.as_bytes().iter().chain([0u8].iter()).chain(payload) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(topic: &str, payload: &[u8]) -> NewRecord {
+        NewRecord {
+            ts_ms: 1,
+            topic: topic.into(),
+            payload: payload.to_vec(),
+            format: StoredFormat::Text,
+            parse_error: false,
+            too_large: None,
+            mqtt: None,
+        }
+    }
+
+    #[test]
+    fn corrupt_entries_give_errors_not_panics() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![9],
+            vec![KIND_RECORD],
+            vec![
+                KIND_RECORD,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x01,
+            ],
+            vec![KIND_GAP],
+            vec![KIND_GAP, 0x01, 7],
+            // A topic length of ~2^63: must not allocate it.
+            vec![
+                KIND_RECORD,
+                1,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x7f,
+            ],
+        ];
+        for c in cases {
+            assert!(decode_entry(5, &c).is_err(), "{c:?}");
+        }
+        // Every truncation and every single-byte corruption of a valid value decodes or errors.
+        let good = encode_record(&rec("sensors/ü", b"{\"t\":1}"));
+        for n in 0..good.len() {
+            let _ = decode_entry(1, &good[..n]);
+            for b in [0u8, 0x7f, 0x80, 0xff] {
+                let mut bad = good.clone();
+                bad[n] = b;
+                let _ = decode_entry(1, &bad);
+            }
+        }
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let r = rec("sensors/ü", &[0, 1, 2]);
+        match decode_entry(9, &encode_record(&r)).unwrap() {
+            Entry::Record(d) => assert_eq!(
+                (d.seq, d.topic.as_str(), d.payload.as_slice()),
+                (9, "sensors/ü", &[0u8, 1, 2][..])
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            decode_entry(3, &encode_gap(5, GapReason::JournalFull)).unwrap(),
+            Entry::Gap {
+                from_seq: 3,
+                to_seq: 5,
+                reason: GapReason::JournalFull
+            }
+        );
+        assert_eq!(key_seq(&entry_key(u64::MAX)), u64::MAX);
+    }
+}

@@ -1,0 +1,320 @@
+//! Journal tests against a real sled database in a temp dir, including a model test across restarts.
+use super::codec::*;
+use super::*;
+
+fn opts(dir: &Path) -> Options {
+    Options {
+        dir: dir.to_path_buf(),
+        max_bytes: 64 * 1024 * 1024,
+        on_full: OnFull::RejectNew,
+        cache_bytes: 4 * 1024 * 1024,
+        max_record_bytes: 256 * 1024,
+        fixed_budget: None,
+    }
+}
+
+fn rec(topic: &str, payload: &[u8]) -> NewRecord {
+    NewRecord {
+        ts_ms: 1,
+        topic: topic.into(),
+        payload: payload.to_vec(),
+        format: StoredFormat::Text,
+        parse_error: false,
+        too_large: None,
+        mqtt: None,
+    }
+}
+
+fn qos1(pkid: u16, dup: bool, payload: &[u8]) -> NewRecord {
+    NewRecord {
+        mqtt: Some(MqttDelivery { pkid, dup }),
+        ..rec("t", payload)
+    }
+}
+
+fn append_synced(j: &Journal, recs: &[NewRecord]) -> Appended {
+    let a = j.append(recs).unwrap();
+    j.sync().unwrap();
+    a
+}
+
+fn seqs(entries: &[Entry]) -> Vec<u64> {
+    entries.iter().map(Entry::first_seq).collect()
+}
+
+#[test]
+fn seqs_start_at_one_and_stay_monotonic_across_reopen_and_trim() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        let a = append_synced(&j, &[rec("t", b"1"), rec("t", b"2")]);
+        assert_eq!((a.first_seq, a.last_seq), (Some(1), Some(2)));
+        j.ack(2).unwrap();
+    }
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    assert_eq!(j.positions().acked_seq, 2);
+    // Everything was acked and removed: the next seq must still not reuse 1 or 2.
+    let a = append_synced(&j, &[rec("t", b"3")]);
+    assert_eq!(a.first_seq, Some(3));
+}
+
+#[test]
+fn only_durable_entries_are_read_and_acks_remove_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    j.append(&[rec("t", b"a"), rec("t", b"b"), rec("t", b"c")])
+        .unwrap();
+    assert!(
+        j.read_batch(None, 10, 1 << 20).unwrap().is_empty(),
+        "unsynced records must not be uploaded"
+    );
+    j.sync().unwrap();
+    let batch = j.read_batch(None, 2, 1 << 20).unwrap();
+    assert_eq!(seqs(&batch), vec![1, 2]);
+    j.ack(2).unwrap();
+    let p = j.positions();
+    assert_eq!((p.acked_seq, p.head_seq, p.backlog_records), (2, 3, 1));
+    assert_eq!(seqs(&j.read_batch(None, 10, 1 << 20).unwrap()), vec![3]);
+    // The cursor never moves backwards.
+    j.ack(1).unwrap();
+    assert_eq!(j.positions().acked_seq, 2);
+}
+
+#[test]
+fn batch_respects_byte_limit_but_always_returns_one_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[rec("t", &[b'x'; 1000]), rec("t", &[b'y'; 1000])]);
+    assert_eq!(j.read_batch(None, 10, 10).unwrap().len(), 1);
+    assert_eq!(j.read_batch(None, 10, 1100).unwrap().len(), 1);
+    assert_eq!(j.read_batch(None, 10, 4000).unwrap().len(), 2);
+}
+
+#[test]
+fn a_dup_redelivery_of_a_journaled_message_is_not_journaled_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        append_synced(&j, &[qos1(7, false, b"m1")]);
+    }
+    // Crash between fsync and PUBACK: the broker redelivers with DUP after restart.
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let a = append_synced(&j, &[qos1(7, true, b"m1")]);
+    assert_eq!(a.redeliveries, 1);
+    assert_eq!(a.first_seq, None);
+    assert_eq!(j.positions().head_seq, 1);
+    // A DUP with different content under the same packet id is a different message.
+    let a = append_synced(&j, &[qos1(7, true, b"other")]);
+    assert_eq!(a.first_seq, Some(2));
+    // A new (non-DUP) message reusing the packet id is always journaled.
+    let a = append_synced(&j, &[qos1(7, false, b"other")]);
+    assert_eq!(a.first_seq, Some(3));
+}
+
+#[test]
+fn reject_new_refuses_appends_over_budget_and_accepts_after_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.fixed_budget = Some(50_000); // room for four 10 kB records
+    let j = Journal::open(&o).unwrap();
+    let big = vec![b'x'; 10_000];
+    for _ in 0..3 {
+        append_synced(&j, &[rec("t", &big)]);
+    }
+    let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
+    assert_eq!(a.taken, 1, "only the prefix that fits is taken");
+    let err = j.append(&[rec("t", &big)]).unwrap_err();
+    assert!(err.is_full(), "{err}");
+    assert_eq!(j.positions().head_seq, 4, "a refused append assigns no seq");
+    j.read_batch(None, 10, 1 << 20).unwrap();
+    j.ack(4).unwrap();
+    let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
+    assert_eq!(a.taken, 2);
+    assert_eq!(j.positions().head_seq, 6);
+}
+
+#[test]
+fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.fixed_budget = Some(40_000);
+    o.on_full = OnFull::DropOldest;
+    let j = Journal::open(&o).unwrap();
+    let big = vec![b'x'; 10_000];
+    for _ in 0..3 {
+        append_synced(&j, &[rec("t", &big)]);
+    }
+    // Seq 1 is in flight: protected from trimming.
+    assert_eq!(seqs(&j.read_batch(None, 1, 1 << 20).unwrap()), vec![1]);
+    let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
+    assert_eq!(a.dropped, 2);
+    assert_eq!((a.first_seq, a.last_seq), (Some(4), Some(5)));
+    j.release();
+    let all = j.read_batch(None, 100, 1 << 30).unwrap();
+    assert_eq!(all[0].first_seq(), 1);
+    assert_eq!(
+        all[1],
+        Entry::Gap {
+            from_seq: 2,
+            to_seq: 3,
+            reason: GapReason::JournalFull
+        }
+    );
+    assert_eq!(seqs(&all[2..]), vec![4, 5]);
+    assert!(j.positions().logical_bytes <= j.positions().budget_bytes);
+}
+
+#[test]
+fn dead_letter_leaves_a_rejected_gap_and_can_be_requeued() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[rec("a", b"1"), rec("b", b"poison"), rec("c", b"3")]);
+    j.dead_letter(2, 422, "status 422 bad").unwrap();
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    assert_eq!(
+        all[1],
+        Entry::Gap {
+            from_seq: 2,
+            to_seq: 2,
+            reason: GapReason::Rejected
+        }
+    );
+    let dl = j.dead_letters(10).unwrap();
+    assert_eq!(
+        (dl[0].seq, dl[0].status, dl[0].topic.as_str()),
+        (2, 422, "b")
+    );
+    let new_seq = j.requeue(2).unwrap();
+    assert_eq!(new_seq, 4);
+    assert!(j.dead_letters(10).unwrap().is_empty());
+    assert!(matches!(j.requeue(2), Err(Error::NoDeadLetter { seq: 2 })));
+}
+
+#[test]
+fn a_cursor_behind_the_first_entry_is_reported_as_journal_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        append_synced(&j, &[rec("t", b"1"), rec("t", b"2"), rec("t", b"3")]);
+        // Damage: records 1 and 2 vanish without the cursor moving.
+        j.inner.log.remove(entry_key(1)).unwrap();
+        j.inner.log.remove(entry_key(2)).unwrap();
+        j.sync().unwrap();
+    }
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    assert_eq!(
+        all[0],
+        Entry::Gap {
+            from_seq: 1,
+            to_seq: 2,
+            reason: GapReason::JournalLost
+        }
+    );
+    assert_eq!(all[1].first_seq(), 3);
+}
+
+#[test]
+fn a_cursor_ahead_of_the_journal_never_reuses_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        append_synced(&j, &[rec("t", b"1")]);
+        j.inner
+            .log
+            .insert(M_ACKED, &10u64.to_be_bytes()[..])
+            .unwrap();
+        j.sync().unwrap();
+    }
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let a = append_synced(&j, &[rec("t", b"new")]);
+    assert_eq!(a.first_seq, Some(11));
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    assert_eq!(
+        all[0],
+        Entry::Gap {
+            from_seq: 2,
+            to_seq: 10,
+            reason: GapReason::JournalLost
+        }
+    );
+}
+
+#[test]
+fn a_record_larger_than_the_whole_budget_is_taken_into_an_empty_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.fixed_budget = Some(1_000);
+    let j = Journal::open(&o).unwrap();
+    let a = append_synced(&j, &[rec("t", &[0; 5_000]), rec("t", b"next")]);
+    assert_eq!(a.taken, 1);
+    assert!(j.append(&[rec("t", b"next")]).unwrap_err().is_full());
+    j.read_batch(None, 10, 1 << 20).unwrap();
+    j.ack(1).unwrap();
+    assert_eq!(append_synced(&j, &[rec("t", b"next")]).taken, 1);
+}
+
+/// Model test: random appends, acks, syncs and restarts against a BTreeMap of what must be
+/// there. Seqs are never reused, acked entries never come back, unacked durable ones never go.
+#[test]
+fn journal_matches_a_model_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut model: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
+    let mut acked = 0u64;
+    let mut max_seq = 0u64;
+    let mut j = Journal::open(&opts(dir.path())).unwrap();
+    for step in 0..400 {
+        match next() % 10 {
+            0..=4 => {
+                let n = (next() % 5 + 1) as usize;
+                let recs: Vec<NewRecord> = (0..n)
+                    .map(|i| rec("t", format!("{step}-{i}").as_bytes()))
+                    .collect();
+                let a = append_synced(&j, &recs);
+                let first = a.first_seq.unwrap();
+                assert_eq!(first, max_seq + 1, "seqs are consecutive and never reused");
+                for (i, r) in recs.iter().enumerate() {
+                    model.insert(first + i as u64, r.payload.clone());
+                }
+                max_seq = a.last_seq.unwrap();
+            }
+            5..=7 => {
+                let batch = j
+                    .read_batch(None, (next() % 7 + 1) as usize, 1 << 20)
+                    .unwrap();
+                if let Some(last) = batch.last() {
+                    j.ack(last.last_seq()).unwrap();
+                    acked = last.last_seq();
+                    model.retain(|s, _| *s > acked);
+                }
+            }
+            _ => {
+                drop(j);
+                j = Journal::open(&opts(dir.path())).unwrap();
+            }
+        }
+        let all = j.read_batch(None, usize::MAX, u64::MAX).unwrap();
+        j.release();
+        let got: Vec<(u64, Vec<u8>)> = all
+            .into_iter()
+            .map(|e| match e {
+                Entry::Record(r) => (r.seq, r.payload),
+                Entry::Gap { .. } => panic!("no gaps expected"),
+            })
+            .collect();
+        let want: Vec<(u64, Vec<u8>)> = model.iter().map(|(k, v)| (*k, v.clone())).collect();
+        assert_eq!(got, want, "step {step}");
+        let p = j.positions();
+        assert_eq!(
+            (p.acked_seq, p.head_seq, p.backlog_records),
+            (acked, max_seq, model.len() as u64)
+        );
+    }
+}
