@@ -40,6 +40,9 @@ pub struct Status {
     #[serde(flatten)]
     pub positions: Positions,
     pub journal_disk_bytes: u64,
+    /// Estimated seconds to drain the backlog at the current drain rate (or the limit when idle);
+    /// `None` while nothing drains.
+    pub backlog_eta_s: Option<u64>,
     pub uplink: UplinkState,
     pub totals: Totals,
 }
@@ -68,6 +71,18 @@ pub struct Sources {
 impl Sources {
     pub fn status(&self) -> Status {
         let s = &self.stats;
+        let positions = self.journal.positions();
+        let uplink = s.uplink();
+        let rate = if uplink.drain_records_per_sec > 0.0 {
+            Some(uplink.drain_records_per_sec)
+        } else {
+            uplink.limit_records_per_sec
+        };
+        let backlog_eta_s = match (positions.backlog_records, rate) {
+            (0, _) => Some(0),
+            (n, Some(r)) if r > 0.0 => Some((n as f64 / r).ceil() as u64),
+            _ => None,
+        };
         Status {
             device_id: self.device_id.clone(),
             version: env!("CARGO_PKG_VERSION"),
@@ -76,9 +91,10 @@ impl Sources {
             journal_accepting: s
                 .journal_accepting
                 .load(std::sync::atomic::Ordering::Relaxed),
-            positions: self.journal.positions(),
+            positions,
             journal_disk_bytes: self.journal.disk_bytes(),
-            uplink: s.uplink(),
+            backlog_eta_s,
+            uplink,
             totals: Totals {
                 ingested: Stats::get(&s.ingested),
                 delivered: Stats::get(&s.delivered),

@@ -32,11 +32,18 @@ pub struct Stats {
 /// What the uplink is doing, for people.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct UplinkState {
-    /// `idle`, `sending`, `backoff`, `refused` (401/403/404), `stopped`.
+    /// `idle`, `sending`, `throttled` (drain limit), `backoff`, `refused` (401/403/404/409),
+    /// `stopped`.
     pub state: &'static str,
     pub last_error: Option<String>,
     pub last_success_ms: Option<u64>,
     pub consecutive_failures: u64,
+    /// Acknowledged over the last 10 s.
+    pub drain_records_per_sec: f64,
+    pub drain_bytes_per_sec: f64,
+    /// Effective drain limits (configured, or lowered after 429/503); `None` = unlimited.
+    pub limit_records_per_sec: Option<f64>,
+    pub limit_bytes_per_sec: Option<f64>,
 }
 
 impl Stats {

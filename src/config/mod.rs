@@ -97,6 +97,9 @@ pub struct UplinkConfig {
     pub request_timeout: Duration,
     /// How long shutdown waits for an in-flight upload.
     pub shutdown_grace: Duration,
+    /// Drain rate limits (0 = unlimited), so a backlog does not flatten the cloud after an outage.
+    pub max_records_per_sec: u64,
+    pub max_bytes_per_sec: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +212,8 @@ impl Config {
                 connect_timeout: format_duration(self.uplink.connect_timeout),
                 request_timeout: format_duration(self.uplink.request_timeout),
                 shutdown_grace: format_duration(self.uplink.shutdown_grace),
+                max_records_per_sec: self.uplink.max_records_per_sec,
+                max_bytes_per_sec: format_size(self.uplink.max_bytes_per_sec),
             },
             control: EffectiveControl {
                 listen: self.control.listen.to_string(),
@@ -320,6 +325,8 @@ struct RawUplink {
     connect_timeout: Option<HumanDuration>,
     request_timeout: Option<HumanDuration>,
     shutdown_grace: Option<HumanDuration>,
+    max_records_per_sec: Option<i64>,
+    max_bytes_per_sec: Option<ByteSize>,
 }
 
 #[derive(Default, Deserialize)]
@@ -499,7 +506,7 @@ fn validate_uplink(raw: RawUplink) -> Result<UplinkConfig, String> {
             "uplink.max_backoff",
             raw.max_backoff,
             secs(60),
-            millis(100)..=secs(3600),
+            millis(10)..=secs(3600),
         )?,
         connect_timeout: duration_in(
             "uplink.connect_timeout",
@@ -518,6 +525,17 @@ fn validate_uplink(raw: RawUplink) -> Result<UplinkConfig, String> {
             raw.shutdown_grace,
             secs(5),
             secs(0)..=secs(60),
+        )?,
+        max_records_per_sec: int_in(
+            "uplink.max_records_per_sec",
+            raw.max_records_per_sec.unwrap_or(0),
+            0..=10_000_000,
+        )?,
+        max_bytes_per_sec: size_in(
+            "uplink.max_bytes_per_sec",
+            raw.max_bytes_per_sec,
+            0,
+            0..=GIB,
         )?,
     })
 }
@@ -812,6 +830,8 @@ struct EffectiveUplink<'a> {
     connect_timeout: String,
     request_timeout: String,
     shutdown_grace: String,
+    max_records_per_sec: u64,
+    max_bytes_per_sec: String,
 }
 
 #[derive(Serialize)]

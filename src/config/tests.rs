@@ -106,6 +106,15 @@ fn assert_names(message: &str, needles: &[&str]) {
 }
 
 #[test]
+fn drain_limits_default_to_unlimited_and_accept_sizes() {
+    let c = parse(&with("uplink", "max_bytes_per_sec = \"1MiB\""));
+    assert_eq!(c.uplink.max_records_per_sec, 0);
+    assert_eq!(c.uplink.max_bytes_per_sec, 1 << 20);
+    let err = error(&with("uplink", "max_records_per_sec = -1"));
+    assert_names(&err, &["uplink.max_records_per_sec"]);
+}
+
+#[test]
 fn a_full_config_sets_every_key() {
     let c = parse(FULL);
     assert_eq!(c.source, Path::new(SOURCE));
@@ -316,7 +325,7 @@ fn out_of_range_values_name_the_key_and_the_allowed_range() {
             "uplink",
             "max_backoff = \"2h\"",
             "uplink.max_backoff",
-            "100ms..=1h",
+            "10ms..=1h",
         ),
         (
             "uplink",

@@ -76,7 +76,7 @@ pub enum Verdict {
     Ack,
     /// Try the same batch again after a backoff: 408, 425, 429, 5xx.
     Retry,
-    /// The cloud refuses this device (401, 403, 404) or the URL is wrong (3xx): keep the data,
+    /// The cloud refuses this device (401, 403, 404, 409) or the URL is wrong (3xx): keep the data,
     /// report an error, retry with backoff.
     Refused,
     /// Split the batch: 413, and other 4xx until the refused record is isolated.
@@ -87,7 +87,8 @@ pub fn verdict(status: u16) -> Verdict {
     match status {
         200..=299 => Verdict::Ack,
         408 | 425 | 429 | 500..=599 => Verdict::Retry,
-        401 | 403 | 404 => Verdict::Refused,
+        // 409: the cloud saw this device's seqs with other content (a cloned identity).
+        401 | 403 | 404 | 409 => Verdict::Refused,
         400..=499 => Verdict::Split,
         // 1xx, 3xx (redirects are not followed), and nonsense: a misconfigured endpoint.
         _ => Verdict::Refused,
@@ -273,7 +274,7 @@ mod tests {
         for s in [408, 425, 429, 500, 502, 503, 504, 599] {
             assert_eq!(verdict(s), Verdict::Retry, "{s}");
         }
-        for s in [401, 403, 404, 301, 302, 100, 0, 999] {
+        for s in [401, 403, 404, 409, 301, 302, 100, 0, 999] {
             assert_eq!(verdict(s), Verdict::Refused, "{s}");
         }
         for s in [400, 413, 422, 418, 451] {

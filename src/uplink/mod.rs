@@ -7,6 +7,7 @@
 //! (`Journal::ack`). What each status means is in `batch::verdict` and `docs/PROTOCOL.md`.
 
 mod batch;
+mod rate;
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{debug, error, info, warn};
 
 pub use batch::{OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict};
+pub use rate::{Limiter, Meter};
 
 use crate::backoff::Backoff;
 use crate::config::{Compression, UplinkConfig};
@@ -83,6 +85,8 @@ struct Uplink {
     failures: u64,
     last_failure_log: Option<Instant>,
     last_progress: Instant,
+    limiter: Limiter,
+    meter: Meter,
 }
 
 impl Uplink {
@@ -95,6 +99,11 @@ impl Uplink {
     ) -> Uplink {
         let agent = http_agent(cfg.connect_timeout, cfg.request_timeout);
         let backoff = Backoff::new(Duration::from_millis(100), cfg.max_backoff);
+        let limiter = Limiter::new(
+            cfg.max_records_per_sec,
+            cfg.max_bytes_per_sec,
+            Instant::now(),
+        );
         Uplink {
             cfg,
             device_id,
@@ -107,14 +116,18 @@ impl Uplink {
             failures: 0,
             last_failure_log: None,
             last_progress: Instant::now(),
+            limiter,
+            meter: Meter::default(),
         }
     }
 
     fn run(mut self) {
         info!("uplink started url={}", self.cfg.url);
         self.stats.set_uplink(|u| u.state = "idle");
+        self.report_rates();
         while !self.shutdown.is_set() {
             self.log_progress();
+            self.report_rates();
             let acked = self.journal.positions().acked_seq;
             if !self
                 .journal
@@ -136,12 +149,44 @@ impl Uplink {
                     continue;
                 }
             };
+            if !self.pace(&entries) {
+                break;
+            }
             let attempt = self.send(&entries);
             self.handle(&entries, attempt);
         }
         self.journal.release();
         self.stats.set_uplink(|u| u.state = "stopped");
         info!("uplink stopped");
+    }
+
+    /// Waits until the drain limits allow `entries` to go, then charges them. Returns `false` when
+    /// shutdown came first.
+    fn pace(&mut self, entries: &[Entry]) -> bool {
+        let wait = self.limiter.delay(Instant::now());
+        if !wait.is_zero() {
+            debug!("drain limit: waiting {:?}", wait);
+            self.stats.set_uplink(|u| u.state = "throttled");
+            if !self.shutdown.sleep(wait) {
+                self.journal.release();
+                return false;
+            }
+        }
+        let (records, bytes) = weigh(entries);
+        self.limiter.spend(records, bytes, Instant::now());
+        true
+    }
+
+    /// Publishes the drain rate and limits for `/status`.
+    fn report_rates(&mut self) {
+        let (r, b) = self.meter.rate(Instant::now());
+        let (lr, lb) = (self.limiter.records_limit(), self.limiter.bytes_limit());
+        self.stats.set_uplink(|u| {
+            u.drain_records_per_sec = r;
+            u.drain_bytes_per_sec = b;
+            u.limit_records_per_sec = lr;
+            u.limit_bytes_per_sec = lb;
+        });
     }
 
     /// One POST of `entries`, with the body read to its end (bounded).
@@ -235,11 +280,10 @@ impl Uplink {
                     self.shutdown.sleep(Duration::from_secs(1));
                     return;
                 }
-                let records = entries
-                    .iter()
-                    .filter(|e| matches!(e, Entry::Record(_)))
-                    .count() as u64;
+                let (records, bytes) = weigh(entries);
                 Stats::add(&self.stats.delivered, records);
+                self.meter.record(records, bytes, Instant::now());
+                self.report_rates();
                 if self.failures > 0 {
                     info!("uplink recovered after {} failed attempts", self.failures);
                 }
@@ -255,6 +299,16 @@ impl Uplink {
             }
             Verdict::Retry => {
                 self.journal.release();
+                if code == 429 || code == 503 {
+                    let (r, b) = self.meter.rate(Instant::now());
+                    self.limiter.throttle(r, b, Instant::now());
+                    self.report_rates();
+                    warn!(
+                        "cloud pushed back with status {}: drain limit now {:.0} records/s",
+                        code,
+                        self.limiter.records_limit().unwrap_or(0.0)
+                    );
+                }
                 self.fail(
                     "retrying",
                     &format!("status {} {}", code, snippet(&body)),
@@ -378,6 +432,14 @@ impl Uplink {
             );
         }
     }
+}
+
+/// Records and payload bytes in `entries` (what the drain limits count).
+fn weigh(entries: &[Entry]) -> (u64, u64) {
+    entries.iter().fold((0, 0), |(n, b), e| match e {
+        Entry::Record(r) => (n + 1, b + r.payload.len() as u64),
+        Entry::Gap { .. } => (n, b),
+    })
 }
 
 fn span(entries: &[Entry]) -> (u64, u64) {

@@ -1,0 +1,86 @@
+//! Replay storms: after a long outage the backlog drains at the configured rate, not at full
+//! speed, and `/status` says how fast and how long.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use util::*;
+
+const DEVICE: &str = "gw-test";
+
+/// A 100,000-record backlog drained with `uplink.max_records_per_sec = 4000` (well under what this
+/// machine drains unlimited, ~10,000/s): the rate measured at
+/// the cloud (over the middle 80 % of the drain) stays within 10 % of the limit.
+#[test]
+fn a_backlog_drains_at_the_configured_rate() {
+    const LIMIT: f64 = 4_000.0;
+    const TOTAL: u64 = 100_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let mut cloud = Cloud::start(&tmp.path().join("cloud"));
+    cloud.stop();
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "")
+        .replace(
+            "batch_max_records = 100",
+            "batch_max_records = 500\nmax_records_per_sec = 4000",
+        )
+        .replace("max_bytes = \"64MiB\"", "max_bytes = \"1GiB\"");
+    let agent = Agent::start(&dir, &config, control);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+
+    let t = Instant::now();
+    publish(broker.port, "sensors/storm", numbered(0..TOTAL));
+    wait_until("backlog journaled", Duration::from_secs(120), || {
+        agent.status()["head_seq"] == TOTAL
+    });
+    eprintln!("journaled {TOTAL} in {:?}", t.elapsed());
+
+    cloud.start_again();
+    let mut samples: Vec<(Instant, u64)> = Vec::new();
+    let mut saw_eta = false;
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = cloud
+            .device(DEVICE)
+            .map(|d| d["records"].as_u64().unwrap())
+            .unwrap_or(0);
+        samples.push((Instant::now(), n));
+        let st = agent.status();
+        if n > 20_000 && n < 80_000 && !saw_eta {
+            eprintln!(
+                "mid-drain status: eta={} uplink={}",
+                st["backlog_eta_s"], st["uplink"]
+            );
+            let rate = st["uplink"]["drain_records_per_sec"].as_f64().unwrap();
+            saw_eta |= st["backlog_eta_s"].as_u64().is_some_and(|eta| eta > 0) && rate > 0.0;
+        }
+        if n >= TOTAL || Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let at = |target: u64| samples.iter().find(|(_, n)| *n >= target).copied().unwrap();
+    let (t1, n1) = at(TOTAL / 10);
+    let (t2, n2) = at(TOTAL * 9 / 10);
+    let rate = (n2 - n1) as f64 / (t2 - t1).as_secs_f64();
+    eprintln!("drain rate measured at the cloud: {rate:.0} records/s (limit {LIMIT})");
+    assert!(
+        rate <= LIMIT * 1.1,
+        "drained faster than the limit: {rate:.0}/s"
+    );
+    assert!(
+        rate >= LIMIT * 0.9,
+        "drained slower than the limit allows: {rate:.0}/s"
+    );
+    assert!(
+        saw_eta,
+        "/status showed the drain rate and an estimate of the time to drain"
+    );
+    assert_exactly_once(&cloud.records(DEVICE), TOTAL);
+}
