@@ -17,6 +17,8 @@ pub(super) const M_ACKED: &[u8] = b"Macked";
 pub(super) const M_BACKLOG_RECORDS: &[u8] = b"Mbacklog_records";
 pub(super) const M_BACKLOG_BYTES: &[u8] = b"Mbacklog_bytes";
 pub(super) const M_DEAD_BYTES: &[u8] = b"Mdead_bytes";
+/// Present once the journal has been reconciled with the seq mark: its absence means a new database.
+pub(super) const M_INITIALISED: &[u8] = b"Minitialised";
 
 pub(super) const KIND_RECORD: u8 = 1;
 pub(super) const KIND_GAP: u8 = 2;
