@@ -47,6 +47,8 @@ const QOS0_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 const CHANNEL: usize = 4096;
 /// How long shutdown waits for the writer so that journaled messages can still be acked.
 const ACK_DRAIN: Duration = Duration::from_millis(1500);
+/// While journal writes fail (a full disk, an i/o error), how often the writer reopens it.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
 /// Packets up to this size are read even when over `mqtt.max_packet_size`, so that an oversized
 /// message is reported and acknowledged instead of breaking the connection on every redelivery.
 const HARD_PACKET_CAP: u64 = 32 * 1024 * 1024;
@@ -367,12 +369,20 @@ fn run_writer(
     durable: Arc<AtomicU64>,
     shutdown: Shutdown,
 ) {
-    // Test failpoint (as sled's `failpoints`): `FERRY_FAILPOINT=crash_after_sync` aborts the process
-    // right after the first durable append, before any PUBACK: the window the DUP check covers.
-    let crash_after_sync = std::env::var("FERRY_FAILPOINT").is_ok_and(|v| v == "crash_after_sync");
+    // Test failpoints (as sled's `failpoints`): `FERRY_FAILPOINT=crash_after_sync` aborts the
+    // process right after the first durable append, before any PUBACK: the window the DUP check
+    // covers.
+    let failpoint = std::env::var("FERRY_FAILPOINT").unwrap_or_default();
+    let crash_after_sync = failpoint == "crash_after_sync";
+    // `FERRY_FAILPOINT=slow_sync_ms=N`: every group commit takes N ms longer (a slow SD card).
+    let slow_sync = failpoint
+        .strip_prefix("slow_sync_ms=")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
     let mut group: Vec<Delivery> = Vec::new();
     let mut full_since: Option<Instant> = None;
     let mut failing = false;
+    let mut last_reopen: Option<Instant> = None;
     loop {
         if group.is_empty() {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -388,9 +398,12 @@ fn run_writer(
             }
         }
         let records: Vec<NewRecord> = group.iter().map(|d| d.record.clone()).collect();
-        let result = journal
-            .append(&records)
-            .and_then(|a| journal.sync().map(|()| a));
+        let result = journal.append(&records).and_then(|a| {
+            if let Some(d) = slow_sync {
+                thread::sleep(d);
+            }
+            journal.sync().map(|()| a)
+        });
         match result {
             Ok(appended) => {
                 if crash_after_sync {
@@ -438,12 +451,21 @@ fn run_writer(
                         warn!("{}; not acking the broker until the uplink frees space", e);
                         full_since = Some(Instant::now());
                     }
-                } else if !failing {
-                    error!(
-                        "journal write failed, not acking the broker until it recovers: {}",
-                        crate::error_chain(&e)
-                    );
-                    failing = true;
+                } else {
+                    if !failing {
+                        error!(
+                            "journal write failed, not acking the broker until it recovers: {}",
+                            crate::error_chain(&e)
+                        );
+                        failing = true;
+                    }
+                    // sled refuses every write after one i/o error until it is reopened.
+                    if last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
+                        last_reopen = Some(Instant::now());
+                        if let Err(e) = journal.reopen() {
+                            debug!("journal reopen failed: {}", crate::error_chain(&e));
+                        }
+                    }
                 }
                 // Keep the group and retry; the broker holds everything not acked.
                 if !shutdown.sleep(Duration::from_millis(250)) {

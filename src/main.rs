@@ -10,10 +10,14 @@ use ferry::cli::{self, Command};
 use ferry::config::Config;
 use ferry::{agent, control, error_chain};
 
+/// sled's own logger repeats an I/O error every second from its flusher thread; the journal
+/// reports sled's failures itself, once, so sled is silent unless `FERRY_LOG` asks for it.
+const DEFAULT_LOG: &str = "info,sled=off";
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(
         env_logger::Env::new()
-            .filter_or("FERRY_LOG", "info")
+            .filter_or("FERRY_LOG", DEFAULT_LOG)
             .write_style("FERRY_LOG_STYLE"),
     )
     .format_timestamp_millis()

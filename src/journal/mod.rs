@@ -55,7 +55,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use log::{debug, error, info, warn};
@@ -120,6 +120,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("journal is closed after an i/o error; reopening")]
+    Unavailable,
     #[error("no dead letter with seq={seq}")]
     NoDeadLetter { seq: u64 },
 }
@@ -257,11 +259,9 @@ pub struct Journal {
 }
 
 struct Inner {
-    db: sled::Db,
-    log: sled::Tree,
-    db_path: PathBuf,
-    db_file: File,
-    blob_dir: PathBuf,
+    /// The open database; `None` after a failed reopen (then every operation is `Unavailable`).
+    store: RwLock<Option<Store>>,
+    opts: Options,
     on_full: OnFull,
     max_bytes: u64,
     fixed_budget: Option<u64>,
@@ -270,6 +270,30 @@ struct Inner {
     mark: Arc<Mutex<MarkFile>>,
     /// Signalled when the durable head moves, for the uplink.
     data: Condvar,
+}
+
+/// The sled handles. Replaced as a whole by [`Journal::reopen`]: sled 0.34 refuses every write
+/// after one I/O error (a full disk), until the database is opened again.
+struct Store {
+    db: sled::Db,
+    log: sled::Tree,
+    db_path: PathBuf,
+    db_file: File,
+    blob_dir: PathBuf,
+}
+
+/// Read access to the open [`Store`].
+struct StoreGuard<'a>(RwLockReadGuard<'a, Option<Store>>);
+
+impl std::ops::Deref for StoreGuard<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        match &*self.0 {
+            Some(store) => store,
+            // `Journal::store` hands out a guard only when the store is open.
+            None => unreachable!("StoreGuard over a closed store"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -325,36 +349,7 @@ impl Journal {
     /// Opens sled in `db_dir` and recovers the positions. sled 0.34 can panic on damaged files;
     /// a panic is turned into [`Error::Unreadable`].
     fn open_db(opts: &Options, db_dir: &Path, mark: Arc<Mutex<MarkFile>>) -> Result<Journal> {
-        let opened = std::panic::catch_unwind(|| {
-            let db = sled::Config::new()
-                .path(db_dir)
-                .cache_capacity(opts.cache_bytes)
-                .segment_size(segment_size_for(opts.max_record_bytes))
-                .flush_every_ms(Some(1000))
-                .mode(sled::Mode::LowSpace)
-                .open()?;
-            let log = db.open_tree("log")?;
-            Ok::<_, sled::Error>((db, log))
-        });
-        let (db, log) = match opened {
-            Ok(Ok(x)) => x,
-            Ok(Err(source)) => {
-                return Err(Error::Open {
-                    path: db_dir.to_path_buf(),
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(Error::Unreadable {
-                    path: db_dir.to_path_buf(),
-                });
-            }
-        };
-        let db_path = db_dir.join("db");
-        let db_file = File::open(&db_path).map_err(|source| Error::Sync {
-            path: db_path.clone(),
-            source,
-        })?;
+        let store = open_store(opts, db_dir)?;
         let state = State {
             budget: opts
                 .fixed_budget
@@ -373,11 +368,8 @@ impl Journal {
         };
         let journal = Journal {
             inner: Arc::new(Inner {
-                db,
-                log,
-                db_path,
-                db_file,
-                blob_dir: db_dir.join("blobs"),
+                store: RwLock::new(Some(store)),
+                opts: opts.clone(),
                 on_full: opts.on_full,
                 max_bytes: opts.max_bytes,
                 fixed_budget: opts.fixed_budget,
@@ -438,7 +430,7 @@ impl Journal {
                 }
             }
         }
-        self.inner
+        self.store()?
             .log
             .insert(M_INITIALISED, &1u64.to_be_bytes()[..])
             .map_err(storage("marking the journal"))?;
@@ -486,7 +478,7 @@ impl Journal {
         // Entries at or below the cursor were acknowledged already; an ack removes them in the same
         // batch that moves the cursor, so finding one means the database was damaged or tampered with.
         let mut stale = 0u64;
-        for item in self.inner.log.range(entry_key(0)..=entry_key(acked)) {
+        for item in self.store()?.log.range(entry_key(0)..=entry_key(acked)) {
             let (k, _) = item.map_err(storage("scanning acknowledged entries"))?;
             batch.remove(k);
             stale += 1;
@@ -721,7 +713,7 @@ impl Journal {
             return Ok(*h == hash);
         }
         let mark = self
-            .inner
+            .store()?
             .log
             .get(ingest_key(pkid))
             .map_err(storage("reading ingest mark"))?;
@@ -740,7 +732,7 @@ impl Journal {
         let mut run: Option<(u64, u64)> = None;
         let mut runs = Vec::new();
         for item in self
-            .inner
+            .store()?
             .log
             .range(entry_key(start)..entry_key(st.next_seq))
         {
@@ -784,42 +776,19 @@ impl Journal {
     /// database file and of any blob files. Returns only after the data is on stable storage.
     pub fn sync(&self) -> Result<()> {
         let target = self.lock().next_seq - 1;
-        self.inner.db.flush().map_err(storage("flushing"))?;
-        self.inner
-            .db_file
-            .sync_data()
-            .map_err(|source| Error::Sync {
-                path: self.inner.db_path.clone(),
+        {
+            let store = self.store()?;
+            store.db.flush().map_err(storage("flushing"))?;
+            store.db_file.sync_data().map_err(|source| Error::Sync {
+                path: store.db_path.clone(),
                 source,
             })?;
-        self.sync_blobs()?;
+            sync_blobs(&store.blob_dir)?;
+        }
         let mut st = self.lock();
         if target > st.durable {
             st.durable = target;
             self.inner.data.notify_all();
-        }
-        Ok(())
-    }
-
-    fn sync_blobs(&self) -> Result<()> {
-        let dir = &self.inner.blob_dir;
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Ok(());
-        };
-        let mut any = false;
-        for entry in entries.flatten() {
-            any = true;
-            let path = entry.path();
-            let synced = File::open(&path).and_then(|f| f.sync_all());
-            match synced {
-                Ok(()) => {}
-                // sled removes blobs it no longer needs; a vanished file needs no sync.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(Error::Sync { path, source }),
-            }
-        }
-        if any {
-            sync_dir(dir)?;
         }
         Ok(())
     }
@@ -856,7 +825,7 @@ impl Journal {
             return Ok(out);
         }
         for item in self
-            .inner
+            .store()?
             .log
             .range(entry_key(st.acked + 1)..=entry_key(end))
         {
@@ -891,7 +860,7 @@ impl Journal {
         let mut records = 0u64;
         let mut bytes = 0u64;
         for item in self
-            .inner
+            .store()?
             .log
             .range(entry_key(st.acked + 1)..=entry_key(through))
         {
@@ -921,7 +890,7 @@ impl Journal {
     pub fn dead_letter(&self, seq: u64, status: u16, reason: &str) -> Result<()> {
         let mut st = self.lock();
         let value = self
-            .inner
+            .store()?
             .log
             .get(entry_key(seq))
             .map_err(storage("reading a record to dead-letter"))?;
@@ -964,7 +933,7 @@ impl Journal {
         if st.dead_bytes <= cap {
             return Ok(());
         }
-        for item in self.inner.log.scan_prefix([P_DEAD]) {
+        for item in self.store()?.log.scan_prefix([P_DEAD]) {
             if st.dead_bytes <= cap {
                 break;
             }
@@ -983,7 +952,7 @@ impl Journal {
     /// Lists dead letters, oldest first, at most `limit`.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let mut out = Vec::new();
-        for item in self.inner.log.scan_prefix([P_DEAD]).take(limit) {
+        for item in self.store()?.log.scan_prefix([P_DEAD]).take(limit) {
             let (k, v) = item.map_err(storage("listing dead letters"))?;
             let seq = key_seq(&k);
             let (header, record) = decode_dead(seq, &v)?;
@@ -1003,7 +972,7 @@ impl Journal {
     /// reported as `rejected`) and removes it from the dead-letter store. Returns the new seq.
     pub fn requeue(&self, seq: u64) -> Result<u64> {
         let value = self
-            .inner
+            .store()?
             .log
             .get(dead_key(seq))
             .map_err(storage("reading a dead letter"))?
@@ -1046,9 +1015,41 @@ impl Journal {
         }
     }
 
-    /// Bytes the journal's files take on disk.
+    /// Bytes the journal's files take on disk (0 while the database is not open).
     pub fn disk_bytes(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.store()
+            .ok()
+            .and_then(|s| s.db.size_on_disk().ok())
+            .unwrap_or(0)
+    }
+
+    /// Read access to the open database, or [`Error::Unavailable`] after a failed reopen.
+    fn store(&self) -> Result<StoreGuard<'_>> {
+        let guard = self.inner.store.read().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            return Err(Error::Unavailable);
+        }
+        Ok(StoreGuard(guard))
+    }
+
+    /// Closes and reopens the database, then reloads every position from disk. sled 0.34 fails
+    /// every write after one I/O error (ENOSPC, EIO) until it is opened again; records appended
+    /// but not synced before the error are gone, and were never acknowledged to the broker, which
+    /// redelivers them. On failure the journal stays closed (`Unavailable`) until the next try.
+    pub fn reopen(&self) -> Result<()> {
+        {
+            let _st = self.lock();
+            let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
+            // Dropping the old handles releases sled's lock on its files.
+            drop(guard.take());
+            let db_dir = self.inner.opts.dir.join("db");
+            *guard = Some(open_store(&self.inner.opts, &db_dir)?);
+        }
+        self.recover()?;
+        self.reconcile_mark()?;
+        self.sync()?;
+        info!("journal reopened");
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1057,7 +1058,7 @@ impl Journal {
     }
 
     fn apply(&self, batch: sled::Batch, action: &'static str) -> Result<()> {
-        self.inner
+        self.store()?
             .log
             .apply_batch(batch)
             .map_err(|source| Error::Storage { action, source })
@@ -1071,7 +1072,7 @@ impl Journal {
 
     fn meta(&self, key: &[u8]) -> Result<Option<u64>> {
         let v = self
-            .inner
+            .store()?
             .log
             .get(key)
             .map_err(storage("reading positions"))?;
@@ -1094,7 +1095,7 @@ impl Journal {
 
     fn first_entry_after(&self, after: u64) -> Result<Option<Entry>> {
         let item = self
-            .inner
+            .store()?
             .log
             .range(entry_key(after.saturating_add(1))..=entry_key(u64::MAX))
             .next();
@@ -1110,7 +1111,7 @@ impl Journal {
 
     fn last_entry(&self) -> Result<Option<Entry>> {
         let item = self
-            .inner
+            .store()?
             .log
             .range(entry_key(0)..=entry_key(u64::MAX))
             .next_back();
@@ -1128,7 +1129,7 @@ impl Journal {
     fn count_prefix(&self, prefix: u8, action: &'static str) -> Result<(u64, u64)> {
         let mut n = 0;
         let mut bytes = 0;
-        for item in self.inner.log.scan_prefix([prefix]) {
+        for item in self.store()?.log.scan_prefix([prefix]) {
             let (_, v) = item.map_err(storage(action))?;
             n += 1;
             bytes += entry_size(&v);
@@ -1141,11 +1142,15 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is going away: leave nothing in sled's buffers, and record the exact
         // head in the seq mark so that any later loss of records is detected.
-        if let Err(e) = self.db.flush() {
+        let store = self.store.read().unwrap_or_else(|e| e.into_inner());
+        let Some(store) = store.as_ref() else {
+            return;
+        };
+        if let Err(e) = store.db.flush() {
             error!("journal flush at close failed: {}", e);
             return;
         }
-        if let Err(e) = self.db_file.sync_data() {
+        if let Err(e) = store.db_file.sync_data() {
             error!("journal sync at close failed: {}", e);
             return;
         }
@@ -1190,6 +1195,70 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Opens sled in `db_dir`. sled 0.34 can panic on damaged files; a panic becomes
+/// [`Error::Unreadable`].
+fn open_store(opts: &Options, db_dir: &Path) -> Result<Store> {
+    let opened = std::panic::catch_unwind(|| {
+        let db = sled::Config::new()
+            .path(db_dir)
+            .cache_capacity(opts.cache_bytes)
+            .segment_size(segment_size_for(opts.max_record_bytes))
+            .flush_every_ms(Some(1000))
+            .mode(sled::Mode::LowSpace)
+            .open()?;
+        let log = db.open_tree("log")?;
+        Ok::<_, sled::Error>((db, log))
+    });
+    let (db, log) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(source)) => {
+            return Err(Error::Open {
+                path: db_dir.to_path_buf(),
+                source,
+            });
+        }
+        Err(_) => {
+            return Err(Error::Unreadable {
+                path: db_dir.to_path_buf(),
+            });
+        }
+    };
+    let db_path = db_dir.join("db");
+    let db_file = File::open(&db_path).map_err(|source| Error::Sync {
+        path: db_path.clone(),
+        source,
+    })?;
+    Ok(Store {
+        db,
+        log,
+        db_path,
+        db_file,
+        blob_dir: db_dir.join("blobs"),
+    })
+}
+
+fn sync_blobs(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut any = false;
+    for entry in entries.flatten() {
+        any = true;
+        let path = entry.path();
+        let synced = File::open(&path).and_then(|f| f.sync_all());
+        match synced {
+            Ok(()) => {}
+            // sled removes blobs it no longer needs; a vanished file needs no sync.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Sync { path, source }),
+        }
+    }
+    if any {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Renames `db_dir` to `db.corrupt-<unix seconds>` beside it, for forensics.

@@ -197,8 +197,8 @@ fn a_cursor_behind_the_first_entry_is_reported_as_journal_lost() {
         let j = Journal::open(&opts(dir.path())).unwrap();
         append_synced(&j, &[rec("t", b"1"), rec("t", b"2"), rec("t", b"3")]);
         // Damage: records 1 and 2 vanish without the cursor moving.
-        j.inner.log.remove(entry_key(1)).unwrap();
-        j.inner.log.remove(entry_key(2)).unwrap();
+        j.store().unwrap().log.remove(entry_key(1)).unwrap();
+        j.store().unwrap().log.remove(entry_key(2)).unwrap();
         j.sync().unwrap();
     }
     let j = Journal::open(&opts(dir.path())).unwrap();
@@ -220,7 +220,8 @@ fn a_cursor_ahead_of_the_journal_never_reuses_seqs() {
     {
         let j = Journal::open(&opts(dir.path())).unwrap();
         append_synced(&j, &[rec("t", b"1")]);
-        j.inner
+        j.store()
+            .unwrap()
             .log
             .insert(M_ACKED, &10u64.to_be_bytes()[..])
             .unwrap();
@@ -364,9 +365,10 @@ fn a_journal_that_comes_back_shorter_is_detected_by_the_mark() {
         // sled silently loses the tail (seen with a truncated file): records 4..=10 and the
         // position that counted them.
         for s in 4..=10 {
-            j.inner.log.remove(entry_key(s)).unwrap();
+            j.store().unwrap().log.remove(entry_key(s)).unwrap();
         }
-        j.inner
+        j.store()
+            .unwrap()
             .log
             .insert(M_NEXT_SEQ, &4u64.to_be_bytes()[..])
             .unwrap();

@@ -125,6 +125,7 @@ impl Uplink {
         info!("uplink started url={}", self.cfg.url);
         self.stats.set_uplink(|u| u.state = "idle");
         self.report_rates();
+        let mut journal_failing = false;
         while !self.shutdown.is_set() {
             self.log_progress();
             self.report_rates();
@@ -136,15 +137,24 @@ impl Uplink {
                 continue;
             }
             let through = self.plan.window().map(|(_, to)| to);
-            let entries = match self.journal.read_batch(
+            let read = self.journal.read_batch(
                 through,
                 self.cfg.batch_max_records,
                 self.cfg.batch_max_bytes,
-            ) {
+            );
+            if read.is_ok() && journal_failing {
+                info!("journal readable again");
+                journal_failing = false;
+            }
+            let entries = match read {
                 Ok(e) if e.is_empty() => continue,
                 Ok(e) => e,
                 Err(e) => {
-                    error!("cannot read from the journal: {}", crate::error_chain(&e));
+                    // The writer reopens a failed journal; say it once, not every second.
+                    if !journal_failing {
+                        error!("cannot read from the journal: {}", crate::error_chain(&e));
+                        journal_failing = true;
+                    }
                     self.shutdown.sleep(Duration::from_secs(1));
                     continue;
                 }

@@ -468,7 +468,7 @@ impl Agent {
             .arg(&self.config)
             .env(
                 "FERRY_LOG",
-                std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug".into()),
+                std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug,sled=off".into()),
             )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
