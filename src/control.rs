@@ -72,6 +72,7 @@ impl Sources {
     pub fn status(&self) -> Status {
         let s = &self.stats;
         let positions = self.journal.positions();
+        let dropped_total = positions.dropped;
         let uplink = s.uplink();
         let rate = if uplink.drain_records_per_sec > 0.0 {
             Some(uplink.drain_records_per_sec)
@@ -98,7 +99,7 @@ impl Sources {
             totals: Totals {
                 ingested: Stats::get(&s.ingested),
                 delivered: Stats::get(&s.delivered),
-                dropped: Stats::get(&s.dropped),
+                dropped: dropped_total,
                 dead_lettered: Stats::get(&s.dead_lettered),
                 parse_failed: Stats::get(&s.parse_failed),
                 redeliveries: Stats::get(&s.redeliveries),

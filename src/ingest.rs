@@ -415,7 +415,6 @@ fn run_writer(
                 let n = taken.len() as u64 - appended.redeliveries;
                 Stats::add(&stats.ingested, n);
                 Stats::add(&stats.redeliveries, appended.redeliveries);
-                Stats::add(&stats.dropped, appended.dropped);
                 Stats::add(
                     &stats.parse_failed,
                     taken.iter().filter(|r| r.parse_error).count() as u64,
@@ -443,6 +442,12 @@ fn run_writer(
                 stats.journal_accepting.store(true, Ordering::Relaxed);
                 // What did not fit is offered again on the next round, ahead of newer messages.
                 group.drain(..appended.taken);
+                if let Err(e) = journal.maybe_compact() {
+                    warn!(
+                        "journal compaction failed (will retry): {}",
+                        crate::error_chain(&e)
+                    );
+                }
             }
             Err(e) => {
                 stats.journal_accepting.store(false, Ordering::Relaxed);

@@ -12,8 +12,6 @@ pub struct Stats {
     pub ingested: AtomicU64,
     /// Records acknowledged by the cloud.
     pub delivered: AtomicU64,
-    /// Records replaced by `journal_full` gaps.
-    pub dropped: AtomicU64,
     /// Records moved to the dead-letter store.
     pub dead_lettered: AtomicU64,
     /// Payloads that failed their topic's parser (journaled as flagged raw).

@@ -329,7 +329,9 @@ fn a_lost_journal_continues_after_the_seq_mark_and_reports_the_loss() {
         j.read_batch(None, 1, 1 << 20).unwrap();
         j.ack(1).unwrap();
     }
-    std::fs::remove_dir_all(dir.path().join("db")).unwrap();
+    // The database is gone (its directory and the link to it).
+    std::fs::remove_dir_all(dir.path().join("db-1")).unwrap();
+    std::fs::remove_file(dir.path().join("db")).unwrap();
     let j = Journal::open(&opts(dir.path())).unwrap();
     let all = j.read_batch(None, 10, 1 << 20).unwrap();
     let Entry::Gap {
@@ -397,8 +399,8 @@ fn a_journal_that_will_not_open_is_moved_aside_and_replaced() {
         append_synced(&j, &[rec("t", b"1"), rec("t", b"2")]);
     }
     // Make the database unopenable: a file where sled needs its directory.
-    std::fs::remove_dir_all(dir.path().join("db")).unwrap();
-    std::fs::write(dir.path().join("db"), b"not a database").unwrap();
+    std::fs::remove_dir_all(dir.path().join("db-1")).unwrap();
+    std::fs::write(dir.path().join("db-1"), b"not a database").unwrap();
     let j = Journal::open(&opts(dir.path())).unwrap();
     let aside: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -436,4 +438,87 @@ fn an_ordinary_restart_reports_no_loss_and_keeps_seqs_dense() {
             .iter()
             .all(|e| matches!(e, Entry::Record(_)))
     );
+}
+
+#[test]
+fn compaction_keeps_every_entry_and_position_and_shrinks_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_bytes = 4 << 20;
+    let j = Journal::open(&o).unwrap();
+    // Churn: append and acknowledge 8 MB, keep 20 records.
+    for round in 0..80u64 {
+        let recs: Vec<NewRecord> = (0..100)
+            .map(|i| rec("t", &vec![(round + i) as u8; 1000]))
+            .collect();
+        append_synced(&j, &recs);
+        let last = j.positions().head_seq - 20;
+        j.read_batch(None, usize::MAX, u64::MAX).unwrap();
+        j.ack(last).unwrap();
+    }
+    let before = (
+        j.positions(),
+        j.read_batch(None, usize::MAX, u64::MAX).unwrap(),
+    );
+    j.release();
+    let disk_before = j.disk_bytes();
+    j.compact().unwrap();
+    assert!(
+        j.disk_bytes() < disk_before,
+        "{} >= {}",
+        j.disk_bytes(),
+        disk_before
+    );
+    let after = (
+        j.positions(),
+        j.read_batch(None, usize::MAX, u64::MAX).unwrap(),
+    );
+    j.release();
+    assert_eq!(before.1, after.1, "same entries");
+    assert_eq!(before.0.head_seq, after.0.head_seq);
+    assert_eq!(before.0.acked_seq, after.0.acked_seq);
+    // It keeps working, and survives a restart on the new generation.
+    let a = append_synced(&j, &[rec("t", b"after")]);
+    drop(j);
+    let j = Journal::open(&o).unwrap();
+    assert_eq!(j.positions().head_seq, a.last_seq.unwrap());
+    assert!(dir.path().join("db-2").is_dir() && !dir.path().join("db-1").exists());
+}
+
+/// Regression: one redelivery mark per MQTT packet id ever seen (up to 65,536) was never removed,
+/// was not counted in the budget, and kept compaction running after every commit.
+#[test]
+fn redelivery_marks_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    for chunk in 0..50u16 {
+        let recs: Vec<NewRecord> = (0..100u16)
+            .map(|i| qos1(chunk * 100 + i + 1, false, b"m"))
+            .collect();
+        append_synced(&j, &recs);
+    }
+    let marks = j.store().unwrap().log.scan_prefix([P_INGEST]).count();
+    assert!(marks <= MAX_MARKS, "{marks} marks kept");
+    // The newest still catch a redelivery, across a restart.
+    drop(j);
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    assert_eq!(append_synced(&j, &[qos1(5000, true, b"m")]).redeliveries, 1);
+}
+
+#[test]
+fn a_journal_in_use_is_reported_busy_and_never_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[rec("t", b"1")]);
+    let err = Journal::open(&opts(dir.path())).err().unwrap();
+    assert!(matches!(err, Error::Busy { .. }), "{err}");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("db.corrupt")),
+        "{names:?}"
+    );
+    assert_eq!(j.positions().head_seq, 1);
 }
