@@ -1,5 +1,6 @@
 //! Drives the real `ferry-cloud` binary over HTTP: ingest with gzip, dedupe of resends, validation
-//! errors, the completeness report, the policy and token refusals, and dedupe across a restart.
+//! errors, the completeness report, the policy and token refusals, dedupe across a restart, and
+//! identity clashes (the same seq with different content) before and after a restart.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -191,7 +192,8 @@ fn batches_are_stored_once_and_dedupe_survives_a_restart() {
         devices,
         json!({"devices": [{
             "device_id": "gw-01", "records": 3, "highest_seq": 7, "missing": [[3, 4]],
-            "gaps": [{"from_seq": 1, "to_seq": 2, "reason": "journal_full"}]}]})
+            "gaps": [{"from_seq": 1, "to_seq": 2, "reason": "journal_full"}],
+            "clashes": [], "clashes_total": 0}]})
     );
 
     let stats = cloud.get_json("/v1/stats");
@@ -231,6 +233,82 @@ fn batches_are_stored_once_and_dedupe_survives_a_restart() {
     assert_eq!(
         devices["devices"][0]["gaps"].as_array().map(Vec::len),
         Some(1)
+    );
+}
+
+/// Records `seqs` of `gw-x` as the gateway `name` would send them: two gateways sharing the id send
+/// the same seqs with different payloads.
+fn batch_from(name: &str, seqs: std::ops::RangeInclusive<u64>) -> Value {
+    let records: Vec<Value> = seqs
+        .map(|seq| {
+            json!({"seq": seq, "ts_ms": 1763700000000u64 + seq, "topic": "sensors/t1",
+                          "payload": {"box": name, "n": seq}})
+        })
+        .collect();
+    json!({"device_id": "gw-x", "records": records})
+}
+
+#[test]
+fn a_seq_resent_with_other_content_is_an_identity_clash_across_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cloud = Cloud::start(dir.path(), &[]);
+    let clash_error = json!({"error": "device_id gw-x: seq 2 already stored with different content; \
+                                       two gateways share this device id (cloned image?)"});
+
+    let original = batch_from("a", 1..=3);
+    assert_eq!(
+        cloud.post_gzip(&original),
+        (200, json!({"accepted": 3, "duplicates": 0}))
+    );
+    let (_, stored) = cloud.get("/v1/devices/gw-x/records");
+
+    // A clone of box "a" sends its own seqs 2 to 4: 2 and 3 clash, 4 is new but not stored either.
+    let clone = batch_from("b", 2..=4);
+    assert_eq!(cloud.post_gzip(&clone), (409, clash_error.clone()));
+    assert_eq!(cloud.get("/v1/devices/gw-x/records"), (200, stored.clone()));
+    let device = &cloud.get_json("/v1/devices")["devices"][0];
+    assert_eq!(
+        (&device["records"], &device["highest_seq"]),
+        (&json!(3), &json!(3))
+    );
+    assert_eq!(device["clashes_total"], 2);
+    let clashes = device["clashes"].as_array().expect("clashes is an array");
+    let seqs: Vec<&Value> = clashes.iter().map(|c| &c["seq"]).collect();
+    assert_eq!(seqs, vec![&json!(2), &json!(3)]);
+    for clash in clashes {
+        assert_eq!(clash["count"], 1);
+        assert!(
+            clash["first_seen_ms"].as_u64().is_some_and(|t| t > 0),
+            "{clash}"
+        );
+        assert_eq!(clash["first_seen_ms"], clash["last_seen_ms"]);
+    }
+
+    // Box "a" resending its own records is a plain duplicate.
+    assert_eq!(
+        cloud.post_gzip(&original),
+        (200, json!({"accepted": 0, "duplicates": 3}))
+    );
+    let stats = cloud.get_json("/v1/stats");
+    assert_eq!(stats["status"], json!({"200": 2, "409": 1}));
+    assert_eq!(stats["rejected"], 1);
+
+    assert!(cloud.terminate().success(), "exit status after SIGTERM");
+    drop(cloud);
+
+    // The fingerprints are rebuilt from the stored lines: no false clash, and still a clash.
+    let cloud = Cloud::start(dir.path(), &[]);
+    assert_eq!(
+        cloud.post_gzip(&original),
+        (200, json!({"accepted": 0, "duplicates": 3}))
+    );
+    assert_eq!(cloud.post_gzip(&clone), (409, clash_error));
+    assert_eq!(cloud.get("/v1/devices/gw-x/records"), (200, stored));
+    let device = &cloud.get_json("/v1/devices")["devices"][0];
+    assert_eq!(device["records"], 3);
+    assert_eq!(
+        device["clashes_total"], 2,
+        "clashes are counted since the start"
     );
 }
 

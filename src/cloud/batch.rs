@@ -4,6 +4,10 @@
 //! Pure: no I/O, no state. The body is read as a `serde_json::Value` rather than into
 //! `protocol::Batch`, because a receiver must tell a device exactly what was wrong, and because key
 //! presence matters (`"payload": null` is a JSON payload, a missing `payload` is not).
+//!
+//! Also the one definition of a record's content fingerprint ([`Record::fingerprint`]), used both for
+//! an incoming record and for a stored line read back at start ([`stored_record`]), so that the two
+//! always agree.
 
 use std::fmt;
 
@@ -30,6 +34,8 @@ pub struct Record {
     pub seq: u64,
     /// The record object as received, serialized as one line of JSON (no newline).
     pub line: String,
+    /// Hash of the record's content, see [`fingerprint`]. Equal content gives an equal fingerprint.
+    pub fingerprint: u64,
     payload: PayloadView,
 }
 
@@ -143,21 +149,51 @@ pub fn parse(body: &[u8]) -> Result<Batch, Invalid> {
 }
 
 fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
-    let at = |field: &str| format!("records[{i}].{field}");
     let Value::Object(fields) = item else {
         return Err(invalid(format!("records[{i}]"), "not a json object"));
     };
-    let seq = require_seq(&fields, "seq", &at)?;
-    require_u64(&fields, "ts_ms", &at)?;
-    match fields.get("topic") {
+    let (seq, fingerprint, payload) = check_record(&format!("records[{i}]"), &fields)?;
+    // Serializing a `Value` only fails for maps with non-string keys, which JSON cannot produce.
+    let line = Value::Object(fields).to_string();
+    Ok(Record {
+        seq,
+        line,
+        fingerprint,
+        payload,
+    })
+}
+
+/// Reads back a line of a records file: its seq and content fingerprint. The line goes through the
+/// same checks and the same [`fingerprint`] as an incoming record, so a resend of a stored record
+/// matches it after a restart.
+pub fn stored_record(line: &[u8]) -> Result<(u64, u64), Invalid> {
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|e| invalid("record", format!("invalid json: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(invalid("record", "not a json object"));
+    };
+    let (seq, fingerprint, _) = check_record("record", &fields)?;
+    Ok((seq, fingerprint))
+}
+
+/// Checks the fields of the record object at `place`; returns its seq, fingerprint and payload.
+fn check_record(
+    place: &str,
+    fields: &Map<String, Value>,
+) -> Result<(u64, u64, PayloadView), Invalid> {
+    let at = |field: &str| format!("{place}.{field}");
+    let seq = require_seq(fields, "seq", &at)?;
+    let ts_ms = require_u64(fields, "ts_ms", &at)?;
+    let topic = match fields.get("topic") {
         None => return Err(invalid(at("topic"), "missing")),
-        Some(Value::String(_)) => {}
+        Some(Value::String(topic)) => topic,
         Some(_) => return Err(invalid(at("topic"), "not a string")),
-    }
-    match fields.get("parse_error") {
-        None | Some(Value::Bool(_)) => {}
+    };
+    let parse_error = match fields.get("parse_error") {
+        None => false,
+        Some(Value::Bool(flag)) => *flag,
         Some(_) => return Err(invalid(at("parse_error"), "not a boolean")),
-    }
+    };
 
     let forms: Vec<&str> = ["payload", "payload_text", "payload_b64"]
         .into_iter()
@@ -165,10 +201,7 @@ fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
         .collect();
     let payload = match forms.as_slice() {
         [] => {
-            return Err(invalid(
-                format!("records[{i}]"),
-                "none of payload, payload_text, payload_b64",
-            ));
+            return Err(invalid(place, "none of payload, payload_text, payload_b64"));
         }
         ["payload"] => PayloadView::Json(
             fields
@@ -188,15 +221,63 @@ fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
         },
         _ => {
             return Err(invalid(
-                format!("records[{i}]"),
+                place,
                 format!("more than one payload form ({})", forms.join(", ")),
             ));
         }
     };
+    let fingerprint = fingerprint(topic, ts_ms, &payload, parse_error);
+    Ok((seq, fingerprint, payload))
+}
 
-    // Serializing a `Value` only fails for maps with non-string keys, which JSON cannot produce.
-    let line = Value::Object(fields).to_string();
-    Ok(Record { seq, line, payload })
+/// The content fingerprint of a record: 64-bit FNV-1a over its canonical form, which is, in order,
+/// the topic, `ts_ms`, the payload form, the payload and `parse_error`. The payload is the JSON text
+/// serde_json writes for the value (object keys sorted), the text, or the decoded bytes, so
+/// re-encodings of the same content (key order, whitespace, `"parse_error": false` against no
+/// `parse_error`, fields this receiver does not know) hash the same, while a JSON `"5"` and a text
+/// `5` do not. Variable-length parts are prefixed with their length, so no two contents share a
+/// canonical form.
+///
+/// Fingerprints are never written to disk (they are recomputed from the stored lines at start), so
+/// this form may change between versions. Two different contents collide with probability about
+/// 2^-64 per comparison, which would let a clash pass as a duplicate; equal contents never differ.
+fn fingerprint(topic: &str, ts_ms: u64, payload: &PayloadView, parse_error: bool) -> u64 {
+    let (form, bytes): (u8, &[u8]) = match payload {
+        PayloadView::Json(text) => (0, text.as_bytes()),
+        PayloadView::Text(text) => (1, text.as_bytes()),
+        PayloadView::Bytes(bytes) => (2, bytes),
+    };
+    let mut hash = Fnv1a::new();
+    hash.write(&(topic.len() as u64).to_le_bytes());
+    hash.write(topic.as_bytes());
+    hash.write(&ts_ms.to_le_bytes());
+    hash.write(&[form]);
+    hash.write(&(bytes.len() as u64).to_le_bytes());
+    hash.write(bytes);
+    hash.write(&[u8::from(parse_error)]);
+    hash.finish()
+}
+
+/// 64-bit FNV-1a: tiny, and enough to tell two contents apart by accident. It is not collision
+/// resistant, but a crafted collision gains nothing: the crafted record counts as a duplicate and is
+/// dropped.
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Fnv1a {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 fn parse_gap(i: usize, item: Value) -> Result<Gap, Invalid> {
@@ -452,6 +533,86 @@ mod tests {
             error(br#"{"device_id": "d", "records": {}}"#),
             Err("records: not an array".to_owned())
         );
+    }
+
+    fn fingerprint_of(record: Value) -> u64 {
+        let batch =
+            parse(&body(json!({"device_id": "d", "records": [record]}))).expect("valid batch");
+        batch.records[0].fingerprint
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_how_the_same_content_is_written() {
+        let reference = fingerprint_of(json!(
+            {"seq": 1, "ts_ms": 5, "topic": "t", "payload": {"a": 1, "b": [1.5, null]}}));
+        let rewritten = br#"{"device_id":"d","records":[
+            { "payload" : {"b":[1.50, null] , "a":1}, "topic":"t", "ts_ms":5, "seq":1,
+              "parse_error": false, "added_in_v1_1": "x" }]}"#;
+        let batch = parse(rewritten).expect("valid batch");
+        assert_eq!(batch.records[0].fingerprint, reference);
+        // The seq is not content: the same content under another seq has the same fingerprint.
+        assert_eq!(
+            fingerprint_of(json!(
+                {"seq": 9, "ts_ms": 5, "topic": "t", "payload": {"b": [1.5, null], "a": 1}})),
+            reference
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_tells_every_part_of_the_content_apart() {
+        let base = json!({"seq": 1, "ts_ms": 5, "topic": "t", "payload": "5"});
+        let variants = [
+            json!({"seq": 1, "ts_ms": 5, "topic": "t", "payload_text": "5"}),
+            json!({"seq": 1, "ts_ms": 5, "topic": "t", "payload": 5}),
+            json!({"seq": 1, "ts_ms": 5, "topic": "t", "payload_b64": "IjUi"}),
+            json!({"seq": 1, "ts_ms": 5, "topic": "t", "payload": "5", "parse_error": true}),
+            json!({"seq": 1, "ts_ms": 6, "topic": "t", "payload": "5"}),
+            json!({"seq": 1, "ts_ms": 5, "topic": "u", "payload": "5"}),
+            json!({"seq": 1, "ts_ms": 5, "topic": "t", "payload": "6"}),
+        ];
+        let mut seen = vec![fingerprint_of(base)];
+        for variant in variants {
+            let fingerprint = fingerprint_of(variant.clone());
+            assert!(
+                !seen.contains(&fingerprint),
+                "{variant} hashes like another"
+            );
+            seen.push(fingerprint);
+        }
+        // Length prefixes keep the boundary between topic and payload.
+        assert_ne!(
+            fingerprint_of(json!({"seq": 1, "ts_ms": 5, "topic": "ab", "payload_text": "c"})),
+            fingerprint_of(json!({"seq": 1, "ts_ms": 5, "topic": "a", "payload_text": "bc"}))
+        );
+    }
+
+    #[test]
+    fn a_stored_line_reads_back_with_the_fingerprint_it_was_received_with() {
+        let batch = parse(&body(example())).expect("valid batch");
+        for record in &batch.records {
+            assert_eq!(
+                stored_record(record.line.as_bytes()),
+                Ok((record.seq, record.fingerprint)),
+                "{}",
+                record.line
+            );
+        }
+        assert_eq!(
+            stored_record(b"{\"seq\": 1}").map_err(|e| e.to_string()),
+            Err("record.ts_ms: missing".to_owned())
+        );
+    }
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        let hash = |bytes: &[u8]| {
+            let mut h = Fnv1a::new();
+            h.write(bytes);
+            h.finish()
+        };
+        assert_eq!(hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(hash(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]

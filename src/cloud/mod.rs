@@ -6,7 +6,8 @@
 //! are validated by [`batch`] (pure), stored by [`store`] (the owner of the data directory), and seqs
 //! are tracked in [`ranges`]. Durability: `200` is answered only after the new records and gaps are
 //! fsynced, so everything acknowledged survives a crash; dedupe by `(device_id, seq)` makes resends
-//! harmless.
+//! harmless. A stored seq that comes again with different content ([`fingerprints`]) means two
+//! gateways share a device id: that batch is answered `409` and stored not at all.
 //!
 //! Endpoints: `POST /v1/ingest`, `GET /v1/devices`, `GET /v1/devices/<id>/records`, `GET /v1/stats`.
 //! Every error answer has a JSON body `{"error": "..."}`.
@@ -17,6 +18,7 @@
 //! [`MAX_DRAINABLE_BYTES`]).
 
 pub mod batch;
+pub mod fingerprints;
 pub mod ranges;
 pub mod store;
 
@@ -32,7 +34,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use flate2::read::MultiGzDecoder;
-use log::{debug, error, info, warn};
+use log::{Level, debug, error, info, log, warn};
 use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
@@ -276,10 +278,17 @@ fn serve(shared: &Shared, mut request: Request) {
             None => Reply::error(404, format!("no such path {path}")),
         },
     };
-    // 5xx answers are logged with their cause where they are made.
+    // 5xx answers are logged with their cause where they are made. An identity clash needs an
+    // operator (give one gateway a new id); other refusals are the device's problem.
     if is_ingest && (400..500).contains(&reply.status) {
         if let Body::Json(body) = &reply.body {
-            warn!(
+            let level = if reply.status == 409 {
+                Level::Error
+            } else {
+                Level::Warn
+            };
+            log!(
+                level,
                 "batch refused status={} remote={} error={}",
                 reply.status,
                 remote(&request),
@@ -429,6 +438,7 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
         Err(e @ store::Error::ReservedDeviceId { .. }) => {
             Err(Reply::error(400, format!("device_id: {e}")))
         }
+        Err(e @ store::Error::Clash { .. }) => Err(Reply::error(409, e.to_string())),
         Err(e) => {
             error!(
                 "batch not stored device={} error={}",
@@ -537,6 +547,11 @@ fn devices(shared: &Shared) -> Reply {
                 "gaps": d.gaps.iter().map(|g| json!({
                     "from_seq": g.from_seq, "to_seq": g.to_seq, "reason": g.reason.as_str()
                 })).collect::<Vec<_>>(),
+                "clashes": d.clashes.iter().map(|c| json!({
+                    "seq": c.seq, "first_seen_ms": c.first_seen_ms,
+                    "last_seen_ms": c.last_seen_ms, "count": c.count
+                })).collect::<Vec<_>>(),
+                "clashes_total": d.clashes_total,
             })
         })
         .collect();

@@ -14,25 +14,37 @@
 //! [`Store::open`] drops it (truncating the file) and the device resends it. A failed write is cut
 //! back the same way before the error is returned. Any other malformed line stops the start.
 //!
-//! In memory each device keeps only a [`RangeSet`] of stored seqs and its gaps. A device's files are
-//! written under that device's mutex; the map of devices has its own mutex, held only to look a
-//! device up.
+//! In memory each device keeps a [`RangeSet`] of stored seqs, its gaps, the content [`Fingerprints`]
+//! of its stored records (about 8 bytes per record, see that module), and the identity clashes seen
+//! since this start. A device's files are written under that device's mutex; the map of devices has
+//! its own mutex, held only to look a device up.
+//!
+//! Identity clashes: a record whose seq is stored with a different fingerprint was not sent by the
+//! gateway that sent the stored one (a seq is never reused), so two gateways share the device id,
+//! typically a cloned image. [`Store::ingest`] refuses such a batch as a whole
+//! ([`Error::Clash`], stores nothing of it) and remembers the clash for [`Store::devices`]: the
+//! [`MAX_CLASHES`] most recently clashing seqs and a total. Clashes are not written to disk; a
+//! restart forgets them until the clashing gateway sends again, which it keeps doing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
-use serde::Deserialize;
 
 use super::batch::{self, Batch};
+use super::fingerprints::Fingerprints;
 use super::ranges::RangeSet;
 use crate::protocol::Gap;
 
 const RECORDS_SUFFIX: &str = ".ndjson";
 const GAPS_SUFFIX: &str = ".gaps.ndjson";
+/// Clashing seqs remembered per device; beyond it the least recently clashing one is forgotten
+/// (still counted in [`DeviceSummary::clashes_total`]).
+pub const MAX_CLASHES: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,6 +72,11 @@ pub enum Error {
     Sync { path: PathBuf, source: io::Error },
     #[error("device id {device_id} ends in .gaps, which names this receiver's gap files")]
     ReservedDeviceId { device_id: String },
+    /// The batch was refused: `seq` (its lowest clashing seq) is stored with other content.
+    #[error(
+        "device_id {device_id}: seq {seq} already stored with different content; two gateways share this device id (cloned image?)"
+    )]
+    Clash { device_id: String, seq: u64 },
 }
 
 /// Owner of the data directory. Shared between worker threads by reference.
@@ -72,6 +89,12 @@ pub struct Store {
 #[derive(Debug, Default)]
 struct Device {
     records: RangeSet,
+    /// Of every seq in `records`.
+    fingerprints: Fingerprints,
+    /// At most [`MAX_CLASHES`], in no particular order.
+    clashes: Vec<Clash>,
+    /// Clashing records refused since this start, each time one was sent.
+    clashes_total: u64,
     /// In the order they were stored.
     gaps: Vec<Gap>,
     /// `(from_seq, to_seq, reason)` of every stored gap, to store each gap once.
@@ -101,12 +124,21 @@ pub struct DeviceSummary {
     /// Ranges of `1..=max(highest record seq, highest gap seq)` covered by neither a record nor a gap.
     pub missing: Vec<(u64, u64)>,
     pub gaps: Vec<Gap>,
+    /// The most recently clashing seqs (at most [`MAX_CLASHES`]), ascending by seq.
+    pub clashes: Vec<Clash>,
+    /// Clashing records refused since this start, including those no longer in `clashes`.
+    pub clashes_total: u64,
 }
 
-/// The only field of a stored record line the store needs back.
-#[derive(Deserialize)]
-struct StoredRecord {
-    seq: u64,
+/// A seq that arrived with content other than the stored one, since this start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clash {
+    pub seq: u64,
+    /// Wall-clock time of the first and the latest refusal, milliseconds since the Unix epoch.
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    /// How many times a record with this seq was refused as a clash.
+    pub count: u64,
 }
 
 impl Store {
@@ -157,14 +189,12 @@ impl Store {
                 })?;
             } else {
                 for_each_line(&path, |line| {
-                    let record: StoredRecord =
-                        serde_json::from_slice(line).map_err(|e| e.to_string())?;
-                    if record.seq == 0 {
-                        return Err("seq 0 is not a seq".to_owned());
-                    }
+                    let (seq, fingerprint) =
+                        batch::stored_record(line).map_err(|e| e.to_string())?;
                     // A repeated seq cannot be written by this store; if one is there anyway the
-                    // record is simply stored, which is all the state needs to know.
-                    device.records.insert(record.seq);
+                    // first copy is the stored one, as at ingest.
+                    device.records.insert(seq);
+                    device.fingerprints.insert(seq, fingerprint);
                     Ok(())
                 })?;
             }
@@ -190,8 +220,17 @@ impl Store {
 
     /// Stores the records and gaps of `batch` that are not stored yet. Returns only after they are on
     /// disk; on error nothing of the failed file is left behind, and the records of an earlier file
-    /// that did succeed are remembered (a resend counts them as duplicates).
+    /// that did succeed are remembered (a resend counts them as duplicates). A stored seq sent again
+    /// with the same content is a duplicate; with other content the whole batch is refused with
+    /// [`Error::Clash`] before anything is written.
     pub fn ingest(&self, batch: &Batch) -> Result<Outcome, Error> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.ingest_at(batch, now_ms)
+    }
+
+    fn ingest_at(&self, batch: &Batch, now_ms: u64) -> Result<Outcome, Error> {
         if is_reserved(&batch.device_id) {
             return Err(Error::ReservedDeviceId {
                 device_id: batch.device_id.clone(),
@@ -201,23 +240,36 @@ impl Store {
         let mut device = lock(&handle);
 
         let mut lines = String::new();
-        let mut new_seqs = Vec::new();
+        let mut new_records = Vec::new();
+        let mut clashing = Vec::new();
         for record in &batch.records {
-            if !device.records.contains(record.seq) {
-                lines.push_str(&record.line);
-                lines.push('\n');
-                new_seqs.push(record.seq);
+            match device.fingerprints.get(record.seq) {
+                None => {
+                    lines.push_str(&record.line);
+                    lines.push('\n');
+                    new_records.push((record.seq, record.fingerprint));
+                }
+                Some(stored) if stored != record.fingerprint => clashing.push(record.seq),
+                Some(_) => {}
             }
         }
-        let accepted = new_seqs.len() as u64;
-        if !new_seqs.is_empty() {
+        if let Some(&seq) = clashing.first() {
+            device.note_clashes(&clashing, now_ms);
+            return Err(Error::Clash {
+                device_id: batch.device_id.clone(),
+                seq,
+            });
+        }
+        let accepted = new_records.len() as u64;
+        if !new_records.is_empty() {
             append_synced(
                 &self.dir,
                 &self.records_path(&batch.device_id),
                 lines.as_bytes(),
             )?;
-            for seq in new_seqs {
+            for (seq, fingerprint) in new_records {
                 device.records.insert(seq);
+                device.fingerprints.insert(seq, fingerprint);
             }
         }
 
@@ -261,6 +313,7 @@ impl Store {
             .into_iter()
             .filter_map(|(device_id, handle)| {
                 let device = lock(&handle);
+                // A device with clashes has records: a clash is with a stored record.
                 if device.records.is_empty() && device.gaps.is_empty() {
                     return None;
                 }
@@ -273,6 +326,12 @@ impl Store {
                     highest_seq: device.records.max().unwrap_or(0),
                     missing: covered.complement(1, upper),
                     gaps: device.gaps.clone(),
+                    clashes: {
+                        let mut clashes = device.clashes.clone();
+                        clashes.sort_by_key(|c| c.seq);
+                        clashes
+                    },
+                    clashes_total: device.clashes_total,
                 })
             })
             .collect()
@@ -317,6 +376,40 @@ impl Device {
         if self.gap_keys.insert(gap_key(&gap)) {
             self.gaps.push(gap);
             self.gap_seqs.insert_range(gap.from_seq, gap.to_seq);
+        }
+    }
+
+    /// Records one refusal of each of `seqs` (ascending) at `now_ms`, keeping the [`MAX_CLASHES`]
+    /// most recently clashing seqs; among seqs refused at the same time the highest are kept.
+    fn note_clashes(&mut self, seqs: &[u64], now_ms: u64) {
+        self.clashes_total += seqs.len() as u64;
+        // The lower seqs of a batch with more clashes than the list holds would be pushed out again
+        // by the higher ones; skip them. The scans below are linear, fine for a list this short.
+        let kept = &seqs[seqs.len().saturating_sub(MAX_CLASHES)..];
+        for &seq in kept {
+            if let Some(clash) = self.clashes.iter_mut().find(|c| c.seq == seq) {
+                clash.count += 1;
+                clash.last_seen_ms = now_ms;
+                continue;
+            }
+            if self.clashes.len() >= MAX_CLASHES {
+                // Forget the least recently clashing seq, the lowest of them on a tie.
+                if let Some(oldest) = self
+                    .clashes
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, c)| (c.last_seen_ms, c.seq))
+                    .map(|(i, _)| i)
+                {
+                    self.clashes.swap_remove(oldest);
+                }
+            }
+            self.clashes.push(Clash {
+                seq,
+                first_seen_ms: now_ms,
+                last_seen_ms: now_ms,
+                count: 1,
+            });
         }
     }
 }
@@ -474,6 +567,23 @@ mod tests {
         batch::parse(body.as_bytes()).expect("test batch is valid")
     }
 
+    /// A batch of `gw-01` with the given record objects and gaps, written as JSON.
+    fn batch_of(records: &[&str], gaps: &[&str]) -> Batch {
+        let body = format!(
+            r#"{{"device_id":"gw-01","records":[{}],"gaps":[{}]}}"#,
+            records.join(","),
+            gaps.join(",")
+        );
+        batch::parse(body.as_bytes()).expect("test batch is valid")
+    }
+
+    fn clash_seq(result: Result<Outcome, Error>) -> u64 {
+        match result {
+            Err(Error::Clash { seq, .. }) => seq,
+            other => panic!("expected a clash, got {other:?}"),
+        }
+    }
+
     fn outcome(accepted: u64, duplicates: u64, new_gaps: u64) -> Outcome {
         Outcome {
             accepted,
@@ -540,7 +650,8 @@ mod tests {
     fn a_torn_last_line_is_dropped_and_the_file_truncated() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("gw-01.ndjson");
-        let good = "{\"seq\":1,\"ts_ms\":1,\"topic\":\"t\",\"payload\":1}\n";
+        // Seq 1 as `batch` writes it, so that its resend below is a duplicate.
+        let good = "{\"payload_text\":\"r1\",\"seq\":1,\"topic\":\"t\",\"ts_ms\":1}\n";
         fs::write(&path, format!("{good}{{\"seq\":2,\"ts_m")).expect("write");
 
         let store = Store::open(dir.path()).expect("open despite the torn line");
@@ -559,7 +670,8 @@ mod tests {
     fn a_malformed_line_before_the_end_names_file_and_line() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("gw-01.ndjson");
-        fs::write(&path, "{\"seq\":1}\nnot json\n{\"seq\":3}\n").expect("write");
+        let record = |seq| format!(r#"{{"seq":{seq},"ts_ms":1,"topic":"t","payload":1}}"#);
+        fs::write(&path, format!("{}\nnot json\n{}\n", record(1), record(3))).expect("write");
         match Store::open(dir.path()) {
             Err(Error::Malformed { path: p, line, .. }) => {
                 assert_eq!(p, path);
@@ -567,6 +679,23 @@ mod tests {
             }
             other => panic!("expected a malformed-line error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_stored_line_that_is_not_a_valid_record_stops_the_start() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        fs::write(
+            dir.path().join("d.ndjson"),
+            "{\"seq\":1,\"ts_ms\":1,\"payload\":1}\n",
+        )
+        .expect("write");
+        let error = Store::open(dir.path()).expect_err("must refuse");
+        assert!(
+            error
+                .to_string()
+                .ends_with("d.ndjson:1: record.topic: missing"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -645,5 +774,138 @@ mod tests {
         let (_, len) = store.records_file("d").expect("lookup").expect("file");
         let text = fs::read_to_string(dir.path().join("d.ndjson")).expect("read");
         assert_eq!(len, text.len() as u64);
+    }
+
+    #[test]
+    fn a_stored_seq_with_other_content_refuses_the_whole_batch() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .ingest(&batch("gw-01", &[1, 2, 3], &[]))
+            .expect("ingest");
+        let path = dir.path().join("gw-01.ndjson");
+        let before = fs::read_to_string(&path).expect("read");
+
+        // Seq 2 is stored as "r2"; 3 is a true duplicate, 4 is new, and there is a new gap.
+        let clashing = batch_of(
+            &[
+                r#"{"seq":2,"ts_ms":1,"topic":"t","payload_text":"other box"}"#,
+                r#"{"seq":3,"ts_ms":1,"topic":"t","payload_text":"r3"}"#,
+                r#"{"seq":4,"ts_ms":1,"topic":"t","payload_text":"r4"}"#,
+            ],
+            &[r#"{"from_seq":5,"to_seq":6,"reason":"journal_full"}"#],
+        );
+        let error = store.ingest(&clashing).expect_err("must refuse");
+        assert_eq!(
+            error.to_string(),
+            "device_id gw-01: seq 2 already stored with different content; \
+             two gateways share this device id (cloned image?)"
+        );
+        assert_eq!(fs::read_to_string(&path).expect("read"), before);
+        assert!(!dir.path().join("gw-01.gaps.ndjson").exists());
+        let device = &store.devices()[0];
+        assert_eq!((device.records, device.highest_seq), (3, 3));
+        assert_eq!(device.gaps, vec![]);
+        assert_eq!(
+            device.clashes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(device.clashes_total, 1);
+
+        // The owner of the id resending its own records is unaffected.
+        assert_eq!(
+            store
+                .ingest(&batch("gw-01", &[2, 3, 4], &[]))
+                .expect("ingest"),
+            outcome(1, 2, 0)
+        );
+    }
+
+    #[test]
+    fn clashes_are_counted_per_seq_with_first_and_last_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        store.ingest(&batch("gw-01", &[1, 2], &[])).expect("ingest");
+        let other = |seqs: &[u64]| {
+            let records: Vec<String> = seqs
+                .iter()
+                .map(|s| format!(r#"{{"seq":{s},"ts_ms":2,"topic":"t","payload_text":"x"}}"#))
+                .collect();
+            batch_of(&records.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+        };
+        assert_eq!(clash_seq(store.ingest_at(&other(&[1, 2]), 1000)), 1);
+        assert_eq!(clash_seq(store.ingest_at(&other(&[2]), 2000)), 2);
+        let device = &store.devices()[0];
+        assert_eq!(
+            device.clashes,
+            vec![
+                Clash {
+                    seq: 1,
+                    first_seen_ms: 1000,
+                    last_seen_ms: 1000,
+                    count: 1
+                },
+                Clash {
+                    seq: 2,
+                    first_seen_ms: 1000,
+                    last_seen_ms: 2000,
+                    count: 2
+                },
+            ]
+        );
+        assert_eq!(device.clashes_total, 3);
+    }
+
+    #[test]
+    fn only_the_most_recently_clashing_seqs_are_listed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let seqs: Vec<u64> = (1..=250).collect();
+        store.ingest(&batch("gw-01", &seqs, &[])).expect("ingest");
+        let other = |seqs: &[u64]| {
+            let records: Vec<String> = seqs
+                .iter()
+                .map(|s| format!(r#"{{"seq":{s},"ts_ms":2,"topic":"t","payload_text":"x"}}"#))
+                .collect();
+            batch_of(&records.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+        };
+        // Seq 7 clashes first; then one batch clashes on 51..=200 at once, keeping 101..=200;
+        // then 250 pushes out the lowest of those.
+        clash_seq(store.ingest_at(&other(&[7]), 1));
+        clash_seq(store.ingest_at(&other(&(51..=200).collect::<Vec<_>>()), 2));
+        clash_seq(store.ingest_at(&other(&[250]), 3));
+        let device = &store.devices()[0];
+        let listed: Vec<u64> = device.clashes.iter().map(|c| c.seq).collect();
+        let expected: Vec<u64> = (102..=200).chain([250]).collect();
+        assert_eq!(listed, expected);
+        assert_eq!(device.clashes.len(), MAX_CLASHES);
+        assert_eq!(device.clashes_total, 1 + 150 + 1);
+    }
+
+    /// Regression guard: if the fingerprint read back from a stored line differed from the one
+    /// computed at ingest, every resend after a restart would be refused as a clash.
+    #[test]
+    fn after_a_restart_a_resend_is_a_duplicate_and_other_content_still_clashes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let records = [
+            r#"{"seq":1,"ts_ms":1763700000000,"topic":"s/t1","payload":{"t":21.5,"a":[1e-7,null,"é\n"]}}"#,
+            r#"{"seq":2,"ts_ms":2,"topic":"s/raw","payload_b64":"AAEC"}"#,
+            r#"{"seq":3,"ts_ms":3,"topic":"log","payload_text":"héllo \"q\""}"#,
+            r#"{"seq":4,"ts_ms":4,"topic":"bad","payload_b64":"e30=","parse_error":true}"#,
+            r#"{"seq":5,"ts_ms":5,"topic":"n","payload":null}"#,
+            r#"{"seq":6,"ts_ms":6,"topic":"big","payload":18446744073709551615}"#,
+        ];
+        let original = batch_of(&records, &[]);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert_eq!(store.ingest(&original).expect("ingest"), outcome(6, 0, 0));
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.ingest(&original).expect("resend"), outcome(0, 6, 0));
+        let changed = batch_of(
+            &[r#"{"seq":4,"ts_ms":4,"topic":"bad","payload_b64":"e30="}"#],
+            &[],
+        );
+        assert_eq!(clash_seq(store.ingest(&changed)), 4);
     }
 }
