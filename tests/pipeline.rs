@@ -355,3 +355,47 @@ fn the_status_command_explains_when_no_agent_runs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
 }
+
+/// Two gateways flashed from one image send under the same device id: the cloud refuses the
+/// second one's clashing seqs with 409 and lists the clash; that agent keeps its data and says in
+/// its log how to give it a new identity.
+#[test]
+fn a_cloned_identity_is_refused_visibly_and_keeps_its_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let broker_a = Mosquitto::start(&tmp.path().join("mqtt-a"));
+    let broker_b = Mosquitto::start(&tmp.path().join("mqtt-b"));
+    let a = Agent::standard(&tmp.path().join("a"), broker_a.port, &cloud.url());
+    let b = Agent::standard(&tmp.path().join("b"), broker_b.port, &cloud.url());
+    wait_until("both connected", Duration::from_secs(10), || {
+        a.status()["mqtt_connected"] == true && b.status()["mqtt_connected"] == true
+    });
+    publish(broker_a.port, "sensors/a", numbered(0..10));
+    wait_until("a delivered", Duration::from_secs(20), || {
+        a.status()["acked_seq"] == 10
+    });
+    publish(broker_b.port, "sensors/b", numbered(100..110));
+    wait_until("b refused", Duration::from_secs(20), || {
+        b.status()["uplink"]["state"] == "refused"
+    });
+
+    let st = b.status();
+    assert_eq!(st["acked_seq"], 0, "nothing of b's was taken");
+    assert_eq!(st["backlog_records"], 10, "b keeps its data");
+    assert_eq!(st["dead_letters"], 0);
+    let log = b.log_text();
+    assert!(
+        log.contains("status 409") && log.contains("delete device-id"),
+        "the log explains the fix: {log}"
+    );
+    let device = cloud.device(DEVICE).unwrap();
+    assert!(
+        !device["clashes"].as_array().unwrap().is_empty(),
+        "the cloud lists the clash: {device}"
+    );
+    assert_eq!(
+        numbers(&cloud.records(DEVICE)),
+        (0..10).collect::<Vec<_>>(),
+        "a's records are untouched"
+    );
+}

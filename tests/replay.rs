@@ -84,3 +84,60 @@ fn a_backlog_drains_at_the_configured_rate() {
     );
     assert_exactly_once(&cloud.records(DEVICE), TOTAL);
 }
+
+/// A cloud that protects itself with 429 + `Retry-After`: the agent (with no limit of its own)
+/// slows down by itself instead of hammering, honours Retry-After, and delivers everything once.
+#[test]
+fn pushback_from_the_cloud_slows_the_drain_by_itself() {
+    const TOTAL: u64 = 10_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let mut cloud = Cloud::start_with(
+        &tmp.path().join("cloud"),
+        free_port(),
+        &["--max-records-per-sec", "2000"],
+    );
+    cloud.stop();
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "")
+        .replace("batch_max_records = 100", "batch_max_records = 500");
+    let agent = Agent::start(&dir, &config, control);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+    publish(broker.port, "sensors/storm", numbered(0..TOTAL));
+    wait_until("backlog journaled", Duration::from_secs(60), || {
+        agent.status()["head_seq"] == TOTAL
+    });
+
+    cloud.start_again();
+    let mut saw_limit = false;
+    wait_until("all delivered", Duration::from_secs(120), || {
+        let st = agent.status();
+        saw_limit |= st["uplink"]["limit_records_per_sec"].as_f64().is_some();
+        st["acked_seq"] == TOTAL
+    });
+    assert!(saw_limit, "after a 429 the agent set itself a drain limit");
+    assert_exactly_once(&cloud.records(DEVICE), TOTAL);
+    let stats = cloud.stats();
+    let throttled = stats["status"]["429"].as_u64().unwrap_or(0);
+    let requests = stats["requests"].as_u64().unwrap();
+    eprintln!("requests={requests} throttled={throttled}");
+    assert!(throttled >= 1, "the cloud did push back: {stats}");
+    assert!(
+        throttled * 4 < requests,
+        "the agent slowed down instead of hammering: {stats}"
+    );
+    // Every retry after a 429 waited at least the Retry-After second.
+    let log = agent.log_text();
+    for line in log.lines().filter(|l| l.contains("status 429")) {
+        let Some(wait) = line.split("retry_in=").nth(1) else {
+            continue;
+        };
+        assert!(
+            !wait.starts_with("0") && !wait.contains("ms"),
+            "retried sooner than Retry-After: {line}"
+        );
+    }
+}

@@ -14,6 +14,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
 usage: ferry-cloud --listen HOST:PORT --data DIR [--reject-marker STR] [--token TOKEN]
+                   [--max-records-per-sec N]
 
 Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
 
@@ -21,6 +22,8 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          'listening on <addr>' on stdout once accepting.
   --data DIR             directory of the stored records and gaps (created if missing)
   --reject-marker STR    answer 422 to any batch with a record whose payload contains STR
+  --max-records-per-sec N
+                         answer 429 (Retry-After: 1) to batches over N records per second
   --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads
   -h, --help             print this help
 
@@ -75,6 +78,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut data = None;
     let mut reject_marker = None;
     let mut token = None;
+    let mut max_rate = None;
     while let Some(arg) = args.next() {
         let text = arg.to_string_lossy();
         let (flag, inline) = match text.split_once('=') {
@@ -89,6 +93,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--data" => &mut data,
             "--reject-marker" => &mut reject_marker,
             "--token" => &mut token,
+            "--max-records-per-sec" => &mut max_rate,
             _ => return Err(format!("unknown argument {flag}")),
         };
         let value = match inline.or_else(|| args.next()) {
@@ -111,6 +116,15 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             .map(|v| text("--reject-marker", v))
             .transpose()?,
         token: token.map(|v| text("--token", v)).transpose()?,
+        max_records_per_sec: max_rate
+            .map(|v| {
+                text("--max-records-per-sec", v)?
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| "--max-records-per-sec needs a positive integer".to_string())
+            })
+            .transpose()?,
         workers: WORKERS,
     }))
 }

@@ -62,6 +62,9 @@ pub struct Config {
     pub reject_marker: Option<String>,
     /// When set, `POST /v1/ingest` requires `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// When set, batches that would take the records accepted in the current second past this
+    /// are answered 429 with `Retry-After: 1` (a cloud protecting its database).
+    pub max_records_per_sec: Option<u64>,
     pub workers: usize,
 }
 
@@ -126,6 +129,9 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
         store,
         reject_marker: config.reject_marker,
         token: config.token,
+        rate: config
+            .max_records_per_sec
+            .map(|limit| Mutex::new(RateWindow::new(limit))),
         stats: Mutex::new(Stats::default()),
     });
 
@@ -166,7 +172,39 @@ struct Shared {
     store: Store,
     reject_marker: Option<String>,
     token: Option<String>,
+    rate: Option<Mutex<RateWindow>>,
     stats: Mutex<Stats>,
+}
+
+/// Records accepted in the current one-second window.
+#[derive(Debug)]
+struct RateWindow {
+    limit: u64,
+    start: std::time::Instant,
+    count: u64,
+}
+
+impl RateWindow {
+    fn new(limit: u64) -> RateWindow {
+        RateWindow {
+            limit,
+            start: std::time::Instant::now(),
+            count: 0,
+        }
+    }
+
+    /// Whether `n` more records fit in this second (and counts them if so).
+    fn admit(&mut self, n: u64) -> bool {
+        if self.start.elapsed() >= std::time::Duration::from_secs(1) {
+            self.start = std::time::Instant::now();
+            self.count = 0;
+        }
+        if self.count > 0 && self.count + n > self.limit {
+            return false;
+        }
+        self.count += n;
+        true
+    }
 }
 
 /// Counters of `POST /v1/ingest` answers, for tests that count resends.
@@ -425,6 +463,13 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
         if let Some(record) = batch.records.iter().find(|r| r.payload_contains(marker)) {
             let message = format!("record seq={} rejected by policy", record.seq);
             return Err(Reply::error(422, message));
+        }
+    }
+    if let Some(rate) = &shared.rate {
+        let mut window = rate.lock().unwrap_or_else(|e| e.into_inner());
+        if !window.admit(batch.records.len() as u64) {
+            return Err(Reply::error(429, "over this cloud's records per second")
+                .with_header("Retry-After", "1"));
         }
     }
     match shared.store.ingest(&batch) {

@@ -328,9 +328,19 @@ impl Uplink {
             }
             Verdict::Refused => {
                 self.journal.release();
+                let why = if code == 409 {
+                    format!(
+                        "another gateway sends as device_id={} (a cloned image?); give this one its own \
+                         identity: stop ferry, delete device-id in the journal directory (or set device.id), \
+                         start it; data is kept",
+                        self.device_id
+                    )
+                } else {
+                    "the cloud refuses this device or the url is wrong; data is kept".to_string()
+                };
                 self.fail(
                     "refused",
-                    &format!("status {} {}: the cloud refuses this device or the url is wrong; data is kept", code, snippet(&body)),
+                    &format!("status {} {}: {}", code, snippet(&body), why),
                     retry_after,
                     true,
                 );
