@@ -82,6 +82,8 @@ const MEASURE_EVERY: u64 = 16;
 const COMPACT_ABOVE: f64 = 0.45;
 /// ...and the live data is below this share (otherwise a copy would not free enough).
 const COMPACT_LIVE_BELOW: f64 = 0.2;
+/// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
+const GROUP_SHARE: u64 = 32;
 /// Redelivery marks kept: the broker only redelivers what was in flight, and mosquitto's
 /// `max_inflight_messages` must stay below this (the recommended config uses 100).
 const MAX_MARKS: usize = 1024;
@@ -686,6 +688,11 @@ impl Journal {
             };
             let empty = used == 0 && added_records == 0;
             if used + size > budget && !empty {
+                break;
+            }
+            // One commit may add only so much: sled writes several times what it is given, and
+            // compaction can only keep the files under max_bytes if no single commit jumps far.
+            if added_records > 0 && added_bytes + size > self.inner.max_bytes / GROUP_SHARE {
                 break;
             }
             if let Some(m) = rec.mqtt {
