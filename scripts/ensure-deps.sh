@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the system packages ferry's demo and tests need, when they are missing:
-# mosquitto (broker) and mosquitto-clients (mosquitto_pub, for the demo).
+# mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo) and nginx-light (the reverse
+# proxy in front of ferry-cloud in tests/faults_net.rs).
 # Usage: scripts/ensure-deps.sh [--msrv]   (--msrv also installs Debian's Rust 1.85, rustc-web)
 set -u
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 
 MSRV_VERSION="1.85.0+dfsg3-1~deb12u3"
 if [ "${1:-}" = "--msrv" ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
@@ -28,8 +30,12 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     echo "ensure-deps: mosquitto is still missing" >&2; missing=1
 fi
 command -v mosquitto_pub >/dev/null 2>&1 || { echo "ensure-deps: mosquitto_pub is still missing" >&2; missing=1; }
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    echo "ensure-deps: nginx is still missing" >&2; missing=1
+fi
 if [ "${1:-}" = "--msrv" ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
     echo "ensure-deps: Debian's rustc 1.85 (rustc-web $MSRV_VERSION) is still missing" >&2; missing=1
 fi
-# The mosquitto package starts a system broker on 1883; ferry's tests and demo use their own.
+# The mosquitto and nginx packages start system services (1883, 80); ferry's tests and demo start
+# their own on free ports.
 exit $missing

@@ -579,3 +579,446 @@ pub fn assert_exactly_once(records: &[Value], n: u64) {
     );
     assert_eq!(seen.len() as u64, n);
 }
+
+// ---------------------------------------------------------------- nginx
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+/// A real nginx (master and one worker) on a free port, proxying `/v1/` to `upstream_port` over a
+/// keepalive upstream, with everything it writes (pid, logs, temp files) in its own directory.
+pub struct Nginx {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Nginx {
+    pub fn start(dir: &Path, upstream_port: u16) -> Nginx {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let d = dir.display();
+        // As root the workers would otherwise run as `nobody`, which cannot write the temp dir.
+        // The access log records nginx's connection serial and its request count on that
+        // connection, so a test can see how many connections the agent used.
+        let conf = format!(
+            "{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n\
+               log_format ferry '$connection $connection_requests $status $request_time';\n\
+               access_log {d}/access.log ferry;\n\
+               client_body_temp_path {d}/client_body;\n\
+               proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n\
+               uwsgi_temp_path {d}/uwsgi;\n\
+               scgi_temp_path {d}/scgi;\n\
+               client_max_body_size 16m;\n\
+               upstream cloud {{\n\
+                 server 127.0.0.1:{upstream_port} max_fails=0;\n\
+                 keepalive 8;\n\
+               }}\n\
+               server {{\n\
+                 listen 127.0.0.1:{port};\n\
+                 location /v1/ {{\n\
+                   proxy_pass http://cloud;\n\
+                   proxy_http_version 1.1;\n\
+                   proxy_set_header Connection \"\";\n\
+                   proxy_connect_timeout 2s;\n\
+                   proxy_read_timeout 10s;\n\
+                   proxy_next_upstream off;\n\
+                 }}\n\
+               }}\n\
+             }}\n",
+            user = if run_as().is_empty() {
+                ""
+            } else {
+                "user root;\n"
+            },
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(nginx_bin())
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-g")
+            .arg("daemon off;")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx not installed: run scripts/ensure-deps.sh");
+        let mut n = Nginx {
+            port,
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !port_open(port) {
+            if let Some(status) = n.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nginx exited at start ({status}):\n{}", n.error_log());
+            }
+            assert!(Instant::now() < end, "nginx did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/ingest", self.port)
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    /// The access log: one `connection requests_on_it status request_time` line per request.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGKILL on the master would leave its worker behind, holding the port: TERM first.
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "TERM");
+            let end = Instant::now() + Duration::from_secs(5);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn nginx_bin() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+// ---------------------------------------------------------------- process probes
+
+/// What a process holds, read from `/proc`: open descriptors, resident memory, and its TCP
+/// sockets stuck in CLOSE_WAIT (the peer closed, the process never did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcSample {
+    pub fds: usize,
+    pub rss_kib: u64,
+    pub close_wait: usize,
+}
+
+impl ProcSample {
+    pub fn of(pid: u32) -> ProcSample {
+        let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        let inodes: std::collections::HashSet<String> = links
+            .iter()
+            .filter_map(|l| l.strip_prefix("socket:[")?.strip_suffix(']'))
+            .map(str::to_string)
+            .collect();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        // /proc/<pid>/net/tcp*: `sl local rem st ... uid timeout inode`; st 08 is CLOSE_WAIT.
+        let close_wait = ["tcp", "tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .skip(1)
+                    .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|f| f.len() > 9 && f[3] == "08" && inodes.contains(&f[9]))
+            .count();
+        ProcSample {
+            fds: links.len(),
+            rss_kib,
+            close_wait,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- fault proxy
+
+/// Where an HTTP head ends (just past the blank line), if it has arrived.
+pub fn header_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// The `Content-Length` of an HTTP head, if it has one.
+pub fn content_length(head: &[u8]) -> Option<usize> {
+    String::from_utf8_lossy(head).lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        if name.trim().eq_ignore_ascii_case("content-length") {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// What the [`FaultProxy`] does with a connection. Chosen when the connection is accepted; a
+/// pass-through connection also closes as soon as the mode moves away from `Pass`, so that a pooled
+/// connection cannot carry the agent past a newly set fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forwards bytes both ways.
+    Pass,
+    /// A dead link: accepts, reads the request, never answers, never closes.
+    Hang,
+    /// A half-open link: forwards the request, then the response head and half of its body, then
+    /// nothing more; the connection stays open.
+    CutResponse,
+    /// Reads a few bytes and closes with the rest of the request unread, which makes Linux send
+    /// RST instead of FIN (std has no stable SO_LINGER).
+    Reset,
+}
+
+impl ProxyMode {
+    fn from_u8(v: u8) -> ProxyMode {
+        match v {
+            1 => ProxyMode::Hang,
+            2 => ProxyMode::CutResponse,
+            3 => ProxyMode::Reset,
+            _ => ProxyMode::Pass,
+        }
+    }
+}
+
+struct ProxyShared {
+    mode: AtomicU8,
+    stop: AtomicBool,
+    accepted: AtomicU64,
+    active: AtomicUsize,
+}
+
+impl ProxyShared {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::from_u8(self.mode.load(Ordering::SeqCst))
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// A loopback TCP proxy to `127.0.0.1:upstream` that can play a broken link. One listener thread
+/// and one or two threads per connection; every socket read has a short timeout and every loop
+/// checks the stop flag, so dropping the proxy joins all of them.
+pub struct FaultProxy {
+    pub port: u16,
+    shared: Arc<ProxyShared>,
+    listener: Option<JoinHandle<()>>,
+}
+
+/// How often proxy threads look at the stop flag and the mode.
+const PROXY_TICK: Duration = Duration::from_millis(100);
+
+impl FaultProxy {
+    pub fn start(upstream: u16, mode: ProxyMode) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(ProxyShared {
+            mode: AtomicU8::new(mode as u8),
+            stop: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+        });
+        let s = Arc::clone(&shared);
+        let listener = std::thread::Builder::new()
+            .name("fault-proxy".into())
+            .spawn(move || proxy_accept_loop(listener, upstream, s))
+            .unwrap();
+        FaultProxy {
+            port,
+            shared,
+            listener: Some(listener),
+        }
+    }
+
+    pub fn set_mode(&self, mode: ProxyMode) {
+        self.shared.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/ingest", self.port)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open right now.
+    pub fn active(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.listener.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn proxy_accept_loop(listener: TcpListener, upstream: u16, shared: Arc<ProxyShared>) {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !shared.stopped() {
+        match listener.accept() {
+            Ok((client, _)) => {
+                shared.accepted.fetch_add(1, Ordering::SeqCst);
+                shared.active.fetch_add(1, Ordering::SeqCst);
+                let s = Arc::clone(&shared);
+                let mode = shared.mode();
+                conns.retain(|h| !h.is_finished());
+                conns.push(std::thread::spawn(move || {
+                    proxy_conn(client, upstream, mode, &s);
+                    s.active.fetch_sub(1, Ordering::SeqCst);
+                }));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    for h in conns {
+        let _ = h.join();
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+fn proxy_conn(client: TcpStream, upstream: u16, mode: ProxyMode, shared: &Arc<ProxyShared>) {
+    // The accepted socket may have inherited the listener's non-blocking flag on some platforms.
+    let _ = client.set_nonblocking(false);
+    let _ = client.set_read_timeout(Some(PROXY_TICK));
+    match mode {
+        ProxyMode::Hang => drain(&client, shared),
+        ProxyMode::Reset => {
+            let mut buf = [0u8; 16];
+            let end = Instant::now() + Duration::from_secs(2);
+            let mut got = 0;
+            // Read a little, then wait until more is pending: closing with unread data is an RST.
+            while Instant::now() < end && !shared.stopped() {
+                let r = if got == 0 {
+                    (&client).read(&mut buf)
+                } else {
+                    client.peek(&mut buf)
+                };
+                match r {
+                    Ok(0) => return,
+                    Ok(n) if got == 0 => got = n,
+                    Ok(_) => break,
+                    Err(e) if is_timeout(&e) => {}
+                    Err(_) => return,
+                }
+            }
+            drop(client);
+        }
+        ProxyMode::Pass | ProxyMode::CutResponse => {
+            let Ok(up) = TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], upstream)),
+                Duration::from_secs(1),
+            ) else {
+                return;
+            };
+            let _ = up.set_read_timeout(Some(PROXY_TICK));
+            let (Ok(c2), Ok(u2)) = (client.try_clone(), up.try_clone()) else {
+                return;
+            };
+            let s = Arc::clone(shared);
+            let watch = mode == ProxyMode::Pass;
+            let requests = std::thread::spawn(move || pump(&c2, &u2, &s, watch));
+            if watch {
+                pump(&up, &client, shared, true);
+            } else {
+                cut_response(&up, &client, shared);
+            }
+            let _ = requests.join();
+        }
+    }
+}
+
+/// Reads and discards until EOF, an error, or stop.
+fn drain(from: &TcpStream, shared: &ProxyShared) {
+    let mut buf = [0u8; 8192];
+    while !shared.stopped() {
+        match (&*from).read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Copies `from` to `to` until either side ends (then closes both), stop, or, with `watch_mode`,
+/// the mode leaves `Pass`.
+fn pump(from: &TcpStream, to: &TcpStream, shared: &ProxyShared, watch_mode: bool) {
+    let mut buf = [0u8; 16384];
+    let carry_on = || !shared.stopped() && (!watch_mode || shared.mode() == ProxyMode::Pass);
+    while carry_on() {
+        match (&*from).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if (&*to).write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Forwards the response head and half of its body, then holds the connection open without
+/// forwarding anything until the agent gives up on it (the request pump then closes both sides).
+fn cut_response(up: &TcpStream, client: &TcpStream, shared: &ProxyShared) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut cut = None;
+    while !shared.stopped() {
+        if cut.is_none() {
+            cut = header_end(&got).map(|h| h + content_length(&got[..h]).unwrap_or(0) / 2);
+        }
+        if let Some(c) = cut {
+            if got.len() >= c {
+                let _ = (&*client).write_all(&got[..c]);
+                break;
+            }
+        }
+        match (&*up).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => break,
+        }
+    }
+    drain(up, shared);
+    let _ = up.shutdown(std::net::Shutdown::Both);
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}
