@@ -311,6 +311,10 @@ fn status_metrics_and_the_status_command_report_the_pipeline() {
         "{metrics}"
     );
     assert!(metrics.contains("ferry_delivered_total 10"));
+    assert!(
+        metrics.contains("ferry_uplink_state{state=\"idle\"} 1"),
+        "{metrics}"
+    );
 
     let out = std::process::Command::new(FERRY)
         .arg("status")

@@ -480,6 +480,9 @@ pub fn describe(e: &ureq::Error) -> String {
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
             "connection reset".into()
         }
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "connection closed mid-response".into()
+        }
         other => crate::error_chain(other),
     }
 }
