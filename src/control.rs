@@ -300,6 +300,21 @@ pub fn metrics(s: &Status) -> String {
         "Failed upload attempts.",
         t.upload_failures,
     );
+    // The uplink state as an enum-style gauge: one series per state, 1 for the current one.
+    out.push_str(
+        "# HELP ferry_uplink_state What the uplink is doing.\n# TYPE ferry_uplink_state gauge\n",
+    );
+    for state in [
+        "idle",
+        "sending",
+        "throttled",
+        "backoff",
+        "refused",
+        "stopped",
+    ] {
+        let v = u64::from(s.uplink.state == state);
+        out.push_str(&format!("ferry_uplink_state{{state=\"{state}\"}} {v}\n"));
+    }
     out
 }
 
