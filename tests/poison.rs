@@ -67,3 +67,38 @@ fn a_poison_record_is_dead_lettered_and_the_rest_is_delivered_once() {
     assert_eq!(dl["dead_letters"][0]["seq"], 158);
     assert_eq!(dl["dead_letters"][0]["status"], 422);
 }
+
+/// Regression: two adjacent refused records wedged the uplink for good (it stopped at acked 159 of
+/// 300, spinning): after the first dead letter, a window the cloud had already acknowledged was
+/// left on top of the split plan with nothing in it to send.
+#[test]
+fn adjacent_poison_records_do_not_wedge_the_uplink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let mut cloud = Cloud::start_with(
+        &tmp.path().join("cloud"),
+        free_port(),
+        &["--reject-marker", "POISON"],
+    );
+    cloud.stop();
+    let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+    let mut payloads = numbered(0..300);
+    for n in [156usize, 157, 200] {
+        payloads[n] = format!("{{\"n\":{n},\"note\":\"POISON\"}}").into_bytes();
+    }
+    publish(broker.port, "sensors/p", payloads);
+    wait_until("300 journaled", Duration::from_secs(30), || {
+        agent.status()["head_seq"] == 300
+    });
+    cloud.start_again();
+    wait_until("everything accounted for", Duration::from_secs(60), || {
+        agent.status()["acked_seq"] == 300
+    });
+    let want: Vec<u64> = (0..300).filter(|n| ![156, 157, 200].contains(n)).collect();
+    assert_eq!(numbers(&cloud.records(DEVICE)), want);
+    assert_eq!(agent.status()["dead_letters"], 3);
+    assert_eq!(cloud.stats()["duplicates"], 0);
+}

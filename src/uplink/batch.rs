@@ -188,6 +188,15 @@ impl SplitPlan {
         self.stack.pop();
     }
 
+    /// Drops windows the cursor has already passed: the cloud acknowledged them as part of an
+    /// earlier request (a gap left by a dead letter travels with the window after it). Call before
+    /// each read, so the top window always has something to send.
+    pub fn skip_acked(&mut self, acked: u64) {
+        while self.stack.last().is_some_and(|w| w.1 <= acked) {
+            self.stack.pop();
+        }
+    }
+
     /// The cloud refused a request carrying `entries` (the current window, or a full batch).
     pub fn refused(&mut self, entries: &[Entry]) -> OnRefusal {
         match entries {
@@ -201,10 +210,9 @@ impl SplitPlan {
                     entries[mid].first_seq(),
                     entries[entries.len() - 1].last_seq(),
                 );
-                // The refused window (if it was one) is replaced by its two halves.
-                if self.stack.last().is_some_and(|top| top.0 == first.0) {
-                    self.stack.pop();
-                }
+                // While splitting, every request is for the top window: it is replaced by its two
+                // halves. (The entries may start before the window: a gap left by a dead letter.)
+                self.stack.pop();
                 self.stack.push(second);
                 self.stack.push(first);
                 OnRefusal::Retry
@@ -359,6 +367,88 @@ mod tests {
             assert!(sends[&s] <= 4, "seq {s} sent {} times", sends[&s]);
         }
         assert_eq!(sends[&1], 2);
+    }
+
+    /// Model of the uplink against a cloud that refuses any batch holding a poison record: reads
+    /// from the cursor up to the window's end (or `max` entries), dead-letters turn records into
+    /// gaps, acks remove entries. For random poison sets and batch sizes it must terminate, deliver
+    /// every healthy record exactly once, and dead-letter each poison record once.
+    #[test]
+    fn bisection_terminates_and_delivers_for_any_poison_set() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for case in 0..2000 {
+            let n = next(40) + 1;
+            let max = next(10) as usize + 1;
+            let poison: Vec<u64> = (1..=n).filter(|_| next(4) == 0).collect();
+            // seq -> Some(is_poison) for records, None for gaps
+            let mut journal: std::collections::BTreeMap<u64, Option<bool>> =
+                (1..=n).map(|s| (s, Some(poison.contains(&s)))).collect();
+            let (mut acked, mut plan) = (0u64, SplitPlan::default());
+            let (mut delivered, mut dead) = (Vec::new(), Vec::new());
+            let mut requests = 0;
+            while acked < n {
+                requests += 1;
+                assert!(
+                    requests < 10_000,
+                    "case {case}: wedged at acked={acked} plan={plan:?}"
+                );
+                plan.skip_acked(acked);
+                let through = plan.window().map_or(u64::MAX, |w| w.1);
+                let batch: Vec<Entry> = journal
+                    .range(acked + 1..=through)
+                    .take(max)
+                    .map(|(s, e)| match e {
+                        Some(_) => rec(*s, StoredFormat::Text, b"x"),
+                        None => Entry::Gap {
+                            from_seq: *s,
+                            to_seq: *s,
+                            reason: GapReason::Rejected,
+                        },
+                    })
+                    .collect();
+                assert!(
+                    !batch.is_empty(),
+                    "case {case}: nothing to send at acked={acked} plan={plan:?}"
+                );
+                let refused = batch
+                    .iter()
+                    .any(|e| matches!(e, Entry::Record(r) if poison.contains(&r.seq)));
+                if refused {
+                    match plan.refused(&batch) {
+                        OnRefusal::Retry => {}
+                        OnRefusal::DeadLetter(s) => {
+                            journal.insert(s, None);
+                            dead.push(s);
+                            plan.done();
+                        }
+                        OnRefusal::Stuck => panic!("case {case}: stuck"),
+                    }
+                } else {
+                    for e in &batch {
+                        if let Entry::Record(r) = e {
+                            delivered.push(r.seq);
+                        }
+                    }
+                    acked = batch.last().unwrap().last_seq();
+                    plan.done();
+                }
+            }
+            let healthy: Vec<u64> = (1..=n).filter(|s| !poison.contains(s)).collect();
+            assert_eq!(
+                delivered, healthy,
+                "case {case}: each healthy record once, in order"
+            );
+            assert_eq!(
+                dead, poison,
+                "case {case}: each poison record dead-lettered once"
+            );
+        }
     }
 
     #[test]

@@ -136,6 +136,7 @@ impl Uplink {
             {
                 continue;
             }
+            self.plan.skip_acked(acked);
             let through = self.plan.window().map(|(_, to)| to);
             let read = self.journal.read_batch(
                 through,
