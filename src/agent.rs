@@ -45,7 +45,6 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         max_bytes: cfg.journal.max_bytes,
         on_full: cfg.journal.on_full,
         cache_bytes: cfg.journal.cache_bytes,
-        max_record_bytes: cfg.mqtt.max_packet_size,
         fixed_budget: None,
     })?;
     let device_id = identity::resolve(cfg.device.id.as_deref(), &cfg.journal.dir)?;

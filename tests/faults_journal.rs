@@ -519,3 +519,48 @@ fn a_broker_without_persistence_is_resubscribed_after_restart() {
     });
     assert_exactly_once(&cloud.records(DEVICE), 200);
 }
+
+/// Regression: sled's segment size used to follow `mqtt.max_packet_size`; sled refuses a changed
+/// one, and that was taken for damage, so changing the setting threw away a journal full of
+/// unsent records (and values from 4 MiB up could not open at all).
+#[test]
+fn changing_max_packet_size_keeps_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let mut cloud = Cloud::start(&tmp.path().join("cloud"));
+    cloud.stop();
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = |size: &str| {
+        agent_config(
+            &dir,
+            broker.port,
+            &cloud.url(),
+            control,
+            &format!("max_packet_size = \"{size}\""),
+            "",
+        )
+    };
+    let mut agent = Agent::start(&dir, &config("256KiB"), control);
+    wait_until("mqtt connected", Duration::from_secs(10), || {
+        agent.status()["mqtt_connected"] == true
+    });
+    publish(broker.port, "sensors/a", numbered(0..100));
+    wait_until("100 journaled", Duration::from_secs(30), || {
+        agent.status()["head_seq"] == 100
+    });
+    for size in ["1MiB", "16MiB", "64KiB"] {
+        agent.stop();
+        std::fs::write(&agent.config, config(size)).unwrap();
+        agent.start_again();
+        let st = agent.status();
+        assert_eq!(st["head_seq"], 100, "max_packet_size={size}: {st}");
+        assert_eq!(st["backlog_records"], 100, "max_packet_size={size}: {st}");
+    }
+    cloud.start_again();
+    wait_until("100 at the cloud", Duration::from_secs(30), || {
+        cloud.records(DEVICE).len() == 100
+    });
+    assert_exactly_once(&cloud.records(DEVICE), 100);
+    assert!(!agent.log_text().contains("would not open"));
+}

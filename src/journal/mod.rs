@@ -82,6 +82,10 @@ const MEASURE_EVERY: u64 = 16;
 const COMPACT_ABOVE: f64 = 0.45;
 /// ...and the live data is below this share (otherwise a copy would not free enough).
 const COMPACT_LIVE_BELOW: f64 = 0.2;
+/// sled's segment size. Fixed: sled refuses to open a database with another one, so it must not
+/// follow any setting. Values over a quarter of it (~256 KiB) go to sled's blob files, which
+/// `Journal::sync` fsyncs as they appear.
+const SEGMENT_SIZE: usize = 1 << 20;
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
 /// Redelivery marks kept: the broker only redelivers what was in flight, and mosquitto's
@@ -153,9 +157,10 @@ impl Error {
                         | std::io::ErrorKind::UnexpectedEof
                         | std::io::ErrorKind::NotADirectory
                 ),
-                sled::Error::Corruption { .. }
-                | sled::Error::ReportableBug(_)
-                | sled::Error::Unsupported(_) => true,
+                sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => true,
+                // A configuration sled refuses (another segment size, say): the data is fine, so
+                // it is reported, never moved aside.
+                sled::Error::Unsupported(_) => false,
                 sled::Error::CollectionNotFound(_) => true,
             },
             Error::Unreadable { .. } | Error::Corrupt { .. } => true,
@@ -286,8 +291,6 @@ pub struct Options {
     pub max_bytes: u64,
     pub on_full: OnFull,
     pub cache_bytes: u64,
-    /// Largest payload that will be appended (sizes sled's segments so records stay inline).
-    pub max_record_bytes: u64,
     /// A fixed logical budget instead of the adaptive one (for tests of the full-journal rules).
     pub fixed_budget: Option<u64>,
 }
@@ -321,6 +324,8 @@ struct Store {
     db_path: PathBuf,
     db_file: File,
     blob_dir: PathBuf,
+    /// Blob files already fsynced (sled never rewrites a blob; it writes new ones).
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 /// Read access to the open [`Store`].
@@ -859,7 +864,7 @@ impl Journal {
                 path: store.db_path.clone(),
                 source,
             })?;
-            sync_blobs(&store.blob_dir)?;
+            sync_blobs(&store.blob_dir, &store.synced_blobs)?;
         }
         let mut st = self.lock();
         if target > st.durable {
@@ -1153,7 +1158,7 @@ impl Journal {
                 path: new.db_path.clone(),
                 source,
             })?;
-            sync_blobs(&new.blob_dir)?;
+            sync_blobs(&new.blob_dir, &new.synced_blobs)?;
             sync_dir(&new_dir)?;
             Ok::<_, Error>((new, n))
         })();
@@ -1356,13 +1361,6 @@ fn storage(action: &'static str) -> impl FnOnce(sled::Error) -> Error {
     move |source| Error::Storage { action, source }
 }
 
-fn segment_size_for(max_record: u64) -> usize {
-    let want = (max_record + 4096).saturating_mul(4).max(512 * 1024);
-    want.checked_next_power_of_two()
-        .unwrap_or(1 << 30)
-        .min(1 << 30) as usize
-}
-
 fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -1419,7 +1417,7 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
         let db = sled::Config::new()
             .path(db_dir)
             .cache_capacity(opts.cache_bytes)
-            .segment_size(segment_size_for(opts.max_record_bytes))
+            .segment_size(SEGMENT_SIZE)
             .flush_every_ms(Some(1000))
             .mode(sled::Mode::LowSpace)
             .open()?;
@@ -1452,26 +1450,36 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
         db_path,
         db_file,
         blob_dir: db_dir.join("blobs"),
+        synced_blobs: Mutex::default(),
     })
 }
 
-fn sync_blobs(dir: &Path) -> Result<()> {
+/// fsyncs the blob files that appeared since the last call, then the directory. Names that
+/// vanished (sled deletes blobs it no longer needs) are forgotten.
+fn sync_blobs(
+    dir: &Path,
+    synced: &Mutex<std::collections::HashSet<std::ffi::OsString>>,
+) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
     };
-    let mut any = false;
+    let mut synced = synced.lock().unwrap_or_else(|e| e.into_inner());
+    let mut present = std::collections::HashSet::new();
+    let mut new = false;
     for entry in entries.flatten() {
-        any = true;
-        let path = entry.path();
-        let synced = File::open(&path).and_then(|f| f.sync_all());
-        match synced {
-            Ok(()) => {}
-            // sled removes blobs it no longer needs; a vanished file needs no sync.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(Error::Sync { path, source }),
+        let name = entry.file_name();
+        if !synced.contains(&name) {
+            let path = entry.path();
+            match File::open(&path).and_then(|f| f.sync_all()) {
+                Ok(()) => new = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(Error::Sync { path, source }),
+            }
         }
+        present.insert(name);
     }
-    if any {
+    *synced = present;
+    if new {
         sync_dir(dir)?;
     }
     Ok(())

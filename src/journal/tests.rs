@@ -8,7 +8,6 @@ fn opts(dir: &Path) -> Options {
         max_bytes: 64 * 1024 * 1024,
         on_full: OnFull::RejectNew,
         cache_bytes: 4 * 1024 * 1024,
-        max_record_bytes: 256 * 1024,
         fixed_budget: None,
     }
 }
@@ -521,4 +520,31 @@ fn a_journal_in_use_is_reported_busy_and_never_moved_aside() {
         "{names:?}"
     );
     assert_eq!(j.positions().head_seq, 1);
+}
+
+/// Regression: sled's segment size followed `mqtt.max_packet_size`, sled refuses a changed one,
+/// and the refusal was taken for damage: changing the setting threw the journal away.
+#[test]
+fn large_records_survive_restarts_and_are_synced_as_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        // One at a time: an append takes at most max_bytes/32 unless the record is alone.
+        append_synced(&j, &[rec("t", &vec![7u8; 600 * 1024])]);
+        append_synced(&j, &[rec("t", &vec![8u8; 5 << 20])]);
+    }
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let all = j.read_batch(None, 10, u64::MAX).unwrap();
+    match (&all[0], &all[1]) {
+        (Entry::Record(a), Entry::Record(b)) => {
+            assert_eq!((a.payload.len(), b.payload.len()), (600 * 1024, 5 << 20));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("db.corrupt")
+    }));
 }
