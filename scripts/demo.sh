@@ -35,6 +35,7 @@ allow_anonymous true
 persistence true
 persistence_location $DATA/mqtt/
 max_queued_messages 1000000
+max_packet_size 262144
 log_dest file $DATA/mqtt/mosquitto.log
 CONF
 cat > "$DATA/ferry.toml" <<CONF

@@ -36,6 +36,8 @@ pub struct Status {
     pub version: &'static str,
     pub uptime_s: u64,
     pub mqtt_connected: bool,
+    /// Why the MQTT connection is down (cleared on connect).
+    pub mqtt_last_error: Option<String>,
     pub journal_accepting: bool,
     #[serde(flatten)]
     pub positions: Positions,
@@ -89,6 +91,7 @@ impl Sources {
             version: env!("CARGO_PKG_VERSION"),
             uptime_s: self.started.elapsed().as_secs(),
             mqtt_connected: s.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
+            mqtt_last_error: s.mqtt_error(),
             journal_accepting: s
                 .journal_accepting
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -37,8 +37,17 @@ use crate::payload;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
-/// Poll timeout of the MQTT connection: how quickly the loop sees shutdown and the writer's progress.
+/// Poll timeout of a connected session: how quickly the loop sees shutdown and the writer's progress.
 const POLL: Duration = Duration::from_millis(50);
+/// rumqttc's deadline for TCP connect plus CONNACK, in seconds.
+const CONNECT_TIMEOUT_SECS: u64 = 5;
+/// Poll timeout while connecting. rumqttc's `recv_timeout` drops the whole poll, including a
+/// connect in progress, so it must outlast the connect deadline; shutdown waits at most this long.
+const CONNECT_POLL: Duration = Duration::from_secs(CONNECT_TIMEOUT_SECS + 1);
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// A repeated connection error is logged at most once per this period.
+const REPEAT_LOG: Duration = Duration::from_secs(60);
 /// Largest group commit.
 const MAX_GROUP: usize = 1000;
 /// Messages waiting for the writer beyond which QoS0 messages are dropped.
@@ -106,6 +115,9 @@ struct MqttLoop {
     overflow: VecDeque<Delivery>,
     overflow_bytes: usize,
     backoff: Backoff,
+    connected_at: Option<Instant>,
+    /// The last connection error logged, and when.
+    last_error: Option<(String, Instant)>,
 }
 
 impl MqttLoop {
@@ -133,7 +145,11 @@ impl MqttLoop {
                 .unwrap_or_default();
             opts.set_credentials(user.clone(), pass);
         }
-        let (client, connection) = Client::new(opts, 1024);
+        let (client, mut connection) = Client::new(opts, 1024);
+        connection
+            .eventloop
+            .network_options
+            .set_connection_timeout(CONNECT_TIMEOUT_SECS);
         let backoff = Backoff::new(Duration::from_millis(200), cfg.max_backoff);
         MqttLoop {
             cfg,
@@ -148,6 +164,8 @@ impl MqttLoop {
             overflow: VecDeque::new(),
             overflow_bytes: 0,
             backoff,
+            connected_at: None,
+            last_error: None,
         }
     }
 
@@ -157,7 +175,9 @@ impl MqttLoop {
             self.cfg.host, self.cfg.port, self.cfg.topics
         );
         while !self.shutdown.is_set() {
-            match self.connection.recv_timeout(POLL) {
+            let connected = self.stats.mqtt_connected.load(Ordering::Relaxed);
+            let poll = if connected { POLL } else { CONNECT_POLL };
+            match self.connection.recv_timeout(poll) {
                 Ok(Ok(event)) => self.on_event(event),
                 Ok(Err(e)) => self.on_error(e),
                 Err(rumqttc::RecvTimeoutError::Timeout) => {}
@@ -173,8 +193,11 @@ impl MqttLoop {
         match event {
             Event::Incoming(Incoming::ConnAck(ack)) => {
                 info!("mqtt connected session_present={}", ack.session_present);
+                self.stats.set_mqtt_error(None);
                 self.stats.mqtt_connected.store(true, Ordering::Relaxed);
-                self.backoff.reset();
+                // The backoff resets only once this connection has proven stable (see `on_error`):
+                // a broker that accepts and then drops us at once must not be retried in a loop.
+                self.connected_at = Some(Instant::now());
                 self.unacked.clear();
                 let filters = self
                     .cfg
@@ -304,22 +327,47 @@ impl MqttLoop {
         // Acks belong to the connection the messages came on; the broker redelivers the rest.
         self.unacked.clear();
         self.connection.eventloop.pending.clear();
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+        {
+            self.backoff.reset();
+        }
         let delay = self.backoff.next_delay();
-        if let ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+        let message = if let ConnectionError::MqttState(rumqttc::StateError::Deserialization(
             rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
         )) = &e
         {
-            error!(
-                "mqtt packet of {} bytes is over the read limit of {} bytes; the broker will redeliver it \
-                 and ferry cannot take it: set max_packet_size in mosquitto.conf to at most mqtt.max_packet_size",
+            format!(
+                "the broker sends a packet of {} bytes, over ferry's read limit of {} bytes; it will redeliver \
+                 it on every connect and ingest is blocked: set max_packet_size in mosquitto.conf (at most \
+                 {} bytes) and remove the message from the broker's queue",
                 size,
+                read_limit(self.cfg.max_packet_size),
                 read_limit(self.cfg.max_packet_size)
-            );
+            )
         } else if was_connected {
-            warn!("mqtt connection lost: {}; reconnecting in {:?}", e, delay);
+            format!("mqtt connection lost: {e}")
         } else {
-            warn!("mqtt connect failed: {}; retrying in {:?}", e, delay);
+            format!("mqtt connect failed: {e}")
+        };
+        // The same failure again and again is said once a minute, not per attempt.
+        let repeated = self
+            .last_error
+            .as_ref()
+            .is_some_and(|(m, t)| *m == message && t.elapsed() < REPEAT_LOG);
+        if !repeated {
+            if message.starts_with("the broker sends a packet") {
+                error!("{}", message);
+            } else {
+                warn!("{}; retrying in {:?}", message, delay);
+            }
+            self.last_error = Some((message.clone(), Instant::now()));
+        } else {
+            debug!("{}; retrying in {:?}", message, delay);
         }
+        self.stats.set_mqtt_error(Some(message));
         self.shutdown.sleep(delay);
     }
 

@@ -25,6 +25,7 @@ pub struct Stats {
     pub mqtt_connected: AtomicBool,
     pub journal_accepting: AtomicBool,
     uplink: Mutex<UplinkState>,
+    mqtt_error: Mutex<Option<String>>,
 }
 
 /// What the uplink is doing, for people.
@@ -58,6 +59,18 @@ impl Stats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The MQTT connection's last error, cleared on connect.
+    pub fn mqtt_error(&self) -> Option<String> {
+        self.mqtt_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_mqtt_error(&self, e: Option<String>) {
+        *self.mqtt_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
     }
 
     pub fn set_uplink(&self, f: impl FnOnce(&mut UplinkState)) {

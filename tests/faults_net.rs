@@ -444,3 +444,29 @@ fn reset_connections_are_retried_until_the_link_heals() {
 
     l.heal_and_deliver(300);
 }
+
+/// Regression: rumqttc's `recv_timeout` drops the whole poll, including a connect in progress; with
+/// the 50 ms polls of a connected session, a broker whose CONNACK took longer was never reached
+/// (137 attempts in 6 s, none completed, nothing logged). Behind a link that holds every chunk
+/// from the broker for 300 ms, the agent must still connect, subscribe and deliver.
+#[test]
+fn a_slow_broker_link_still_connects_and_delivers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let slow = FaultProxy::start(broker.port, ProxyMode::Slow);
+    let agent = Agent::standard(&tmp.path().join("agent"), slow.port, &cloud.url());
+    wait_until(
+        "mqtt connected through the slow link",
+        Duration::from_secs(20),
+        || agent.status()["mqtt_connected"] == true,
+    );
+    wait_until("subscribed", Duration::from_secs(10), || {
+        agent.log_text().contains("mqtt subscribed")
+    });
+    publish(broker.port, "sensors/slow", numbered(0..50));
+    wait_until("50 at the cloud", Duration::from_secs(60), || {
+        cloud.records("gw-test").len() == 50
+    });
+    assert_exactly_once(&cloud.records("gw-test"), 50);
+}

@@ -91,7 +91,8 @@ const GROUP_SHARE: u64 = 32;
 /// Redelivery marks kept: the broker only redelivers what was in flight, and mosquitto's
 /// `max_inflight_messages` must stay below this (the recommended config uses 100).
 const MAX_MARKS: usize = 1024;
-/// Dead letters may use at most this share of the logical budget; beyond it the oldest are removed.
+/// Dead letters may use at most this share of the starting logical budget; beyond it the uplink
+/// stops isolating records (and backs off) rather than delete any.
 const DEAD_SHARE: f64 = 0.1;
 
 mod codec;
@@ -140,6 +141,11 @@ pub enum Error {
     },
     #[error("journal is closed after an i/o error; reopening")]
     Unavailable,
+    #[error(
+        "dead-letter store full ({count} records, {bytes} bytes): the cloud keeps refusing records; \
+         see `ferry dead-letters`, fix the cause, requeue them"
+    )]
+    DeadLettersFull { count: u64, bytes: u64 },
     #[error("no dead letter with seq={seq}")]
     NoDeadLetter { seq: u64 },
 }
@@ -994,6 +1000,15 @@ impl Journal {
             reason: e.to_string(),
         })?;
         dead.extend_from_slice(&value);
+        // Dead letters are kept until an operator requeues them; when their share is used up, the
+        // record stays in the journal and the uplink backs off as for a refusing cloud.
+        let cap = (self.inner.max_bytes as f64 * LOGICAL_SHARE * DEAD_SHARE) as u64;
+        if st.dead_count > 0 && st.dead_bytes + entry_size(&dead) > cap {
+            return Err(Error::DeadLettersFull {
+                count: st.dead_count,
+                bytes: st.dead_bytes,
+            });
+        }
         let gap = encode_gap(seq, GapReason::Rejected);
         st.backlog_bytes = st.backlog_bytes.saturating_sub(entry_size(&value)) + entry_size(&gap);
         st.dead_bytes += entry_size(&dead);
@@ -1001,33 +1016,10 @@ impl Journal {
         let mut batch = sled::Batch::default();
         batch.insert(&entry_key(seq)[..], gap);
         batch.insert(&dead_key(seq)[..], dead);
-        self.evict_dead(&mut st, &mut batch)?;
         self.put_counters(&st, &mut batch);
         self.apply(batch, "dead-lettering")?;
         drop(st);
         self.sync()
-    }
-
-    /// Keeps dead letters within their share of the budget by removing the oldest.
-    fn evict_dead(&self, st: &mut State, batch: &mut sled::Batch) -> Result<()> {
-        let cap = (st.budget as f64 * DEAD_SHARE) as u64;
-        if st.dead_bytes <= cap {
-            return Ok(());
-        }
-        for item in self.store()?.log.scan_prefix([P_DEAD]) {
-            if st.dead_bytes <= cap {
-                break;
-            }
-            let (k, v) = item.map_err(storage("evicting dead letters"))?;
-            error!(
-                "dead-letter store full: removed dead letter seq={} (its gap was reported to the cloud)",
-                key_seq(&k)
-            );
-            st.dead_bytes = st.dead_bytes.saturating_sub(entry_size(&v));
-            st.dead_count = st.dead_count.saturating_sub(1);
-            batch.remove(k);
-        }
-        Ok(())
     }
 
     /// Lists dead letters, oldest first, at most `limit`.

@@ -548,3 +548,38 @@ fn large_records_survive_restarts_and_are_synced_as_blobs() {
             .starts_with("db.corrupt")
     }));
 }
+
+/// Regression: dead letters beyond their share used to be deleted. They are kept; the journal
+/// refuses further dead-lettering instead, and the record stays in the backlog.
+#[test]
+fn dead_letters_are_never_deleted_when_their_store_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_bytes = 1 << 20; // dead-letter share: 1 MiB * 0.15 * 0.1 = ~15 kB
+    let j = Journal::open(&o).unwrap();
+    let recs: Vec<NewRecord> = (0..10).map(|_| rec("t", &[b'x'; 4000])).collect();
+    append_synced(&j, &recs);
+    let mut dead = 0;
+    let mut refused = None;
+    for seq in 1..=10 {
+        match j.dead_letter(seq, 422, "bad") {
+            Ok(()) => dead += 1,
+            Err(e) => {
+                refused = Some((seq, e));
+                break;
+            }
+        }
+    }
+    let (seq, e) = refused.expect("the store fills up");
+    assert!(matches!(e, Error::DeadLettersFull { .. }), "{e}");
+    assert_eq!(
+        j.dead_letters(100).unwrap().len(),
+        dead,
+        "every dead letter is kept"
+    );
+    let all = j.read_batch(None, 100, u64::MAX).unwrap();
+    assert!(
+        matches!(all[seq as usize - 1], Entry::Record(_)),
+        "the refused record stays in the journal"
+    );
+}

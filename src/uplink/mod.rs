@@ -371,6 +371,15 @@ impl Uplink {
                         Stats::add(&self.stats.dead_lettered, 1);
                         self.plan.done();
                     }
+                    Err(e @ crate::journal::Error::DeadLettersFull { .. }) => {
+                        self.journal.release();
+                        self.fail(
+                            "refused",
+                            &format!("record seq={seq} refused ({reason}) and {e}"),
+                            None,
+                            true,
+                        );
+                    }
                     Err(e) => {
                         self.journal.release();
                         error!("cannot dead-letter seq={}: {}", seq, crate::error_chain(&e));

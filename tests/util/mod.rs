@@ -87,7 +87,8 @@ impl Mosquitto {
             &conf,
             format!(
                 "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 max_queued_messages 1000000\nmax_inflight_messages 20\nlog_dest file {}/mosquitto.log\n{extra_conf}\n",
+                 max_queued_messages 1000000\nmax_inflight_messages 20\nmax_packet_size 16777216\n\
+                 log_dest file {}/mosquitto.log\n{extra_conf}\n",
                 dir.display(),
                 dir.display(),
                 user = run_as()
@@ -787,7 +788,13 @@ pub enum ProxyMode {
     /// Reads a few bytes and closes with the rest of the request unread, which makes Linux send
     /// RST instead of FIN (std has no stable SO_LINGER).
     Reset,
+    /// Forwards both ways, holding every chunk from upstream for `SLOW_DELAY` (a slow link or a
+    /// slow peer: a CONNACK that takes 300 ms).
+    Slow,
 }
+
+/// How long [`ProxyMode::Slow`] holds each chunk from upstream.
+pub const SLOW_DELAY: Duration = Duration::from_millis(300);
 
 impl ProxyMode {
     fn from_u8(v: u8) -> ProxyMode {
@@ -795,6 +802,7 @@ impl ProxyMode {
             1 => ProxyMode::Hang,
             2 => ProxyMode::CutResponse,
             3 => ProxyMode::Reset,
+            4 => ProxyMode::Slow,
             _ => ProxyMode::Pass,
         }
     }
@@ -937,7 +945,7 @@ fn proxy_conn(client: TcpStream, upstream: u16, mode: ProxyMode, shared: &Arc<Pr
             }
             drop(client);
         }
-        ProxyMode::Pass | ProxyMode::CutResponse => {
+        ProxyMode::Pass | ProxyMode::CutResponse | ProxyMode::Slow => {
             let Ok(up) = TcpStream::connect_timeout(
                 &SocketAddr::from(([127, 0, 0, 1], upstream)),
                 Duration::from_secs(1),
@@ -949,10 +957,17 @@ fn proxy_conn(client: TcpStream, upstream: u16, mode: ProxyMode, shared: &Arc<Pr
                 return;
             };
             let s = Arc::clone(shared);
-            let watch = mode == ProxyMode::Pass;
-            let requests = std::thread::spawn(move || pump(&c2, &u2, &s, watch));
+            let watch = mode != ProxyMode::CutResponse;
+            let requests = std::thread::spawn(move || {
+                pump(&c2, &u2, &s, watch.then_some(mode), Duration::ZERO)
+            });
             if watch {
-                pump(&up, &client, shared, true);
+                let delay = if mode == ProxyMode::Slow {
+                    SLOW_DELAY
+                } else {
+                    Duration::ZERO
+                };
+                pump(&up, &client, shared, Some(mode), delay);
             } else {
                 cut_response(&up, &client, shared);
             }
@@ -974,15 +989,22 @@ fn drain(from: &TcpStream, shared: &ProxyShared) {
     }
 }
 
-/// Copies `from` to `to` until either side ends (then closes both), stop, or, with `watch_mode`,
-/// the mode leaves `Pass`.
-fn pump(from: &TcpStream, to: &TcpStream, shared: &ProxyShared, watch_mode: bool) {
+/// Copies `from` to `to`, holding each chunk for `delay`, until either side ends (then closes
+/// both), stop, or, with `watch_mode`, the mode changes from the one given.
+fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    shared: &ProxyShared,
+    watch_mode: Option<ProxyMode>,
+    delay: Duration,
+) {
     let mut buf = [0u8; 16384];
-    let carry_on = || !shared.stopped() && (!watch_mode || shared.mode() == ProxyMode::Pass);
+    let carry_on = || !shared.stopped() && watch_mode.is_none_or(|m| shared.mode() == m);
     while carry_on() {
         match (&*from).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                std::thread::sleep(delay);
                 if (&*to).write_all(&buf[..n]).is_err() {
                     break;
                 }
