@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -50,7 +50,8 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const REPEAT_LOG: Duration = Duration::from_secs(60);
 /// Largest group commit.
 const MAX_GROUP: usize = 1000;
-/// Messages waiting for the writer beyond which QoS0 messages are dropped.
+/// Payload bytes waiting for the journal beyond which QoS0 messages are dropped (QoS1 messages are
+/// bounded by the broker's in-flight window instead).
 const QOS0_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 /// Channel depth between the threads (QoS1 depth is bounded by the broker's in-flight window).
 const CHANNEL: usize = 4096;
@@ -81,23 +82,39 @@ pub fn spawn(
     shutdown: Shutdown,
 ) -> std::io::Result<Ingest> {
     let (tx, rx) = mpsc::sync_channel(CHANNEL);
-    let durable = Arc::new(AtomicU64::new(0));
+    let shared = Shared {
+        journal,
+        stats,
+        shutdown,
+        durable: Arc::new(AtomicU64::new(0)),
+        queued: Arc::new(AtomicUsize::new(0)),
+    };
     let writer = {
-        let journal = journal.clone();
-        let stats = Arc::clone(&stats);
-        let durable = Arc::clone(&durable);
-        let shutdown = shutdown.clone();
+        let shared = shared.clone();
         thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || run_writer(rx, journal, stats, durable, shutdown))?
+            .spawn(move || run_writer(rx, shared))?
     };
     let mqtt = {
         let cfg = cfg.clone();
         thread::Builder::new()
             .name("mqtt".into())
-            .spawn(move || MqttLoop::new(cfg, client_id, tx, durable, stats, shutdown).run())?
+            .spawn(move || MqttLoop::new(cfg, client_id, tx, shared).run())?
     };
     Ok(Ingest { mqtt, writer })
+}
+
+/// What the two ingest threads share.
+#[derive(Clone)]
+struct Shared {
+    journal: Journal,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+    /// Arrival index of the last message the writer made durable.
+    durable: Arc<AtomicU64>,
+    /// Payload bytes taken from the broker and not journaled yet (in the MQTT thread's queue, the
+    /// channel, the writer's group). QoS0 messages are dropped past `QOS0_QUEUE_BYTES`.
+    queued: Arc<AtomicUsize>,
 }
 
 struct MqttLoop {
@@ -113,7 +130,8 @@ struct MqttLoop {
     unacked: VecDeque<(u64, Publish)>,
     /// Messages the writer's channel had no room for yet, in arrival order.
     overflow: VecDeque<Delivery>,
-    overflow_bytes: usize,
+    /// See [`Shared::queued`].
+    queued: Arc<AtomicUsize>,
     backoff: Backoff,
     connected_at: Option<Instant>,
     /// The last connection error logged, and when.
@@ -125,10 +143,15 @@ impl MqttLoop {
         cfg: MqttConfig,
         client_id: String,
         tx: SyncSender<Delivery>,
-        durable: Arc<AtomicU64>,
-        stats: Arc<Stats>,
-        shutdown: Shutdown,
+        shared: Shared,
     ) -> MqttLoop {
+        let Shared {
+            stats,
+            shutdown,
+            durable,
+            queued,
+            ..
+        } = shared;
         let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(false)
@@ -162,7 +185,7 @@ impl MqttLoop {
             next_index: 1,
             unacked: VecDeque::new(),
             overflow: VecDeque::new(),
-            overflow_bytes: 0,
+            queued,
             backoff,
             connected_at: None,
             last_error: None,
@@ -243,7 +266,7 @@ impl MqttLoop {
         let qos1 = p.qos != QoS::AtMostOnce;
         if qos1 {
             self.unacked.push_back((index, p));
-        } else if self.overflow_bytes > QOS0_QUEUE_BYTES {
+        } else if self.queued.load(Ordering::Relaxed) > QOS0_QUEUE_BYTES {
             Stats::add(&self.stats.qos0_dropped, 1);
             warn!(
                 "journal is behind: dropped a QoS0 message topic={} (use QoS1 for delivery guarantees)",
@@ -251,7 +274,8 @@ impl MqttLoop {
             );
             return;
         }
-        self.overflow_bytes += record.payload.len();
+        self.queued
+            .fetch_add(record.payload.len(), Ordering::Relaxed);
         self.overflow.push_back(Delivery { index, record });
     }
 
@@ -289,9 +313,8 @@ impl MqttLoop {
 
     fn feed_writer(&mut self) {
         while let Some(d) = self.overflow.pop_front() {
-            let bytes = d.record.payload.len();
             match self.tx.try_send(d) {
-                Ok(()) => self.overflow_bytes -= bytes,
+                Ok(()) => {}
                 Err(TrySendError::Full(d)) => {
                     self.overflow.push_front(d);
                     return;
@@ -299,7 +322,6 @@ impl MqttLoop {
                 Err(TrySendError::Disconnected(_)) => {
                     // The writer is gone (shutdown); the broker redelivers what was not acked.
                     self.overflow.clear();
-                    self.overflow_bytes = 0;
                     return;
                 }
             }
@@ -410,13 +432,14 @@ fn read_limit(max_packet_size: u64) -> usize {
     max_packet_size.max(HARD_PACKET_CAP) as usize
 }
 
-fn run_writer(
-    rx: Receiver<Delivery>,
-    journal: Journal,
-    stats: Arc<Stats>,
-    durable: Arc<AtomicU64>,
-    shutdown: Shutdown,
-) {
+fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
+    let Shared {
+        journal,
+        stats,
+        shutdown,
+        durable,
+        queued,
+    } = shared;
     // Test failpoints (as sled's `failpoints`): `FERRY_FAILPOINT=crash_after_sync` aborts the
     // process right after the first durable append, before any PUBACK: the window the DUP check
     // covers.
@@ -427,25 +450,32 @@ fn run_writer(
         .strip_prefix("slow_sync_ms=")
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis);
-    let mut group: Vec<Delivery> = Vec::new();
+    // The group being committed: records, and the arrival index of each (for the watermark).
+    let mut records: Vec<NewRecord> = Vec::new();
+    let mut indexes: Vec<u64> = Vec::new();
     let mut full_since: Option<Instant> = None;
     let mut failing = false;
     let mut last_reopen: Option<Instant> = None;
     loop {
-        if group.is_empty() {
+        if records.is_empty() {
             match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(d) => group.push(d),
+                Ok(d) => {
+                    indexes.push(d.index);
+                    records.push(d.record);
+                }
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        while group.len() < MAX_GROUP {
+        while records.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(d) => group.push(d),
+                Ok(d) => {
+                    indexes.push(d.index);
+                    records.push(d.record);
+                }
                 Err(_) => break,
             }
         }
-        let records: Vec<NewRecord> = group.iter().map(|d| d.record.clone()).collect();
         let result = journal.append(&records).and_then(|a| {
             if let Some(d) = slow_sync {
                 thread::sleep(d);
@@ -467,9 +497,11 @@ fn run_writer(
                     &stats.parse_failed,
                     taken.iter().filter(|r| r.parse_error).count() as u64,
                 );
-                if let Some(last) = group.get(appended.taken.wrapping_sub(1)) {
-                    durable.store(last.index, Ordering::Release);
+                if let Some(last) = indexes.get(appended.taken.wrapping_sub(1)) {
+                    durable.store(*last, Ordering::Release);
                 }
+                let bytes: usize = taken.iter().map(|r| r.payload.len()).sum();
+                queued.fetch_sub(bytes, Ordering::Relaxed);
                 if appended.redeliveries > 0 {
                     info!(
                         "skipped {} broker redeliveries already in the journal",
@@ -489,7 +521,8 @@ fn run_writer(
                 }
                 stats.journal_accepting.store(true, Ordering::Relaxed);
                 // What did not fit is offered again on the next round, ahead of newer messages.
-                group.drain(..appended.taken);
+                records.drain(..appended.taken);
+                indexes.drain(..appended.taken);
                 if let Err(e) = journal.maybe_compact() {
                     warn!(
                         "journal compaction failed (will retry): {}",
@@ -505,6 +538,15 @@ fn run_writer(
                         full_since = Some(Instant::now());
                     }
                 } else {
+                    // The append may have been applied before the sync failed: offer the group
+                    // again as redeliveries, so records that did land are recognised by their
+                    // marks instead of getting second seqs. (QoS0 records carry no mark: a
+                    // failure at this point can journal one twice.)
+                    for r in records.iter_mut() {
+                        if let Some(m) = r.mqtt.as_mut() {
+                            m.dup = true;
+                        }
+                    }
                     if !failing {
                         error!(
                             "journal write failed, not acking the broker until it recovers: {}",
@@ -527,10 +569,10 @@ fn run_writer(
             }
         }
     }
-    if !group.is_empty() {
+    if !records.is_empty() {
         info!(
             "writer stopped with {} messages not journaled; the broker keeps them",
-            group.len()
+            records.len()
         );
     }
 }

@@ -15,13 +15,14 @@ use ferry::{agent, control, error_chain};
 const DEFAULT_LOG: &str = "info,sled=off";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(
-        env_logger::Env::new()
-            .filter_or("FERRY_LOG", DEFAULT_LOG)
-            .write_style("FERRY_LOG_STYLE"),
-    )
-    .format_timestamp_millis()
-    .init();
+    // FERRY_LOG, else RUST_LOG, else the default; FERRY_LOG_STYLE as env_logger's write style.
+    let filter = std::env::var("FERRY_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| DEFAULT_LOG.to_string());
+    env_logger::Builder::from_env(env_logger::Env::new().write_style("FERRY_LOG_STYLE"))
+        .parse_filters(&filter)
+        .format_timestamp_millis()
+        .init();
     let cmd = match cli::parse(std::env::args().skip(1)) {
         Ok(cmd) => cmd,
         Err(msg) => {

@@ -108,8 +108,10 @@ fn restart_with_backlog_resumes_at_the_cursor_without_resending() {
     );
 }
 
-/// The broker restarts (persistent session): the agent reconnects, re-subscribes and loses nothing,
-/// including what was published while it was disconnected.
+/// The broker restarts (persistent session): the agent reconnects and loses nothing, neither what
+/// was in flight when the broker stopped nor what is published after. (Re-subscription itself is
+/// pinned by `faults_journal::a_broker_without_persistence_is_resubscribed_after_restart`: with
+/// persistence, the broker restores the subscription by itself.)
 #[test]
 fn broker_restart_reconnects_resubscribes_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();

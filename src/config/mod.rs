@@ -524,7 +524,8 @@ fn validate_uplink(raw: RawUplink) -> Result<UplinkConfig, String> {
             "uplink.shutdown_grace",
             raw.shutdown_grace,
             secs(5),
-            secs(0)..=secs(60),
+            // Shutdown must finish within 10 s: ingest gets 3 s, the in-flight upload the rest.
+            secs(0)..=secs(6),
         )?,
         max_records_per_sec: int_in(
             "uplink.max_records_per_sec",

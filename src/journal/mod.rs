@@ -89,7 +89,11 @@ const SEGMENT_SIZE: usize = 1 << 20;
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
 /// Redelivery marks kept: the broker only redelivers what was in flight, and mosquitto's
-/// `max_inflight_messages` must stay below this (the recommended config uses 100).
+/// `max_inflight_messages` must stay below this (the recommended config uses 100). The window also
+/// keeps a mark from matching a *new* message: mosquitto assigns packet ids in sequence up to
+/// 65,535, so an id comes back only long after its mark was dropped. (A broker that reuses the
+/// lowest free id could, after a reconnect, present a new message byte-identical to one within
+/// the window under the same id and with DUP set: it would be taken for a copy. See README.)
 const MAX_MARKS: usize = 1024;
 /// Dead letters may use at most this share of the starting logical budget; beyond it the uplink
 /// stops isolating records (and backs off) rather than delete any.

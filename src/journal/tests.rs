@@ -42,7 +42,7 @@ fn seqs(entries: &[Entry]) -> Vec<u64> {
 }
 
 #[test]
-fn seqs_start_at_one_and_stay_monotonic_across_reopen_and_trim() {
+fn seqs_start_at_one_and_stay_monotonic_across_reopen_and_acks() {
     let dir = tempfile::tempdir().unwrap();
     {
         let j = Journal::open(&opts(dir.path())).unwrap();

@@ -541,7 +541,13 @@ impl Drop for Agent {
         }
         if std::thread::panicking() {
             let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            // FERRY_TEST_FULL_LOG=1 prints the whole log instead of its tail.
+            let keep = if std::env::var("FERRY_TEST_FULL_LOG").is_ok() {
+                usize::MAX
+            } else {
+                150
+            };
+            let tail: Vec<&str> = log.lines().rev().take(keep).collect();
             eprintln!("----- ferry log (last 150 lines) -----");
             for l in tail.iter().rev() {
                 eprintln!("{l}");
@@ -564,11 +570,9 @@ pub fn assert_exactly_once(records: &[Value], n: u64) {
     for r in records {
         let seq = r["seq"].as_u64().unwrap();
         if let Some(k) = r["payload"]["n"].as_u64() {
-            assert!(
-                seen.insert(k, seq).is_none(),
-                "message n={k} stored twice (seqs {:?} and {seq})",
-                seen.get(&k)
-            );
+            if let Some(first) = seen.insert(k, seq) {
+                panic!("message n={k} stored twice, as seq {first} and seq {seq}");
+            }
         }
     }
     let missing: Vec<u64> = (0..n).filter(|k| !seen.contains_key(k)).collect();
