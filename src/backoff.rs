@@ -55,10 +55,6 @@ impl Backoff {
         self.attempt = 0;
     }
 
-    pub fn attempts(&self) -> u32 {
-        self.attempt
-    }
-
     /// xorshift64*: plenty for jitter, and no dependency.
     fn next_random(&mut self) -> u64 {
         let mut x = self.rng;

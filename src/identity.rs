@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 
+use crate::protocol::is_valid_device_id;
+
 const FILE: &str = "device-id";
 
 #[derive(Debug, thiserror::Error)]
@@ -22,15 +24,6 @@ pub enum Error {
     },
 }
 
-/// Whether `id` is a valid device id: 1..=64 of `[A-Za-z0-9._-]` (protocol v1).
-pub fn is_valid(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
 /// The configured id, else the one stored in `dir`, else a new random one, stored durably.
 pub fn resolve(configured: Option<&str>, dir: &Path) -> Result<String, Error> {
     if let Some(id) = configured {
@@ -39,7 +32,7 @@ pub fn resolve(configured: Option<&str>, dir: &Path) -> Result<String, Error> {
     let path = dir.join(FILE);
     if let Ok(text) = fs::read_to_string(&path) {
         let id = text.trim();
-        if is_valid(id) {
+        if is_valid_device_id(id) {
             return Ok(id.to_string());
         }
         warn!(
@@ -86,7 +79,7 @@ mod tests {
     fn a_generated_id_is_stored_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let a = resolve(None, dir.path()).unwrap();
-        assert!(is_valid(&a) && a.starts_with("gw-"));
+        assert!(is_valid_device_id(&a) && a.starts_with("gw-"));
         assert_eq!(resolve(None, dir.path()).unwrap(), a);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(resolve(None, other.path()).unwrap(), a);
@@ -100,10 +93,10 @@ mod tests {
 
     #[test]
     fn validity_follows_the_protocol() {
-        assert!(is_valid("gw-01.a_b"));
-        assert!(!is_valid(""));
-        assert!(!is_valid("a b"));
-        assert!(!is_valid(&"x".repeat(65)));
-        assert!(!is_valid("gw/1"));
+        assert!(is_valid_device_id("gw-01.a_b"));
+        assert!(!is_valid_device_id(""));
+        assert!(!is_valid_device_id("a b"));
+        assert!(!is_valid_device_id(&"x".repeat(65)));
+        assert!(!is_valid_device_id("gw/1"));
     }
 }

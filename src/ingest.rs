@@ -357,37 +357,40 @@ impl MqttLoop {
             self.backoff.reset();
         }
         let delay = self.backoff.next_delay();
-        let message = if let ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
-        )) = &e
+        // An oversize packet needs a person (the broker redelivers it forever): ERROR; anything
+        // else is a degraded link that retries by itself: WARN.
+        let (message, needs_person) = if let ConnectionError::MqttState(
+            rumqttc::StateError::Deserialization(
+                rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+            ),
+        ) = &e
         {
-            format!(
-                "the broker sends a packet of {} bytes, over ferry's read limit of {} bytes; it will redeliver \
-                 it on every connect and ingest is blocked: set max_packet_size in mosquitto.conf (at most \
-                 {} bytes) and remove the message from the broker's queue",
-                size,
-                read_limit(self.cfg.max_packet_size),
-                read_limit(self.cfg.max_packet_size)
-            )
+            let limit = read_limit(self.cfg.max_packet_size);
+            let message = format!(
+                "the broker sends a packet of {size} bytes, over ferry's read limit of {limit} bytes; it will \
+                 redeliver it on every connect and ingest is blocked: set max_packet_size in mosquitto.conf \
+                 (at most {limit} bytes) and remove the message from the broker's queue"
+            );
+            (message, true)
         } else if was_connected {
-            format!("mqtt connection lost: {e}")
+            (format!("mqtt connection lost: {e}"), false)
         } else {
-            format!("mqtt connect failed: {e}")
+            (format!("mqtt connect failed: {e}"), false)
         };
         // The same failure again and again is said once a minute, not per attempt.
         let repeated = self
             .last_error
             .as_ref()
             .is_some_and(|(m, t)| *m == message && t.elapsed() < REPEAT_LOG);
-        if !repeated {
-            if message.starts_with("the broker sends a packet") {
+        if repeated {
+            debug!("{}; retrying in {:?}", message, delay);
+        } else {
+            if needs_person {
                 error!("{}", message);
             } else {
                 warn!("{}; retrying in {:?}", message, delay);
             }
             self.last_error = Some((message.clone(), Instant::now()));
-        } else {
-            debug!("{}; retrying in {:?}", message, delay);
         }
         self.stats.set_mqtt_error(Some(message));
         self.shutdown.sleep(delay);

@@ -29,6 +29,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod control;
+pub mod fnv;
 pub mod identity;
 pub mod ingest;
 pub mod journal;

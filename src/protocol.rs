@@ -7,20 +7,32 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+/// Longest device id (protocol v1, "Identity").
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// Whether `id` is a device id: 1..=64 characters of `[A-Za-z0-9._-]`.
+pub fn is_valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DEVICE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Header that carries the batch's idempotency key: `<device_id>:<first_seq>-<last_seq>`.
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 
 /// One upload: records and gaps, both sorted by seq, covering a contiguous range of seqs.
-#[derive(Debug, Serialize, Deserialize)]
+/// Serialize only: a receiver parses uploads as raw JSON (see `cloud::batch`).
+#[derive(Debug, Serialize)]
 pub struct Batch {
     pub device_id: String,
     pub records: Vec<Record>,
-    #[serde(default)]
     pub gaps: Vec<Gap>,
 }
 
 /// One journaled MQTT message. Exactly one of `payload`, `payload_text`, `payload_b64` is set.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 pub struct Record {
     pub seq: u64,
     /// Time the gateway received the message, milliseconds since the Unix epoch.
@@ -29,11 +41,11 @@ pub struct Record {
     #[serde(flatten)]
     pub payload: Payload,
     /// Set when the payload failed the parser its topic asked for; the payload is then `payload_b64`.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(skip_serializing_if = "is_false")]
     pub parse_error: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 pub enum Payload {
     /// Parsed JSON, embedded as-is (the agent validated it at ingest).
     #[serde(rename = "payload")]

@@ -138,9 +138,7 @@ fn odd_payloads_and_topics_are_flagged_or_kept_never_lost() {
         "",
     );
     let agent = Agent::start(&dir, &config, control);
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
 
     // mosquitto itself refuses control characters in topics, so those never reach ferry.
     let odd_topic = "sensors/ünï/🌡/\u{200b}/a b/\u{202e}ltr/漢字";

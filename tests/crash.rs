@@ -42,9 +42,7 @@ fn sigkill_at_random_moments_loses_nothing() {
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
 
     // Publish steadily in the background while the agent is killed and restarted.
     const TOTAL: u64 = 4000;
@@ -104,9 +102,7 @@ fn a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice() {
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     // Let the session exist, then restart the agent with the failpoint armed.
     agent.stop();
     agent.start_again_with_env(&[("FERRY_FAILPOINT", "crash_after_sync")]);

@@ -44,9 +44,7 @@ fn agent_for(dir: &Path, mqtt_port: u16, url: &str, uplink_edits: &[(&str, &str)
     edits.extend_from_slice(uplink_edits);
     let config = edited(agent_config(dir, mqtt_port, url, control, "", ""), &edits);
     let agent = Agent::start(dir, &config, control);
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     agent
 }
 

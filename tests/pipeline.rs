@@ -18,9 +18,7 @@ fn outage_loses_nothing_and_delivers_in_order() {
     let mut cloud = Cloud::start(&tmp.path().join("cloud"));
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
 
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     publish(broker.port, "sensors/a", numbered(0..1000));
     wait_until("first 1000 at the cloud", Duration::from_secs(30), || {
         cloud.records(DEVICE).len() == 1000
@@ -61,9 +59,7 @@ fn restart_with_backlog_resumes_at_the_cursor_without_resending() {
     let mut cloud = Cloud::start(&tmp.path().join("cloud"));
     let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
 
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     publish(broker.port, "sensors/a", numbered(0..500));
     wait_until("500 at the cloud", Duration::from_secs(30), || {
         cloud.records(DEVICE).len() == 500
@@ -119,9 +115,7 @@ fn broker_restart_reconnects_resubscribes_and_loses_nothing() {
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
 
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     publish(broker.port, "sensors/a", numbered(0..300));
     broker.restart();
     wait_until("mqtt reconnected", Duration::from_secs(20), || {
@@ -187,9 +181,7 @@ fn shutdown_abandons_a_hung_upload_in_time_and_resends_it_later() {
         "request_timeout = \"60s\"\nshutdown_grace = \"2s\"",
     );
     let mut agent = Agent::start(&dir, &config, control);
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     publish(broker.port, "sensors/a", numbered(0..50));
     wait_until("an upload in flight", Duration::from_secs(10), || {
         agent.status()["uplink"]["state"] == "sending"
@@ -234,9 +226,7 @@ fn a_refused_device_keeps_its_data_until_the_cloud_accepts_it() {
             .replace("[uplink]\n", &format!("[uplink]\ntoken = \"{token}\"\n"))
     };
     let mut agent = Agent::start(&dir, &config("wrong"), control);
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     publish(broker.port, "sensors/a", numbered(0..100));
     wait_until("all journaled and refused", Duration::from_secs(10), || {
         let st = agent.status();
@@ -275,9 +265,7 @@ fn status_metrics_and_the_status_command_report_the_pipeline() {
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     publish(broker.port, "sensors/a", numbered(0..10));
     wait_until("delivered", Duration::from_secs(20), || {
         agent.status()["acked_seq"] == 10

@@ -22,9 +22,7 @@ fn a_poison_record_is_dead_lettered_and_the_rest_is_delivered_once() {
     // Journal everything first, then let the agent upload full batches of 100.
     cloud.stop();
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     let mut payloads = numbered(0..300);
     payloads[157] = br#"{"n":157,"note":"POISON"}"#.to_vec();
     publish(broker.port, "sensors/p", payloads);
@@ -82,9 +80,7 @@ fn adjacent_poison_records_do_not_wedge_the_uplink() {
     );
     cloud.stop();
     let agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     let mut payloads = numbered(0..300);
     for n in [156usize, 157, 200] {
         payloads[n] = format!("{{\"n\":{n},\"note\":\"POISON\"}}").into_bytes();

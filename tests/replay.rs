@@ -30,9 +30,7 @@ fn a_backlog_drains_at_the_configured_rate() {
         )
         .replace("max_bytes = \"64MiB\"", "max_bytes = \"1GiB\"");
     let agent = Agent::start(&dir, &config, control);
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
 
     let t = Instant::now();
     publish(broker.port, "sensors/storm", numbered(0..TOTAL));
@@ -103,9 +101,7 @@ fn pushback_from_the_cloud_slows_the_drain_by_itself() {
     let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "")
         .replace("batch_max_records = 100", "batch_max_records = 500");
     let agent = Agent::start(&dir, &config, control);
-    wait_until("mqtt connected", Duration::from_secs(10), || {
-        agent.status()["mqtt_connected"] == true
-    });
+    agent.wait_connected();
     publish(broker.port, "sensors/storm", numbered(0..TOTAL));
     wait_until("backlog journaled", Duration::from_secs(60), || {
         agent.status()["head_seq"] == TOTAL

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-cloud: {}", cloud::chain(&*e));
+            eprintln!("ferry-cloud: {}", ferry::error_chain(&*e));
             ExitCode::FAILURE
         }
     }

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use crate::protocol::{Gap, GapReason};
 
 /// Longest device id, in bytes (ids are ASCII).
-pub const MAX_DEVICE_ID_LEN: usize = 64;
+pub use crate::protocol::MAX_DEVICE_ID_LEN;
 
 /// A batch that passed validation. Records are in strictly ascending seq order.
 #[derive(Debug)]
@@ -83,14 +83,7 @@ fn invalid(at: impl Into<String>, problem: impl Into<String>) -> Invalid {
     }
 }
 
-/// Whether `id` is a device id: 1..=64 characters of `[A-Za-z0-9._-]`.
-pub fn is_valid_device_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_DEVICE_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use crate::protocol::is_valid_device_id;
 
 /// Validates a decompressed request body.
 pub fn parse(body: &[u8]) -> Result<Batch, Invalid> {
@@ -247,7 +240,7 @@ fn fingerprint(topic: &str, ts_ms: u64, payload: &PayloadView, parse_error: bool
         PayloadView::Text(text) => (1, text.as_bytes()),
         PayloadView::Bytes(bytes) => (2, bytes),
     };
-    let mut hash = Fnv1a::new();
+    let mut hash = crate::fnv::Fnv1a::new();
     hash.write(&(topic.len() as u64).to_le_bytes());
     hash.write(topic.as_bytes());
     hash.write(&ts_ms.to_le_bytes());
@@ -256,28 +249,6 @@ fn fingerprint(topic: &str, ts_ms: u64, payload: &PayloadView, parse_error: bool
     hash.write(bytes);
     hash.write(&[u8::from(parse_error)]);
     hash.finish()
-}
-
-/// 64-bit FNV-1a: tiny, and enough to tell two contents apart by accident. It is not collision
-/// resistant, but a crafted collision gains nothing: the crafted record counts as a duplicate and is
-/// dropped.
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Fnv1a {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 fn parse_gap(i: usize, item: Value) -> Result<Gap, Invalid> {
@@ -601,18 +572,6 @@ mod tests {
             stored_record(b"{\"seq\": 1}").map_err(|e| e.to_string()),
             Err("record.ts_ms: missing".to_owned())
         );
-    }
-
-    #[test]
-    fn fnv1a_matches_the_published_test_vectors() {
-        let hash = |bytes: &[u8]| {
-            let mut h = Fnv1a::new();
-            h.write(bytes);
-            h.finish()
-        };
-        assert_eq!(hash(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(hash(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(hash(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]

@@ -488,7 +488,7 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
             error!(
                 "batch not stored device={} error={}",
                 batch.device_id,
-                chain(&e)
+                crate::error_chain(&e)
             );
             Err(Reply::error(500, "cannot store the batch"))
         }
@@ -566,18 +566,6 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `error: cause: cause`, for one log line or one message at the top.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn devices(shared: &Shared) -> Reply {
     let devices: Vec<Value> = shared
         .store
@@ -613,7 +601,7 @@ fn records(shared: &Shared, device_id: &str) -> Reply {
         Err(e) => {
             error!(
                 "records not readable device={device_id} error={}",
-                chain(&e)
+                crate::error_chain(&e)
             );
             Reply::error(500, "cannot read the records")
         }

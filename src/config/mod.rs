@@ -350,8 +350,7 @@ fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
 
 fn validate_device(raw: RawDevice) -> Result<DeviceConfig, String> {
     if let Some(id) = &raw.id {
-        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        if id.is_empty() || id.len() > 64 || !id.chars().all(allowed) {
+        if !crate::protocol::is_valid_device_id(id) {
             return Err(format!(
                 "device.id = {id:?} is invalid: allowed 1 to 64 characters of A-Z a-z 0-9 . _ -"
             ));
@@ -606,17 +605,7 @@ fn size_in(
     default: u64,
     allowed: RangeInclusive<u64>,
 ) -> Result<u64, String> {
-    let value = value.map_or(default, |v| v.0);
-    if allowed.contains(&value) {
-        Ok(value)
-    } else {
-        Err(format!(
-            "{key} = {} is out of range, allowed {}..={}",
-            format_size(value),
-            format_size(*allowed.start()),
-            format_size(*allowed.end())
-        ))
-    }
+    value_in(key, value.map_or(default, |v| v.0), allowed, format_size)
 }
 
 fn duration_in(
@@ -625,15 +614,30 @@ fn duration_in(
     default: Duration,
     allowed: RangeInclusive<Duration>,
 ) -> Result<Duration, String> {
-    let value = value.map_or(default, |v| v.0);
+    value_in(
+        key,
+        value.map_or(default, |v| v.0),
+        allowed,
+        format_duration,
+    )
+}
+
+/// `value` if it is in `allowed`, else a message naming the key and the range, each value written
+/// the way the config file writes it.
+fn value_in<T: PartialOrd + Copy>(
+    key: &str,
+    value: T,
+    allowed: RangeInclusive<T>,
+    show: fn(T) -> String,
+) -> Result<T, String> {
     if allowed.contains(&value) {
         Ok(value)
     } else {
         Err(format!(
             "{key} = {} is out of range, allowed {}..={}",
-            format_duration(value),
-            format_duration(*allowed.start()),
-            format_duration(*allowed.end())
+            show(value),
+            show(*allowed.start()),
+            show(*allowed.end())
         ))
     }
 }

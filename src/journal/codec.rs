@@ -152,29 +152,17 @@ pub(super) fn entry_size(value: &[u8]) -> u64 {
 /// smallest power-of-two segment that keeps the largest record inline.
 /// FNV-1a over topic, a separator, and payload: stable across builds and versions.
 pub(super) fn content_hash(topic: &str, payload: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in topic.as_bytes().iter().chain([0u8].iter()).chain(payload) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    let mut h = crate::fnv::Fnv1a::new();
+    h.write(topic.as_bytes());
+    h.write(&[0]);
+    h.write(payload);
+    h.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rec(topic: &str, payload: &[u8]) -> NewRecord {
-        NewRecord {
-            ts_ms: 1,
-            topic: topic.into(),
-            payload: payload.to_vec(),
-            format: StoredFormat::Text,
-            parse_error: false,
-            too_large: None,
-            mqtt: None,
-        }
-    }
+    use crate::journal::tests::rec;
 
     #[test]
     fn corrupt_entries_give_errors_not_panics() {

@@ -12,7 +12,8 @@ fn opts(dir: &Path) -> Options {
     }
 }
 
-fn rec(topic: &str, payload: &[u8]) -> NewRecord {
+/// A text record on `topic` (shared with the codec's tests).
+pub(super) fn rec(topic: &str, payload: &[u8]) -> NewRecord {
     NewRecord {
         ts_ms: 1,
         topic: topic.into(),

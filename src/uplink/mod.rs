@@ -270,7 +270,7 @@ impl Uplink {
             Attempt::Failed(e) => {
                 self.journal.release();
                 let msg = describe(&e);
-                self.fail("retrying", &msg, None, false);
+                self.fail(&msg, None, false);
                 return;
             }
             Attempt::Status {
@@ -321,7 +321,6 @@ impl Uplink {
                     );
                 }
                 self.fail(
-                    "retrying",
                     &format!("status {} {}", code, snippet(&body)),
                     retry_after,
                     false,
@@ -340,7 +339,6 @@ impl Uplink {
                     "the cloud refuses this device or the url is wrong; data is kept".to_string()
                 };
                 self.fail(
-                    "refused",
                     &format!("status {} {}: {}", code, snippet(&body), why),
                     retry_after,
                     true,
@@ -374,7 +372,6 @@ impl Uplink {
                     Err(e @ crate::journal::Error::DeadLettersFull { .. }) => {
                         self.journal.release();
                         self.fail(
-                            "refused",
                             &format!("record seq={seq} refused ({reason}) and {e}"),
                             None,
                             true,
@@ -390,7 +387,6 @@ impl Uplink {
             OnRefusal::Stuck => {
                 self.journal.release();
                 self.fail(
-                    "refused",
                     &format!(
                         "status {} {} for a batch holding only a gap {}..={}",
                         code,
@@ -407,13 +403,7 @@ impl Uplink {
 
     /// Counts a failed attempt, logs it without flooding (the first, then one line a minute), and
     /// sleeps the backoff.
-    fn fail(
-        &mut self,
-        state: &'static str,
-        msg: &str,
-        retry_after: Option<Duration>,
-        refused: bool,
-    ) {
+    fn fail(&mut self, msg: &str, retry_after: Option<Duration>, refused: bool) {
         self.failures += 1;
         Stats::add(&self.stats.upload_failures, 1);
         let delay = self.backoff.next_delay_at_least(retry_after);
@@ -424,8 +414,8 @@ impl Uplink {
             self.last_failure_log = Some(Instant::now());
             if refused {
                 error!(
-                    "upload {}: {} (attempts={} retry_in={:?})",
-                    state, msg, self.failures, delay
+                    "upload refused: {} (attempts={} retry_in={:?})",
+                    msg, self.failures, delay
                 );
             } else {
                 warn!(

@@ -497,6 +497,13 @@ impl Agent {
         }
     }
 
+    /// Waits (10 s at most) for the agent's MQTT session to be up.
+    pub fn wait_connected(&self) {
+        wait_until("mqtt connected", Duration::from_secs(10), || {
+            self.status()["mqtt_connected"] == true
+        });
+    }
+
     pub fn status(&self) -> Value {
         serde_json::from_str(&http_get(self.control_port, "/status")).unwrap()
     }
