@@ -332,21 +332,39 @@ pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, E
     request(addr, "POST", path, timeout)
 }
 
+/// Largest answer `ferry status` reads from the agent.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
 fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<String, Error> {
     let connect = |source| Error::Connect { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
-    stream.set_read_timeout(Some(timeout)).map_err(connect)?;
     stream.set_write_timeout(Some(timeout)).map_err(connect)?;
     write!(
         stream,
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(connect)?;
+    // One deadline for the whole answer: per-read timeouts alone let a dripping peer go on forever.
+    let deadline = Instant::now() + timeout;
     let mut raw = Vec::new();
-    stream
-        .take(16 * 1024 * 1024)
-        .read_to_end(&mut raw)
-        .map_err(connect)?;
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(connect(std::io::ErrorKind::TimedOut.into()));
+        }
+        stream.set_read_timeout(Some(left)).map_err(connect)?;
+        match stream.read(&mut buf).map_err(connect)? {
+            0 => break,
+            n if raw.len() + n > MAX_ANSWER => {
+                return Err(Error::Answer {
+                    addr,
+                    message: format!("answer over {MAX_ANSWER} bytes"),
+                });
+            }
+            n => raw.extend_from_slice(&buf[..n]),
+        }
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| Error::Answer {
         addr,
@@ -360,4 +378,35 @@ fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Res
         });
     }
     Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that answers one byte every 100 ms must not hold `ferry status` past its deadline:
+    /// per-read timeouts alone never fire against it.
+    #[test]
+    fn a_dripping_peer_is_cut_off_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            for _ in 0..50 {
+                if conn.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let started = Instant::now();
+        let err = get(addr, "/status", Duration::from_millis(500)).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        peer.join().unwrap();
+    }
 }
