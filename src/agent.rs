@@ -1,19 +1,26 @@
 //! `ferry run`: opens the journal, starts the threads, waits for a signal, and shuts down in the
 //! order that keeps the promise: stop intake, make the journal durable, let the in-flight upload
 //! finish or abandon it by its deadline, disconnect, join.
+//!
+//! The main loop also owns the running configuration: on SIGHUP or a [`reload::Reloader`] request it re-reads
+//! the file, applies runtime keys at once ([`Live`]) and restarts the agent for the rest
+//! ([`Exit::Restart`]: `main` replaces the process with a fresh `ferry run`).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
 use crate::config::Config;
+use crate::config::edit::{self, Plan};
+use crate::config::live::{Live, LiveSettings};
 use crate::control::{self, Sources};
 use crate::identity;
 use crate::ingest;
 use crate::journal::{self, Journal};
+use crate::reload;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::uplink;
@@ -37,9 +44,25 @@ pub enum Error {
     ThreadDied(String),
 }
 
-pub fn run(cfg: Config) -> Result<(), Error> {
+/// How the agent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Stopped,
+    /// A reload changed keys that only apply at start.
+    Restart,
+}
+
+pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     let shutdown = Shutdown::new();
     shutdown.install_signal_handlers().map_err(Error::Signals)?;
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hangup))
+        .map_err(Error::Signals)?;
+    if crate::logging::set_filter(&cfg.log.level) {
+        log::debug!("log filter from the config file: {}", cfg.log.level);
+    }
+    let live = Live::new(LiveSettings::of(&cfg));
+    let (reloader, requests) = reload::channel();
     let journal = Journal::open(&journal::Options {
         dir: cfg.journal.dir.clone(),
         max_bytes: cfg.journal.max_bytes,
@@ -61,6 +84,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         journal: journal.clone(),
         stats: Arc::clone(&stats),
         started: Instant::now(),
+        reloader: reloader.clone(),
     };
     let control = control::spawn(cfg.control.listen, sources, shutdown.clone())?;
     let ingest = ingest::spawn(
@@ -73,6 +97,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     .map_err(Error::Spawn)?;
     let uplink = uplink::spawn(
         cfg.uplink.clone(),
+        live.clone(),
         device_id.clone(),
         journal.clone(),
         Arc::clone(&stats),
@@ -89,6 +114,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
 
     let threads = [&ingest.mqtt, &ingest.writer, &uplink, &control];
     let mut died = None;
+    let mut exit = Exit::Stopped;
     while !shutdown.is_set() {
         if let Some(t) = threads.iter().find(|t| t.is_finished()) {
             let name = t.thread().name().unwrap_or("?").to_string();
@@ -97,7 +123,18 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             shutdown.trigger();
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let request = requests.next(Duration::from_millis(100));
+        if request.is_none() && !hangup.swap(false, Ordering::SeqCst) {
+            continue;
+        }
+        let outcome = reload_config(&mut cfg, &live);
+        if matches!(&outcome, Ok(plan) if plan.needs_restart()) {
+            exit = Exit::Restart;
+            shutdown.trigger();
+        }
+        if let Some(reply) = request {
+            let _ = reply.send(outcome);
+        }
     }
     info!("shutting down");
     let started = Instant::now();
@@ -121,8 +158,37 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     );
     match died {
         Some(name) => Err(Error::ThreadDied(name)),
-        None => Ok(()),
+        None => Ok(exit),
     }
+}
+
+/// Re-reads the config file: runtime keys apply now, a change to any other key asks for a restart.
+/// A file that does not validate changes nothing.
+fn reload_config(cfg: &mut Config, live: &Live) -> reload::Outcome {
+    let new = match Config::load(&cfg.source) {
+        Ok(new) => new,
+        Err(e) => {
+            let msg = crate::error_chain(&e);
+            error!("config reload failed, keeping the running config: {}", msg);
+            return Err(msg);
+        }
+    };
+    let plan: Plan = edit::plan(cfg, &new);
+    for change in &plan.changes {
+        info!("config changed {}", change);
+    }
+    if plan.changes.is_empty() {
+        info!("config reloaded, nothing changed");
+    }
+    if new.log.level != cfg.log.level && !crate::logging::set_filter(&new.log.level) {
+        warn!("log.level not applied: FERRY_LOG or RUST_LOG fixes the log filter of this process");
+    }
+    live.set(LiveSettings::of(&new));
+    if plan.needs_restart() {
+        info!("restarting to apply keys={}", plan.restart_keys.join(","));
+    }
+    *cfg = new;
+    Ok(plan)
 }
 
 /// Joins `handle` if it finishes by `deadline`; otherwise leaves it to end with the process. Used

@@ -13,11 +13,14 @@ usage:
   ferry check-config -c FILE    validate FILE and print the effective config (secrets masked)
   ferry status [-c FILE] [--json]
                                 show the running agent's status
+  ferry reload [-c FILE]        make the running agent re-read its config file
+                                (runtime keys apply at once, others restart it)
   ferry dead-letters [-c FILE] [--requeue SEQ]
                                 list records the cloud refused, or queue one again
   ferry --version | --help
 
-FILE defaults to /etc/ferry/ferry.toml. Logging: FERRY_LOG=debug (or RUST_LOG).
+FILE defaults to /etc/ferry/ferry.toml. Logging: log.level in FILE, or FERRY_LOG=debug (or
+RUST_LOG), which wins over the file. SIGHUP makes `ferry run` re-read FILE.
 ";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +38,9 @@ pub enum Command {
     DeadLetters {
         config: PathBuf,
         requeue: Option<u64>,
+    },
+    Reload {
+        config: PathBuf,
     },
     Help,
     Version,
@@ -76,6 +82,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
         "check-config" => Ok(Command::CheckConfig { config }),
         "status" => Ok(Command::Status { config, json }),
         "dead-letters" => Ok(Command::DeadLetters { config, requeue }),
+        "reload" => Ok(Command::Reload { config }),
         "-h" | "--help" | "help" => Ok(Command::Help),
         "-V" | "--version" | "version" => Ok(Command::Version),
         other => Err(format!("unknown subcommand {other:?}")),

@@ -1,5 +1,6 @@
 //! The control endpoint (`control.listen`, loopback by default): `GET /status` (JSON),
-//! `GET /metrics` (Prometheus text), `GET /dead-letters`, `POST /dead-letters/<seq>/requeue`.
+//! `GET /metrics` (Prometheus text), `GET /dead-letters`, `POST /dead-letters/<seq>/requeue`,
+//! `POST /reload` (re-read the config file; answers what changed and whether the agent restarts).
 //! Both ends live here: the `control` thread that serves it, and the small client behind
 //! `ferry status`.
 
@@ -68,6 +69,7 @@ pub struct Sources {
     pub journal: Journal,
     pub stats: Arc<Stats>,
     pub started: Instant,
+    pub reloader: crate::reload::Reloader,
 }
 
 impl Sources {
@@ -187,7 +189,19 @@ fn route(method: &tiny_http::Method, url: &str, sources: &Sources) -> (u16, &'st
                 Err(e) => (500, JSON, error_json(&crate::error_chain(&e))),
             },
         },
-        (_, ["status"] | ["metrics"] | ["dead-letters"]) => {
+        (Post, ["reload"]) => match sources.reloader.reload(Duration::from_secs(5)) {
+            Ok(plan) => (
+                200,
+                JSON,
+                to_json(&serde_json::json!({
+                    "changes": plan.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                    "restart": plan.needs_restart(),
+                    "restart_keys": plan.restart_keys,
+                })),
+            ),
+            Err(e) => (409, JSON, error_json(&e)),
+        },
+        (_, ["status"] | ["metrics"] | ["dead-letters"] | ["reload"]) => {
             (405, JSON, error_json("method not allowed"))
         }
         _ => (404, JSON, error_json("not found")),

@@ -3,7 +3,7 @@
 //! containers share.
 
 use std::fs::{self, File};
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use log::{info, warn};
@@ -55,20 +55,14 @@ fn generate() -> Result<String, Error> {
     Ok(format!("gw-{hex}"))
 }
 
-/// Temp file, fsync, rename, fsync the directory: a power cut leaves the old file or the new one.
+/// A power cut leaves the old file or the new one.
 fn store(path: &Path, id: &str) -> Result<(), Error> {
-    let err = |source| Error::Store {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(err)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(err)?;
-    f.write_all(format!("{id}\n").as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    crate::atomic_file::replace(path, format!("{id}\n").as_bytes(), false).map_err(|source| {
+        Error::Store {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! may be sent twice after a crash, and the cloud deduplicates by `(device_id, seq)`.
 
 pub mod agent;
+pub mod atomic_file;
 pub mod backoff;
 pub mod cli;
 pub mod cloud;
@@ -33,8 +34,10 @@ pub mod fnv;
 pub mod identity;
 pub mod ingest;
 pub mod journal;
+pub mod logging;
 pub mod payload;
 pub mod protocol;
+pub mod reload;
 pub mod shutdown;
 pub mod stats;
 pub mod uplink;

@@ -10,19 +10,9 @@ use ferry::cli::{self, Command};
 use ferry::config::Config;
 use ferry::{agent, control, error_chain};
 
-/// sled's own logger repeats an I/O error every second from its flusher thread; the journal
-/// reports sled's failures itself, once, so sled is silent unless `FERRY_LOG` asks for it.
-const DEFAULT_LOG: &str = "info,sled=off";
-
 fn main() -> ExitCode {
-    // FERRY_LOG, else RUST_LOG, else the default; FERRY_LOG_STYLE as env_logger's write style.
-    let filter = std::env::var("FERRY_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| DEFAULT_LOG.to_string());
-    env_logger::Builder::from_env(env_logger::Env::new().write_style("FERRY_LOG_STYLE"))
-        .parse_filters(&filter)
-        .format_timestamp_millis()
-        .init();
+    // FERRY_LOG, else RUST_LOG, else `info` until `ferry run` reads `log.level`.
+    ferry::logging::init("info");
     let cmd = match cli::parse(std::env::args().skip(1)) {
         Ok(cmd) => cmd,
         Err(msg) => {
@@ -52,7 +42,8 @@ fn main() -> ExitCode {
                 Err(e) => return config_error(&e),
             };
             match agent::run(cfg) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(agent::Exit::Stopped) => ExitCode::SUCCESS,
+                Ok(agent::Exit::Restart) => restart(),
                 Err(e) => {
                     log::error!("{}", error_chain(&e));
                     ExitCode::from(1)
@@ -68,6 +59,13 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Reload { config } => with_agent(&config, |addr| {
+            println!(
+                "{}",
+                control::post(addr, "/reload", Duration::from_secs(10))?
+            );
+            Ok(())
+        }),
         Command::DeadLetters { config, requeue } => with_agent(&config, |addr| {
             let body = match requeue {
                 None => control::get(addr, "/dead-letters", Duration::from_secs(3))?,
@@ -81,6 +79,23 @@ fn main() -> ExitCode {
             Ok(())
         }),
     }
+}
+
+/// Replaces this process with a fresh copy of itself (same pid, same arguments), so that a supervisor
+/// sees one process and the new configuration applies from the start.
+fn restart() -> ExitCode {
+    use std::os::unix::process::CommandExt as _;
+    let err = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec(),
+        Err(e) => e,
+    };
+    log::error!(
+        "cannot restart: {}; exiting for the supervisor to restart",
+        err
+    );
+    ExitCode::from(1)
 }
 
 fn config_error(e: &ferry::config::Error) -> ExitCode {

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use units::{ByteSize, HumanDuration, format_duration, format_size};
 
+pub mod edit;
+pub mod live;
 pub mod units;
 
 /// Validated configuration of the agent.
@@ -28,6 +30,7 @@ pub struct Config {
     pub journal: JournalConfig,
     pub uplink: UplinkConfig,
     pub control: ControlConfig,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +117,12 @@ pub struct ControlConfig {
     pub listen: SocketAddr,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// An env_logger filter: `info`, or `warn,ferry::uplink=debug`. `FERRY_LOG` overrides it at start.
+    pub level: String,
+}
+
 /// A string that never prints itself.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -180,6 +189,20 @@ impl Config {
     /// sizes and durations in the file's own syntax. The text parses back with [`Config::parse_str`] to
     /// the same configuration, except that a set password or token reads back as `"****"`.
     pub fn to_masked_toml(&self) -> String {
+        self.effective_toml(true)
+    }
+
+    /// Like [`Config::to_masked_toml`], with secrets in clear: only for comparing two configurations
+    /// ([`edit::plan`]), never for printing.
+    pub fn to_toml_with_secrets(&self) -> String {
+        self.effective_toml(false)
+    }
+
+    fn effective_toml(&self, mask: bool) -> String {
+        let secret = |s: &Option<Secret>| -> Option<String> {
+            s.as_ref()
+                .map(|s| if mask { MASK.to_owned() } else { s.0.clone() })
+        };
         let effective = Effective {
             device: EffectiveDevice {
                 id: self.device.id.as_deref(),
@@ -190,7 +213,7 @@ impl Config {
                 topics: &self.mqtt.topics,
                 client_id: self.mqtt.client_id.as_deref(),
                 username: self.mqtt.username.as_deref(),
-                password: self.mqtt.password.as_ref().map(|_| MASK),
+                password: secret(&self.mqtt.password),
                 keep_alive: format_duration(self.mqtt.keep_alive),
                 max_packet_size: format_size(self.mqtt.max_packet_size),
                 max_backoff: format_duration(self.mqtt.max_backoff),
@@ -204,7 +227,7 @@ impl Config {
             },
             uplink: EffectiveUplink {
                 url: &self.uplink.url,
-                token: self.uplink.token.as_ref().map(|_| MASK),
+                token: secret(&self.uplink.token),
                 batch_max_records: self.uplink.batch_max_records,
                 batch_max_bytes: format_size(self.uplink.batch_max_bytes),
                 compression: self.uplink.compression,
@@ -217,6 +240,9 @@ impl Config {
             },
             control: EffectiveControl {
                 listen: self.control.listen.to_string(),
+            },
+            log: EffectiveLog {
+                level: &self.log.level,
             },
         };
         // Only strings, integers, enums and arrays of tables: serialization has nothing that can fail,
@@ -272,6 +298,8 @@ struct RawConfig {
     uplink: RawUplink,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Default, Deserialize)]
@@ -335,6 +363,12 @@ struct RawControl {
     listen: Option<String>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [log]")]
+struct RawLog {
+    level: Option<String>,
+}
+
 // ---- stage two: defaults, ranges and formats ----------------------------------------------------------
 
 fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
@@ -345,7 +379,48 @@ fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
         journal: validate_journal(raw.journal, source)?,
         uplink: validate_uplink(raw.uplink)?,
         control: validate_control(raw.control)?,
+        log: validate_log(raw.log)?,
     })
+}
+
+fn validate_log(raw: RawLog) -> Result<LogConfig, String> {
+    let level = raw.level.unwrap_or_else(|| "info".to_owned());
+    validate_log_filter(&level).map_err(|e| format!("log.level = {level:?} is invalid: {e}"))?;
+    Ok(LogConfig { level })
+}
+
+/// Checks an env_logger filter of comma-separated directives `LEVEL` or `TARGET=LEVEL`, where LEVEL is
+/// one of off, error, warn, info, debug, trace (env_logger itself would only print a warning for a
+/// bad directive and carry on with a filter nobody asked for).
+pub fn validate_log_filter(spec: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    if spec.len() > 1024 {
+        return Err("allowed at most 1024 characters".to_owned());
+    }
+    let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l));
+    for d in spec.split(',').map(str::trim) {
+        let (target, level) = match d.split_once('=') {
+            Some((t, l)) => (Some(t.trim()), l.trim()),
+            None => (None, d),
+        };
+        if let Some(t) = target {
+            if t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+            {
+                return Err(format!(
+                    "{d:?} is not a directive: allowed LEVEL or TARGET=LEVEL, e.g. \"info\" or \"warn,ferry::uplink=debug\""
+                ));
+            }
+        }
+        if !is_level(level) {
+            return Err(format!(
+                "{level:?} is not a level: allowed off, error, warn, info, debug, trace"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_device(raw: RawDevice) -> Result<DeviceConfig, String> {
@@ -789,6 +864,7 @@ struct Effective<'a> {
     journal: EffectiveJournal,
     uplink: EffectiveUplink<'a>,
     control: EffectiveControl,
+    log: EffectiveLog<'a>,
 }
 
 #[derive(Serialize)]
@@ -807,7 +883,7 @@ struct EffectiveMqtt<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     username: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    password: Option<&'static str>,
+    password: Option<String>,
     keep_alive: String,
     max_packet_size: String,
     max_backoff: String,
@@ -827,7 +903,7 @@ struct EffectiveJournal {
 struct EffectiveUplink<'a> {
     url: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<&'static str>,
+    token: Option<String>,
     batch_max_records: usize,
     batch_max_bytes: String,
     compression: Compression,
@@ -842,6 +918,11 @@ struct EffectiveUplink<'a> {
 #[derive(Serialize)]
 struct EffectiveControl {
     listen: String,
+}
+
+#[derive(Serialize)]
+struct EffectiveLog<'a> {
+    level: &'a str,
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub use batch::{OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, v
 pub use rate::{Limiter, Meter};
 
 use crate::backoff::Backoff;
+use crate::config::live::{Live, LiveSettings};
 use crate::config::{Compression, UplinkConfig};
 use crate::journal::{Entry, Journal};
 use crate::protocol::IDEMPOTENCY_HEADER;
@@ -45,8 +46,10 @@ enum Attempt {
     Failed(ureq::Error),
 }
 
+/// Starts the `uplink` thread. Rate limits and batch sizes follow `live` from then on.
 pub fn spawn(
     cfg: UplinkConfig,
+    live: Live,
     device_id: String,
     journal: Journal,
     stats: Arc<Stats>,
@@ -54,7 +57,7 @@ pub fn spawn(
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("uplink".into())
-        .spawn(move || Uplink::new(cfg, device_id, journal, stats, shutdown).run())
+        .spawn(move || Uplink::new(cfg, live, device_id, journal, stats, shutdown).run())
 }
 
 /// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`
@@ -87,11 +90,15 @@ struct Uplink {
     last_progress: Instant,
     limiter: Limiter,
     meter: Meter,
+    live: Live,
+    /// The generation of `live` last applied.
+    live_seen: u64,
 }
 
 impl Uplink {
     fn new(
         cfg: UplinkConfig,
+        live: Live,
         device_id: String,
         journal: Journal,
         stats: Arc<Stats>,
@@ -118,7 +125,32 @@ impl Uplink {
             last_progress: Instant::now(),
             limiter,
             meter: Meter::default(),
+            live,
+            live_seen: 0,
         }
+    }
+
+    /// Takes up rate limits and batch sizes changed at runtime (`set_config`, console `save`).
+    fn follow_live(&mut self) {
+        let Some(s) = self.live.changed_since(&mut self.live_seen) else {
+            return;
+        };
+        let LiveSettings {
+            max_records_per_sec,
+            max_bytes_per_sec,
+            batch_max_records,
+            batch_max_bytes,
+            ..
+        } = s;
+        if (max_records_per_sec, max_bytes_per_sec)
+            != (self.cfg.max_records_per_sec, self.cfg.max_bytes_per_sec)
+        {
+            self.limiter = Limiter::new(max_records_per_sec, max_bytes_per_sec, Instant::now());
+        }
+        self.cfg.max_records_per_sec = max_records_per_sec;
+        self.cfg.max_bytes_per_sec = max_bytes_per_sec;
+        self.cfg.batch_max_records = batch_max_records;
+        self.cfg.batch_max_bytes = batch_max_bytes;
     }
 
     fn run(mut self) {
@@ -127,6 +159,7 @@ impl Uplink {
         self.report_rates();
         let mut journal_failing = false;
         while !self.shutdown.is_set() {
+            self.follow_live();
             self.log_progress();
             self.report_rates();
             let acked = self.journal.positions().acked_seq;

@@ -44,9 +44,14 @@ fn port_open(port: u16) -> bool {
 }
 
 fn signal(child: &Child, sig: &str) {
+    signal_pid(child.id(), sig);
+}
+
+/// Sends signal `sig` (`"HUP"`, `"TERM"`) to `pid`.
+pub fn signal_pid(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
+        .arg(pid.to_string())
         .status();
 }
 
@@ -330,6 +335,21 @@ impl Drop for Cloud {
 
 /// A minimal HTTP GET with deadlines; returns the body of a 200.
 pub fn http_get(port: u16, path: &str) -> String {
+    let (head, body) = http_request(port, "GET", path);
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "GET {path}: {head}"
+    );
+    body
+}
+
+/// A minimal HTTP POST without a body; returns the status line and the body, whatever the status.
+pub fn http_post(port: u16, path: &str) -> String {
+    let (head, body) = http_request(port, "POST", path);
+    format!("{}\n{body}", head.lines().next().unwrap_or(""))
+}
+
+fn http_request(port: u16, method: &str, path: &str) -> (String, String) {
     let mut s = TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(5),
@@ -338,18 +358,14 @@ pub fn http_get(port: u16, path: &str) -> String {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "GET {path}: {head}"
-    );
-    body.to_string()
+    (head.to_string(), body.to_string())
 }
 
 // ---------------------------------------------------------------- ferry agent
@@ -463,19 +479,20 @@ impl Agent {
             .open(&self.log)
             .unwrap();
         writeln!(&log, "----- run {} {env:?} -----", self.runs).unwrap();
-        let child = Command::new(FERRY)
-            .arg("run")
-            .arg("-c")
-            .arg(&self.config)
-            .env(
-                "FERRY_LOG",
-                std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug,sled=off".into()),
-            )
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(FERRY);
+        cmd.arg("run").arg("-c").arg(&self.config).env(
+            "FERRY_LOG",
+            std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug,sled=off".into()),
+        );
+        // `(NAME, "")` in `env` removes NAME.
+        for (name, value) in env {
+            if value.is_empty() {
+                cmd.env_remove(name);
+            } else {
+                cmd.env(name, value);
+            }
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.child = Some(child);
         let port = self.control_port;
         let log = self.log.clone();

@@ -1,0 +1,80 @@
+//! Replacing a small file so that a power cut at any instant leaves either the old contents or the
+//! new, never a mix: temp file, fsync, rename, fsync the directory. Used for the config file, the
+//! device identity and the downlink's remembered state.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Writes `contents` to `path` atomically. With `backup`, an existing `path` is first copied to
+/// `path.bak` the same way, so the previous version survives the replacement.
+///
+/// Test failpoints (`FERRY_FAILPOINT`): `replace_after_backup`, `replace_before_rename` and
+/// `replace_after_rename` abort the process at that step, as a power cut would stop it.
+pub fn replace(path: &Path, contents: &[u8], backup: bool) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir)?;
+    if backup {
+        match fs::read(path) {
+            Ok(old) => {
+                write_and_rename(&with_suffix(path, ".bak"), &old, &dir)?;
+                failpoint("replace_after_backup");
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    write_and_rename(path, contents, &dir)?;
+    failpoint("replace_after_rename");
+    Ok(())
+}
+
+/// `path` with `suffix` appended to its file name (`ferry.toml` → `ferry.toml.bak`).
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn write_and_rename(path: &Path, contents: &[u8], dir: &Path) -> io::Result<()> {
+    let tmp = with_suffix(path, &format!(".tmp-{}", std::process::id()));
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(contents)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    failpoint("replace_before_rename");
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+fn failpoint(name: &str) {
+    if std::env::var("FERRY_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_and_keeps_a_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ferry.toml");
+        replace(&p, b"one", true).unwrap();
+        assert!(!with_suffix(&p, ".bak").exists());
+        replace(&p, b"two", true).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read(with_suffix(&p, ".bak")).unwrap(), b"one");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 2, "no temp files left behind");
+    }
+}

@@ -1,0 +1,49 @@
+//! Asking the running agent to re-read its config file. The agent's main loop owns the running
+//! configuration and answers each request with the [`Plan`] it applied; the control endpoint
+//! (`POST /reload`, used by `ferry console` and `ferry reload`), SIGHUP, the console and the downlink
+//! hold a [`Reloader`].
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::config::edit::Plan;
+
+/// The agent's answer: what changed and whether it restarts to apply it, or why the file was not
+/// applied (the running configuration stays).
+pub type Outcome = Result<Plan, String>;
+
+/// Cheap clonable handle to the agent's reload queue.
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    tx: mpsc::SyncSender<mpsc::Sender<Outcome>>,
+}
+
+/// The agent's end: requests waiting to be answered.
+pub struct Requests {
+    rx: mpsc::Receiver<mpsc::Sender<Outcome>>,
+}
+
+pub fn channel() -> (Reloader, Requests) {
+    let (tx, rx) = mpsc::sync_channel(8);
+    (Reloader { tx }, Requests { rx })
+}
+
+impl Reloader {
+    /// Asks for a reload and waits up to `timeout` for the outcome.
+    pub fn reload(&self, timeout: Duration) -> Outcome {
+        let (reply, answer) = mpsc::channel();
+        self.tx
+            .try_send(reply)
+            .map_err(|_| "the agent is busy or stopping; try again".to_owned())?;
+        answer
+            .recv_timeout(timeout)
+            .map_err(|_| format!("the agent did not answer within {timeout:?}"))?
+    }
+}
+
+impl Requests {
+    /// Waits up to `timeout` for the next request; the caller sends the outcome on the returned sender.
+    pub fn next(&self, timeout: Duration) -> Option<mpsc::Sender<Outcome>> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
