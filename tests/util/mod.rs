@@ -14,13 +14,29 @@ pub use serde_json::Value;
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub const FERRY_CLOUD: &str = env!("CARGO_BIN_EXE_ferry-cloud");
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago and that no other test of this process was given.
+///
+/// Ports come from 10000-31999, below Linux's ephemeral range (32768-60999), walking from an offset
+/// derived from the process id: a port the kernel hands out for `bind(0)` or an outgoing connection
+/// elsewhere can never land on an agent's control port between a kill and a restart.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (BASE + n % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
