@@ -416,12 +416,16 @@ impl MqttLoop {
             );
         }
         drop(self.tx);
+        // After DISCONNECT, keep reading until the broker closes the connection. Closing our end
+        // with messages still unread in the socket makes the kernel send a reset instead of a FIN,
+        // and the broker then throws away the PUBACKs it had not read yet: acked messages would come
+        // back as redeliveries after the restart.
         if self.client.try_disconnect().is_ok() {
             let deadline = Instant::now() + Duration::from_secs(1);
             while Instant::now() < deadline {
                 match self.connection.recv_timeout(POLL) {
-                    Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) => break,
-                    Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+                    Ok(Err(_)) | Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+                    // Publishes arriving now are not acked: the broker keeps them.
                     _ => {}
                 }
             }

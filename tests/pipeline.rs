@@ -393,3 +393,37 @@ fn a_cloned_identity_is_refused_visibly_and_keeps_its_data() {
         "a's records are untouched"
     );
 }
+
+/// A clean stop while messages keep arriving: every PUBACK the agent sent reaches the broker, so
+/// after the restart the broker sends again only what was never acked (no copies of journaled
+/// messages). Closing the socket with unread incoming data makes the kernel send a reset, which
+/// makes the broker discard the PUBACKs it had not read yet.
+#[test]
+fn a_clean_stop_under_load_leaves_no_acked_message_with_the_broker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
+    agent.wait_connected();
+    let port = broker.port;
+    let feeder = std::thread::spawn(move || {
+        for chunk in 0..40u64 {
+            publish(port, "sensors/a", numbered(chunk * 50..chunk * 50 + 50));
+        }
+    });
+    wait_until("load flowing", Duration::from_secs(20), || {
+        agent.status()["totals"]["ingested"].as_u64() >= Some(300)
+    });
+    agent.stop();
+    agent.start_again();
+    feeder.join().unwrap();
+    wait_until("2000 at the cloud", Duration::from_secs(60), || {
+        cloud.records(DEVICE).len() == 2000
+    });
+    assert_exactly_once(&cloud.records(DEVICE), 2000);
+    assert_eq!(
+        agent.status()["totals"]["redeliveries"],
+        0,
+        "acked messages came back from the broker"
+    );
+}
