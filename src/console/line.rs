@@ -82,6 +82,11 @@ impl Editor {
     /// Feeds one byte; echo goes to `out`. Returns the event the byte completed, if any.
     pub fn feed(&mut self, byte: u8, out: &mut Vec<u8>) -> Option<Event> {
         let after_cr = std::mem::take(&mut self.after_cr);
+        // A control byte inside an escape sequence ends it and counts (a terminal executes it too),
+        // so that Ctrl-C or Enter always work, whatever noise came before.
+        if byte < 0x20 && self.state != State::Text {
+            self.state = State::Text;
+        }
         match self.state {
             State::Escape => {
                 self.state = if byte == b'[' || byte == b'O' {
@@ -261,6 +266,12 @@ mod tests {
         assert_eq!(lines(b"\x1b[Ash\x1b[1;5Dow\x1bOB\r"), [line("show")]);
         // A lone ESC swallows the next byte only.
         assert_eq!(lines(b"\x1bxok\r"), [line("ok")]);
+    }
+
+    #[test]
+    fn ctrl_c_and_enter_end_an_escape_sequence() {
+        assert_eq!(lines(b"\x1b[12\x03ok\r"), [Event::Interrupt, line("ok")]);
+        assert_eq!(lines(b"\x1b\rok\r"), [line(""), line("ok")]);
     }
 
     #[test]

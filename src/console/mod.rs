@@ -610,6 +610,8 @@ pub fn session(
         editor: Editor::new(if port.echo { Echo::On } else { Echo::Off }),
         newline: if port.echo { "\r\n" } else { "\n" },
         port,
+        pending: Vec::new(),
+        pos: 0,
     };
     if gate.required() {
         match io.pin(gate, shutdown) {
@@ -653,6 +655,9 @@ struct Session<'a> {
     port: &'a mut Port,
     editor: Editor,
     newline: &'static str,
+    /// Bytes read and not yet fed to the editor, from `pos` on.
+    pending: Vec<u8>,
+    pos: usize,
 }
 
 impl Session<'_> {
@@ -662,37 +667,20 @@ impl Session<'_> {
         let _ = self.port.write_all(text.as_bytes());
     }
 
-    /// Reads until a line is complete; answers line noise itself.
+    /// Reads until a line is complete; answers line noise itself. Bytes after a line end stay for
+    /// the next call, so nothing typed ahead is lost.
     fn line(&mut self, shutdown: &Shutdown) -> Result<String, End> {
-        let mut buf = [0u8; 512];
         let mut echo = Vec::new();
         loop {
-            if shutdown.is_set() {
-                return Err(End::Shutdown);
-            }
-            let n = match self.port.read(&mut buf, READ_TIMEOUT) {
-                Ok(Input::Bytes(n)) => n,
-                Ok(Input::Idle) => continue,
-                Ok(Input::Closed) => return Err(End::Closed),
-                Err(e) => {
-                    warn!("console read failed: {}", e);
-                    return Err(End::Closed);
-                }
-            };
-            for (i, b) in buf[..n].iter().enumerate() {
-                let event = self.editor.feed(*b, &mut echo);
-                let event = match event {
-                    None => continue,
-                    Some(e) => e,
+            while self.pos < self.pending.len() {
+                let byte = self.pending[self.pos];
+                self.pos += 1;
+                let Some(event) = self.editor.feed(byte, &mut echo) else {
+                    continue;
                 };
                 let _ = self.port.write_all(&echo);
-                echo.clear();
                 let message = match event {
-                    Event::Line(l) => {
-                        // Bytes after the line end stay for the next line: feed them back later.
-                        self.pending(&buf[i + 1..n]);
-                        return Ok(l);
-                    }
+                    Event::Line(l) => return Ok(l),
                     Event::Interrupt => "",
                     Event::TooLong => "line too long: ignored\n",
                     Event::Garbage => "unreadable characters (line noise?): ignored\n",
@@ -702,18 +690,22 @@ impl Session<'_> {
             }
             let _ = self.port.write_all(&echo);
             echo.clear();
+            if shutdown.is_set() {
+                return Err(End::Shutdown);
+            }
+            self.pending.resize(512, 0);
+            self.pos = 0;
+            let n = match self.port.read(&mut self.pending, READ_TIMEOUT) {
+                Ok(Input::Bytes(n)) => n,
+                Ok(Input::Idle) => 0,
+                Ok(Input::Closed) => return Err(End::Closed),
+                Err(e) => {
+                    warn!("console read failed: {}", e);
+                    return Err(End::Closed);
+                }
+            };
+            self.pending.truncate(n);
         }
-    }
-
-    /// Feeds bytes that came after a finished line into the editor, so that nothing typed ahead
-    /// is lost. Their events are dropped only if they complete further lines at once, which a person
-    /// typing does not do.
-    fn pending(&mut self, rest: &[u8]) {
-        let mut echo = Vec::new();
-        for b in rest {
-            let _ = self.editor.feed(*b, &mut echo);
-        }
-        let _ = self.port.write_all(&echo);
     }
 
     fn pin(&mut self, gate: &mut PinGate, shutdown: &Shutdown) -> Result<(), End> {
@@ -722,7 +714,7 @@ impl Session<'_> {
             if !left.is_zero() {
                 self.write(&format!(
                     "too many wrong PINs: wait {} s before the next try\n",
-                    left.as_secs().max(1)
+                    left.as_millis().div_ceil(1000)
                 ));
                 let end = Instant::now() + left;
                 while Instant::now() < end {
@@ -731,6 +723,7 @@ impl Session<'_> {
                     }
                 }
                 self.port.discard_input();
+                self.pos = self.pending.len();
             }
             self.write("PIN: ");
             if self.editor_echo() == Echo::On {
