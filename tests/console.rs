@@ -22,7 +22,7 @@ struct Pty {
     /// The device ferry opens.
     path: PathBuf,
     /// Held open so that the line stays up while ferry closes and reopens it (a restart).
-    _slave: File,
+    slave: File,
     /// Everything read and not yet consumed by `expect`.
     seen: String,
 }
@@ -44,7 +44,7 @@ impl Pty {
         Pty {
             master,
             path,
-            _slave: slave,
+            slave: slave,
             seen: String::new(),
         }
     }
@@ -440,8 +440,53 @@ fn a_pin_guards_the_console_and_three_wrong_ones_make_it_wait() {
         pty.expect("wrong PIN");
     }
     pty.expect("too many wrong PINs: wait 10 s");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // What is typed during the wait is dropped; after it, the right PIN lets the technician in.
+    pty.line("1234");
+    pty.expect("PIN: ");
+    pty.line("1234");
+    pty.expect("gw-test> ");
+    pty.line("exit");
+    assert!(wait_child(&mut child).success());
+}
+
+/// Over SSH: no device, the shell runs on the terminal it was started from, puts it in raw mode
+/// and gives it back as it was.
+#[test]
+fn the_console_runs_on_its_own_terminal_and_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.toml");
+    let text = agent_config(
+        dir.path(),
+        1883,
+        "http://127.0.0.1:9/v1/ingest",
+        free_port(),
+        "",
+        "",
+    );
+    std::fs::write(&config, &text).unwrap();
+    let mut pty = Pty::open();
+    let before = rustix::termios::tcgetattr(&pty.slave).unwrap();
+    let mut child = Command::new(FERRY)
+        .args(["console", "-c"])
+        .arg(&config)
+        .stdin(pty.slave.try_clone().unwrap())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(File::create(dir.path().join("console.log")).unwrap())
+        .spawn()
+        .unwrap();
+    pty.expect("gw-test> ");
+    // Echo comes from the shell (the terminal's own echo is off), with backspace handled.
+    pty.send(b"showx\x7f uplink.url\r");
+    let out = pty.expect("gw-test> ");
+    assert!(
+        out.contains("uplink.url = \"http://127.0.0.1:9/v1/ingest\""),
+        "{out}"
+    );
+    pty.line("exit");
+    assert!(wait_child(&mut child).success());
+    let after = rustix::termios::tcgetattr(&pty.slave).unwrap();
+    assert_eq!(after.local_modes, before.local_modes);
+    assert_eq!(after.input_modes, before.input_modes);
 }
 
 #[test]

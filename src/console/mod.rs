@@ -718,7 +718,7 @@ impl Session<'_> {
                 ));
                 let end = Instant::now() + left;
                 while Instant::now() < end {
-                    if shutdown.sleep(READ_TIMEOUT) {
+                    if !shutdown.sleep(READ_TIMEOUT) {
                         return Err(End::Shutdown);
                     }
                 }
@@ -813,7 +813,11 @@ pub fn standalone(config: &Path, device: Option<&Path>) -> Result<(), String> {
     };
     let link = Link::Remote(cfg.as_ref().map(|c| c.control.listen));
     let mut gate = PinGate::new(cfg.and_then(|c| c.console.pin_sha256));
+    // SIGTERM ends the session through the normal path, so the terminal's settings are restored.
     let shutdown = Shutdown::new();
+    shutdown
+        .install_signal_handlers()
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     session(&mut port, config, &link, &mut gate, &shutdown);
     Ok(())
 }
