@@ -44,7 +44,7 @@ impl Pty {
         Pty {
             master,
             path,
-            slave: slave,
+            slave,
             seen: String::new(),
         }
     }
