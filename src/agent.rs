@@ -16,6 +16,7 @@ use log::{error, info, warn};
 use crate::config::Config;
 use crate::config::edit::{self, Plan};
 use crate::config::live::{Live, LiveSettings};
+use crate::console;
 use crate::control::{self, Sources};
 use crate::identity;
 use crate::ingest;
@@ -86,7 +87,19 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         started: Instant::now(),
         reloader: reloader.clone(),
     };
-    let control = control::spawn(cfg.control.listen, sources, shutdown.clone())?;
+    let control = control::spawn(cfg.control.listen, sources.clone(), shutdown.clone())?;
+    let console = match &cfg.console.device {
+        Some(device) => Some(
+            console::spawn(
+                device.clone(),
+                cfg.clone(),
+                console::Link::InAgent(sources),
+                shutdown.clone(),
+            )
+            .map_err(Error::Spawn)?,
+        ),
+        None => None,
+    };
     let ingest = ingest::spawn(
         &cfg.mqtt,
         client_id.clone(),
@@ -127,12 +140,21 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         if request.is_none() && !hangup.swap(false, Ordering::SeqCst) {
             continue;
         }
-        let outcome = reload_config(&mut cfg, &live);
+        let outcome = match request.as_ref().map(|(r, _)| *r) {
+            Some(reload::Request::Restart) => {
+                info!("restarting on request");
+                Ok(Plan {
+                    changes: Vec::new(),
+                    restart_keys: vec!["(restart requested)".to_owned()],
+                })
+            }
+            _ => reload_config(&mut cfg, &live),
+        };
         if matches!(&outcome, Ok(plan) if plan.needs_restart()) {
             exit = Exit::Restart;
             shutdown.trigger();
         }
-        if let Some(reply) = request {
+        if let Some((_, reply)) = request {
             let _ = reply.send(outcome);
         }
     }
@@ -148,6 +170,9 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         started + cfg.uplink.shutdown_grace.max(Duration::from_millis(500)),
     );
     join_by(control, started + Duration::from_secs(2));
+    if let Some(console) = console {
+        join_by(console, started + Duration::from_secs(2));
+    }
     let p = journal.positions();
     info!(
         "stopped head_seq={} acked_seq={} backlog_records={} in {:?}",

@@ -15,6 +15,9 @@ usage:
                                 show the running agent's status
   ferry reload [-c FILE]        make the running agent re-read its config file
                                 (runtime keys apply at once, others restart it)
+  ferry console [-c FILE] [--device DEV]
+                                the technician's configuration shell, on the serial device
+                                DEV or on this terminal
   ferry dead-letters [-c FILE] [--requeue SEQ]
                                 list records the cloud refused, or queue one again
   ferry --version | --help
@@ -42,6 +45,10 @@ pub enum Command {
     Reload {
         config: PathBuf,
     },
+    Console {
+        config: PathBuf,
+        device: Option<PathBuf>,
+    },
     Help,
     Version,
 }
@@ -54,6 +61,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut config = None;
     let mut json = false;
     let mut requeue = None;
+    let mut device = None;
     let rest: Vec<String> = args.collect();
     let mut i = 0;
     while i < rest.len() {
@@ -65,6 +73,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
         match flag {
             "-c" | "--config" => config = Some(PathBuf::from(value()?)),
             "--json" if sub == "status" => json = true,
+            "--device" if sub == "console" => device = Some(PathBuf::from(value()?)),
             "--requeue" if sub == "dead-letters" => {
                 let v = value()?;
                 requeue = Some(
@@ -83,6 +92,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
         "status" => Ok(Command::Status { config, json }),
         "dead-letters" => Ok(Command::DeadLetters { config, requeue }),
         "reload" => Ok(Command::Reload { config }),
+        "console" => Ok(Command::Console { config, device }),
         "-h" | "--help" | "help" => Ok(Command::Help),
         "-V" | "--version" | "version" => Ok(Command::Version),
         other => Err(format!("unknown subcommand {other:?}")),
@@ -141,6 +151,30 @@ mod tests {
         );
         assert!(p(&["run", "--json"]).is_err());
         assert!(p(&["dead-letters", "--requeue", "x"]).is_err());
+    }
+
+    #[test]
+    fn console_takes_an_optional_device() {
+        assert_eq!(
+            p(&["console", "-c", "f.toml", "--device", "/dev/ttyUSB0"]),
+            Ok(Command::Console {
+                config: "f.toml".into(),
+                device: Some("/dev/ttyUSB0".into())
+            })
+        );
+        assert_eq!(
+            p(&["console"]),
+            Ok(Command::Console {
+                config: DEFAULT_CONFIG.into(),
+                device: None
+            })
+        );
+        assert!(p(&["run", "--device", "/dev/x"]).is_err());
+        assert!(
+            p(&["console", "--device"])
+                .unwrap_err()
+                .contains("needs a value")
+        );
     }
 
     #[test]

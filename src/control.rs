@@ -1,6 +1,7 @@
 //! The control endpoint (`control.listen`, loopback by default): `GET /status` (JSON),
 //! `GET /metrics` (Prometheus text), `GET /dead-letters`, `POST /dead-letters/<seq>/requeue`,
-//! `POST /reload` (re-read the config file; answers what changed and whether the agent restarts).
+//! `POST /reload` (re-read the config file; answers what changed and whether the agent restarts),
+//! `POST /restart` (the agent replaces itself with a fresh run, e.g. after a new device id).
 //! Both ends live here: the `control` thread that serves it, and the small client behind
 //! `ferry status`.
 
@@ -43,6 +44,8 @@ pub struct Status {
     #[serde(flatten)]
     pub positions: Positions,
     pub journal_disk_bytes: u64,
+    /// Age in seconds of the oldest record not yet acknowledged by the cloud; `None` when nothing waits.
+    pub oldest_unsent_age_s: Option<u64>,
     /// Estimated seconds to drain the backlog at the current drain rate (or the limit when idle);
     /// `None` while nothing drains.
     pub backlog_eta_s: Option<u64>,
@@ -99,6 +102,10 @@ impl Sources {
                 .load(std::sync::atomic::Ordering::Relaxed),
             positions,
             journal_disk_bytes: self.journal.disk_bytes(),
+            oldest_unsent_age_s: match self.journal.oldest_unsent_ts_ms() {
+                Ok(Some(ts)) => Some(crate::journal::now_ms().saturating_sub(ts) / 1000),
+                _ => None,
+            },
             backlog_eta_s,
             uplink,
             totals: Totals {
@@ -201,7 +208,11 @@ fn route(method: &tiny_http::Method, url: &str, sources: &Sources) -> (u16, &'st
             ),
             Err(e) => (409, JSON, error_json(&e)),
         },
-        (_, ["status"] | ["metrics"] | ["dead-letters"] | ["reload"]) => {
+        (Post, ["restart"]) => match sources.reloader.restart(Duration::from_secs(5)) {
+            Ok(_) => (200, JSON, to_json(&serde_json::json!({ "restart": true }))),
+            Err(e) => (409, JSON, error_json(&e)),
+        },
+        (_, ["status"] | ["metrics"] | ["dead-letters"] | ["reload"] | ["restart"]) => {
             (405, JSON, error_json("method not allowed"))
         }
         _ => (404, JSON, error_json("not found")),

@@ -46,6 +46,27 @@ pub fn resolve(configured: Option<&str>, dir: &Path) -> Result<String, Error> {
     Ok(id)
 }
 
+/// The id generated earlier and stored in `dir`, if there is a valid one. Creates nothing.
+pub fn stored(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(dir.join(FILE)).ok()?;
+    let id = text.trim();
+    is_valid_device_id(id).then(|| id.to_string())
+}
+
+/// Replaces the stored id in `dir` with a new random one, atomically (for a cloned image, whose
+/// copies would otherwise share one id). The agent takes it up at its next start.
+pub fn regenerate(dir: &Path) -> Result<String, Error> {
+    let id = generate()?;
+    store(&dir.join(FILE), &id)?;
+    info!("regenerated device id={} stored in {}", id, dir.display());
+    Ok(id)
+}
+
+/// Where the generated id is kept.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE)
+}
+
 fn generate() -> Result<String, Error> {
     let mut bytes = [0u8; 8];
     File::open("/dev/urandom")
@@ -77,6 +98,17 @@ mod tests {
         assert_eq!(resolve(None, dir.path()).unwrap(), a);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(resolve(None, other.path()).unwrap(), a);
+    }
+
+    #[test]
+    fn regenerating_replaces_the_stored_id() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(stored(dir.path()), None);
+        let a = resolve(None, dir.path()).unwrap();
+        assert_eq!(stored(dir.path()), Some(a.clone()));
+        let b = regenerate(dir.path()).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(resolve(None, dir.path()).unwrap(), b);
     }
 
     #[test]

@@ -435,6 +435,63 @@ impl MqttLoop {
     }
 }
 
+/// Connects to the broker once with a clean session and the client id `probe_client_id`, which must
+/// differ from the agent's own (the broker would otherwise drop the agent's session), and disconnects
+/// (the console's `test mqtt`). Returns the time to CONNACK, or what went wrong in plain words.
+pub fn probe(cfg: &MqttConfig, probe_client_id: &str) -> Result<Duration, String> {
+    let mut opts = MqttOptions::new(probe_client_id, cfg.host.clone(), cfg.port);
+    opts.set_keep_alive(cfg.keep_alive).set_clean_session(true);
+    if let Some(user) = &cfg.username {
+        let pass = cfg
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_string())
+            .unwrap_or_default();
+        opts.set_credentials(user.clone(), pass);
+    }
+    let (client, mut connection) = Client::new(opts, 8);
+    connection
+        .eventloop
+        .network_options
+        .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    let started = Instant::now();
+    let outcome = match connection.recv_timeout(CONNECT_POLL) {
+        Ok(Ok(Event::Incoming(Incoming::ConnAck(_)))) => Ok(started.elapsed()),
+        Ok(Ok(other)) => Err(format!(
+            "unexpected first answer from the broker: {other:?}"
+        )),
+        Ok(Err(e)) => Err(probe_words(&e)),
+        Err(_) => Err(format!(
+            "timed out after {CONNECT_POLL:?} without a CONNACK"
+        )),
+    };
+    if outcome.is_ok() && client.try_disconnect().is_ok() {
+        // Let the DISCONNECT go out; the broker forgets the clean session either way.
+        let _ = connection.recv_timeout(POLL);
+    }
+    outcome
+}
+
+/// An MQTT connect failure in plain words.
+fn probe_words(e: &ConnectionError) -> String {
+    use rumqttc::ConnectReturnCode as Code;
+    match e {
+        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused (is mosquitto running on that host and port?)".to_owned()
+        }
+        ConnectionError::Io(io) => format!("cannot connect: {io}"),
+        ConnectionError::NetworkTimeout => "timed out connecting".to_owned(),
+        ConnectionError::ConnectionRefused(Code::BadUserNamePassword) => {
+            "the broker refused: bad username or password (mqtt.username, mqtt.password)".to_owned()
+        }
+        ConnectionError::ConnectionRefused(Code::NotAuthorized) => {
+            "the broker refused: not authorized".to_owned()
+        }
+        ConnectionError::ConnectionRefused(code) => format!("the broker refused: {code:?}"),
+        other => other.to_string(),
+    }
+}
+
 fn read_limit(max_packet_size: u64) -> usize {
     max_packet_size.max(HARD_PACKET_CAP) as usize
 }

@@ -13,6 +13,8 @@
 //!   module holds a clonable `Journal` handle.
 //! - `uplink` owns the HTTP agent (`ureq`): one batch in flight, in seq order, from the cursor.
 //! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown.
+//! - `console` serves a configuration shell on a serial line (`[console] device`, or `ferry
+//!   console`): edits the config file atomically and asks the agent to apply it.
 //! - `cloud` is the reference receiver (`ferry-cloud`), sharing only `protocol` with the agent.
 //!
 //! # Durability contract
@@ -29,6 +31,7 @@ pub mod backoff;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod fnv;
 pub mod identity;

@@ -66,6 +66,15 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
+        Command::Console { config, device } => {
+            match ferry::console::standalone(&config, device.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("ferry: {msg}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::DeadLetters { config, requeue } => with_agent(&config, |addr| {
             let body = match requeue {
                 None => control::get(addr, "/dead-letters", Duration::from_secs(3))?,

@@ -1,7 +1,7 @@
-//! Asking the running agent to re-read its config file. The agent's main loop owns the running
-//! configuration and answers each request with the [`Plan`] it applied; the control endpoint
-//! (`POST /reload`, used by `ferry console` and `ferry reload`), SIGHUP, the console and the downlink
-//! hold a [`Reloader`].
+//! Asking the running agent to re-read its config file, or to restart. The agent's main loop owns
+//! the running configuration and answers each request with the [`Plan`] it applied; the control
+//! endpoint (`POST /reload`, `POST /restart`, used by `ferry console` and `ferry reload`), SIGHUP, the
+//! console and the downlink hold a [`Reloader`].
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -12,15 +12,24 @@ use crate::config::edit::Plan;
 /// applied (the running configuration stays).
 pub type Outcome = Result<Plan, String>;
 
+/// What is asked of the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Re-read the config file: runtime keys apply now, the others by a restart.
+    Reload,
+    /// Restart in place (same process, a fresh run), e.g. to take up a new device id.
+    Restart,
+}
+
 /// Cheap clonable handle to the agent's reload queue.
 #[derive(Clone, Debug)]
 pub struct Reloader {
-    tx: mpsc::SyncSender<mpsc::Sender<Outcome>>,
+    tx: mpsc::SyncSender<(Request, mpsc::Sender<Outcome>)>,
 }
 
 /// The agent's end: requests waiting to be answered.
 pub struct Requests {
-    rx: mpsc::Receiver<mpsc::Sender<Outcome>>,
+    rx: mpsc::Receiver<(Request, mpsc::Sender<Outcome>)>,
 }
 
 pub fn channel() -> (Reloader, Requests) {
@@ -31,9 +40,18 @@ pub fn channel() -> (Reloader, Requests) {
 impl Reloader {
     /// Asks for a reload and waits up to `timeout` for the outcome.
     pub fn reload(&self, timeout: Duration) -> Outcome {
+        self.ask(Request::Reload, timeout)
+    }
+
+    /// Asks the agent to restart itself and waits up to `timeout` for it to agree.
+    pub fn restart(&self, timeout: Duration) -> Outcome {
+        self.ask(Request::Restart, timeout)
+    }
+
+    fn ask(&self, request: Request, timeout: Duration) -> Outcome {
         let (reply, answer) = mpsc::channel();
         self.tx
-            .try_send(reply)
+            .try_send((request, reply))
             .map_err(|_| "the agent is busy or stopping; try again".to_owned())?;
         answer
             .recv_timeout(timeout)
@@ -43,7 +61,7 @@ impl Reloader {
 
 impl Requests {
     /// Waits up to `timeout` for the next request; the caller sends the outcome on the returned sender.
-    pub fn next(&self, timeout: Duration) -> Option<mpsc::Sender<Outcome>> {
+    pub fn next(&self, timeout: Duration) -> Option<(Request, mpsc::Sender<Outcome>)> {
         self.rx.recv_timeout(timeout).ok()
     }
 }

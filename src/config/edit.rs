@@ -181,6 +181,29 @@ impl Draft {
         flatten(&self.doc).remove(key).map(|v| masked(key, v))
     }
 
+    /// Every key with the value the draft gives it, sorted, secrets masked, and whether the file
+    /// sets it (`false`: a default). Defaults are known only while the draft is valid; values as
+    /// written win over effective ones (a relative `journal.dir` stays relative).
+    pub fn show(&self) -> Vec<(String, String, bool)> {
+        let written = flatten(&self.doc);
+        let mut all = match self.validate() {
+            Ok(cfg) => cfg
+                .to_masked_toml()
+                .parse::<DocumentMut>()
+                .map(|d| flatten(&d))
+                .unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
+        all.extend(written.clone());
+        all.into_iter()
+            .map(|(k, v)| {
+                let set = written.contains_key(&k);
+                let v = masked(&k, v);
+                (k, v, set)
+            })
+            .collect()
+    }
+
     /// What the draft changes against the file on disk.
     pub fn diff(&self) -> Vec<Change> {
         changes(flatten(&self.on_disk), flatten(&self.doc))

@@ -31,6 +31,7 @@ pub struct Config {
     pub uplink: UplinkConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
+    pub console: ConsoleConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +123,19 @@ pub struct LogConfig {
     /// An env_logger filter: `info`, or `warn,ferry::uplink=debug`. `FERRY_LOG` overrides it at start.
     pub level: String,
 }
+
+/// The serial console (`[console]`): a configuration shell for technicians on a serial line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// The serial device the agent serves the shell on; none: no console in the agent.
+    pub device: Option<PathBuf>,
+    pub baud: u32,
+    /// SHA-256 of the access PIN, 64 lowercase hex digits; none: no PIN asked.
+    pub pin_sha256: Option<Secret>,
+}
+
+/// Line speeds a serial console may use.
+pub const CONSOLE_BAUDS: [u32; 8] = [9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600];
 
 /// A string that never prints itself.
 #[derive(Clone, PartialEq, Eq)]
@@ -244,6 +258,15 @@ impl Config {
             log: EffectiveLog {
                 level: &self.log.level,
             },
+            console: EffectiveConsole {
+                device: self
+                    .console
+                    .device
+                    .as_ref()
+                    .map(|d| d.to_string_lossy().into_owned()),
+                baud: self.console.baud,
+                pin_sha256: secret(&self.console.pin_sha256),
+            },
         };
         // Only strings, integers, enums and arrays of tables: serialization has nothing that can fail,
         // but a printout is not worth a panic if it ever does.
@@ -300,6 +323,8 @@ struct RawConfig {
     control: RawControl,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    console: RawConsole,
 }
 
 #[derive(Default, Deserialize)]
@@ -369,6 +394,14 @@ struct RawLog {
     level: Option<String>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [console]")]
+struct RawConsole {
+    device: Option<String>,
+    baud: Option<i64>,
+    pin_sha256: Option<String>,
+}
+
 // ---- stage two: defaults, ranges and formats ----------------------------------------------------------
 
 fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
@@ -380,6 +413,42 @@ fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
         uplink: validate_uplink(raw.uplink)?,
         control: validate_control(raw.control)?,
         log: validate_log(raw.log)?,
+        console: validate_console(raw.console)?,
+    })
+}
+
+fn validate_console(raw: RawConsole) -> Result<ConsoleConfig, String> {
+    let device = match raw.device {
+        None => None,
+        Some(d) if d.starts_with('/') && !d.chars().any(char::is_control) => Some(PathBuf::from(d)),
+        Some(d) => {
+            return Err(format!(
+                "console.device = {d:?} is invalid: allowed an absolute device path, e.g. \"/dev/ttyS0\""
+            ));
+        }
+    };
+    let baud = raw.baud.unwrap_or(115_200);
+    let baud = u32::try_from(baud)
+        .ok()
+        .filter(|b| CONSOLE_BAUDS.contains(b))
+        .ok_or_else(|| format!("console.baud = {baud} is invalid: allowed {CONSOLE_BAUDS:?}"))?;
+    let pin_sha256 = match raw.pin_sha256 {
+        None => None,
+        Some(h) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Some(Secret(h.to_ascii_lowercase()))
+        }
+        Some(_) => {
+            return Err(
+                "console.pin_sha256 is invalid: allowed the SHA-256 of the PIN as 64 hex \
+                 digits, e.g. from `printf %s 1234 | sha256sum`"
+                    .to_owned(),
+            );
+        }
+    };
+    Ok(ConsoleConfig {
+        device,
+        baud,
+        pin_sha256,
     })
 }
 
@@ -865,6 +934,7 @@ struct Effective<'a> {
     uplink: EffectiveUplink<'a>,
     control: EffectiveControl,
     log: EffectiveLog<'a>,
+    console: EffectiveConsole,
 }
 
 #[derive(Serialize)]
@@ -923,6 +993,15 @@ struct EffectiveControl {
 #[derive(Serialize)]
 struct EffectiveLog<'a> {
     level: &'a str,
+}
+
+#[derive(Serialize)]
+struct EffectiveConsole {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    baud: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pin_sha256: Option<String>,
 }
 
 #[cfg(test)]

@@ -1101,6 +1101,19 @@ impl Journal {
             .unwrap_or(0)
     }
 
+    /// When the oldest record not yet acknowledged was received (ms since the epoch); `None` when
+    /// nothing is waiting. Gaps are skipped, and at most 64 entries are looked at.
+    pub fn oldest_unsent_ts_ms(&self) -> Result<Option<u64>> {
+        let acked = self.lock().acked;
+        for item in self.store()?.log.range(entry_key(acked + 1)..).take(64) {
+            let (k, v) = item.map_err(storage("reading the oldest entry"))?;
+            if let Entry::Record(r) = decode_entry(key_seq(&k), &v)? {
+                return Ok(Some(r.ts_ms));
+            }
+        }
+        Ok(None)
+    }
+
     /// Compacts when sled's files have grown past `COMPACT_ABOVE` of `max_bytes` while the live
     /// data would fit in a fraction of it. sled 0.34's file grows with the volume written, not
     /// with the data held (measured: 7.9 MB of file for 84 KB of live records after 10 MB of

@@ -501,11 +501,74 @@ fn span(entries: &[Entry]) -> (u64, u64) {
     (first, last)
 }
 
-/// A transport error in plain words, for logs and `/status`.
+/// Sends an empty batch to `cfg.url` with the uplink's own HTTP agent, headers and deadlines (the
+/// console's `test uplink`). Returns the round trip of a 2xx answer, or what went wrong in plain
+/// words: DNS failure, connection refused, timed out, TLS certificate problem, HTTP status N and what
+/// it means.
+pub fn probe(cfg: &UplinkConfig, device_id: &str) -> Result<Duration, String> {
+    let agent = http_agent(cfg.connect_timeout, cfg.request_timeout);
+    let body = serde_json::json!({ "device_id": device_id, "records": [], "gaps": [] }).to_string();
+    let mut req = agent
+        .post(&cfg.url)
+        .header("Content-Type", "application/json");
+    if let Some(token) = &cfg.token {
+        req = req.header("Authorization", format!("Bearer {}", token.expose()));
+    }
+    let started = Instant::now();
+    let mut resp = req.send(body.as_bytes()).map_err(|e| describe(&e))?;
+    let elapsed = started.elapsed();
+    let code = resp.status().as_u16();
+    let answer = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_RESPONSE_BODY)
+        .read_to_string()
+        .unwrap_or_default();
+    if (200..300).contains(&code) {
+        Ok(elapsed)
+    } else {
+        let answer = snippet(&answer);
+        let said = if answer.is_empty() {
+            String::new()
+        } else {
+            format!("; the cloud said: {answer}")
+        };
+        Err(format!("{}{said}", status_words(code)))
+    }
+}
+
+/// An HTTP status and what it means for the uplink, in plain words.
+pub fn status_words(code: u16) -> String {
+    let meaning = match code {
+        400 => "bad request: the cloud does not understand ferry's batches at this url",
+        401 => "unauthorized: uplink.token is missing or wrong",
+        403 => "forbidden: the token is not allowed to send for this device",
+        404 => "not found: the url's path is wrong",
+        405 => "method not allowed: the url is not an ingest endpoint",
+        409 => "conflict: the cloud saw this device id with other data (a cloned identity?)",
+        413 => "payload too large",
+        429 => "too many requests: the cloud asks to slow down",
+        300..=399 => "a redirect, which ferry does not follow: use the final url",
+        500..=599 => "the cloud has a server error",
+        200..=299 => "ok",
+        _ => "unexpected",
+    };
+    format!("HTTP status {code} ({meaning})")
+}
+
+/// A transport error in plain words, for logs, `/status` and the console.
 pub fn describe(e: &ureq::Error) -> String {
+    if let Some(tls) = tls_cause(e) {
+        return match tls {
+            rustls::Error::InvalidCertificate(c) => {
+                format!("TLS certificate problem: the server's certificate is not accepted ({c:?})")
+            }
+            other => format!("TLS failure: {other}"),
+        };
+    }
     match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
-        ureq::Error::HostNotFound => "host not found (DNS)".into(),
+        ureq::Error::HostNotFound => "DNS failure: host not found".into(),
         ureq::Error::ConnectionFailed => "connection failed".into(),
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "connection refused".into()
@@ -518,6 +581,26 @@ pub fn describe(e: &ureq::Error) -> String {
         }
         other => crate::error_chain(other),
     }
+}
+
+/// The TLS error behind `e`, if any, wherever it sits in the chain.
+fn tls_cause(e: &ureq::Error) -> Option<&rustls::Error> {
+    if let ureq::Error::Rustls(t) = e {
+        return Some(t);
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    if let ureq::Error::Io(io) = e {
+        cur = io
+            .get_ref()
+            .map(|r| r as &(dyn std::error::Error + 'static));
+    }
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// The start of a response body, on one line, for logs.
@@ -538,4 +621,65 @@ fn gzip(body: &[u8]) -> Vec<u8> {
     // Writing into a Vec cannot fail.
     let _ = enc.write_all(body);
     enc.finish().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_are_said_in_plain_words() {
+        let io = |k: std::io::ErrorKind| ureq::Error::Io(k.into());
+        assert_eq!(
+            describe(&io(std::io::ErrorKind::ConnectionRefused)),
+            "connection refused"
+        );
+        assert_eq!(
+            describe(&ureq::Error::HostNotFound),
+            "DNS failure: host not found"
+        );
+        assert!(describe(&ureq::Error::Timeout(ureq::Timeout::Connect)).starts_with("timed out"));
+        let cert = ureq::Error::Rustls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert!(
+            describe(&cert).starts_with("TLS certificate problem"),
+            "{}",
+            describe(&cert)
+        );
+        // The same error wrapped in an io::Error, as a handshake inside a read reports it.
+        let wrapped = ureq::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+        ));
+        assert!(describe(&wrapped).starts_with("TLS certificate problem"));
+    }
+
+    #[test]
+    fn statuses_say_what_they_mean() {
+        assert!(status_words(401).contains("uplink.token"));
+        assert!(status_words(404).starts_with("HTTP status 404 (not found"));
+        assert!(status_words(503).contains("server error"));
+        assert!(status_words(302).contains("redirect"));
+    }
+
+    #[test]
+    fn a_probe_of_a_closed_port_says_connection_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = crate::config::Config::parse_str(
+            &format!(
+                "[journal]\ndir = \"/tmp/j\"\n[mqtt]\ntopics = [\"a/#\"]\n[uplink]\nurl = \"http://127.0.0.1:{port}/v1/ingest\"\n"
+            ),
+            std::path::Path::new("/tmp/ferry.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            probe(&cfg.uplink, "gw-1").unwrap_err(),
+            "connection refused"
+        );
+    }
 }

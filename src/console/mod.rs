@@ -1,0 +1,961 @@
+//! The serial console: a small configuration shell for the technician who installs a gateway with
+//! a laptop on its console port, before any network is up.
+//!
+//! Served by the agent's `console` thread on `console.device` (raw 8N1 at `console.baud`), or
+//! stand-alone by `ferry console` on a device or on stdin/stdout (over SSH). Pieces:
+//! - [`tty`] owns the terminal (the only module naming termios): raw mode, polled reads.
+//! - [`line`] turns bytes into lines: echo, erase, Ctrl-C, bounded lines, noise rejected.
+//! - [`parse`] turns a line into a [`parse::Command`].
+//! - [`Shell`] carries commands out: edits go to a [`Draft`] of the config file; `save` writes it
+//!   atomically and asks the agent to apply it — through a [`crate::reload::Reloader`] in the agent,
+//!   through the control endpoint (`POST /reload`) stand-alone — and announces what applied now and
+//!   what restarts the agent.
+//!
+//! An optional PIN (`console.pin_sha256`) guards each session; after three wrong PINs each further
+//! try waits, 10 s doubling up to 5 min.
+
+pub mod line;
+pub mod parse;
+pub mod tty;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::edit::{Draft, Plan};
+use crate::config::{Config, Secret};
+use crate::control::{self, Sources};
+use crate::shutdown::Shutdown;
+use line::{Echo, Editor, Event};
+use parse::{Command, TOPICS, Target};
+use tty::{Input, Port};
+
+/// How long one read waits before the loop looks at shutdown again.
+const READ_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long the agent gets to apply a saved file.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Wrong PINs allowed before each further try waits.
+const PIN_TRIES: u32 = 3;
+const PIN_WAIT_FIRST: Duration = Duration::from_secs(10);
+const PIN_WAIT_MAX: Duration = Duration::from_secs(300);
+
+/// How the shell reaches the agent.
+#[derive(Clone)]
+pub enum Link {
+    /// Inside the agent: status and reload directly.
+    InAgent(Sources),
+    /// `ferry console`: the agent's control endpoint, if the config file names one.
+    Remote(Option<SocketAddr>),
+}
+
+/// Why the agent could not be asked.
+enum AgentError {
+    NotRunning,
+    Failed(String),
+}
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentError::NotRunning => f.write_str("agent not running"),
+            AgentError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// What the agent applied: changes as `key old -> new`, and the keys that restart it.
+struct Applied {
+    changes: Vec<String>,
+    restart_keys: Vec<String>,
+}
+
+impl From<Plan> for Applied {
+    fn from(p: Plan) -> Applied {
+        Applied {
+            changes: p.changes.iter().map(ToString::to_string).collect(),
+            restart_keys: p.restart_keys,
+        }
+    }
+}
+
+/// The command interpreter of one session. Output is text with `\n` line ends.
+pub struct Shell {
+    draft: Draft,
+    /// The configuration the session started from (the running one when the agent runs), if the
+    /// file was valid then.
+    running: Option<Config>,
+    link: Link,
+    /// `identity regenerate` waits for `yes`.
+    confirming: bool,
+}
+
+/// What a command asks of the session.
+pub struct Reply {
+    pub text: String,
+    pub exit: bool,
+}
+
+fn reply(text: impl Into<String>) -> Reply {
+    Reply {
+        text: text.into(),
+        exit: false,
+    }
+}
+
+impl Shell {
+    pub fn new(path: &Path, link: Link) -> Result<Shell, String> {
+        let draft = Draft::load(path).map_err(|e| crate::error_chain(&e))?;
+        let running = draft.validate().ok();
+        Ok(Shell {
+            draft,
+            running,
+            link,
+            confirming: false,
+        })
+    }
+
+    /// The device id for the prompt: the agent's, else the file's, else the stored one.
+    pub fn device_id(&self) -> String {
+        if let Link::InAgent(s) = &self.link {
+            return s.device_id.clone();
+        }
+        if let Ok(json) = self.status_json() {
+            if let Some(id) = serde_json::from_str::<serde_json::Value>(&json)
+                .ok()
+                .and_then(|v| v["device_id"].as_str().map(str::to_owned))
+            {
+                return id;
+            }
+        }
+        self.offline_device_id()
+            .unwrap_or_else(|| "ferry".to_owned())
+    }
+
+    fn offline_device_id(&self) -> Option<String> {
+        let cfg = self.running.as_ref()?;
+        cfg.device
+            .id
+            .clone()
+            .or_else(|| crate::identity::stored(&cfg.journal.dir))
+    }
+
+    pub fn prompt(&self, device_id: &str) -> String {
+        if self.confirming {
+            "type yes to confirm: ".to_owned()
+        } else {
+            format!("{device_id}> ")
+        }
+    }
+
+    /// Carries out one line.
+    pub fn execute(&mut self, line: &str) -> Reply {
+        if std::mem::take(&mut self.confirming) {
+            return if line.trim() == "yes" {
+                reply(self.regenerate_identity())
+            } else {
+                reply("cancelled: the device id is unchanged\n")
+            };
+        }
+        let cmd = match parse::parse(line) {
+            Ok(c) => c,
+            Err(msg) => return reply(format!("{msg}\n")),
+        };
+        match cmd {
+            Command::Nothing => reply(""),
+            Command::Help(None) => {
+                let mut s = String::from("commands:\n");
+                for t in TOPICS {
+                    s.push_str(&format!("  {}\n", t.usage()));
+                }
+                reply(s)
+            }
+            Command::Help(Some(t)) => reply(format!("{}\n{}\n", t.usage(), t.details())),
+            Command::Status => reply(match self.status_json() {
+                Ok(json) => crate::status_text(&json),
+                Err(e) => format!("{e}\n"),
+            }),
+            Command::Show(filter) => reply(self.show(filter.as_deref())),
+            Command::Set { key, value } => reply(match self.draft.set(&key, &value) {
+                Ok(()) => format!(
+                    "{key} = {} (pending; save applies it)\n",
+                    self.draft.get(&key).unwrap_or_default()
+                ),
+                Err(e) => format!("not set: {}\n", crate::error_chain(&e)),
+            }),
+            Command::Unset(key) => reply(match self.draft.unset(&key) {
+                Ok(()) => format!("{key} unset: its default applies (pending; save applies it)\n"),
+                Err(e) => format!("not unset: {}\n", crate::error_chain(&e)),
+            }),
+            Command::Diff => reply(self.diff()),
+            Command::Save => reply(self.save()),
+            Command::Discard => {
+                let n = self.draft.diff().len();
+                self.draft.discard();
+                reply(format!("discarded {n} pending change(s)\n"))
+            }
+            Command::Test(Target::Uplink) => reply(self.test_uplink()),
+            Command::Test(Target::Mqtt) => reply(self.test_mqtt()),
+            Command::Journal => reply(self.journal()),
+            Command::Log(None) => reply(format!(
+                "log.level = {}\n",
+                self.draft
+                    .get("log.level")
+                    .unwrap_or_else(|| "\"info\" (default)".to_owned())
+            )),
+            Command::Log(Some(level)) => reply(match self.draft.set("log.level", &level) {
+                Ok(()) => format!(
+                    "log.level = {} (pending; save applies it without a restart)\n",
+                    self.draft.get("log.level").unwrap_or_default()
+                ),
+                Err(e) => format!("not set: {}\n", crate::error_chain(&e)),
+            }),
+            Command::Identity { regenerate } => reply(self.identity(regenerate)),
+            Command::Exit => Reply {
+                text: match self.draft.diff().len() {
+                    0 => "bye\n".to_owned(),
+                    n => format!("bye ({n} unsaved change(s) dropped)\n"),
+                },
+                exit: true,
+            },
+        }
+    }
+
+    fn show(&self, filter: Option<&str>) -> String {
+        let rows: Vec<_> = self
+            .draft
+            .show()
+            .into_iter()
+            .filter(|(k, ..)| match filter {
+                None => true,
+                Some(f) => k == f || k.strip_prefix(f).is_some_and(|r| r.starts_with('.')),
+            })
+            .collect();
+        if rows.is_empty() {
+            return match filter {
+                Some(f) => format!("no setting {f:?}; `show` lists them all\n"),
+                None => "the configuration is empty\n".to_owned(),
+            };
+        }
+        let mut s = String::new();
+        for (k, v, set) in rows {
+            let mark = if set { "" } else { "   (default)" };
+            s.push_str(&format!("{k} = {v}{mark}\n"));
+        }
+        if self.draft.validate().is_err() {
+            s.push_str("(the configuration does not validate: defaults are not shown)\n");
+        }
+        s
+    }
+
+    fn diff(&self) -> String {
+        let changes = self.draft.diff();
+        if changes.is_empty() {
+            return "no pending changes\n".to_owned();
+        }
+        changes.iter().map(|c| format!("{c}\n")).collect()
+    }
+
+    fn save(&mut self) -> String {
+        let changes = self.draft.diff();
+        if changes.is_empty() {
+            return "nothing to save\n".to_owned();
+        }
+        let path = self.draft.path().to_owned();
+        let cfg = match self.draft.save() {
+            Ok(cfg) => cfg,
+            Err(e) => return format!("not saved: {}\n", crate::error_chain(&e)),
+        };
+        for c in &changes {
+            info!("console changed {} in {}", c, path.display());
+        }
+        let mut out = format!(
+            "saved {} (previous file kept as {})\n",
+            path.display(),
+            crate::atomic_file::with_suffix(&path, ".bak").display()
+        );
+        match self.apply() {
+            Ok(applied) => out.push_str(&announce(&applied)),
+            Err(AgentError::NotRunning) => {
+                out.push_str("agent not running: the new configuration applies when it starts\n")
+            }
+            Err(e) => out.push_str(&format!("the agent did not apply it: {e}\n")),
+        }
+        self.running = Some(cfg);
+        out
+    }
+
+    /// Asks the agent to re-read the file.
+    fn apply(&self) -> Result<Applied, AgentError> {
+        match &self.link {
+            Link::InAgent(s) => s
+                .reloader
+                .reload(APPLY_TIMEOUT)
+                .map(Applied::from)
+                .map_err(AgentError::Failed),
+            Link::Remote(addr) => {
+                let body = remote(*addr, "POST", "/reload")?;
+                let v: serde_json::Value = serde_json::from_str(&body)
+                    .map_err(|e| AgentError::Failed(format!("unreadable answer: {e}")))?;
+                let strings = |k: &str| -> Vec<String> {
+                    v[k].as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                Ok(Applied {
+                    changes: strings("changes"),
+                    restart_keys: strings("restart_keys"),
+                })
+            }
+        }
+    }
+
+    fn restart_agent(&self) -> Result<(), AgentError> {
+        match &self.link {
+            Link::InAgent(s) => s
+                .reloader
+                .restart(APPLY_TIMEOUT)
+                .map(drop)
+                .map_err(AgentError::Failed),
+            Link::Remote(addr) => remote(*addr, "POST", "/restart").map(drop),
+        }
+    }
+
+    fn status_json(&self) -> Result<String, AgentError> {
+        match &self.link {
+            Link::InAgent(s) => {
+                serde_json::to_string(&s.status()).map_err(|e| AgentError::Failed(e.to_string()))
+            }
+            Link::Remote(addr) => remote(*addr, "GET", "/status"),
+        }
+    }
+
+    /// The configuration to test with: the pending one if it validates.
+    fn pending_config(&self) -> Result<Config, String> {
+        self.draft.validate().map_err(|e| {
+            format!(
+                "the configuration does not validate: {}\n",
+                crate::error_chain(&e)
+            )
+        })
+    }
+
+    fn test_uplink(&self) -> String {
+        let cfg = match self.pending_config() {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let id = self.device_id();
+        match crate::uplink::probe(&cfg.uplink, &id) {
+            Ok(t) => format!(
+                "uplink ok: {} answered in {} ms\n",
+                cfg.uplink.url,
+                t.as_millis()
+            ),
+            Err(why) => format!("uplink FAILED: {}: {why}\n", cfg.uplink.url),
+        }
+    }
+
+    fn test_mqtt(&self) -> String {
+        let cfg = match self.pending_config() {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let client_id = cfg
+            .mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("ferry-{}", self.device_id()));
+        let probe_id = format!("{client_id}-probe");
+        let target = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+        match crate::ingest::probe(&cfg.mqtt, &probe_id) {
+            Ok(t) => format!(
+                "mqtt ok: {target} accepted client {probe_id} in {} ms\n",
+                t.as_millis()
+            ),
+            Err(why) => format!("mqtt FAILED: {target}: {why}\n"),
+        }
+    }
+
+    fn journal(&self) -> String {
+        let json = match self.status_json() {
+            Ok(j) => j,
+            Err(e) => return format!("{e}: the journal is read through the running agent\n"),
+        };
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let oldest = match v["oldest_unsent_age_s"].as_u64() {
+            Some(age) => format!("received {} ago", age_words(age)),
+            None => "nothing waiting".to_owned(),
+        };
+        format!(
+            "backlog        {} records, {} waiting for the cloud\n\
+             oldest unsent  {oldest}\n\
+             disk use       {} (budget {})\n\
+             dead letters   {}\n\
+             accepting      {}\n",
+            n("backlog_records"),
+            bytes_words(n("backlog_bytes")),
+            bytes_words(n("journal_disk_bytes")),
+            bytes_words(n("budget_bytes")),
+            n("dead_letters"),
+            if v["journal_accepting"] == false {
+                "NO: the journal is full or failing"
+            } else {
+                "yes"
+            },
+        )
+    }
+
+    fn identity(&mut self, regenerate: bool) -> String {
+        let Some(cfg) = self.draft.validate().ok().or_else(|| self.running.clone()) else {
+            return "the configuration does not validate; fix it first (show, set, unset)\n"
+                .to_owned();
+        };
+        let id = self.device_id();
+        if let Some(configured) = &cfg.device.id {
+            let mut s = format!(
+                "device id      {id}\nsource         device.id = {configured:?} in {}\n",
+                cfg.source.display()
+            );
+            s.push_str(if regenerate {
+                "not regenerated: device.id in the config file wins over a generated id.\n\
+                 To change it: set device.id NEW-ID, then save.\n"
+            } else {
+                "the config file's value wins over a generated id; to change it: set device.id NEW-ID\n"
+            });
+            return s;
+        }
+        if regenerate {
+            self.confirming = true;
+            return format!(
+                "This replaces device id {id} with a new random one and restarts the agent.\n\
+                 Do it only on a gateway installed from a cloned image: the cloud sees a new device.\n"
+            );
+        }
+        format!(
+            "device id      {id}\nsource         generated, stored in {}\n\
+             on a gateway installed from a cloned image every copy has this id:\n\
+             `identity regenerate` makes a new one\n",
+            crate::identity::path(&cfg.journal.dir).display()
+        )
+    }
+
+    fn regenerate_identity(&mut self) -> String {
+        let Some(cfg) = self.running.clone() else {
+            return "the configuration does not validate; fix it first\n".to_owned();
+        };
+        let id = match crate::identity::regenerate(&cfg.journal.dir) {
+            Ok(id) => id,
+            Err(e) => return format!("not regenerated: {}\n", crate::error_chain(&e)),
+        };
+        info!("console regenerated the device id, new id={}", id);
+        let mut s = format!("new device id {id}\n");
+        match self.restart_agent() {
+            Ok(()) => s.push_str("agent restarting to apply: the new device id\n"),
+            Err(AgentError::NotRunning) => {
+                s.push_str("agent not running: it uses the new id when it starts\n")
+            }
+            Err(e) => s.push_str(&format!(
+                "the agent did not restart ({e}): restart it to use the new id\n"
+            )),
+        }
+        s
+    }
+}
+
+/// `applied now: ...` and `agent restarting to apply: ...` from what the agent answered.
+fn announce(a: &Applied) -> String {
+    let key_of = |c: &String| c.split(' ').next().unwrap_or_default().to_owned();
+    let (restart, now): (Vec<&String>, Vec<&String>) = a
+        .changes
+        .iter()
+        .partition(|c| a.restart_keys.contains(&key_of(c)));
+    let mut s = String::new();
+    if a.changes.is_empty() && a.restart_keys.is_empty() {
+        s.push_str("the agent runs this configuration already: nothing changed\n");
+    }
+    if !now.is_empty() {
+        let list: Vec<&str> = now.iter().map(|c| c.as_str()).collect();
+        s.push_str(&format!("applied now: {}\n", list.join(", ")));
+    }
+    if !a.restart_keys.is_empty() {
+        let list: Vec<&str> = if restart.is_empty() {
+            a.restart_keys.iter().map(String::as_str).collect()
+        } else {
+            restart.iter().map(|c| c.as_str()).collect()
+        };
+        s.push_str(&format!(
+            "agent restarting to apply: {}\n(the console comes back when the agent is up again)\n",
+            list.join(", ")
+        ));
+    }
+    s
+}
+
+/// A request to the agent's control endpoint; a refused connection is [`AgentError::NotRunning`].
+fn remote(addr: Option<SocketAddr>, method: &str, path: &str) -> Result<String, AgentError> {
+    let addr = addr.ok_or(AgentError::NotRunning)?;
+    let timeout = if method == "POST" {
+        APPLY_TIMEOUT
+    } else {
+        Duration::from_secs(3)
+    };
+    let answer = match method {
+        "POST" => control::post(addr, path, timeout),
+        _ => control::get(addr, path, timeout),
+    };
+    answer.map_err(|e| match e {
+        control::Error::Connect { .. } => AgentError::NotRunning,
+        other => AgentError::Failed(crate::error_chain(&other)),
+    })
+}
+
+fn age_words(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} days", s / 86_400),
+    }
+}
+
+fn bytes_words(b: u64) -> String {
+    crate::config::units::format_size(b)
+}
+
+/// The PIN check of a session, with its wait after too many wrong PINs. One per console, so that
+/// ending a session does not reset the count.
+pub struct PinGate {
+    sha256: Option<Secret>,
+    wrong: u32,
+    wait_until: Option<Instant>,
+}
+
+impl PinGate {
+    pub fn new(sha256: Option<Secret>) -> PinGate {
+        PinGate {
+            sha256,
+            wrong: 0,
+            wait_until: None,
+        }
+    }
+
+    pub fn required(&self) -> bool {
+        self.sha256.is_some()
+    }
+
+    /// How long to wait before the next try may be made.
+    pub fn wait_left(&self, now: Instant) -> Duration {
+        self.wait_until
+            .map(|t| t.saturating_duration_since(now))
+            .unwrap_or_default()
+    }
+
+    /// Checks `pin`, counting wrong ones.
+    pub fn check(&mut self, pin: &str, now: Instant) -> bool {
+        let Some(want) = &self.sha256 else {
+            return true;
+        };
+        let got: String = Sha256::digest(pin.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if constant_time_eq(got.as_bytes(), want.expose().as_bytes()) {
+            self.wrong = 0;
+            self.wait_until = None;
+            return true;
+        }
+        self.wrong += 1;
+        if self.wrong >= PIN_TRIES {
+            let doublings = (self.wrong - PIN_TRIES).min(8);
+            let wait = (PIN_WAIT_FIRST * 2u32.pow(doublings)).min(PIN_WAIT_MAX);
+            self.wait_until = Some(now + wait);
+        }
+        false
+    }
+}
+
+/// Compares without an early exit, so that the time taken says nothing about where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// How a session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// `exit` (or the PIN prompt abandoned).
+    Exit,
+    /// The line is gone: stdin closed, the device unplugged.
+    Closed,
+    Shutdown,
+}
+
+/// One session on `port`: the PIN if one is set, the banner, then commands until `exit`.
+pub fn session(
+    port: &mut Port,
+    path: &Path,
+    link: &Link,
+    gate: &mut PinGate,
+    shutdown: &Shutdown,
+) -> End {
+    let mut io = Session {
+        editor: Editor::new(if port.echo { Echo::On } else { Echo::Off }),
+        newline: if port.echo { "\r\n" } else { "\n" },
+        port,
+        pending: Vec::new(),
+        pos: 0,
+    };
+    if gate.required() {
+        match io.pin(gate, shutdown) {
+            Ok(()) => {}
+            Err(end) => return end,
+        }
+    }
+    let mut shell = match Shell::new(path, link.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            io.write(&format!("cannot read the configuration: {e}\n"));
+            return End::Exit;
+        }
+    };
+    let mut id = shell.device_id();
+    io.write(&format!(
+        "ferry {} console, device {id}. Type help for commands.\n",
+        env!("CARGO_PKG_VERSION")
+    ));
+    if shell.running.is_none() {
+        io.write("the configuration file does not validate: show, set and unset can repair it\n");
+    }
+    loop {
+        io.write(&shell.prompt(&id));
+        let line = match io.line(shutdown) {
+            Ok(l) => l,
+            Err(end) => return end,
+        };
+        let r = shell.execute(&line);
+        io.write(&r.text);
+        if r.exit {
+            return End::Exit;
+        }
+        if line.trim_start().starts_with("save") || line.trim() == "yes" {
+            id = shell.device_id();
+        }
+    }
+}
+
+struct Session<'a> {
+    port: &'a mut Port,
+    editor: Editor,
+    newline: &'static str,
+    /// Bytes read and not yet fed to the editor, from `pos` on.
+    pending: Vec<u8>,
+    pos: usize,
+}
+
+impl Session<'_> {
+    fn write(&mut self, text: &str) {
+        let text = text.replace('\n', self.newline);
+        // A line that takes nothing for seconds has no one listening; the next prompt tries again.
+        let _ = self.port.write_all(text.as_bytes());
+    }
+
+    /// Reads until a line is complete; answers line noise itself. Bytes after a line end stay for
+    /// the next call, so nothing typed ahead is lost.
+    fn line(&mut self, shutdown: &Shutdown) -> Result<String, End> {
+        let mut echo = Vec::new();
+        loop {
+            while self.pos < self.pending.len() {
+                let byte = self.pending[self.pos];
+                self.pos += 1;
+                let Some(event) = self.editor.feed(byte, &mut echo) else {
+                    continue;
+                };
+                let _ = self.port.write_all(&echo);
+                let message = match event {
+                    Event::Line(l) => return Ok(l),
+                    Event::Interrupt => "",
+                    Event::TooLong => "line too long: ignored\n",
+                    Event::Garbage => "unreadable characters (line noise?): ignored\n",
+                };
+                self.write(message);
+                return Ok(String::new());
+            }
+            let _ = self.port.write_all(&echo);
+            echo.clear();
+            if shutdown.is_set() {
+                return Err(End::Shutdown);
+            }
+            self.pending.resize(512, 0);
+            self.pos = 0;
+            let n = match self.port.read(&mut self.pending, READ_TIMEOUT) {
+                Ok(Input::Bytes(n)) => n,
+                Ok(Input::Idle) => 0,
+                Ok(Input::Closed) => return Err(End::Closed),
+                Err(e) => {
+                    warn!("console read failed: {}", e);
+                    return Err(End::Closed);
+                }
+            };
+            self.pending.truncate(n);
+        }
+    }
+
+    fn pin(&mut self, gate: &mut PinGate, shutdown: &Shutdown) -> Result<(), End> {
+        loop {
+            let left = gate.wait_left(Instant::now());
+            if !left.is_zero() {
+                self.write(&format!(
+                    "too many wrong PINs: wait {} s before the next try\n",
+                    left.as_millis().div_ceil(1000)
+                ));
+                let end = Instant::now() + left;
+                while Instant::now() < end {
+                    if !shutdown.sleep(READ_TIMEOUT) {
+                        return Err(End::Shutdown);
+                    }
+                }
+                self.port.discard_input();
+                self.pos = self.pending.len();
+            }
+            self.write("PIN: ");
+            if self.editor_echo() == Echo::On {
+                self.editor.set_echo(Echo::Masked);
+            }
+            let pin = self.line(shutdown);
+            if self.editor_echo() == Echo::Masked {
+                self.editor.set_echo(Echo::On);
+            }
+            let pin = pin?;
+            if pin.is_empty() {
+                continue;
+            }
+            if gate.check(&pin, Instant::now()) {
+                return Ok(());
+            }
+            warn!("console: wrong PIN");
+            self.write("wrong PIN\n");
+        }
+    }
+
+    fn editor_echo(&self) -> Echo {
+        self.editor.echo()
+    }
+}
+
+/// Starts the agent's `console` thread on `device`. It serves one session after another; when the
+/// device cannot be opened (a USB-serial adapter not plugged in yet) it tries again every few
+/// seconds.
+pub fn spawn(
+    device: PathBuf,
+    cfg: Config,
+    link: Link,
+    shutdown: Shutdown,
+) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name("console".into())
+        .spawn(move || serve_device(&device, &cfg, &link, &shutdown))
+}
+
+fn serve_device(device: &Path, cfg: &Config, link: &Link, shutdown: &Shutdown) {
+    let mut gate = PinGate::new(cfg.console.pin_sha256.clone());
+    let mut warned = false;
+    while !shutdown.is_set() {
+        let mut port = match Port::open(device, cfg.console.baud) {
+            Ok(p) => p,
+            Err(e) => {
+                if !warned {
+                    warn!(
+                        "console device {} cannot be opened: {}; trying again every 5 s",
+                        device.display(),
+                        e
+                    );
+                    warned = true;
+                }
+                shutdown.sleep(Duration::from_secs(5));
+                continue;
+            }
+        };
+        warned = false;
+        info!(
+            "console serving device={} baud={}",
+            device.display(),
+            cfg.console.baud
+        );
+        loop {
+            match session(&mut port, &cfg.source, link, &mut gate, shutdown) {
+                End::Exit => continue,
+                End::Shutdown => return,
+                End::Closed => {
+                    // Hung up or unplugged: open it again after a pause.
+                    shutdown.sleep(Duration::from_secs(1));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// `ferry console`: one session on `device`, or on stdin/stdout.
+pub fn standalone(config: &Path, device: Option<&Path>) -> Result<(), String> {
+    let cfg = Config::load(config).ok();
+    let mut port = match device {
+        Some(d) => Port::open(d, cfg.as_ref().map_or(115_200, |c| c.console.baud))
+            .map_err(|e| format!("cannot open {}: {e}", d.display()))?,
+        None => Port::stdio().map_err(|e| format!("cannot set up the terminal: {e}"))?,
+    };
+    let link = Link::Remote(cfg.as_ref().map(|c| c.control.listen));
+    let mut gate = PinGate::new(cfg.and_then(|c| c.console.pin_sha256));
+    // SIGTERM ends the session through the normal path, so the terminal's settings are restored.
+    let shutdown = Shutdown::new();
+    shutdown
+        .install_signal_handlers()
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    session(&mut port, config, &link, &mut gate, &shutdown);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(pin: &str) -> Secret {
+        Secret::new(
+            Sha256::digest(pin.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_pin_waits_after_three_wrong_tries_and_doubles() {
+        let mut g = PinGate::new(Some(sha("1234")));
+        let t0 = Instant::now();
+        assert!(!g.check("1", t0));
+        assert!(!g.check("2", t0));
+        assert_eq!(g.wait_left(t0), Duration::ZERO);
+        assert!(!g.check("3", t0));
+        assert_eq!(g.wait_left(t0), PIN_WAIT_FIRST);
+        assert!(!g.check("4", t0));
+        assert_eq!(g.wait_left(t0), PIN_WAIT_FIRST * 2);
+        for _ in 0..20 {
+            g.check("x", t0);
+        }
+        assert_eq!(g.wait_left(t0), PIN_WAIT_MAX);
+        assert!(g.check("1234", t0));
+        assert_eq!(g.wait_left(t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn no_pin_configured_lets_anyone_in() {
+        let mut g = PinGate::new(None);
+        assert!(!g.required());
+        assert!(g.check("", Instant::now()));
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn announce_splits_runtime_from_restart_changes() {
+        let a = Applied {
+            changes: vec![
+                "uplink.max_records_per_sec 0 -> 250".into(),
+                "uplink.url \"http://a\" -> \"http://b\"".into(),
+            ],
+            restart_keys: vec!["uplink.url".into()],
+        };
+        let s = announce(&a);
+        assert!(
+            s.contains("applied now: uplink.max_records_per_sec 0 -> 250\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("agent restarting to apply: uplink.url \"http://a\" -> \"http://b\""),
+            "{s}"
+        );
+    }
+
+    fn shell(text: &str) -> (tempfile::TempDir, Shell) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, text).unwrap();
+        let sh = Shell::new(&path, Link::Remote(None)).unwrap();
+        (dir, sh)
+    }
+
+    const BASE: &str = "[journal]\ndir = \"j\"\n[mqtt]\ntopics = [\"a/#\"]\n[uplink]\nurl = \"http://127.0.0.1:9/x\"\ntoken = \"s3cret\"\n";
+
+    #[test]
+    fn a_typo_names_the_key_and_saves_nothing() {
+        let (dir, mut sh) = shell(BASE);
+        let r = sh.execute("set uplink.batch_max_records 10x0");
+        assert!(r.text.contains("uplink.batch_max_records"), "{}", r.text);
+        assert_eq!(sh.execute("save").text, "nothing to save\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ferry.toml")).unwrap(),
+            BASE
+        );
+    }
+
+    #[test]
+    fn save_without_an_agent_writes_and_says_so() {
+        let (dir, mut sh) = shell(BASE);
+        sh.execute("set uplink.max_records_per_sec 250");
+        assert!(
+            sh.execute("diff")
+                .text
+                .contains("uplink.max_records_per_sec (unset) -> 250")
+        );
+        let r = sh.execute("save").text;
+        assert!(r.contains("agent not running"), "{r}");
+        let text = std::fs::read_to_string(dir.path().join("ferry.toml")).unwrap();
+        assert!(text.contains("max_records_per_sec = 250"));
+        assert_eq!(sh.execute("diff").text, "no pending changes\n");
+    }
+
+    #[test]
+    fn show_masks_secrets_and_marks_defaults() {
+        let (_dir, sh) = shell(BASE);
+        let s = sh.show(Some("uplink"));
+        assert!(s.contains("uplink.token = ****\n"), "{s}");
+        assert!(!s.contains("s3cret"));
+        assert!(
+            s.contains("uplink.batch_max_records = 500   (default)"),
+            "{s}"
+        );
+        assert!(!s.contains("mqtt."));
+        assert!(
+            sh.show(Some("uplink.url"))
+                .starts_with("uplink.url = \"http://127.0.0.1:9/x\"")
+        );
+        assert!(sh.show(Some("nope")).starts_with("no setting"));
+    }
+
+    #[test]
+    fn identity_regenerate_asks_and_a_configured_id_wins() {
+        let (_dir, mut sh) = shell(&format!("[device]\nid = \"gw-9\"\n{BASE}"));
+        let r = sh.execute("identity regenerate").text;
+        assert!(r.contains("set device.id"), "{r}");
+        let (dir, mut sh) = shell(BASE);
+        sh.execute("identity regenerate");
+        assert_eq!(sh.prompt("x"), "type yes to confirm: ");
+        assert!(sh.execute("no").text.starts_with("cancelled"));
+        sh.execute("identity regenerate");
+        let r = sh.execute("yes").text;
+        assert!(r.starts_with("new device id gw-"), "{r}");
+        assert!(dir.path().join("j/device-id").exists());
+    }
+}
