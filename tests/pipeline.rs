@@ -369,8 +369,10 @@ fn a_cloned_identity_is_refused_visibly_and_keeps_its_data() {
         a.status()["acked_seq"] == 10
     });
     publish(broker_b.port, "sensors/b", numbered(100..110));
-    wait_until("b refused", Duration::from_secs(20), || {
-        b.status()["uplink"]["state"] == "refused"
+    // The first refusal can come before all ten are journaled: wait for both.
+    wait_until("b refused with all ten kept", Duration::from_secs(20), || {
+        let st = b.status();
+        st["uplink"]["state"] == "refused" && st["backlog_records"] == 10
     });
 
     let st = b.status();
