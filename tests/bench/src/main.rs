@@ -62,6 +62,11 @@ const ACK_STEP: usize = 500;
 /// mosquitto's `max_inflight_messages` for the ingest row (README's recommended config).
 const INFLIGHT: u32 = 100;
 
+/// One section of the run: pushes its rows.
+type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
+/// Creates a layout in a directory.
+type MakeLayout = dyn Fn(&Path) -> Result<Box<dyn Layout>>;
+
 struct Args {
     quick: bool,
     doc: Option<PathBuf>,
@@ -119,7 +124,7 @@ fn main() {
     let started = Instant::now();
 
     let mut rows = Vec::new();
-    let sections: [(&str, &dyn Fn(&mut Vec<Row>) -> Result<()>); 5] = [
+    let sections: [(&str, &Section<'_>); 5] = [
         ("binary size", &|r| binary_sizes(&args, r)),
         ("durable append", &|r| append(&args, &sizes, r)),
         ("disk use after churn", &|r| churn(&args, &sizes, r)),
@@ -305,7 +310,7 @@ fn append(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
 fn churn(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
     const S: &str = "disk use after churn";
     let work = args.work.join("churn");
-    let layouts: [(&str, Box<dyn Fn(&Path) -> Result<Box<dyn Layout>>>); 6] = [
+    let layouts: [(&str, Box<MakeLayout>); 6] = [
         (
             "ferry journal",
             Box::new(|d| Ok(Box::new(store::Ferry::create(d)?))),

@@ -453,7 +453,11 @@ impl Segments {
         if !prealloc {
             return Ok(OpenOptions::new().create(true).append(true).open(path)?);
         }
-        let mut f = OpenOptions::new().create(true).write(true).open(path)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
         let zeros = vec![0u8; 1 << 20];
         for _ in 0..SEGMENT_BYTES >> 20 {
             f.write_all(&zeros)?;
