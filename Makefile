@@ -3,7 +3,7 @@ CARGO ?= cargo
 # Debian's cargo/rustc 1.85 (rustc-web), the toolchain that builds the ARM release binaries.
 MSRV_CARGO ?= /usr/bin/cargo
 
-.PHONY: all build test lint unit msrv demo deps clean
+.PHONY: all build test lint unit msrv demo deps bench clean
 
 all: build
 
@@ -28,6 +28,14 @@ msrv:
 ## The outage story end to end: broker, cloud, agent; the cloud goes away and comes back.
 demo: deps build
 	@scripts/demo.sh
+
+## Benchmarks side by side, ratios against baselines from the same run (docs/BENCHMARKS.md).
+## QUICK=1: about a tenth of the records. The numbers go into docs/BENCHMARKS.md.
+bench:
+	@scripts/ensure-deps.sh --bench
+	$(CARGO) build --release --bins
+	$(CARGO) build --release -p ferry-bench
+	target/release/ferry-bench $(if $(QUICK),--quick) --doc docs/BENCHMARKS.md
 
 clean:
 	$(CARGO) clean

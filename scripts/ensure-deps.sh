@@ -2,7 +2,10 @@
 # Installs the system packages ferry's demo and tests need, when they are missing:
 # mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo) and nginx-light (the reverse
 # proxy in front of ferry-cloud in tests/faults_net.rs).
-# Usage: scripts/ensure-deps.sh [--msrv]   (--msrv also installs Debian's Rust 1.85, rustc-web)
+# Usage: scripts/ensure-deps.sh [--msrv] [--bench]
+#   --msrv   also installs Debian's Rust 1.85 (rustc-web)
+#   --bench  also installs what `make bench` needs: libsqlite3-dev and pkg-config (the SQLite
+#            baseline links Debian's libsqlite3, never a bundled build)
 set -u
 
 need=()
@@ -10,8 +13,22 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 
+msrv=0; bench=0
+for arg in "$@"; do
+    case "$arg" in
+        --msrv) msrv=1 ;;
+        --bench) bench=1 ;;
+        *) echo "ensure-deps: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+has_sqlite_dev() { pkg-config --exists sqlite3 2>/dev/null; }
+if [ $bench -eq 1 ]; then
+    command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+    has_sqlite_dev || need+=(libsqlite3-dev)
+fi
+
 MSRV_VERSION="1.85.0+dfsg3-1~deb12u3"
-if [ "${1:-}" = "--msrv" ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
+if [ $msrv -eq 1 ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
     need+=("rustc-web=$MSRV_VERSION" "cargo-web=$MSRV_VERSION" "libstd-rust-web-dev=$MSRV_VERSION")
 fi
 
@@ -33,7 +50,10 @@ command -v mosquitto_pub >/dev/null 2>&1 || { echo "ensure-deps: mosquitto_pub i
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "ensure-deps: nginx is still missing" >&2; missing=1
 fi
-if [ "${1:-}" = "--msrv" ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
+if [ $bench -eq 1 ] && ! has_sqlite_dev; then
+    echo "ensure-deps: libsqlite3-dev (with pkg-config) is still missing" >&2; missing=1
+fi
+if [ $msrv -eq 1 ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
     echo "ensure-deps: Debian's rustc 1.85 (rustc-web $MSRV_VERSION) is still missing" >&2; missing=1
 fi
 # The mosquitto and nginx packages start system services (1883, 80); ferry's tests and demo start

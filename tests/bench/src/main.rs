@@ -1,0 +1,589 @@
+//! `ferry-bench`: ferry's benchmarks side by side in one run, each against a baseline measured in
+//! the same run, reported as ratios (`make bench`, `make bench QUICK=1`).
+//!
+//! - `store`: durable append, bytes on disk after churn, open time; ferry's journal called
+//!   directly, a raw file and SQLite as baselines, and journal-layout experiments.
+//! - `procs`: the release `ferry` and `ferry-cloud` binaries and a real mosquitto: peak RSS, backlog
+//!   drain (against ferry-cloud and a null HTTP sink), MQTT ingest (against a plain subscriber).
+//! - `report`: the table, and the numbers part of `docs/BENCHMARKS.md`.
+//!
+//! Timing never decides a test: nothing here fails a build, a missed target is reported.
+
+mod machine;
+mod procs;
+mod report;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use report::{Row, Target};
+use store::{Layout, PAYLOAD, Result};
+
+const USAGE: &str = "usage: ferry-bench [--quick] [--doc FILE] [--work DIR] [--target-dir DIR]
+  --quick           a smaller run (about a tenth of the records)
+  --doc FILE        write the numbers into FILE between the bench markers
+  --work DIR        where the bench's files go (default target/bench-work; removed after)
+  --target-dir DIR  where the release binaries are (default target)";
+
+struct Sizes {
+    /// Records per durable-append measurement.
+    append: usize,
+    /// Records appended in the churn measurement, and the backlog held meanwhile.
+    churn_total: usize,
+    churn_backlog: usize,
+    /// The backlog for open time, RSS and drain.
+    backlog: usize,
+    /// Messages published in the ingest measurement.
+    ingest: usize,
+}
+
+const FULL: Sizes = Sizes {
+    append: 50_000,
+    churn_total: 400_000,
+    churn_backlog: 50_000,
+    backlog: 1_000_000,
+    ingest: 200_000,
+};
+
+const QUICK: Sizes = Sizes {
+    append: 5_000,
+    churn_total: 40_000,
+    churn_backlog: 5_000,
+    backlog: 100_000,
+    ingest: 20_000,
+};
+
+/// The group commit of the headline append row: the broker's in-flight window in the recommended
+/// mosquitto config (README), which bounds how many QoS1 messages can wait for one sync.
+const BATCH: usize = 100;
+/// The uplink's default `batch_max_records`, the step in which the churn acknowledges.
+const ACK_STEP: usize = 500;
+/// mosquitto's `max_inflight_messages` for the ingest row (README's recommended config).
+const INFLIGHT: u32 = 100;
+
+/// One section of the run: pushes its rows.
+type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
+/// Creates a layout in a directory.
+type MakeLayout = dyn Fn(&Path) -> Result<Box<dyn Layout>>;
+
+struct Args {
+    quick: bool,
+    doc: Option<PathBuf>,
+    work: PathBuf,
+    target: PathBuf,
+}
+
+fn parse_args() -> std::result::Result<Args, String> {
+    let mut a = Args {
+        quick: false,
+        doc: None,
+        work: PathBuf::from("target/bench-work"),
+        target: PathBuf::from("target"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--doc" => a.doc = Some(PathBuf::from(value("--doc")?)),
+            "--work" => a.work = PathBuf::from(value("--work")?),
+            "--target-dir" => a.target = PathBuf::from(value("--target-dir")?),
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let sizes = if args.quick { QUICK } else { FULL };
+    let mut args = args;
+    let _ = std::fs::remove_dir_all(&args.work);
+    // Absolute: the agent resolves a relative journal.dir against its config file's directory.
+    match std::fs::create_dir_all(&args.work).and_then(|()| args.work.canonicalize()) {
+        Ok(w) => args.work = w,
+        Err(e) => {
+            eprintln!("cannot create {}: {e}", args.work.display());
+            std::process::exit(1);
+        }
+    }
+    let args = args;
+    let machine = machine::describe(&args.work);
+    println!(
+        "ferry-bench ({} run)\n{machine}",
+        if args.quick { "quick" } else { "full" }
+    );
+    let started = Instant::now();
+
+    let mut rows = Vec::new();
+    let sections: [(&str, &Section<'_>); 5] = [
+        ("binary size", &|r| binary_sizes(&args, r)),
+        ("durable append", &|r| append(&args, &sizes, r)),
+        ("disk use after churn", &|r| churn(&args, &sizes, r)),
+        ("backlog: open, RSS, drain", &|r| backlog(&args, &sizes, r)),
+        ("MQTT ingest", &|r| ingest(&args, &sizes, r)),
+    ];
+    for (name, run) in sections {
+        println!("== {name}");
+        let t = Instant::now();
+        let before = rows.len();
+        if let Err(e) = run(&mut rows) {
+            eprintln!("   {name} failed: {e}");
+            rows.push(Row::missing(
+                section_of(name),
+                format!("{name}: failed"),
+                e.to_string(),
+            ));
+        }
+        for r in &rows[before..] {
+            println!(
+                "   {}: {}",
+                r.what,
+                r.value
+                    .map_or("-".into(), |v| format!("{} {}", report::num(v), r.unit))
+            );
+        }
+        println!("   ({:.1} s)", t.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_dir_all(&args.work);
+
+    report::print_table(&rows);
+    let total = started.elapsed().as_secs_f64();
+    println!(
+        "\n{} run in {:.0} s",
+        if args.quick { "quick" } else { "full" },
+        total
+    );
+    if let Some(doc) = &args.doc {
+        let run = format!(
+            "Measured by `make bench{}` on {} at commit {}, in {:.0} s. {}",
+            if args.quick { " QUICK=1" } else { "" },
+            command_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            command_out("git", &["rev-parse", "--short", "HEAD"]),
+            total,
+            sizes_text(&sizes)
+        );
+        match report::write_doc(doc, &report::markdown(&rows, &machine, &run)) {
+            Ok(()) => println!("numbers written to {}", doc.display()),
+            Err(e) => {
+                eprintln!("cannot write {}: {e}", doc.display());
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn section_of(name: &str) -> &'static str {
+    match name {
+        "binary size" => "binary size",
+        "durable append" => "durable append",
+        "disk use after churn" => "disk use after churn",
+        "backlog: open, RSS, drain" => "backlog: open, RSS, drain",
+        _ => "MQTT ingest",
+    }
+}
+
+fn sizes_text(s: &Sizes) -> String {
+    format!(
+        "Records carry {PAYLOAD}-byte payloads. Append: {} records per row; churn: {} records through \
+         a backlog of {}; backlog rows: {} records; ingest: {} QoS1 messages.",
+        s.append, s.churn_total, s.churn_backlog, s.backlog, s.ingest
+    )
+}
+
+fn command_out(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+fn binary_sizes(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    const S: &str = "binary size";
+    let host = machine::arch();
+    for (arch, path) in [
+        ("x86_64", args.target.join("release/ferry")),
+        (
+            "aarch64",
+            args.target.join("aarch64-unknown-linux-gnu/release/ferry"),
+        ),
+    ] {
+        let what = format!("ferry, stripped release, {arch}");
+        let native = host == arch;
+        let path = if native && !path.exists() {
+            args.target.join("release/ferry")
+        } else {
+            path
+        };
+        match std::fs::metadata(&path) {
+            Ok(m) => rows.push(
+                Row::new(S, what, m.len() as f64 / MIB, "MiB")
+                    .target(Target::AtMost(6.0))
+                    .note(path.display().to_string()),
+            ),
+            Err(_) if arch == "aarch64" => rows.push(Row::missing(
+                S,
+                what,
+                "not built (run make cross TARGET=aarch64-unknown-linux-gnu)",
+            )),
+            Err(e) => return Err(format!("{}: {e} (run make build)", path.display()).into()),
+        }
+    }
+    Ok(())
+}
+
+fn append(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
+    const S: &str = "durable append";
+    let work = args.work.join("append");
+    let recs = store::records(1, sizes.append);
+    let sqlite_label = format!("SQLite {} WAL FULL", store::Sqlite::version());
+    for batch in [BATCH, 1000] {
+        let headline = batch == BATCH;
+        let d = |name: &str| work.join(format!("{name}-{batch}"));
+        let mut layouts: Vec<Box<dyn Layout>> = vec![
+            Box::new(store::RawFile::create(&d("raw"))?),
+            Box::new(store::Sqlite::create(&d("sqlite"))?),
+            Box::new(store::Ferry::create(&d("ferry"))?),
+        ];
+        let mut names = vec!["raw", "sqlite", "ferry"];
+        if headline {
+            // The journal-layout experiments, against the same raw baseline.
+            layouts.push(Box::new(store::SledPerRecord::create(&d("sled"))?));
+            layouts.push(Box::new(store::SledGrouped::create(&d("grouped"))?));
+            layouts.push(Box::new(store::Segments::create(&d("segments"), false)?));
+            layouts.push(Box::new(store::Segments::create(&d("segments-pre"), true)?));
+            names.extend([
+                "experiment: sled, a key per record",
+                "experiment: sled, records grouped 50 per value",
+                "experiment: append-only segment files",
+                "experiment: segment files, preallocated",
+            ]);
+        }
+        let rates = store::append_rates(&mut layouts, &recs, batch, 10)?;
+        drop(layouts);
+        for (name, rate) in names.iter().zip(&rates) {
+            println!("   {name} batch={batch}: {} records/s", report::num(*rate));
+        }
+        let (raw, sqlite, ferry) = (rates[0], rates[1], rates[2]);
+        let t = |t| if headline { t } else { Target::None };
+        rows.push(
+            Row::new(
+                S,
+                format!("ferry journal vs raw, batch {batch}"),
+                ferry,
+                "rec/s",
+            )
+            .baseline("raw append+fdatasync", raw)
+            .target(t(Target::RatioAtLeast(0.5))),
+        );
+        rows.push(
+            Row::new(
+                S,
+                format!("ferry journal vs SQLite, batch {batch}"),
+                ferry,
+                "rec/s",
+            )
+            .baseline(sqlite_label.clone(), sqlite)
+            .target(t(Target::RatioAtLeast(1.0))),
+        );
+        for (name, rate) in names.iter().zip(&rates).skip(3) {
+            rows.push(
+                Row::new(S, format!("{name}, batch {batch}"), *rate, "rec/s").baseline("raw", raw),
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn churn(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
+    const S: &str = "disk use after churn";
+    let work = args.work.join("churn");
+    let layouts: [(&str, Box<MakeLayout>); 6] = [
+        (
+            "ferry journal",
+            Box::new(|d| Ok(Box::new(store::Ferry::create(d)?))),
+        ),
+        (
+            "SQLite WAL (for comparison)",
+            Box::new(|d| Ok(Box::new(store::Sqlite::create(d)?))),
+        ),
+        (
+            "experiment: sled, a key per record",
+            Box::new(|d| Ok(Box::new(store::SledPerRecord::create(d)?))),
+        ),
+        (
+            "experiment: sled, records grouped 50 per value",
+            Box::new(|d| Ok(Box::new(store::SledGrouped::create(d)?))),
+        ),
+        (
+            "experiment: append-only segment files",
+            Box::new(|d| Ok(Box::new(store::Segments::create(d, false)?))),
+        ),
+        (
+            "experiment: segment files, preallocated",
+            Box::new(|d| Ok(Box::new(store::Segments::create(d, true)?))),
+        ),
+    ];
+    for (i, (name, make)) in layouts.iter().enumerate() {
+        let dir = work.join(format!("l{i}"));
+        let mut layout = make(&dir)?;
+        let t = Instant::now();
+        let (disk, payload) = store::churn(
+            layout.as_mut(),
+            sizes.churn_total,
+            1000,
+            sizes.churn_backlog,
+            ACK_STEP,
+        )?;
+        let secs = t.elapsed().as_secs_f64();
+        drop(layout);
+        let blobs = store::blob_count(&dir) + store::blob_count(&dir.join("db"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut row = Row::new(
+            S,
+            format!("{name}: bytes on disk"),
+            disk as f64 / MIB,
+            "MiB",
+        )
+        .baseline("live payload", payload as f64 / MIB)
+        .note(format!(
+            "{} rec/s with acks, {blobs} sled blob files",
+            report::num(sizes.churn_total as f64 / secs)
+        ));
+        if i == 0 {
+            row = row.target(Target::RatioAtMost(1.5));
+        }
+        rows.push(row);
+    }
+    Ok(())
+}
+
+fn backlog(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
+    const S: &str = "backlog: open, RSS, drain";
+    let work = args.work.join("backlog");
+    let master = work.join("journal");
+    let n = sizes.backlog;
+    let fill = store::fill_journal(&master, n)?;
+    let disk = store::dir_bytes(&master);
+    println!(
+        "   filled {n} records at {} rec/s, {:.0} MiB on disk",
+        report::num(fill),
+        disk as f64 / MIB
+    );
+
+    // Warm (the files just written are in the page cache), then cold where the cache can be dropped.
+    let (warm, found) = store::open_time(&master)?;
+    if found != n as u64 {
+        return Err(format!("reopened journal holds {found} records, {n} were appended").into());
+    }
+    rows.push(
+        Row::new(
+            S,
+            format!("journal open + first batch, {n} records, warm cache"),
+            warm,
+            "s",
+        )
+        .target(Target::AtMost(0.5)),
+    );
+    let cold = std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .map_err(|e| e.to_string())
+        .and_then(|()| store::open_time(&master).map_err(|e| e.to_string()));
+    match cold {
+        Ok((secs, _)) => rows.push(Row::new(
+            S,
+            "same, cold cache (after drop_caches)",
+            secs,
+            "s",
+        )),
+        Err(e) => rows.push(Row::missing(
+            S,
+            "same, cold cache",
+            format!("cannot drop caches: {e}"),
+        )),
+    }
+
+    let bins = args.target.join("release");
+    let ferry = bins.join("ferry");
+    let broker = procs::Mosquitto::start(&work.join("mosquitto"), INFLIGHT)?;
+    let drain = |name: &str, url: &str, extra: &str, tag: &str| -> Result<procs::Drain> {
+        let journal = work.join(format!("journal-{tag}"));
+        store::copy_tree(&master, &journal)?;
+        let d = procs::drain(
+            &ferry,
+            &work.join(format!("agent-{tag}")),
+            &journal,
+            broker.port,
+            url,
+            extra,
+        )?;
+        let _ = std::fs::remove_dir_all(&journal);
+        println!(
+            "   drain to {name} {extra:?}: {} rec/s, agent cpu {:.1} s of {:.1} s, peak rss {:.1} MiB",
+            report::num(d.records as f64 / d.secs),
+            d.agent_cpu,
+            d.secs,
+            d.rss_peak_kib as f64 / 1024.0
+        );
+        Ok(d)
+    };
+
+    let sink = procs::NullSink::start()?;
+    let null = drain("null sink", &sink.url(), "", "null")?;
+    let requests = sink.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let mut cloud = procs::Cloud::start(&bins.join("ferry-cloud"), &work.join("cloud"))?;
+    let cloud_pid = cloud.proc.pid().to_string();
+    let cpu0 = procs::cpu_secs(&cloud_pid);
+    let real = drain("ferry-cloud", &cloud.url(), "", "cloud")?;
+    let cloud_cpu = procs::cpu_secs(&cloud_pid) - cpu0;
+    cloud.proc.stop()?;
+
+    let rate = |d: &procs::Drain| d.records as f64 / d.secs;
+    rows.push(
+        Row::new(
+            S,
+            format!("peak RSS of ferry run, {n}-record backlog drained"),
+            real.rss_peak_kib as f64 / 1024.0,
+            "MiB",
+        )
+        .target(Target::AtMost(32.0))
+        .note(format!(
+            "{:.1} MiB right after open",
+            real.rss_open_kib as f64 / 1024.0
+        )),
+    );
+    rows.push(
+        Row::new(S, "backlog drain to ferry-cloud (defaults: 500 records, gzip)", rate(&real), "rec/s")
+            .baseline("null sink", rate(&null))
+            .target(Target::AtLeast(200_000.0))
+            .note(format!(
+                "cpu s: agent {:.1}, ferry-cloud {:.1}, in {:.1} s wall; null sink run: agent {:.1} s in {:.1} s, {} requests",
+                real.agent_cpu, cloud_cpu, real.secs, null.agent_cpu, null.secs, requests
+            )),
+    );
+
+    // What limits the drain: the same backlog with one uplink parameter changed at a time.
+    for (what, extra) in [
+        ("no compression", "compression = \"none\""),
+        (
+            "batches of 5,000 records / 4 MiB",
+            "batch_max_records = 5000\nbatch_max_bytes = \"4MiB\"",
+        ),
+    ] {
+        let d = drain("null sink", &sink.url(), extra, "exp")?;
+        rows.push(
+            Row::new(
+                S,
+                format!("experiment: drain to null sink, {what}"),
+                rate(&d),
+                "rec/s",
+            )
+            .baseline("null sink, defaults", rate(&null))
+            .note(format!("agent cpu {:.1} s in {:.1} s", d.agent_cpu, d.secs)),
+        );
+    }
+    let mut cloud = procs::Cloud::start(&bins.join("ferry-cloud"), &work.join("cloud-big"))?;
+    let extra = "batch_max_records = 5000\nbatch_max_bytes = \"4MiB\"";
+    let d = drain("ferry-cloud", &cloud.url(), extra, "exp")?;
+    cloud.proc.stop()?;
+    rows.push(
+        Row::new(
+            S,
+            "experiment: drain to ferry-cloud, batches of 5,000 records / 4 MiB",
+            rate(&d),
+            "rec/s",
+        )
+        .baseline("ferry-cloud, defaults", rate(&real))
+        .note(format!("agent cpu {:.1} s in {:.1} s", d.agent_cpu, d.secs)),
+    );
+    drop(sink);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn ingest(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
+    const S: &str = "MQTT ingest";
+    let work = args.work.join("ingest");
+    let n = sizes.ingest;
+
+    // Baseline: a plain QoS1 subscriber on its own broker.
+    let broker = procs::Mosquitto::start(&work.join("mosquitto-plain"), INFLIGHT)?;
+    let sub = procs::Subscriber::start(broker.port)?;
+    let received = std::sync::Arc::clone(&sub.received);
+    let (plain, pub_plain) = procs::ingest_rate(broker.port, n, || {
+        Ok(received.load(std::sync::atomic::Ordering::Relaxed))
+    })?;
+    drop(sub);
+    drop(broker);
+    println!(
+        "   plain subscriber: {} msg/s (publisher {} msg/s)",
+        report::num(plain),
+        report::num(pub_plain)
+    );
+
+    // ferry: the uplink points at a closed port, so only ingest runs.
+    let broker = procs::Mosquitto::start(&work.join("mosquitto-ferry"), INFLIGHT)?;
+    let control = procs::free_port()?;
+    let dead = format!("http://127.0.0.1:{}/v1/ingest", procs::free_port()?);
+    let config = procs::agent_config(&work.join("journal"), broker.port, &dead, control, "");
+    let mut agent = procs::Agent::start(
+        &args.target.join("release/ferry"),
+        &work.join("agent"),
+        &config,
+        control,
+    )?;
+    let ingested = |a: &procs::Agent| -> Result<u64> {
+        Ok(a.status()?["totals"]["ingested"].as_u64().unwrap_or(0))
+    };
+    procs::wait_for(
+        "ferry's MQTT session",
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        || Ok(agent.status()?["mqtt_connected"] == true),
+    )?;
+    // A first message proves the subscription is in place before the clock starts.
+    procs::publish(broker.port, 1)?;
+    procs::wait_for(
+        "the first message",
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        || Ok(ingested(&agent)? >= 1),
+    )?;
+    let (ferry, pub_ferry) = procs::ingest_rate(broker.port, n, || ingested(&agent))?;
+    let cpu = procs::cpu_secs(&agent.proc.pid().to_string());
+    agent.proc.stop()?;
+    println!(
+        "   ferry: {} msg/s (publisher {} msg/s)",
+        report::num(ferry),
+        report::num(pub_ferry)
+    );
+    rows.push(
+        Row::new(
+            S,
+            format!("ferry run, QoS1 into the journal (in-flight window {INFLIGHT})"),
+            ferry,
+            "msg/s",
+        )
+        .baseline("plain QoS1 subscriber", plain)
+        .target(Target::RatioAtLeast(0.8))
+        .note(format!(
+            "publisher alone: {} msg/s with ferry, {} with the subscriber; ferry cpu {:.1} s",
+            report::num(pub_ferry),
+            report::num(pub_plain),
+            cpu
+        )),
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
