@@ -698,6 +698,28 @@ proptest! {
     }
 }
 
+/// Regression: `MarkFile::open` read the whole `seq-mark` file into memory, so a damaged file of
+/// gigabytes (a disk error, a mistaken copy) cost as much RAM at every start. Only its two slots are
+/// read now.
+#[test]
+fn a_huge_seq_mark_file_is_not_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("seq-mark")).unwrap();
+    file.set_len(1 << 30).unwrap(); // sparse: costs no disk
+    let opts = ferry::journal::Options {
+        dir: dir.path().to_owned(),
+        max_bytes: 64 << 20,
+        on_full: ferry::config::OnFull::RejectNew,
+        cache_bytes: 1 << 20,
+        fixed_budget: None,
+    };
+    LARGEST.with(|l| l.set(0));
+    let journal = ferry::journal::Journal::open(&opts);
+    let largest = LARGEST.with(Cell::get);
+    assert!(journal.is_ok(), "{:?}", journal.err());
+    assert!(largest < 64 << 20, "largest allocation {largest} bytes");
+}
+
 // ---- the cloud's answer to an upload, over a real socket ------------------------------------------
 
 /// One agent for every case, configured exactly as the uplink's.

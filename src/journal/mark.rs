@@ -54,8 +54,9 @@ impl MarkFile {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let mut buf = Vec::new();
-        (&file).read_to_end(&mut buf)?;
+        // Only the two slots are read: whatever else a damaged file holds is not loaded.
+        let mut buf = Vec::with_capacity(2 * SLOT);
+        (&file).take(2 * SLOT as u64).read_to_end(&mut buf)?;
         let (newest, next_slot) = newest(&buf);
         Ok(MarkFile {
             path,
