@@ -399,10 +399,15 @@ fn edit_config(text: &str, edit: &ConfigEdit) -> (String, Option<String>) {
     match edit {
         ConfigEdit::Value(i, value) => {
             let assignments: Vec<usize> = (0..n).filter(|&j| lines[j].contains(" = ")).collect();
-            let j = assignments[i % assignments.len()];
+            let Some(&j) = assignments.get(i % assignments.len().max(1)) else {
+                return (text.to_owned(), None); // an earlier edit cut every assignment
+            };
             let key = key_of(&lines[j]);
             lines[j] = format!("{} = {value}", key.clone().unwrap_or_default());
             (lines.join("\n"), key)
+        }
+        ConfigEdit::DeleteLine(_) | ConfigEdit::DuplicateLine(_) if n == 0 => {
+            (text.to_owned(), None)
         }
         ConfigEdit::DeleteLine(i) => {
             let key = key_of(&lines[i % n]);
@@ -804,9 +809,10 @@ fn read_request(conn: &mut TcpStream) {
 #[derive(Clone)]
 struct Response {
     bytes: Vec<u8>,
-    /// The head announced a body of at most `MAX_RESPONSE_BODY` bytes and less was sent: the uplink
-    /// reads such a body to its end and must see that it broke off. (A longer body is not read to
-    /// its end at all; then the status alone counts.)
+    /// The head announced a body of at most `MAX_RESPONSE_BODY` bytes and less was sent, fewer than
+    /// `MAX_RESPONSE_BODY`: the uplink reads such a body to its end and must see that it broke off.
+    /// (Once `MAX_RESPONSE_BODY` bytes have arrived ureq stops reading, so a longer body, or one cut
+    /// at exactly that length, is not read to its end; then the status alone counts.)
     cut_short: bool,
 }
 
@@ -930,7 +936,7 @@ fn structured_response() -> impl Strategy<Value = Response> {
                     if !cut {
                         tail.extend_from_slice(b"\r\n0\r\n\r\n");
                     }
-                    cut_short = cut && len as u64 <= MAX_RESPONSE_BODY;
+                    cut_short = cut && (len as u64) < MAX_RESPONSE_BODY;
                 }
                 Framing::Garbage => head.push_str("Content-Length: lots\r\n"),
             }
