@@ -3,7 +3,7 @@ CARGO ?= cargo
 # Debian's cargo/rustc 1.85 (rustc-web), the toolchain that builds the ARM release binaries.
 MSRV_CARGO ?= /usr/bin/cargo
 
-.PHONY: all build test lint unit msrv demo deps bench clean
+.PHONY: all build test lint unit msrv demo deps bench clean fuzz
 
 all: build
 
@@ -20,6 +20,12 @@ test: deps lint
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+## The fuzz suite (tests/fuzz.rs) at length, optimised: `make fuzz CASES=100000`. `make test` runs it
+## briefly (256 cases). Replay a failure with FERRY_FUZZ_SEED=<seed it printed>.
+CASES ?= 25600
+fuzz:
+	FERRY_FUZZ_CASES=$(CASES) $(CARGO) test --profile fuzz --test fuzz -- --nocapture
 
 ## Build with the minimum supported Rust (1.85) from Debian; install it with scripts/ensure-deps.sh --msrv.
 msrv:

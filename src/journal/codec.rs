@@ -1,7 +1,8 @@
 //! Values and keys of the journal's sled tree, encoded and decoded. Pure: no sled, no I/O.
 //!
 //! Decoding bytes from disk never panics and never allocates more than the value's own length:
-//! a damaged value is an [`Error::Corrupt`] naming its seq.
+//! a damaged value is an [`Error::Corrupt`] naming its seq. The value codecs are public so that the
+//! fuzz tests (`tests/fuzz.rs`) can feed them damaged bytes; keys and meta names stay private.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,15 +38,16 @@ pub(super) struct GapBody {
     pub reason: GapReason,
 }
 
-#[derive(Serialize, Deserialize)]
-pub(super) struct DeadHeader {
+/// What a dead letter holds besides the record: why the cloud refused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadHeader {
     pub status: u16,
     pub error: String,
     pub at_ms: u64,
 }
 
-/// Maps a sled error to [`Error::Storage`] with what the journal was doing.
-pub(super) fn encode_record(rec: &NewRecord) -> Vec<u8> {
+/// Encodes an `E` value holding a record.
+pub fn encode_record(rec: &NewRecord) -> Vec<u8> {
     let header = RecordHeader {
         ts_ms: rec.ts_ms,
         topic: rec.topic.clone(),
@@ -60,7 +62,8 @@ pub(super) fn encode_record(rec: &NewRecord) -> Vec<u8> {
     out
 }
 
-pub(super) fn encode_gap(to_seq: u64, reason: GapReason) -> Vec<u8> {
+/// Encodes an `E` value holding a gap `seq..=to_seq` (the seq is the key's).
+pub fn encode_gap(to_seq: u64, reason: GapReason) -> Vec<u8> {
     let mut out = vec![KIND_GAP];
     out.extend_from_slice(&postcard::to_stdvec(&GapBody { to_seq, reason }).unwrap_or_default());
     out
@@ -103,7 +106,16 @@ pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
     }
 }
 
-pub(super) fn decode_dead(seq: u64, value: &[u8]) -> Result<(DeadHeader, Record)> {
+/// Encodes a `D` value: the header, then the record's `E` value as it was.
+pub fn encode_dead(header: &DeadHeader, entry_value: &[u8]) -> Vec<u8> {
+    // Serializing a plain struct into a Vec cannot fail.
+    let mut out = postcard::to_stdvec(header).unwrap_or_default();
+    out.extend_from_slice(entry_value);
+    out
+}
+
+/// Decodes a `D` value. Like [`decode_entry`]: an error naming the seq, never a panic.
+pub fn decode_dead(seq: u64, value: &[u8]) -> Result<(DeadHeader, Record)> {
     let (header, rest): (DeadHeader, &[u8]) =
         postcard::take_from_bytes(value).map_err(|e| Error::Corrupt {
             seq,
@@ -148,8 +160,6 @@ pub(super) fn entry_size(value: &[u8]) -> u64 {
     value.len() as u64 + 9 + 32
 }
 
-/// sled moves values over a quarter segment into blob files, which need their own syncs; pick the
-/// smallest power-of-two segment that keeps the largest record inline.
 /// FNV-1a over topic, a separator, and payload: stable across builds and versions.
 pub(super) fn content_hash(topic: &str, payload: &[u8]) -> u64 {
     let mut h = crate::fnv::Fnv1a::new();

@@ -14,6 +14,8 @@
 //! - `head`: the journal's head when the mark was written (exact after a clean close). A journal
 //!   that opens with a lower head has lost records.
 //! - `acked`: the cursor when the mark was written: where a lost range starts, at the latest.
+//!
+//! [`newest`] and [`encode`] are public so that the fuzz tests (`tests/fuzz.rs`) can reach them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -22,10 +24,11 @@ use std::path::{Path, PathBuf};
 /// Seqs reserved per renewal.
 pub(super) const LEASE_STEP: u64 = 4096;
 const MAGIC: u32 = 0x6665_7231; // "fer1"
-const SLOT: usize = 40;
+/// Bytes per slot; the file holds two.
+pub const SLOT: usize = 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(super) struct Mark {
+pub struct Mark {
     pub lease: u64,
     pub head: u64,
     pub acked: u64,
@@ -45,23 +48,16 @@ impl MarkFile {
     /// Opens (or creates) the mark file and reads the newest valid mark, if any.
     pub fn open(dir: &Path) -> std::io::Result<MarkFile> {
         let path = dir.join("seq-mark");
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf)?;
-        let slots: Vec<Option<(u64, Mark)>> = (0..2)
-            .map(|i| buf.get(i * SLOT..(i + 1) * SLOT).and_then(decode))
-            .collect();
-        let (newest, next_slot) = match (slots[0], slots[1]) {
-            (Some(a), Some(b)) if b.0 > a.0 => (Some(b), 0),
-            (Some(a), _) => (Some(a), 1),
-            (None, Some(b)) => (Some(b), 0),
-            (None, None) => (None, 0),
-        };
+        // Only the two slots are read: whatever else a damaged file holds is not loaded.
+        let mut buf = Vec::with_capacity(2 * SLOT);
+        (&file).take(2 * SLOT as u64).read_to_end(&mut buf)?;
+        let (newest, next_slot) = newest(&buf);
         Ok(MarkFile {
             path,
             file,
@@ -88,7 +84,20 @@ impl MarkFile {
     }
 }
 
-fn encode(generation: u64, m: Mark) -> [u8; SLOT] {
+/// The newest valid slot in the bytes of a mark file (its generation and mark), and the slot to
+/// write next: the other one, or the damaged one. Pure; never panics, whatever `buf` holds.
+pub fn newest(buf: &[u8]) -> (Option<(u64, Mark)>, u64) {
+    let slot = |i: usize| buf.get(i * SLOT..(i + 1) * SLOT).and_then(decode);
+    match (slot(0), slot(1)) {
+        (Some(a), Some(b)) if b.0 > a.0 => (Some(b), 0),
+        (Some(a), _) => (Some(a), 1),
+        (None, Some(b)) => (Some(b), 0),
+        (None, None) => (None, 0),
+    }
+}
+
+/// One slot holding `m` at `generation`, as [`MarkFile::write`] writes it.
+pub fn encode(generation: u64, m: Mark) -> [u8; SLOT] {
     let mut b = [0u8; SLOT];
     b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     for (i, v) in [generation, m.lease, m.head, m.acked]

@@ -99,9 +99,9 @@ const MAX_MARKS: usize = 1024;
 /// stops isolating records (and backs off) rather than delete any.
 const DEAD_SHARE: f64 = 0.1;
 
-mod codec;
+pub mod codec;
 mod layout;
-mod mark;
+pub mod mark;
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
@@ -999,11 +999,7 @@ impl Journal {
             error: truncate(reason, 512).to_string(),
             at_ms: now_ms(),
         };
-        let mut dead = postcard::to_stdvec(&header).map_err(|e| Error::Corrupt {
-            seq,
-            reason: e.to_string(),
-        })?;
-        dead.extend_from_slice(&value);
+        let dead = encode_dead(&header, &value);
         // Dead letters are kept until an operator requeues them; when their share is used up, the
         // record stays in the journal and the uplink backs off as for a refusing cloud.
         let cap = (self.inner.max_bytes as f64 * LOGICAL_SHARE * DEAD_SHARE) as u64;

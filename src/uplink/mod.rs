@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
 
-pub use batch::{OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict};
+pub use batch::{
+    MAX_RETRY_AFTER, OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict,
+};
 pub use rate::{Limiter, Meter};
 
 use crate::backoff::Backoff;
@@ -28,22 +30,40 @@ use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
 /// Largest response body read; the rest of a larger one is dropped with its connection.
-const MAX_RESPONSE_BODY: u64 = 64 * 1024;
+pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 /// At most one repeated warning or error line per this period while a failure persists.
 const REPEAT_LOG: Duration = Duration::from_secs(60);
 /// While a backlog exists, one INFO progress line per this period.
 const PROGRESS_LOG: Duration = Duration::from_secs(60);
 
-/// How one upload attempt ended.
+/// How the cloud answered one upload, as the uplink reads it.
 #[derive(Debug)]
-enum Attempt {
+pub enum Answer {
+    /// A complete status line and headers. A body that broke off or ran over
+    /// [`MAX_RESPONSE_BODY`] is kept as a note, except after a 2xx, which is then `Failed`.
     Status {
         code: u16,
+        /// `Retry-After`, parsed and clamped; `None` when absent or unparseable.
         retry_after: Option<Duration>,
+        /// The body as lossy UTF-8, at most [`MAX_RESPONSE_BODY`] bytes of it.
         body: String,
     },
-    /// No HTTP status: DNS, connect, TLS, timeout, reset, a body cut short.
+    /// No usable answer: DNS, connect, TLS, timeout, reset, a malformed response, or a 2xx whose
+    /// body broke off (the cloud may or may not have stored the batch: resend, never ack).
     Failed(ureq::Error),
+}
+
+/// One upload request: where to, as whom, and the encoded (possibly gzipped) body.
+#[derive(Debug, Clone, Copy)]
+pub struct Upload<'a> {
+    pub url: &'a str,
+    pub device_id: &'a str,
+    /// The first and last seq the body carries, for the idempotency key.
+    pub first: u64,
+    pub last: u64,
+    pub token: Option<&'a str>,
+    pub gzip: bool,
+    pub body: &'a [u8],
 }
 
 /// Starts the `uplink` thread. Rate limits and batch sizes follow `live` from then on.
@@ -234,7 +254,7 @@ impl Uplink {
     }
 
     /// One POST of `entries`, with the body read to its end (bounded).
-    fn send(&mut self, entries: &[Entry]) -> Attempt {
+    fn send(&mut self, entries: &[Entry]) -> Answer {
         let (first, last) = span(entries);
         let body = encode_body(&self.device_id, entries);
         let body = match self.cfg.compression {
@@ -249,64 +269,30 @@ impl Uplink {
             body.len()
         );
         self.stats.set_uplink(|u| u.state = "sending");
-        let mut req = self
-            .agent
-            .post(&self.cfg.url)
-            .header("Content-Type", "application/json")
-            .header(
-                IDEMPOTENCY_HEADER,
-                format!("{}:{}-{}", self.device_id, first, last),
-            );
-        if self.cfg.compression == Compression::Gzip {
-            req = req.header("Content-Encoding", "gzip");
-        }
-        if let Some(token) = &self.cfg.token {
-            req = req.header("Authorization", format!("Bearer {}", token.expose()));
-        }
-        let mut resp = match req.send(&body[..]) {
-            Ok(r) => r,
-            Err(e) => return Attempt::Failed(e),
-        };
-        let code = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        // Read the whole body so the connection goes back to the pool; one too large (or broken)
-        // closes the connection, which is fine: the status is what counts.
-        let body = match resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE_BODY)
-            .read_to_vec()
-        {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(ureq::Error::BodyExceedsLimit(_)) => String::from("(response body over 64 KiB)"),
-            Err(e) if (200..300).contains(&code) => {
-                // A 2xx whose body broke off: the cloud may or may not have stored the batch.
-                // Resending is safe (the cloud deduplicates), acknowledging is not.
-                return Attempt::Failed(e);
-            }
-            Err(_) => String::new(),
-        };
-        Attempt::Status {
-            code,
-            retry_after,
-            body,
-        }
+        post(
+            &self.agent,
+            &Upload {
+                url: &self.cfg.url,
+                device_id: &self.device_id,
+                first,
+                last,
+                token: self.cfg.token.as_ref().map(|t| t.expose()),
+                gzip: self.cfg.compression == Compression::Gzip,
+                body: &body,
+            },
+        )
     }
 
-    fn handle(&mut self, entries: &[Entry], attempt: Attempt) {
+    fn handle(&mut self, entries: &[Entry], attempt: Answer) {
         let (first, last) = span(entries);
         let (code, retry_after, body) = match attempt {
-            Attempt::Failed(e) => {
+            Answer::Failed(e) => {
                 self.journal.release();
                 let msg = describe(&e);
                 self.fail(&msg, None, false);
                 return;
             }
-            Attempt::Status {
+            Answer::Status {
                 code,
                 retry_after,
                 body,
@@ -484,6 +470,57 @@ impl Uplink {
                 p.acked_seq, p.head_seq, p.backlog_records, p.backlog_bytes
             );
         }
+    }
+}
+
+/// POSTs one upload and reads the answer: the status, `Retry-After`, and the body to its end,
+/// bounded by [`MAX_RESPONSE_BODY`], so that the connection goes back to the pool. Whatever bytes
+/// the peer sends, this returns (within the agent's deadlines) and never allocates more than the
+/// bound plus ureq's buffers.
+pub fn post(agent: &ureq::Agent, up: &Upload<'_>) -> Answer {
+    let mut req = agent
+        .post(up.url)
+        .header("Content-Type", "application/json")
+        .header(
+            IDEMPOTENCY_HEADER,
+            format!("{}:{}-{}", up.device_id, up.first, up.last),
+        );
+    if up.gzip {
+        req = req.header("Content-Encoding", "gzip");
+    }
+    if let Some(token) = up.token {
+        req = req.header("Authorization", format!("Bearer {token}"));
+    }
+    let mut resp = match req.send(up.body) {
+        Ok(r) => r,
+        Err(e) => return Answer::Failed(e),
+    };
+    let code = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    // A body too large (or broken) closes the connection, which is fine: the status is what counts.
+    let body = match resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_RESPONSE_BODY)
+        .read_to_vec()
+    {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(ureq::Error::BodyExceedsLimit(_)) => String::from("(response body over 64 KiB)"),
+        Err(e) if (200..300).contains(&code) => {
+            // A 2xx whose body broke off: the cloud may or may not have stored the batch.
+            // Resending is safe (the cloud deduplicates), acknowledging is not.
+            return Answer::Failed(e);
+        }
+        Err(_) => String::new(),
+    };
+    Answer::Status {
+        code,
+        retry_after,
+        body,
     }
 }
 
