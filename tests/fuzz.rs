@@ -2,7 +2,8 @@
 //!
 //! Covered: the config file (TOML, sizes, durations), MQTT payload classification and topic filters,
 //! journal values and the seq mark as read from disk, the cloud's answers to an upload (over a real
-//! loopback socket, through ureq), and the cloud's batch validation. Each property asserts: no panic,
+//! loopback socket, through ureq), the cloud's batch validation, and the serial console (line editor,
+//! command parser, `set KEY VALUE`). Each property asserts: no panic,
 //! no allocation out of proportion to the input (a counting global allocator records the largest
 //! single allocation of the thread under test), `Ok` or an error that says what and where, and
 //! encode→decode identity where a codec has both halves.
@@ -1226,5 +1227,97 @@ proptest! {
     fn a_damaged_batch_body_is_accepted_or_refused_naming_the_place(entries in entries(), d in damages()) {
         let body = apply(uplink::encode_body("gw-fuzz", &entries), &d);
         check_batch(&body)?;
+    }
+}
+
+// ---- the serial console -------------------------------------------------------------------------
+
+use ferry::config::edit::Draft;
+use ferry::console::{line, parse as console_parse};
+
+/// Line noise as a serial cable delivers it: random bytes, with runs of typing, line ends, erase
+/// keys, Ctrl-C/Ctrl-U and escape sequences mixed in.
+fn serial_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        4 => proptest::collection::vec(any::<u8>(), 0..64),
+        4 => "[ -~]{0,80}".prop_map(String::into_bytes),
+        2 => prop_oneof![
+            Just(b"\r".to_vec()), Just(b"\n".to_vec()), Just(b"\r\n".to_vec()),
+            Just(vec![0x7f]), Just(vec![0x08]), Just(vec![0x03]), Just(vec![0x15]),
+            Just(b"\x1b[A".to_vec()), Just(b"\x1b[1;5C".to_vec()), Just(b"\x1bO".to_vec()),
+            Just(vec![0x1b]),
+        ],
+        1 => (0usize..3000).prop_map(|n| vec![b'x'; n]),
+    ];
+    proptest::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(config(1))]
+
+    /// Whatever arrives on the line: no panic, echo without escape codes and bounded per byte (by the
+    /// erase of a whole line),
+    /// finished lines within `MAX_LINE`, each a command or a clear refusal.
+    #[test]
+    fn the_console_survives_any_line_noise(bytes in serial_bytes(), masked in any::<bool>()) {
+        let echo = if masked { line::Echo::Masked } else { line::Echo::On };
+        let mut editor = line::Editor::new(echo);
+        let mut events = Vec::new();
+        let out = bounded(bytes.len(), || {
+            let mut out = Vec::new();
+            for &b in &bytes {
+                let before = out.len();
+                if let Some(ev) = editor.feed(b, &mut out) {
+                    events.push(ev);
+                }
+                // Ctrl-U erases a whole line: three bytes of echo per character at most.
+                let echoed = out.len() - before;
+                assert!(echoed <= 3 * line::MAX_LINE + 64, "echo of one byte is {echoed} bytes");
+            }
+            out
+        })?;
+        prop_assert!(!out.contains(&0x1b), "echo holds an escape code");
+        if masked {
+            // A PIN shows as stars; the only letter echoed is Ctrl-C's `^C`.
+            let shown = String::from_utf8_lossy(&out).replace("^C", "");
+            prop_assert!(!shown.chars().any(char::is_alphanumeric), "{shown:?}");
+        }
+        for ev in events {
+            if let line::Event::Line(l) = ev {
+                prop_assert!(l.len() <= line::MAX_LINE);
+                prop_assert!(!l.chars().any(|c| c.is_control()), "{l:?}");
+                match bounded(l.len(), || console_parse::parse(&l))? {
+                    Ok(_) => {}
+                    Err(e) => prop_assert!(!e.is_empty()),
+                }
+            }
+        }
+    }
+
+    /// Any command line: a command or a non-empty message, never a panic.
+    #[test]
+    fn any_console_line_parses_or_is_refused(text in "[ -~]{0,200}|\\PC{0,60}") {
+        if let Err(e) = bounded(text.len(), || console_parse::parse(&text))? {
+            prop_assert!(!e.is_empty());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(8))]
+
+    /// `set KEY VALUE` with anything a person (or line noise) types: the draft is changed to a valid
+    /// file or left as it was with an error; never a panic.
+    #[test]
+    fn console_set_keeps_the_draft_valid(key in "[a-z_]{1,12}\\.[a-z_]{1,20}|[ -~]{0,30}", value in "[ -~]{0,60}") {
+        let mut draft = Draft::from_text(Path::new(SOURCE), FULL_CONFIG).unwrap();
+        let before = draft.text();
+        match bounded(key.len() + value.len(), || draft.set(&key, &value))? {
+            Ok(()) => prop_assert!(draft.validate().is_ok(), "{}", draft.text()),
+            Err(e) => {
+                prop_assert!(!e.to_string().is_empty());
+                prop_assert_eq!(draft.text(), before);
+            }
+        }
     }
 }

@@ -370,10 +370,14 @@ fn a_cloned_identity_is_refused_visibly_and_keeps_its_data() {
     });
     publish(broker_b.port, "sensors/b", numbered(100..110));
     // The first refusal can come before all ten are journaled: wait for both.
-    wait_until("b refused with all ten kept", Duration::from_secs(20), || {
-        let st = b.status();
-        st["uplink"]["state"] == "refused" && st["backlog_records"] == 10
-    });
+    wait_until(
+        "b refused with all ten kept",
+        Duration::from_secs(20),
+        || {
+            let st = b.status();
+            st["uplink"]["state"] == "refused" && st["backlog_records"] == 10
+        },
+    );
 
     let st = b.status();
     assert_eq!(st["acked_seq"], 0, "nothing of b's was taken");

@@ -4,8 +4,8 @@
 //! CR, LF and CRLF all end a line (a CR followed by LF counts once). Backspace (0x08) and DEL (0x7f)
 //! erase one character, Ctrl-U the whole line, Ctrl-C abandons it. Escape sequences (arrow keys and
 //! the like) are swallowed. A line is bounded by [`MAX_LINE`] bytes: what comes beyond is dropped
-//! without echo and the line is rejected when it ends. A line holding other control bytes or bytes
-//! that are not UTF-8 is rejected as garbage. Echo is plain ASCII (`BS SP BS` to erase), never ANSI.
+//! without echo and the line is rejected when it ends. A line holding other control bytes, C1
+//! control characters or bytes that are not UTF-8 is rejected as garbage. Echo is plain ASCII (`BS SP BS` to erase), never ANSI.
 
 /// Longest line kept, in bytes.
 pub const MAX_LINE: usize = 1024;
@@ -184,9 +184,10 @@ impl Editor {
         } else if self.garbage {
             Event::Garbage
         } else {
+            // C1 controls (U+0080..U+009F, UTF-8 encoded) are line noise too.
             match String::from_utf8(std::mem::take(&mut self.buf)) {
-                Ok(line) => Event::Line(line),
-                Err(_) => Event::Garbage,
+                Ok(line) if !line.chars().any(char::is_control) => Event::Line(line),
+                _ => Event::Garbage,
             }
         };
         self.reset();
@@ -308,6 +309,12 @@ mod tests {
         assert_eq!(lines(b"a\x00b\r"), [Event::Garbage]);
         assert_eq!(lines(b"\xff\xfe\r"), [Event::Garbage]);
         assert_eq!(lines(b"\x02\x04\x1a\rok\r"), [Event::Garbage, line("ok")]);
+        // U+0080 and U+009B (a C1 CSI), valid UTF-8 but control characters.
+        assert_eq!(
+            lines(b"\xc2\x80\r\xc2\x9bA\r"),
+            [Event::Garbage, Event::Garbage]
+        );
+        assert_eq!(lines("caf\u{e9}\r".as_bytes()), [line("caf\u{e9}")]);
     }
 
     #[test]
