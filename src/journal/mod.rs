@@ -1434,6 +1434,13 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
             });
         }
     };
+    // sled creates its files (`conf`, `db`, `blobs/`) without syncing their directory, and the
+    // layout creates the database directory itself: make both durable before anything is
+    // appended, or a power cut can take the files back and with them every synced record.
+    sync_dir(db_dir)?;
+    if let Some(parent) = db_dir.parent() {
+        sync_dir(parent)?;
+    }
     let db_path = db_dir.join("db");
     let db_file = File::open(&db_path).map_err(|source| Error::Sync {
         path: db_path.clone(),
@@ -1481,8 +1488,16 @@ fn sync_blobs(
     Ok(())
 }
 
+/// Creates `dir` (and missing parents) and makes the new entries durable: a directory survives a
+/// power cut only once the directory holding it is synced. Without that, a cut in the first
+/// seconds of a new gateway took the whole journal, seq mark included, and seqs started again
+/// at 1, which the cloud refuses as clashes forever (found by `make torture`).
 fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .collect();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -1490,7 +1505,14 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(|source| Error::CreateDir {
             path: dir.to_path_buf(),
             source,
-        })
+        })?;
+    for created in missing {
+        match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 /// fsync of a directory, so that files created or renamed in it survive a power cut.
