@@ -36,6 +36,9 @@
 //! Only synced records are handed to the uplink ([`Journal::read_batch`] stops at the durable head),
 //! so a power cut can never take back a seq that the cloud has seen. A crash between the sync and the
 //! PUBACK makes the broker redeliver with DUP; the `I` marks let the writer recognise the copy.
+//! A file or directory survives a power cut only once the directory holding it is synced, so the
+//! journal syncs the parents of the `journal.dir` it creates, and the database directory that
+//! sled fills at open.
 //!
 //! # Losing the journal
 //! sled 0.34 opens damaged files without complaint more often than it refuses them (measured: a
