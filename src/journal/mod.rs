@@ -1437,6 +1437,12 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
             });
         }
     };
+    // sled writes its `conf` file without ever syncing it: a power cut can leave it torn, and
+    // sled then refuses the whole database as corrupt (found by `make torture`).
+    let conf = db_dir.join("conf");
+    File::open(&conf)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::Sync { path: conf, source })?;
     // sled creates its files (`conf`, `db`, `blobs/`) without syncing their directory, and the
     // layout creates the database directory itself: make both durable before anything is
     // appended, or a power cut can take the files back and with them every synced record.
