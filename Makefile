@@ -3,7 +3,7 @@ CARGO ?= cargo
 # Debian's cargo/rustc 1.85 (rustc-web), the toolchain that builds the ARM release binaries.
 MSRV_CARGO ?= /usr/bin/cargo
 
-.PHONY: all build test lint unit msrv demo deps clean
+.PHONY: all build test lint unit msrv demo deps clean torture torture-ci torture-build
 
 all: build
 
@@ -28,6 +28,26 @@ msrv:
 ## The outage story end to end: broker, cloud, agent; the cloud goes away and comes back.
 demo: deps build
 	@scripts/demo.sh
+
+## Power-cut torture (README "Power-cut torture"): ferry's journal on ferry-crashfs, the journal
+## regression tests on it, the slow-fsync scenario, then CUTS power cuts; each run's last line is
+## its tally. Needs /dev/fuse. `make torture CUTS=N`, `TORTURE_ARGS="--seed S"` to repeat a run.
+CUTS ?= 1000
+TORTURE_ARGS ?=
+TORTURE = target/debug/ferry-torture
+
+torture-build: deps
+	$(CARGO) build -p ferry --bins
+	$(CARGO) build -p ferry-crashfs --bins
+
+torture: torture-build
+	$(CARGO) test -p ferry-crashfs
+	$(TORTURE) --scenario slow-fsync
+	$(TORTURE) --cuts $(CUTS) $(TORTURE_ARGS)
+
+## The short campaign CI runs after `make test`.
+torture-ci:
+	$(MAKE) torture CUTS=50
 
 clean:
 	$(CARGO) clean
