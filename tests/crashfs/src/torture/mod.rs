@@ -178,6 +178,9 @@ pub fn run(opts: &Options) -> bool {
     for e in &tally.errors {
         println!("torture: ERROR {e}");
     }
+    if !tally.by_strategy.is_empty() {
+        println!("torture: cut moments {:?}", tally.by_strategy);
+    }
     let passed = tally.passed();
     if passed && !opts.keep {
         let _ = std::fs::remove_dir_all(&work);
