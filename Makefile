@@ -3,7 +3,7 @@ CARGO ?= cargo
 # Debian's cargo/rustc 1.85 (rustc-web), the toolchain that builds the ARM release binaries.
 MSRV_CARGO ?= /usr/bin/cargo
 
-.PHONY: all build test lint unit msrv demo deps bench clean fuzz
+.PHONY: all build test lint unit msrv demo deps bench clean fuzz torture torture-ci torture-build
 
 all: build
 
@@ -42,6 +42,26 @@ bench:
 	$(CARGO) build --release --bins
 	$(CARGO) build --release -p ferry-bench
 	target/release/ferry-bench $(if $(QUICK),--quick) --doc docs/BENCHMARKS.md
+
+## Power-cut torture (README "Power-cut torture"): ferry's journal on ferry-crashfs, the journal
+## regression tests on it, the slow-fsync scenario, then CUTS power cuts; each run's last line is
+## its tally. Needs /dev/fuse. `make torture CUTS=N`, `TORTURE_ARGS="--seed S"` to repeat a run.
+CUTS ?= 1000
+TORTURE_ARGS ?=
+TORTURE = target/debug/ferry-torture
+
+torture-build: deps
+	$(CARGO) build -p ferry --bins
+	$(CARGO) build -p ferry-crashfs --bins
+
+torture: torture-build
+	$(CARGO) test -p ferry-crashfs
+	$(TORTURE) --scenario slow-fsync
+	$(TORTURE) --cuts $(CUTS) $(TORTURE_ARGS)
+
+## The short campaign CI runs after `make test`.
+torture-ci:
+	$(MAKE) torture CUTS=50
 
 clean:
 	$(CARGO) clean

@@ -36,6 +36,9 @@
 //! Only synced records are handed to the uplink ([`Journal::read_batch`] stops at the durable head),
 //! so a power cut can never take back a seq that the cloud has seen. A crash between the sync and the
 //! PUBACK makes the broker redeliver with DUP; the `I` marks let the writer recognise the copy.
+//! A file or directory survives a power cut only once the directory holding it is synced, so the
+//! journal syncs the parents of the `journal.dir` it creates, and the database directory that
+//! sled fills at open.
 //!
 //! # Losing the journal
 //! sled 0.34 opens damaged files without complaint more often than it refuses them (measured: a
@@ -1443,6 +1446,19 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
             });
         }
     };
+    // sled writes its `conf` file without ever syncing it: a power cut can leave it torn, and
+    // sled then refuses the whole database as corrupt (found by `make torture`).
+    let conf = db_dir.join("conf");
+    File::open(&conf)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::Sync { path: conf, source })?;
+    // sled creates its files (`conf`, `db`, `blobs/`) without syncing their directory, and the
+    // layout creates the database directory itself: make both durable before anything is
+    // appended, or a power cut can take the files back and with them every synced record.
+    sync_dir(db_dir)?;
+    if let Some(parent) = db_dir.parent() {
+        sync_dir(parent)?;
+    }
     let db_path = db_dir.join("db");
     let db_file = File::open(&db_path).map_err(|source| Error::Sync {
         path: db_path.clone(),
@@ -1490,8 +1506,16 @@ fn sync_blobs(
     Ok(())
 }
 
+/// Creates `dir` (and missing parents) and makes the new entries durable: a directory survives a
+/// power cut only once the directory holding it is synced. Without that, a cut in the first
+/// seconds of a new gateway took the whole journal, seq mark included, and seqs started again
+/// at 1, which the cloud refuses as clashes forever (found by `make torture`).
 fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .collect();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -1499,7 +1523,14 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(|source| Error::CreateDir {
             path: dir.to_path_buf(),
             source,
-        })
+        })?;
+    for created in missing {
+        match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 /// fsync of a directory, so that files created or renamed in it survive a power cut.

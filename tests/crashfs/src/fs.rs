@@ -1,0 +1,604 @@
+//! The FUSE side of the crash-test filesystem: kernel requests become calls on the [`Model`], under
+//! one mutex. While the power is off every request fails with EIO and changes nothing.
+//!
+//! Locks: sled takes `flock(LOCK_EX|LOCK_NB)` on its `db` file (through `fs2`). This filesystem
+//! does not negotiate `FUSE_FLOCK_LOCKS`/`FUSE_POSIX_LOCKS`, so the kernel keeps flock and fcntl
+//! locks itself, per inode, as for a local filesystem: they work between processes on this
+//! machine and vanish with the process that held them (or with the mount), which is all a
+//! single-host power-cut test needs.
+//!
+//! `sync_file_range` never reaches a FUSE filesystem (the kernel has no request for it): it makes
+//! nothing durable here, as it promises nothing against power loss on a real disk either.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use log::trace;
+
+use crate::model::{self, Cut, CutReport, Dir, File, Kind, Model, Node};
+
+/// Attribute and entry cache time. Safe to be long: every change goes through the kernel, and a
+/// cut happens only while unmounted, which drops the kernel's caches.
+const TTL: Duration = Duration::from_secs(1);
+
+/// What the control side and the FUSE threads share.
+#[derive(Debug, Default)]
+pub struct Shared {
+    state: Mutex<State>,
+    slow_fsync_ms: AtomicU64,
+    fsyncs_in_flight: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    model: Model,
+    /// The power is off: every request fails until `power_on`.
+    off: bool,
+    /// Counts cuts; a slow fsync that sees it change while it sleeps does nothing.
+    epoch: u64,
+    fsyncs: u64,
+    fsyncdirs: u64,
+    refused: u64,
+    ops: BTreeMap<&'static str, u64>,
+    last_cut: CutReport,
+}
+
+impl Shared {
+    pub fn new() -> Arc<Shared> {
+        Arc::new(Shared::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cuts the power: from now on every request fails, and the files hold what survives.
+    pub fn cut(&self, cut: Cut) -> CutReport {
+        let mut st = self.lock();
+        st.off = true;
+        st.epoch += 1;
+        let report = st.model.power_cut(cut);
+        st.last_cut = report.clone();
+        report
+    }
+
+    /// Power back on (call after the filesystem was mounted again).
+    pub fn power_on(&self) {
+        self.lock().off = false;
+    }
+
+    pub fn set_slow_fsync(&self, ms: u64) {
+        self.slow_fsync_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn stats_json(&self, mounted: bool) -> String {
+        let st = self.lock();
+        let (unsynced_bytes, unsynced_dir_ops) = st.model.unsynced();
+        let ops: serde_json::Map<String, serde_json::Value> = st
+            .ops
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).into()))
+            .collect();
+        serde_json::json!({
+            "mounted": mounted,
+            "power": !st.off,
+            "cuts": st.epoch,
+            "fsyncs": st.fsyncs,
+            "fsyncdirs": st.fsyncdirs,
+            "fsyncs_in_flight": self.fsyncs_in_flight.load(Ordering::Relaxed),
+            "slow_fsync_ms": self.slow_fsync_ms.load(Ordering::Relaxed),
+            "unsynced_bytes": unsynced_bytes,
+            "unsynced_dir_ops": unsynced_dir_ops,
+            "file_bytes": st.model.file_bytes(),
+            "refused_while_off": st.refused,
+            "last_cut": {
+                "unsynced_bytes": st.last_cut.unsynced_bytes,
+                "unsynced_dir_ops": st.last_cut.unsynced_dir_ops,
+                "kept_bytes": st.last_cut.kept_bytes,
+                "kept_dir_ops": st.last_cut.kept_dir_ops,
+                "torn_writes": st.last_cut.torn_writes,
+            },
+            "ops": ops,
+        })
+        .to_string()
+    }
+
+    /// Writes the current tree into `dir` (a real directory), for forensics after a failure.
+    pub fn dump(&self, dir: &Path) -> std::io::Result<usize> {
+        let entries = self.lock().model.walk();
+        for (path, data) in &entries {
+            let to = dir.join(path);
+            match data {
+                None => std::fs::create_dir_all(&to)?,
+                Some(bytes) => {
+                    if let Some(p) = to.parent() {
+                        std::fs::create_dir_all(p)?;
+                    }
+                    std::fs::write(&to, bytes)?;
+                }
+            }
+        }
+        Ok(entries.len())
+    }
+}
+
+/// The `fuser` filesystem over [`Shared`].
+pub struct CrashFs(pub Arc<Shared>);
+
+/// Runs `f` on the model unless the power is off; counts the request under `op`.
+fn with<T>(
+    shared: &Shared,
+    op: &'static str,
+    f: impl FnOnce(&mut Model) -> model::Result<T>,
+) -> Result<T, Errno> {
+    let mut st = shared.lock();
+    *st.ops.entry(op).or_default() += 1;
+    if st.off {
+        st.refused += 1;
+        return Err(Errno::EIO);
+    }
+    f(&mut st.model).map_err(Errno::from_i32)
+}
+
+fn to_time(t: SystemTime) -> SystemTime {
+    t.max(UNIX_EPOCH)
+}
+
+fn attr(ino: u64, n: &Node) -> FileAttr {
+    let (kind, size, nlink) = match &n.kind {
+        Kind::File(f) => (FileType::RegularFile, f.current.len() as u64, 1),
+        Kind::Dir(_) => (FileType::Directory, 0, 2),
+        Kind::Symlink(t) => (FileType::Symlink, t.len() as u64, 1),
+    };
+    let t = to_time(n.mtime);
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind,
+        perm: (n.mode & 0o7777) as u16,
+        nlink,
+        uid: n.uid,
+        gid: n.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn entry_of(m: &Model, ino: u64) -> model::Result<FileAttr> {
+    Ok(attr(ino, m.node(ino)?))
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+impl CrashFs {
+    fn add(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: Kind,
+        mode: u32,
+        op: &'static str,
+    ) -> Result<FileAttr, Errno> {
+        trace!("{op} parent={} name={:?}", parent.0, name);
+        with(&self.0, op, |m| {
+            let ino = m.add(parent.0, name, kind, mode, req.uid(), req.gid())?;
+            entry_of(m, ino)
+        })
+    }
+
+    fn fsync_any(&self, ino: INodeNo, op: &'static str, reply: ReplyEmpty) {
+        trace!("{op} ino={}", ino.0);
+        let shared = &self.0;
+        let start = {
+            let mut st = shared.lock();
+            *st.ops.entry(op).or_default() += 1;
+            if st.off {
+                st.refused += 1;
+                None
+            } else {
+                st.model.sync_point(ino.0).ok().map(|p| (p, st.epoch))
+            }
+        };
+        let Some((point, epoch)) = start else {
+            return reply.error(Errno::EIO);
+        };
+        let delay = shared.slow_fsync_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            shared.fsyncs_in_flight.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(delay));
+            shared.fsyncs_in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut st = shared.lock();
+        if st.off || st.epoch != epoch {
+            // The power went while the device was still writing: nothing of it counts.
+            return reply.error(Errno::EIO);
+        }
+        match st.model.sync_through(ino.0, point) {
+            Ok(()) => {
+                if op == "fsyncdir" {
+                    st.fsyncdirs += 1;
+                } else {
+                    st.fsyncs += 1;
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+}
+
+impl Filesystem for CrashFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = with(&self.0, "lookup", |m| {
+            let ino = m.lookup(parent.0, name)?;
+            entry_of(m, ino)
+        });
+        reply_entry(reply, r);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match with(&self.0, "getattr", |m| entry_of(m, ino.0)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        trace!("setattr ino={} size={size:?} mode={mode:?}", ino.0);
+        let r = with(&self.0, "setattr", |m| {
+            if let Some(size) = size {
+                m.truncate(ino.0, size)?;
+            }
+            m.set_owner_mode(ino.0, mode, uid, gid)?;
+            entry_of(m, ino.0)
+        });
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = with(&self.0, "readlink", |m| match &m.node(ino.0)?.kind {
+            Kind::Symlink(t) => Ok(t.as_bytes().to_vec()),
+            _ => Err(libc::EINVAL),
+        });
+        match r {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return reply.error(Errno::EPERM);
+        }
+        let r = self.add(
+            req,
+            parent,
+            name,
+            Kind::File(File::default()),
+            mode & !umask,
+            "mknod",
+        );
+        reply_entry(reply, r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.add(
+            req,
+            parent,
+            name,
+            Kind::Dir(Dir::default()),
+            mode & !umask,
+            "mkdir",
+        );
+        reply_entry(reply, r);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        trace!("unlink parent={} name={name:?}", parent.0);
+        reply_empty(
+            reply,
+            with(&self.0, "unlink", |m| m.remove(parent.0, name, false)),
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        trace!("rmdir parent={} name={name:?}", parent.0);
+        reply_empty(
+            reply,
+            with(&self.0, "rmdir", |m| m.remove(parent.0, name, true)),
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let kind = Kind::Symlink(target.as_os_str().to_os_string());
+        let r = self.add(req, parent, link_name, kind, 0o777, "symlink");
+        reply_entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        trace!(
+            "rename {}/{name:?} -> {}/{newname:?} flags={flags:?}",
+            parent.0, newparent.0
+        );
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
+            return reply.error(Errno::EINVAL);
+        }
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        reply_empty(
+            reply,
+            with(&self.0, "rename", |m| {
+                m.rename(parent.0, name, newparent.0, newname, noreplace)
+            }),
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match with(&self.0, "open", |m| m.node(ino.0).map(|_| ())) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        trace!("read ino={} off={offset} len={size}", ino.0);
+        match with(&self.0, "read", |m| {
+            m.read(ino.0, offset, size).map(<[u8]>::to_vec)
+        }) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        trace!("write ino={} off={offset} len={}", ino.0, data.len());
+        match with(&self.0, "write", |m| m.write(ino.0, offset, data)) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2): makes nothing durable.
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // fdatasync and fsync both make the data and the size durable, which is all modelled.
+        self.fsync_any(ino, "fsync", reply);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = with(&self.0, "readdir", |m| {
+            let mut out = vec![
+                (OsStr::new(".").to_os_string(), ino.0, FileType::Directory),
+                (
+                    OsStr::new("..").to_os_string(),
+                    model::ROOT,
+                    FileType::Directory,
+                ),
+            ];
+            for (name, child) in m.entries(ino.0)? {
+                let kind = match m.node(child).map(|n| &n.kind) {
+                    Ok(Kind::Dir(_)) => FileType::Directory,
+                    Ok(Kind::Symlink(_)) => FileType::Symlink,
+                    _ => FileType::RegularFile,
+                };
+                out.push((name, child, kind));
+            }
+            Ok(out)
+        });
+        match r {
+            Ok(entries) => {
+                for (i, (name, child, kind)) in
+                    entries.into_iter().enumerate().skip(offset as usize)
+                {
+                    if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fsync_any(ino, "fsyncdir", reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // 1 GiB of 4 KiB blocks, mostly free.
+        let used = with(&self.0, "statfs", |m| Ok(m.file_bytes() / 4096)).unwrap_or(0);
+        let blocks = 1 << 18;
+        let free = blocks - used.min(blocks);
+        reply.statfs(blocks, free, free, 1 << 20, 1 << 19, 4096, 255, 4096);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.add(
+            req,
+            parent,
+            name,
+            Kind::File(File::default()),
+            mode & !umask,
+            "create",
+        ) {
+            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        trace!(
+            "fallocate ino={} off={offset} len={length} mode={mode}",
+            ino.0
+        );
+        if mode != 0 {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        // Plain allocation: the file grows to cover the range (zeros), like any size change.
+        let r = with(&self.0, "fallocate", |m| {
+            let len = m.len(ino.0)?;
+            if offset + length > len {
+                m.truncate(ino.0, offset + length)?;
+            }
+            Ok(())
+        });
+        reply_empty(reply, r);
+    }
+}

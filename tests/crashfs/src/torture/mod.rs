@@ -1,0 +1,566 @@
+//! The power-cut torture run (`ferry-torture`).
+//!
+//! mosquitto and `ferry-cloud` run on the normal disk; ferry's journal lives on the crash-test
+//! filesystem. A publisher sends numbered QoS1 messages throughout. A power cut is: `cut` (the
+//! filesystem drops everything not synced, optionally keeping a random prefix or tearing a
+//! write, and fails every request from then on), SIGKILL ferry, `remount`, start ferry again.
+//! The moment of each cut is drawn from a few strategies aimed at the journal's crash windows:
+//! a random delay, right after an fsync, right after the cursor moved (ack + trim), while a
+//! compaction creates its new database or swaps the `db` link, and during startup and recovery.
+//!
+//! Checked, and counted in the tally (the last line printed):
+//! - every message the broker PUBACKed to the publisher is at the cloud (`lost`), under one seq
+//!   only (`duplicates`, after the cloud's dedupe by seq);
+//! - the journal always opened: ferry came up after every cut (`journal_reopen_failures`), never
+//!   quarantined a database (`db.corrupt-*`) nor reported a `journal_lost` gap (`journal_lost`);
+//! - `seq` never went backwards: after a restart `head_seq` is at least the `durable_seq` seen
+//!   before the cut (`seq_regressions`), and the cloud never saw one seq with two contents
+//!   (`clashes`).
+//!
+//! Scenario `slow-fsync`: every fsync takes 2 s; the broker must keep ferry's session (one
+//! `mqtt connected`, no disconnect in ferry's or mosquitto's log) and nothing is lost.
+//!
+//! Usage: `ferry-torture [--cuts N] [--seed S] [--scenario cuts|slow-fsync] [--rate MSG_PER_S]
+//! [--keep]`. The seed is printed first; `--seed` repeats a run's choices (the timing of the
+//! processes themselves still varies). The work directory is kept on failure (or with `--keep`).
+
+mod procs;
+mod publisher;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::model::Rng;
+use procs::{Cloud, CrashFsProc, Ferry, Mosquitto, free_port, wait_until};
+use publisher::Publisher;
+
+const DEVICE: &str = "torture";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Cuts,
+    SlowFsync,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cuts: u64,
+    pub seed: u64,
+    pub scenario: Scenario,
+    pub rate: u64,
+    pub keep: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options, String> {
+        let mut o = Options {
+            cuts: 50,
+            seed: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1),
+            scenario: Scenario::Cuts,
+            rate: 200,
+            keep: false,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut num = |what: &str| -> Result<u64, String> {
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("{what} needs a number"))
+            };
+            match a.as_str() {
+                "--cuts" => o.cuts = num("--cuts")?,
+                "--seed" => o.seed = num("--seed")?,
+                "--rate" => o.rate = num("--rate")?.max(1),
+                "--keep" => o.keep = true,
+                "--scenario" => {
+                    o.scenario = match it.next().map(String::as_str) {
+                        Some("cuts") => Scenario::Cuts,
+                        Some("slow-fsync") => Scenario::SlowFsync,
+                        other => return Err(format!("--scenario {other:?}: cuts or slow-fsync")),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unexpected argument {other:?}; usage: ferry-torture [--cuts N] [--seed S] \
+                         [--scenario cuts|slow-fsync] [--rate MSG_PER_S] [--keep]"
+                    ));
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// What a run counted. `passed` is the verdict.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub cuts: u64,
+    pub published: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub journal_reopen_failures: u64,
+    pub journal_lost: u64,
+    pub seq_regressions: u64,
+    pub clashes: u64,
+    pub other_gaps: u64,
+    pub session_drops: u64,
+    /// Failures that are no count (a process that would not start, a deadline).
+    pub errors: Vec<String>,
+    pub by_strategy: BTreeMap<&'static str, u64>,
+}
+
+impl Tally {
+    pub fn passed(&self) -> bool {
+        self.errors.is_empty()
+            && self.lost == 0
+            && self.duplicates == 0
+            && self.journal_reopen_failures == 0
+            && self.journal_lost == 0
+            && self.seq_regressions == 0
+            && self.clashes == 0
+            && self.other_gaps == 0
+            && self.session_drops == 0
+    }
+
+    pub fn line(&self, seed: u64) -> String {
+        format!(
+            "torture: cuts={} published={} acked={} delivered={} lost={} duplicates={} \
+             journal_reopen_failures={} journal_lost={} seq_regressions={} clashes={} other_gaps={} \
+             session_drops={} seed={} result={}",
+            self.cuts,
+            self.published,
+            self.acked,
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.journal_reopen_failures,
+            self.journal_lost,
+            self.seq_regressions,
+            self.clashes,
+            self.other_gaps,
+            self.session_drops,
+            seed,
+            if self.passed() { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// Runs the scenario; prints progress, and the tally as the last line. Returns whether it passed.
+pub fn run(opts: &Options) -> bool {
+    match opts.scenario {
+        Scenario::Cuts => println!(
+            "torture: seed={} cuts={} (--seed {} repeats the choices)",
+            opts.seed, opts.cuts, opts.seed
+        ),
+        Scenario::SlowFsync => println!("torture: scenario slow-fsync"),
+    }
+    let work = std::env::temp_dir().join(format!(
+        "ferry-torture-{}-{}",
+        opts.seed,
+        std::process::id()
+    ));
+    let mut tally = Tally::default();
+    let result = std::fs::create_dir_all(&work)
+        .map_err(|e| format!("{}: {e}", work.display()))
+        .and_then(|()| match opts.scenario {
+            Scenario::Cuts => run_cuts(opts, &work, &mut tally),
+            Scenario::SlowFsync => run_slow_fsync(&work, &mut tally),
+        });
+    if let Err(e) = result {
+        tally.errors.push(e);
+    }
+    for e in &tally.errors {
+        println!("torture: ERROR {e}");
+    }
+    if !tally.by_strategy.is_empty() {
+        println!("torture: cut moments {:?}", tally.by_strategy);
+    }
+    let passed = tally.passed();
+    if passed && !opts.keep {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        println!("torture: work directory kept: {}", work.display());
+    }
+    println!("{}", tally.line(opts.seed));
+    passed
+}
+
+fn ferry_config(
+    fs: &CrashFsProc,
+    broker: &Mosquitto,
+    cloud: &Cloud,
+    control: u16,
+    extra_mqtt: &str,
+) -> String {
+    // A small journal so that trims and compactions happen every few seconds.
+    format!(
+        r#"[device]
+id = "{DEVICE}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt}
+topics = ["sensors/#"]
+max_backoff = "200ms"
+{extra_mqtt}
+
+[journal]
+dir = "{journal}"
+max_bytes = "4MiB"
+cache_bytes = "4MiB"
+
+[uplink]
+url = "{url}"
+batch_max_records = 100
+max_backoff = "200ms"
+connect_timeout = "2s"
+request_timeout = "5s"
+
+[control]
+listen = "127.0.0.1:{control}"
+"#,
+        mqtt = broker.port,
+        journal = fs.mountpoint.join("journal").display(),
+        url = cloud.url(),
+    )
+}
+
+/// How the moment of a cut is chosen.
+const STRATEGIES: [&str; 5] = [
+    "random",
+    "after-fsync",
+    "after-ack",
+    "compaction",
+    "startup",
+];
+
+fn run_cuts(opts: &Options, work: &Path, tally: &mut Tally) -> Result<(), String> {
+    let mut rng = Rng::new(opts.seed);
+    let mut fs = CrashFsProc::start(work)?;
+    let broker = Mosquitto::start(&work.join("mqtt"), 20)?;
+    let cloud = Cloud::start(&work.join("cloud"))?;
+    let control = free_port()?;
+    let mut ferry = Ferry::new(
+        &work.join("agent"),
+        &ferry_config(&fs, &broker, &cloud, control, ""),
+        control,
+    )?;
+    ferry.start()?;
+    wait_until(
+        "ferry's first MQTT connection",
+        Duration::from_secs(20),
+        || ferry.status().is_ok_and(|s| s["mqtt_connected"] == true),
+    )?;
+    let publisher = Publisher::start(broker.port, opts.rate, None, rng.next_u64())?;
+    let started = Instant::now();
+    let mut max_durable = 0u64;
+    let mut log_seen = 0usize;
+
+    for i in 0..opts.cuts {
+        if let Some(e) = publisher.error() {
+            return Err(e);
+        }
+        let strategy = STRATEGIES[rng.below(STRATEGIES.len() as u64) as usize];
+        *tally.by_strategy.entry(strategy).or_default() += 1;
+        aim(strategy, &ferry, &fs, &mut rng, &mut max_durable)?;
+        let cut = match rng.below(4) {
+            0 | 1 => "cut".to_string(),
+            2 => format!("cut --keep-prefix-seed {}", rng.next_u64()),
+            _ => format!("cut --tear-seed {}", rng.next_u64()),
+        };
+        fs.send(&cut)?;
+        ferry.kill();
+        fs.send("remount")?;
+        tally.cuts += 1;
+        if let Err(e) = ferry.start() {
+            tally.journal_reopen_failures += 1;
+            dump(&fs, work);
+            return Err(format!("after cut {} ({strategy}, {cut}): {e}", i + 1));
+        }
+        // The journal opened; check what it said while opening, and what it holds.
+        let status = wait_status(&ferry)?;
+        let head = status["head_seq"].as_u64().unwrap_or(0);
+        if head < max_durable {
+            tally.seq_regressions += 1;
+            println!(
+                "torture: cut {} ({strategy}, {cut}): head_seq={head} after restart, but durable_seq={max_durable} was seen before",
+                i + 1
+            );
+        }
+        let log = ferry.log_text();
+        let new = log.get(log_seen..).unwrap_or("");
+        if new.contains("journal lost records") || new.contains("journal_lost") {
+            tally.journal_lost += 1;
+            println!(
+                "torture: cut {} ({strategy}, {cut}): ferry reported lost records",
+                i + 1
+            );
+        }
+        if new.contains("would not open") {
+            tally.journal_reopen_failures += 1;
+            println!(
+                "torture: cut {} ({strategy}, {cut}): the journal would not open",
+                i + 1
+            );
+        }
+        log_seen = log.len();
+        if (i + 1) % 10 == 0 || i + 1 == opts.cuts {
+            println!(
+                "torture: {} cuts in {:.0?} published={} acked={} head_seq={} acked_seq={}",
+                i + 1,
+                started.elapsed(),
+                publisher.sent(),
+                publisher.acked(),
+                head,
+                status["acked_seq"]
+            );
+        }
+        if !tally.passed() && !tally.errors.is_empty() {
+            break;
+        }
+    }
+    let quarantined = std::fs::read_dir(fs.mountpoint.join("journal"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("db.corrupt-"))
+                .count()
+        })
+        .unwrap_or(0);
+    // Cross-check of the log: every database that would not open was moved aside.
+    tally.journal_reopen_failures = tally.journal_reopen_failures.max(quarantined as u64);
+    let lost_in_log = tally.journal_lost;
+
+    let published = publisher.finish()?;
+    tally.published = published.sent;
+    tally.acked = published.acked.len() as u64;
+    check_delivery(&cloud, &published.acked, tally)?;
+    tally.journal_lost = tally.journal_lost.max(lost_in_log);
+    if !tally.passed() {
+        dump(&fs, work);
+    }
+    ferry.stop()?;
+    fs.quit()
+}
+
+/// Waits for the moment of the cut according to `strategy`, noting the durable seq meanwhile.
+fn aim(
+    strategy: &str,
+    ferry: &Ferry,
+    fs: &CrashFsProc,
+    rng: &mut Rng,
+    max_durable: &mut u64,
+) -> Result<(), String> {
+    let mut note = |ferry: &Ferry| {
+        if let Ok(s) = ferry.status() {
+            *max_durable = (*max_durable).max(s["durable_seq"].as_u64().unwrap_or(0));
+            Some(s)
+        } else {
+            None
+        }
+    };
+    let counter = |name: &str| -> u64 {
+        fs.stats()
+            .map(|s| s.pointer(name).and_then(|v| v.as_u64()).unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    match strategy {
+        "random" => {
+            let end = Instant::now() + Duration::from_millis(rng.below(1500));
+            while Instant::now() < end {
+                note(ferry);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        "after-fsync" => {
+            note(ferry);
+            let target = counter("/fsyncs") + 1 + rng.below(4);
+            while counter("/fsyncs") < target && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        "after-ack" => {
+            let first = note(ferry)
+                .and_then(|s| s["acked_seq"].as_u64())
+                .unwrap_or(0);
+            while Instant::now() < deadline {
+                let acked = note(ferry)
+                    .and_then(|s| s["acked_seq"].as_u64())
+                    .unwrap_or(0);
+                if acked > first {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(rng.below(30)));
+        }
+        "compaction" => {
+            // A compaction creates the next database directory, then swaps the `db` link.
+            note(ferry);
+            let which = if rng.below(2) == 0 {
+                "/ops/mkdir"
+            } else {
+                "/ops/symlink"
+            };
+            let base = counter(which);
+            while counter(which) == base && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(rng.below(20)));
+        }
+        _ => {
+            // startup: ferry was just (re)started and is opening or recovering its journal.
+            std::thread::sleep(Duration::from_millis(rng.below(200)));
+        }
+    }
+    Ok(())
+}
+
+fn wait_status(ferry: &Ferry) -> Result<serde_json::Value, String> {
+    let mut status = None;
+    wait_until(
+        "ferry's /status after restart",
+        Duration::from_secs(20),
+        || {
+            status = ferry.status().ok();
+            status.is_some()
+        },
+    )?;
+    status.ok_or_else(|| "no status".into())
+}
+
+/// Waits (up to 3 min) until every acked message is at the cloud, then counts what is not,
+/// what is there twice, and any gaps or clashes the cloud recorded.
+fn check_delivery(cloud: &Cloud, acked: &BTreeSet<u64>, tally: &mut Tally) -> Result<(), String> {
+    let want = acked.len() as u64;
+    let _ = wait_until(
+        "the cloud to hold every acked message",
+        Duration::from_secs(180),
+        || {
+            cloud
+                .device(DEVICE)
+                .ok()
+                .flatten()
+                .and_then(|d| d["records"].as_u64())
+                .is_some_and(|n| n >= want)
+        },
+    );
+    let records = cloud.records(DEVICE)?;
+    let mut seqs_of: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for (seq, n) in records {
+        if let Some(n) = n {
+            seqs_of.entry(n).or_default().insert(seq);
+        }
+    }
+    tally.delivered = seqs_of.keys().filter(|n| acked.contains(n)).count() as u64;
+    let lost: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|n| !seqs_of.contains_key(n))
+        .collect();
+    tally.lost = lost.len() as u64;
+    if !lost.is_empty() {
+        println!(
+            "torture: lost messages (first 20): {:?}",
+            &lost[..lost.len().min(20)]
+        );
+    }
+    let dups: Vec<(&u64, &BTreeSet<u64>)> = seqs_of.iter().filter(|(_, s)| s.len() > 1).collect();
+    tally.duplicates = dups.len() as u64;
+    if !dups.is_empty() {
+        println!(
+            "torture: duplicated messages (n -> seqs, first 10): {:?}",
+            &dups[..dups.len().min(10)]
+        );
+    }
+    let mut journal_lost = 0;
+    if let Some(d) = cloud.device(DEVICE)? {
+        for g in d["gaps"].as_array().into_iter().flatten() {
+            println!("torture: the cloud holds a gap {g}");
+            if g["reason"] == "journal_lost" {
+                journal_lost += 1;
+            } else {
+                tally.other_gaps += 1;
+            }
+        }
+        tally.journal_lost = journal_lost;
+        tally.clashes = d["clashes_total"].as_u64().unwrap_or(0);
+        if tally.clashes > 0 {
+            println!(
+                "torture: the cloud saw seqs with two contents: {}",
+                d["clashes"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies the filesystem's current tree next to the logs, for forensics.
+fn dump(fs: &CrashFsProc, work: &Path) {
+    let to: PathBuf = work.join("journal-dump");
+    match fs.send(&format!("dump {}", to.display())) {
+        Ok(_) => println!("torture: journal files copied to {}", to.display()),
+        Err(e) => println!("torture: could not copy the journal files: {e}"),
+    }
+}
+
+/// A 2 s fsync must not cost ferry its MQTT session, nor any message.
+fn run_slow_fsync(work: &Path, tally: &mut Tally) -> Result<(), String> {
+    const SLOW_MS: u64 = 2000;
+    const MESSAGES: u64 = 300;
+    let mut fs = CrashFsProc::start(work)?;
+    // The recommended in-flight window: ferry PUBACKs a whole group after each (slow) sync.
+    let broker = Mosquitto::start(&work.join("mqtt"), 100)?;
+    let cloud = Cloud::start(&work.join("cloud"))?;
+    let control = free_port()?;
+    // The shortest keep-alive ferry allows, so that a stalled MQTT thread would be noticed.
+    let config = ferry_config(&fs, &broker, &cloud, control, "keep_alive = \"5s\"");
+    let mut ferry = Ferry::new(&work.join("agent"), &config, control)?;
+    ferry.start()?;
+    wait_until("ferry's MQTT connection", Duration::from_secs(20), || {
+        ferry.status().is_ok_and(|s| s["mqtt_connected"] == true)
+    })?;
+    fs.send(&format!("slow-fsync {SLOW_MS}"))?;
+    let publisher = Publisher::start(broker.port, 20, Some(MESSAGES), 7)?;
+    let started = Instant::now();
+    let pubs = wait_until("the publisher to finish", Duration::from_secs(120), || {
+        publisher.is_done()
+    });
+    let published = publisher.finish()?;
+    pubs?;
+    tally.published = published.sent;
+    tally.acked = published.acked.len() as u64;
+    check_delivery(&cloud, &published.acked, tally)?;
+    let stats = fs.stats()?;
+    println!(
+        "torture: slow-fsync {SLOW_MS} ms: {} messages delivered in {:.0?}, {} fsyncs",
+        tally.delivered,
+        started.elapsed(),
+        stats["fsyncs"]
+    );
+    let log = ferry.log_text();
+    let connects = log.matches("mqtt connected").count();
+    let disconnects = log.matches("mqtt disconnected").count();
+    let broker_log = std::fs::read_to_string(&broker.log).unwrap_or_default();
+    let timeouts = broker_log
+        .lines()
+        .filter(|l| {
+            l.contains("ferry-") && (l.contains("exceeded timeout") || l.contains("disconnected"))
+        })
+        .count();
+    if connects != 1 || disconnects > 0 || timeouts > 0 {
+        tally.session_drops += 1;
+        println!(
+            "torture: ferry's MQTT session was interrupted: connects={connects} disconnects={disconnects} broker_timeouts={timeouts}"
+        );
+    }
+    fs.send("slow-fsync 0")?;
+    ferry.stop()?;
+    fs.quit()
+}
