@@ -19,7 +19,7 @@ test: deps lint
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --exclude ferry-bench --all-targets -- -D warnings
 
 ## The fuzz suite (tests/fuzz.rs) at length, optimised: `make fuzz CASES=100000`. `make test` runs it
 ## briefly (256 cases). Replay a failure with FERRY_FUZZ_SEED=<seed it printed>.
