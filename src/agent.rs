@@ -97,6 +97,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     .map_err(Error::Spawn)?;
     let uplink = uplink::spawn(
         cfg.uplink.clone(),
+        &cfg.tls.material,
         live.clone(),
         device_id.clone(),
         journal.clone(),

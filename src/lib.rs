@@ -40,6 +40,7 @@ pub mod protocol;
 pub mod reload;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;
 pub mod uplink;
 
 /// An error and its causes on one line (`what: because: because`), for the one place that reports

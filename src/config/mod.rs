@@ -18,7 +18,10 @@ use units::{ByteSize, HumanDuration, format_duration, format_size};
 
 pub mod edit;
 pub mod live;
+mod net;
 pub mod units;
+
+pub use net::{DownlinkConfig, TlsConfig};
 
 /// Validated configuration of the agent.
 #[derive(Debug, Clone)]
@@ -31,6 +34,10 @@ pub struct Config {
     pub uplink: UplinkConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
+    /// `None`: no `[downlink]` section, the agent runs uplink-only.
+    pub downlink: Option<DownlinkConfig>,
+    /// Trust roots and client certificate shared by the uplink and the downlink.
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -172,7 +179,7 @@ impl Config {
     }
 
     /// Validates `text` as the contents of the file `source`, which is used in messages and to resolve a
-    /// relative `journal.dir`. Does not touch the file system.
+    /// relative `journal.dir` and `[tls]` files. Reads only the `[tls]` files (to parse them now).
     pub fn parse_str(text: &str, source: &Path) -> Result<Config, Error> {
         let invalid = |message| Error::Invalid {
             path: source.to_owned(),
@@ -244,6 +251,11 @@ impl Config {
             log: EffectiveLog {
                 level: &self.log.level,
             },
+            downlink: self
+                .downlink
+                .as_ref()
+                .map(|d| net::EffectiveDownlink::of(d, secret(&d.token))),
+            tls: net::EffectiveTls::of(&self.tls),
         };
         // Only strings, integers, enums and arrays of tables: serialization has nothing that can fail,
         // but a printout is not worth a panic if it ever does.
@@ -300,6 +312,9 @@ struct RawConfig {
     control: RawControl,
     #[serde(default)]
     log: RawLog,
+    downlink: Option<net::RawDownlink>,
+    #[serde(default)]
+    tls: net::RawTls,
 }
 
 #[derive(Default, Deserialize)]
@@ -380,6 +395,8 @@ fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
         uplink: validate_uplink(raw.uplink)?,
         control: validate_control(raw.control)?,
         log: validate_log(raw.log)?,
+        downlink: net::validate_downlink(raw.downlink)?,
+        tls: net::validate_tls(raw.tls, source)?,
     })
 }
 
@@ -865,6 +882,9 @@ struct Effective<'a> {
     uplink: EffectiveUplink<'a>,
     control: EffectiveControl,
     log: EffectiveLog<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    downlink: Option<net::EffectiveDownlink<'a>>,
+    tls: net::EffectiveTls,
 }
 
 #[derive(Serialize)]

@@ -26,6 +26,7 @@ use crate::journal::{Entry, Journal};
 use crate::protocol::IDEMPOTENCY_HEADER;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::tls::Material;
 
 /// Largest response body read; the rest of a larger one is dropped with its connection.
 const MAX_RESPONSE_BODY: u64 = 64 * 1024;
@@ -49,21 +50,52 @@ enum Attempt {
 /// Starts the `uplink` thread. Rate limits and batch sizes follow `live` from then on.
 pub fn spawn(
     cfg: UplinkConfig,
+    tls: &Material,
     live: Live,
     device_id: String,
     journal: Journal,
     stats: Arc<Stats>,
     shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
+    let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
     thread::Builder::new()
         .name("uplink".into())
-        .spawn(move || Uplink::new(cfg, live, device_id, journal, stats, shutdown).run())
+        .spawn(move || Uplink::new(cfg, agent, live, device_id, journal, stats, shutdown).run())
 }
 
 /// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`
-/// later, so that a test exercises exactly what the uplink uses.
-pub fn http_agent(connect_timeout: Duration, request_timeout: Duration) -> ureq::Agent {
+/// later, so that a test exercises exactly what the uplink uses. TLS comes from `[tls]` (shared with
+/// the downlink) and from ferry's one crypto provider.
+pub fn http_agent(
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    tls: &Material,
+) -> ureq::Agent {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+    let roots = match &tls.roots {
+        Some(certs) => {
+            RootCerts::new_with_certs(&certs.iter().map(|c| Certificate::from_der(c).to_owned()).collect::<Vec<_>>())
+        }
+        None => RootCerts::WebPki,
+    };
+    // ureq takes the key as PEM (its key kinds are private); the file was parsed at config load,
+    // so failing here is not expected, and would show as a failed handshake, not a panic.
+    let client_cert = tls.client.as_ref().and_then(|id| {
+        let key = PrivateKey::from_pem(&id.key_pem).ok()?;
+        let chain: Vec<_> = id
+            .chain
+            .iter()
+            .map(|c| Certificate::from_der(c).to_owned())
+            .collect();
+        Some(ClientCert::new_with_certs(&chain, key))
+    });
+    let tls_config = TlsConfig::builder()
+        .root_certs(roots)
+        .client_cert(client_cert)
+        .unversioned_rustls_crypto_provider(crate::tls::provider())
+        .build();
     ureq::Agent::config_builder()
+        .tls_config(tls_config)
         .http_status_as_error(false)
         .timeout_connect(Some(connect_timeout))
         .timeout_global(Some(request_timeout))
@@ -98,13 +130,13 @@ struct Uplink {
 impl Uplink {
     fn new(
         cfg: UplinkConfig,
+        agent: ureq::Agent,
         live: Live,
         device_id: String,
         journal: Journal,
         stats: Arc<Stats>,
         shutdown: Shutdown,
     ) -> Uplink {
-        let agent = http_agent(cfg.connect_timeout, cfg.request_timeout);
         let backoff = Backoff::new(Duration::from_millis(100), cfg.max_backoff);
         let limiter = Limiter::new(
             cfg.max_records_per_sec,
