@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::config::edit::{self, Plan};
 use crate::config::live::{Live, LiveSettings};
 use crate::control::{self, Sources};
+use crate::downlink;
 use crate::identity;
 use crate::ingest;
 use crate::journal::{self, Journal};
@@ -86,7 +87,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         started: Instant::now(),
         reloader: reloader.clone(),
     };
-    let control = control::spawn(cfg.control.listen, sources, shutdown.clone())?;
+    let control = control::spawn(cfg.control.listen, sources.clone(), shutdown.clone())?;
     let ingest = ingest::spawn(
         &cfg.mqtt,
         client_id.clone(),
@@ -105,6 +106,27 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         shutdown.clone(),
     )
     .map_err(Error::Spawn)?;
+    // Without a [downlink] section the agent runs uplink-only.
+    let downlink = match &cfg.downlink {
+        Some(d) => Some(
+            downlink::spawn(
+                d.clone(),
+                d.token.clone().or_else(|| cfg.uplink.token.clone()),
+                &cfg.tls.material,
+                downlink::Deps {
+                    device_id: device_id.clone(),
+                    journal: journal.clone(),
+                    sources,
+                    reloader: reloader.clone(),
+                    config_path: cfg.source.clone(),
+                    publisher: ingest::CommandPublisher::new(&cfg.mqtt, &client_id),
+                },
+                shutdown.clone(),
+            )
+            .map_err(Error::Spawn)?,
+        ),
+        None => None,
+    };
     info!(
         "ferry {} running device_id={} client_id={} journal={}",
         env!("CARGO_PKG_VERSION"),
@@ -113,7 +135,8 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         cfg.journal.dir.display()
     );
 
-    let threads = [&ingest.mqtt, &ingest.writer, &uplink, &control];
+    let mut threads = vec![&ingest.mqtt, &ingest.writer, &uplink, &control];
+    threads.extend(downlink.as_ref());
     let mut died = None;
     let mut exit = Exit::Stopped;
     while !shutdown.is_set() {
@@ -149,6 +172,10 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         started + cfg.uplink.shutdown_grace.max(Duration::from_millis(500)),
     );
     join_by(control, started + Duration::from_secs(2));
+    if let Some(downlink) = downlink {
+        // A command in progress (a publish, a reload) has its own deadline of a few seconds.
+        join_by(downlink, started + Duration::from_secs(8));
+    }
     let p = journal.positions();
     info!(
         "stopped head_seq={} acked_seq={} backlog_records={} in {:?}",

@@ -30,6 +30,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod control;
+pub mod downlink;
 pub mod fnv;
 pub mod identity;
 pub mod ingest;

@@ -7,6 +7,9 @@
 //! files of `[tls]` are read and parsed when the config is loaded ([`Material::load`]), so a bad file
 //! is a configuration error at start, never a panic or a failed handshake later.
 
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -153,8 +156,8 @@ pub fn server_config(
         path: key_file.to_owned(),
         message: e.to_string(),
     })?;
-    let builder =
-        rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         Some(ca) => {
             let mut store = RootCertStore::empty();
@@ -172,6 +175,54 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(builder.with_single_cert(chain, key)?))
+}
+
+/// A TCP socket, with or without TLS on it: `C` is `rustls::ClientConnection` or
+/// `rustls::ServerConnection`. What the WebSocket of either end runs over.
+pub enum Stream<C> {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<C, TcpStream>>),
+}
+
+impl<C> Stream<C> {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl<C, S> Read for Stream<C>
+where
+    C: DerefMut + Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl<C, S> Write for Stream<C>
+where
+    C: DerefMut + Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
 }
 
 fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -203,7 +254,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ca.pem");
         std::fs::write(&p, "not a certificate\n").unwrap();
-        let e = Material::load(Some(&p), None, None).unwrap_err().to_string();
+        let e = Material::load(Some(&p), None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tls.ca_file") && e.contains("ca.pem"), "{e}");
     }
 

@@ -59,7 +59,9 @@ pub(super) struct RawTls {
     key_file: Option<String>,
 }
 
-pub(super) fn validate_downlink(raw: Option<RawDownlink>) -> Result<Option<DownlinkConfig>, String> {
+pub(super) fn validate_downlink(
+    raw: Option<RawDownlink>,
+) -> Result<Option<DownlinkConfig>, String> {
     let Some(raw) = raw else {
         return Ok(None);
     };
@@ -143,7 +145,8 @@ pub(super) fn validate_tls(raw: RawTls, source: &Path) -> Result<TlsConfig, Stri
     let key_file = resolve("tls.key_file", raw.key_file)?;
     if cert_file.is_some() != key_file.is_some() {
         return Err(
-            "tls.cert_file and tls.key_file go together: a client certificate needs its key".to_owned(),
+            "tls.cert_file and tls.key_file go together: a client certificate needs its key"
+                .to_owned(),
         );
     }
     let material = Material::load(

@@ -100,7 +100,9 @@ impl Journal {
 
     /// Bytes of retained entries, counted at open.
     pub(super) fn count_retained(&self) -> Result<u64> {
-        Ok(self.count_prefix(P_RETAINED, "counting retained entries")?.1)
+        Ok(self
+            .count_prefix(P_RETAINED, "counting retained entries")?
+            .1)
     }
 
     /// Moves the cursor back so that the uplink sends `seq` and everything after it again: the
@@ -367,10 +369,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = open(dir.path());
         j.remember_command("a", "{\"ok\":true}").unwrap();
-        assert_eq!(j.command_result("a").unwrap().as_deref(), Some("{\"ok\":true}"));
+        assert_eq!(
+            j.command_result("a").unwrap().as_deref(),
+            Some("{\"ok\":true}")
+        );
         assert_eq!(j.command_result("b").unwrap(), None);
         for i in 0..5 {
-            j.remember_command_within(&format!("c{i}"), "{}", 5).unwrap();
+            j.remember_command_within(&format!("c{i}"), "{}", 5)
+                .unwrap();
         }
         assert_eq!(j.command_result("a").unwrap(), None);
         assert!(j.command_result("c1").unwrap().is_some());

@@ -162,7 +162,10 @@ pub enum Error {
         commands::MAX_COMMAND_ID,
         commands::MAX_COMMAND_RESULT
     )]
-    CommandTooLarge { id_bytes: usize, result_bytes: usize },
+    CommandTooLarge {
+        id_bytes: usize,
+        result_bytes: usize,
+    },
 }
 
 impl Error {
@@ -971,7 +974,10 @@ impl Journal {
         }
         if st.rewound {
             // Read before a rewind: these entries are sent again from the new cursor.
-            debug!("ack through={} ignored: the cursor was rewound meanwhile", through);
+            debug!(
+                "ack through={} ignored: the cursor was rewound meanwhile",
+                through
+            );
             return Ok(());
         }
         let mut batch = sled::Batch::default();

@@ -73,9 +73,12 @@ pub fn http_agent(
 ) -> ureq::Agent {
     use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
     let roots = match &tls.roots {
-        Some(certs) => {
-            RootCerts::new_with_certs(&certs.iter().map(|c| Certificate::from_der(c).to_owned()).collect::<Vec<_>>())
-        }
+        Some(certs) => RootCerts::new_with_certs(
+            &certs
+                .iter()
+                .map(|c| Certificate::from_der(c).to_owned())
+                .collect::<Vec<_>>(),
+        ),
         None => RootCerts::WebPki,
     };
     // ureq takes the key as PEM (its key kinds are private); the file was parsed at config load,
