@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages ferry's demo and tests need, when they are missing:
-# mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo) and nginx-light (the reverse
-# proxy in front of ferry-cloud in tests/faults_net.rs).
+# mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo), nginx-light (the reverse
+# proxy in front of ferry-cloud in tests/faults_net.rs) and openssl (the CLI that makes the test CA
+# and certificates of tests/downlink.rs at run time).
 # Usage: scripts/ensure-deps.sh [--msrv]   (--msrv also installs Debian's Rust 1.85, rustc-web)
 set -u
 
@@ -9,6 +10,7 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 
 MSRV_VERSION="1.85.0+dfsg3-1~deb12u3"
 if [ "${1:-}" = "--msrv" ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
@@ -33,6 +35,7 @@ command -v mosquitto_pub >/dev/null 2>&1 || { echo "ensure-deps: mosquitto_pub i
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "ensure-deps: nginx is still missing" >&2; missing=1
 fi
+command -v openssl >/dev/null 2>&1 || { echo "ensure-deps: openssl is still missing" >&2; missing=1; }
 if [ "${1:-}" = "--msrv" ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
     echo "ensure-deps: Debian's rustc 1.85 (rustc-web $MSRV_VERSION) is still missing" >&2; missing=1
 fi

@@ -6,12 +6,17 @@
 //!                  ▲                        │                                          │
 //!                  └──── PUBACK after ──────┘ durable watermark          cursor moves on 2xx
 //!                                                        [control] ◄── GET /status, /metrics
+//!  mosquitto ◄── publish ── [downlink] ◄══ WebSocket ══ cloud: commands (publish, status,
+//!                                                       set_config, replay_from) and results
 //! ```
 //! - `ingest` owns the MQTT connection (`rumqttc`): the `mqtt` thread polls it and never blocks on
 //!   the disk; the `journal-writer` thread group-commits messages to the journal.
 //! - `journal` owns the sled database: records by seq, gaps, dead letters, the cursor. Every other
 //!   module holds a clonable `Journal` handle.
 //! - `uplink` owns the HTTP agent (`ureq`): one batch in flight, in seq order, from the cursor.
+//! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
+//!   commands; command results and the audited rewind of the cursor live in the journal.
+//! - `tls` holds the one rustls crypto provider and the `[tls]` material of both links.
 //! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown.
 //! - `cloud` is the reference receiver (`ferry-cloud`), sharing only `protocol` with the agent.
 //!

@@ -85,9 +85,12 @@ fn raw(cloud: &Cloud, body: &[u8], binary: bool) {
     assert_eq!(code, 202, "{answer}");
 }
 
+/// (topic, payload, retain) of a message a device received.
+type Received = (String, Vec<u8>, bool);
+
 /// A device on the broker: subscribes to `topic` and collects what arrives.
 struct Device {
-    got: Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>,
+    got: Arc<Mutex<Vec<Received>>>,
     _thread: std::thread::JoinHandle<()>,
 }
 
@@ -125,7 +128,7 @@ impl Device {
         }
     }
 
-    fn messages(&self) -> Vec<(String, Vec<u8>, bool)> {
+    fn messages(&self) -> Vec<Received> {
         self.got.lock().unwrap().clone()
     }
 }

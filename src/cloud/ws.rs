@@ -138,6 +138,8 @@ fn serve(
         None => Stream::Plain(tcp),
     };
     let token = options.token.clone();
+    // The error type is tungstenite's callback signature; it is built once per refused handshake.
+    #[allow(clippy::result_large_err)]
     let check = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let refuse = |code: u16, msg: &str| {
             let mut r = ErrorResponse::new(Some(msg.to_owned()));
