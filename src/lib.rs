@@ -78,8 +78,18 @@ pub fn status_text(json: &str) -> String {
             other => other.to_string(),
         }
     };
+    let downlink = if v["downlink"].is_object() {
+        format!(
+            "downlink      {} (commands: {}, last error: {})\n",
+            n(&["downlink", "state"]),
+            n(&["downlink", "commands"]),
+            n(&["downlink", "last_error"])
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\ndead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
+        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\n{}dead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
         n(&["device_id"]),
         n(&["version"]),
         n(&["uptime_s"]),
@@ -100,6 +110,7 @@ pub fn status_text(json: &str) -> String {
         },
         n(&["uplink", "state"]),
         n(&["uplink", "last_error"]),
+        downlink,
         n(&["dead_letters"]),
         n(&["totals", "ingested"]),
         n(&["totals", "delivered"]),

@@ -187,6 +187,8 @@ fn a_publish_command_reaches_the_device_and_shutdown_is_prompt_while_connected()
     );
     assert_eq!(status["data"]["device_id"], DEVICE, "{status}");
     assert!(status["data"]["head_seq"].is_u64());
+    assert_eq!(status["data"]["downlink"]["state"], "connected", "{status}");
+    assert_eq!(agent.status()["downlink"]["commands"], 3);
 
     let waited = agent.stop();
     assert!(waited < Duration::from_secs(10), "{waited:?}");

@@ -33,6 +33,9 @@ const POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 64;
+/// A connection with no frame from the gateway this long is closed (the agent pings every
+/// `downlink.ping_interval`, 15 s by default), so half-open connections do not pile up.
+const IDLE_CLOSE: Duration = Duration::from_secs(120);
 /// Largest frame accepted from a gateway (results of `status` are a few KiB).
 const MAX_FROM_GATEWAY: usize = 1 << 20;
 pub const PATH: &str = "/v1/downlink";
@@ -196,13 +199,21 @@ fn run(
     device: &mut Option<String>,
     sent_here: &mut HashSet<String>,
 ) -> Result<(), String> {
+    let mut last_frame = Instant::now();
     loop {
+        if last_frame.elapsed() >= IDLE_CLOSE {
+            return Err(format!("no frame for {IDLE_CLOSE:?}"));
+        }
         if shutdown.load(Ordering::SeqCst) {
             let _ = ws.close(None);
             let _ = ws.flush();
             return Ok(());
         }
-        match ws.read() {
+        let read = ws.read();
+        if read.is_ok() {
+            last_frame = Instant::now();
+        }
+        match read {
             Ok(Message::Text(text)) => on_text(text.as_str(), commands, device)?,
             Ok(Message::Binary(b)) => warn!("downlink: binary frame of {} bytes ignored", b.len()),
             Ok(Message::Close(_)) => {

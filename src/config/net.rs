@@ -219,3 +219,76 @@ impl EffectiveTls {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+    use std::path::Path;
+
+    const BASE: &str = "[mqtt]\ntopics = [\"s/#\"]\n[journal]\ndir = \"/tmp/j\"\n[uplink]\nurl = \"http://c/v1/ingest\"\ntoken = \"up\"\n";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::parse_str(
+            &format!("{BASE}{extra}"),
+            Path::new("/etc/ferry/ferry.toml"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn without_a_downlink_section_the_agent_is_uplink_only() {
+        assert!(parse("").unwrap().downlink.is_none());
+    }
+
+    #[test]
+    fn downlink_defaults_are_the_documented_ones() {
+        let d = parse("[downlink]\nurl = \"wss://cloud:443/v1/downlink\"\n")
+            .unwrap()
+            .downlink
+            .unwrap();
+        assert_eq!(d.ping_interval, std::time::Duration::from_secs(15));
+        assert_eq!(d.dead_after, std::time::Duration::from_secs(45));
+        assert_eq!(d.max_message_size, 256 * 1024);
+        assert!(d.token.is_none());
+    }
+
+    #[test]
+    fn downlink_mistakes_name_their_key() {
+        let e = parse("[downlink]\nping_interval = \"1s\"\n").unwrap_err();
+        assert!(e.contains("downlink.url is required"), "{e}");
+        let e = parse("[downlink]\nurl = \"http://c/\"\n").unwrap_err();
+        assert!(e.contains("downlink.url") && e.contains("ws://"), "{e}");
+        let e =
+            parse("[downlink]\nurl = \"ws://c/\"\nping_interval = \"30s\"\ndead_after = \"30s\"\n")
+                .unwrap_err();
+        assert!(e.contains("downlink.dead_after"), "{e}");
+        let e = parse("[downlink]\nurl = \"ws://c/\"\nmax_message_size = \"1GiB\"\n").unwrap_err();
+        assert!(e.contains("downlink.max_message_size"), "{e}");
+        let e = parse("[downlink]\nurl = \"ws://c/\"\nbogus = 1\n").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let e = parse("[tls]\ncert_file = \"gw.pem\"\n").unwrap_err();
+        assert!(e.contains("tls.cert_file and tls.key_file"), "{e}");
+    }
+
+    #[test]
+    fn the_downlink_token_is_masked_in_the_effective_config() {
+        let cfg =
+            parse("[downlink]\nurl = \"ws://c/v1/downlink\"\ntoken = \"down-secret\"\n").unwrap();
+        let text = cfg.to_masked_toml();
+        assert!(!text.contains("down-secret"), "{text}");
+        assert!(text.contains("[downlink]"), "{text}");
+        let back = Config::parse_str(
+            &cfg.to_toml_with_secrets(),
+            Path::new("/etc/ferry/ferry.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            back.downlink.unwrap().dead_after,
+            cfg.downlink.unwrap().dead_after
+        );
+    }
+}

@@ -142,6 +142,7 @@ impl Downlink {
     fn run(mut self) {
         info!("downlink started url={}", self.cfg.url);
         while !self.shutdown.is_set() {
+            self.set_state("connecting", None);
             let started = Instant::now();
             let outcome = self.connect().and_then(|ws| self.serve(ws));
             if self.shutdown.is_set() {
@@ -153,10 +154,21 @@ impl Downlink {
             let delay = self.backoff.next_delay();
             if let Err(e) = outcome {
                 self.report(&e, delay);
+                self.set_state("backoff", Some(crate::error_chain(&e)));
             }
             self.shutdown.sleep(delay);
         }
+        self.set_state("stopped", None);
         info!("downlink stopped");
+    }
+
+    fn set_state(&self, state: &'static str, error: Option<String>) {
+        self.deps.sources.stats.set_downlink(|d| {
+            d.state = state;
+            if error.is_some() {
+                d.last_error = error;
+            }
+        });
     }
 
     fn report(&mut self, e: &Error, delay: Duration) {
@@ -285,6 +297,7 @@ impl Downlink {
         )))
         .map_err(Error::Lost)?;
         info!("downlink connected url={} peer={}", self.cfg.url, peer);
+        self.set_state("connected", None);
         self.last_error = None;
         let mut last_frame = Instant::now();
         let mut last_ping = Instant::now();
@@ -385,6 +398,7 @@ impl Downlink {
             }
         }
         let outcome = self.execute(&cmd);
+        self.deps.sources.stats.set_downlink(|d| d.commands += 1);
         match &outcome {
             Ok(_) => info!(
                 "downlink: command id={} action={} ok",
