@@ -14,6 +14,7 @@
 //! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record as stored under `E` |
 //! | `I` pkid:u16 | the last QoS1 message journaled under that MQTT packet id: hash of topic+payload, seq |
 //! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, all u64 |
+//! | `R`, `C`, `O` | acknowledged entries kept for replay, and downlink command results (`commands.rs`) |
 //!
 //! A record value is `[1] postcard(header) payload`; the payload is stored as the raw MQTT bytes and
 //! turned into its wire form (JSON, text or base64) only at upload.
@@ -25,7 +26,8 @@
 //! - The `E` entries cover exactly the seqs `acked+1 ..= next_seq-1`, each seq by one record or one
 //!   gap. An ack removes the acknowledged entries and moves `M/acked` in one batch.
 //! - The cursor (`M/acked`) only moves forward, and only by [`Journal::ack`] after the cloud answered
-//!   2xx (or, later, by an explicit audited rewind).
+//!   2xx, or backwards by [`Journal::rewind_to`], the audited replay the cloud asks for
+//!   (`commands.rs`).
 //!
 //! # Durability and the crash window
 //! sled 0.34's `flush()` writes its buffers and calls `sync_file_range`, which is not a barrier
