@@ -2,15 +2,17 @@
 # The outage story from the field, told in one run:
 #   a local mosquitto, the reference cloud and ferry start; devices publish; the cloud goes away;
 #   devices keep publishing (ferry journals, the backlog grows); the cloud comes back; ferry
-#   replays from its cursor; every message is at the cloud exactly once, in order.
+#   replays from its cursor; every message is at the cloud exactly once, in order. Then the cloud
+#   sends a command down the WebSocket: a message to a device, through the local broker.
 # Everything lives in ./demo-data (removed at the start of each run). Ports: $MQTT_PORT,
-# $CLOUD_PORT, $CONTROL_PORT (defaults 18830, 18080, 19100).
+# $CLOUD_PORT, $CONTROL_PORT, $WS_PORT (defaults 18830, 18080, 19100, 18081).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MQTT_PORT=${MQTT_PORT:-18830}
 CLOUD_PORT=${CLOUD_PORT:-18080}
 CONTROL_PORT=${CONTROL_PORT:-19100}
+WS_PORT=${WS_PORT:-18081}
 PHASE=${PHASE:-2000}            # messages per phase
 BIN=target/release
 DATA=$PWD/demo-data
@@ -18,8 +20,8 @@ MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$MQTT_PORT" "$CLOUD_PORT" "$CONTROL_PORT"; do
-    if port_busy "$p"; then echo "port $p is in use; set MQTT_PORT/CLOUD_PORT/CONTROL_PORT" >&2; exit 1; fi
+for p in "$MQTT_PORT" "$CLOUD_PORT" "$CONTROL_PORT" "$WS_PORT"; do
+    if port_busy "$p"; then echo "port $p is in use; set MQTT_PORT/CLOUD_PORT/CONTROL_PORT/WS_PORT" >&2; exit 1; fi
 done
 
 pids=()
@@ -52,6 +54,9 @@ url = "http://127.0.0.1:$CLOUD_PORT/v1/ingest"
 max_backoff = "2s"
 [control]
 listen = "127.0.0.1:$CONTROL_PORT"
+[downlink]
+url = "ws://127.0.0.1:$WS_PORT/v1/downlink"
+max_backoff = "2s"
 CONF
 
 wait_for() { # what, command...
@@ -60,7 +65,7 @@ wait_for() { # what, command...
     echo "timed out waiting for $what" >&2; exit 1
 }
 start_cloud() {
-    "$BIN/ferry-cloud" --listen "127.0.0.1:$CLOUD_PORT" --data "$DATA/cloud" > "$DATA/cloud/stdout" 2>>"$DATA/cloud/cloud.log" &
+    "$BIN/ferry-cloud" --listen "127.0.0.1:$CLOUD_PORT" --ws-listen "127.0.0.1:$WS_PORT" --data "$DATA/cloud" > "$DATA/cloud/stdout" 2>>"$DATA/cloud/cloud.log" &
     CLOUD_PID=$!; pids+=("$CLOUD_PID")
     wait_for "ferry-cloud" port_busy "$CLOUD_PORT"
 }
@@ -68,6 +73,12 @@ cloud_count() { curl_get "/v1/devices" | sed -n 's/.*"records":\([0-9]*\).*/\1/p
 curl_get() { # GET from the cloud without curl: bash /dev/tcp
     exec 5<>"/dev/tcp/127.0.0.1/$CLOUD_PORT"
     printf 'GET %s HTTP/1.0\r\nHost: x\r\n\r\n' "$1" >&5
+    sed '1,/^\r$/d' <&5; exec 5<&-
+}
+downlink_up() { curl_get /v1/devices/gw-demo/downlink | grep -q '"connected":true'; }
+curl_post() { # path body
+    exec 5<>"/dev/tcp/127.0.0.1/$CLOUD_PORT"
+    printf 'POST %s HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s' "$1" "${#2}" "$2" >&5
     sed '1,/^\r$/d' <&5; exec 5<&-
 }
 status_line() {
@@ -121,4 +132,18 @@ awk -v total="$TOTAL" '
         exit !(count == total && order_ok && seq_ok && dup == 0)
     }' "$DATA/records.ndjson" || { echo "DEMO FAILED: see demo-data/"; exit 1; }
 "$BIN/ferry" status -c "$DATA/ferry.toml" | sed 's/^/  /'
-say "demo passed: nothing was lost across the outage"
+
+say "downlink: the cloud sends a command to a device (ws://127.0.0.1:$WS_PORT, through the broker)"
+mosquitto_sub -p "$MQTT_PORT" -t devices/valve-1/cmd -C 1 -W 20 > "$DATA/device.out" & SUB=$!; pids+=("$SUB")
+sleep 0.5  # the subscription is in place before the command is sent
+wait_for "the downlink" downlink_up
+CMD=$(curl_post /v1/devices/gw-demo/commands '{"action":"publish","topic":"devices/valve-1/cmd","payload":{"open":true}}' \
+      | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+for _ in $(seq 1 50); do
+    r=$(curl_get "/v1/devices/gw-demo/commands/$CMD"); echo "$r" | grep -q '"state":"done"' && break; sleep 0.2
+done
+echo "  command $CMD: $r"
+wait "$SUB" 2>/dev/null || true
+echo "  the device received: $(cat "$DATA/device.out")"
+grep -q '"open":true' "$DATA/device.out" || { echo "DEMO FAILED: the device got no command"; exit 1; }
+say "demo passed: nothing was lost across the outage, and the cloud reached a device"

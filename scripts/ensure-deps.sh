@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages ferry's demo and tests need, when they are missing:
-# mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo) and nginx-light (the reverse
-# proxy in front of ferry-cloud in tests/faults_net.rs) and fuse3 (fusermount3, for the crash-test
+# mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo), nginx-light (the reverse
+# proxy in front of ferry-cloud in tests/faults_net.rs), openssl (the CLI that makes the test CA and
+# certificates of tests/downlink.rs at run time) and fuse3 (fusermount3, for the crash-test
 # filesystem of `make torture`).
 # Usage: scripts/ensure-deps.sh [--msrv] [--bench]
 #   --msrv   also installs Debian's Rust 1.85 (rustc-web)
@@ -13,6 +14,7 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 
 msrv=0; bench=0
@@ -52,6 +54,7 @@ command -v mosquitto_pub >/dev/null 2>&1 || { echo "ensure-deps: mosquitto_pub i
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "ensure-deps: nginx is still missing" >&2; missing=1
 fi
+command -v openssl >/dev/null 2>&1 || { echo "ensure-deps: openssl is still missing" >&2; missing=1; }
 command -v fusermount3 >/dev/null 2>&1 || { echo "ensure-deps: fusermount3 (fuse3) is still missing" >&2; missing=1; }
 if [ $bench -eq 1 ] && ! has_sqlite_dev; then
     echo "ensure-deps: libsqlite3-dev (with pkg-config) is still missing" >&2; missing=1

@@ -18,6 +18,7 @@ use crate::config::edit::{self, Plan};
 use crate::config::live::{Live, LiveSettings};
 use crate::console;
 use crate::control::{self, Sources};
+use crate::downlink;
 use crate::identity;
 use crate::ingest;
 use crate::journal::{self, Journal};
@@ -93,7 +94,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
             console::spawn(
                 device.clone(),
                 cfg.clone(),
-                console::Link::InAgent(sources),
+                console::Link::InAgent(sources.clone()),
                 shutdown.clone(),
             )
             .map_err(Error::Spawn)?,
@@ -110,6 +111,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     .map_err(Error::Spawn)?;
     let uplink = uplink::spawn(
         cfg.uplink.clone(),
+        &cfg.tls.material,
         live.clone(),
         device_id.clone(),
         journal.clone(),
@@ -117,6 +119,27 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         shutdown.clone(),
     )
     .map_err(Error::Spawn)?;
+    // Without a [downlink] section the agent runs uplink-only.
+    let downlink = match &cfg.downlink {
+        Some(d) => Some(
+            downlink::spawn(
+                d.clone(),
+                d.token.clone().or_else(|| cfg.uplink.token.clone()),
+                &cfg.tls.material,
+                downlink::Deps {
+                    device_id: device_id.clone(),
+                    journal: journal.clone(),
+                    sources,
+                    reloader: reloader.clone(),
+                    config_path: cfg.source.clone(),
+                    publisher: ingest::CommandPublisher::new(&cfg.mqtt, &client_id),
+                },
+                shutdown.clone(),
+            )
+            .map_err(Error::Spawn)?,
+        ),
+        None => None,
+    };
     info!(
         "ferry {} running device_id={} client_id={} journal={}",
         env!("CARGO_PKG_VERSION"),
@@ -125,7 +148,8 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         cfg.journal.dir.display()
     );
 
-    let threads = [&ingest.mqtt, &ingest.writer, &uplink, &control];
+    let mut threads = vec![&ingest.mqtt, &ingest.writer, &uplink, &control];
+    threads.extend(downlink.as_ref());
     let mut died = None;
     let mut exit = Exit::Stopped;
     while !shutdown.is_set() {
@@ -172,6 +196,10 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     join_by(control, started + Duration::from_secs(2));
     if let Some(console) = console {
         join_by(console, started + Duration::from_secs(2));
+    }
+    if let Some(downlink) = downlink {
+        // A command in progress (a publish, a reload) has its own deadline of a few seconds.
+        join_by(downlink, started + Duration::from_secs(8));
     }
     let p = journal.positions();
     info!(

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::journal::{Journal, Positions};
 use crate::shutdown::Shutdown;
-use crate::stats::{Stats, UplinkState};
+use crate::stats::{DownlinkState, Stats, UplinkState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,6 +50,9 @@ pub struct Status {
     /// `None` while nothing drains.
     pub backlog_eta_s: Option<u64>,
     pub uplink: UplinkState,
+    /// Absent without a `[downlink]` section.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downlink: Option<DownlinkState>,
     pub totals: Totals,
 }
 
@@ -108,6 +111,7 @@ impl Sources {
             },
             backlog_eta_s,
             uplink,
+            downlink: s.downlink(),
             totals: Totals {
                 ingested: Stats::get(&s.ingested),
                 delivered: Stats::get(&s.delivered),

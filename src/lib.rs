@@ -6,12 +6,17 @@
 //!                  ▲                        │                                          │
 //!                  └──── PUBACK after ──────┘ durable watermark          cursor moves on 2xx
 //!                                                        [control] ◄── GET /status, /metrics
+//!  mosquitto ◄── publish ── [downlink] ◄══ WebSocket ══ cloud: commands (publish, status,
+//!                                                       set_config, replay_from) and results
 //! ```
 //! - `ingest` owns the MQTT connection (`rumqttc`): the `mqtt` thread polls it and never blocks on
 //!   the disk; the `journal-writer` thread group-commits messages to the journal.
 //! - `journal` owns the sled database: records by seq, gaps, dead letters, the cursor. Every other
 //!   module holds a clonable `Journal` handle.
 //! - `uplink` owns the HTTP agent (`ureq`): one batch in flight, in seq order, from the cursor.
+//! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
+//!   commands; command results and the audited rewind of the cursor live in the journal.
+//! - `tls` holds the one rustls crypto provider and the `[tls]` material of both links.
 //! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown.
 //! - `console` serves a configuration shell on a serial line (`[console] device`, or `ferry
 //!   console`): edits the config file atomically and asks the agent to apply it.
@@ -33,6 +38,7 @@ pub mod cloud;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod downlink;
 pub mod fnv;
 pub mod identity;
 pub mod ingest;
@@ -43,6 +49,7 @@ pub mod protocol;
 pub mod reload;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;
 pub mod uplink;
 
 /// An error and its causes on one line (`what: because: because`), for the one place that reports
@@ -74,8 +81,18 @@ pub fn status_text(json: &str) -> String {
             other => other.to_string(),
         }
     };
+    let downlink = if v["downlink"].is_object() {
+        format!(
+            "downlink      {} (commands: {}, last error: {})\n",
+            n(&["downlink", "state"]),
+            n(&["downlink", "commands"]),
+            n(&["downlink", "last_error"])
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\ndead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
+        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\n{}dead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
         n(&["device_id"]),
         n(&["version"]),
         n(&["uptime_s"]),
@@ -96,6 +113,7 @@ pub fn status_text(json: &str) -> String {
         },
         n(&["uplink", "state"]),
         n(&["uplink", "last_error"]),
+        downlink,
         n(&["dead_letters"]),
         n(&["totals", "ingested"]),
         n(&["totals", "delivered"]),

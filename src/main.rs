@@ -13,6 +13,8 @@ use ferry::{agent, control, error_chain};
 fn main() -> ExitCode {
     // FERRY_LOG, else RUST_LOG, else `info` until `ferry run` reads `log.level`.
     ferry::logging::init("info");
+    // Before any config is built: rustls needs exactly one provider (see `tls`).
+    ferry::tls::install_provider();
     let cmd = match cli::parse(std::env::args().skip(1)) {
         Ok(cmd) => cmd,
         Err(msg) => {

@@ -26,6 +26,18 @@ pub struct Stats {
     pub journal_accepting: AtomicBool,
     uplink: Mutex<UplinkState>,
     mqtt_error: Mutex<Option<String>>,
+    /// `None` while no downlink is configured.
+    downlink: Mutex<Option<DownlinkState>>,
+}
+
+/// What the downlink is doing, for people.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DownlinkState {
+    /// `connecting`, `connected`, `backoff`, `stopped`.
+    pub state: &'static str,
+    pub last_error: Option<String>,
+    /// Commands executed since start (repeats answered from the store not counted).
+    pub commands: u64,
 }
 
 /// What the uplink is doing, for people.
@@ -46,6 +58,21 @@ pub struct UplinkState {
 }
 
 impl Stats {
+    pub fn downlink(&self) -> Option<DownlinkState> {
+        self.downlink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_downlink(&self, f: impl FnOnce(&mut DownlinkState)) {
+        let mut d = self
+            .downlink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(d.get_or_insert_with(DownlinkState::default));
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

@@ -731,7 +731,13 @@ fn a_huge_seq_mark_file_is_not_read_whole() {
 /// One agent for every case, configured exactly as the uplink's.
 fn agent() -> &'static ureq::Agent {
     static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
-    AGENT.get_or_init(|| uplink::http_agent(Duration::from_secs(2), Duration::from_secs(5)))
+    AGENT.get_or_init(|| {
+        uplink::http_agent(
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+            &ferry::tls::Material::default(),
+        )
+    })
 }
 
 /// Serves one connection on a loopback port: reads the request, writes `response` (ignoring a peer

@@ -15,6 +15,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 const USAGE: &str = "\
 usage: ferry-cloud --listen HOST:PORT --data DIR [--reject-marker STR] [--token TOKEN]
                    [--max-records-per-sec N]
+                   [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
 
 Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
 
@@ -24,7 +25,13 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
   --reject-marker STR    answer 422 to any batch with a record whose payload contains STR
   --max-records-per-sec N
                          answer 429 (Retry-After: 1) to batches over N records per second
-  --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads
+  --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads and on the
+                         downlink
+  --ws-listen HOST:PORT  serve the downlink WebSocket (/v1/downlink) there; prints
+                         'downlink listening on <addr>' as the second line
+  --tls-cert PEM, --tls-key PEM
+                         serve the downlink as wss:// with this certificate and key
+  --client-ca PEM        with TLS, require client certificates signed by this CA (mTLS)
   -h, --help             print this help
 
 Logs go to stderr; set RUST_LOG (default info).";
@@ -43,6 +50,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    ferry::tls::install_provider();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     match run(config) {
@@ -63,7 +71,12 @@ fn run(config: cloud::Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let running = cloud::start(config, Arc::clone(&shutdown))?;
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on {}", running.local_addr())?;
+    // One write: a reader that takes only the first line and closes the pipe must not fail us.
+    let mut lines = format!("listening on {}\n", running.local_addr());
+    if let Some(ws) = running.ws_addr() {
+        lines.push_str(&format!("downlink listening on {ws}\n"));
+    }
+    stdout.write_all(lines.as_bytes())?;
     stdout.flush()?;
     drop(stdout);
     running.join()?;
@@ -79,6 +92,10 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut reject_marker = None;
     let mut token = None;
     let mut max_rate = None;
+    let mut ws_listen = None;
+    let mut tls_cert = None;
+    let mut tls_key = None;
+    let mut client_ca = None;
     while let Some(arg) = args.next() {
         let text = arg.to_string_lossy();
         let (flag, inline) = match text.split_once('=') {
@@ -94,6 +111,10 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--reject-marker" => &mut reject_marker,
             "--token" => &mut token,
             "--max-records-per-sec" => &mut max_rate,
+            "--ws-listen" => &mut ws_listen,
+            "--tls-cert" => &mut tls_cert,
+            "--tls-key" => &mut tls_key,
+            "--client-ca" => &mut client_ca,
             _ => return Err(format!("unknown argument {flag}")),
         };
         let value = match inline.or_else(|| args.next()) {
@@ -109,6 +130,23 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             .into_string()
             .map_err(|_| format!("{flag} is not valid UTF-8"))
     };
+    let ws_tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => Some(
+            ferry::tls::server_config(
+                &PathBuf::from(cert),
+                &PathBuf::from(key),
+                client_ca.map(PathBuf::from).as_deref(),
+            )
+            .map_err(|e| ferry::error_chain(&e))?,
+        ),
+        (None, None) if client_ca.is_none() => None,
+        _ => {
+            return Err("--tls-cert and --tls-key go together (and --client-ca needs them)".into());
+        }
+    };
+    if ws_tls.is_some() && ws_listen.is_none() {
+        return Err("--tls-cert applies to the downlink: give --ws-listen too".into());
+    }
     Ok(Some(cloud::Config {
         listen: text("--listen", listen.ok_or("--listen is required")?)?,
         data_dir: PathBuf::from(data.ok_or("--data is required")?),
@@ -126,5 +164,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             })
             .transpose()?,
         workers: WORKERS,
+        ws_listen: ws_listen.map(|v| text("--ws-listen", v)).transpose()?,
+        ws_tls,
     }))
 }

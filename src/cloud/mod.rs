@@ -9,8 +9,12 @@
 //! harmless. A stored seq that comes again with different content ([`fingerprints`]) means two
 //! gateways share a device id: that batch is answered `409` and stored not at all.
 //!
-//! Endpoints: `POST /v1/ingest`, `GET /v1/devices`, `GET /v1/devices/<id>/records`, `GET /v1/stats`.
-//! Every error answer has a JSON body `{"error": "..."}`.
+//! Endpoints: `POST /v1/ingest`, `GET /v1/devices`, `GET /v1/devices/<id>/records`, `GET /v1/stats`;
+//! for the downlink ([`commands`], [`ws`]): `POST /v1/devices/<id>/commands` (queue a command,
+//! answers its id), `GET /v1/devices/<id>/commands/<cmd id>` (pending or its result),
+//! `GET /v1/devices/<id>/downlink` (connection state), and for tests `POST /v1/devices/<id>/raw`
+//! (the body sent once as a text frame, or `?binary=1` as a binary frame). Every error answer has a
+//! JSON body `{"error": "..."}`.
 //!
 //! Limits inherited from tiny_http 0.12: sockets have no read timeout, so a client that stops sending
 //! mid-body holds its worker until it disconnects; a body the receiver does not read is drained after
@@ -18,9 +22,11 @@
 //! [`MAX_DRAINABLE_BYTES`]).
 
 pub mod batch;
+pub mod commands;
 pub mod fingerprints;
 pub mod ranges;
 pub mod store;
+pub mod ws;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -38,6 +44,7 @@ use log::{Level, debug, error, info, log, warn};
 use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
+use self::commands::Commands;
 use self::store::Store;
 
 /// Largest request body accepted as sent (compressed or not).
@@ -66,6 +73,10 @@ pub struct Config {
     /// are answered 429 with `Retry-After: 1` (a cloud protecting its database).
     pub max_records_per_sec: Option<u64>,
     pub workers: usize,
+    /// `host:port` of the downlink WebSocket endpoint ([`ws`]); `None`: no downlink.
+    pub ws_listen: Option<String>,
+    /// TLS for the downlink endpoint (wss).
+    pub ws_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +101,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Cloud {
     addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -97,6 +109,11 @@ impl Cloud {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The downlink endpoint's address, when it listens.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
     }
 
     /// Waits for every worker to exit, which they do within about [`POLL_INTERVAL`] after the
@@ -133,6 +150,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
             .max_records_per_sec
             .map(|limit| Mutex::new(RateWindow::new(limit))),
         stats: Mutex::new(Stats::default()),
+        commands: Arc::new(Commands::default()),
     });
 
     let mut workers = Vec::new();
@@ -155,6 +173,34 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
             }
         }
     }
+    let mut ws_addr = None;
+    if let Some(listen) = &config.ws_listen {
+        let options = ws::Options {
+            token: shared.token.clone(),
+            tls: config.ws_tls.clone(),
+        };
+        match ws::start(
+            listen,
+            options,
+            Arc::clone(&shared.commands),
+            Arc::clone(&shutdown),
+        ) {
+            Ok((addr, handle)) => {
+                ws_addr = Some(addr);
+                workers.push(handle);
+            }
+            Err(source) => {
+                shutdown.store(true, Ordering::SeqCst);
+                for handle in workers {
+                    let _ = handle.join();
+                }
+                return Err(Error::Bind {
+                    addr: listen.clone(),
+                    source: Box::new(source),
+                });
+            }
+        }
+    }
     info!(
         "listening addr={} data={} workers={} token={} reject_marker={}",
         addr,
@@ -163,7 +209,11 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
         shared.token.is_some(),
         shared.reject_marker.is_some()
     );
-    Ok(Cloud { addr, workers })
+    Ok(Cloud {
+        addr,
+        ws_addr,
+        workers,
+    })
 }
 
 /// State shared by the workers.
@@ -174,6 +224,7 @@ struct Shared {
     token: Option<String>,
     rate: Option<Mutex<RateWindow>>,
     stats: Mutex<Stats>,
+    commands: Arc<Commands>,
 }
 
 /// Records accepted in the current one-second window.
@@ -306,6 +357,12 @@ fn serve(shared: &Shared, mut request: Request) {
         "/v1/devices" if is_get => devices(shared),
         "/v1/stats" if is_get => stats(shared),
         "/v1/devices" | "/v1/stats" => not_allowed("GET, HEAD"),
+        _ if path.starts_with("/v1/devices/")
+            && !path.ends_with("/records")
+            && path.split('/').count() >= 5 =>
+        {
+            downlink_route(shared, &mut request, &path, is_get)
+        }
         _ => match path
             .strip_prefix("/v1/devices/")
             .and_then(|rest| rest.strip_suffix("/records"))
@@ -625,4 +682,72 @@ fn stats(shared: &Shared) -> Reply {
             "status": status,
         }),
     )
+}
+
+/// `/v1/devices/<id>/commands[/<cmd id>]`, `/v1/devices/<id>/downlink`, `/v1/devices/<id>/raw`.
+fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bool) -> Reply {
+    let rest = path.strip_prefix("/v1/devices/").unwrap_or_default();
+    let mut parts = rest.splitn(3, '/');
+    let (device, what, cmd) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next(),
+    );
+    if !batch::is_valid_device_id(device) {
+        return Reply::error(404, "no such device");
+    }
+    let is_post = *request.method() == Method::Post;
+    match (what, cmd) {
+        ("commands", None) if is_post => {
+            let body = match read_small_body(request, commands::MAX_COMMAND_BYTES) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let value: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return Reply::error(400, format!("malformed json: {e}")),
+            };
+            match shared.commands.queue(device, value) {
+                Ok(id) => {
+                    info!("command queued device={device} id={id}");
+                    Reply::json(202, json!({ "id": id }))
+                }
+                Err(e) => Reply::error(400, e),
+            }
+        }
+        ("commands", None) => not_allowed("POST"),
+        ("commands", Some(id)) if is_get => match shared.commands.result(device, id) {
+            Some(v) => Reply::json(200, v),
+            None => Reply::error(404, "no such command"),
+        },
+        ("commands", Some(_)) => not_allowed("GET, HEAD"),
+        ("downlink", None) if is_get => Reply::json(200, shared.commands.device(device)),
+        ("downlink", None) => not_allowed("GET, HEAD"),
+        ("raw", None) if is_post => {
+            let binary = request.url().ends_with("?binary=1");
+            match read_small_body(request, 32 << 20) {
+                Ok(body) => {
+                    shared.commands.queue_raw(device, binary, body);
+                    Reply::json(202, json!({}))
+                }
+                Err(r) => r,
+            }
+        }
+        ("raw", None) => not_allowed("POST"),
+        _ => Reply::error(404, format!("no such path {path}")),
+    }
+}
+
+/// The request body, refused with 413 past `max` bytes.
+fn read_small_body(request: &mut Request, max: usize) -> Result<Vec<u8>, Reply> {
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Reply::error(400, format!("cannot read the body: {e}")))?;
+    if body.len() > max {
+        return Err(Reply::error(413, format!("body over {max} bytes")));
+    }
+    Ok(body)
 }

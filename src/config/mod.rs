@@ -18,7 +18,10 @@ use units::{ByteSize, HumanDuration, format_duration, format_size};
 
 pub mod edit;
 pub mod live;
+mod net;
 pub mod units;
+
+pub use net::{DownlinkConfig, TlsConfig};
 
 /// Validated configuration of the agent.
 #[derive(Debug, Clone)]
@@ -32,6 +35,10 @@ pub struct Config {
     pub control: ControlConfig,
     pub log: LogConfig,
     pub console: ConsoleConfig,
+    /// `None`: no `[downlink]` section, the agent runs uplink-only.
+    pub downlink: Option<DownlinkConfig>,
+    /// Trust roots and client certificate shared by the uplink and the downlink.
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -186,7 +193,7 @@ impl Config {
     }
 
     /// Validates `text` as the contents of the file `source`, which is used in messages and to resolve a
-    /// relative `journal.dir`. Does not touch the file system.
+    /// relative `journal.dir` and `[tls]` files. Reads only the `[tls]` files (to parse them now).
     pub fn parse_str(text: &str, source: &Path) -> Result<Config, Error> {
         let invalid = |message| Error::Invalid {
             path: source.to_owned(),
@@ -267,6 +274,11 @@ impl Config {
                 baud: self.console.baud,
                 pin_sha256: secret(&self.console.pin_sha256),
             },
+            downlink: self
+                .downlink
+                .as_ref()
+                .map(|d| net::EffectiveDownlink::of(d, secret(&d.token))),
+            tls: net::EffectiveTls::of(&self.tls),
         };
         // Only strings, integers, enums and arrays of tables: serialization has nothing that can fail,
         // but a printout is not worth a panic if it ever does.
@@ -325,6 +337,9 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     console: RawConsole,
+    downlink: Option<net::RawDownlink>,
+    #[serde(default)]
+    tls: net::RawTls,
 }
 
 #[derive(Default, Deserialize)]
@@ -413,6 +428,8 @@ fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> {
         uplink: validate_uplink(raw.uplink)?,
         control: validate_control(raw.control)?,
         log: validate_log(raw.log)?,
+        downlink: net::validate_downlink(raw.downlink)?,
+        tls: net::validate_tls(raw.tls, source)?,
         console: validate_console(raw.console)?,
     })
 }
@@ -935,6 +952,9 @@ struct Effective<'a> {
     control: EffectiveControl,
     log: EffectiveLog<'a>,
     console: EffectiveConsole,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    downlink: Option<net::EffectiveDownlink<'a>>,
+    tls: net::EffectiveTls,
 }
 
 #[derive(Serialize)]

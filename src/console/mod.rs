@@ -353,7 +353,7 @@ impl Shell {
             Err(e) => return e,
         };
         let id = self.device_id();
-        match crate::uplink::probe(&cfg.uplink, &id) {
+        match crate::uplink::probe(&cfg.uplink, &cfg.tls.material, &id) {
             Ok(t) => format!(
                 "uplink ok: {} answered in {} ms\n",
                 cfg.uplink.url,

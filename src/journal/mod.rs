@@ -14,6 +14,7 @@
 //! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record as stored under `E` |
 //! | `I` pkid:u16 | the last QoS1 message journaled under that MQTT packet id: hash of topic+payload, seq |
 //! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, all u64 |
+//! | `R`, `C`, `O` | acknowledged entries kept for replay, and downlink command results (`commands.rs`) |
 //!
 //! A record value is `[1] postcard(header) payload`; the payload is stored as the raw MQTT bytes and
 //! turned into its wire form (JSON, text or base64) only at upload.
@@ -25,7 +26,8 @@
 //! - The `E` entries cover exactly the seqs `acked+1 ..= next_seq-1`, each seq by one record or one
 //!   gap. An ack removes the acknowledged entries and moves `M/acked` in one batch.
 //! - The cursor (`M/acked`) only moves forward, and only by [`Journal::ack`] after the cloud answered
-//!   2xx (or, later, by an explicit audited rewind).
+//!   2xx, or backwards by [`Journal::rewind_to`], the audited replay the cloud asks for
+//!   (`commands.rs`).
 //!
 //! # Durability and the crash window
 //! sled 0.34's `flush()` writes its buffers and calls `sync_file_range`, which is not a barrier
@@ -103,8 +105,11 @@ const MAX_MARKS: usize = 1024;
 const DEAD_SHARE: f64 = 0.1;
 
 pub mod codec;
+mod commands;
 mod layout;
 pub mod mark;
+
+pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind};
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
@@ -155,6 +160,17 @@ pub enum Error {
     DeadLettersFull { count: u64, bytes: u64 },
     #[error("no dead letter with seq={seq}")]
     NoDeadLetter { seq: u64 },
+    #[error("seq={seq} is not retained: {reason}")]
+    NotRetained { seq: u64, reason: String },
+    #[error(
+        "command not stored: id of {id_bytes} bytes, result of {result_bytes} bytes (allowed 1..={} and {})",
+        commands::MAX_COMMAND_ID,
+        commands::MAX_COMMAND_RESULT
+    )]
+    CommandTooLarge {
+        id_bytes: usize,
+        result_bytes: usize,
+    },
 }
 
 impl Error {
@@ -377,6 +393,10 @@ struct State {
     dropped: u64,
     /// (seq, pkid) of the `I` marks kept, oldest first; at most `MAX_MARKS`.
     marks: std::collections::VecDeque<(u64, u16)>,
+    /// Bytes of acknowledged entries retained for replay (`commands.rs`).
+    retained_bytes: u64,
+    /// The cursor was rewound since the last `read_batch`: the upload in flight does not ack.
+    rewound: bool,
 }
 
 impl Journal {
@@ -441,6 +461,8 @@ impl Journal {
             lease: 0,
             dropped: 0,
             marks: Default::default(),
+            retained_bytes: 0,
+            rewound: false,
         };
         let journal = Journal {
             inner: Arc::new(Inner {
@@ -621,8 +643,11 @@ impl Journal {
         };
         let (dead_count, dead_bytes) = self.count_prefix(P_DEAD, "counting dead letters")?;
         let marks = self.load_marks()?;
+        let retained_bytes = self.count_retained()?;
         let mut st = self.lock();
         st.marks = marks;
+        st.retained_bytes = retained_bytes;
+        st.rewound = false;
         st.next_seq = next_seq;
         st.acked = acked;
         st.protected_through = acked;
@@ -912,6 +937,7 @@ impl Journal {
         max_bytes: u64,
     ) -> Result<Vec<Entry>> {
         let mut st = self.lock();
+        st.rewound = false;
         let end = through.unwrap_or(u64::MAX).min(st.durable);
         let mut out = Vec::new();
         let mut bytes = 0u64;
@@ -944,15 +970,25 @@ impl Journal {
     }
 
     /// Records that the cloud acknowledged every entry up to and including `through`: removes them
-    /// and moves the cursor, atomically, then syncs. The cursor never moves backwards.
+    /// and moves the cursor, atomically, then syncs. The cursor never moves backwards (here; see
+    /// [`Journal::rewind_to`]). The entries are kept for replay within a small budget.
     pub fn ack(&self, through: u64) -> Result<()> {
         let mut st = self.lock();
         if through <= st.acked {
             return Ok(());
         }
+        if st.rewound {
+            // Read before a rewind: these entries are sent again from the new cursor.
+            debug!(
+                "ack through={} ignored: the cursor was rewound meanwhile",
+                through
+            );
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
         let mut records = 0u64;
         let mut bytes = 0u64;
+        let mut acked = Vec::new();
         for item in self
             .store()?
             .log
@@ -961,8 +997,10 @@ impl Journal {
             let (k, v) = item.map_err(storage("acknowledging"))?;
             records += 1;
             bytes += entry_size(&v);
-            batch.remove(k);
+            batch.remove(&k);
+            acked.push((key_seq(&k), v));
         }
+        self.retain_acked(&mut st, &mut batch, acked)?;
         let from = st.acked;
         st.acked = through;
         st.protected_through = through;

@@ -28,6 +28,7 @@ use crate::journal::{Entry, Journal};
 use crate::protocol::IDEMPOTENCY_HEADER;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::tls::Material;
 
 /// Largest response body read; the rest of a larger one is dropped with its connection.
 pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
@@ -69,21 +70,55 @@ pub struct Upload<'a> {
 /// Starts the `uplink` thread. Rate limits and batch sizes follow `live` from then on.
 pub fn spawn(
     cfg: UplinkConfig,
+    tls: &Material,
     live: Live,
     device_id: String,
     journal: Journal,
     stats: Arc<Stats>,
     shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
+    let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
     thread::Builder::new()
         .name("uplink".into())
-        .spawn(move || Uplink::new(cfg, live, device_id, journal, stats, shutdown).run())
+        .spawn(move || Uplink::new(cfg, agent, live, device_id, journal, stats, shutdown).run())
 }
 
 /// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`
-/// later, so that a test exercises exactly what the uplink uses.
-pub fn http_agent(connect_timeout: Duration, request_timeout: Duration) -> ureq::Agent {
+/// later, so that a test exercises exactly what the uplink uses. TLS comes from `[tls]` (shared with
+/// the downlink) and from ferry's one crypto provider.
+pub fn http_agent(
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    tls: &Material,
+) -> ureq::Agent {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+    let roots = match &tls.roots {
+        Some(certs) => RootCerts::new_with_certs(
+            &certs
+                .iter()
+                .map(|c| Certificate::from_der(c).to_owned())
+                .collect::<Vec<_>>(),
+        ),
+        None => RootCerts::WebPki,
+    };
+    // ureq takes the key as PEM (its key kinds are private); the file was parsed at config load,
+    // so failing here is not expected, and would show as a failed handshake, not a panic.
+    let client_cert = tls.client.as_ref().and_then(|id| {
+        let key = PrivateKey::from_pem(&id.key_pem).ok()?;
+        let chain: Vec<_> = id
+            .chain
+            .iter()
+            .map(|c| Certificate::from_der(c).to_owned())
+            .collect();
+        Some(ClientCert::new_with_certs(&chain, key))
+    });
+    let tls_config = TlsConfig::builder()
+        .root_certs(roots)
+        .client_cert(client_cert)
+        .unversioned_rustls_crypto_provider(crate::tls::provider())
+        .build();
     ureq::Agent::config_builder()
+        .tls_config(tls_config)
         .http_status_as_error(false)
         .timeout_connect(Some(connect_timeout))
         .timeout_global(Some(request_timeout))
@@ -118,13 +153,13 @@ struct Uplink {
 impl Uplink {
     fn new(
         cfg: UplinkConfig,
+        agent: ureq::Agent,
         live: Live,
         device_id: String,
         journal: Journal,
         stats: Arc<Stats>,
         shutdown: Shutdown,
     ) -> Uplink {
-        let agent = http_agent(cfg.connect_timeout, cfg.request_timeout);
         let backoff = Backoff::new(Duration::from_millis(100), cfg.max_backoff);
         let limiter = Limiter::new(
             cfg.max_records_per_sec,
@@ -542,8 +577,8 @@ fn span(entries: &[Entry]) -> (u64, u64) {
 /// console's `test uplink`). Returns the round trip of a 2xx answer, or what went wrong in plain
 /// words: DNS failure, connection refused, timed out, TLS certificate problem, HTTP status N and what
 /// it means.
-pub fn probe(cfg: &UplinkConfig, device_id: &str) -> Result<Duration, String> {
-    let agent = http_agent(cfg.connect_timeout, cfg.request_timeout);
+pub fn probe(cfg: &UplinkConfig, tls: &Material, device_id: &str) -> Result<Duration, String> {
+    let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
     let body = serde_json::json!({ "device_id": device_id, "records": [], "gaps": [] }).to_string();
     let mut req = agent
         .post(&cfg.url)
@@ -715,7 +750,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            probe(&cfg.uplink, "gw-1").unwrap_err(),
+            probe(&cfg.uplink, &cfg.tls.material, "gw-1").unwrap_err(),
             "connection refused"
         );
     }

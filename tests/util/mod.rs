@@ -365,7 +365,22 @@ pub fn http_post(port: u16, path: &str) -> String {
     format!("{}\n{body}", head.lines().next().unwrap_or(""))
 }
 
+/// A POST with a body; returns the status code and the body.
+pub fn http_post_body(port: u16, path: &str, body: &[u8]) -> (u16, String) {
+    let (head, body) = http_request_body(port, "POST", path, body);
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body)
+}
+
 fn http_request(port: u16, method: &str, path: &str) -> (String, String) {
+    http_request_body(port, method, path, b"")
+}
+
+fn http_request_body(port: u16, method: &str, path: &str, body: &[u8]) -> (String, String) {
     let mut s = TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(5),
@@ -374,9 +389,11 @@ fn http_request(port: u16, method: &str, path: &str) -> (String, String) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     )
     .unwrap();
+    s.write_all(body).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -835,6 +852,9 @@ pub enum ProxyMode {
     /// Forwards both ways, holding every chunk from upstream for `SLOW_DELAY` (a slow link or a
     /// slow peer: a CONNACK that takes 300 ms).
     Slow,
+    /// A link that silently stops forwarding: open connections stay open and carry nothing more
+    /// either way (a half-open TCP connection); new ones are accepted and hang.
+    Stall,
 }
 
 /// How long [`ProxyMode::Slow`] holds each chunk from upstream.
@@ -847,6 +867,7 @@ impl ProxyMode {
             2 => ProxyMode::CutResponse,
             3 => ProxyMode::Reset,
             4 => ProxyMode::Slow,
+            5 => ProxyMode::Stall,
             _ => ProxyMode::Pass,
         }
     }
@@ -967,7 +988,7 @@ fn proxy_conn(client: TcpStream, upstream: u16, mode: ProxyMode, shared: &Arc<Pr
     let _ = client.set_nonblocking(false);
     let _ = client.set_read_timeout(Some(PROXY_TICK));
     match mode {
-        ProxyMode::Hang => drain(&client, shared),
+        ProxyMode::Hang | ProxyMode::Stall => drain(&client, shared),
         ProxyMode::Reset => {
             let mut buf = [0u8; 16];
             let end = Instant::now() + Duration::from_secs(2);
@@ -1056,6 +1077,11 @@ fn pump(
             Err(e) if is_timeout(&e) => {}
             Err(_) => break,
         }
+    }
+    if shared.mode() == ProxyMode::Stall && !shared.stopped() {
+        // Keep the connection open and carry nothing: neither side learns anything.
+        drain(from, shared);
+        return;
     }
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
