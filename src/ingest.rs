@@ -155,7 +155,7 @@ impl MqttLoop {
             queued,
             ..
         } = shared;
-        let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+        let mut opts = options(&cfg, client_id);
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(false)
             .set_manual_acks(true)
@@ -163,19 +163,7 @@ impl MqttLoop {
                 read_limit(cfg.max_packet_size),
                 cfg.max_packet_size as usize,
             );
-        if let Some(user) = &cfg.username {
-            let pass = cfg
-                .password
-                .as_ref()
-                .map(|p| p.expose().to_string())
-                .unwrap_or_default();
-            opts.set_credentials(user.clone(), pass);
-        }
-        let (client, mut connection) = Client::new(opts, 1024);
-        connection
-            .eventloop
-            .network_options
-            .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+        let (client, connection) = client(opts, 1024);
         let backoff = Backoff::new(Duration::from_millis(200), cfg.max_backoff);
         MqttLoop {
             cfg,
@@ -438,12 +426,10 @@ impl MqttLoop {
     }
 }
 
-/// Connects to the broker once with a clean session and the client id `probe_client_id`, which must
-/// differ from the agent's own (the broker would otherwise drop the agent's session), and disconnects
-/// (the console's `test mqtt`). Returns the time to CONNACK, or what went wrong in plain words.
-pub fn probe(cfg: &MqttConfig, probe_client_id: &str) -> Result<Duration, String> {
-    let mut opts = MqttOptions::new(probe_client_id, cfg.host.clone(), cfg.port);
-    opts.set_keep_alive(cfg.keep_alive).set_clean_session(true);
+/// Broker address and credentials from `cfg`, for a connection with `client_id` (the agent's own,
+/// or a distinct one for the console's probe and the downlink's commands).
+fn options(cfg: &MqttConfig, client_id: String) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
     if let Some(user) = &cfg.username {
         let pass = cfg
             .password
@@ -452,11 +438,26 @@ pub fn probe(cfg: &MqttConfig, probe_client_id: &str) -> Result<Duration, String
             .unwrap_or_default();
         opts.set_credentials(user.clone(), pass);
     }
-    let (client, mut connection) = Client::new(opts, 8);
+    opts
+}
+
+/// A client and its connection, with ferry's connect deadline.
+fn client(opts: MqttOptions, capacity: usize) -> (Client, rumqttc::Connection) {
+    let (client, mut connection) = Client::new(opts, capacity);
     connection
         .eventloop
         .network_options
         .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    (client, connection)
+}
+
+/// Connects to the broker once with a clean session and the client id `probe_client_id`, which must
+/// differ from the agent's own (the broker would otherwise drop the agent's session), and disconnects
+/// (the console's `test mqtt`). Returns the time to CONNACK, or what went wrong in plain words.
+pub fn probe(cfg: &MqttConfig, probe_client_id: &str) -> Result<Duration, String> {
+    let mut opts = options(cfg, probe_client_id.to_owned());
+    opts.set_keep_alive(cfg.keep_alive).set_clean_session(true);
+    let (client, mut connection) = client(opts, 8);
     let started = Instant::now();
     let outcome = match connection.recv_timeout(CONNECT_POLL) {
         Ok(Ok(Event::Incoming(Incoming::ConnAck(_)))) => Ok(started.elapsed()),
@@ -671,21 +672,13 @@ pub struct CommandPublisher {
 
 impl CommandPublisher {
     pub fn new(cfg: &MqttConfig, client_id: &str) -> CommandPublisher {
-        let mut opts = MqttOptions::new(format!("{client_id}-cmd"), cfg.host.clone(), cfg.port);
+        let mut opts = options(cfg, format!("{client_id}-cmd"));
         opts.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_max_packet_size(
                 cfg.max_packet_size as usize + 1024,
                 cfg.max_packet_size as usize + 1024,
             );
-        if let Some(user) = &cfg.username {
-            let pass = cfg
-                .password
-                .as_ref()
-                .map(|p| p.expose().to_string())
-                .unwrap_or_default();
-            opts.set_credentials(user.clone(), pass);
-        }
         CommandPublisher { opts }
     }
 
@@ -698,11 +691,7 @@ impl CommandPublisher {
             QoS::AtLeastOnce
         };
         let deadline = Instant::now() + timeout.max(Duration::from_secs(CONNECT_TIMEOUT_SECS + 1));
-        let (client, mut connection) = Client::new(self.opts.clone(), 4);
-        connection
-            .eventloop
-            .network_options
-            .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+        let (client, mut connection) = client(self.opts.clone(), 4);
         client
             .try_publish(p.topic.clone(), qos, p.retain, p.payload.clone())
             .map_err(|e| format!("cannot publish to topic {:?}: {e}", p.topic))?;
