@@ -2,8 +2,8 @@
 //!
 //! Covered: the config file (TOML, sizes, durations), MQTT payload classification and topic filters,
 //! journal values and the seq mark as read from disk, the cloud's answers to an upload (over a real
-//! loopback socket, through ureq), the cloud's batch validation, and the serial console (line editor,
-//! command parser, `set KEY VALUE`). Each property asserts: no panic,
+//! loopback socket, through ureq), the cloud's batch validation, the serial console (line editor,
+//! command parser, `set KEY VALUE`) and the downlink's command frames. Each property asserts: no panic,
 //! no allocation out of proportion to the input (a counting global allocator records the largest
 //! single allocation of the thread under test), `Ok` or an error that says what and where, and
 //! encode→decode identity where a codec has both halves.
@@ -1324,6 +1324,82 @@ proptest! {
                 prop_assert!(!e.to_string().is_empty());
                 prop_assert_eq!(draft.text(), before);
             }
+        }
+    }
+}
+
+// ---- the downlink ------------------------------------------------------------------------------------
+
+use ferry::downlink::command::{self as downlink_command, Parsed};
+
+/// A command frame as the cloud would send it, with any field possibly odd or missing.
+fn command_frame() -> impl Strategy<Value = String> {
+    let id = prop_oneof![
+        "[a-z0-9-]{1,40}".prop_map(serde_json::Value::from),
+        "\\PC{0,300}".prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        Just(serde_json::Value::Null),
+    ];
+    let action = prop_oneof![
+        Just("publish"),
+        Just("status"),
+        Just("set_config"),
+        Just("replay_from"),
+        Just("reboot"),
+        Just(""),
+    ];
+    let field = prop_oneof![
+        "[a-z_]{1,12}".prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(serde_json::Value::from),
+        any::<bool>().prop_map(serde_json::Value::from),
+        Just(serde_json::json!({"a": [1, {"b": null}]})),
+        "\\PC{0,100}".prop_map(serde_json::Value::from),
+    ];
+    let name = prop_oneof![
+        Just("topic"),
+        Just("payload"),
+        Just("payload_text"),
+        Just("payload_b64"),
+        Just("qos"),
+        Just("retain"),
+        Just("key"),
+        Just("value"),
+        Just("seq"),
+        Just("type"),
+    ];
+    (id, action, proptest::collection::vec((name, field), 0..6)).prop_map(|(id, action, fields)| {
+        let mut m = serde_json::Map::new();
+        m.insert("type".into(), "command".into());
+        m.insert("id".into(), id);
+        m.insert("action".into(), action.into());
+        for (k, v) in fields {
+            m.insert(k.into(), v);
+        }
+        serde_json::Value::Object(m).to_string()
+    })
+}
+
+proptest! {
+    #![proptest_config(config(1))]
+
+    /// Any text frame: a command, or a refusal with a message (and the id when one was readable);
+    /// never a panic, never an allocation out of proportion to the frame.
+    #[test]
+    fn any_downlink_frame_is_a_command_or_a_clear_refusal(
+        text in prop_oneof![command_frame(), "\\PC{0,400}", random_bytes().prop_map(|b| String::from_utf8_lossy(&b).into_owned())],
+        damage in damages(),
+    ) {
+        let text = String::from_utf8_lossy(&apply(text.into_bytes(), &damage)).into_owned();
+        match bounded(text.len(), || downlink_command::parse(&text))? {
+            Parsed::Command(c) => {
+                prop_assert!(!c.id.is_empty());
+                // The answer to it is one JSON object naming the same id.
+                let answer = downlink_command::result(&c.id, &Err("x".into()));
+                let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+                prop_assert_eq!(v["id"].as_str(), Some(c.id.as_str()));
+            }
+            Parsed::Refused { error, .. } => prop_assert!(!error.is_empty()),
         }
     }
 }
