@@ -465,6 +465,36 @@ fn malformed_binary_and_oversized_frames_leave_the_link_and_agent_working() {
     assert_eq!(status["ok"], true);
 }
 
+/// A queued command larger than the device takes: the device closes with 1009, the cloud answers
+/// that command as refused instead of sending it again forever, and the commands behind it run.
+#[test]
+fn a_queued_command_too_large_for_the_device_does_not_block_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let ws_port = free_port();
+    let cloud = cloud_with_ws(&tmp.path().join("cloud"), ws_port, &[]);
+    let _agent = agent(
+        tmp.path(),
+        broker.port,
+        &cloud,
+        &format!("ws://127.0.0.1:{ws_port}/v1/downlink"),
+        "max_message_size = \"16KiB\"\n",
+    );
+    wait_downlink(&cloud);
+    let big = send(
+        &cloud,
+        serde_json::json!({"action": "publish", "topic": "t", "payload_text": "x".repeat(32 * 1024)}),
+    );
+    let small = send(&cloud, serde_json::json!({"action": "status"}));
+    let r = result(&cloud, &big);
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"].as_str().unwrap().contains("max_message_size"),
+        "{r}"
+    );
+    assert_eq!(result(&cloud, &small)["ok"], true);
+}
+
 /// A test CA, a server certificate for 127.0.0.1 and a client certificate, made with the openssl
 /// CLI in `dir` (never committed).
 fn make_certs(dir: &std::path::Path) {

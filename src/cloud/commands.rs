@@ -173,6 +173,30 @@ impl Commands {
         out
     }
 
+    /// Answers, on the device's behalf, the oldest queued command among `sent` (the ids sent on a
+    /// connection the device closed because a frame was too large) with `ok:false` and `error`.
+    pub fn refuse_first_unanswered(
+        &self,
+        device: &str,
+        sent: &std::collections::HashSet<String>,
+        error: &str,
+    ) {
+        let id = self.lock().devices.get(device).and_then(|d| {
+            d.queue
+                .iter()
+                .map(|(id, _)| id)
+                .find(|id| sent.contains(*id))
+                .cloned()
+        });
+        if let Some(id) = id {
+            log::warn!("downlink: device={device} refused command id={id}: {error}");
+            let _ = self.on_result(
+                device,
+                json!({ "type": "result", "id": id, "ok": false, "error": error }),
+            );
+        }
+    }
+
     /// Stores a `result` frame from `device`; the command leaves the queue.
     pub fn on_result(&self, device: &str, result: Value) -> Result<(), String> {
         let id = result

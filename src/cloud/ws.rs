@@ -216,7 +216,19 @@ fn run(
         match read {
             Ok(Message::Text(text)) => on_text(text.as_str(), commands, device)?,
             Ok(Message::Binary(b)) => warn!("downlink: binary frame of {} bytes ignored", b.len()),
-            Ok(Message::Close(_)) => {
+            Ok(Message::Close(frame)) => {
+                // 1009: the device could not take a frame; it answers commands in order, so the
+                // culprit is the first one sent here and still unanswered. Answer it for the device,
+                // or it would be sent again on every connection and hold up the rest.
+                if let (Some(d), Some(f)) = (device.as_deref(), frame) {
+                    if f.code == tungstenite::protocol::frame::coding::CloseCode::Size {
+                        commands.refuse_first_unanswered(
+                            d,
+                            sent_here,
+                            "the command is larger than the device's downlink.max_message_size",
+                        );
+                    }
+                }
                 let _ = ws.flush();
                 return Ok(());
             }
