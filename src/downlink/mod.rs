@@ -221,14 +221,11 @@ impl Downlink {
         }
         let deadline = Instant::now() + self.cfg.connect_timeout;
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        // getaddrinfo has no timeout of its own; gateways use ip addresses or a local resolver.
-        let addrs: Vec<_> = (bare, port)
-            .to_socket_addrs()
-            .map_err(|source| Error::Resolve {
+        let addrs =
+            resolve(bare, port, self.cfg.connect_timeout).map_err(|source| Error::Resolve {
                 host: host.clone(),
                 source,
-            })?
-            .collect();
+            })?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         let mut tcp = None;
         for addr in addrs {
@@ -482,5 +479,43 @@ fn close(ws: &mut WebSocket<Stream>, code: CloseCode, reason: &str) {
             }
             Err(_) => return,
         }
+    }
+}
+
+/// Looks `host` up within `timeout`. getaddrinfo has no deadline of its own, so it runs on a
+/// short-lived thread; a lookup that outlives the deadline is left to finish (or hang) there alone,
+/// and this thread goes on to its backoff and sees shutdown.
+fn resolve(host: &str, port: u16, timeout: Duration) -> io::Result<Vec<std::net::SocketAddr>> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![std::net::SocketAddr::new(ip, port)]);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host.to_owned();
+    std::thread::Builder::new()
+        .name("downlink-dns".into())
+        .spawn(move || {
+            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect()));
+        })?;
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("name lookup took longer than {timeout:?}"),
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_within_the_deadline_and_failures_say_so() {
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            resolve("127.0.0.1", 8080, t).unwrap(),
+            [std::net::SocketAddr::from(([127, 0, 0, 1], 8080))]
+        );
+        assert!(!resolve("localhost", 80, t).unwrap().is_empty());
+        assert!(resolve("no-such-host.invalid", 80, t).is_err());
     }
 }
