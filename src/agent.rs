@@ -14,6 +14,7 @@ use crate::control::{self, Sources};
 use crate::identity;
 use crate::ingest;
 use crate::journal::{self, Journal};
+use crate::notify::{Notifier, Tick, WatchdogPolicy};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::uplink;
@@ -38,6 +39,12 @@ pub enum Error {
 }
 
 pub fn run(cfg: Config) -> Result<(), Error> {
+    // Read before anything can fail, so that a bad NOTIFY_SOCKET is reported and ignored: the agent
+    // still runs (systemd then restarts it for a missing READY=1, which the log explains).
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        error!("{}; not notifying systemd", crate::error_chain(&e));
+        None
+    });
     let shutdown = Shutdown::new();
     shutdown.install_signal_handlers().map_err(Error::Signals)?;
     let journal = Journal::open(&journal::Options {
@@ -87,6 +94,12 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         cfg.journal.dir.display()
     );
 
+    notify(notifier.as_ref(), "READY=1\nSTATUS=running");
+    let mut watchdog = notifier
+        .as_ref()
+        .and_then(Notifier::watchdog_timeout)
+        .map(|t| WatchdogPolicy::new(t, Stats::get(&stats.writer_beats), Instant::now()));
+
     let threads = [&ingest.mqtt, &ingest.writer, &uplink, &control];
     let mut died = None;
     while !shutdown.is_set() {
@@ -97,8 +110,27 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             shutdown.trigger();
             break;
         }
+        if let Some(w) = watchdog.as_mut() {
+            // Every thread is alive (checked above); the policy checks the writer's progress.
+            match w.tick(Stats::get(&stats.writer_beats), Instant::now()) {
+                Tick::Ping => notify(notifier.as_ref(), "WATCHDOG=1"),
+                Tick::Wait => {}
+                Tick::Stalled(d) => {
+                    error!(
+                        "journal writer made no progress for {:?}; withholding watchdog pings so that systemd restarts ferry",
+                        d
+                    );
+                    notify(notifier.as_ref(), "STATUS=journal writer stalled");
+                }
+                Tick::Recovered => {
+                    info!("journal writer moving again; watchdog pings resume");
+                    notify(notifier.as_ref(), "WATCHDOG=1\nSTATUS=running");
+                }
+            }
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    notify(notifier.as_ref(), "STOPPING=1");
     info!("shutting down");
     let started = Instant::now();
     join_by(ingest.mqtt, started + INGEST_STOP);
@@ -122,6 +154,16 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     match died {
         Some(name) => Err(Error::ThreadDied(name)),
         None => Ok(()),
+    }
+}
+
+/// Sends a notification to systemd, if it listens. A failed send is logged, not fatal: a missed
+/// watchdog ping is what the watchdog is for.
+fn notify(notifier: Option<&Notifier>, state: &str) {
+    if let Some(n) = notifier {
+        if let Err(e) = n.send(state) {
+            warn!("{}", crate::error_chain(&e));
+        }
     }
 }
 

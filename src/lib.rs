@@ -12,7 +12,8 @@
 //! - `journal` owns the sled database: records by seq, gaps, dead letters, the cursor. Every other
 //!   module holds a clonable `Journal` handle.
 //! - `uplink` owns the HTTP agent (`ureq`): one batch in flight, in seq order, from the cursor.
-//! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown.
+//! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown, and tells
+//!   systemd (`notify`) when it is ready, healthy and stopping.
 //! - `cloud` is the reference receiver (`ferry-cloud`), sharing only `protocol` with the agent.
 //!
 //! # Durability contract
@@ -33,6 +34,7 @@ pub mod fnv;
 pub mod identity;
 pub mod ingest;
 pub mod journal;
+pub mod notify;
 pub mod payload;
 pub mod protocol;
 pub mod shutdown;
