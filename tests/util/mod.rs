@@ -14,6 +14,22 @@ pub use serde_json::Value;
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub const FERRY_CLOUD: &str = env!("CARGO_BIN_EXE_ferry-cloud");
 
+/// A command running one of this crate's binaries. Under `make test-arm` they are ARM executables
+/// and the host may have no binfmt_misc registration for them, so `FERRY_TEST_RUNNER` (set by the
+/// Makefile to `qemu-aarch64-static` or `qemu-arm-static`, as cargo's target runner is for the test
+/// binary itself) goes in front. qemu-user runs the program in its own process: the child's pid,
+/// signals and SIGKILL are the program's.
+pub fn command(bin: &str) -> Command {
+    match std::env::var("FERRY_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut c = Command::new(runner.trim());
+            c.arg(bin);
+            c
+        }
+        _ => Command::new(bin),
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -254,7 +270,7 @@ impl Cloud {
 
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
-        let mut child = Command::new(FERRY_CLOUD)
+        let mut child = command(FERRY_CLOUD)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data")
@@ -405,6 +421,16 @@ listen = "127.0.0.1:{control_port}"
 
 impl Agent {
     pub fn start(dir: &Path, config_text: &str, control_port: u16) -> Agent {
+        Self::start_with_env(dir, config_text, control_port, &[])
+    }
+
+    /// Starts an agent with extra environment variables (failpoints, systemd's NOTIFY_SOCKET).
+    pub fn start_with_env(
+        dir: &Path,
+        config_text: &str,
+        control_port: u16,
+        env: &[(&str, &str)],
+    ) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("ferry.toml");
         std::fs::write(&config, config_text).unwrap();
@@ -416,7 +442,7 @@ impl Agent {
             log: dir.join("ferry.log"),
             runs: 0,
         };
-        a.spawn();
+        a.spawn_with_env(env);
         a
     }
 
@@ -463,7 +489,7 @@ impl Agent {
             .open(&self.log)
             .unwrap();
         writeln!(&log, "----- run {} {env:?} -----", self.runs).unwrap();
-        let child = Command::new(FERRY)
+        let child = command(FERRY)
             .arg("run")
             .arg("-c")
             .arg(&self.config)
