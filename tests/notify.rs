@@ -72,7 +72,10 @@ fn watchdog_pings_stop_while_the_journal_writer_is_stuck_and_resume_after() {
         &mut got,
         Duration::from_secs(30),
         "the stall to be reported",
-        |m| m.iter().any(|s| s.contains("STATUS=journal writer stalled")),
+        |m| {
+            m.iter()
+                .any(|s| s.contains("STATUS=journal writer stalled"))
+        },
     );
     let stalled_at = got
         .iter()

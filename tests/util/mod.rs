@@ -51,7 +51,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
-fn port_open(port: u16) -> bool {
+pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_millis(200),
@@ -161,7 +161,7 @@ impl Drop for Mosquitto {
 
 /// mosquitto started as root drops to the `mosquitto` user, which cannot write its persistence
 /// file in our temp dir: the session would silently vanish on restart. Keep it as root then.
-fn run_as() -> &'static str {
+pub fn run_as() -> &'static str {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -172,7 +172,7 @@ fn run_as() -> &'static str {
     if uid == Some(true) { "user root\n" } else { "" }
 }
 
-fn mosquitto_bin() -> &'static str {
+pub fn mosquitto_bin() -> &'static str {
     if Path::new("/usr/sbin/mosquitto").exists() {
         "/usr/sbin/mosquitto"
     } else {
