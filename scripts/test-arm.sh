@@ -26,7 +26,7 @@ if [ "$ci" -eq 1 ]; then
     filters=(-- --exact outage_loses_nothing_and_delivers_in_order sigkill_at_random_moments_loses_nothing
         a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice)
 else
-    build=(--lib --bins --tests)
+    build=(--no-fail-fast --lib --bins --tests)
     filters=()
 fi
 
