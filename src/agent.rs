@@ -22,6 +22,7 @@ use crate::downlink;
 use crate::identity;
 use crate::ingest;
 use crate::journal::{self, Journal};
+use crate::notify::{Notifier, Tick, WatchdogPolicy};
 use crate::reload;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -55,6 +56,12 @@ pub enum Exit {
 }
 
 pub fn run(mut cfg: Config) -> Result<Exit, Error> {
+    // Read before anything can fail, so that a bad NOTIFY_SOCKET is reported and ignored: the agent
+    // still runs (systemd then restarts it for a missing READY=1, which the log explains).
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        error!("{}; not notifying systemd", crate::error_chain(&e));
+        None
+    });
     let shutdown = Shutdown::new();
     shutdown.install_signal_handlers().map_err(Error::Signals)?;
     let hangup = Arc::new(AtomicBool::new(false));
@@ -148,6 +155,12 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         cfg.journal.dir.display()
     );
 
+    notify(notifier.as_ref(), "READY=1\nSTATUS=running");
+    let mut watchdog = notifier
+        .as_ref()
+        .and_then(Notifier::watchdog_timeout)
+        .map(|t| WatchdogPolicy::new(t, Stats::get(&stats.writer_beats), Instant::now()));
+
     let mut threads = vec![&ingest.mqtt, &ingest.writer, &uplink, &control];
     threads.extend(downlink.as_ref());
     let mut died = None;
@@ -160,28 +173,15 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
             shutdown.trigger();
             break;
         }
+        keep_watchdog(watchdog.as_mut(), notifier.as_ref(), &stats);
         let request = requests.next(Duration::from_millis(100));
-        if request.is_none() && !hangup.swap(false, Ordering::SeqCst) {
-            continue;
-        }
-        let outcome = match request.as_ref().map(|(r, _)| *r) {
-            Some(reload::Request::Restart) => {
-                info!("restarting on request");
-                Ok(Plan {
-                    changes: Vec::new(),
-                    restart_keys: vec!["(restart requested)".to_owned()],
-                })
-            }
-            _ => reload_config(&mut cfg, &live),
-        };
-        if matches!(&outcome, Ok(plan) if plan.needs_restart()) {
+        let asked = request.is_some() || hangup.swap(false, Ordering::SeqCst);
+        if asked && answer_reload(request, &mut cfg, &live) {
             exit = Exit::Restart;
             shutdown.trigger();
         }
-        if let Some((_, reply)) = request {
-            let _ = reply.send(outcome);
-        }
     }
+    notify(notifier.as_ref(), "STOPPING=1");
     info!("shutting down");
     let started = Instant::now();
     join_by(ingest.mqtt, started + INGEST_STOP);
@@ -215,6 +215,58 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     }
 }
 
+/// Sends a watchdog ping while the journal writer makes progress, and withholds it (saying why)
+/// while it does not, so that systemd restarts a stuck agent.
+fn keep_watchdog(
+    watchdog: Option<&mut WatchdogPolicy>,
+    notifier: Option<&Notifier>,
+    stats: &Stats,
+) {
+    let Some(w) = watchdog else {
+        return;
+    };
+    // Every thread is alive (checked by the caller); the policy checks the writer's progress.
+    match w.tick(Stats::get(&stats.writer_beats), Instant::now()) {
+        Tick::Ping => notify(notifier, "WATCHDOG=1"),
+        Tick::Wait => {}
+        Tick::Stalled(d) => {
+            error!(
+                "journal writer made no progress for {:?}; withholding watchdog pings so that systemd restarts ferry",
+                d
+            );
+            notify(notifier, "STATUS=journal writer stalled");
+        }
+        Tick::Recovered => {
+            info!("journal writer moving again; watchdog pings resume");
+            notify(notifier, "WATCHDOG=1\nSTATUS=running");
+        }
+    }
+}
+
+/// Handles one reload or restart request (`None`: SIGHUP) and answers it; true if the agent must
+/// restart to apply the outcome.
+fn answer_reload(
+    request: Option<(reload::Request, std::sync::mpsc::Sender<reload::Outcome>)>,
+    cfg: &mut Config,
+    live: &Live,
+) -> bool {
+    let outcome = match request.as_ref().map(|(r, _)| *r) {
+        Some(reload::Request::Restart) => {
+            info!("restarting on request");
+            Ok(Plan {
+                changes: Vec::new(),
+                restart_keys: vec!["(restart requested)".to_owned()],
+            })
+        }
+        _ => reload_config(cfg, live),
+    };
+    let restart = matches!(&outcome, Ok(plan) if plan.needs_restart());
+    if let Some((_, reply)) = request {
+        let _ = reply.send(outcome);
+    }
+    restart
+}
+
 /// Re-reads the config file: runtime keys apply now, a change to any other key asks for a restart.
 /// A file that does not validate changes nothing.
 fn reload_config(cfg: &mut Config, live: &Live) -> reload::Outcome {
@@ -242,6 +294,16 @@ fn reload_config(cfg: &mut Config, live: &Live) -> reload::Outcome {
     }
     *cfg = new;
     Ok(plan)
+}
+
+/// Sends a notification to systemd, if it listens. A failed send is logged, not fatal: a missed
+/// watchdog ping is what the watchdog is for.
+fn notify(notifier: Option<&Notifier>, state: &str) {
+    if let Some(n) = notifier {
+        if let Err(e) = n.send(state) {
+            warn!("{}", crate::error_chain(&e));
+        }
+    }
 }
 
 /// Joins `handle` if it finishes by `deadline`; otherwise leaves it to end with the process. Used

@@ -525,6 +525,7 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
     let mut failing = false;
     let mut last_reopen: Option<Instant> = None;
     loop {
+        Stats::add(&stats.writer_beats, 1);
         if records.is_empty() {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(d) => {

@@ -17,7 +17,8 @@
 //! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
 //!   commands; command results and the audited rewind of the cursor live in the journal.
 //! - `tls` holds the one rustls crypto provider and the `[tls]` material of both links.
-//! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown.
+//! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown, and tells
+//!   systemd (`notify`) when it is ready, healthy and stopping.
 //! - `console` serves a configuration shell on a serial line (`[console] device`, or `ferry
 //!   console`): edits the config file atomically and asks the agent to apply it.
 //! - `cloud` is the reference receiver (`ferry-cloud`), sharing only `protocol` with the agent.
@@ -44,6 +45,7 @@ pub mod identity;
 pub mod ingest;
 pub mod journal;
 pub mod logging;
+pub mod notify;
 pub mod payload;
 pub mod protocol;
 pub mod reload;

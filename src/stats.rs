@@ -22,6 +22,8 @@ pub struct Stats {
     pub qos0_dropped: AtomicU64,
     /// Upload attempts that failed.
     pub upload_failures: AtomicU64,
+    /// Turns of the journal writer's loop: the agent's watchdog sees the writer make progress.
+    pub writer_beats: AtomicU64,
     pub mqtt_connected: AtomicBool,
     pub journal_accepting: AtomicBool,
     uplink: Mutex<UplinkState>,

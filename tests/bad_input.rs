@@ -3,7 +3,6 @@
 
 mod util;
 
-use std::process::Command;
 use std::time::Duration;
 
 use util::*;
@@ -14,7 +13,7 @@ fn check_config(text: &str) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(FERRY)
+    let out = command(FERRY)
         .arg("check-config")
         .arg("-c")
         .arg(&path)
@@ -112,13 +111,13 @@ fn each_kind_of_config_mistake_exits_2_naming_the_key() {
 
 #[test]
 fn run_with_a_bad_or_missing_config_exits_2() {
-    let out = Command::new(FERRY)
+    let out = command(FERRY)
         .args(["run", "-c", "/nonexistent/ferry.toml"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ferry.toml"));
-    let out = Command::new(FERRY).args(["frobnicate"]).output().unwrap();
+    let out = command(FERRY).args(["frobnicate"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod util;
+
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use serde_json::{Value, json};
@@ -27,7 +29,7 @@ struct Cloud {
 
 impl Cloud {
     fn start(dir: &Path, extra: &[&str]) -> Cloud {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-cloud"))
+        let mut child = util::command(util::FERRY_CLOUD)
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(dir)
             .args(extra)
@@ -377,7 +379,7 @@ fn unknown_paths_and_methods_get_json_errors() {
 
 #[test]
 fn bad_arguments_exit_with_status_2() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ferry-cloud"))
+    let output = util::command(util::FERRY_CLOUD)
         .args(["--listen", "127.0.0.1:0"])
         .output()
         .expect("run ferry-cloud");

@@ -120,7 +120,7 @@ impl Pty {
 
 /// `ferry console -c config --device pty` with `env`; stderr (its log) goes to `log`.
 fn console(config: &Path, pty: &Pty, env: &[(&str, &str)], log: &Path) -> Child {
-    let mut cmd = Command::new(FERRY);
+    let mut cmd = command(FERRY);
     cmd.args(["console", "-c"])
         .arg(config)
         .arg("--device")
@@ -282,7 +282,7 @@ fn power_loss_during_save_leaves_the_old_or_the_new_config() {
             "{failpoint}: the process was not stopped"
         );
         let now = std::fs::read_to_string(&config).unwrap();
-        let check = Command::new(FERRY)
+        let check = command(FERRY)
             .args(["check-config", "-c"])
             .arg(&config)
             .output()
@@ -466,7 +466,7 @@ fn the_console_runs_on_its_own_terminal_and_restores_it() {
     std::fs::write(&config, &text).unwrap();
     let mut pty = Pty::open();
     let before = rustix::termios::tcgetattr(&pty.slave).unwrap();
-    let mut child = Command::new(FERRY)
+    let mut child = command(FERRY)
         .args(["console", "-c"])
         .arg(&config)
         .stdin(pty.slave.try_clone().unwrap())

@@ -666,7 +666,7 @@ fn bad_certificate_files_are_a_config_error_at_start() {
     );
     let config = tmp.path().join("ferry.toml");
     std::fs::write(&config, text).unwrap();
-    let out = Command::new(FERRY)
+    let out = command(FERRY)
         .args(["check-config", "-c"])
         .arg(&config)
         .output()

@@ -306,7 +306,7 @@ fn status_metrics_and_the_status_command_report_the_pipeline() {
         "{metrics}"
     );
 
-    let out = std::process::Command::new(FERRY)
+    let out = command(FERRY)
         .arg("status")
         .arg("-c")
         .arg(&agent.config)
@@ -319,7 +319,7 @@ fn status_metrics_and_the_status_command_report_the_pipeline() {
         "{text}"
     );
 
-    let json = std::process::Command::new(FERRY)
+    let json = command(FERRY)
         .args(["status", "--json", "-c"])
         .arg(&agent.config)
         .output()
@@ -340,7 +340,7 @@ fn the_status_command_explains_when_no_agent_runs() {
         agent_config(&dir, 1, "http://127.0.0.1:1/v1/ingest", free_port(), "", ""),
     )
     .unwrap();
-    let out = std::process::Command::new(FERRY)
+    let out = command(FERRY)
         .arg("status")
         .arg("-c")
         .arg(&cfg)

@@ -4,13 +4,12 @@
 
 mod util;
 
-use std::process::Command;
 use std::time::Duration;
 
 use util::*;
 
 fn reload(agent: &Agent) -> serde_json::Value {
-    let out = Command::new(FERRY)
+    let out = command(FERRY)
         .args(["reload", "-c"])
         .arg(&agent.config)
         .output()

@@ -689,3 +689,16 @@ fn load_reads_a_file_and_reports_a_missing_one_as_a_read_error() {
         other => panic!("expected a read error, got {other:?}"),
     }
 }
+
+/// On armv7 `usize` is 32 bits: journal sizes past 4 GiB must stay exact (they are `u64`), and
+/// survive the round trip through the printed config. `make test-arm` runs this on armv7.
+#[test]
+fn journal_sizes_past_4_gib_are_exact_on_32_bit_targets() {
+    let c = parse(&with("journal", "max_bytes = \"6GiB\""));
+    assert_eq!(c.journal.max_bytes, 6 * GIB);
+    assert!(c.journal.max_bytes > u64::from(u32::MAX));
+    let again = parse(&c.to_masked_toml());
+    assert_eq!(again.journal.max_bytes, 6 * GIB);
+    let c = parse(&with("journal", "max_bytes = 5000000000"));
+    assert_eq!(c.journal.max_bytes, 5_000_000_000);
+}

@@ -14,6 +14,22 @@ pub use serde_json::Value;
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub const FERRY_CLOUD: &str = env!("CARGO_BIN_EXE_ferry-cloud");
 
+/// A command running one of this crate's binaries. Under `make test-arm` they are ARM executables
+/// and the host may have no binfmt_misc registration for them, so `FERRY_TEST_RUNNER` (set by the
+/// Makefile to `qemu-aarch64-static` or `qemu-arm-static`, as cargo's target runner is for the test
+/// binary itself) goes in front. qemu-user runs the program in its own process: the child's pid,
+/// signals and SIGKILL are the program's.
+pub fn command(bin: &str) -> Command {
+    match std::env::var("FERRY_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut c = Command::new(runner.trim());
+            c.arg(bin);
+            c
+        }
+        _ => Command::new(bin),
+    }
+}
+
 /// A port that was free a moment ago and that no other test of this process was given.
 ///
 /// Ports come from 10000-31999, below Linux's ephemeral range (32768-60999), walking from an offset
@@ -51,7 +67,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
-fn port_open(port: u16) -> bool {
+pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_millis(200),
@@ -166,7 +182,7 @@ impl Drop for Mosquitto {
 
 /// mosquitto started as root drops to the `mosquitto` user, which cannot write its persistence
 /// file in our temp dir: the session would silently vanish on restart. Keep it as root then.
-fn run_as() -> &'static str {
+pub fn run_as() -> &'static str {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -177,7 +193,7 @@ fn run_as() -> &'static str {
     if uid == Some(true) { "user root\n" } else { "" }
 }
 
-fn mosquitto_bin() -> &'static str {
+pub fn mosquitto_bin() -> &'static str {
     if Path::new("/usr/sbin/mosquitto").exists() {
         "/usr/sbin/mosquitto"
     } else {
@@ -275,7 +291,7 @@ impl Cloud {
 
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
-        let mut child = Command::new(FERRY_CLOUD)
+        let mut child = command(FERRY_CLOUD)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data")
@@ -454,6 +470,16 @@ listen = "127.0.0.1:{control_port}"
 
 impl Agent {
     pub fn start(dir: &Path, config_text: &str, control_port: u16) -> Agent {
+        Self::start_with_env(dir, config_text, control_port, &[])
+    }
+
+    /// Starts an agent with extra environment variables (failpoints, systemd's NOTIFY_SOCKET).
+    pub fn start_with_env(
+        dir: &Path,
+        config_text: &str,
+        control_port: u16,
+        env: &[(&str, &str)],
+    ) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("ferry.toml");
         std::fs::write(&config, config_text).unwrap();
@@ -465,7 +491,7 @@ impl Agent {
             log: dir.join("ferry.log"),
             runs: 0,
         };
-        a.spawn();
+        a.spawn_with_env(env);
         a
     }
 
@@ -512,7 +538,7 @@ impl Agent {
             .open(&self.log)
             .unwrap();
         writeln!(&log, "----- run {} {env:?} -----", self.runs).unwrap();
-        let mut cmd = Command::new(FERRY);
+        let mut cmd = command(FERRY);
         cmd.arg("run").arg("-c").arg(&self.config).env(
             "FERRY_LOG",
             std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug,sled=off".into()),

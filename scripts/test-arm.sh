@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The test suite built for ARM and run under qemu-user (Debian's qemu-user-static), on an x86_64
+# host without Docker: Debian's cargo 1.85, the multiarch std, the gcc cross linkers
+# (scripts/ensure-cross.sh). cargo runs each test binary through the target's `runner`
+# (.cargo/config.toml); the tests spawn the ARM `ferry` and `ferry-cloud` through
+# FERRY_TEST_RUNNER (tests/util/mod.rs), since this host may have no binfmt_misc registration.
+# mosquitto and nginx are the host's own x86_64 ones: the network is shared.
+#
+# Usage: scripts/test-arm.sh [--ci] [TARGET...]
+#   --ci   only what CI requires on ARM: the end-to-end outage test (tests/pipeline.rs) and the
+#          crash tests (tests/crash.rs)
+#   default targets: aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ci=0
+if [ "${1:-}" = "--ci" ]; then ci=1; shift; fi
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+MSRV_CARGO="${MSRV_CARGO:-/usr/bin/cargo}"
+
+scripts/ensure-cross.sh || { echo "test-arm: the Debian cross toolchain is incomplete (see above)" >&2; exit 1; }
+
+if [ "$ci" -eq 1 ]; then
+    build=(--test pipeline --test crash)
+    filters=(-- --exact outage_loses_nothing_and_delivers_in_order sigkill_at_random_moments_loses_nothing
+        a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice)
+else
+    build=(--no-fail-fast --lib --bins --tests)
+    filters=()
+fi
+
+# No debug info: it doubles link time and binary size on a 2-core builder, and qemu gains
+# nothing from it. The test profile stays unoptimised, as on the host.
+export CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0
+for t in "${targets[@]}"; do
+    case "$t" in
+        aarch64-unknown-linux-gnu) runner=qemu-aarch64-static ;;
+        armv7-unknown-linux-gnueabihf) runner=qemu-arm-static ;;
+        *) echo "test-arm: unsupported target $t" >&2; exit 2 ;;
+    esac
+    start=$(date +%s)
+    PATH=/usr/bin:$PATH CARGO_TARGET_DIR=target/arm "$MSRV_CARGO" test --locked --target "$t" --no-run "${build[@]}"
+    built=$(date +%s)
+    echo "test-arm: $t built in $((built - start)) s; running under $runner" >&2
+    FERRY_TEST_RUNNER="$runner" PATH=/usr/bin:$PATH CARGO_TARGET_DIR=target/arm \
+        "$MSRV_CARGO" test --locked --target "$t" "${build[@]}" "${filters[@]}"
+    echo "test-arm: $t built in $((built - start)) s, ran in $(( $(date +%s) - built )) s" >&2
+done
