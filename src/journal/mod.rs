@@ -631,8 +631,22 @@ impl Journal {
         };
         let meta_next = self.meta(M_NEXT_SEQ)?.unwrap_or(1).max(1);
         let mut acked = self.meta(M_ACKED)?.unwrap_or(0);
-        // The log is the truth about the head: sled may have kept positions of appends whose
-        // frames were never synced (sled also writes on its own), or missed the last ones.
+        if let Some(head) = opened_head.filter(|h| *h >= meta_next && !migrated && !fresh) {
+            // Frames the database never heard of: their append was never synced (a sync flushes
+            // the database after the log), so never acknowledged to the broker, which sends them
+            // again, and their redelivery marks are gone with the database's unflushed writes.
+            // Kept, they would be journaled twice.
+            let cut = log
+                .truncate_after(meta_next - 1)
+                .map_err(log_io("cutting unsynced appends"))?;
+            info!(
+                "journal log held appends never synced seqs {}..={} ({} bytes): cut off",
+                meta_next, head, cut
+            );
+            opened_head = Some(meta_next - 1);
+        }
+        // The log is the truth about the head when it is shorter: sled may have kept positions
+        // of appends whose frames were never synced (sled also writes on its own).
         let mut next_seq = match opened_head {
             Some(h) => h + 1,
             None => meta_next,

@@ -249,6 +249,43 @@ impl Segments {
         Ok(n)
     }
 
+    /// Cuts every frame after `seq` off the log (frames whose append was never synced, and that
+    /// the database never heard of). Returns the bytes cut.
+    pub fn truncate_after(&mut self, seq: u64) -> io::Result<u64> {
+        self.cursor = None;
+        self.active = None;
+        let mut cut = 0;
+        let later: Vec<u64> = self.files.range(seq + 1..).map(|(f, _)| *f).collect();
+        for first in later {
+            cut += self.files.remove(&first).unwrap_or(0);
+            std::fs::remove_file(self.path(first))?;
+        }
+        if let Some((&first, &len)) = self.files.iter().next_back() {
+            let path = self.path(first);
+            let file = OpenOptions::new().read(true).append(true).open(&path)?;
+            let mut r = BufReader::with_capacity(READ_BUF, &file);
+            let (mut offset, mut expected) = (0u64, first);
+            while let Frame::Good(entry, size) = read_frame(&mut r, len - offset, expected)? {
+                if entry.first_seq() > seq {
+                    break;
+                }
+                offset += size;
+                expected = entry.last_seq() + 1;
+            }
+            drop(r);
+            if offset < len {
+                file.set_len(offset)?;
+                file.sync_data()?;
+                cut += len - offset;
+            }
+            self.files.insert(first, offset);
+            self.active = Some((first, file));
+        }
+        self.dirty = false;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(cut)
+    }
+
     /// Appends `frames` (seq, value), consecutive and following the log's head, in as few writes
     /// as there are segments touched. Not durable until [`Segments::sync_handle`]'s file is synced.
     pub fn append(&mut self, frames: &[(u64, Vec<u8>)]) -> io::Result<()> {
