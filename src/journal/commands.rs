@@ -1,20 +1,22 @@
 //! Durable state of the downlink kept in the journal: the acknowledged entries retained for an
 //! audited replay, and the ids and results of the cloud's commands. Additive to the layout in
-//! `mod.rs`, in the same tree, so every change is one atomic `sled::Batch`:
+//! `mod.rs`, in the same sled tree, so every change is one atomic `sled::Batch`:
 //!
 //! | key | value |
 //! |---|---|
-//! | `R` seq:u64 | an acknowledged entry, kept for `replay_from`: the `E` value as it was |
+//! | `M` `retain_from`, `retained_bytes` | the replay window: acknowledged seqs `retain_from..=acked` |
 //! | `C` id bytes | a command's result: order:u64, then the result's JSON |
 //! | `O` order:u64 | the id of the command remembered `order`-th (for evicting the oldest) |
 //! | `M` `command_next` | the next order, u64 |
 //!
-//! Retention: [`Journal::ack`] moves the acknowledged entries from `E` to `R` in the batch that
-//! moves the cursor, and drops the oldest `R` entries past `RETAIN_SHARE` of `journal.max_bytes`.
-//! The `R` entries therefore always cover one run of seqs ending at the cursor. [`Journal::rewind_to`]
-//! moves a tail of that run back to `E` and the cursor back with it, again in one batch: the one way
-//! the cursor ever moves backwards, logged at WARN. An upload in flight across a rewind is not
-//! acknowledged (it is sent again, and the cloud deduplicates), so a rewind never skips a seq.
+//! Retention: acknowledged entries stay in the log (segments are freed only behind the window);
+//! [`Journal::ack`] widens the window by what it acknowledges and moves `retain_from` past the
+//! oldest acknowledged chunks beyond `RETAIN_SHARE` of `journal.max_bytes` (at most `RETAIN_MAX`).
+//! The window therefore
+//! always covers one run of seqs ending at the cursor. [`Journal::rewind_to`] moves the cursor
+//! back into that run, in one batch: the one way the cursor ever moves backwards, logged at WARN.
+//! An upload in flight across a rewind is not acknowledged (it is sent again, and the cloud
+//! deduplicates), so a rewind never skips a seq.
 //!
 //! Commands: at most [`MAX_COMMANDS`] results are remembered, the oldest evicted first.
 
@@ -28,8 +30,10 @@ const P_COMMAND: u8 = b'C';
 const P_COMMAND_ORDER: u8 = b'O';
 const M_COMMAND_NEXT: &[u8] = b"Mcommand_next";
 
-/// Share of `journal.max_bytes` that acknowledged entries may keep for replay.
+/// Share of `journal.max_bytes` that acknowledged entries may keep for replay, up to
+/// `RETAIN_MAX` (the window is disk the backlog cannot use).
 pub(super) const RETAIN_SHARE: f64 = 0.02;
+pub(super) const RETAIN_MAX: u64 = 4 << 20;
 /// Acknowledged chunks the retention window remembers the bounds of.
 const MAX_RETAINED_CHUNKS: usize = 1024;
 /// Command results remembered.
@@ -71,7 +75,7 @@ impl Journal {
         through: u64,
         bytes: u64,
     ) {
-        let cap = (self.inner.max_bytes as f64 * RETAIN_SHARE) as u64;
+        let cap = ((self.inner.max_bytes as f64 * RETAIN_SHARE) as u64).min(RETAIN_MAX);
         if st.retained_bytes == 0 {
             st.retain_from = st.acked + 1;
         }

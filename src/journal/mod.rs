@@ -4,59 +4,80 @@
 //! handle.
 //!
 //! # On-disk layout
-//! One sled database in `journal.dir/db`, and in it one tree, `log`. Keeping every kind of key in one
-//! tree lets each change of state be a single `sled::Batch`, which sled applies atomically, also
-//! across a crash. Keys are a one-byte prefix and a big-endian number, so they sort by seq:
+//! ```text
+//! journal.dir/
+//!   log/<first seq, 20 digits>.seg   the record log: every entry, in seq order (segments.rs)
+//!   db -> db-<n>/                    sled: the small state (layout.rs)
+//!   seq-mark                         the seq high-water mark (mark.rs)
+//! ```
+//! The log holds the entries: records and gaps, as CRC32-checked frames in append-only segment
+//! files (format and damage rules in `segments.rs`). It is never rewritten: a whole segment is
+//! deleted once nothing needs it any more. sled holds one tree, `log`, of small keys, each change of
+//! state one atomic `sled::Batch`; keys are a one-byte prefix and a big-endian number:
 //!
 //! | key | value |
 //! |---|---|
-//! | `E` seq:u64 | an unacknowledged entry: a record (kind 1), or a gap (kind 2) covering `seq..=to_seq` |
-//! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record as stored under `E` |
+//! | `X` seq:u64 | an overlay: a gap (`to_seq`, reason) shown in place of the log's entries `seq..=to_seq` — a dead-lettered record (`rejected`), records dropped for room (`journal_full`), unreadable ones (`journal_lost`) |
+//! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record's entry value |
 //! | `I` pkid:u16 | the last QoS1 message journaled under that MQTT packet id: hash of topic+payload, seq |
-//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, all u64 |
-//! | `R`, `C`, `O` | acknowledged entries kept for replay, and downlink command results (`commands.rs`) |
+//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, `retain_from`, `retained_bytes`, all u64 |
+//! | `C`, `O` | downlink command results (`commands.rs`) |
 //!
-//! A record value is `[1] postcard(header) payload`; the payload is stored as the raw MQTT bytes and
-//! turned into its wire form (JSON, text or base64) only at upload.
+//! An entry value is `[1] postcard(header) payload` for a record (the payload as the raw MQTT
+//! bytes, turned into its wire form only at upload) or `[2] postcard(to_seq, reason)` for a gap.
+//! The older layout (every entry an `E` key in sled) is moved into the log at open.
 //!
 //! # Invariants
-//! - `seq` starts at 1 and is assigned once, at append, from `M/next_seq`, which is written in the same
-//!   batch as the records. It never goes backwards: on open, `next_seq` is raised past the last entry
-//!   and past the cursor if either is ahead of it.
-//! - The `E` entries cover exactly the seqs `acked+1 ..= next_seq-1`, each seq by one record or one
-//!   gap. An ack removes the acknowledged entries and moves `M/acked` in one batch.
+//! - `seq` starts at 1 and is assigned once, at append. It never goes backwards: on open the head
+//!   is the log's last frame (frames the database never heard of are cut: their append was never
+//!   synced), raised past the cursor if the cursor is ahead of it.
+//! - The log's entries, with the overlays in place of what they cover, hold every seq of
+//!   `acked+1 ..= next_seq-1` exactly once; a seq that cannot be read is reported as a
+//!   `journal_lost` gap (recorded as an overlay), never skipped.
 //! - The cursor (`M/acked`) only moves forward, and only by [`Journal::ack`] after the cloud answered
 //!   2xx, or backwards by [`Journal::rewind_to`], the audited replay the cloud asks for
-//!   (`commands.rs`).
+//!   (`commands.rs`). An ack moves the cursor without reading the entries again (their sizes are
+//!   known from the read), and keeps the acknowledged entries for replay within `RETAIN_SHARE` of
+//!   `max_bytes`, at most `RETAIN_MAX` (`retain_from ..= acked`).
+//! - A segment is deleted when each of its seqs is acknowledged durably and before `retain_from`,
+//!   or covered by an overlay a sync made durable. The newest segment is never deleted.
 //!
 //! # Durability and the crash window
-//! sled 0.34's `flush()` writes its buffers and calls `sync_file_range`, which is not a barrier
-//! against power loss. [`Journal::sync`] therefore follows it with `fdatasync` of the database file
-//! and an fsync of every blob file (sled stores values larger than a quarter segment as separate
-//! files; the segment size is chosen so that a maximal MQTT packet stays inline). Appends are group
-//! committed: the writer appends a batch, syncs once, and only then lets the MQTT thread PUBACK.
+//! [`Journal::sync`] `fdatasync`s the active segment (a segment is synced when it is closed, and a
+//! new one is made durable in its directory at creation), then flushes sled and `fdatasync`s its
+//! file and every blob file (sled 0.34's own `flush()` ends in `sync_file_range`, not a barrier
+//! against power loss). Appends are group committed: the writer appends a batch (frames first,
+//! then sled's batch of positions and marks), syncs once, and only then lets the MQTT thread PUBACK.
 //! Only synced records are handed to the uplink ([`Journal::read_batch`] stops at the durable head),
-//! so a power cut can never take back a seq that the cloud has seen. A crash between the sync and the
-//! PUBACK makes the broker redeliver with DUP; the `I` marks let the writer recognise the copy.
+//! so a power cut can never take back a seq that the cloud has seen. A power cut can leave a torn
+//! last frame, cut at open, or frames the database never heard of (sled writes only at a sync or by
+//! itself), cut too: neither was ever PUBACKed, so the broker sends them again. A crash between the
+//! sync and the PUBACK makes the broker redeliver with DUP; the `I` marks let the writer recognise
+//! the copy. An ack is not synced by itself unless it frees a segment (the cursor is durable
+//! before the data goes): a lost ack only means the cloud sees a batch again and deduplicates it.
 //! A file or directory survives a power cut only once the directory holding it is synced, so the
-//! journal syncs the parents of the `journal.dir` it creates, and the database directory that
-//! sled fills at open.
+//! journal syncs the parents of the `journal.dir` it creates, of the log, and of the database
+//! directory that sled fills at open.
 //!
 //! # Losing the journal
 //! sled 0.34 opens damaged files without complaint more often than it refuses them (measured: a
-//! truncated file opened with 7 of 10,000 keys). So besides moving an unopenable database aside
-//! (`db.corrupt-<unix seconds>`, kept for forensics) and starting a fresh one, the journal keeps a
-//! seq high-water mark outside sled (`mark.rs`): a lease on seqs, renewed before any seq past it is
-//! assigned, and the head at the last renewal or clean close. A fresh database where a mark exists,
-//! or a head below the mark's, is reported as a `journal_lost` gap up to the lease, and seqs
-//! continue after it: `seq` never goes backwards, so the cloud's dedupe never drops a new record.
+//! truncated file opened with 7 of 10,000 keys), and a disk may lose synced data. So besides moving
+//! an unopenable database aside (`db.corrupt-<unix seconds>`, kept for forensics) and starting a
+//! fresh one (whose log, belonging to no database, is removed), the journal keeps a seq high-water
+//! mark outside sled (`mark.rs`): a lease on seqs, renewed before any seq past it is assigned, and
+//! the durable head at the last renewal or clean close. A fresh database where a mark exists, or a
+//! head below the mark's, is reported as a `journal_lost` gap up to the lease, and seqs continue
+//! after it: `seq` never goes backwards, so the cloud's dedupe never drops a new record.
 //!
 //! # Full journal
-//! The on-disk budget is `journal.max_bytes`. sled's file never shrinks below its high-water mark and
-//! keeps freed space for reuse, so admission is decided on the logical bytes held (entries and dead
-//! letters), against a share of `max_bytes` that leaves room for sled's own space amplification (see
-//! `LOGICAL_SHARE`). `reject_new` refuses the append (the writer retries; the broker queues);
-//! `drop_oldest` replaces the oldest unsent records with a `journal_full` gap.
+//! The on-disk budget is `journal.max_bytes`, for the segments and sled together. Admission is
+//! decided on the logical bytes held (frames of the backlog, and dead letters), against a share of
+//! `max_bytes` that leaves room for what the log holds besides the backlog (the replay window,
+//! partly freed segments) and adapts to the bytes measured on disk (`LOGICAL_SHARE`).
+//! `reject_new` refuses the append (the writer retries; the broker queues); `drop_oldest` covers
+//! the oldest unsent records with a `journal_full` overlay, and the segments it covers go at the
+//! next sync. sled holds little, but its file grows with the volume written, so it is compacted
+//! into a new generation when it has doubled (`maybe_compact`, `layout.rs`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
