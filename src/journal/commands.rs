@@ -206,6 +206,7 @@ impl Journal {
         batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
         self.put_counters(&st, &mut batch);
         self.apply(batch, "rewinding the cursor")?;
+        st.sled_dirty = true;
         let rewind = Rewind {
             from: acked,
             to: st.acked,
@@ -279,6 +280,7 @@ impl Journal {
         }
         self.apply(batch, "remembering a command")?;
         drop(st);
+        self.sled_changed();
         self.sync()
     }
 }

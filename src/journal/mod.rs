@@ -29,8 +29,7 @@
 //!
 //! # Invariants
 //! - `seq` starts at 1 and is assigned once, at append. It never goes backwards: on open the head
-//!   is the log's last frame (frames the database never heard of are cut: their append was never
-//!   synced), raised past the cursor if the cursor is ahead of it.
+//!   is the log's last frame, raised past the cursor if the cursor is ahead of it.
 //! - The log's entries, with the overlays in place of what they cover, hold every seq of
 //!   `acked+1 ..= next_seq-1` exactly once; a seq that cannot be read is reported as a
 //!   `journal_lost` gap (recorded as an overlay), never skipped.
@@ -44,16 +43,19 @@
 //!
 //! # Durability and the crash window
 //! [`Journal::sync`] `fdatasync`s the active segment (a segment is synced when it is closed, and a
-//! new one is made durable in its directory at creation), then flushes sled and `fdatasync`s its
-//! file and every blob file (sled 0.34's own `flush()` ends in `sync_file_range`, not a barrier
-//! against power loss). Appends are group committed: the writer appends a batch (frames first,
-//! then sled's batch of positions and marks), syncs once, and only then lets the MQTT thread PUBACK.
-//! Only synced records are handed to the uplink ([`Journal::read_batch`] stops at the durable head),
-//! so a power cut can never take back a seq that the cloud has seen. A power cut can leave a torn
-//! last frame, cut at open, or frames the database never heard of (sled writes only at a sync or by
-//! itself), cut too: neither was ever PUBACKed, so the broker sends them again. A crash between the
-//! sync and the PUBACK makes the broker redeliver with DUP; the `I` marks let the writer recognise
-//! the copy. An ack is not synced by itself unless it frees a segment (the cursor is durable
+//! new one is made durable in its directory at creation): one `fdatasync` per group commit. sled is
+//! flushed and its file and blob files `fdatasync`ed (sled 0.34's own `flush()` ends in
+//! `sync_file_range`, not a barrier against power loss) only when it holds a change that must be
+//! durable: overlays, dead letters, command results, a rewind, an ack that frees a segment. The
+//! positions and redelivery marks of appends need not be: at open the head comes from the log,
+//! the counters are advanced over the frames past the stored `next_seq`, and the marks are rebuilt
+//! from the packet id each frame carries. Appends are group committed: the writer appends a batch
+//! (frames first, then sled's batch of positions and marks), syncs once, and only then lets the
+//! MQTT thread PUBACK. Only synced records are handed to the uplink ([`Journal::read_batch`] stops
+//! at the durable head), so a power cut can never take back a seq that the cloud has seen. A power
+//! cut can leave a torn last frame, cut at open: it was never PUBACKed, so the broker sends it
+//! again. A crash between the sync and the PUBACK makes the broker redeliver with DUP; the `I`
+//! marks let the writer recognise the copy. An ack is not synced by itself unless it frees a segment (the cursor is durable
 //! before the data goes): a lost ack only means the cloud sees a batch again and deduplicates it.
 //! A file or directory survives a power cut only once the directory holding it is synced, so the
 //! journal syncs the parents of the `journal.dir` it creates, of the log, and of the database
@@ -443,6 +445,11 @@ struct State {
     rewound: bool,
     /// sled's size on disk after the last open or compaction.
     sled_floor: u64,
+    /// sled holds changes the next sync must make durable (not the positions and marks of
+    /// appends: those are rebuilt from the log).
+    sled_dirty: bool,
+    /// Overlays up to this generation are durable in sled.
+    overlays_durable: u64,
 }
 
 /// The record log inside the state, or [`Error::Unavailable`] when it is not open.
@@ -522,6 +529,8 @@ impl Journal {
             inflight: Vec::new(),
             rewound: false,
             sled_floor: 0,
+            sled_dirty: true,
+            overlays_durable: 0,
         };
         let journal = Journal {
             inner: Arc::new(Inner {
@@ -577,7 +586,7 @@ impl Journal {
                     st.backlog_records += 1;
                     st.backlog_bytes += frame_size(gap.len());
                     log_of(&mut st.log)?
-                        .append(&[(from, gap)])
+                        .append(&[(from, None, gap)])
                         .map_err(log_io("recording lost records"))?;
                     st.next_seq = to + 1;
                     st.durable = to;
@@ -652,20 +661,6 @@ impl Journal {
         };
         let meta_next = self.meta(M_NEXT_SEQ)?.unwrap_or(1).max(1);
         let mut acked = self.meta(M_ACKED)?.unwrap_or(0);
-        if let Some(head) = opened_head.filter(|h| *h >= meta_next && !migrated && !fresh) {
-            // Frames the database never heard of: their append was never synced (a sync flushes
-            // the database after the log), so never acknowledged to the broker, which sends them
-            // again, and their redelivery marks are gone with the database's unflushed writes.
-            // Kept, they would be journaled twice.
-            let cut = log
-                .truncate_after(meta_next - 1)
-                .map_err(log_io("cutting unsynced appends"))?;
-            info!(
-                "journal log held appends never synced seqs {}..={} ({} bytes): cut off",
-                meta_next, head, cut
-            );
-            opened_head = Some(meta_next - 1);
-        }
         // The log is the truth about the head when it is shorter: sled may have kept positions
         // of appends whose frames were never synced (sled also writes on its own).
         let mut next_seq = match opened_head {
@@ -700,7 +695,7 @@ impl Journal {
                 acked,
                 acked + 1
             );
-            pending_gap = Some((next_seq, encode_gap(acked, GapReason::JournalLost)));
+            pending_gap = Some((next_seq, None, encode_gap(acked, GapReason::JournalLost)));
             let head = next_seq - 1;
             next_seq = acked + 1;
             acked = head;
@@ -709,6 +704,19 @@ impl Journal {
         if let Some(gap) = pending_gap {
             log.append(std::slice::from_ref(&gap))
                 .map_err(log_io("recording lost records"))?;
+        }
+        // Appends the database never recorded (sled writes its positions and marks at a sync
+        // only when something else needs it, and by itself): their frames carry the packet ids
+        // the redelivery marks are rebuilt from.
+        let mut beyond = Vec::new();
+        if next_seq > meta_next && !migrated {
+            log.read(meta_next, next_seq - 1, &overlays, false, |item| {
+                if let Item::Frame(Entry::Record(r), _, Some(pkid)) = &item {
+                    beyond.push((r.seq, *pkid, content_hash(&r.topic, &r.payload)));
+                }
+                Flow::Next
+            })
+            .map_err(log_io("reading the log's tail"))?;
         }
         let counters = (self.meta(M_BACKLOG_RECORDS)?, self.meta(M_BACKLOG_BYTES)?);
         let (backlog_records, backlog_bytes) = match counters {
@@ -730,6 +738,21 @@ impl Journal {
             }
         }
         marks.retain(|(seq, _)| *seq < next_seq);
+        for (seq, pkid, hash) in beyond {
+            let mut mark = [0u8; 16];
+            mark[..8].copy_from_slice(&hash.to_be_bytes());
+            mark[8..].copy_from_slice(&seq.to_be_bytes());
+            batch.insert(&ingest_key(pkid)[..], &mark[..]);
+            marks.retain(|(s, _)| *s != seq);
+            marks.push_back((seq, pkid));
+        }
+        while marks.len() > MAX_MARKS {
+            if let Some((_, old)) = marks.pop_front() {
+                if !marks.iter().any(|(_, p)| *p == old) {
+                    batch.remove(&ingest_key(old)[..]);
+                }
+            }
+        }
         let retain_from = self
             .meta(M_RETAIN_FROM)?
             .unwrap_or(acked + 1)
@@ -766,6 +789,7 @@ impl Journal {
         st.dead_bytes = dead_bytes;
         st.dead_count = dead_count;
         st.sled_floor = sled_floor;
+        st.sled_dirty = true;
         batch.insert(M_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
         batch.insert(M_ACKED, &acked.to_be_bytes()[..]);
         self.put_counters(&st, &mut batch);
@@ -878,7 +902,7 @@ impl Journal {
                     (gap, size)
                 }
             };
-            frames.push((next, value));
+            frames.push((next, rec.mqtt.map(|m| m.pkid), value));
             used += size;
             added_bytes += size;
             added_records += 1;
@@ -980,7 +1004,7 @@ impl Journal {
                         return Flow::Refuse;
                     }
                     match item {
-                        Item::Frame(Entry::Record(r), size) => {
+                        Item::Frame(Entry::Record(r), size, _) => {
                             freed += size;
                             dropped += 1;
                             run = match run {
@@ -1019,6 +1043,7 @@ impl Journal {
         }
         st.backlog_records = st.backlog_records - dropped + runs.len() as u64;
         st.dropped += dropped;
+        st.sled_dirty |= !runs.is_empty();
         st.backlog_bytes = st.backlog_bytes.saturating_sub(freed);
         Ok(dropped)
     }
@@ -1029,12 +1054,19 @@ impl Journal {
     /// are wholly acknowledged (and past the replay window) or wholly covered by durable overlays
     /// are deleted afterwards.
     pub fn sync(&self) -> Result<()> {
-        let (target, handle, acked, generation) = {
+        let (target, handle, acked, generation, flush_sled) = {
             let mut st = self.lock();
             let handle = log_of(&mut st.log)?
                 .sync_handle()
                 .map_err(log_io("syncing the log"))?;
-            (st.next_seq - 1, handle, st.acked, st.overlay_generation)
+            let flush_sled = std::mem::take(&mut st.sled_dirty);
+            (
+                st.next_seq - 1,
+                handle,
+                st.acked,
+                st.overlay_generation,
+                flush_sled,
+            )
         };
         if let Some(file) = handle {
             if let Err(source) = file.sync_data() {
@@ -1047,28 +1079,42 @@ impl Journal {
                 });
             }
         }
-        {
-            let store = self.store()?;
-            store.db.flush().map_err(storage("flushing"))?;
-            store.db_file.sync_data().map_err(|source| Error::Sync {
-                path: store.db_path.clone(),
-                source,
-            })?;
-            sync_blobs(&store.blob_dir, &store.synced_blobs)?;
+        if flush_sled {
+            let flushed = self.store().and_then(|store| {
+                store.db.flush().map_err(storage("flushing"))?;
+                store.db_file.sync_data().map_err(|source| Error::Sync {
+                    path: store.db_path.clone(),
+                    source,
+                })?;
+                sync_blobs(&store.blob_dir, &store.synced_blobs)
+            });
+            if let Err(e) = flushed {
+                self.lock().sled_dirty = true;
+                return Err(e);
+            }
         }
         let mut st = self.lock();
-        st.acked_durable = st.acked_durable.max(acked.min(st.acked));
+        if flush_sled {
+            st.acked_durable = st.acked_durable.max(acked.min(st.acked));
+            st.overlays_durable = st.overlays_durable.max(generation);
+        }
         if target > st.durable {
             st.durable = target;
             self.inner.data.notify_all();
         }
-        self.free_segments(&mut st, generation)
+        self.free_segments(&mut st)
+    }
+
+    /// Makes the next [`Journal::sync`] flush sled too.
+    pub(super) fn sled_changed(&self) {
+        self.lock().sled_dirty = true;
     }
 
     /// Deletes the segments nothing needs any more: every seq in them is acknowledged durably and
     /// older than the replay window, or covered by an overlay made durable by a sync.
-    fn free_segments(&self, st: &mut State, generation: u64) -> Result<()> {
+    fn free_segments(&self, st: &mut State) -> Result<()> {
         let below = st.acked_durable.min(st.retain_from.saturating_sub(1));
+        let generation = st.overlays_durable;
         let State { log, overlays, .. } = &mut *st;
         let log = log_of(log)?;
         if log
@@ -1179,6 +1225,7 @@ impl Journal {
                 );
             }
             self.apply(batch, "recording damaged entries")?;
+            st.sled_dirty = true;
         }
         st.inflight = inflight;
         if let Some(last) = out.last() {
@@ -1245,6 +1292,7 @@ impl Journal {
             firsts.next();
             firsts.next().is_some_and(|second| second - 1 <= below)
         });
+        st.sled_dirty |= frees;
         drop(st);
         debug!(
             "cursor moved acked_seq={} from={} entries={}",
@@ -1269,7 +1317,7 @@ impl Journal {
                 .map_err(log_io("reading a record to dead-letter"))?;
         }
         let (record, size) = match found {
-            Some(Item::Frame(Entry::Record(r), size)) if r.seq == seq => (r, size),
+            Some(Item::Frame(Entry::Record(r), size, _)) if r.seq == seq => (r, size),
             Some(Item::Frame(..) | Item::Overlay(..) | Item::Lost(..)) => {
                 return Err(Error::Corrupt {
                     seq,
@@ -1324,6 +1372,7 @@ impl Journal {
         batch.insert(&dead_key(seq)[..], dead);
         self.put_counters(&st, &mut batch);
         self.apply(batch, "dead-lettering")?;
+        st.sled_dirty = true;
         drop(st);
         self.sync()
     }
@@ -1373,6 +1422,7 @@ impl Journal {
         batch.remove(&dead_key(seq)[..]);
         self.put_counters(&st, &mut batch);
         self.apply(batch, "removing a requeued dead letter")?;
+        st.sled_dirty = true;
         drop(st);
         self.sync()?;
         let new_seq = appended.first_seq.unwrap_or(0);
@@ -1419,7 +1469,7 @@ impl Journal {
         log_of(log)?
             .read(from, end, overlays, false, |item| {
                 seen += 1;
-                if let Item::Frame(Entry::Record(r), _) = item {
+                if let Item::Frame(Entry::Record(r), ..) = item {
                     ts = Some(r.ts_ms);
                     return Flow::Stop;
                 }
@@ -1613,7 +1663,7 @@ impl Journal {
             }
             let entry = decode_entry(seq, &v)?;
             head = Some(entry.last_seq());
-            frames.push((seq, v.to_vec()));
+            frames.push((seq, None, v.to_vec()));
             moved += 1;
             if frames.len() >= 1000 {
                 log.append(&frames).map_err(log_io("migrating entries"))?;

@@ -4,9 +4,11 @@
 //!
 //! # Format
 //! A segment is named after the seq of its first frame, zero-padded to 20 digits (`<seq>.seg`), so
-//! the names sort by seq. A frame is `len u32 | crc32 u32 | seq u64 | value`, little endian, where
-//! `len` counts `seq` and `value`, the CRC (IEEE) covers the same bytes, and the value is the entry
-//! as `codec.rs` encodes it. Frames follow each other with consecutive seqs (a gap frame covers
+//! the names sort by seq. A frame is `len u32 | crc32 u32 | seq u64 | mark u32 | value`, little
+//! endian, where `len` counts everything after the CRC, the CRC (IEEE) covers the same bytes, `mark`
+//! is the MQTT packet id + 1 of a QoS1 record (0: none; the redelivery marks of appends the
+//! database never recorded are rebuilt from it), and the value is the entry as `codec.rs` encodes
+//! it. Frames follow each other with consecutive seqs (a gap frame covers
 //! `seq..=to_seq`). A segment is closed once it would pass `cap` bytes (a single larger frame gets
 //! a segment of its own); the one being closed is `fdatasync`ed before the next is created, and
 //! a new segment is made durable in its directory at creation, so older segments are always whole.
@@ -33,8 +35,8 @@ use crate::protocol::GapReason;
 
 /// Bytes before a frame's body: `len` and `crc`.
 const HEADER: u64 = 8;
-/// The seq at the start of the body.
-const SEQ: u64 = 8;
+/// The seq and the mark at the start of the body.
+const SEQ: u64 = 12;
 /// A length field above this is damage, whatever the file holds.
 const MAX_BODY: u64 = 1 << 31;
 /// How far past the expected seq a frame found after damage may start.
@@ -75,8 +77,8 @@ pub(super) type Overlays = BTreeMap<u64, Overlay>;
 /// What the reader yields, in seq order.
 #[derive(Debug)]
 pub(super) enum Item {
-    /// An entry read from a frame, and the frame's size.
-    Frame(Entry, u64),
+    /// An entry read from a frame, the frame's size, and the MQTT packet id it was delivered under.
+    Frame(Entry, u64, Option<u16>),
     /// An overlay standing in for the entries `from..=to`.
     Overlay(u64, Overlay),
     /// Seqs that should be in the log and are not (damage): `from..=to`.
@@ -86,13 +88,13 @@ pub(super) enum Item {
 impl Item {
     pub fn first_seq(&self) -> u64 {
         match self {
-            Item::Frame(e, _) => e.first_seq(),
+            Item::Frame(e, ..) => e.first_seq(),
             Item::Overlay(from, _) | Item::Lost(from, _) => *from,
         }
     }
     pub fn last_seq(&self) -> u64 {
         match self {
-            Item::Frame(e, _) => e.last_seq(),
+            Item::Frame(e, ..) => e.last_seq(),
             Item::Overlay(_, o) => o.to,
             Item::Lost(_, to) => *to,
         }
@@ -100,7 +102,7 @@ impl Item {
     /// The entry the uplink sees.
     pub fn entry(self) -> Entry {
         match self {
-            Item::Frame(e, _) => e,
+            Item::Frame(e, ..) => e,
             Item::Overlay(from, o) => Entry::Gap {
                 from_seq: from,
                 to_seq: o.to,
@@ -116,7 +118,7 @@ impl Item {
     /// What it costs in the backlog.
     pub fn size(&self) -> u64 {
         match self {
-            Item::Frame(_, size) => *size,
+            Item::Frame(_, size, _) => *size,
             Item::Overlay(_, o) => gap_size(o.to, o.reason),
             Item::Lost(_, to) => gap_size(*to, GapReason::JournalLost),
         }
@@ -252,46 +254,9 @@ impl Segments {
         Ok(n)
     }
 
-    /// Cuts every frame after `seq` off the log (frames whose append was never synced, and that
-    /// the database never heard of). Returns the bytes cut.
-    pub fn truncate_after(&mut self, seq: u64) -> io::Result<u64> {
-        self.cursor = None;
-        self.active = None;
-        let mut cut = 0;
-        let later: Vec<u64> = self.files.range(seq + 1..).map(|(f, _)| *f).collect();
-        for first in later {
-            cut += self.files.remove(&first).unwrap_or(0);
-            std::fs::remove_file(self.path(first))?;
-        }
-        if let Some((&first, &len)) = self.files.iter().next_back() {
-            let path = self.path(first);
-            let file = OpenOptions::new().read(true).append(true).open(&path)?;
-            let mut r = BufReader::with_capacity(READ_BUF, &file);
-            let (mut offset, mut expected) = (0u64, first);
-            while let Frame::Good(entry, size) = read_frame(&mut r, len - offset, expected)? {
-                if entry.first_seq() > seq {
-                    break;
-                }
-                offset += size;
-                expected = entry.last_seq() + 1;
-            }
-            drop(r);
-            if offset < len {
-                file.set_len(offset)?;
-                file.sync_data()?;
-                cut += len - offset;
-            }
-            self.files.insert(first, offset);
-            self.active = Some((first, file));
-        }
-        self.dirty = false;
-        File::open(&self.dir)?.sync_all()?;
-        Ok(cut)
-    }
-
-    /// Appends `frames` (seq, value), consecutive and following the log's head, in as few writes
+    /// Appends `frames` (seq, MQTT packet id, value), consecutive and following the log's head, in as few writes
     /// as there are segments touched. Not durable until [`Segments::sync_handle`]'s file is synced.
-    pub fn append(&mut self, frames: &[(u64, Vec<u8>)]) -> io::Result<()> {
+    pub fn append(&mut self, frames: &[(u64, Option<u16>, Vec<u8>)]) -> io::Result<()> {
         if self.broken {
             return Err(io::Error::other(
                 "an earlier append failed; the journal must be reopened",
@@ -300,13 +265,13 @@ impl Segments {
         let mut buf = Vec::new();
         let mut i = 0;
         while i < frames.len() {
-            let (seq, _) = frames[i];
+            let (seq, ..) = frames[i];
             let used = self
                 .active
                 .as_ref()
                 .and_then(|(first, _)| self.files.get(first))
                 .copied();
-            let size = frame_size(frames[i].1.len());
+            let size = frame_size(frames[i].2.len());
             if used.is_none_or(|used| used > 0 && used + size > self.cap) {
                 self.roll(seq)?;
             }
@@ -315,19 +280,22 @@ impl Segments {
             };
             let mut used = self.files.get(first).copied().unwrap_or(0);
             buf.clear();
-            while let Some((seq, value)) = frames.get(i) {
+            while let Some((seq, pkid, value)) = frames.get(i) {
                 let size = frame_size(value.len());
                 if !buf.is_empty() && used + size > self.cap {
                     break;
                 }
                 let body_len = u32::try_from(SEQ as usize + value.len())
                     .map_err(|_| io::Error::other("record too large for a frame"))?;
+                let mark = pkid.map_or(0u32, |p| u32::from(p) + 1);
                 let mut crc = crc32fast::Hasher::new();
                 crc.update(&seq.to_le_bytes());
+                crc.update(&mark.to_le_bytes());
                 crc.update(value);
                 buf.extend_from_slice(&body_len.to_le_bytes());
                 buf.extend_from_slice(&crc.finalize().to_le_bytes());
                 buf.extend_from_slice(&seq.to_le_bytes());
+                buf.extend_from_slice(&mark.to_le_bytes());
                 buf.extend_from_slice(value);
                 used += size;
                 i += 1;
@@ -422,7 +390,7 @@ impl Segments {
     ) -> io::Result<()> {
         let mut s = from;
         let mut open: Option<(u64, BufReader<File>, u64, u64)> = None; // segment, reader, offset, expected seq
-        let mut pending: Option<(Entry, u64, u64)> = None; // a frame read ahead, its size and end offset
+        let mut pending: Option<(Entry, u64, Option<u16>, u64)> = None; // a frame read ahead, its size, mark and end offset
         // The seq before the next overlay at or after `s`, to cap a lost range.
         let before_overlay = |s: u64| {
             overlays
@@ -479,12 +447,12 @@ impl Segments {
                 continue;
             };
             let len = self.files.get(&seg).copied().unwrap_or(0);
-            let (entry, size, after) = match pending.take() {
+            let (entry, size, pkid, after) = match pending.take() {
                 Some(p) => p,
                 None => match read_frame(r, len.saturating_sub(*offset), *expected)? {
-                    Frame::Good(entry, size) => {
+                    Frame::Good(entry, size, pkid) => {
                         *offset += size;
-                        (entry, size, *offset)
+                        (entry, size, pkid, *offset)
                     }
                     Frame::End | Frame::Bad => {
                         let at = *offset;
@@ -531,7 +499,7 @@ impl Segments {
             if entry.first_seq() > s {
                 // A hole before this frame.
                 let to = (entry.first_seq() - 1).min(end).min(before_overlay(s));
-                pending = Some((entry, size, after));
+                pending = Some((entry, size, pkid, after));
                 let flow = visit(Item::Lost(s, to));
                 s = to + 1;
                 if flow != Flow::Next {
@@ -540,7 +508,7 @@ impl Segments {
                 continue;
             }
             let last = entry.last_seq();
-            let flow = visit(Item::Frame(entry, size));
+            let flow = visit(Item::Frame(entry, size, pkid));
             if flow == Flow::Refuse {
                 break;
             }
@@ -569,7 +537,7 @@ fn parse_name(name: &str) -> Option<u64> {
 }
 
 enum Frame {
-    Good(Entry, u64),
+    Good(Entry, u64, Option<u16>),
     /// Short, failing its CRC, undecodable, or not the expected seq.
     Bad,
     /// No bytes left.
@@ -598,10 +566,11 @@ fn read_frame(r: &mut impl Read, remaining: u64, expected: u64) -> io::Result<Fr
     if !read_full(r, &mut body)? {
         return Ok(Frame::Bad);
     }
-    Ok(decode_frame(crc, &body, expected).map_or(Frame::Bad, |e| Frame::Good(e, HEADER + len)))
+    Ok(decode_frame(crc, &body, expected)
+        .map_or(Frame::Bad, |(e, pkid)| Frame::Good(e, HEADER + len, pkid)))
 }
 
-fn decode_frame(crc: u32, body: &[u8], expected: u64) -> Option<Entry> {
+fn decode_frame(crc: u32, body: &[u8], expected: u64) -> Option<(Entry, Option<u16>)> {
     if crc32fast::hash(body) != crc {
         return None;
     }
@@ -609,7 +578,12 @@ fn decode_frame(crc: u32, body: &[u8], expected: u64) -> Option<Entry> {
     if expected > 0 && seq != expected {
         return None;
     }
-    decode_entry(seq, body.get(8..)?).ok()
+    let mark = u32::from_le_bytes(body.get(8..12)?.try_into().ok()?);
+    let pkid = match mark {
+        0 => None,
+        m => Some(u16::try_from(m - 1).ok()?),
+    };
+    Some((decode_entry(seq, body.get(SEQ as usize..)?).ok()?, pkid))
 }
 
 /// `read_exact` that reports a short read as `false` instead of an error.
@@ -658,7 +632,7 @@ fn scan_tail(file: &File, path: &Path, first: u64) -> io::Result<(u64, u64)> {
     let mut expected = first;
     loop {
         match read_frame(&mut r, len - offset, expected)? {
-            Frame::Good(entry, size) => {
+            Frame::Good(entry, size, _) => {
                 offset += size;
                 expected = entry.last_seq() + 1;
             }

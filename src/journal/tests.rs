@@ -723,9 +723,10 @@ fn dead_letters_are_never_deleted_when_their_store_is_full() {
 
 /// Regression (tests/crash.rs): a SIGKILL between an append and its sync kept the frames (the
 /// kernel had them) but not sled's unflushed redelivery marks, so the broker's redelivery was
-/// journaled a second time. Frames the database never heard of are cut at open.
+/// journaled a second time. The marks of frames the database never recorded are rebuilt from
+/// the frames at open.
 #[test]
-fn frames_the_database_never_heard_of_are_cut_at_open() {
+fn redelivery_marks_of_frames_the_database_never_recorded_are_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     {
         let j = Journal::open(&opts(dir.path())).unwrap();
@@ -733,13 +734,14 @@ fn frames_the_database_never_heard_of_are_cut_at_open() {
         // The frame of an append whose database batch was lost with the process.
         let mut st = j.lock();
         let log = st.log.as_mut().unwrap();
-        log.append(&[(3, encode_record(&qos1(3, false, b"c")))])
+        log.append(&[(3, Some(3), encode_record(&qos1(3, false, b"c")))])
             .unwrap();
     }
     let j = Journal::open(&opts(dir.path())).unwrap();
-    assert_eq!(j.positions().head_seq, 2);
+    assert_eq!(j.positions().head_seq, 3);
+    assert_eq!(j.positions().backlog_records, 3);
     let a = append_synced(&j, &[qos1(3, true, b"c")]);
-    assert_eq!((a.first_seq, a.redeliveries), (Some(3), 0));
+    assert_eq!((a.first_seq, a.redeliveries), (None, 1));
     assert_eq!(
         seqs(&j.read_batch(None, 10, 1 << 20).unwrap()),
         vec![1, 2, 3]
