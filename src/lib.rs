@@ -2,7 +2,7 @@
 //!
 //! # Data flow
 //! ```text
-//!  mosquitto ──► [mqtt] ──channel──► [journal-writer] ──► Journal (sled, fsync) ──► [uplink] ──► HTTP cloud
+//!  mosquitto ──► [mqtt] ──channel──► [journal-writer] ──► Journal (log, fsync) ──► [uplink] ──► HTTP cloud
 //!                  ▲                        │                                          │
 //!                  └──── PUBACK after ──────┘ durable watermark          cursor moves on 2xx
 //!                                                        [control] ◄── GET /status, /metrics
@@ -11,8 +11,9 @@
 //! ```
 //! - `ingest` owns the MQTT connection (`rumqttc`): the `mqtt` thread polls it and never blocks on
 //!   the disk; the `journal-writer` thread group-commits messages to the journal.
-//! - `journal` owns the sled database: records by seq, gaps, dead letters, the cursor. Every other
-//!   module holds a clonable `Journal` handle.
+//! - `journal` owns the record log (append-only segment files: records and gaps by seq) and the
+//!   sled database of its small state (the cursor, dead letters, redelivery marks, command
+//!   results). Every other module holds a clonable `Journal` handle.
 //! - `uplink` owns the HTTP agent (`ureq`): one batch in flight, in seq order, from the cursor.
 //! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
 //!   commands; command results and the audited rewind of the cursor live in the journal.

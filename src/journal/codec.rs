@@ -12,12 +12,17 @@ use crate::protocol::GapReason;
 pub(super) const P_ENTRY: u8 = b'E';
 pub(super) const P_DEAD: u8 = b'D';
 pub(super) const P_INGEST: u8 = b'I';
+/// A gap standing in for entries of the log (`segments::Overlay`): the value is a gap's `E` value.
+pub(super) const P_OVERLAY: u8 = b'X';
 
 pub(super) const M_NEXT_SEQ: &[u8] = b"Mnext_seq";
 pub(super) const M_ACKED: &[u8] = b"Macked";
 pub(super) const M_BACKLOG_RECORDS: &[u8] = b"Mbacklog_records";
 pub(super) const M_BACKLOG_BYTES: &[u8] = b"Mbacklog_bytes";
 pub(super) const M_DEAD_BYTES: &[u8] = b"Mdead_bytes";
+/// The oldest acknowledged seq kept for replay, and the bytes kept (`commands.rs`).
+pub(super) const M_RETAIN_FROM: &[u8] = b"Mretain_from";
+pub(super) const M_RETAINED_BYTES: &[u8] = b"Mretained_bytes";
 /// Present once the journal has been reconciled with the seq mark: its absence means a new database.
 pub(super) const M_INITIALISED: &[u8] = b"Minitialised";
 
@@ -130,6 +135,8 @@ pub fn decode_dead(seq: u64, value: &[u8]) -> Result<(DeadHeader, Record)> {
     }
 }
 
+/// The key of an entry in the older layout (entries in sled), read only to migrate them.
+#[cfg(test)]
 pub(super) fn entry_key(seq: u64) -> [u8; 9] {
     let mut k = [P_ENTRY; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
@@ -138,6 +145,12 @@ pub(super) fn entry_key(seq: u64) -> [u8; 9] {
 
 pub(super) fn dead_key(seq: u64) -> [u8; 9] {
     let mut k = [P_DEAD; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(super) fn overlay_key(seq: u64) -> [u8; 9] {
+    let mut k = [P_OVERLAY; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
 }

@@ -1,46 +1,46 @@
 //! Durable state of the downlink kept in the journal: the acknowledged entries retained for an
 //! audited replay, and the ids and results of the cloud's commands. Additive to the layout in
-//! `mod.rs`, in the same tree, so every change is one atomic `sled::Batch`:
+//! `mod.rs`, in the same sled tree, so every change is one atomic `sled::Batch`:
 //!
 //! | key | value |
 //! |---|---|
-//! | `R` seq:u64 | an acknowledged entry, kept for `replay_from`: the `E` value as it was |
+//! | `M` `retain_from`, `retained_bytes` | the replay window: acknowledged seqs `retain_from..=acked` |
 //! | `C` id bytes | a command's result: order:u64, then the result's JSON |
 //! | `O` order:u64 | the id of the command remembered `order`-th (for evicting the oldest) |
 //! | `M` `command_next` | the next order, u64 |
 //!
-//! Retention: [`Journal::ack`] moves the acknowledged entries from `E` to `R` in the batch that
-//! moves the cursor, and drops the oldest `R` entries past `RETAIN_SHARE` of `journal.max_bytes`.
-//! The `R` entries therefore always cover one run of seqs ending at the cursor. [`Journal::rewind_to`]
-//! moves a tail of that run back to `E` and the cursor back with it, again in one batch: the one way
-//! the cursor ever moves backwards, logged at WARN. An upload in flight across a rewind is not
-//! acknowledged (it is sent again, and the cloud deduplicates), so a rewind never skips a seq.
+//! Retention: acknowledged entries stay in the log (segments are freed only behind the window);
+//! [`Journal::ack`] widens the window by what it acknowledges and moves `retain_from` past the
+//! oldest acknowledged chunks beyond `RETAIN_SHARE` of `journal.max_bytes` (at most `RETAIN_MAX`).
+//! The window therefore
+//! always covers one run of seqs ending at the cursor. [`Journal::rewind_to`] moves the cursor
+//! back into that run, in one batch: the one way the cursor ever moves backwards, logged at WARN.
+//! An upload in flight across a rewind is not acknowledged (it is sent again, and the cloud
+//! deduplicates), so a rewind never skips a seq.
 //!
 //! Commands: at most [`MAX_COMMANDS`] results are remembered, the oldest evicted first.
 
 use log::{info, warn};
 
-use super::codec::{decode_entry, entry_key, entry_size, key_seq};
-use super::{Error, Journal, Result, State, storage};
+use super::codec::{M_RETAIN_FROM, M_RETAINED_BYTES, overlay_key};
+use super::segments::{Flow, Item};
+use super::{Error, Journal, Result, State, log_io, log_of, storage};
 
-pub(super) const P_RETAINED: u8 = b'R';
 const P_COMMAND: u8 = b'C';
 const P_COMMAND_ORDER: u8 = b'O';
 const M_COMMAND_NEXT: &[u8] = b"Mcommand_next";
 
-/// Share of `journal.max_bytes` that acknowledged entries may keep for replay.
+/// Share of `journal.max_bytes` that acknowledged entries may keep for replay, up to
+/// `RETAIN_MAX` (the window is disk the backlog cannot use).
 pub(super) const RETAIN_SHARE: f64 = 0.02;
+pub(super) const RETAIN_MAX: u64 = 4 << 20;
+/// Acknowledged chunks the retention window remembers the bounds of.
+const MAX_RETAINED_CHUNKS: usize = 1024;
 /// Command results remembered.
 pub const MAX_COMMANDS: u64 = 10_000;
 /// Longest command id and result stored.
 pub const MAX_COMMAND_ID: usize = 128;
 pub const MAX_COMMAND_RESULT: usize = 64 * 1024;
-
-pub(super) fn retained_key(seq: u64) -> [u8; 9] {
-    let mut k = [P_RETAINED; 9];
-    k[1..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
 
 fn command_key(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + 1);
@@ -64,45 +64,62 @@ pub struct Rewind {
 }
 
 impl Journal {
-    /// Keeps acknowledged `entries` (seq, `E` value), oldest first, as `R` entries in `batch`, and
-    /// drops the oldest retained entries beyond the retention budget. Called by `ack` with the
-    /// state locked.
+    /// Keeps the entries just acknowledged (`..=through`, `bytes` of them) for replay, and moves
+    /// the start of the retention window past the oldest acknowledged chunks beyond the budget.
+    /// The entries stay in the log; only the window's bounds are state (sled and memory). Called
+    /// by `ack` with the state locked, before the cursor moves.
     pub(super) fn retain_acked(
         &self,
         st: &mut State,
         batch: &mut sled::Batch,
-        entries: Vec<(u64, sled::IVec)>,
-    ) -> Result<()> {
-        let cap = (self.inner.max_bytes as f64 * RETAIN_SHARE) as u64;
-        let added: u64 = entries.iter().map(|(_, v)| entry_size(v)).sum();
-        let mut total = st.retained_bytes + added;
-        if total > cap {
-            for item in self.store()?.log.scan_prefix([P_RETAINED]) {
-                if total <= cap {
-                    break;
-                }
-                let (k, v) = item.map_err(storage("trimming retained entries"))?;
-                total = total.saturating_sub(entry_size(&v));
-                batch.remove(k);
+        through: u64,
+        bytes: u64,
+    ) {
+        let cap = ((self.inner.max_bytes as f64 * RETAIN_SHARE) as u64).min(RETAIN_MAX);
+        if st.retained_bytes == 0 {
+            st.retain_from = st.acked + 1;
+        }
+        st.retained_chunks.push_back((through, bytes));
+        st.retained_bytes += bytes;
+        // Bounded memory: the two oldest chunks merge (the window gets coarser, never larger).
+        while st.retained_chunks.len() > MAX_RETAINED_CHUNKS {
+            if let (Some(a), Some(b)) = (
+                st.retained_chunks.pop_front(),
+                st.retained_chunks.pop_front(),
+            ) {
+                st.retained_chunks.push_front((b.0, a.1 + b.1));
             }
         }
-        for (seq, v) in entries {
-            // The newest entries of a batch larger than the whole budget are the ones kept.
-            if total > cap {
-                total = total.saturating_sub(entry_size(&v));
-                continue;
-            }
-            batch.insert(&retained_key(seq)[..], v);
+        while st.retained_bytes > cap {
+            let Some((last, b)) = st.retained_chunks.pop_front() else {
+                break;
+            };
+            st.retained_bytes = st.retained_bytes.saturating_sub(b);
+            st.retain_from = last + 1;
         }
-        st.retained_bytes = total;
-        Ok(())
+        if st.retained_chunks.is_empty() {
+            st.retained_bytes = 0;
+            st.retain_from = through + 1;
+        }
+        // Overlays wholly before the window are not needed any more.
+        let gone: Vec<u64> = st
+            .overlays
+            .range(..st.retain_from)
+            .filter(|(_, o)| o.to < st.retain_from)
+            .map(|(f, _)| *f)
+            .collect();
+        for from in gone {
+            st.overlays.remove(&from);
+            batch.remove(&overlay_key(from)[..]);
+        }
+        batch.insert(M_RETAIN_FROM, &st.retain_from.to_be_bytes()[..]);
+        batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
     }
 
-    /// Bytes of retained entries, counted at open.
+    /// Bytes of retained entries.
+    #[cfg(test)]
     pub(super) fn count_retained(&self) -> Result<u64> {
-        Ok(self
-            .count_prefix(P_RETAINED, "counting retained entries")?
-            .1)
+        Ok(self.lock().retained_bytes)
     }
 
     /// Moves the cursor back so that the uplink sends `seq` and everything after it again: the
@@ -129,14 +146,7 @@ impl Journal {
                 to: acked,
             });
         }
-        let store = self.store()?;
-        let oldest = store
-            .log
-            .scan_prefix([P_RETAINED])
-            .next()
-            .transpose()
-            .map_err(storage("reading retained entries"))?
-            .map(|(k, _)| key_seq(&k));
+        let oldest = (st.retained_bytes > 0 && st.retain_from <= acked).then_some(st.retain_from);
         let not_retained = |oldest: Option<u64>| Error::NotRetained {
             seq,
             reason: match oldest {
@@ -144,44 +154,59 @@ impl Journal {
                 None => "no acknowledged entries are retained".to_owned(),
             },
         };
-        // The retained entry holding `seq` (a gap may cover a range).
-        let (start, _) = store
-            .log
-            .range(retained_key(0)..=retained_key(seq))
-            .next_back()
-            .transpose()
-            .map_err(storage("reading retained entries"))?
-            .ok_or_else(|| not_retained(oldest))?;
-        let start = key_seq(&start);
-        let mut batch = sled::Batch::default();
-        let mut expect = start;
-        let (mut records, mut bytes) = (0u64, 0u64);
-        for item in store.log.range(retained_key(start)..=retained_key(acked)) {
-            let (k, v) = item.map_err(storage("reading retained entries"))?;
-            let entry = decode_entry(key_seq(&k), &v)?;
-            // The run must be whole: a missing seq would be skipped by the replay.
-            if entry.first_seq() != expect {
-                return Err(not_retained(oldest));
-            }
-            expect = entry.last_seq() + 1;
-            records += 1;
-            bytes += entry_size(&v);
-            batch.remove(k);
-            batch.insert(&entry_key(entry.first_seq())[..], v);
-        }
-        if expect != acked + 1 {
+        let Some(from) = oldest.filter(|o| *o <= seq) else {
             return Err(not_retained(oldest));
+        };
+        // The retained entry holding `seq` (a gap may cover a range), and what follows it. The
+        // run must be whole: a missing seq would be skipped by the replay.
+        let mut start = None;
+        let (mut records, mut bytes, mut whole) = (0u64, 0u64, true);
+        let mut expect = from;
+        {
+            let State { log, overlays, .. } = &mut *st;
+            log_of(log)?
+                .read(from, acked, overlays, false, |item| {
+                    if item.first_seq() != expect || matches!(item, Item::Lost(..)) {
+                        whole = false;
+                        return Flow::Stop;
+                    }
+                    expect = item.last_seq() + 1;
+                    if start.is_none() && item.last_seq() >= seq {
+                        start = Some(item.first_seq());
+                    }
+                    if start.is_some() {
+                        records += 1;
+                        bytes += item.size();
+                    }
+                    Flow::Next
+                })
+                .map_err(log_io("reading retained entries"))?;
         }
-        drop(store);
+        let Some(start) = start.filter(|_| whole && expect == acked + 1) else {
+            return Err(not_retained(oldest));
+        };
         st.acked = start - 1;
         st.protected_through = st.acked;
         st.rewound = true;
+        st.inflight.clear();
         st.backlog_records += records;
         st.backlog_bytes += bytes;
         st.retained_bytes = st.retained_bytes.saturating_sub(bytes);
+        st.retained_chunks.clear();
+        if st.retained_bytes > 0 && st.retain_from <= st.acked {
+            let chunk = (st.acked, st.retained_bytes);
+            st.retained_chunks.push_back(chunk);
+        } else {
+            st.retained_bytes = 0;
+            st.retain_from = st.acked + 1;
+        }
+        let mut batch = sled::Batch::default();
         batch.insert(super::codec::M_ACKED, &st.acked.to_be_bytes()[..]);
+        batch.insert(M_RETAIN_FROM, &st.retain_from.to_be_bytes()[..]);
+        batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
         self.put_counters(&st, &mut batch);
         self.apply(batch, "rewinding the cursor")?;
+        st.sled_dirty = true;
         let rewind = Rewind {
             from: acked,
             to: st.acked,
@@ -255,6 +280,7 @@ impl Journal {
         }
         self.apply(batch, "remembering a command")?;
         drop(st);
+        self.sled_changed();
         self.sync()
     }
 }

@@ -4,6 +4,7 @@
 //! journal.dir/
 //!   device-id            the device identity (identity.rs)
 //!   seq-mark             the seq high-water mark (mark.rs)
+//!   log/                 the record log's segments (segments.rs), not part of any generation
 //!   db -> db-7           symlink to the current database; replaced atomically by rename(2)
 //!   db-7/                the sled database
 //!   db.corrupt-<secs>/   a database that would not open, kept for forensics

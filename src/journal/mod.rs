@@ -4,59 +4,82 @@
 //! handle.
 //!
 //! # On-disk layout
-//! One sled database in `journal.dir/db`, and in it one tree, `log`. Keeping every kind of key in one
-//! tree lets each change of state be a single `sled::Batch`, which sled applies atomically, also
-//! across a crash. Keys are a one-byte prefix and a big-endian number, so they sort by seq:
+//! ```text
+//! journal.dir/
+//!   log/<first seq, 20 digits>.seg   the record log: every entry, in seq order (segments.rs)
+//!   db -> db-<n>/                    sled: the small state (layout.rs)
+//!   seq-mark                         the seq high-water mark (mark.rs)
+//! ```
+//! The log holds the entries: records and gaps, as CRC32-checked frames in append-only segment
+//! files (format and damage rules in `segments.rs`). It is never rewritten: a whole segment is
+//! deleted once nothing needs it any more. sled holds one tree, `log`, of small keys, each change of
+//! state one atomic `sled::Batch`; keys are a one-byte prefix and a big-endian number:
 //!
 //! | key | value |
 //! |---|---|
-//! | `E` seq:u64 | an unacknowledged entry: a record (kind 1), or a gap (kind 2) covering `seq..=to_seq` |
-//! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record as stored under `E` |
+//! | `X` seq:u64 | an overlay: a gap (`to_seq`, reason) shown in place of the log's entries `seq..=to_seq` — a dead-lettered record (`rejected`), records dropped for room (`journal_full`), unreadable ones (`journal_lost`) |
+//! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record's entry value |
 //! | `I` pkid:u16 | the last QoS1 message journaled under that MQTT packet id: hash of topic+payload, seq |
-//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, all u64 |
-//! | `R`, `C`, `O` | acknowledged entries kept for replay, and downlink command results (`commands.rs`) |
+//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, `retain_from`, `retained_bytes`, all u64 |
+//! | `C`, `O` | downlink command results (`commands.rs`) |
 //!
-//! A record value is `[1] postcard(header) payload`; the payload is stored as the raw MQTT bytes and
-//! turned into its wire form (JSON, text or base64) only at upload.
+//! An entry value is `[1] postcard(header) payload` for a record (the payload as the raw MQTT
+//! bytes, turned into its wire form only at upload) or `[2] postcard(to_seq, reason)` for a gap.
+//! The older layout (every entry an `E` key in sled) is moved into the log at open.
 //!
 //! # Invariants
-//! - `seq` starts at 1 and is assigned once, at append, from `M/next_seq`, which is written in the same
-//!   batch as the records. It never goes backwards: on open, `next_seq` is raised past the last entry
-//!   and past the cursor if either is ahead of it.
-//! - The `E` entries cover exactly the seqs `acked+1 ..= next_seq-1`, each seq by one record or one
-//!   gap. An ack removes the acknowledged entries and moves `M/acked` in one batch.
+//! - `seq` starts at 1 and is assigned once, at append. It never goes backwards: on open the head
+//!   is the log's last frame, raised past the cursor if the cursor is ahead of it.
+//! - The log's entries, with the overlays in place of what they cover, hold every seq of
+//!   `acked+1 ..= next_seq-1` exactly once; a seq that cannot be read is reported as a
+//!   `journal_lost` gap (recorded as an overlay), never skipped.
 //! - The cursor (`M/acked`) only moves forward, and only by [`Journal::ack`] after the cloud answered
 //!   2xx, or backwards by [`Journal::rewind_to`], the audited replay the cloud asks for
-//!   (`commands.rs`).
+//!   (`commands.rs`). An ack moves the cursor without reading the entries again (their sizes are
+//!   known from the read), and keeps the acknowledged entries for replay within `RETAIN_SHARE` of
+//!   `max_bytes`, at most `RETAIN_MAX` (`retain_from ..= acked`).
+//! - A segment is deleted when each of its seqs is acknowledged durably and before `retain_from`,
+//!   or covered by an overlay a sync made durable. The newest segment is never deleted.
 //!
 //! # Durability and the crash window
-//! sled 0.34's `flush()` writes its buffers and calls `sync_file_range`, which is not a barrier
-//! against power loss. [`Journal::sync`] therefore follows it with `fdatasync` of the database file
-//! and an fsync of every blob file (sled stores values larger than a quarter segment as separate
-//! files; the segment size is chosen so that a maximal MQTT packet stays inline). Appends are group
-//! committed: the writer appends a batch, syncs once, and only then lets the MQTT thread PUBACK.
-//! Only synced records are handed to the uplink ([`Journal::read_batch`] stops at the durable head),
-//! so a power cut can never take back a seq that the cloud has seen. A crash between the sync and the
-//! PUBACK makes the broker redeliver with DUP; the `I` marks let the writer recognise the copy.
+//! [`Journal::sync`] `fdatasync`s the active segment (a segment is synced when it is closed, and a
+//! new one is made durable in its directory at creation): one `fdatasync` per group commit. sled is
+//! flushed and its file and blob files `fdatasync`ed (sled 0.34's own `flush()` ends in
+//! `sync_file_range`, not a barrier against power loss) only when it holds a change that must be
+//! durable: overlays, dead letters, command results, a rewind, an ack that frees a segment. The
+//! positions and redelivery marks of appends need not be: at open the head comes from the log,
+//! the counters are advanced over the frames past the stored `next_seq`, and the marks are rebuilt
+//! from the packet id each frame carries. Appends are group committed: the writer appends a batch
+//! (frames first, then sled's batch of positions and marks), syncs once, and only then lets the
+//! MQTT thread PUBACK. Only synced records are handed to the uplink ([`Journal::read_batch`] stops
+//! at the durable head), so a power cut can never take back a seq that the cloud has seen. A power
+//! cut can leave a torn last frame, cut at open: it was never PUBACKed, so the broker sends it
+//! again. A crash between the sync and the PUBACK makes the broker redeliver with DUP; the `I`
+//! marks let the writer recognise the copy. An ack is not synced by itself unless it frees a segment (the cursor is durable
+//! before the data goes): a lost ack only means the cloud sees a batch again and deduplicates it.
 //! A file or directory survives a power cut only once the directory holding it is synced, so the
-//! journal syncs the parents of the `journal.dir` it creates, and the database directory that
-//! sled fills at open.
+//! journal syncs the parents of the `journal.dir` it creates, of the log, and of the database
+//! directory that sled fills at open.
 //!
 //! # Losing the journal
 //! sled 0.34 opens damaged files without complaint more often than it refuses them (measured: a
-//! truncated file opened with 7 of 10,000 keys). So besides moving an unopenable database aside
-//! (`db.corrupt-<unix seconds>`, kept for forensics) and starting a fresh one, the journal keeps a
-//! seq high-water mark outside sled (`mark.rs`): a lease on seqs, renewed before any seq past it is
-//! assigned, and the head at the last renewal or clean close. A fresh database where a mark exists,
-//! or a head below the mark's, is reported as a `journal_lost` gap up to the lease, and seqs
-//! continue after it: `seq` never goes backwards, so the cloud's dedupe never drops a new record.
+//! truncated file opened with 7 of 10,000 keys), and a disk may lose synced data. So besides moving
+//! an unopenable database aside (`db.corrupt-<unix seconds>`, kept for forensics) and starting a
+//! fresh one (whose log, belonging to no database, is removed), the journal keeps a seq high-water
+//! mark outside sled (`mark.rs`): a lease on seqs, renewed before any seq past it is assigned, and
+//! the durable head at the last renewal or clean close. A fresh database where a mark exists, or a
+//! head below the mark's, is reported as a `journal_lost` gap up to the lease, and seqs continue
+//! after it: `seq` never goes backwards, so the cloud's dedupe never drops a new record.
 //!
 //! # Full journal
-//! The on-disk budget is `journal.max_bytes`. sled's file never shrinks below its high-water mark and
-//! keeps freed space for reuse, so admission is decided on the logical bytes held (entries and dead
-//! letters), against a share of `max_bytes` that leaves room for sled's own space amplification (see
-//! `LOGICAL_SHARE`). `reject_new` refuses the append (the writer retries; the broker queues);
-//! `drop_oldest` replaces the oldest unsent records with a `journal_full` gap.
+//! The on-disk budget is `journal.max_bytes`, for the segments and sled together. Admission is
+//! decided on the logical bytes held (frames of the backlog, and dead letters), against a share of
+//! `max_bytes` that leaves room for what the log holds besides the backlog (the replay window,
+//! partly freed segments) and adapts to the bytes measured on disk (`LOGICAL_SHARE`).
+//! `reject_new` refuses the append (the writer retries; the broker queues); `drop_oldest` covers
+//! the oldest unsent records with a `journal_full` overlay, and the segments it covers go at the
+//! next sync. sled holds little, but its file grows with the volume written, so it is compacted
+//! into a new generation when it has doubled (`maybe_compact`, `layout.rs`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -69,28 +92,27 @@ use serde::{Deserialize, Serialize};
 use crate::config::OnFull;
 use crate::protocol::GapReason;
 
-/// Starting share of `journal.max_bytes` that logical bytes may use. sled's files grow well past the
-/// live data under a FIFO workload (measured: ~1.5x for 100-byte records, ~7x for 20 KB records), so
-/// the budget then adapts to the bytes really on disk (see `Journal::adapt_budget`).
-const LOGICAL_SHARE: f64 = 0.15;
+/// Starting share of `journal.max_bytes` that logical bytes (the backlog and dead letters) may
+/// use. The rest is for what the log holds besides the backlog: up to two partly freed segments
+/// (a segment is `max_bytes / 16`), the replay window, and sled's small state.
+const LOGICAL_SHARE: f64 = 0.7;
 /// The adaptive budget never goes below this share of `max_bytes`.
 const MIN_SHARE: f64 = 0.02;
 /// On-disk use above this share of `max_bytes` shrinks the logical budget; below `GROW_BELOW` it
 /// may grow back towards `LOGICAL_SHARE`.
-const SHRINK_ABOVE: f64 = 0.5;
-const GROW_BELOW: f64 = 0.3;
+const SHRINK_ABOVE: f64 = 0.9;
+const GROW_BELOW: f64 = 0.8;
 /// Disk use is measured every this many appends (a `stat` of sled's files).
 const MEASURE_EVERY: u64 = 16;
-/// Compaction starts when sled's files pass this share of `max_bytes`: low enough that the old
-/// files and the new copy (live data, at most `COMPACT_LIVE_BELOW`, which sled amplifies up to
-/// ~2.5x in a fresh database) fit under `max_bytes` together.
-const COMPACT_ABOVE: f64 = 0.45;
-/// ...and the live data is below this share (otherwise a copy would not free enough).
-const COMPACT_LIVE_BELOW: f64 = 0.2;
+/// sled is compacted when its files pass this share of `max_bytes` and have doubled since the
+/// last open or compaction (sled 0.34's file grows with the volume written, not the data held).
+const COMPACT_ABOVE: f64 = 0.1;
 /// sled's segment size. Fixed: sled refuses to open a database with another one, so it must not
 /// follow any setting. Values over a quarter of it (~256 KiB) go to sled's blob files, which
 /// `Journal::sync` fsyncs as they appear.
 const SEGMENT_SIZE: usize = 1 << 20;
+/// The record log's directory in `journal.dir` (`segments.rs`).
+const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
 /// Redelivery marks kept: the broker only redelivers what was in flight, and mosquitto's
@@ -100,19 +122,21 @@ const GROUP_SHARE: u64 = 32;
 /// lowest free id could, after a reconnect, present a new message byte-identical to one within
 /// the window under the same id and with DUP set: it would be taken for a copy. See README.)
 const MAX_MARKS: usize = 1024;
-/// Dead letters may use at most this share of the starting logical budget; beyond it the uplink
+/// Dead letters (kept in sled) may use at most this share of `max_bytes`; beyond it the uplink
 /// stops isolating records (and backs off) rather than delete any.
-const DEAD_SHARE: f64 = 0.1;
+const DEAD_SHARE: f64 = 0.015;
 
 pub mod codec;
 mod commands;
 mod layout;
 pub mod mark;
+mod segments;
 
 pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind};
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
+use segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, gap_size, segment_cap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -127,6 +151,11 @@ pub enum Error {
     Storage {
         action: &'static str,
         source: sled::Error,
+    },
+    #[error("journal log error in {path}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("cannot sync journal file {path}")]
     Sync {
@@ -194,7 +223,9 @@ impl Error {
             },
             Error::Unreadable { .. } | Error::Corrupt { .. } => true,
             // sled could not create its files where its directory should be.
-            Error::Sync { source, .. } => source.kind() == std::io::ErrorKind::NotADirectory,
+            Error::Sync { source, .. } | Error::Log { source, .. } => {
+                source.kind() == std::io::ErrorKind::NotADirectory
+            }
             _ => false,
         }
     }
@@ -375,6 +406,8 @@ impl std::ops::Deref for StoreGuard<'_> {
 struct State {
     next_seq: u64,
     acked: u64,
+    /// The cursor as last made durable in sled (segments are freed only behind it).
+    acked_durable: u64,
     /// Highest seq known to be synced to disk.
     durable: u64,
     backlog_records: u64,
@@ -383,7 +416,7 @@ struct State {
     dead_count: u64,
     /// Entries up to here may be in an upload right now and must not be trimmed.
     protected_through: u64,
-    /// Logical bytes admitted, adapted to what sled really uses on disk.
+    /// Logical bytes admitted, adapted to what the journal really uses on disk.
     budget: u64,
     appends: u64,
     disk_high: bool,
@@ -393,10 +426,35 @@ struct State {
     dropped: u64,
     /// (seq, pkid) of the `I` marks kept, oldest first; at most `MAX_MARKS`.
     marks: std::collections::VecDeque<(u64, u16)>,
-    /// Bytes of acknowledged entries retained for replay (`commands.rs`).
+    /// The record log; `None` until the first recovery.
+    log: Option<Segments>,
+    /// Gaps standing in for entries of the log (the `X` keys), by first seq.
+    overlays: Overlays,
+    /// Counts overlays made, to tell which ones a sync made durable.
+    overlay_generation: u64,
+    /// The oldest acknowledged seq retained for replay (`commands.rs`); above `acked` when none.
+    retain_from: u64,
+    /// Bytes of acknowledged entries retained for replay.
     retained_bytes: u64,
+    /// The retained entries in acknowledged chunks (last seq, bytes), oldest first.
+    retained_chunks: std::collections::VecDeque<(u64, u64)>,
+    /// The entries of the last `read_batch` (first seq, last seq, bytes), so that an ack of them
+    /// need not read them again.
+    inflight: Vec<(u64, u64, u64)>,
     /// The cursor was rewound since the last `read_batch`: the upload in flight does not ack.
     rewound: bool,
+    /// sled's size on disk after the last open or compaction.
+    sled_floor: u64,
+    /// sled holds changes the next sync must make durable (not the positions and marks of
+    /// appends: those are rebuilt from the log).
+    sled_dirty: bool,
+    /// Overlays up to this generation are durable in sled.
+    overlays_durable: u64,
+}
+
+/// The record log inside the state, or [`Error::Unavailable`] when it is not open.
+fn log_of(log: &mut Option<Segments>) -> Result<&mut Segments> {
+    log.as_mut().ok_or(Error::Unavailable)
 }
 
 impl Journal {
@@ -440,8 +498,8 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Opens sled in `db_dir` and recovers the positions. sled 0.34 can panic on damaged files;
-    /// a panic is turned into [`Error::Unreadable`].
+    /// Opens sled in `db_dir`, the log beside it, and recovers the positions. sled 0.34 can panic
+    /// on damaged files; a panic is turned into [`Error::Unreadable`].
     fn open_db(opts: &Options, db_dir: &Path, mark: Arc<Mutex<MarkFile>>) -> Result<Journal> {
         let store = open_store(opts, db_dir)?;
         let state = State {
@@ -452,6 +510,7 @@ impl Journal {
             disk_high: false,
             next_seq: 1,
             acked: 0,
+            acked_durable: 0,
             durable: 0,
             backlog_records: 0,
             backlog_bytes: 0,
@@ -461,8 +520,17 @@ impl Journal {
             lease: 0,
             dropped: 0,
             marks: Default::default(),
+            log: None,
+            overlays: Overlays::new(),
+            overlay_generation: 0,
+            retain_from: 1,
             retained_bytes: 0,
+            retained_chunks: Default::default(),
+            inflight: Vec::new(),
             rewound: false,
+            sled_floor: 0,
+            sled_dirty: true,
+            overlays_durable: 0,
         };
         let journal = Journal {
             inner: Arc::new(Inner {
@@ -483,9 +551,9 @@ impl Journal {
     }
 
     /// Checks the journal against the seq mark kept outside it. A fresh journal where a mark exists
-    /// (the old one was lost or moved aside), or a head below the mark's (sled came back shorter),
-    /// means records were lost: they are reported as `journal_lost` and seqs continue after the
-    /// mark's lease, so no seq the cloud may have seen is ever assigned again.
+    /// (the old one was lost or moved aside), or a head below the mark's (the log came back
+    /// shorter), means records were lost: they are reported as `journal_lost` and seqs continue
+    /// after the mark's lease, so no seq the cloud may have seen is ever assigned again.
     fn reconcile_mark(&self) -> Result<()> {
         let fresh = self.meta(M_INITIALISED)?.is_none();
         let mut st = self.lock();
@@ -514,15 +582,19 @@ impl Journal {
                         to,
                         to + 1
                     );
-                    let mut batch = sled::Batch::default();
-                    batch.insert(&entry_key(from)[..], encode_gap(to, GapReason::JournalLost));
-                    batch.insert(M_ACKED, &st.acked.to_be_bytes()[..]);
-                    batch.insert(M_NEXT_SEQ, &(to + 1).to_be_bytes()[..]);
+                    let gap = encode_gap(to, GapReason::JournalLost);
                     st.backlog_records += 1;
-                    st.backlog_bytes += entry_size(&encode_gap(to, GapReason::JournalLost));
+                    st.backlog_bytes += frame_size(gap.len());
+                    log_of(&mut st.log)?
+                        .append(&[(from, None, gap)])
+                        .map_err(log_io("recording lost records"))?;
                     st.next_seq = to + 1;
                     st.durable = to;
                     st.protected_through = st.acked;
+                    st.retain_from = st.retain_from.max(st.acked + 1);
+                    let mut batch = sled::Batch::default();
+                    batch.insert(M_ACKED, &st.acked.to_be_bytes()[..]);
+                    batch.insert(M_NEXT_SEQ, &(to + 1).to_be_bytes()[..]);
                     self.put_counters(&st, &mut batch);
                     self.apply(batch, "recording lost records")?;
                 }
@@ -555,42 +627,65 @@ impl Journal {
         self.inner.mark.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Loads the positions and repairs what a foreign or damaged database could hold, saying so.
+    /// Opens the log, loads the positions, and repairs what a crash, a foreign or a damaged
+    /// journal could leave, saying so. Reads only the newest segment (and, after a crash, the
+    /// entries the stored counters do not cover).
     fn recover(&self) -> Result<()> {
+        let log_dir = self.inner.opts.dir.join(LOG_DIR);
+        let (mut log, opened) = Segments::open(&log_dir, segment_cap(self.inner.max_bytes))
+            .map_err(|source| Error::Log {
+                path: log_dir.clone(),
+                source,
+            })?;
+        let fresh = self.meta(M_INITIALISED)?.is_none();
+        let mut opened_head = opened.head;
+        if fresh && opened_head.is_some() {
+            // The log belongs to a database that is gone; the seq mark reports what it held.
+            let n = log.remove_all().map_err(|source| Error::Log {
+                path: log_dir.clone(),
+                source,
+            })?;
+            error!(
+                "journal log in {} has no database any more: removed its {} segments",
+                log_dir.display(),
+                n
+            );
+            opened_head = None;
+        }
+        let migrated = match self.migrate_entries(&mut log)? {
+            Some(head) => {
+                opened_head = head;
+                true
+            }
+            None => false,
+        };
         let meta_next = self.meta(M_NEXT_SEQ)?.unwrap_or(1).max(1);
         let mut acked = self.meta(M_ACKED)?.unwrap_or(0);
-        let mut next_seq = meta_next;
+        // The log is the truth about the head when it is shorter: sled may have kept positions
+        // of appends whose frames were never synced (sled also writes on its own).
+        let mut next_seq = match opened_head {
+            Some(h) => h + 1,
+            None => meta_next,
+        };
+        let mut overlays = self.load_overlays()?;
         let mut batch = sled::Batch::default();
-        let mut repaired = false;
-
-        if let Some(last) = self.last_entry()? {
-            if last.last_seq() >= next_seq {
-                warn!(
-                    "journal next_seq={} is behind its last entry seq={}; continuing after it",
-                    next_seq,
-                    last.last_seq()
-                );
-                next_seq = last.last_seq() + 1;
-            }
-        }
-        // Entries at or below the cursor were acknowledged already; an ack removes them in the same
-        // batch that moves the cursor, so finding one means the database was damaged or tampered with.
-        let mut stale = 0u64;
-        for item in self.store()?.log.range(entry_key(0)..=entry_key(acked)) {
-            let (k, _) = item.map_err(storage("scanning acknowledged entries"))?;
-            batch.remove(k);
-            stale += 1;
-        }
-        if stale > 0 {
-            warn!(
-                "removed {} journal entries at or below the cursor acked_seq={}",
-                stale, acked
+        let mut repaired = migrated;
+        if next_seq < meta_next {
+            info!(
+                "journal positions were ahead of the log (next_seq={} in the database, {} in the log): \
+                 appends never synced, so never acknowledged to the broker",
+                meta_next, next_seq
             );
-            repaired = true;
         }
+        // Overlays and marks of seqs the log does not hold any more were never durable.
+        for (&from, _) in overlays.range(next_seq..) {
+            batch.remove(&overlay_key(from)[..]);
+        }
+        overlays.retain(|&from, _| from < next_seq);
+        let mut pending_gap = None;
         if acked >= next_seq {
             // The cloud acknowledged seqs this journal never assigned (a restored or foreign
-            // database). Never reuse them: report them as lost and continue after them. The cursor
+            // journal). Never reuse them: report them as lost and continue after them. The cursor
             // is set to the journal's head so that the gap is sent like any other entry.
             warn!(
                 "cursor is ahead of the journal: acked_seq={} head_seq={}; reporting {}..={} as journal_lost and continuing at seq={}",
@@ -600,81 +695,122 @@ impl Journal {
                 acked,
                 acked + 1
             );
-            batch.insert(
-                &entry_key(next_seq)[..],
-                encode_gap(acked, GapReason::JournalLost),
-            );
+            pending_gap = Some((next_seq, None, encode_gap(acked, GapReason::JournalLost)));
             let head = next_seq - 1;
             next_seq = acked + 1;
             acked = head;
             repaired = true;
-        } else {
-            // Every seq in acked+1 ..= head must be held by an entry; a hole in front means records
-            // vanished (a damaged database). Report them rather than skip them silently.
-            let first = self.first_entry_after(acked)?.map(|e| e.first_seq());
-            let hole_end = match first {
-                Some(f) if f > acked + 1 => Some(f - 1),
-                None if next_seq - 1 > acked => Some(next_seq - 1),
-                _ => None,
-            };
-            if let Some(hole_end) = hole_end {
-                warn!(
-                    "cursor is behind the journal's first entry: acked_seq={} first_seq={}; reporting {}..={} as journal_lost",
-                    acked,
-                    hole_end + 1,
-                    acked + 1,
-                    hole_end
-                );
-                batch.insert(
-                    &entry_key(acked + 1)[..],
-                    encode_gap(hole_end, GapReason::JournalLost),
-                );
-                repaired = true;
-            }
         }
-        batch.insert(M_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
-        batch.insert(M_ACKED, &acked.to_be_bytes()[..]);
-        self.apply(batch, "repairing positions")?;
-
+        if let Some(gap) = pending_gap {
+            log.append(std::slice::from_ref(&gap))
+                .map_err(log_io("recording lost records"))?;
+        }
+        // Appends the database never recorded (sled writes its positions and marks at a sync
+        // only when something else needs it, and by itself): their frames carry the packet ids
+        // the redelivery marks are rebuilt from.
+        let mut beyond = Vec::new();
+        if next_seq > meta_next && !migrated {
+            log.read(meta_next, next_seq - 1, &overlays, false, |item| {
+                if let Item::Frame(Entry::Record(r), _, Some(pkid)) = &item {
+                    beyond.push((r.seq, *pkid, content_hash(&r.topic, &r.payload)));
+                }
+                Flow::Next
+            })
+            .map_err(log_io("reading the log's tail"))?;
+        }
         let counters = (self.meta(M_BACKLOG_RECORDS)?, self.meta(M_BACKLOG_BYTES)?);
         let (backlog_records, backlog_bytes) = match counters {
-            (Some(r), Some(b)) if !repaired => (r, b),
-            _ => self.count_prefix(P_ENTRY, "counting entries")?,
+            (Some(r), Some(b)) if !repaired && meta_next == next_seq => (r, b),
+            (Some(r), Some(b)) if !repaired && meta_next < next_seq && meta_next > acked => {
+                let (n, bytes) = count(&mut log, &overlays, meta_next, next_seq - 1)?;
+                (r + n, b + bytes)
+            }
+            _ => count(&mut log, &overlays, acked + 1, next_seq - 1)?,
         };
         let (dead_count, dead_bytes) = self.count_prefix(P_DEAD, "counting dead letters")?;
-        let marks = self.load_marks()?;
-        let retained_bytes = self.count_retained()?;
+        let mut marks = self.load_marks()?;
+        for &(seq, pkid) in marks.iter().filter(|(seq, _)| *seq >= next_seq) {
+            if !marks
+                .iter()
+                .any(|(s, p)| *p == pkid && *s < next_seq && *s != seq)
+            {
+                batch.remove(&ingest_key(pkid)[..]);
+            }
+        }
+        marks.retain(|(seq, _)| *seq < next_seq);
+        for (seq, pkid, hash) in beyond {
+            let mut mark = [0u8; 16];
+            mark[..8].copy_from_slice(&hash.to_be_bytes());
+            mark[8..].copy_from_slice(&seq.to_be_bytes());
+            batch.insert(&ingest_key(pkid)[..], &mark[..]);
+            marks.retain(|(s, _)| *s != seq);
+            marks.push_back((seq, pkid));
+        }
+        while marks.len() > MAX_MARKS {
+            if let Some((_, old)) = marks.pop_front() {
+                if !marks.iter().any(|(_, p)| *p == old) {
+                    batch.remove(&ingest_key(old)[..]);
+                }
+            }
+        }
+        let retain_from = self
+            .meta(M_RETAIN_FROM)?
+            .unwrap_or(acked + 1)
+            .min(acked + 1);
+        let retained_bytes = match self.meta(M_RETAINED_BYTES)? {
+            Some(b) if retain_from <= acked => b,
+            _ => 0,
+        };
+        let sled_floor = self.sled_bytes();
         let mut st = self.lock();
         st.marks = marks;
+        st.log = Some(log);
+        st.overlays = overlays;
+        st.retain_from = if retained_bytes > 0 {
+            retain_from
+        } else {
+            acked + 1
+        };
         st.retained_bytes = retained_bytes;
+        st.retained_chunks = if retained_bytes > 0 {
+            [(acked, retained_bytes)].into()
+        } else {
+            Default::default()
+        };
+        st.inflight.clear();
         st.rewound = false;
         st.next_seq = next_seq;
         st.acked = acked;
+        st.acked_durable = acked;
         st.protected_through = acked;
         st.durable = next_seq - 1;
         st.backlog_records = backlog_records;
         st.backlog_bytes = backlog_bytes;
         st.dead_bytes = dead_bytes;
         st.dead_count = dead_count;
-        let mut batch = sled::Batch::default();
+        st.sled_floor = sled_floor;
+        st.sled_dirty = true;
+        batch.insert(M_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
+        batch.insert(M_ACKED, &acked.to_be_bytes()[..]);
         self.put_counters(&st, &mut batch);
-        self.apply(batch, "writing counters")?;
+        self.apply(batch, "writing positions")?;
         info!(
-            "journal opened head_seq={} acked_seq={} backlog_records={} backlog_bytes={} dead_letters={}",
+            "journal opened head_seq={} acked_seq={} backlog_records={} backlog_bytes={} dead_letters={} segments_bytes={}",
             next_seq - 1,
             acked,
             backlog_records,
             backlog_bytes,
-            dead_count
+            dead_count,
+            st.log.as_ref().map_or(0, Segments::disk_bytes)
         );
         Ok(())
     }
 
-    /// Appends a prefix of `records` in order, assigning consecutive seqs, in one atomic batch,
-    /// and returns how many it took (`Appended::taken`): as many as the budget allows, and at least
-    /// one when the journal is empty, so that a single record larger than the budget cannot stall
-    /// ingest. With nothing taken the error is [`Error::Full`]. The records are not durable until
-    /// [`Journal::sync`] returns.
+    /// Appends a prefix of `records` in order, assigning consecutive seqs, and returns how many it
+    /// took (`Appended::taken`): as many as the budget allows, and at least one when the journal is
+    /// empty, so that a single record larger than the budget cannot stall ingest. With nothing
+    /// taken the error is [`Error::Full`]. The records are not durable until [`Journal::sync`]
+    /// returns.
     ///
     /// A record whose MQTT delivery is a DUP of the message last journaled under the same packet id
     /// (same topic and payload) is taken without being journaled again, and counted in
@@ -705,9 +841,9 @@ impl Journal {
                 Some(_) => Vec::new(),
             };
             let size = if value.is_empty() {
-                entry_size(&encode_gap(0, GapReason::Rejected))
+                gap_size(u64::MAX, GapReason::Rejected)
             } else {
-                entry_size(&value)
+                frame_size(value.len())
             };
             incoming += size;
             values.push(Some((value, size)));
@@ -723,6 +859,7 @@ impl Journal {
         let mut next = st.next_seq;
         let mut added_bytes = 0u64;
         let mut added_records = 0u64;
+        let mut frames = Vec::new();
         for (rec, value) in records.iter().zip(values) {
             let Some((value, size)) = value else {
                 out.redeliveries += 1;
@@ -733,8 +870,7 @@ impl Journal {
             if used + size > budget && !empty {
                 break;
             }
-            // One commit may add only so much: sled writes several times what it is given, and
-            // compaction can only keep the files under max_bytes if no single commit jumps far.
+            // One commit may add only so much, so that a group stays a small part of the budget.
             if added_records > 0 && added_bytes + size > self.inner.max_bytes / GROUP_SHARE {
                 break;
             }
@@ -754,17 +890,19 @@ impl Journal {
                     }
                 }
             }
-            let value = match rec.too_large {
-                None => value,
+            let (value, size) = match rec.too_large {
+                None => (value, size),
                 Some(bytes) => {
                     error!(
                         "message too large topic={} bytes={} (over mqtt.max_packet_size): reported to the cloud as rejected gap seq={}",
                         rec.topic, bytes, next
                     );
-                    encode_gap(next, GapReason::Rejected)
+                    let gap = encode_gap(next, GapReason::Rejected);
+                    let size = frame_size(gap.len());
+                    (gap, size)
                 }
             };
-            batch.insert(&entry_key(next)[..], value);
+            frames.push((next, rec.mqtt.map(|m| m.pkid), value));
             used += size;
             added_bytes += size;
             added_records += 1;
@@ -773,19 +911,25 @@ impl Journal {
             out.last_seq = Some(next);
             next += 1;
         }
-        if out.taken == 0 {
-            if out.dropped > 0 {
-                // Keep the trim: the in-memory counters already reflect it.
-                self.put_counters(&st, &mut batch);
-                self.apply(batch, "dropping the oldest records")?;
+        if frames.is_empty() {
+            // Keep a trim: the in-memory counters already reflect it.
+            self.put_counters(&st, &mut batch);
+            self.apply(batch, "dropping the oldest records")?;
+            if out.taken == 0 {
+                return Err(Error::Full { used, budget });
             }
-            return Err(Error::Full { used, budget });
+            return Ok(out);
         }
         if next - 1 > st.lease {
             // Durably reserve the seqs before they exist anywhere.
             let mut markf = self.mark();
             self.renew_lease(&mut st, &mut markf, next - 1)?;
         }
+        // The frames first: sled's positions may run ahead of the log (recovery trusts the log),
+        // never the other way round.
+        log_of(&mut st.log)?
+            .append(&frames)
+            .map_err(log_io("appending records"))?;
         st.backlog_records += added_records;
         st.backlog_bytes += added_bytes;
         st.next_seq = next;
@@ -795,8 +939,8 @@ impl Journal {
         Ok(out)
     }
 
-    /// Keeps the files on disk under `max_bytes`: sled never shrinks its file and reuses freed
-    /// space, so when the file nears the limit the logical budget shrinks (by 20 % per
+    /// Keeps the files on disk under `max_bytes`: segments are freed only whole and behind the
+    /// cursor, so when the files near the limit the logical budget shrinks (by 20 % per
     /// measurement) until the live data fits in the space already there; with room to spare it
     /// grows back slowly (5 % per measurement).
     fn adapt_budget(&self, st: &mut State) {
@@ -809,8 +953,9 @@ impl Journal {
         if st.appends % MEASURE_EVERY != 0 && !near_full && !st.disk_high {
             return;
         }
-        let disk = self.disk_bytes() as f64;
-        // Once the file is past the point where it may grow out of bounds, measure every time.
+        let log = st.log.as_ref().map_or(0, Segments::disk_bytes);
+        let disk = (log + self.sled_bytes()) as f64;
+        // Once the files are past the point where they may grow out of bounds, measure every time.
         st.disk_high = disk > max * (SHRINK_ABOVE - 0.1);
         let before = st.budget;
         if disk > max * SHRINK_ABOVE {
@@ -841,45 +986,56 @@ impl Journal {
         })
     }
 
-    /// Replaces the oldest unprotected records by `journal_full` gaps until `need` bytes are freed
-    /// (or nothing more can be dropped). Changes go into `batch`, applied by the caller.
+    /// Replaces the oldest unprotected records by `journal_full` gaps (overlays) until `need`
+    /// bytes are freed (or nothing more can be dropped). Changes go into `batch`, applied by the
+    /// caller; the segments they free go at the next sync.
     fn trim_oldest(&self, st: &mut State, batch: &mut sled::Batch, need: u64) -> Result<u64> {
         let start = st.protected_through.max(st.acked) + 1;
+        let end = st.next_seq - 1;
         let mut freed = 0u64;
         let mut dropped = 0u64;
         let mut run: Option<(u64, u64)> = None;
         let mut runs = Vec::new();
-        for item in self
-            .store()?
-            .log
-            .range(entry_key(start)..entry_key(st.next_seq))
         {
-            if freed >= need {
-                break;
-            }
-            let (k, v) = item.map_err(storage("scanning for the oldest records"))?;
-            let seq = key_seq(&k);
-            if v.first() != Some(&KIND_RECORD) {
-                // An existing gap ends the current run; gaps keep their own reason.
-                runs.extend(run.take());
-                continue;
-            }
-            freed += entry_size(&v);
-            dropped += 1;
-            batch.remove(k);
-            run = match run {
-                Some((from, to)) if to + 1 == seq => Some((from, seq)),
-                other => {
-                    runs.extend(other);
-                    Some((seq, seq))
-                }
-            };
+            let State { log, overlays, .. } = &mut *st;
+            log_of(log)?
+                .read(start, end, overlays, false, |item| {
+                    if freed >= need {
+                        return Flow::Refuse;
+                    }
+                    match item {
+                        Item::Frame(Entry::Record(r), size, _) => {
+                            freed += size;
+                            dropped += 1;
+                            run = match run {
+                                Some((from, to)) if to + 1 == r.seq => Some((from, r.seq)),
+                                other => {
+                                    runs.extend(other);
+                                    Some((r.seq, r.seq))
+                                }
+                            };
+                        }
+                        // An existing gap ends the current run; gaps keep their own reason.
+                        _ => runs.extend(run.take()),
+                    }
+                    Flow::Next
+                })
+                .map_err(log_io("scanning for the oldest records"))?;
         }
         runs.extend(run);
         for (from, to) in &runs {
             let gap = encode_gap(*to, GapReason::JournalFull);
-            freed = freed.saturating_sub(entry_size(&gap));
-            batch.insert(&entry_key(*from)[..], gap);
+            freed = freed.saturating_sub(frame_size(gap.len()));
+            batch.insert(&overlay_key(*from)[..], gap);
+            st.overlay_generation += 1;
+            st.overlays.insert(
+                *from,
+                Overlay {
+                    to: *to,
+                    reason: GapReason::JournalFull,
+                    generation: st.overlay_generation,
+                },
+            );
             warn!(
                 "journal full: dropped records {}..={} (reported to the cloud as a journal_full gap)",
                 from, to
@@ -887,27 +1043,104 @@ impl Journal {
         }
         st.backlog_records = st.backlog_records - dropped + runs.len() as u64;
         st.dropped += dropped;
+        st.sled_dirty |= !runs.is_empty();
         st.backlog_bytes = st.backlog_bytes.saturating_sub(freed);
         Ok(dropped)
     }
 
-    /// Makes everything appended so far durable: sled's flush, then a real `fdatasync` of the
-    /// database file and of any blob files. Returns only after the data is on stable storage.
+    /// Makes everything appended so far durable: `fdatasync` of the active segment (older ones
+    /// were synced when they were closed), then sled's flush and a real `fdatasync` of its file
+    /// and of any blob files. Returns only after the data is on stable storage. Segments that
+    /// are wholly acknowledged (and past the replay window) or wholly covered by durable overlays
+    /// are deleted afterwards.
     pub fn sync(&self) -> Result<()> {
-        let target = self.lock().next_seq - 1;
-        {
-            let store = self.store()?;
-            store.db.flush().map_err(storage("flushing"))?;
-            store.db_file.sync_data().map_err(|source| Error::Sync {
-                path: store.db_path.clone(),
-                source,
-            })?;
-            sync_blobs(&store.blob_dir, &store.synced_blobs)?;
+        let (target, handle, acked, generation, flush_sled) = {
+            let mut st = self.lock();
+            let handle = log_of(&mut st.log)?
+                .sync_handle()
+                .map_err(log_io("syncing the log"))?;
+            let flush_sled = std::mem::take(&mut st.sled_dirty);
+            (
+                st.next_seq - 1,
+                handle,
+                st.acked,
+                st.overlay_generation,
+                flush_sled,
+            )
+        };
+        if let Some(file) = handle {
+            if let Err(source) = file.sync_data() {
+                if let Some(log) = self.lock().log.as_mut() {
+                    log.mark_dirty();
+                }
+                return Err(Error::Log {
+                    path: self.inner.opts.dir.join(LOG_DIR),
+                    source,
+                });
+            }
+        }
+        if flush_sled {
+            let flushed = self.store().and_then(|store| {
+                store.db.flush().map_err(storage("flushing"))?;
+                store.db_file.sync_data().map_err(|source| Error::Sync {
+                    path: store.db_path.clone(),
+                    source,
+                })?;
+                sync_blobs(&store.blob_dir, &store.synced_blobs)
+            });
+            if let Err(e) = flushed {
+                self.lock().sled_dirty = true;
+                return Err(e);
+            }
         }
         let mut st = self.lock();
+        if flush_sled {
+            st.acked_durable = st.acked_durable.max(acked.min(st.acked));
+            st.overlays_durable = st.overlays_durable.max(generation);
+        }
         if target > st.durable {
             st.durable = target;
             self.inner.data.notify_all();
+        }
+        self.free_segments(&mut st)
+    }
+
+    /// Makes the next [`Journal::sync`] flush sled too.
+    pub(super) fn sled_changed(&self) {
+        self.lock().sled_dirty = true;
+    }
+
+    /// Deletes the segments nothing needs any more: every seq in them is acknowledged durably and
+    /// older than the replay window, or covered by an overlay made durable by a sync.
+    fn free_segments(&self, st: &mut State) -> Result<()> {
+        let below = st.acked_durable.min(st.retain_from.saturating_sub(1));
+        let generation = st.overlays_durable;
+        let State { log, overlays, .. } = &mut *st;
+        let log = log_of(log)?;
+        if log
+            .first_seq()
+            .is_none_or(|f| f > below && overlays.is_empty())
+        {
+            return Ok(());
+        }
+        let n = log
+            .remove_if(|first, last| {
+                let mut s = first;
+                while s <= last {
+                    if s <= below {
+                        s = below + 1;
+                        continue;
+                    }
+                    match overlays.range(..=s).next_back() {
+                        Some((_, o)) if o.to >= s && o.generation <= generation => s = o.to + 1,
+                        _ => return false,
+                    }
+                }
+                true
+            })
+            .map_err(log_io("removing segments"))?;
+        if n > 0 {
+            debug!("journal freed segments={} acked_seq={}", n, below);
         }
         Ok(())
     }
@@ -929,7 +1162,8 @@ impl Journal {
     /// Reads unacknowledged, durable entries in seq order, starting at the oldest and stopping at
     /// `through` (inclusive), after `max_records` entries or once `max_bytes` of entries are read
     /// (always at least one entry). Entries read are protected from `drop_oldest` until the next
-    /// call of [`Journal::ack`] or [`Journal::release`].
+    /// call of [`Journal::ack`] or [`Journal::release`]. Seqs the log should hold and does not
+    /// (damage) come back as a `journal_lost` gap, recorded so that it is reported once.
     pub fn read_batch(
         &self,
         through: Option<u64>,
@@ -938,25 +1172,62 @@ impl Journal {
     ) -> Result<Vec<Entry>> {
         let mut st = self.lock();
         st.rewound = false;
+        st.inflight.clear();
         let end = through.unwrap_or(u64::MAX).min(st.durable);
         let mut out = Vec::new();
-        let mut bytes = 0u64;
         if end <= st.acked {
             return Ok(out);
         }
-        for item in self
-            .store()?
-            .log
-            .range(entry_key(st.acked + 1)..=entry_key(end))
+        let mut bytes = 0u64;
+        let mut lost = Vec::new();
+        let mut inflight = Vec::new();
         {
-            let (k, v) = item.map_err(storage("reading a batch"))?;
-            let size = entry_size(&v);
-            if !out.is_empty() && (out.len() >= max_records || bytes + size > max_bytes) {
-                break;
-            }
-            bytes += size;
-            out.push(decode_entry(key_seq(&k), &v)?);
+            let from = st.acked + 1;
+            let State { log, overlays, .. } = &mut *st;
+            log_of(log)?
+                .read(from, end, overlays, true, |item| {
+                    let size = item.size();
+                    if !out.is_empty() && (out.len() >= max_records || bytes + size > max_bytes) {
+                        return Flow::Refuse;
+                    }
+                    bytes += size;
+                    if let Item::Lost(from, to) = item {
+                        lost.push((from, to));
+                    }
+                    inflight.push((item.first_seq(), item.last_seq(), size));
+                    out.push(item.entry());
+                    if out.len() >= max_records {
+                        Flow::Stop
+                    } else {
+                        Flow::Next
+                    }
+                })
+                .map_err(log_io("reading a batch"))?;
         }
+        if !lost.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (from, to) in lost {
+                error!(
+                    "journal log is damaged: seqs {}..={} are unreadable; reporting them as journal_lost",
+                    from, to
+                );
+                let gap = encode_gap(to, GapReason::JournalLost);
+                batch.insert(&overlay_key(from)[..], gap);
+                st.overlay_generation += 1;
+                let generation = st.overlay_generation;
+                st.overlays.insert(
+                    from,
+                    Overlay {
+                        to,
+                        reason: GapReason::JournalLost,
+                        generation,
+                    },
+                );
+            }
+            self.apply(batch, "recording damaged entries")?;
+            st.sled_dirty = true;
+        }
+        st.inflight = inflight;
         if let Some(last) = out.last() {
             st.protected_through = st.protected_through.max(last.last_seq());
         }
@@ -969,9 +1240,12 @@ impl Journal {
         st.protected_through = st.acked;
     }
 
-    /// Records that the cloud acknowledged every entry up to and including `through`: removes them
-    /// and moves the cursor, atomically, then syncs. The cursor never moves backwards (here; see
-    /// [`Journal::rewind_to`]). The entries are kept for replay within a small budget.
+    /// Records that the cloud acknowledged every entry up to and including `through`: moves the
+    /// cursor in sled, without reading the entries again (their sizes are known from the read).
+    /// Not synced by itself (a lost ack only means the cloud sees a batch again and deduplicates
+    /// it), except when it frees a segment: the cursor is made durable before the data goes. The
+    /// cursor never moves backwards (here; see [`Journal::rewind_to`]). The entries are kept for
+    /// replay within a small budget.
     pub fn ack(&self, through: u64) -> Result<()> {
         let mut st = self.lock();
         if through <= st.acked {
@@ -985,56 +1259,82 @@ impl Journal {
             );
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        let mut records = 0u64;
-        let mut bytes = 0u64;
-        let mut acked = Vec::new();
-        for item in self
-            .store()?
-            .log
-            .range(entry_key(st.acked + 1)..=entry_key(through))
-        {
-            let (k, v) = item.map_err(storage("acknowledging"))?;
-            records += 1;
-            bytes += entry_size(&v);
-            batch.remove(&k);
-            acked.push((key_seq(&k), v));
-        }
-        self.retain_acked(&mut st, &mut batch, acked)?;
+        let through = through.min(st.durable);
         let from = st.acked;
+        let covered = st.inflight.first().is_some_and(|e| e.0 == from + 1)
+            && st.inflight.iter().any(|e| e.1 == through);
+        let (records, bytes) = if covered {
+            let done = st.inflight.iter().filter(|e| e.1 <= through);
+            (done.clone().count() as u64, done.map(|e| e.2).sum())
+        } else {
+            let State { log, overlays, .. } = &mut *st;
+            count(log_of(log)?, overlays, from + 1, through)?
+        };
+        st.inflight.retain(|e| e.1 > through);
+        let mut batch = sled::Batch::default();
+        self.retain_acked(&mut st, &mut batch, through, bytes);
         st.acked = through;
         st.protected_through = through;
         st.backlog_records = st.backlog_records.saturating_sub(records);
         st.backlog_bytes = st.backlog_bytes.saturating_sub(bytes);
+        if st.acked == st.next_seq - 1 {
+            // Nothing left: whatever drift the counters had (damage) ends here.
+            st.backlog_records = 0;
+            st.backlog_bytes = 0;
+        }
         batch.insert(M_ACKED, &through.to_be_bytes()[..]);
         self.put_counters(&st, &mut batch);
         self.apply(batch, "moving the cursor")?;
+        // A segment behind the retention window can go once the cursor is durable.
+        let below = st.acked.min(st.retain_from.saturating_sub(1));
+        let frees = st.log.as_ref().is_some_and(|log| {
+            let mut firsts = log.files_firsts();
+            firsts.next();
+            firsts.next().is_some_and(|second| second - 1 <= below)
+        });
+        st.sled_dirty |= frees;
         drop(st);
         debug!(
             "cursor moved acked_seq={} from={} entries={}",
             through, from, records
         );
-        self.sync()
+        if frees { self.sync() } else { Ok(()) }
     }
 
-    /// Moves the record `seq` to the dead-letter store and leaves a `rejected` gap in its place, so
-    /// the cloud is told and the records around it flow on. Synced before returning.
+    /// Moves the record `seq` to the dead-letter store and leaves a `rejected` gap in its place
+    /// (an overlay), so the cloud is told and the records around it flow on. Synced before
+    /// returning.
     pub fn dead_letter(&self, seq: u64, status: u16, reason: &str) -> Result<()> {
         let mut st = self.lock();
-        let value = self
-            .store()?
-            .log
-            .get(entry_key(seq))
-            .map_err(storage("reading a record to dead-letter"))?;
-        let Some(value) = value else {
-            return Err(Error::NoDeadLetter { seq });
-        };
-        if value.first() != Some(&KIND_RECORD) {
-            return Err(Error::Corrupt {
-                seq,
-                reason: "only records can be dead-lettered".into(),
-            });
+        let mut found = None;
+        if seq > st.acked && seq < st.next_seq {
+            let State { log, overlays, .. } = &mut *st;
+            log_of(log)?
+                .read(seq, seq, overlays, false, |item| {
+                    found = Some(item);
+                    Flow::Stop
+                })
+                .map_err(log_io("reading a record to dead-letter"))?;
         }
+        let (record, size) = match found {
+            Some(Item::Frame(Entry::Record(r), size, _)) if r.seq == seq => (r, size),
+            Some(Item::Frame(..) | Item::Overlay(..) | Item::Lost(..)) => {
+                return Err(Error::Corrupt {
+                    seq,
+                    reason: "only records can be dead-lettered".into(),
+                });
+            }
+            _ => return Err(Error::NoDeadLetter { seq }),
+        };
+        let value = encode_record(&NewRecord {
+            ts_ms: record.ts_ms,
+            topic: record.topic,
+            payload: record.payload,
+            format: record.format,
+            parse_error: record.parse_error,
+            too_large: None,
+            mqtt: None,
+        });
         let header = DeadHeader {
             status,
             error: truncate(reason, 512).to_string(),
@@ -1043,7 +1343,7 @@ impl Journal {
         let dead = encode_dead(&header, &value);
         // Dead letters are kept until an operator requeues them; when their share is used up, the
         // record stays in the journal and the uplink backs off as for a refusing cloud.
-        let cap = (self.inner.max_bytes as f64 * LOGICAL_SHARE * DEAD_SHARE) as u64;
+        let cap = (self.inner.max_bytes as f64 * DEAD_SHARE) as u64;
         if st.dead_count > 0 && st.dead_bytes + entry_size(&dead) > cap {
             return Err(Error::DeadLettersFull {
                 count: st.dead_count,
@@ -1051,14 +1351,28 @@ impl Journal {
             });
         }
         let gap = encode_gap(seq, GapReason::Rejected);
-        st.backlog_bytes = st.backlog_bytes.saturating_sub(entry_size(&value)) + entry_size(&gap);
+        st.backlog_bytes = st.backlog_bytes.saturating_sub(size) + frame_size(gap.len());
         st.dead_bytes += entry_size(&dead);
         st.dead_count += 1;
+        st.overlay_generation += 1;
+        let generation = st.overlay_generation;
+        st.overlays.insert(
+            seq,
+            Overlay {
+                to: seq,
+                reason: GapReason::Rejected,
+                generation,
+            },
+        );
+        if let Some(e) = st.inflight.iter_mut().find(|e| e.0 == seq) {
+            e.2 = frame_size(gap.len());
+        }
         let mut batch = sled::Batch::default();
-        batch.insert(&entry_key(seq)[..], gap);
+        batch.insert(&overlay_key(seq)[..], gap);
         batch.insert(&dead_key(seq)[..], dead);
         self.put_counters(&st, &mut batch);
         self.apply(batch, "dead-lettering")?;
+        st.sled_dirty = true;
         drop(st);
         self.sync()
     }
@@ -1108,6 +1422,7 @@ impl Journal {
         batch.remove(&dead_key(seq)[..]);
         self.put_counters(&st, &mut batch);
         self.apply(batch, "removing a requeued dead letter")?;
+        st.sled_dirty = true;
         drop(st);
         self.sync()?;
         let new_seq = appended.first_seq.unwrap_or(0);
@@ -1130,8 +1445,13 @@ impl Journal {
         }
     }
 
-    /// Bytes the journal's files take on disk (0 while the database is not open).
+    /// Bytes the journal's files take on disk: the segments and sled's files (0 while closed).
     pub fn disk_bytes(&self) -> u64 {
+        let log = self.lock().log.as_ref().map_or(0, Segments::disk_bytes);
+        log + self.sled_bytes()
+    }
+
+    fn sled_bytes(&self) -> u64 {
         self.store()
             .ok()
             .and_then(|s| s.db.size_on_disk().ok())
@@ -1141,27 +1461,34 @@ impl Journal {
     /// When the oldest record not yet acknowledged was received (ms since the epoch); `None` when
     /// nothing is waiting. Gaps are skipped, and at most 64 entries are looked at.
     pub fn oldest_unsent_ts_ms(&self) -> Result<Option<u64>> {
-        let acked = self.lock().acked;
-        for item in self.store()?.log.range(entry_key(acked + 1)..).take(64) {
-            let (k, v) = item.map_err(storage("reading the oldest entry"))?;
-            if let Entry::Record(r) = decode_entry(key_seq(&k), &v)? {
-                return Ok(Some(r.ts_ms));
-            }
-        }
-        Ok(None)
+        let mut st = self.lock();
+        let (from, end) = (st.acked + 1, st.durable);
+        let mut ts = None;
+        let mut seen = 0;
+        let State { log, overlays, .. } = &mut *st;
+        log_of(log)?
+            .read(from, end, overlays, false, |item| {
+                seen += 1;
+                if let Item::Frame(Entry::Record(r), ..) = item {
+                    ts = Some(r.ts_ms);
+                    return Flow::Stop;
+                }
+                if seen >= 64 { Flow::Stop } else { Flow::Next }
+            })
+            .map_err(log_io("reading the oldest entry"))?;
+        Ok(ts)
     }
 
-    /// Compacts when sled's files have grown past `COMPACT_ABOVE` of `max_bytes` while the live
-    /// data would fit in a fraction of it. sled 0.34's file grows with the volume written, not
-    /// with the data held (measured: 7.9 MB of file for 84 KB of live records after 10 MB of
-    /// appends and trims), so this is what keeps `journal.max_bytes` a bound on disk.
-    /// Returns whether it compacted.
+    /// Compacts sled when its files have grown past `COMPACT_ABOVE` of `max_bytes` and to twice
+    /// their size after the last open or compaction. sled holds only small state (the records are
+    /// in the log), but sled 0.34's file grows with the volume written, not with the data held,
+    /// so this is what keeps its share of `journal.max_bytes` bounded. Returns whether it
+    /// compacted.
     pub fn maybe_compact(&self) -> Result<bool> {
         let max = self.inner.max_bytes as f64;
-        if (self.disk_bytes() as f64) < max * COMPACT_ABOVE {
-            return Ok(false);
-        }
-        if self.positions().logical_bytes as f64 > max * COMPACT_LIVE_BELOW {
+        let sled = self.sled_bytes();
+        let floor = self.lock().sled_floor.max(1 << 20);
+        if (sled as f64) < max * COMPACT_ABOVE || sled < 2 * floor {
             return Ok(false);
         }
         self.compact()?;
@@ -1171,7 +1498,7 @@ impl Journal {
     /// Copies every live key into the next database generation, syncs it, and swaps it in
     /// atomically (see `layout`). Appends and acks wait meanwhile; the copy is of live data only.
     fn compact(&self) -> Result<()> {
-        let _st = self.lock();
+        let mut st = self.lock();
         let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
         let Some(old) = guard.as_ref() else {
             return Err(Error::Unavailable);
@@ -1220,6 +1547,7 @@ impl Journal {
         match layout::swap(&dir, &new_dir, &old_dir) {
             Ok(()) => {
                 let after = new.db.size_on_disk().unwrap_or(0);
+                st.sled_floor = after;
                 *guard = Some(new);
                 info!(
                     "journal compacted disk_bytes={} -> {} keys={} into {}",
@@ -1312,36 +1640,81 @@ impl Journal {
         })
     }
 
-    fn first_entry_after(&self, after: u64) -> Result<Option<Entry>> {
-        let item = self
-            .store()?
-            .log
-            .range(entry_key(after.saturating_add(1))..=entry_key(u64::MAX))
-            .next();
-        match item {
-            None => Ok(None),
-            Some(Err(source)) => Err(Error::Storage {
-                action: "reading the first entry",
-                source,
-            }),
-            Some(Ok((k, v))) => Ok(Some(decode_entry(key_seq(&k), &v)?)),
+    /// Moves the entries of the older layout (every entry an `E` key in sled) into the log, and
+    /// drops its retained `R` keys. Idempotent across a crash: the `E` keys go only after the log
+    /// holding them is synced, and a log found beside them is a partial copy, written again.
+    /// Returns the log's new head (`Some(None)`: empty) when it found the older layout.
+    fn migrate_entries(&self, log: &mut Segments) -> Result<Option<Option<u64>>> {
+        let acked = self.meta(M_ACKED)?.unwrap_or(0);
+        let store = self.store()?;
+        if store.log.scan_prefix([P_ENTRY]).next().is_none() {
+            return Ok(None);
         }
+        log.remove_all().map_err(log_io("migrating entries"))?;
+        let (mut moved, mut head) = (0u64, None);
+        let mut frames = Vec::new();
+        let mut batch = sled::Batch::default();
+        for item in store.log.scan_prefix([P_ENTRY]) {
+            let (k, v) = item.map_err(storage("migrating entries"))?;
+            batch.remove(k.clone());
+            let seq = key_seq(&k);
+            if seq <= acked {
+                continue;
+            }
+            let entry = decode_entry(seq, &v)?;
+            head = Some(entry.last_seq());
+            frames.push((seq, None, v.to_vec()));
+            moved += 1;
+            if frames.len() >= 1000 {
+                log.append(&frames).map_err(log_io("migrating entries"))?;
+                frames.clear();
+            }
+        }
+        log.append(&frames).map_err(log_io("migrating entries"))?;
+        if let Some(f) = log.sync_handle().map_err(log_io("migrating entries"))? {
+            f.sync_data().map_err(log_io("migrating entries"))?;
+        }
+        for item in store.log.scan_prefix([b'R']) {
+            let (k, _) = item.map_err(storage("migrating entries"))?;
+            batch.remove(k);
+        }
+        store
+            .log
+            .apply_batch(batch)
+            .map_err(storage("migrating entries"))?;
+        info!(
+            "journal entries moved from the database into the log entries={} head_seq={:?}",
+            moved, head
+        );
+        Ok(Some(head))
     }
 
-    fn last_entry(&self) -> Result<Option<Entry>> {
-        let item = self
-            .store()?
-            .log
-            .range(entry_key(0)..=entry_key(u64::MAX))
-            .next_back();
-        match item {
-            None => Ok(None),
-            Some(Err(source)) => Err(Error::Storage {
-                action: "reading the last entry",
-                source,
-            }),
-            Some(Ok((k, v))) => Ok(Some(decode_entry(key_seq(&k), &v)?)),
+    /// The overlays (`X` keys): at most the dead letters' and the damaged or dropped runs'.
+    fn load_overlays(&self) -> Result<Overlays> {
+        let mut out = Overlays::new();
+        for item in self.store()?.log.scan_prefix([P_OVERLAY]) {
+            let (k, v) = item.map_err(storage("reading overlays"))?;
+            let from = key_seq(&k);
+            match decode_entry(from, &v)? {
+                Entry::Gap { to_seq, reason, .. } => {
+                    out.insert(
+                        from,
+                        Overlay {
+                            to: to_seq,
+                            reason,
+                            generation: 0,
+                        },
+                    );
+                }
+                Entry::Record(_) => {
+                    return Err(Error::Corrupt {
+                        seq: from,
+                        reason: "an overlay holds a record".into(),
+                    });
+                }
+            }
         }
+        Ok(out)
     }
 
     /// The `I` marks, oldest first (at most 65,536 small keys; read at open).
@@ -1389,7 +1762,16 @@ impl Drop for Inner {
             error!("journal sync at close failed: {}", e);
             return;
         }
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The head goes into the mark only once the log holds it durably.
+        let synced = st.log.as_mut().map(|log| {
+            log.sync_handle()
+                .and_then(|f| f.map_or(Ok(()), |f| f.sync_data()))
+        });
+        if let Some(Err(e)) = synced {
+            error!("journal log sync at close failed: {}", e);
+            return;
+        }
         let mut markf = self.mark.lock().unwrap_or_else(|e| e.into_inner());
         let mark = Mark {
             lease: st.lease.max(st.next_seq - 1),
@@ -1400,6 +1782,32 @@ impl Drop for Inner {
             error!("cannot write the seq mark at close: {}", e);
         }
     }
+}
+
+/// Maps an i/o error of the record log to [`Error::Log`].
+fn log_io(action: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| {
+        let source = std::io::Error::new(source.kind(), format!("{action}: {source}"));
+        Error::Log {
+            path: PathBuf::from(LOG_DIR),
+            source,
+        }
+    }
+}
+
+/// Number of entries `from..=through` as the uplink sees them, and their bytes.
+fn count(log: &mut Segments, overlays: &Overlays, from: u64, through: u64) -> Result<(u64, u64)> {
+    let (mut n, mut bytes) = (0u64, 0u64);
+    if from > through {
+        return Ok((0, 0));
+    }
+    log.read(from, through, overlays, false, |item| {
+        n += 1;
+        bytes += item.size();
+        Flow::Next
+    })
+    .map_err(log_io("counting entries"))?;
+    Ok((n, bytes))
 }
 
 /// Maps a sled error to [`Error::Storage`] with what the journal was doing.

@@ -1,0 +1,680 @@
+//! The record log: append-only segment files in `journal.dir/log/`, holding every entry (record or
+//! gap) in seq order. The small state (cursor, counters, overlays, dead letters, marks) stays in
+//! sled (`mod.rs`); this file only knows frames and files.
+//!
+//! # Format
+//! A segment is named after the seq of its first frame, zero-padded to 20 digits (`<seq>.seg`), so
+//! the names sort by seq. A frame is `len u32 | crc32 u32 | seq u64 | mark u32 | value`, little
+//! endian, where `len` counts everything after the CRC, the CRC (IEEE) covers the same bytes, `mark`
+//! is the MQTT packet id + 1 of a QoS1 record (0: none; the redelivery marks of appends the
+//! database never recorded are rebuilt from it), and the value is the entry as `codec.rs` encodes
+//! it. Frames follow each other with consecutive seqs (a gap frame covers
+//! `seq..=to_seq`). A segment is closed once it would pass `cap` bytes (a single larger frame gets
+//! a segment of its own); the one being closed is `fdatasync`ed before the next is created, and
+//! a new segment is made durable in its directory at creation, so older segments are always whole.
+//!
+//! # Damage
+//! Reading never panics and never allocates more than the file holds. A frame that is short, fails
+//! its CRC, or has an unexpected seq is damage: the reader looks for the next good frame in the
+//! following bytes (a frame whose seq is a little past the expected one and whose CRC holds) and
+//! reports the seqs in between as [`Item::Lost`]; without one, the rest of the segment is lost.
+//! A segment that ends early, or is missing, is reported the same way. Only at open, in the newest
+//! segment, is a bad frame with no good frame after it taken for a torn tail (writes that were
+//! never synced, so never acknowledged to anyone) and cut off.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use log::{info, warn};
+
+use super::Entry;
+use super::codec::{decode_entry, encode_gap};
+use crate::protocol::GapReason;
+
+/// Bytes before a frame's body: `len` and `crc`.
+const HEADER: u64 = 8;
+/// The seq and the mark at the start of the body.
+const SEQ: u64 = 12;
+/// A length field above this is damage, whatever the file holds.
+const MAX_BODY: u64 = 1 << 31;
+/// How far past the expected seq a frame found after damage may start.
+const RESYNC_SEQS: u64 = 64;
+/// Read buffer of the sequential reader.
+const READ_BUF: usize = 64 << 10;
+
+/// Bytes a frame holding a value of `value_len` bytes takes: its cost in the budget.
+pub(super) fn frame_size(value_len: usize) -> u64 {
+    HEADER + SEQ + value_len as u64
+}
+
+/// Bytes a gap `..=to_seq` costs, as a frame or as an overlay standing in for entries.
+pub(super) fn gap_size(to_seq: u64, reason: GapReason) -> u64 {
+    frame_size(encode_gap(to_seq, reason).len())
+}
+
+/// Segment size for a journal of `max_bytes`: a sixteenth, within 256 KiB ..= 1 MiB. Segments
+/// are freed whole, so the one partly acknowledged stays on disk: small segments keep the disk
+/// close to the backlog (measured in `make bench`, "disk use after churn"), at the cost of one
+/// extra `fdatasync` and a directory sync per segment.
+pub(super) fn segment_cap(max_bytes: u64) -> u64 {
+    (max_bytes / 16).clamp(256 << 10, 1 << 20)
+}
+
+/// An overlay: a gap that stands in for the entries `from..=to` (dead-lettered or dropped
+/// records, or a damaged stretch), kept in sled because segments are immutable. `generation`
+/// orders overlays against syncs (`Journal::sync` frees segments only behind durable ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Overlay {
+    pub to: u64,
+    pub reason: GapReason,
+    pub generation: u64,
+}
+
+pub(super) type Overlays = BTreeMap<u64, Overlay>;
+
+/// What the reader yields, in seq order.
+#[derive(Debug)]
+pub(super) enum Item {
+    /// An entry read from a frame, the frame's size, and the MQTT packet id it was delivered under.
+    Frame(Entry, u64, Option<u16>),
+    /// An overlay standing in for the entries `from..=to`.
+    Overlay(u64, Overlay),
+    /// Seqs that should be in the log and are not (damage): `from..=to`.
+    Lost(u64, u64),
+}
+
+impl Item {
+    pub fn first_seq(&self) -> u64 {
+        match self {
+            Item::Frame(e, ..) => e.first_seq(),
+            Item::Overlay(from, _) | Item::Lost(from, _) => *from,
+        }
+    }
+    pub fn last_seq(&self) -> u64 {
+        match self {
+            Item::Frame(e, ..) => e.last_seq(),
+            Item::Overlay(_, o) => o.to,
+            Item::Lost(_, to) => *to,
+        }
+    }
+    /// The entry the uplink sees.
+    pub fn entry(self) -> Entry {
+        match self {
+            Item::Frame(e, ..) => e,
+            Item::Overlay(from, o) => Entry::Gap {
+                from_seq: from,
+                to_seq: o.to,
+                reason: o.reason,
+            },
+            Item::Lost(from, to) => Entry::Gap {
+                from_seq: from,
+                to_seq: to,
+                reason: GapReason::JournalLost,
+            },
+        }
+    }
+    /// What it costs in the backlog.
+    pub fn size(&self) -> u64 {
+        match self {
+            Item::Frame(_, size, _) => *size,
+            Item::Overlay(_, o) => gap_size(o.to, o.reason),
+            Item::Lost(_, to) => gap_size(*to, GapReason::JournalLost),
+        }
+    }
+}
+
+/// What the visitor of [`Segments::read`] does with an item.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Flow {
+    /// Taken; go on.
+    Next,
+    /// Taken; stop.
+    Stop,
+    /// Not taken; stop.
+    Refuse,
+}
+
+/// Where the sequential reader continues: segment, offset, and the seq expected there.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    segment: u64,
+    offset: u64,
+    next_seq: u64,
+}
+
+/// The log's files and the one open for appending.
+#[derive(Debug)]
+pub(super) struct Segments {
+    dir: PathBuf,
+    cap: u64,
+    /// First seq of every segment -> its length in bytes.
+    files: BTreeMap<u64, u64>,
+    /// The newest segment, open for appending.
+    active: Option<(u64, File)>,
+    /// Frames were written to the active segment since its last sync.
+    dirty: bool,
+    /// An append failed half-way: no more appends until the journal is reopened.
+    broken: bool,
+    cursor: Option<Cursor>,
+}
+
+/// What opening found.
+#[derive(Debug, Default)]
+pub(super) struct Opened {
+    /// Last seq held by the log (`None`: no segment at all).
+    pub head: Option<u64>,
+    /// Bytes of torn tail cut off the newest segment.
+    pub truncated: u64,
+}
+
+impl Segments {
+    /// Opens the log in `dir` (creating it), and cuts a torn tail off the newest segment.
+    pub fn open(dir: &Path, cap: u64) -> io::Result<(Segments, Opened)> {
+        if !dir.is_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        let mut files = BTreeMap::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(seq) = name.to_str().and_then(parse_name) else {
+                continue;
+            };
+            if e.file_type()?.is_file() {
+                files.insert(seq, e.metadata()?.len());
+            }
+        }
+        let mut log = Segments {
+            dir: dir.to_path_buf(),
+            cap,
+            files,
+            active: None,
+            dirty: false,
+            broken: false,
+            cursor: None,
+        };
+        let mut opened = Opened::default();
+        if let Some((&first, _)) = log.files.iter().next_back() {
+            let path = log.path(first);
+            // Appending: every write goes to the end, also after the tail is cut.
+            let file = OpenOptions::new().read(true).append(true).open(&path)?;
+            let (end, head) = scan_tail(&file, &path, first)?;
+            let len = file.metadata()?.len();
+            if end < len {
+                warn!(
+                    "journal segment {} has a torn tail: cutting {} bytes never synced (head_seq={})",
+                    path.display(),
+                    len - end,
+                    head
+                );
+                file.set_len(end)?;
+                file.sync_data()?;
+                opened.truncated = len - end;
+            }
+            log.files.insert(first, end);
+            log.active = Some((first, file));
+            opened.head = Some(head);
+        }
+        Ok((log, opened))
+    }
+
+    fn path(&self, first: u64) -> PathBuf {
+        self.dir.join(format!("{first:020}.seg"))
+    }
+
+    /// Bytes of all segment files.
+    pub fn disk_bytes(&self) -> u64 {
+        self.files.values().sum()
+    }
+
+    /// First seqs of the segments, oldest first.
+    pub fn files_firsts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.files.keys().copied()
+    }
+
+    /// First seq of the oldest segment.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.files.keys().next().copied()
+    }
+
+    /// Removes every segment file (a log that belongs to no database any more).
+    pub fn remove_all(&mut self) -> io::Result<usize> {
+        self.active = None;
+        self.cursor = None;
+        let n = self.files.len();
+        for first in std::mem::take(&mut self.files).into_keys() {
+            std::fs::remove_file(self.path(first))?;
+        }
+        Ok(n)
+    }
+
+    /// Appends `frames` (seq, MQTT packet id, value), consecutive and following the log's head, in as few writes
+    /// as there are segments touched. Not durable until [`Segments::sync_handle`]'s file is synced.
+    pub fn append(&mut self, frames: &[(u64, Option<u16>, Vec<u8>)]) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other(
+                "an earlier append failed; the journal must be reopened",
+            ));
+        }
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < frames.len() {
+            let (seq, ..) = frames[i];
+            let used = self
+                .active
+                .as_ref()
+                .and_then(|(first, _)| self.files.get(first))
+                .copied();
+            let size = frame_size(frames[i].2.len());
+            if used.is_none_or(|used| used > 0 && used + size > self.cap) {
+                self.roll(seq)?;
+            }
+            let Some((first, file)) = self.active.as_mut() else {
+                return Err(io::Error::other("no active segment"));
+            };
+            let mut used = self.files.get(first).copied().unwrap_or(0);
+            buf.clear();
+            while let Some((seq, pkid, value)) = frames.get(i) {
+                let size = frame_size(value.len());
+                if !buf.is_empty() && used + size > self.cap {
+                    break;
+                }
+                let body_len = u32::try_from(SEQ as usize + value.len())
+                    .map_err(|_| io::Error::other("record too large for a frame"))?;
+                let mark = pkid.map_or(0u32, |p| u32::from(p) + 1);
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&seq.to_le_bytes());
+                crc.update(&mark.to_le_bytes());
+                crc.update(value);
+                buf.extend_from_slice(&body_len.to_le_bytes());
+                buf.extend_from_slice(&crc.finalize().to_le_bytes());
+                buf.extend_from_slice(&seq.to_le_bytes());
+                buf.extend_from_slice(&mark.to_le_bytes());
+                buf.extend_from_slice(value);
+                used += size;
+                i += 1;
+            }
+            self.dirty = true;
+            if let Err(e) = file.write_all(&buf) {
+                self.broken = true;
+                return Err(e);
+            }
+            let first = *first;
+            self.files.insert(first, used);
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment (synced, so that older segments are always whole) and creates
+    /// the one starting at `seq`, durably in the directory.
+    fn roll(&mut self, seq: u64) -> io::Result<()> {
+        if let Some((_, file)) = self.active.take() {
+            if self.dirty {
+                file.sync_data()?;
+                self.dirty = false;
+            }
+        }
+        let path = self.path(seq);
+        // A leftover (an empty newest segment cut at open) is reused.
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        file.set_len(0)?;
+        file.sync_all()?;
+        File::open(&self.dir)?.sync_all()?;
+        self.files.insert(seq, 0);
+        self.active = Some((seq, file));
+        Ok(())
+    }
+
+    /// A handle on the active segment when it holds unsynced frames (and marks it clean): the
+    /// caller syncs it outside the journal's lock, and calls [`Segments::mark_dirty`] on failure.
+    pub fn sync_handle(&mut self) -> io::Result<Option<File>> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        let Some((_, file)) = self.active.as_ref() else {
+            return Ok(None);
+        };
+        let handle = file.try_clone()?;
+        self.dirty = false;
+        Ok(Some(handle))
+    }
+
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Deletes the segments (never the newest) for which `gone(first, last)` holds, where `last`
+    /// is the seq before the next segment. Returns how many files went.
+    pub fn remove_if(&mut self, mut gone: impl FnMut(u64, u64) -> bool) -> io::Result<usize> {
+        let firsts: Vec<u64> = self.files.keys().copied().collect();
+        let mut n = 0;
+        for w in firsts.windows(2) {
+            if !gone(w[0], w[1] - 1) {
+                continue;
+            }
+            match std::fs::remove_file(self.path(w[0])) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            self.files.remove(&w[0]);
+            if self.cursor.is_some_and(|c| c.segment == w[0]) {
+                self.cursor = None;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Visits the entries `from..=end` in seq order: an overlay in place of the entries it
+    /// covers, [`Item::Lost`] for seqs that should be there and are not, frames otherwise. An
+    /// entry starting before `from` is skipped. With `remember`, the reader's position after the
+    /// last item taken is kept, so that the next read from there continues without searching.
+    pub fn read(
+        &mut self,
+        from: u64,
+        end: u64,
+        overlays: &Overlays,
+        remember: bool,
+        mut visit: impl FnMut(Item) -> Flow,
+    ) -> io::Result<()> {
+        let mut s = from;
+        let mut open: Option<(u64, BufReader<File>, u64, u64)> = None; // segment, reader, offset, expected seq
+        let mut pending: Option<(Entry, u64, Option<u16>, u64)> = None; // a frame read ahead, its size, mark and end offset
+        // The seq before the next overlay at or after `s`, to cap a lost range.
+        let before_overlay = |s: u64| {
+            overlays
+                .range(s..)
+                .next()
+                .map_or(u64::MAX, |(f, _)| f.saturating_sub(1))
+        };
+        while s <= end {
+            if let Some((&of, o)) = overlays.range(..=s).next_back() {
+                if o.to >= s {
+                    if of == s {
+                        let flow = visit(Item::Overlay(of, *o));
+                        if flow == Flow::Refuse {
+                            break;
+                        }
+                        s = o.to + 1;
+                        if flow == Flow::Stop {
+                            break;
+                        }
+                    } else {
+                        s = o.to + 1;
+                    }
+                    continue;
+                }
+            }
+            // The segment that should hold `s`.
+            let Some((&seg, _)) = self.files.range(..=s).next_back() else {
+                let next = self.files.keys().next().map_or(u64::MAX, |f| f - 1);
+                let to = next.min(end).min(before_overlay(s));
+                let flow = visit(Item::Lost(s, to));
+                s = to + 1;
+                if flow != Flow::Next {
+                    break;
+                }
+                continue;
+            };
+            let seg_last = self
+                .files
+                .range(seg + 1..)
+                .next()
+                .map_or(u64::MAX, |(f, _)| f - 1);
+            if open.as_ref().is_none_or(|(g, ..)| *g != seg) {
+                pending = None;
+                let file = File::open(self.path(seg))?;
+                let mut r = BufReader::with_capacity(READ_BUF, file);
+                let (offset, expected) = match self.cursor {
+                    Some(c) if c.segment == seg && c.next_seq <= s => (c.offset, c.next_seq),
+                    _ => (0, seg),
+                };
+                r.seek(SeekFrom::Start(offset))?;
+                open = Some((seg, r, offset, expected));
+            }
+            let Some((_, r, offset, expected)) = open.as_mut() else {
+                continue;
+            };
+            let len = self.files.get(&seg).copied().unwrap_or(0);
+            let (entry, size, pkid, after) = match pending.take() {
+                Some(p) => p,
+                None => match read_frame(r, len.saturating_sub(*offset), *expected)? {
+                    Frame::Good(entry, size, pkid) => {
+                        *offset += size;
+                        (entry, size, pkid, *offset)
+                    }
+                    Frame::End | Frame::Bad => {
+                        let at = *offset;
+                        let found = if at >= len {
+                            None
+                        } else {
+                            resync(&self.path(seg), at, len, *expected)?
+                        };
+                        match found {
+                            Some((off, seq)) => {
+                                warn!(
+                                    "journal segment {} is damaged at offset {}: seqs {}..={} unreadable",
+                                    self.path(seg).display(),
+                                    at,
+                                    *expected,
+                                    seq - 1
+                                );
+                                r.seek(SeekFrom::Start(off))?;
+                                *offset = off;
+                                *expected = seq;
+                                continue;
+                            }
+                            None => {
+                                // Nothing more in this segment: what it should still hold is lost.
+                                let to = seg_last.min(end).min(before_overlay(s));
+                                open = None;
+                                let flow = visit(Item::Lost(s, to));
+                                s = to + 1;
+                                if flow != Flow::Next {
+                                    break;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                },
+            };
+            *expected = entry.last_seq() + 1;
+            if entry.last_seq() < s || entry.first_seq() < s {
+                // Before the start (or inside a gap that began earlier): skip.
+                s = s.max(entry.last_seq() + 1);
+                continue;
+            }
+            if entry.first_seq() > s {
+                // A hole before this frame.
+                let to = (entry.first_seq() - 1).min(end).min(before_overlay(s));
+                pending = Some((entry, size, pkid, after));
+                let flow = visit(Item::Lost(s, to));
+                s = to + 1;
+                if flow != Flow::Next {
+                    break;
+                }
+                continue;
+            }
+            let last = entry.last_seq();
+            let flow = visit(Item::Frame(entry, size, pkid));
+            if flow == Flow::Refuse {
+                break;
+            }
+            s = last + 1;
+            if remember {
+                self.cursor = Some(Cursor {
+                    segment: seg,
+                    offset: after,
+                    next_seq: s,
+                });
+            }
+            if flow == Flow::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+enum Frame {
+    Good(Entry, u64, Option<u16>),
+    /// Short, failing its CRC, undecodable, or not the expected seq.
+    Bad,
+    /// No bytes left.
+    End,
+}
+
+/// Reads one frame of at most `remaining` bytes. With `expected` > 0 the frame must start at
+/// that seq. Never allocates more than `remaining`.
+fn read_frame(r: &mut impl Read, remaining: u64, expected: u64) -> io::Result<Frame> {
+    if remaining == 0 {
+        return Ok(Frame::End);
+    }
+    if remaining < HEADER + SEQ {
+        return Ok(Frame::Bad);
+    }
+    let mut h = [0u8; HEADER as usize];
+    if !read_full(r, &mut h)? {
+        return Ok(Frame::Bad);
+    }
+    let len = u64::from(u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+    let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    if !(SEQ..=MAX_BODY).contains(&len) || len > remaining - HEADER {
+        return Ok(Frame::Bad);
+    }
+    let mut body = vec![0u8; len as usize];
+    if !read_full(r, &mut body)? {
+        return Ok(Frame::Bad);
+    }
+    Ok(decode_frame(crc, &body, expected)
+        .map_or(Frame::Bad, |(e, pkid)| Frame::Good(e, HEADER + len, pkid)))
+}
+
+fn decode_frame(crc: u32, body: &[u8], expected: u64) -> Option<(Entry, Option<u16>)> {
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let seq = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
+    if expected > 0 && seq != expected {
+        return None;
+    }
+    let mark = u32::from_le_bytes(body.get(8..12)?.try_into().ok()?);
+    let pkid = match mark {
+        0 => None,
+        m => Some(u16::try_from(m - 1).ok()?),
+    };
+    Some((decode_entry(seq, body.get(SEQ as usize..)?).ok()?, pkid))
+}
+
+/// `read_exact` that reports a short read as `false` instead of an error.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// After damage at `at` in the segment at `path` (`len` bytes), where seq `expected` should
+/// have started: the offset and seq of the first good frame after it whose seq is a little past
+/// `expected`, if any.
+fn resync(path: &Path, at: u64, len: u64, expected: u64) -> io::Result<Option<(u64, u64)>> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(at))?;
+    let mut rest = Vec::new();
+    f.take(len.saturating_sub(at)).read_to_end(&mut rest)?;
+    let want = expected + 1..=expected + RESYNC_SEQS;
+    let n = rest.len();
+    for p in 1..n.saturating_sub((HEADER + SEQ) as usize - 1) {
+        let seq = u64::from_le_bytes(rest[p + 8..p + 16].try_into().unwrap_or_default());
+        if !want.contains(&seq) {
+            continue;
+        }
+        let blen = u32::from_le_bytes(rest[p..p + 4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(rest[p + 4..p + 8].try_into().unwrap_or_default());
+        let Some(body) = rest.get(p + 8..p + 8 + blen) else {
+            continue;
+        };
+        if decode_frame(crc, body, seq).is_some() {
+            return Ok(Some((at + p as u64, seq)));
+        }
+    }
+    Ok(None)
+}
+
+/// Scans the newest segment (first seq `first`) to its last good frame. Returns the length of
+/// the good part and the last seq in it (`first - 1` when none). Damage followed by good frames
+/// is kept (the reader reports it); a bad frame with nothing good after it ends the good part.
+fn scan_tail(file: &File, path: &Path, first: u64) -> io::Result<(u64, u64)> {
+    let len = file.metadata()?.len();
+    let mut r = BufReader::with_capacity(READ_BUF, file);
+    let mut offset = 0u64;
+    let mut expected = first;
+    loop {
+        match read_frame(&mut r, len - offset, expected)? {
+            Frame::Good(entry, size, _) => {
+                offset += size;
+                expected = entry.last_seq() + 1;
+            }
+            Frame::End => return Ok((offset, expected - 1)),
+            Frame::Bad => {
+                // Look for a good frame after the damage, in the file itself.
+                let found = resync(path, offset, len, expected)?;
+                match found {
+                    Some((off, seq)) => {
+                        info!(
+                            "journal segment damaged in the middle (seqs {}..={} unreadable); \
+                             they are reported as journal_lost when read",
+                            expected,
+                            seq - 1
+                        );
+                        r.seek(SeekFrom::Start(off))?;
+                        offset = off;
+                        expected = seq;
+                    }
+                    None => return Ok((offset, expected - 1)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_only_when_exact() {
+        assert_eq!(parse_name("00000000000000000042.seg"), Some(42));
+        assert_eq!(parse_name("42.seg"), None);
+        assert_eq!(parse_name("0000000000000000004x.seg"), None);
+        assert_eq!(parse_name("00000000000000000042.tmp"), None);
+    }
+
+    #[test]
+    fn segment_cap_is_bounded() {
+        assert_eq!(segment_cap(1 << 20), 256 << 10);
+        assert_eq!(segment_cap(8 << 20), 512 << 10);
+        assert_eq!(segment_cap(u64::MAX), 1 << 20);
+    }
+}
