@@ -27,7 +27,18 @@ if [ "$ci" -eq 1 ]; then
         a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice)
 else
     build=(--no-fail-fast --lib --bins --tests)
-    filters=()
+    # Tests that cannot pass under qemu-user on this host, each for a reason of the emulator, not of
+    # ARM (they pass natively and are worth running on a real board):
+    # - console: qemu-user 7.2 answers TCGETS2/TCSETS2 (rustix's termios calls) with ENOSYS;
+    # - reload's restart: the agent re-executes itself, and without binfmt_misc the kernel cannot
+    #   execute an ARM binary (ENOEXEC), so it exits for its supervisor instead;
+    # - the 502 storm's memory check and the pushback drain: qemu's own memory per guest thread and
+    #   its speed move the numbers these tests bound.
+    filters=(-- --skip a_pin_guards_the_console --skip a_technician_sets_the_uplink_url
+        --skip a_typo_names_the_key --skip power_loss_during_save --skip regenerating_the_identity
+        --skip the_console_runs_on_its_own_terminal --skip the_agents_console_survives_line_noise
+        --skip the_journal_command_shows_the_age --skip a_new_topic_restarts_the_agent_in_place
+        --skip nginx_502_storm_leaks_nothing --skip pushback_from_the_cloud_slows_the_drain)
 fi
 
 # No debug info: it doubles link time and binary size on a 2-core builder, and qemu gains
