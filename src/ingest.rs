@@ -524,6 +524,8 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
     let mut full_since: Option<Instant> = None;
     let mut failing = false;
     let mut last_reopen: Option<Instant> = None;
+    // A reopen that keeps failing is said at WARN once a minute, not every REOPEN_EVERY.
+    let mut last_reopen_warn: Option<Instant> = None;
     loop {
         Stats::add(&stats.writer_beats, 1);
         if records.is_empty() {
@@ -627,7 +629,18 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
                     if last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
                         last_reopen = Some(Instant::now());
                         if let Err(e) = journal.reopen() {
-                            debug!("journal reopen failed: {}", crate::error_chain(&e));
+                            if last_reopen_warn
+                                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                            {
+                                last_reopen_warn = Some(Instant::now());
+                                warn!(
+                                    "journal reopen failed, retrying every {:?}: {}",
+                                    REOPEN_EVERY,
+                                    crate::error_chain(&e)
+                                );
+                            } else {
+                                debug!("journal reopen failed: {}", crate::error_chain(&e));
+                            }
                         }
                     }
                 }
