@@ -8,7 +8,7 @@
 //! on a connection that died unanswered goes out again on the next (the agent answers a repeat from
 //! its store without executing it twice). A command leaves the queue when its result arrives.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{Value, json};
@@ -42,7 +42,7 @@ struct Device {
     connections: u64,
     connected: u64,
     hello: Option<Value>,
-    /// How often each command id was sent.
+    /// How often each command id was sent; kept while the id is queued or its result is kept.
     sent: HashMap<String, u64>,
 }
 
@@ -151,11 +151,7 @@ impl Commands {
     }
 
     /// Frames for a connection that has already been sent the ids in `sent_here`.
-    pub fn outgoing(
-        &self,
-        device: &str,
-        sent_here: &mut std::collections::HashSet<String>,
-    ) -> Outgoing {
+    pub fn outgoing(&self, device: &str, sent_here: &mut HashSet<String>) -> Outgoing {
         let mut inner = self.lock();
         let Some(d) = inner.devices.get_mut(device) else {
             return Outgoing::default();
@@ -170,17 +166,18 @@ impl Commands {
                 out.commands.push((id.clone(), frame.clone()));
             }
         }
+        // `sent_here` now holds every queued id; anything more was answered since and is
+        // forgotten, so a long-lived connection's set stays within the queue's bound.
+        if sent_here.len() > d.queue.len() {
+            let queued: HashSet<&str> = d.queue.iter().map(|(id, _)| id.as_str()).collect();
+            sent_here.retain(|id| queued.contains(id.as_str()));
+        }
         out
     }
 
     /// Answers, on the device's behalf, the oldest queued command among `sent` (the ids sent on a
     /// connection the device closed because a frame was too large) with `ok:false` and `error`.
-    pub fn refuse_first_unanswered(
-        &self,
-        device: &str,
-        sent: &std::collections::HashSet<String>,
-        error: &str,
-    ) {
+    pub fn refuse_first_unanswered(&self, device: &str, sent: &HashSet<String>, error: &str) {
         let id = self.lock().devices.get(device).and_then(|d| {
             d.queue
                 .iter()
@@ -212,6 +209,7 @@ impl Commands {
             while d.result_order.len() > MAX_RESULTS {
                 if let Some(old) = d.result_order.pop_front() {
                     d.results.remove(&old);
+                    d.sent.remove(&old);
                 }
             }
         }
@@ -222,7 +220,6 @@ impl Commands {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
 
     #[test]
     fn a_command_is_sent_once_per_connection_until_answered() {
@@ -239,6 +236,26 @@ mod tests {
             .unwrap();
         assert_eq!(c.result("gw", &id).unwrap()["state"], "done");
         assert_eq!(c.outgoing("gw", &mut HashSet::new()).commands.len(), 0);
+    }
+
+    #[test]
+    fn answered_commands_leave_the_connection_set_and_the_send_counts_go_with_their_results() {
+        // Regression: a connection's set of sent ids and the per-id send counts only grew, so a
+        // long-lived connection or device held every id it was ever sent.
+        let c = Commands::default();
+        let mut conn = HashSet::new();
+        for n in 0..MAX_RESULTS + 10 {
+            let id = c.queue("gw", json!({"action": "status"})).unwrap();
+            assert_eq!(c.outgoing("gw", &mut conn).commands.len(), 1, "command {n}");
+            c.on_result("gw", json!({"type": "result", "id": id, "ok": true}))
+                .unwrap();
+        }
+        c.outgoing("gw", &mut conn);
+        assert!(conn.is_empty(), "{} ids left", conn.len());
+        let inner = c.lock();
+        let d = &inner.devices["gw"];
+        assert_eq!(d.results.len(), MAX_RESULTS);
+        assert_eq!(d.sent.len(), MAX_RESULTS);
     }
 
     #[test]
