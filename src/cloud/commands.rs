@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// Commands queued per device.
 pub const MAX_QUEUED: usize = 1000;
+/// Raw frames (tests of malformed input, up to 32 MiB each) waiting per device.
+pub const MAX_RAW_QUEUED: usize = 16;
 /// Results kept per device (oldest dropped).
 pub const MAX_RESULTS: usize = 10_000;
 
@@ -98,14 +100,18 @@ impl Commands {
         Ok(id)
     }
 
-    /// Queues a frame to be sent once, verbatim, on the device's next connection round.
-    pub fn queue_raw(&self, device: &str, binary: bool, bytes: Vec<u8>) {
-        self.lock()
-            .devices
-            .entry(device.to_owned())
-            .or_default()
-            .raw
-            .push_back((binary, bytes));
+    /// Queues a frame to be sent once, verbatim, on the device's next connection round; refused when
+    /// [`MAX_RAW_QUEUED`] frames already wait.
+    pub fn queue_raw(&self, device: &str, binary: bool, bytes: Vec<u8>) -> Result<(), String> {
+        let mut inner = self.lock();
+        let raw = &mut inner.devices.entry(device.to_owned()).or_default().raw;
+        if raw.len() >= MAX_RAW_QUEUED {
+            return Err(format!(
+                "{MAX_RAW_QUEUED} raw frames already queued for this device"
+            ));
+        }
+        raw.push_back((binary, bytes));
+        Ok(())
     }
 
     /// The result of command `id`: `{"state":"pending"}`, `{"state":"done","result":..}`, or `None`
@@ -256,6 +262,21 @@ mod tests {
         let d = &inner.devices["gw"];
         assert_eq!(d.results.len(), MAX_RESULTS);
         assert_eq!(d.sent.len(), MAX_RESULTS);
+    }
+
+    #[test]
+    fn raw_frames_wait_up_to_a_bound() {
+        // Regression: raw frames of up to 32 MiB each queued without bound for an offline device.
+        let c = Commands::default();
+        for _ in 0..MAX_RAW_QUEUED {
+            c.queue_raw("gw", true, vec![0; 4]).unwrap();
+        }
+        assert!(c.queue_raw("gw", true, vec![0; 4]).is_err());
+        assert_eq!(
+            c.outgoing("gw", &mut HashSet::new()).raw.len(),
+            MAX_RAW_QUEUED
+        );
+        assert!(c.queue_raw("gw", false, b"x".to_vec()).is_ok());
     }
 
     #[test]

@@ -726,10 +726,10 @@ fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bo
         ("raw", None) if is_post => {
             let binary = request.url().ends_with("?binary=1");
             match read_small_body(request, 32 << 20) {
-                Ok(body) => {
-                    shared.commands.queue_raw(device, binary, body);
-                    Reply::json(202, json!({}))
-                }
+                Ok(body) => match shared.commands.queue_raw(device, binary, body) {
+                    Ok(()) => Reply::json(202, json!({})),
+                    Err(e) => Reply::error(400, e),
+                },
                 Err(r) => r,
             }
         }
