@@ -264,6 +264,11 @@ fn on_text(text: &str, commands: &Commands, device: &mut Option<String>) -> Resu
     };
     match v.get("type").and_then(Value::as_str) {
         Some("hello") => {
+            // One device per connection: a second hello would count the connection twice and
+            // carry this connection's sent commands over to another device.
+            if let Some(d) = device.as_deref() {
+                return Err(format!("a second hello on the connection of device={d}"));
+            }
             let id = v
                 .get("device_id")
                 .and_then(Value::as_str)
@@ -284,4 +289,25 @@ fn on_text(text: &str, commands: &Commands, device: &mut Option<String>) -> Resu
         other => warn!("downlink: unknown frame type {other:?} ignored"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_hello_on_one_connection_ends_it_and_leaves_the_first_device_counted_once() {
+        // Regression: a second hello switched the connection to another device without
+        // disconnecting the first, which then stayed "connected" for good.
+        let commands = Commands::default();
+        let mut device = None;
+        let hello = |id: &str| format!(r#"{{"type":"hello","device_id":"{id}"}}"#);
+        on_text(&hello("gw-a"), &commands, &mut device).unwrap();
+        assert!(on_text(&hello("gw-b"), &commands, &mut device).is_err());
+        assert_eq!(device.as_deref(), Some("gw-a"));
+        assert_eq!(commands.device("gw-b")["connected"], false);
+        // What `serve` does when the connection ends.
+        commands.disconnected("gw-a");
+        assert_eq!(commands.device("gw-a")["connected"], false);
+    }
 }
