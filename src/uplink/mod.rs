@@ -291,11 +291,7 @@ impl Uplink {
     /// One POST of `entries`, with the body read to its end (bounded).
     fn send(&mut self, entries: &[Entry]) -> Answer {
         let (first, last) = span(entries);
-        let body = encode_body(&self.device_id, entries);
-        let body = match self.cfg.compression {
-            Compression::None => body,
-            Compression::Gzip => gzip(&body),
-        };
+        let body = wire_body(self.cfg.compression, &self.device_id, entries);
         debug!(
             "uploading first_seq={} last_seq={} entries={} bytes={}",
             first,
@@ -573,39 +569,39 @@ fn span(entries: &[Entry]) -> (u64, u64) {
     (first, last)
 }
 
-/// Sends an empty batch to `cfg.url` with the uplink's own HTTP agent, headers and deadlines (the
-/// console's `test uplink`). Returns the round trip of a 2xx answer, or what went wrong in plain
+/// Sends an empty batch to `cfg.url` through [`post`], with the uplink's own HTTP agent, headers,
+/// compression and deadlines (the console's `test uplink`). Returns the round trip of a 2xx answer, or what went wrong in plain
 /// words: DNS failure, connection refused, timed out, TLS certificate problem, HTTP status N and what
 /// it means.
 pub fn probe(cfg: &UplinkConfig, tls: &Material, device_id: &str) -> Result<Duration, String> {
     let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
-    let body = serde_json::json!({ "device_id": device_id, "records": [], "gaps": [] }).to_string();
-    let mut req = agent
-        .post(&cfg.url)
-        .header("Content-Type", "application/json");
-    if let Some(token) = &cfg.token {
-        req = req.header("Authorization", format!("Bearer {}", token.expose()));
-    }
+    let body = wire_body(cfg.compression, device_id, &[]);
     let started = Instant::now();
-    let mut resp = req.send(body.as_bytes()).map_err(|e| describe(&e))?;
+    let answer = post(
+        &agent,
+        &Upload {
+            url: &cfg.url,
+            device_id,
+            first: 0,
+            last: 0,
+            token: cfg.token.as_ref().map(|t| t.expose()),
+            gzip: cfg.compression == Compression::Gzip,
+            body: &body,
+        },
+    );
     let elapsed = started.elapsed();
-    let code = resp.status().as_u16();
-    let answer = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_RESPONSE_BODY)
-        .read_to_string()
-        .unwrap_or_default();
-    if (200..300).contains(&code) {
-        Ok(elapsed)
-    } else {
-        let answer = snippet(&answer);
-        let said = if answer.is_empty() {
-            String::new()
-        } else {
-            format!("; the cloud said: {answer}")
-        };
-        Err(format!("{}{said}", status_words(code)))
+    match answer {
+        Answer::Failed(e) => Err(describe(&e)),
+        Answer::Status { code, .. } if (200..300).contains(&code) => Ok(elapsed),
+        Answer::Status { code, body, .. } => {
+            let answer = snippet(&body);
+            let said = if answer.is_empty() {
+                String::new()
+            } else {
+                format!("; the cloud said: {answer}")
+            };
+            Err(format!("{}{said}", status_words(code)))
+        }
     }
 }
 
@@ -683,6 +679,16 @@ fn snippet(body: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     one_line.trim().to_string()
+}
+
+/// The body of an upload of `entries` as it goes on the wire: the JSON batch, gzipped when
+/// `compression` says so.
+fn wire_body(compression: Compression, device_id: &str, entries: &[Entry]) -> Vec<u8> {
+    let body = encode_body(device_id, entries);
+    match compression {
+        Compression::None => body,
+        Compression::Gzip => gzip(&body),
+    }
 }
 
 fn gzip(body: &[u8]) -> Vec<u8> {
