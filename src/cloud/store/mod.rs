@@ -1,0 +1,445 @@
+//! The receiver's data directory and the per-device state rebuilt from it. The only module that
+//! touches the files.
+//!
+//! Layout of `DIR` (one pair of files per device, both newline-delimited JSON, append-only):
+//! - `<device_id>.ndjson`: one stored record per line, the record object as the device sent it.
+//! - `<device_id>.gaps.ndjson`: one gap per line, `{"from_seq":..,"to_seq":..,"reason":..}`.
+//!
+//! Because `<id>.gaps.ndjson` would also be the records file of a device called `<id>.gaps`, device
+//! ids ending in `.gaps` are refused ([`Error::ReservedDeviceId`]).
+//!
+//! Durability: [`Store::ingest`] returns only after the new lines are written and `sync_data`'d (and the
+//! directory synced when a file was created), so a batch the receiver acknowledged survives a crash.
+//! A crash mid-write can leave a last line without its newline; that line was never acknowledged, so
+//! [`Store::open`] drops it (truncating the file) and the device resends it. A failed write is cut
+//! back the same way before the error is returned. Any other malformed line stops the start. Those
+//! two file primitives are in `files`.
+//!
+//! In memory each device keeps a [`RangeSet`] of stored seqs, its gaps, the content [`Fingerprints`]
+//! of its stored records (about 8 bytes per record, see that module), and the identity clashes seen
+//! since this start. A device's files are written under that device's mutex; the map of devices has
+//! its own mutex, held only to look a device up.
+//!
+//! Identity clashes: a record whose seq is stored with a different fingerprint was not sent by the
+//! gateway that sent the stored one (a seq is never reused), so two gateways share the device id,
+//! typically a cloned image. [`Store::ingest`] refuses such a batch as a whole
+//! ([`Error::Clash`], stores nothing of it) and remembers the clash for [`Store::devices`]: the
+//! [`MAX_CLASHES`] most recently clashing seqs and a total. Clashes are not written to disk; a
+//! restart forgets them until the clashing gateway sends again, which it keeps doing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::info;
+
+use self::files::{append_synced, for_each_line};
+use super::batch::{self, Batch};
+use super::fingerprints::Fingerprints;
+use super::ranges::RangeSet;
+use crate::protocol::Gap;
+
+mod files;
+
+const RECORDS_SUFFIX: &str = ".ndjson";
+const GAPS_SUFFIX: &str = ".gaps.ndjson";
+/// Clashing seqs remembered per device; beyond it the least recently clashing one is forgotten
+/// (still counted in [`DeviceSummary::clashes_total`]).
+pub const MAX_CLASHES: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create data directory {path}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot list data directory {path}")]
+    ListDir { path: PathBuf, source: io::Error },
+    #[error("{path}: file name is not <device id>.ndjson or <device id>.gaps.ndjson")]
+    UnexpectedFile { path: PathBuf },
+    #[error("cannot open {path}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}:{line}: {problem}")]
+    Malformed {
+        path: PathBuf,
+        line: u64,
+        problem: String,
+    },
+    #[error("cannot truncate the torn last line of {path}")]
+    Truncate { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot sync {path}")]
+    Sync { path: PathBuf, source: io::Error },
+    #[error("device id {device_id} ends in .gaps, which names this receiver's gap files")]
+    ReservedDeviceId { device_id: String },
+    /// The batch was refused: `seq` (its lowest clashing seq) is stored with other content.
+    #[error(
+        "device_id {device_id}: seq {seq} already stored with different content; two gateways share this device id (cloned image?)"
+    )]
+    Clash { device_id: String, seq: u64 },
+}
+
+/// Owner of the data directory. Shared between worker threads by reference.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    devices: Mutex<BTreeMap<String, Arc<Mutex<Device>>>>,
+}
+
+#[derive(Debug, Default)]
+struct Device {
+    records: RangeSet,
+    /// Of every seq in `records`.
+    fingerprints: Fingerprints,
+    /// At most [`MAX_CLASHES`], in no particular order.
+    clashes: Vec<Clash>,
+    /// Clashing records refused since this start, each time one was sent.
+    clashes_total: u64,
+    /// In the order they were stored.
+    gaps: Vec<Gap>,
+    /// `(from_seq, to_seq, reason)` of every stored gap, to store each gap once.
+    gap_keys: BTreeSet<(u64, u64, &'static str)>,
+    gap_seqs: RangeSet,
+}
+
+/// What [`Store::ingest`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Records stored by this call.
+    pub accepted: u64,
+    /// Records that were already stored.
+    pub duplicates: u64,
+    /// Gaps stored by this call (a gap already stored with the same range and reason is skipped).
+    pub new_gaps: u64,
+}
+
+/// A device as `GET /v1/devices` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSummary {
+    pub device_id: String,
+    /// Distinct stored records.
+    pub records: u64,
+    /// Highest stored record seq, 0 when none.
+    pub highest_seq: u64,
+    /// Ranges of `1..=max(highest record seq, highest gap seq)` covered by neither a record nor a gap.
+    pub missing: Vec<(u64, u64)>,
+    pub gaps: Vec<Gap>,
+    /// The most recently clashing seqs (at most [`MAX_CLASHES`]), ascending by seq.
+    pub clashes: Vec<Clash>,
+    /// Clashing records refused since this start, including those no longer in `clashes`.
+    pub clashes_total: u64,
+}
+
+/// A seq that arrived with content other than the stored one, since this start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clash {
+    pub seq: u64,
+    /// Wall-clock time of the first and the latest refusal, milliseconds since the Unix epoch.
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    /// How many times a record with this seq was refused as a clash.
+    pub count: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory and rebuilds every device's state from it.
+    pub fn open(dir: &Path) -> Result<Store, Error> {
+        fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let list_error = |source| Error::ListDir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut paths = Vec::new();
+        for entry in fs::read_dir(dir).map_err(list_error)? {
+            let path = entry.map_err(list_error)?.path();
+            if path.is_file() && path.to_string_lossy().ends_with(RECORDS_SUFFIX) {
+                paths.push(path);
+            }
+        }
+        paths.sort();
+
+        let mut devices: BTreeMap<String, Device> = BTreeMap::new();
+        for path in paths {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let (device_id, is_gaps) = match name.strip_suffix(GAPS_SUFFIX) {
+                Some(id) => (id, true),
+                None => (name.strip_suffix(RECORDS_SUFFIX).unwrap_or_default(), false),
+            };
+            if !batch::is_valid_device_id(device_id) || is_reserved(device_id) {
+                return Err(Error::UnexpectedFile { path });
+            }
+            let device = devices.entry(device_id.to_owned()).or_default();
+            if is_gaps {
+                for_each_line(&path, |line| {
+                    let gap: Gap = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+                    if gap.from_seq == 0 || gap.from_seq > gap.to_seq {
+                        return Err(format!(
+                            "gap {}..={} is not a range of seqs",
+                            gap.from_seq, gap.to_seq
+                        ));
+                    }
+                    device.add_gap(gap);
+                    Ok(())
+                })?;
+            } else {
+                for_each_line(&path, |line| {
+                    let (seq, fingerprint) =
+                        batch::stored_record(line).map_err(|e| e.to_string())?;
+                    // A repeated seq cannot be written by this store; if one is there anyway the
+                    // first copy is the stored one, as at ingest.
+                    device.records.insert(seq);
+                    device.fingerprints.insert(seq, fingerprint);
+                    Ok(())
+                })?;
+            }
+        }
+
+        let records: u64 = devices.values().map(|d| d.records.len()).sum();
+        info!(
+            "data loaded dir={} devices={} records={}",
+            dir.display(),
+            devices.len(),
+            records
+        );
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            devices: Mutex::new(
+                devices
+                    .into_iter()
+                    .map(|(id, d)| (id, Arc::new(Mutex::new(d))))
+                    .collect(),
+            ),
+        })
+    }
+
+    /// Stores the records and gaps of `batch` that are not stored yet. Returns only after they are on
+    /// disk; on error nothing of the failed file is left behind, and the records of an earlier file
+    /// that did succeed are remembered (a resend counts them as duplicates). A stored seq sent again
+    /// with the same content is a duplicate; with other content the whole batch is refused with
+    /// [`Error::Clash`] before anything is written.
+    pub fn ingest(&self, batch: &Batch) -> Result<Outcome, Error> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.ingest_at(batch, now_ms)
+    }
+
+    fn ingest_at(&self, batch: &Batch, now_ms: u64) -> Result<Outcome, Error> {
+        if is_reserved(&batch.device_id) {
+            return Err(Error::ReservedDeviceId {
+                device_id: batch.device_id.clone(),
+            });
+        }
+        let handle = self.device(&batch.device_id);
+        let mut device = lock(&handle);
+
+        let mut lines = String::new();
+        let mut new_records = Vec::new();
+        let mut clashing = Vec::new();
+        for record in &batch.records {
+            match device.fingerprints.get(record.seq) {
+                None => {
+                    lines.push_str(&record.line);
+                    lines.push('\n');
+                    new_records.push((record.seq, record.fingerprint));
+                }
+                Some(stored) if stored != record.fingerprint => clashing.push(record.seq),
+                Some(_) => {}
+            }
+        }
+        if let Some(&seq) = clashing.first() {
+            device.note_clashes(&clashing, now_ms);
+            return Err(Error::Clash {
+                device_id: batch.device_id.clone(),
+                seq,
+            });
+        }
+        let accepted = new_records.len() as u64;
+        if !new_records.is_empty() {
+            append_synced(
+                &self.dir,
+                &self.records_path(&batch.device_id),
+                lines.as_bytes(),
+            )?;
+            for (seq, fingerprint) in new_records {
+                device.records.insert(seq);
+                device.fingerprints.insert(seq, fingerprint);
+            }
+        }
+
+        let mut seen = BTreeSet::new();
+        let new_gaps: Vec<Gap> = batch
+            .gaps
+            .iter()
+            .filter(|g| !device.gap_keys.contains(&gap_key(g)) && seen.insert(gap_key(g)))
+            .copied()
+            .collect();
+        if !new_gaps.is_empty() {
+            let mut lines = String::new();
+            for gap in &new_gaps {
+                lines.push_str(&gap_line(gap));
+                lines.push('\n');
+            }
+            append_synced(
+                &self.dir,
+                &self.gaps_path(&batch.device_id),
+                lines.as_bytes(),
+            )?;
+            for gap in &new_gaps {
+                device.add_gap(*gap);
+            }
+        }
+
+        Ok(Outcome {
+            accepted,
+            duplicates: batch.records.len() as u64 - accepted,
+            new_gaps: new_gaps.len() as u64,
+        })
+    }
+
+    /// Every device that has stored records or gaps, ordered by id.
+    pub fn devices(&self) -> Vec<DeviceSummary> {
+        let handles: Vec<(String, Arc<Mutex<Device>>)> = lock(&self.devices)
+            .iter()
+            .map(|(id, d)| (id.clone(), Arc::clone(d)))
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|(device_id, handle)| {
+                let device = lock(&handle);
+                // A device with clashes has records: a clash is with a stored record.
+                if device.records.is_empty() && device.gaps.is_empty() {
+                    return None;
+                }
+                let mut covered = device.records.clone();
+                covered.extend(&device.gap_seqs);
+                let upper = covered.max().unwrap_or(0);
+                Some(DeviceSummary {
+                    device_id,
+                    records: device.records.len(),
+                    highest_seq: device.records.max().unwrap_or(0),
+                    missing: covered.complement(1, upper),
+                    gaps: device.gaps.clone(),
+                    clashes: {
+                        let mut clashes = device.clashes.clone();
+                        clashes.sort_by_key(|c| c.seq);
+                        clashes
+                    },
+                    clashes_total: device.clashes_total,
+                })
+            })
+            .collect()
+    }
+
+    /// The device's records file opened for reading and its length at the time of the call; bytes
+    /// beyond that length may belong to a write in progress. `None` if the device stored nothing.
+    pub fn records_file(&self, device_id: &str) -> Result<Option<(File, u64)>, Error> {
+        let Some(handle) = lock(&self.devices).get(device_id).cloned() else {
+            return Ok(None);
+        };
+        // Holding the device lock while taking the length means the length ends on a line boundary.
+        let _device = lock(&handle);
+        let path = self.records_path(device_id);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(Error::Open { path, source }),
+        };
+        let len = file
+            .metadata()
+            .map_err(|source| Error::Read { path, source })?
+            .len();
+        Ok(Some((file, len)))
+    }
+
+    fn device(&self, device_id: &str) -> Arc<Mutex<Device>> {
+        Arc::clone(lock(&self.devices).entry(device_id.to_owned()).or_default())
+    }
+
+    fn records_path(&self, device_id: &str) -> PathBuf {
+        self.dir.join(format!("{device_id}{RECORDS_SUFFIX}"))
+    }
+
+    fn gaps_path(&self, device_id: &str) -> PathBuf {
+        self.dir.join(format!("{device_id}{GAPS_SUFFIX}"))
+    }
+}
+
+impl Device {
+    fn add_gap(&mut self, gap: Gap) {
+        if self.gap_keys.insert(gap_key(&gap)) {
+            self.gaps.push(gap);
+            self.gap_seqs.insert_range(gap.from_seq, gap.to_seq);
+        }
+    }
+
+    /// Records one refusal of each of `seqs` (ascending) at `now_ms`, keeping the [`MAX_CLASHES`]
+    /// most recently clashing seqs; among seqs refused at the same time the highest are kept.
+    fn note_clashes(&mut self, seqs: &[u64], now_ms: u64) {
+        self.clashes_total += seqs.len() as u64;
+        // The lower seqs of a batch with more clashes than the list holds would be pushed out again
+        // by the higher ones; skip them. The scans below are linear, fine for a list this short.
+        let kept = &seqs[seqs.len().saturating_sub(MAX_CLASHES)..];
+        for &seq in kept {
+            if let Some(clash) = self.clashes.iter_mut().find(|c| c.seq == seq) {
+                clash.count += 1;
+                clash.last_seen_ms = now_ms;
+                continue;
+            }
+            if self.clashes.len() >= MAX_CLASHES {
+                // Forget the least recently clashing seq, the lowest of them on a tie.
+                if let Some(oldest) = self
+                    .clashes
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, c)| (c.last_seen_ms, c.seq))
+                    .map(|(i, _)| i)
+                {
+                    self.clashes.swap_remove(oldest);
+                }
+            }
+            self.clashes.push(Clash {
+                seq,
+                first_seen_ms: now_ms,
+                last_seen_ms: now_ms,
+                count: 1,
+            });
+        }
+    }
+}
+
+fn is_reserved(device_id: &str) -> bool {
+    device_id.ends_with(".gaps")
+}
+
+fn gap_key(gap: &Gap) -> (u64, u64, &'static str) {
+    (gap.from_seq, gap.to_seq, gap.reason.as_str())
+}
+
+fn gap_line(gap: &Gap) -> String {
+    format!(
+        r#"{{"from_seq":{},"to_seq":{},"reason":"{}"}}"#,
+        gap.from_seq,
+        gap.to_seq,
+        gap.reason.as_str()
+    )
+}
+
+/// A poisoned lock means a worker panicked; the state it guards is only changed after the files are
+/// written, so it is still consistent with them.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,363 @@
+//! Tests of the store against real files in a temporary directory.
+
+use super::*;
+use crate::protocol::GapReason;
+
+fn batch(device_id: &str, seqs: &[u64], gaps: &[(u64, u64, &str)]) -> Batch {
+    let records: Vec<String> = seqs
+        .iter()
+        .map(|s| format!(r#"{{"seq":{s},"ts_ms":1,"topic":"t","payload_text":"r{s}"}}"#))
+        .collect();
+    let gaps: Vec<String> = gaps
+        .iter()
+        .map(|(f, t, r)| format!(r#"{{"from_seq":{f},"to_seq":{t},"reason":"{r}"}}"#))
+        .collect();
+    let body = format!(
+        r#"{{"device_id":"{device_id}","records":[{}],"gaps":[{}]}}"#,
+        records.join(","),
+        gaps.join(",")
+    );
+    batch::parse(body.as_bytes()).expect("test batch is valid")
+}
+
+/// A batch of `gw-01` with the given record objects and gaps, written as JSON.
+fn batch_of(records: &[&str], gaps: &[&str]) -> Batch {
+    let body = format!(
+        r#"{{"device_id":"gw-01","records":[{}],"gaps":[{}]}}"#,
+        records.join(","),
+        gaps.join(",")
+    );
+    batch::parse(body.as_bytes()).expect("test batch is valid")
+}
+
+fn clash_seq(result: Result<Outcome, Error>) -> u64 {
+    match result {
+        Err(Error::Clash { seq, .. }) => seq,
+        other => panic!("expected a clash, got {other:?}"),
+    }
+}
+
+fn outcome(accepted: u64, duplicates: u64, new_gaps: u64) -> Outcome {
+    Outcome {
+        accepted,
+        duplicates,
+        new_gaps,
+    }
+}
+
+#[test]
+fn a_resent_batch_is_counted_as_duplicates_and_stored_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let b = batch("gw-01", &[1, 2, 3], &[]);
+    assert_eq!(store.ingest(&b).expect("ingest"), outcome(3, 0, 0));
+    assert_eq!(store.ingest(&b).expect("ingest"), outcome(0, 3, 0));
+    let text = fs::read_to_string(dir.path().join("gw-01.ndjson")).expect("read");
+    assert_eq!(text.lines().count(), 3);
+}
+
+#[test]
+fn dedupe_survives_reopening_the_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .ingest(&batch("gw-01", &[1, 2], &[(3, 4, "journal_full")]))
+            .expect("ingest");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(
+        store
+            .ingest(&batch("gw-01", &[2, 5], &[(3, 4, "journal_full")]))
+            .expect("ingest"),
+        outcome(1, 1, 0)
+    );
+    let devices = store.devices();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].records, 3);
+    assert_eq!(devices[0].highest_seq, 5);
+    assert_eq!(devices[0].missing, vec![]);
+}
+
+#[test]
+fn missing_lists_seqs_covered_by_neither_records_nor_gaps() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .ingest(&batch("d", &[3, 4, 9], &[(12, 15, "rejected")]))
+        .expect("ingest");
+    let device = &store.devices()[0];
+    assert_eq!(device.missing, vec![(1, 2), (5, 8), (10, 11)]);
+    assert_eq!(
+        device.gaps,
+        vec![Gap {
+            from_seq: 12,
+            to_seq: 15,
+            reason: GapReason::Rejected
+        }]
+    );
+    assert_eq!(device.highest_seq, 9);
+}
+
+#[test]
+fn a_torn_last_line_is_dropped_and_the_file_truncated() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("gw-01.ndjson");
+    // Seq 1 as `batch` writes it, so that its resend below is a duplicate.
+    let good = "{\"payload_text\":\"r1\",\"seq\":1,\"topic\":\"t\",\"ts_ms\":1}\n";
+    fs::write(&path, format!("{good}{{\"seq\":2,\"ts_m")).expect("write");
+
+    let store = Store::open(dir.path()).expect("open despite the torn line");
+    assert_eq!(fs::read_to_string(&path).expect("read"), good);
+    // Seq 2 was never acknowledged, so its resend is stored.
+    assert_eq!(
+        store.ingest(&batch("gw-01", &[1, 2], &[])).expect("ingest"),
+        outcome(1, 1, 0)
+    );
+    let text = fs::read_to_string(&path).expect("read");
+    assert_eq!(text.lines().count(), 2);
+    assert!(text.ends_with('\n'));
+}
+
+#[test]
+fn a_malformed_line_before_the_end_names_file_and_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("gw-01.ndjson");
+    let record = |seq| format!(r#"{{"seq":{seq},"ts_ms":1,"topic":"t","payload":1}}"#);
+    fs::write(&path, format!("{}\nnot json\n{}\n", record(1), record(3))).expect("write");
+    match Store::open(dir.path()) {
+        Err(Error::Malformed { path: p, line, .. }) => {
+            assert_eq!(p, path);
+            assert_eq!(line, 2);
+        }
+        other => panic!("expected a malformed-line error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stored_line_that_is_not_a_valid_record_stops_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::write(
+        dir.path().join("d.ndjson"),
+        "{\"seq\":1,\"ts_ms\":1,\"payload\":1}\n",
+    )
+    .expect("write");
+    let error = Store::open(dir.path()).expect_err("must refuse");
+    assert!(
+        error
+            .to_string()
+            .ends_with("d.ndjson:1: record.topic: missing"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_gap_line_with_an_unknown_reason_stops_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::write(
+        dir.path().join("d.gaps.ndjson"),
+        "{\"from_seq\":1,\"to_seq\":2,\"reason\":\"eaten\"}\n",
+    )
+    .expect("write");
+    let error = Store::open(dir.path()).expect_err("must refuse");
+    assert!(error.to_string().contains("d.gaps.ndjson:1: "), "{error}");
+}
+
+#[test]
+fn a_file_named_for_no_valid_device_stops_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::write(dir.path().join("bad name.ndjson"), "").expect("write");
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(Error::UnexpectedFile { .. })
+    ));
+}
+
+#[test]
+fn other_files_in_the_directory_are_ignored() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::write(dir.path().join("README.txt"), "hello").expect("write");
+    let store = Store::open(dir.path()).expect("open");
+    assert!(store.devices().is_empty());
+}
+
+#[test]
+fn gaps_are_stored_once_and_in_their_own_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let b = batch(
+        "d",
+        &[10],
+        &[
+            (1, 4, "journal_full"),
+            (5, 9, "journal_lost"),
+            (1, 4, "journal_full"),
+        ],
+    );
+    assert_eq!(store.ingest(&b).expect("ingest"), outcome(1, 0, 2));
+    assert_eq!(store.ingest(&b).expect("ingest"), outcome(0, 1, 0));
+    let text = fs::read_to_string(dir.path().join("d.gaps.ndjson")).expect("read");
+    assert_eq!(
+        text,
+        "{\"from_seq\":1,\"to_seq\":4,\"reason\":\"journal_full\"}\n\
+         {\"from_seq\":5,\"to_seq\":9,\"reason\":\"journal_lost\"}\n"
+    );
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.devices()[0].gaps.len(), 2);
+    assert_eq!(store.devices()[0].missing, vec![]);
+}
+
+#[test]
+fn a_device_id_ending_in_gaps_is_refused_rather_than_sharing_a_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    assert!(matches!(
+        store.ingest(&batch("x.gaps", &[1], &[])),
+        Err(Error::ReservedDeviceId { .. })
+    ));
+}
+
+#[test]
+fn the_records_file_length_covers_only_complete_lines() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    assert!(store.records_file("d").expect("lookup").is_none());
+    store.ingest(&batch("d", &[1, 2], &[])).expect("ingest");
+    let (_, len) = store.records_file("d").expect("lookup").expect("file");
+    let text = fs::read_to_string(dir.path().join("d.ndjson")).expect("read");
+    assert_eq!(len, text.len() as u64);
+}
+
+#[test]
+fn a_stored_seq_with_other_content_refuses_the_whole_batch() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .ingest(&batch("gw-01", &[1, 2, 3], &[]))
+        .expect("ingest");
+    let path = dir.path().join("gw-01.ndjson");
+    let before = fs::read_to_string(&path).expect("read");
+
+    // Seq 2 is stored as "r2"; 3 is a true duplicate, 4 is new, and there is a new gap.
+    let clashing = batch_of(
+        &[
+            r#"{"seq":2,"ts_ms":1,"topic":"t","payload_text":"other box"}"#,
+            r#"{"seq":3,"ts_ms":1,"topic":"t","payload_text":"r3"}"#,
+            r#"{"seq":4,"ts_ms":1,"topic":"t","payload_text":"r4"}"#,
+        ],
+        &[r#"{"from_seq":5,"to_seq":6,"reason":"journal_full"}"#],
+    );
+    let error = store.ingest(&clashing).expect_err("must refuse");
+    assert_eq!(
+        error.to_string(),
+        "device_id gw-01: seq 2 already stored with different content; \
+         two gateways share this device id (cloned image?)"
+    );
+    assert_eq!(fs::read_to_string(&path).expect("read"), before);
+    assert!(!dir.path().join("gw-01.gaps.ndjson").exists());
+    let device = &store.devices()[0];
+    assert_eq!((device.records, device.highest_seq), (3, 3));
+    assert_eq!(device.gaps, vec![]);
+    assert_eq!(
+        device.clashes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert_eq!(device.clashes_total, 1);
+
+    // The owner of the id resending its own records is unaffected.
+    assert_eq!(
+        store
+            .ingest(&batch("gw-01", &[2, 3, 4], &[]))
+            .expect("ingest"),
+        outcome(1, 2, 0)
+    );
+}
+
+#[test]
+fn clashes_are_counted_per_seq_with_first_and_last_time() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    store.ingest(&batch("gw-01", &[1, 2], &[])).expect("ingest");
+    let other = |seqs: &[u64]| {
+        let records: Vec<String> = seqs
+            .iter()
+            .map(|s| format!(r#"{{"seq":{s},"ts_ms":2,"topic":"t","payload_text":"x"}}"#))
+            .collect();
+        batch_of(&records.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+    assert_eq!(clash_seq(store.ingest_at(&other(&[1, 2]), 1000)), 1);
+    assert_eq!(clash_seq(store.ingest_at(&other(&[2]), 2000)), 2);
+    let device = &store.devices()[0];
+    assert_eq!(
+        device.clashes,
+        vec![
+            Clash {
+                seq: 1,
+                first_seen_ms: 1000,
+                last_seen_ms: 1000,
+                count: 1
+            },
+            Clash {
+                seq: 2,
+                first_seen_ms: 1000,
+                last_seen_ms: 2000,
+                count: 2
+            },
+        ]
+    );
+    assert_eq!(device.clashes_total, 3);
+}
+
+#[test]
+fn only_the_most_recently_clashing_seqs_are_listed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let seqs: Vec<u64> = (1..=250).collect();
+    store.ingest(&batch("gw-01", &seqs, &[])).expect("ingest");
+    let other = |seqs: &[u64]| {
+        let records: Vec<String> = seqs
+            .iter()
+            .map(|s| format!(r#"{{"seq":{s},"ts_ms":2,"topic":"t","payload_text":"x"}}"#))
+            .collect();
+        batch_of(&records.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+    // Seq 7 clashes first; then one batch clashes on 51..=200 at once, keeping 101..=200;
+    // then 250 pushes out the lowest of those.
+    clash_seq(store.ingest_at(&other(&[7]), 1));
+    clash_seq(store.ingest_at(&other(&(51..=200).collect::<Vec<_>>()), 2));
+    clash_seq(store.ingest_at(&other(&[250]), 3));
+    let device = &store.devices()[0];
+    let listed: Vec<u64> = device.clashes.iter().map(|c| c.seq).collect();
+    let expected: Vec<u64> = (102..=200).chain([250]).collect();
+    assert_eq!(listed, expected);
+    assert_eq!(device.clashes.len(), MAX_CLASHES);
+    assert_eq!(device.clashes_total, 1 + 150 + 1);
+}
+
+/// Regression guard: if the fingerprint read back from a stored line differed from the one
+/// computed at ingest, every resend after a restart would be refused as a clash.
+#[test]
+fn after_a_restart_a_resend_is_a_duplicate_and_other_content_still_clashes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let records = [
+        r#"{"seq":1,"ts_ms":1763700000000,"topic":"s/t1","payload":{"t":21.5,"a":[1e-7,null,"é\n"]}}"#,
+        r#"{"seq":2,"ts_ms":2,"topic":"s/raw","payload_b64":"AAEC"}"#,
+        r#"{"seq":3,"ts_ms":3,"topic":"log","payload_text":"héllo \"q\""}"#,
+        r#"{"seq":4,"ts_ms":4,"topic":"bad","payload_b64":"e30=","parse_error":true}"#,
+        r#"{"seq":5,"ts_ms":5,"topic":"n","payload":null}"#,
+        r#"{"seq":6,"ts_ms":6,"topic":"big","payload":18446744073709551615}"#,
+    ];
+    let original = batch_of(&records, &[]);
+    {
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.ingest(&original).expect("ingest"), outcome(6, 0, 0));
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.ingest(&original).expect("resend"), outcome(0, 6, 0));
+    let changed = batch_of(
+        &[r#"{"seq":4,"ts_ms":4,"topic":"bad","payload_b64":"e30="}"#],
+        &[],
+    );
+    assert_eq!(clash_seq(store.ingest(&changed)), 4);
+}
