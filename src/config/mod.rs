@@ -159,7 +159,7 @@ impl Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"****\"")
+        write!(f, "{MASK:?}")
     }
 }
 
@@ -179,8 +179,9 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 
-/// What [`Config::to_masked_toml`] prints instead of a password or token.
-const MASK: &str = "****";
+/// How a secret is shown wherever it is printed: [`Secret`]'s `Debug`, [`Config::to_masked_toml`],
+/// and the edits and plans of [`edit`].
+pub(crate) const MASK: &str = "****";
 
 impl Config {
     /// Reads and validates `path`.
