@@ -29,6 +29,7 @@ use log::info;
 
 use crate::config::Config;
 use crate::config::edit::{Draft, Plan};
+use crate::config::units::format_size;
 use crate::control::{self, Sources};
 use parse::{Command, TOPICS, Target};
 pub use session::{End, PinGate, session, spawn, standalone};
@@ -395,9 +396,9 @@ impl Shell {
              dead letters   {}\n\
              accepting      {}\n",
             n("backlog_records"),
-            bytes_words(n("backlog_bytes")),
-            bytes_words(n("journal_disk_bytes")),
-            bytes_words(n("budget_bytes")),
+            format_size(n("backlog_bytes")),
+            format_size(n("journal_disk_bytes")),
+            format_size(n("budget_bytes")),
             n("dead_letters"),
             if v["journal_accepting"] == false {
                 "NO: the journal is full or failing"
@@ -518,10 +519,6 @@ fn age_words(s: u64) -> String {
         7200..=172_799 => format!("{} h", s / 3600),
         _ => format!("{} days", s / 86_400),
     }
-}
-
-fn bytes_words(b: u64) -> String {
-    crate::config::units::format_size(b)
 }
 
 #[cfg(test)]
