@@ -181,6 +181,9 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
             shutdown.trigger();
         }
     }
+    // Nobody answers reloads from here on: a console save or a downlink set_config waiting for
+    // one (or still queued) fails now instead of at its 10 s timeout, past its thread's join deadline.
+    drop(requests);
     notify(notifier.as_ref(), "STOPPING=1");
     info!("shutting down");
     let started = Instant::now();

@@ -12,6 +12,8 @@ use crate::config::edit::Plan;
 /// applied (the running configuration stays).
 pub type Outcome = Result<Plan, String>;
 
+const STOPPING: &str = "the agent is stopping";
+
 /// What is asked of the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
@@ -27,7 +29,8 @@ pub struct Reloader {
     tx: mpsc::SyncSender<(Request, mpsc::Sender<Outcome>)>,
 }
 
-/// The agent's end: requests waiting to be answered.
+/// The agent's end: requests waiting to be answered. Dropped when the agent stops answering, so that
+/// a console or downlink waiting for an answer sees shutdown at once.
 pub struct Requests {
     rx: mpsc::Receiver<(Request, mpsc::Sender<Outcome>)>,
 }
@@ -50,12 +53,17 @@ impl Reloader {
 
     fn ask(&self, request: Request, timeout: Duration) -> Outcome {
         let (reply, answer) = mpsc::channel();
-        self.tx
-            .try_send((request, reply))
-            .map_err(|_| "the agent is busy or stopping; try again".to_owned())?;
-        answer
-            .recv_timeout(timeout)
-            .map_err(|_| format!("the agent did not answer within {timeout:?}"))?
+        self.tx.try_send((request, reply)).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => "the agent is busy; try again".to_owned(),
+            mpsc::TrySendError::Disconnected(_) => STOPPING.to_owned(),
+        })?;
+        // A request still queued when the agent drops [`Requests`] fails at once, not at `timeout`.
+        answer.recv_timeout(timeout).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => {
+                format!("the agent did not answer within {timeout:?}")
+            }
+            mpsc::RecvTimeoutError::Disconnected => STOPPING.to_owned(),
+        })?
     }
 }
 
@@ -63,5 +71,20 @@ impl Requests {
     /// Waits up to `timeout` for the next request; the caller sends the outcome on the returned sender.
     pub fn next(&self, timeout: Duration) -> Option<(Request, mpsc::Sender<Outcome>)> {
         self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_to_an_agent_that_stopped_answering_fails_at_once() {
+        // Whether the request was queued before `Requests` went or not, the asker hears "stopping"
+        // at once instead of waiting out its timeout (the agent drops `Requests` at shutdown).
+        let (reloader, requests) = channel();
+        let asker = std::thread::spawn(move || reloader.reload(Duration::from_secs(600)));
+        drop(requests);
+        assert_eq!(asker.join().unwrap(), Err(STOPPING.to_owned()));
     }
 }

@@ -12,11 +12,8 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{DocumentMut, Item, Value};
 
-use super::Config;
 use super::live::is_runtime_key;
-
-/// How a secret is shown by [`Change`] and [`Draft::show`].
-const MASK: &str = "****";
+use super::{Config, MASK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

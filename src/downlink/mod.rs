@@ -38,6 +38,7 @@ use crate::config::{DownlinkConfig, Secret};
 use crate::control::Sources;
 use crate::ingest::CommandPublisher;
 use crate::journal::Journal;
+use crate::logging::Repeats;
 use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
 use crate::tls::Material;
@@ -53,7 +54,7 @@ const STABLE: Duration = Duration::from_secs(10);
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// Deadline of a `publish` command's PUBACK and of a `set_config` reload.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
-/// A repeated connection failure is logged at WARN at most once per this period.
+/// How often a connection failure that keeps repeating is logged at WARN.
 const REPEAT_LOG: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +112,7 @@ pub fn spawn(
                 tls,
                 deps,
                 shutdown,
-                last_error: None,
+                failures: Repeats::new(REPEAT_LOG),
             }
             .run()
         })
@@ -127,7 +128,8 @@ struct Downlink {
     deps: Deps,
     shutdown: Shutdown,
     backoff: Backoff,
-    last_error: Option<(String, Instant)>,
+    /// A repeated connection failure is logged at WARN at most once per [`REPEAT_LOG`].
+    failures: Repeats,
 }
 
 /// True for the errors a socket read timeout produces (`WouldBlock` on Linux, `TimedOut` elsewhere).
@@ -173,15 +175,10 @@ impl Downlink {
 
     fn report(&mut self, e: &Error, delay: Duration) {
         let message = crate::error_chain(e);
-        let repeated = self
-            .last_error
-            .as_ref()
-            .is_some_and(|(m, t)| *m == message && t.elapsed() < REPEAT_LOG);
-        if repeated {
-            debug!("downlink: {}; reconnecting in {:?}", message, delay);
-        } else {
+        if self.failures.is_due(&message, Instant::now()) {
             warn!("downlink: {}; reconnecting in {:?}", message, delay);
-            self.last_error = Some((message, Instant::now()));
+        } else {
+            debug!("downlink: {}; reconnecting in {:?}", message, delay);
         }
     }
 
@@ -295,7 +292,7 @@ impl Downlink {
         .map_err(Error::Lost)?;
         info!("downlink connected url={} peer={}", self.cfg.url, peer);
         self.set_state("connected", None);
-        self.last_error = None;
+        self.failures.clear();
         let mut last_frame = Instant::now();
         let mut last_ping = Instant::now();
         loop {

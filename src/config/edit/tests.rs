@@ -136,3 +136,39 @@ fn plan_splits_runtime_changes_from_restarts() {
     assert_eq!(p.restart_keys, ["mqtt.host", "uplink.token"]);
     assert!(p.changes.iter().all(|c| !c.to_string().contains("other")));
 }
+
+#[test]
+fn every_secret_the_config_masks_is_masked_by_name_too() {
+    // `Draft::get`, `Draft::show` and `Change` mask by key name (`is_secret`); the effective TOML
+    // masks the `Secret` fields. A new secret field must be caught by both.
+    let text = format!(
+        "{}[console]\npin_sha256 = \"{}\"\n[downlink]\nurl = \"ws://cloud.local/d\"\ntoken = \"dl\"\n",
+        TEXT.replace("[mqtt]\n", "[mqtt]\nusername = \"u\"\npassword = \"pw\"\n"),
+        "a".repeat(64)
+    );
+    let d = Draft::from_text(Path::new("/etc/ferry/ferry.toml"), &text).unwrap();
+    let masked: Vec<String> = flatten(
+        &d.validate()
+            .unwrap()
+            .to_masked_toml()
+            .parse::<DocumentMut>()
+            .unwrap(),
+    )
+    .into_iter()
+    .filter(|(_, v)| *v == format!("{MASK:?}"))
+    .map(|(k, _)| k)
+    .collect();
+    assert_eq!(
+        masked,
+        [
+            "console.pin_sha256",
+            "downlink.token",
+            "mqtt.password",
+            "uplink.token"
+        ]
+    );
+    for key in &masked {
+        assert!(is_secret(key), "{key}");
+        assert_eq!(d.get(key).as_deref(), Some(MASK), "{key}");
+    }
+}
