@@ -496,15 +496,17 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
     let cloud = Cloud::start(dir.path());
     let pty = Pty::open();
     let control = free_port();
-    let text = agent_config(
-        dir.path(),
-        mq.port,
-        &cloud.url(),
-        control,
-        "",
-        &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
-    )
-    .replace("id = \"gw-test\"\n", "");
+    let text = edited(
+        agent_config(
+            dir.path(),
+            mq.port,
+            &cloud.url(),
+            control,
+            "",
+            &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
+        ),
+        &[("id = \"gw-test\"\n", "")],
+    );
     let mut agent = Agent::start(&dir.path().join("agent"), &text, control);
     agent.wait_connected();
     let old_id = agent.status()["device_id"].as_str().unwrap().to_owned();

@@ -176,9 +176,12 @@ fn shutdown_abandons_a_hung_upload_in_time_and_resends_it_later() {
     let dir = tmp.path().join("agent");
     let control = free_port();
     let url = format!("http://127.0.0.1:{silent_port}/v1/ingest");
-    let config = agent_config(&dir, broker.port, &url, control, "", "").replace(
-        "request_timeout = \"5s\"",
-        "request_timeout = \"60s\"\nshutdown_grace = \"2s\"",
+    let config = edited(
+        agent_config(&dir, broker.port, &url, control, "", ""),
+        &[(
+            "request_timeout = \"5s\"",
+            "request_timeout = \"60s\"\nshutdown_grace = \"2s\"",
+        )],
     );
     let mut agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
@@ -222,8 +225,10 @@ fn a_refused_device_keeps_its_data_until_the_cloud_accepts_it() {
     let dir = tmp.path().join("agent");
     let control = free_port();
     let config = |token: &str| {
-        agent_config(&dir, broker.port, &cloud.url(), control, "", "")
-            .replace("[uplink]\n", &format!("[uplink]\ntoken = \"{token}\"\n"))
+        edited(
+            agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+            &[("[uplink]\n", &format!("[uplink]\ntoken = \"{token}\"\n"))],
+        )
     };
     let mut agent = Agent::start(&dir, &config("wrong"), control);
     agent.wait_connected();

@@ -468,6 +468,15 @@ listen = "127.0.0.1:{control_port}"
     )
 }
 
+/// `text` with each `(from, to)` replaced; panics if a `from` is not there (a silent no-op would
+/// leave the test running with the harness defaults, and passing without the setting it is about).
+pub fn edited(text: String, edits: &[(&str, &str)]) -> String {
+    edits.iter().fold(text, |t, (from, to)| {
+        assert!(t.contains(from), "{from:?} not in the config:\n{t}");
+        t.replace(from, to)
+    })
+}
+
 impl Agent {
     pub fn start(dir: &Path, config_text: &str, control_port: u16) -> Agent {
         Self::start_with_env(dir, config_text, control_port, &[])
