@@ -134,14 +134,7 @@ fn console(config: &Path, pty: &Pty, env: &[(&str, &str)], log: &Path) -> Child 
 }
 
 fn wait_child(child: &mut Child) -> std::process::ExitStatus {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < end, "ferry console did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_exit(child, "ferry console", Duration::from_secs(20))
 }
 
 #[test]
@@ -241,7 +234,7 @@ fn a_typo_names_the_key_and_nothing_is_saved() {
     );
     pty.line("exit");
     pty.expect("bye");
-    wait_child(&mut child);
+    assert!(wait_child(&mut child).success());
     assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
     assert!(!dir.path().join("ferry.toml.bak").exists());
 }
@@ -430,7 +423,7 @@ fn a_pin_guards_the_console_and_three_wrong_ones_make_it_wait() {
             .contains("console.pin_sha256 = ****")
     );
     pty.line("exit");
-    wait_child(&mut child);
+    assert!(wait_child(&mut child).success());
 
     let mut pty = Pty::open();
     let mut child = console(&config, &pty, &[], &dir.path().join("b.log"));

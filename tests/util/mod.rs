@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
@@ -87,12 +87,12 @@ pub fn signal_pid(pid: u32, sig: &str) {
         .status();
 }
 
-/// Waits for `child` to exit within `timeout`; returns its exit code, or kills it and panics.
-fn wait_exit(child: &mut Child, name: &str, timeout: Duration) -> Option<i32> {
+/// Waits for `child` to exit within `timeout`; returns its exit status, or kills it and panics.
+pub fn wait_exit(child: &mut Child, name: &str, timeout: Duration) -> ExitStatus {
     let end = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
+            return status;
         }
         if Instant::now() >= end {
             let _ = child.kill();
@@ -598,7 +598,7 @@ impl Agent {
         let mut c = self.child.take().expect("agent not running");
         let t = Instant::now();
         signal(&c, "TERM");
-        let code = wait_exit(&mut c, "ferry", Duration::from_secs(10));
+        let code = wait_exit(&mut c, "ferry", Duration::from_secs(10)).code();
         assert_eq!(code, Some(0), "ferry exit code; log:\n{}", self.log_text());
         t.elapsed()
     }
