@@ -118,8 +118,15 @@ fn broker_restart_reconnects_resubscribes_and_loses_nothing() {
     agent.wait_connected();
     publish(broker.port, "sensors/a", numbered(0..300));
     broker.restart();
+    // `mqtt_connected` alone may still be the old session, not yet seen to be gone: wait for the
+    // second connect to be logged.
     wait_until("mqtt reconnected", Duration::from_secs(20), || {
-        agent.status()["mqtt_connected"] == true
+        agent
+            .log_text()
+            .matches("mqtt connected session_present=")
+            .count()
+            >= 2
+            && agent.status()["mqtt_connected"] == true
     });
     publish(broker.port, "sensors/b", numbered(300..600));
     wait_until("600 at the cloud", Duration::from_secs(60), || {
