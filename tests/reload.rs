@@ -136,6 +136,7 @@ fn a_broken_file_is_refused_and_the_agent_keeps_running() {
     let cloud = Cloud::start(dir.path());
     let mut agent = Agent::standard(&dir.path().join("agent"), mq.port, &cloud.url());
     agent.wait_connected();
+    let pid = agent.pid();
     edit(&agent, "batch_max_records = 100", "batch_max_records = -3");
     // `ferry reload` reads the control address from the (now broken) file: ask over HTTP.
     let answer = http_post(agent.control_port, "/reload");
@@ -150,5 +151,10 @@ fn a_broken_file_is_refused_and_the_agent_keeps_running() {
     wait_until("still delivering", Duration::from_secs(20), || {
         cloud.records("gw-test").len() == 5
     });
+    // Kept running: the same process, the same run, no restart to apply anything.
+    assert_eq!(agent.pid(), pid);
+    let log = agent.log_text();
+    assert_eq!(log.matches("ferry 0.1.0 running").count(), 1, "{log}");
+    assert!(!log.contains("restarting"), "{log}");
     agent.stop();
 }
