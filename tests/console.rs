@@ -176,9 +176,7 @@ fn a_technician_sets_the_uplink_url_saves_and_sees_it_applied() {
         "{saved}"
     );
     // The agent restarts in place and sends to the new cloud.
-    wait_until("agent back after restart", Duration::from_secs(20), || {
-        agent.log_text().matches("ferry 0.1.0 running").count() == 2
-    });
+    agent.wait_runs(2);
     agent.wait_connected();
     assert_eq!(agent.pid(), pid);
     publish(mq.port, "sensors/a", numbered(0..5));
@@ -502,6 +500,7 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
     );
     let mut agent = Agent::start(&dir.path().join("agent"), &text, control);
     agent.wait_connected();
+    let pid = agent.pid();
     let old_id = agent.status()["device_id"].as_str().unwrap().to_owned();
     let mut pty = pty;
     let prompt = format!("{old_id}> ");
@@ -528,6 +527,9 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
                 && agent.status()["device_id"] == new_id.as_str()
         },
     );
+    // A restart in place: the same process, a second run.
+    agent.wait_runs(2);
+    assert_eq!(agent.pid(), pid);
     // The console comes back on the same line with the new id.
     pty.line("");
     pty.expect(&format!("{new_id}> "));

@@ -616,6 +616,22 @@ impl Agent {
         self.spawn();
     }
 
+    /// How many runs of the agent its log shows: the start banner is written once per run, also
+    /// after a restart in place (exec), which keeps the pid.
+    pub fn runs_logged(&self) -> usize {
+        let banner = format!("ferry {} running", env!("CARGO_PKG_VERSION"));
+        self.log_text().matches(&banner).count()
+    }
+
+    /// Waits (20 s at most) until the log shows `n` runs: a restart in place has come up.
+    pub fn wait_runs(&self, n: usize) {
+        wait_until(
+            &format!("run {n} of the agent to start"),
+            Duration::from_secs(20),
+            || self.runs_logged() == n,
+        );
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
