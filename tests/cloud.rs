@@ -125,14 +125,7 @@ impl Cloud {
             .status()
             .expect("run kill");
         assert!(killed.success());
-        let deadline = Instant::now() + STOP_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for ferry-cloud") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "ferry-cloud ignored SIGTERM");
-            thread::sleep(Duration::from_millis(20));
-        }
+        util::wait_exit(&mut self.child, "ferry-cloud after SIGTERM", STOP_DEADLINE)
     }
 }
 

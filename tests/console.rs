@@ -134,14 +134,7 @@ fn console(config: &Path, pty: &Pty, env: &[(&str, &str)], log: &Path) -> Child 
 }
 
 fn wait_child(child: &mut Child) -> std::process::ExitStatus {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < end, "ferry console did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_exit(child, "ferry console", Duration::from_secs(20))
 }
 
 #[test]
@@ -183,9 +176,7 @@ fn a_technician_sets_the_uplink_url_saves_and_sees_it_applied() {
         "{saved}"
     );
     // The agent restarts in place and sends to the new cloud.
-    wait_until("agent back after restart", Duration::from_secs(20), || {
-        agent.log_text().matches("ferry 0.1.0 running").count() == 2
-    });
+    agent.wait_runs(2);
     agent.wait_connected();
     assert_eq!(agent.pid(), pid);
     publish(mq.port, "sensors/a", numbered(0..5));
@@ -241,7 +232,7 @@ fn a_typo_names_the_key_and_nothing_is_saved() {
     );
     pty.line("exit");
     pty.expect("bye");
-    wait_child(&mut child);
+    assert!(wait_child(&mut child).success());
     assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
     assert!(!dir.path().join("ferry.toml.bak").exists());
 }
@@ -430,7 +421,7 @@ fn a_pin_guards_the_console_and_three_wrong_ones_make_it_wait() {
             .contains("console.pin_sha256 = ****")
     );
     pty.line("exit");
-    wait_child(&mut child);
+    assert!(wait_child(&mut child).success());
 
     let mut pty = Pty::open();
     let mut child = console(&config, &pty, &[], &dir.path().join("b.log"));
@@ -496,17 +487,20 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
     let cloud = Cloud::start(dir.path());
     let pty = Pty::open();
     let control = free_port();
-    let text = agent_config(
-        dir.path(),
-        mq.port,
-        &cloud.url(),
-        control,
-        "",
-        &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
-    )
-    .replace("id = \"gw-test\"\n", "");
+    let text = edited(
+        agent_config(
+            dir.path(),
+            mq.port,
+            &cloud.url(),
+            control,
+            "",
+            &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
+        ),
+        &[("id = \"gw-test\"\n", "")],
+    );
     let mut agent = Agent::start(&dir.path().join("agent"), &text, control);
     agent.wait_connected();
+    let pid = agent.pid();
     let old_id = agent.status()["device_id"].as_str().unwrap().to_owned();
     let mut pty = pty;
     let prompt = format!("{old_id}> ");
@@ -533,6 +527,9 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
                 && agent.status()["device_id"] == new_id.as_str()
         },
     );
+    // A restart in place: the same process, a second run.
+    agent.wait_runs(2);
+    assert_eq!(agent.pid(), pid);
     // The console comes back on the same line with the new id.
     pty.line("");
     pty.expect(&format!("{new_id}> "));

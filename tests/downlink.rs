@@ -79,6 +79,13 @@ fn result(cloud: &Cloud, id: &str) -> Value {
     out
 }
 
+/// Sends a `status` command over the link and asserts that this agent answered it.
+fn assert_link_answers(cloud: &Cloud) {
+    let r = result(cloud, &send(cloud, serde_json::json!({"action": "status"})));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"]["device_id"], DEVICE, "{r}");
+}
+
 fn raw(cloud: &Cloud, body: &[u8], binary: bool) {
     let q = if binary { "?binary=1" } else { "" };
     let (code, answer) = http_post_body(cloud.port, &format!("/v1/devices/{DEVICE}/raw{q}"), body);
@@ -280,11 +287,7 @@ fn a_link_that_silently_stops_forwarding_is_replaced_within_dead_after() {
     wait_until("reconnected", Duration::from_secs(15), || {
         downlink_state(&cloud)["connections"].as_u64() >= Some(2)
     });
-    let status = result(
-        &cloud,
-        &send(&cloud, serde_json::json!({"action": "status"})),
-    );
-    assert_eq!(status["ok"], true);
+    assert_link_answers(&cloud);
 }
 
 #[test]
@@ -458,11 +461,7 @@ fn malformed_binary_and_oversized_frames_leave_the_link_and_agent_working() {
             .log_text()
             .contains("frame over downlink.max_message_size")
     );
-    let status = result(
-        &cloud,
-        &send(&cloud, serde_json::json!({"action": "status"})),
-    );
-    assert_eq!(status["ok"], true);
+    assert_link_answers(&cloud);
 }
 
 /// A queued command larger than the device takes: the device closes with 1009, the cloud answers
@@ -603,11 +602,7 @@ fn wss_with_a_test_ca_and_with_mtls() {
         &tls,
     );
     wait_downlink(&cloud);
-    let r = result(
-        &cloud,
-        &send(&cloud, serde_json::json!({"action": "status"})),
-    );
-    assert_eq!(r["ok"], true, "{r}");
+    assert_link_answers(&cloud);
     a.stop();
     drop(cloud);
 
@@ -642,11 +637,7 @@ fn wss_with_a_test_ca_and_with_mtls() {
     );
     let _b = agent(&tmp.path().join("three"), broker.port, &cloud, &url, &mtls);
     wait_downlink(&cloud);
-    let r = result(
-        &cloud,
-        &send(&cloud, serde_json::json!({"action": "status"})),
-    );
-    assert_eq!(r["ok"], true, "{r}");
+    assert_link_answers(&cloud);
 }
 
 #[test]

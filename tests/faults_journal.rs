@@ -56,17 +56,19 @@ fn reject_new_stops_acking_and_loses_nothing_once_drained() {
     cloud.stop();
     let dir = tmp.path().join("agent");
     let control = free_port();
-    let config = agent_config(
-        &dir,
-        broker.port,
-        &cloud.url(),
-        control,
-        "max_packet_size = \"16KiB\"",
-        "",
-    )
-    .replace(
-        "max_bytes = \"64MiB\"",
-        "max_bytes = \"4MiB\"\non_full = \"reject_new\"",
+    let config = edited(
+        agent_config(
+            &dir,
+            broker.port,
+            &cloud.url(),
+            control,
+            "max_packet_size = \"16KiB\"",
+            "",
+        ),
+        &[(
+            "max_bytes = \"64MiB\"",
+            "max_bytes = \"4MiB\"\non_full = \"reject_new\"",
+        )],
     );
     let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
@@ -108,17 +110,19 @@ fn drop_oldest_stays_under_max_bytes_and_reports_exact_gaps() {
     cloud.stop();
     let dir = tmp.path().join("agent");
     let control = free_port();
-    let config = agent_config(
-        &dir,
-        broker.port,
-        &cloud.url(),
-        control,
-        "max_packet_size = \"16KiB\"",
-        "",
-    )
-    .replace(
-        "max_bytes = \"64MiB\"",
-        "max_bytes = \"4MiB\"\non_full = \"drop_oldest\"",
+    let config = edited(
+        agent_config(
+            &dir,
+            broker.port,
+            &cloud.url(),
+            control,
+            "max_packet_size = \"16KiB\"",
+            "",
+        ),
+        &[(
+            "max_bytes = \"64MiB\"",
+            "max_bytes = \"4MiB\"\non_full = \"drop_oldest\"",
+        )],
     );
     let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
@@ -229,17 +233,19 @@ fn a_full_disk_stops_acking_logs_once_and_resumes_when_space_returns() {
     let dir = tmp.path().join("agent");
     let control = free_port();
     let journal = disk.path.join("journal");
-    let config = agent_config(
-        &dir,
-        broker.port,
-        &cloud.url(),
-        control,
-        "max_packet_size = \"16KiB\"",
-        "",
-    )
-    .replace(
-        &format!("dir = \"{}\"", dir.join("journal").display()),
-        &format!("dir = \"{}\"", journal.display()),
+    let config = edited(
+        agent_config(
+            &dir,
+            broker.port,
+            &cloud.url(),
+            control,
+            "max_packet_size = \"16KiB\"",
+            "",
+        ),
+        &[(
+            &format!("dir = \"{}\"", dir.join("journal").display()),
+            &format!("dir = \"{}\"", journal.display()),
+        )],
     );
     let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();

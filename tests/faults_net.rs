@@ -25,15 +25,6 @@ const SLACK: Duration = Duration::from_secs(3);
 /// 10..20 ms, so the storm takes about half a minute.
 const STORM_RETRIES: u64 = 2000;
 
-/// `text` with each `(from, to)` replaced; panics if a `from` is not there (a silent no-op would
-/// leave the test running with the harness defaults).
-fn edited(text: String, edits: &[(&str, &str)]) -> String {
-    edits.iter().fold(text, |t, (from, to)| {
-        assert!(t.contains(from), "{from:?} not in the config:\n{t}");
-        t.replace(from, to)
-    })
-}
-
 /// An agent whose uplink goes to `url`, with small batches and the shortest uplink backoff.
 fn agent_for(dir: &Path, mqtt_port: u16, url: &str, uplink_edits: &[(&str, &str)]) -> Agent {
     let control = free_port();

@@ -116,9 +116,7 @@ fn a_new_topic_restarts_the_agent_in_place_and_applies() {
             .contains("restarting to apply keys=mqtt.topics")
     });
     // The same process (exec), a new run: wait until it is up and subscribed again.
-    wait_until("agent back after restart", Duration::from_secs(20), || {
-        agent.log_text().matches("ferry 0.1.0 running").count() == 2
-    });
+    agent.wait_runs(2);
     agent.wait_connected();
     assert_eq!(agent.pid(), pid);
     publish(mq.port, "plant/7", numbered(10..20));
@@ -136,6 +134,7 @@ fn a_broken_file_is_refused_and_the_agent_keeps_running() {
     let cloud = Cloud::start(dir.path());
     let mut agent = Agent::standard(&dir.path().join("agent"), mq.port, &cloud.url());
     agent.wait_connected();
+    let pid = agent.pid();
     edit(&agent, "batch_max_records = 100", "batch_max_records = -3");
     // `ferry reload` reads the control address from the (now broken) file: ask over HTTP.
     let answer = http_post(agent.control_port, "/reload");
@@ -150,5 +149,10 @@ fn a_broken_file_is_refused_and_the_agent_keeps_running() {
     wait_until("still delivering", Duration::from_secs(20), || {
         cloud.records("gw-test").len() == 5
     });
+    // Kept running: the same process, the same run, no restart to apply anything.
+    assert_eq!(agent.pid(), pid);
+    let log = agent.log_text();
+    assert_eq!(agent.runs_logged(), 1, "{log}");
+    assert!(!log.contains("restarting"), "{log}");
     agent.stop();
 }

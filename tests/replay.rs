@@ -23,12 +23,16 @@ fn a_backlog_drains_at_the_configured_rate() {
     cloud.stop();
     let dir = tmp.path().join("agent");
     let control = free_port();
-    let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "")
-        .replace(
-            "batch_max_records = 100",
-            "batch_max_records = 500\nmax_records_per_sec = 2000",
-        )
-        .replace("max_bytes = \"64MiB\"", "max_bytes = \"1GiB\"");
+    let config = edited(
+        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        &[
+            (
+                "batch_max_records = 100",
+                "batch_max_records = 500\nmax_records_per_sec = 2000",
+            ),
+            ("max_bytes = \"64MiB\"", "max_bytes = \"1GiB\""),
+        ],
+    );
     let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
 
@@ -101,8 +105,10 @@ fn pushback_from_the_cloud_slows_the_drain_by_itself() {
     cloud.stop();
     let dir = tmp.path().join("agent");
     let control = free_port();
-    let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "")
-        .replace("batch_max_records = 100", "batch_max_records = 500");
+    let config = edited(
+        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        &[("batch_max_records = 100", "batch_max_records = 500")],
+    );
     let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
     publish(broker.port, "sensors/storm", numbered(0..TOTAL));

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
@@ -87,12 +87,12 @@ pub fn signal_pid(pid: u32, sig: &str) {
         .status();
 }
 
-/// Waits for `child` to exit within `timeout`; returns its exit code, or kills it and panics.
-fn wait_exit(child: &mut Child, name: &str, timeout: Duration) -> Option<i32> {
+/// Waits for `child` to exit within `timeout`; returns its exit status, or kills it and panics.
+pub fn wait_exit(child: &mut Child, name: &str, timeout: Duration) -> ExitStatus {
     let end = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
+            return status;
         }
         if Instant::now() >= end {
             let _ = child.kill();
@@ -468,6 +468,15 @@ listen = "127.0.0.1:{control_port}"
     )
 }
 
+/// `text` with each `(from, to)` replaced; panics if a `from` is not there (a silent no-op would
+/// leave the test running with the harness defaults, and passing without the setting it is about).
+pub fn edited(text: String, edits: &[(&str, &str)]) -> String {
+    edits.iter().fold(text, |t, (from, to)| {
+        assert!(t.contains(from), "{from:?} not in the config:\n{t}");
+        t.replace(from, to)
+    })
+}
+
 impl Agent {
     pub fn start(dir: &Path, config_text: &str, control_port: u16) -> Agent {
         Self::start_with_env(dir, config_text, control_port, &[])
@@ -589,7 +598,7 @@ impl Agent {
         let mut c = self.child.take().expect("agent not running");
         let t = Instant::now();
         signal(&c, "TERM");
-        let code = wait_exit(&mut c, "ferry", Duration::from_secs(10));
+        let code = wait_exit(&mut c, "ferry", Duration::from_secs(10)).code();
         assert_eq!(code, Some(0), "ferry exit code; log:\n{}", self.log_text());
         t.elapsed()
     }
@@ -605,6 +614,22 @@ impl Agent {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none());
         self.spawn();
+    }
+
+    /// How many runs of the agent its log shows: the start banner is written once per run, also
+    /// after a restart in place (exec), which keeps the pid.
+    pub fn runs_logged(&self) -> usize {
+        let banner = format!("ferry {} running", env!("CARGO_PKG_VERSION"));
+        self.log_text().matches(&banner).count()
+    }
+
+    /// Waits (20 s at most) until the log shows `n` runs: a restart in place has come up.
+    pub fn wait_runs(&self, n: usize) {
+        wait_until(
+            &format!("run {n} of the agent to start"),
+            Duration::from_secs(20),
+            || self.runs_logged() == n,
+        );
     }
 
     pub fn log_text(&self) -> String {
