@@ -20,6 +20,7 @@ pub mod command;
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -486,13 +487,28 @@ fn resolve(host: &str, port: u16, timeout: Duration) -> io::Result<Vec<std::net:
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(vec![std::net::SocketAddr::new(ip, port)]);
     }
+    // One lookup at a time: one that hangs past its deadline keeps its thread, and a reconnect
+    // loop must not leave one more behind on every attempt.
+    static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
+    if IN_FLIGHT.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "an earlier name lookup has not finished yet",
+        ));
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let name = host.to_owned();
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("downlink-dns".into())
         .spawn(move || {
-            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect()));
-        })?;
+            let found = (name.as_str(), port).to_socket_addrs().map(|a| a.collect());
+            IN_FLIGHT.store(false, Ordering::SeqCst);
+            let _ = tx.send(found);
+        });
+    if let Err(e) = spawned {
+        IN_FLIGHT.store(false, Ordering::SeqCst);
+        return Err(e);
+    }
     rx.recv_timeout(timeout).unwrap_or_else(|_| {
         Err(io::Error::new(
             io::ErrorKind::TimedOut,

@@ -83,8 +83,8 @@ pub fn spawn(
         .spawn(move || Uplink::new(cfg, agent, live, device_id, journal, stats, shutdown).run())
 }
 
-/// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`
-/// later, so that a test exercises exactly what the uplink uses. TLS comes from `[tls]` (shared with
+/// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`,
+/// so that a test exercises exactly what the uplink uses. TLS comes from `[tls]` (shared with
 /// the downlink) and from ferry's one crypto provider.
 pub fn http_agent(
     connect_timeout: Duration,
@@ -540,7 +540,9 @@ pub fn post(agent: &ureq::Agent, up: &Upload<'_>) -> Answer {
         .read_to_vec()
     {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(ureq::Error::BodyExceedsLimit(_)) => String::from("(response body over 64 KiB)"),
+        Err(ureq::Error::BodyExceedsLimit(_)) => {
+            format!("(response body over {} KiB)", MAX_RESPONSE_BODY / 1024)
+        }
         Err(e) if (200..300).contains(&code) => {
             // A 2xx whose body broke off: the cloud may or may not have stored the batch.
             // Resending is safe (the cloud deduplicates), acknowledging is not.
