@@ -261,6 +261,21 @@ pub struct NewRecord {
     pub mqtt: Option<MqttDelivery>,
 }
 
+/// A stored record offered again (a dead letter, a requeue): no MQTT delivery to recognise.
+impl From<Record> for NewRecord {
+    fn from(r: Record) -> NewRecord {
+        NewRecord {
+            ts_ms: r.ts_ms,
+            topic: r.topic,
+            payload: r.payload,
+            format: r.format,
+            parse_error: r.parse_error,
+            too_large: None,
+            mqtt: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct MqttDelivery {
     pub pkid: u16,
@@ -1326,15 +1341,7 @@ impl Journal {
             }
             _ => return Err(Error::NoDeadLetter { seq }),
         };
-        let value = encode_record(&NewRecord {
-            ts_ms: record.ts_ms,
-            topic: record.topic,
-            payload: record.payload,
-            format: record.format,
-            parse_error: record.parse_error,
-            too_large: None,
-            mqtt: None,
-        });
+        let value = encode_record(&NewRecord::from(record));
         let header = DeadHeader {
             status,
             error: truncate(reason, 512).to_string(),
@@ -1406,15 +1413,7 @@ impl Journal {
             .map_err(storage("reading a dead letter"))?
             .ok_or(Error::NoDeadLetter { seq })?;
         let (_, record) = decode_dead(seq, &value)?;
-        let appended = self.append(&[NewRecord {
-            ts_ms: record.ts_ms,
-            topic: record.topic,
-            payload: record.payload,
-            format: record.format,
-            parse_error: record.parse_error,
-            too_large: None,
-            mqtt: None,
-        }])?;
+        let appended = self.append(&[NewRecord::from(record)])?;
         let mut st = self.lock();
         st.dead_bytes = st.dead_bytes.saturating_sub(entry_size(&value));
         st.dead_count = st.dead_count.saturating_sub(1);
