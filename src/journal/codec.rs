@@ -168,6 +168,14 @@ pub(super) fn key_seq(key: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// An `I` value: the hash of the message's topic and payload, then its seq.
+pub(super) fn ingest_mark(hash: u64, seq: u64) -> [u8; 16] {
+    let mut mark = [0u8; 16];
+    mark[..8].copy_from_slice(&hash.to_be_bytes());
+    mark[8..].copy_from_slice(&seq.to_be_bytes());
+    mark
+}
+
 /// What an entry costs in the budget: key, value and sled's per-item overhead.
 pub(super) fn entry_size(value: &[u8]) -> u64 {
     value.len() as u64 + 9 + 32

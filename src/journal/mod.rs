@@ -754,20 +754,11 @@ impl Journal {
         }
         marks.retain(|(seq, _)| *seq < next_seq);
         for (seq, pkid, hash) in beyond {
-            let mut mark = [0u8; 16];
-            mark[..8].copy_from_slice(&hash.to_be_bytes());
-            mark[8..].copy_from_slice(&seq.to_be_bytes());
-            batch.insert(&ingest_key(pkid)[..], &mark[..]);
+            batch.insert(&ingest_key(pkid)[..], &ingest_mark(hash, seq)[..]);
             marks.retain(|(s, _)| *s != seq);
             marks.push_back((seq, pkid));
         }
-        while marks.len() > MAX_MARKS {
-            if let Some((_, old)) = marks.pop_front() {
-                if !marks.iter().any(|(_, p)| *p == old) {
-                    batch.remove(&ingest_key(old)[..]);
-                }
-            }
-        }
+        trim_marks(&mut marks, &mut batch);
         let retain_from = self
             .meta(M_RETAIN_FROM)?
             .unwrap_or(acked + 1)
@@ -890,20 +881,10 @@ impl Journal {
                 break;
             }
             if let Some(m) = rec.mqtt {
-                let mut mark = [0u8; 16];
-                mark[..8].copy_from_slice(&content_hash(&rec.topic, &rec.payload).to_be_bytes());
-                mark[8..].copy_from_slice(&next.to_be_bytes());
-                batch.insert(&ingest_key(m.pkid)[..], &mark[..]);
-                // Only the newest marks can match a redelivery (the broker redelivers only what
-                // is in flight); older ones are removed so they cannot fill the journal.
+                let hash = content_hash(&rec.topic, &rec.payload);
+                batch.insert(&ingest_key(m.pkid)[..], &ingest_mark(hash, next)[..]);
                 st.marks.push_back((next, m.pkid));
-                while st.marks.len() > MAX_MARKS {
-                    if let Some((_, old)) = st.marks.pop_front() {
-                        if !st.marks.iter().any(|(_, p)| *p == old) {
-                            batch.remove(&ingest_key(old)[..]);
-                        }
-                    }
-                }
+                trim_marks(&mut st.marks, &mut batch);
             }
             let (value, size) = match rec.too_large {
                 None => (value, size),
@@ -1779,6 +1760,19 @@ impl Drop for Inner {
         };
         if let Err(e) = markf.write(mark) {
             error!("cannot write the seq mark at close: {}", e);
+        }
+    }
+}
+
+/// Keeps the newest `MAX_MARKS` redelivery marks: only they can match a redelivery (the broker
+/// redelivers only what is in flight); older ones are removed so they cannot fill the journal. A
+/// packet id's key goes only when no newer mark holds it.
+fn trim_marks(marks: &mut std::collections::VecDeque<(u64, u16)>, batch: &mut sled::Batch) {
+    while marks.len() > MAX_MARKS {
+        if let Some((_, old)) = marks.pop_front() {
+            if !marks.iter().any(|(_, p)| *p == old) {
+                batch.remove(&ingest_key(old)[..]);
+            }
         }
     }
 }
