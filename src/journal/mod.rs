@@ -79,11 +79,11 @@
 //! `reject_new` refuses the append (the writer retries; the broker queues); `drop_oldest` covers
 //! the oldest unsent records with a `journal_full` overlay, and the segments it covers go at the
 //! next sync. sled holds little, but its file grows with the volume written, so it is compacted
-//! into a new generation when it has doubled (`maybe_compact`, `layout.rs`).
+//! into a new generation when it has doubled (`maybe_compact` in `store.rs`, `layout.rs`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use log::{debug, error, info, warn};
@@ -104,13 +104,6 @@ const SHRINK_ABOVE: f64 = 0.9;
 const GROW_BELOW: f64 = 0.8;
 /// Disk use is measured every this many appends (a `stat` of sled's files).
 const MEASURE_EVERY: u64 = 16;
-/// sled is compacted when its files pass this share of `max_bytes` and have doubled since the
-/// last open or compaction (sled 0.34's file grows with the volume written, not the data held).
-const COMPACT_ABOVE: f64 = 0.1;
-/// sled's segment size. Fixed: sled refuses to open a database with another one, so it must not
-/// follow any setting. Values over a quarter of it (~256 KiB) go to sled's blob files, which
-/// `Journal::sync` fsyncs as they appear.
-const SEGMENT_SIZE: usize = 1 << 20;
 /// The record log's directory in `journal.dir` (`segments.rs`).
 const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
@@ -132,12 +125,14 @@ mod layout;
 pub mod mark;
 mod recovery;
 mod segments;
+mod store;
 
 pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind};
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
 use segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, gap_size};
+use store::{Store, open_store, sync_blobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -389,33 +384,6 @@ struct Inner {
     mark: Arc<Mutex<MarkFile>>,
     /// Signalled when the durable head moves, for the uplink.
     data: Condvar,
-}
-
-/// The sled handles. Replaced as a whole by [`Journal::reopen`]: sled 0.34 refuses every write
-/// after one I/O error (a full disk), until the database is opened again.
-struct Store {
-    dir: PathBuf,
-    db: sled::Db,
-    log: sled::Tree,
-    db_path: PathBuf,
-    db_file: File,
-    blob_dir: PathBuf,
-    /// Blob files already fsynced (sled never rewrites a blob; it writes new ones).
-    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
-}
-
-/// Read access to the open [`Store`].
-struct StoreGuard<'a>(RwLockReadGuard<'a, Option<Store>>);
-
-impl std::ops::Deref for StoreGuard<'_> {
-    type Target = Store;
-    fn deref(&self) -> &Store {
-        match &*self.0 {
-            Some(store) => store,
-            // `Journal::store` hands out a guard only when the store is open.
-            None => unreachable!("StoreGuard over a closed store"),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -1204,13 +1172,6 @@ impl Journal {
         log + self.sled_bytes()
     }
 
-    fn sled_bytes(&self) -> u64 {
-        self.store()
-            .ok()
-            .and_then(|s| s.db.size_on_disk().ok())
-            .unwrap_or(0)
-    }
-
     /// When the oldest record not yet acknowledged was received (ms since the epoch); `None` when
     /// nothing is waiting. Gaps are skipped, and at most 64 entries are looked at.
     pub fn oldest_unsent_ts_ms(&self) -> Result<Option<u64>> {
@@ -1230,103 +1191,6 @@ impl Journal {
             })
             .map_err(log_io("reading the oldest entry"))?;
         Ok(ts)
-    }
-
-    /// Compacts sled when its files have grown past `COMPACT_ABOVE` of `max_bytes` and to twice
-    /// their size after the last open or compaction. sled holds only small state (the records are
-    /// in the log), but sled 0.34's file grows with the volume written, not with the data held,
-    /// so this is what keeps its share of `journal.max_bytes` bounded. Returns whether it
-    /// compacted.
-    pub fn maybe_compact(&self) -> Result<bool> {
-        let max = self.inner.max_bytes as f64;
-        let sled = self.sled_bytes();
-        let floor = self.lock().sled_floor.max(1 << 20);
-        if (sled as f64) < max * COMPACT_ABOVE || sled < 2 * floor {
-            return Ok(false);
-        }
-        self.compact()?;
-        Ok(true)
-    }
-
-    /// Copies every live key into the next database generation, syncs it, and swaps it in
-    /// atomically (see `layout`). Appends and acks wait meanwhile; the copy is of live data only.
-    fn compact(&self) -> Result<()> {
-        let mut st = self.lock();
-        let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
-        let Some(old) = guard.as_ref() else {
-            return Err(Error::Unavailable);
-        };
-        let dir = self.inner.opts.dir.clone();
-        let layout_err = |source| Error::Layout {
-            path: dir.clone(),
-            source,
-        };
-        let (old_dir, before) = (old.dir.clone(), old.db.size_on_disk().unwrap_or(0));
-        let new_dir = layout::next(&dir, &old_dir);
-        let copied = (|| {
-            let _ = std::fs::remove_dir_all(&new_dir);
-            let new = open_store(&self.inner.opts, &new_dir)?;
-            let mut batch = sled::Batch::default();
-            let mut n = 0u64;
-            for item in old.log.iter() {
-                let (k, v) = item.map_err(storage("compacting"))?;
-                batch.insert(k, v);
-                n += 1;
-                if n % 1000 == 0 {
-                    new.log
-                        .apply_batch(std::mem::take(&mut batch))
-                        .map_err(storage("compacting"))?;
-                }
-            }
-            new.log.apply_batch(batch).map_err(storage("compacting"))?;
-            new.db.flush().map_err(storage("compacting"))?;
-            new.db_file.sync_data().map_err(|source| Error::Sync {
-                path: new.db_path.clone(),
-                source,
-            })?;
-            sync_blobs(&new.blob_dir, &new.synced_blobs)?;
-            sync_dir(&new_dir)?;
-            Ok::<_, Error>((new, n))
-        })();
-        let (new, keys) = match copied {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&new_dir);
-                return Err(e);
-            }
-        };
-        // Close the old database before its directory goes; on a failed swap, keep using it.
-        drop(guard.take());
-        match layout::swap(&dir, &new_dir, &old_dir) {
-            Ok(()) => {
-                let after = new.db.size_on_disk().unwrap_or(0);
-                st.sled_floor = after;
-                *guard = Some(new);
-                info!(
-                    "journal compacted disk_bytes={} -> {} keys={} into {}",
-                    before,
-                    after,
-                    keys,
-                    new_dir.display()
-                );
-                Ok(())
-            }
-            Err(e) => {
-                drop(new);
-                let _ = std::fs::remove_dir_all(&new_dir);
-                *guard = Some(open_store(&self.inner.opts, &old_dir)?);
-                Err(layout_err(e))
-            }
-        }
-    }
-
-    /// Read access to the open database, or [`Error::Unavailable`] after a failed reopen.
-    fn store(&self) -> Result<StoreGuard<'_>> {
-        let guard = self.inner.store.read().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
-            return Err(Error::Unavailable);
-        }
-        Ok(StoreGuard(guard))
     }
 
     /// Closes and reopens the database, then reloads every position from disk. sled 0.34 fails
@@ -1492,125 +1356,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Opens sled in `db_dir`. sled 0.34 can panic on damaged files; a panic becomes
-/// [`Error::Unreadable`].
-fn open_store(opts: &Options, db_dir: &Path) -> Result<Store> {
-    // The previous handle of this process may still be releasing sled's file lock (a reopen, a
-    // restart in tests); another process holding it is reported after the wait.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        match open_store_once(opts, db_dir) {
-            Err(Error::Open { source, .. })
-                if is_lock_conflict(&source) && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(Error::Open { source, path }) if is_lock_conflict(&source) => {
-                return Err(Error::Busy { path });
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Whether sled could not take its file lock. sled 0.34 reports it as an `Other` I/O error whose
-/// only trace of the `WouldBlock` is its message, so the message is what is checked, here only.
-fn is_lock_conflict(e: &sled::Error) -> bool {
-    match e {
-        sled::Error::Io(io) => {
-            io.kind() == std::io::ErrorKind::WouldBlock
-                || io.to_string().contains("could not acquire lock")
-        }
-        _ => false,
-    }
-}
-
-fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
-    let opened = std::panic::catch_unwind(|| {
-        let db = sled::Config::new()
-            .path(db_dir)
-            .cache_capacity(opts.cache_bytes)
-            .segment_size(SEGMENT_SIZE)
-            .flush_every_ms(Some(1000))
-            .mode(sled::Mode::LowSpace)
-            .open()?;
-        let log = db.open_tree("log")?;
-        Ok::<_, sled::Error>((db, log))
-    });
-    let (db, log) = match opened {
-        Ok(Ok(x)) => x,
-        Ok(Err(source)) => {
-            return Err(Error::Open {
-                path: db_dir.to_path_buf(),
-                source,
-            });
-        }
-        Err(_) => {
-            return Err(Error::Unreadable {
-                path: db_dir.to_path_buf(),
-            });
-        }
-    };
-    // sled writes its `conf` file without ever syncing it: a power cut can leave it torn, and
-    // sled then refuses the whole database as corrupt (found by `make torture`).
-    let conf = db_dir.join("conf");
-    File::open(&conf)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| Error::Sync { path: conf, source })?;
-    // sled creates its files (`conf`, `db`, `blobs/`) without syncing their directory, and the
-    // layout creates the database directory itself: make both durable before anything is
-    // appended, or a power cut can take the files back and with them every synced record.
-    sync_dir(db_dir)?;
-    if let Some(parent) = db_dir.parent() {
-        sync_dir(parent)?;
-    }
-    let db_path = db_dir.join("db");
-    let db_file = File::open(&db_path).map_err(|source| Error::Sync {
-        path: db_path.clone(),
-        source,
-    })?;
-    Ok(Store {
-        dir: db_dir.to_path_buf(),
-        db,
-        log,
-        db_path,
-        db_file,
-        blob_dir: db_dir.join("blobs"),
-        synced_blobs: Mutex::default(),
-    })
-}
-
-/// fsyncs the blob files that appeared since the last call, then the directory. Names that
-/// vanished (sled deletes blobs it no longer needs) are forgotten.
-fn sync_blobs(
-    dir: &Path,
-    synced: &Mutex<std::collections::HashSet<std::ffi::OsString>>,
-) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    let mut synced = synced.lock().unwrap_or_else(|e| e.into_inner());
-    let mut present = std::collections::HashSet::new();
-    let mut new = false;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if !synced.contains(&name) {
-            let path = entry.path();
-            match File::open(&path).and_then(|f| f.sync_all()) {
-                Ok(()) => new = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(Error::Sync { path, source }),
-            }
-        }
-        present.insert(name);
-    }
-    *synced = present;
-    if new {
-        sync_dir(dir)?;
-    }
-    Ok(())
 }
 
 /// Creates `dir` (and missing parents) and makes the new entries durable: a directory survives a
