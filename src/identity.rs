@@ -2,7 +2,7 @@
 //! directory. Never derived from an IP address, a host name or a PID, which cloned images and
 //! containers share.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
@@ -11,6 +11,8 @@ use log::{info, warn};
 use crate::protocol::is_valid_device_id;
 
 const FILE: &str = "device-id";
+/// Bytes of the id file read at most (an id has at most 64).
+const MAX_FILE: u64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,10 +32,9 @@ pub fn resolve(configured: Option<&str>, dir: &Path) -> Result<String, Error> {
         return Ok(id.to_string());
     }
     let path = dir.join(FILE);
-    if let Ok(text) = fs::read_to_string(&path) {
-        let id = text.trim();
-        if is_valid_device_id(id) {
-            return Ok(id.to_string());
+    if let Some(id) = read(&path) {
+        if is_valid_device_id(&id) {
+            return Ok(id);
         }
         warn!(
             "stored device id in {} is invalid; generating a new one",
@@ -48,9 +49,17 @@ pub fn resolve(configured: Option<&str>, dir: &Path) -> Result<String, Error> {
 
 /// The id generated earlier and stored in `dir`, if there is a valid one. Creates nothing.
 pub fn stored(dir: &Path) -> Option<String> {
-    let text = fs::read_to_string(dir.join(FILE)).ok()?;
-    let id = text.trim();
-    is_valid_device_id(id).then(|| id.to_string())
+    read(&dir.join(FILE)).filter(|id| is_valid_device_id(id))
+}
+
+/// The trimmed text of the id file at `path`, valid or not; `None` when it cannot be read. Reads
+/// at most `MAX_FILE` bytes: a valid id is far shorter, and a damaged file must not be loaded whole.
+fn read(path: &Path) -> Option<String> {
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|f| f.take(MAX_FILE).read_to_string(&mut text))
+        .ok()?;
+    Some(text.trim().to_string())
 }
 
 /// Replaces the stored id in `dir` with a new random one, atomically (for a cloned image, whose

@@ -1,4 +1,5 @@
-//! Values and keys of the journal's sled tree, encoded and decoded. Pure: no sled, no I/O.
+//! Entry values (the body of a log frame, an overlay, a dead letter's record) and the keys of the
+//! journal's sled tree, encoded and decoded. Pure: no sled, no I/O.
 //!
 //! Decoding bytes from disk never panics and never allocates more than the value's own length:
 //! a damaged value is an [`Error::Corrupt`] naming its seq. The value codecs are public so that the
@@ -12,7 +13,7 @@ use crate::protocol::GapReason;
 pub(super) const P_ENTRY: u8 = b'E';
 pub(super) const P_DEAD: u8 = b'D';
 pub(super) const P_INGEST: u8 = b'I';
-/// A gap standing in for entries of the log (`segments::Overlay`): the value is a gap's `E` value.
+/// A gap standing in for entries of the log (`segments::Overlay`): the value is a gap's entry value.
 pub(super) const P_OVERLAY: u8 = b'X';
 
 pub(super) const M_NEXT_SEQ: &[u8] = b"Mnext_seq";
@@ -51,7 +52,7 @@ pub struct DeadHeader {
     pub at_ms: u64,
 }
 
-/// Encodes an `E` value holding a record.
+/// Encodes an entry value holding a record.
 pub fn encode_record(rec: &NewRecord) -> Vec<u8> {
     let header = RecordHeader {
         ts_ms: rec.ts_ms,
@@ -67,14 +68,14 @@ pub fn encode_record(rec: &NewRecord) -> Vec<u8> {
     out
 }
 
-/// Encodes an `E` value holding a gap `seq..=to_seq` (the seq is the key's).
+/// Encodes an entry value holding a gap `seq..=to_seq` (the seq is the frame's or the key's).
 pub fn encode_gap(to_seq: u64, reason: GapReason) -> Vec<u8> {
     let mut out = vec![KIND_GAP];
     out.extend_from_slice(&postcard::to_stdvec(&GapBody { to_seq, reason }).unwrap_or_default());
     out
 }
 
-/// Decodes an `E` value. Corrupt bytes give an error naming the seq, never a panic, and never an
+/// Decodes an entry value. Corrupt bytes give an error naming the seq, never a panic, and never an
 /// allocation larger than the value itself.
 pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
     let corrupt = |reason: String| Error::Corrupt { seq, reason };
@@ -111,7 +112,7 @@ pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
     }
 }
 
-/// Encodes a `D` value: the header, then the record's `E` value as it was.
+/// Encodes a `D` value: the header, then the record's entry value as it was.
 pub fn encode_dead(header: &DeadHeader, entry_value: &[u8]) -> Vec<u8> {
     // Serializing a plain struct into a Vec cannot fail.
     let mut out = postcard::to_stdvec(header).unwrap_or_default();
@@ -168,7 +169,16 @@ pub(super) fn key_seq(key: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// What an entry costs in the budget: key, value and sled's per-item overhead.
+/// An `I` value: the hash of the message's topic and payload, then its seq.
+pub(super) fn ingest_mark(hash: u64, seq: u64) -> [u8; 16] {
+    let mut mark = [0u8; 16];
+    mark[..8].copy_from_slice(&hash.to_be_bytes());
+    mark[8..].copy_from_slice(&seq.to_be_bytes());
+    mark
+}
+
+/// What a value kept in sled (a dead letter) costs in the budget: key, value and sled's
+/// per-item overhead.
 pub(super) fn entry_size(value: &[u8]) -> u64 {
     value.len() as u64 + 9 + 32
 }

@@ -42,10 +42,10 @@ pub const MAX_COMMANDS: u64 = 10_000;
 pub const MAX_COMMAND_ID: usize = 128;
 pub const MAX_COMMAND_RESULT: usize = 64 * 1024;
 
-fn command_key(id: &str) -> Vec<u8> {
+fn command_key(id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + 1);
     k.push(P_COMMAND);
-    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(id);
     k
 }
 
@@ -226,7 +226,7 @@ impl Journal {
         let v = self
             .store()?
             .log
-            .get(command_key(id))
+            .get(command_key(id.as_bytes()))
             .map_err(storage("reading a command result"))?;
         Ok(v.and_then(|v| {
             v.get(8..)
@@ -253,7 +253,7 @@ impl Journal {
         let mut batch = sled::Batch::default();
         let mut value = order.to_be_bytes().to_vec();
         value.extend_from_slice(result.as_bytes());
-        batch.insert(command_key(id), value);
+        batch.insert(command_key(id.as_bytes()), value);
         batch.insert(&order_key(order)[..], id.as_bytes());
         batch.insert(M_COMMAND_NEXT, &(order + 1).to_be_bytes()[..]);
         if order >= max {
@@ -265,8 +265,7 @@ impl Journal {
                 .map_err(storage("evicting a command"))?
             {
                 batch.remove(&order_key(old)[..]);
-                let mut k = vec![P_COMMAND];
-                k.extend_from_slice(&old_id);
+                let k = command_key(&old_id);
                 // Only if that id was not remembered again since.
                 let same = store
                     .log

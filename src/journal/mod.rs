@@ -29,7 +29,7 @@
 //!
 //! # Invariants
 //! - `seq` starts at 1 and is assigned once, at append. It never goes backwards: on open the head
-//!   is the log's last frame, raised past the cursor if the cursor is ahead of it.
+//!   is the log's last frame, raised past the cursor if the cursor is ahead of it (`recovery.rs`).
 //! - The log's entries, with the overlays in place of what they cover, hold every seq of
 //!   `acked+1 ..= next_seq-1` exactly once; a seq that cannot be read is reported as a
 //!   `journal_lost` gap (recorded as an overlay), never skipped.
@@ -79,11 +79,11 @@
 //! `reject_new` refuses the append (the writer retries; the broker queues); `drop_oldest` covers
 //! the oldest unsent records with a `journal_full` overlay, and the segments it covers go at the
 //! next sync. sled holds little, but its file grows with the volume written, so it is compacted
-//! into a new generation when it has doubled (`maybe_compact`, `layout.rs`).
+//! into a new generation when it has doubled (`maybe_compact` in `store.rs`, `layout.rs`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use log::{debug, error, info, warn};
@@ -104,13 +104,6 @@ const SHRINK_ABOVE: f64 = 0.9;
 const GROW_BELOW: f64 = 0.8;
 /// Disk use is measured every this many appends (a `stat` of sled's files).
 const MEASURE_EVERY: u64 = 16;
-/// sled is compacted when its files pass this share of `max_bytes` and have doubled since the
-/// last open or compaction (sled 0.34's file grows with the volume written, not the data held).
-const COMPACT_ABOVE: f64 = 0.1;
-/// sled's segment size. Fixed: sled refuses to open a database with another one, so it must not
-/// follow any setting. Values over a quarter of it (~256 KiB) go to sled's blob files, which
-/// `Journal::sync` fsyncs as they appear.
-const SEGMENT_SIZE: usize = 1 << 20;
 /// The record log's directory in `journal.dir` (`segments.rs`).
 const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
@@ -130,13 +123,16 @@ pub mod codec;
 mod commands;
 mod layout;
 pub mod mark;
+mod recovery;
 mod segments;
+mod store;
 
 pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind};
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
-use segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, gap_size, segment_cap};
+use segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, gap_size};
+use store::{Store, open_store, sync_blobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -261,6 +257,21 @@ pub struct NewRecord {
     pub mqtt: Option<MqttDelivery>,
 }
 
+/// A stored record offered again (a dead letter, a requeue): no MQTT delivery to recognise.
+impl From<Record> for NewRecord {
+    fn from(r: Record) -> NewRecord {
+        NewRecord {
+            ts_ms: r.ts_ms,
+            topic: r.topic,
+            payload: r.payload,
+            format: r.format,
+            parse_error: r.parse_error,
+            too_large: None,
+            mqtt: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct MqttDelivery {
     pub pkid: u16,
@@ -373,33 +384,6 @@ struct Inner {
     mark: Arc<Mutex<MarkFile>>,
     /// Signalled when the durable head moves, for the uplink.
     data: Condvar,
-}
-
-/// The sled handles. Replaced as a whole by [`Journal::reopen`]: sled 0.34 refuses every write
-/// after one I/O error (a full disk), until the database is opened again.
-struct Store {
-    dir: PathBuf,
-    db: sled::Db,
-    log: sled::Tree,
-    db_path: PathBuf,
-    db_file: File,
-    blob_dir: PathBuf,
-    /// Blob files already fsynced (sled never rewrites a blob; it writes new ones).
-    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
-}
-
-/// Read access to the open [`Store`].
-struct StoreGuard<'a>(RwLockReadGuard<'a, Option<Store>>);
-
-impl std::ops::Deref for StoreGuard<'_> {
-    type Target = Store;
-    fn deref(&self) -> &Store {
-        match &*self.0 {
-            Some(store) => store,
-            // `Journal::store` hands out a guard only when the store is open.
-            None => unreachable!("StoreGuard over a closed store"),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -550,64 +534,6 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Checks the journal against the seq mark kept outside it. A fresh journal where a mark exists
-    /// (the old one was lost or moved aside), or a head below the mark's (the log came back
-    /// shorter), means records were lost: they are reported as `journal_lost` and seqs continue
-    /// after the mark's lease, so no seq the cloud may have seen is ever assigned again.
-    fn reconcile_mark(&self) -> Result<()> {
-        let fresh = self.meta(M_INITIALISED)?.is_none();
-        let mut st = self.lock();
-        let mut markf = self.mark();
-        let head = st.next_seq - 1;
-        if let Some(m) = markf.current {
-            let lost = if fresh && m.lease > 0 {
-                // Nothing of the old journal is here: the cloud had at least `m.acked`.
-                st.acked = st.acked.max(m.acked);
-                Some(st.acked + 1)
-            } else if head < m.head {
-                Some(st.next_seq)
-            } else {
-                None
-            };
-            if let Some(from) = lost {
-                let to = m.lease.max(head);
-                if from <= to {
-                    error!(
-                        "journal lost records: head_seq={} but the seq mark says head_seq>={} (lease {}); \
-                         reporting {}..={} as journal_lost and continuing at seq={}",
-                        head,
-                        m.head,
-                        m.lease,
-                        from,
-                        to,
-                        to + 1
-                    );
-                    let gap = encode_gap(to, GapReason::JournalLost);
-                    st.backlog_records += 1;
-                    st.backlog_bytes += frame_size(gap.len());
-                    log_of(&mut st.log)?
-                        .append(&[(from, None, gap)])
-                        .map_err(log_io("recording lost records"))?;
-                    st.next_seq = to + 1;
-                    st.durable = to;
-                    st.protected_through = st.acked;
-                    st.retain_from = st.retain_from.max(st.acked + 1);
-                    let mut batch = sled::Batch::default();
-                    batch.insert(M_ACKED, &st.acked.to_be_bytes()[..]);
-                    batch.insert(M_NEXT_SEQ, &(to + 1).to_be_bytes()[..]);
-                    self.put_counters(&st, &mut batch);
-                    self.apply(batch, "recording lost records")?;
-                }
-            }
-        }
-        self.store()?
-            .log
-            .insert(M_INITIALISED, &1u64.to_be_bytes()[..])
-            .map_err(storage("marking the journal"))?;
-        let head = st.next_seq - 1;
-        self.renew_lease(&mut st, &mut markf, head)
-    }
-
     /// Moves the lease `LEASE_STEP` past `through` and records the durable head and the cursor.
     fn renew_lease(&self, st: &mut State, markf: &mut MarkFile, through: u64) -> Result<()> {
         let mark = Mark {
@@ -625,185 +551,6 @@ impl Journal {
 
     fn mark(&self) -> MutexGuard<'_, MarkFile> {
         self.inner.mark.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Opens the log, loads the positions, and repairs what a crash, a foreign or a damaged
-    /// journal could leave, saying so. Reads only the newest segment (and, after a crash, the
-    /// entries the stored counters do not cover).
-    fn recover(&self) -> Result<()> {
-        let log_dir = self.inner.opts.dir.join(LOG_DIR);
-        let (mut log, opened) = Segments::open(&log_dir, segment_cap(self.inner.max_bytes))
-            .map_err(|source| Error::Log {
-                path: log_dir.clone(),
-                source,
-            })?;
-        let fresh = self.meta(M_INITIALISED)?.is_none();
-        let mut opened_head = opened.head;
-        if fresh && opened_head.is_some() {
-            // The log belongs to a database that is gone; the seq mark reports what it held.
-            let n = log.remove_all().map_err(|source| Error::Log {
-                path: log_dir.clone(),
-                source,
-            })?;
-            error!(
-                "journal log in {} has no database any more: removed its {} segments",
-                log_dir.display(),
-                n
-            );
-            opened_head = None;
-        }
-        let migrated = match self.migrate_entries(&mut log)? {
-            Some(head) => {
-                opened_head = head;
-                true
-            }
-            None => false,
-        };
-        let meta_next = self.meta(M_NEXT_SEQ)?.unwrap_or(1).max(1);
-        let mut acked = self.meta(M_ACKED)?.unwrap_or(0);
-        // The log is the truth about the head when it is shorter: sled may have kept positions
-        // of appends whose frames were never synced (sled also writes on its own).
-        let mut next_seq = match opened_head {
-            Some(h) => h + 1,
-            None => meta_next,
-        };
-        let mut overlays = self.load_overlays()?;
-        let mut batch = sled::Batch::default();
-        let mut repaired = migrated;
-        if next_seq < meta_next {
-            info!(
-                "journal positions were ahead of the log (next_seq={} in the database, {} in the log): \
-                 appends never synced, so never acknowledged to the broker",
-                meta_next, next_seq
-            );
-        }
-        // Overlays and marks of seqs the log does not hold any more were never durable.
-        for (&from, _) in overlays.range(next_seq..) {
-            batch.remove(&overlay_key(from)[..]);
-        }
-        overlays.retain(|&from, _| from < next_seq);
-        let mut pending_gap = None;
-        if acked >= next_seq {
-            // The cloud acknowledged seqs this journal never assigned (a restored or foreign
-            // journal). Never reuse them: report them as lost and continue after them. The cursor
-            // is set to the journal's head so that the gap is sent like any other entry.
-            warn!(
-                "cursor is ahead of the journal: acked_seq={} head_seq={}; reporting {}..={} as journal_lost and continuing at seq={}",
-                acked,
-                next_seq - 1,
-                next_seq,
-                acked,
-                acked + 1
-            );
-            pending_gap = Some((next_seq, None, encode_gap(acked, GapReason::JournalLost)));
-            let head = next_seq - 1;
-            next_seq = acked + 1;
-            acked = head;
-            repaired = true;
-        }
-        if let Some(gap) = pending_gap {
-            log.append(std::slice::from_ref(&gap))
-                .map_err(log_io("recording lost records"))?;
-        }
-        // Appends the database never recorded (sled writes its positions and marks at a sync
-        // only when something else needs it, and by itself): their frames carry the packet ids
-        // the redelivery marks are rebuilt from.
-        let mut beyond = Vec::new();
-        if next_seq > meta_next && !migrated {
-            log.read(meta_next, next_seq - 1, &overlays, false, |item| {
-                if let Item::Frame(Entry::Record(r), _, Some(pkid)) = &item {
-                    beyond.push((r.seq, *pkid, content_hash(&r.topic, &r.payload)));
-                }
-                Flow::Next
-            })
-            .map_err(log_io("reading the log's tail"))?;
-        }
-        let counters = (self.meta(M_BACKLOG_RECORDS)?, self.meta(M_BACKLOG_BYTES)?);
-        let (backlog_records, backlog_bytes) = match counters {
-            (Some(r), Some(b)) if !repaired && meta_next == next_seq => (r, b),
-            (Some(r), Some(b)) if !repaired && meta_next < next_seq && meta_next > acked => {
-                let (n, bytes) = count(&mut log, &overlays, meta_next, next_seq - 1)?;
-                (r + n, b + bytes)
-            }
-            _ => count(&mut log, &overlays, acked + 1, next_seq - 1)?,
-        };
-        let (dead_count, dead_bytes) = self.count_prefix(P_DEAD, "counting dead letters")?;
-        let mut marks = self.load_marks()?;
-        for &(seq, pkid) in marks.iter().filter(|(seq, _)| *seq >= next_seq) {
-            if !marks
-                .iter()
-                .any(|(s, p)| *p == pkid && *s < next_seq && *s != seq)
-            {
-                batch.remove(&ingest_key(pkid)[..]);
-            }
-        }
-        marks.retain(|(seq, _)| *seq < next_seq);
-        for (seq, pkid, hash) in beyond {
-            let mut mark = [0u8; 16];
-            mark[..8].copy_from_slice(&hash.to_be_bytes());
-            mark[8..].copy_from_slice(&seq.to_be_bytes());
-            batch.insert(&ingest_key(pkid)[..], &mark[..]);
-            marks.retain(|(s, _)| *s != seq);
-            marks.push_back((seq, pkid));
-        }
-        while marks.len() > MAX_MARKS {
-            if let Some((_, old)) = marks.pop_front() {
-                if !marks.iter().any(|(_, p)| *p == old) {
-                    batch.remove(&ingest_key(old)[..]);
-                }
-            }
-        }
-        let retain_from = self
-            .meta(M_RETAIN_FROM)?
-            .unwrap_or(acked + 1)
-            .min(acked + 1);
-        let retained_bytes = match self.meta(M_RETAINED_BYTES)? {
-            Some(b) if retain_from <= acked => b,
-            _ => 0,
-        };
-        let sled_floor = self.sled_bytes();
-        let mut st = self.lock();
-        st.marks = marks;
-        st.log = Some(log);
-        st.overlays = overlays;
-        st.retain_from = if retained_bytes > 0 {
-            retain_from
-        } else {
-            acked + 1
-        };
-        st.retained_bytes = retained_bytes;
-        st.retained_chunks = if retained_bytes > 0 {
-            [(acked, retained_bytes)].into()
-        } else {
-            Default::default()
-        };
-        st.inflight.clear();
-        st.rewound = false;
-        st.next_seq = next_seq;
-        st.acked = acked;
-        st.acked_durable = acked;
-        st.protected_through = acked;
-        st.durable = next_seq - 1;
-        st.backlog_records = backlog_records;
-        st.backlog_bytes = backlog_bytes;
-        st.dead_bytes = dead_bytes;
-        st.dead_count = dead_count;
-        st.sled_floor = sled_floor;
-        st.sled_dirty = true;
-        batch.insert(M_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
-        batch.insert(M_ACKED, &acked.to_be_bytes()[..]);
-        self.put_counters(&st, &mut batch);
-        self.apply(batch, "writing positions")?;
-        info!(
-            "journal opened head_seq={} acked_seq={} backlog_records={} backlog_bytes={} dead_letters={} segments_bytes={}",
-            next_seq - 1,
-            acked,
-            backlog_records,
-            backlog_bytes,
-            dead_count,
-            st.log.as_ref().map_or(0, Segments::disk_bytes)
-        );
-        Ok(())
     }
 
     /// Appends a prefix of `records` in order, assigning consecutive seqs, and returns how many it
@@ -875,20 +622,10 @@ impl Journal {
                 break;
             }
             if let Some(m) = rec.mqtt {
-                let mut mark = [0u8; 16];
-                mark[..8].copy_from_slice(&content_hash(&rec.topic, &rec.payload).to_be_bytes());
-                mark[8..].copy_from_slice(&next.to_be_bytes());
-                batch.insert(&ingest_key(m.pkid)[..], &mark[..]);
-                // Only the newest marks can match a redelivery (the broker redelivers only what
-                // is in flight); older ones are removed so they cannot fill the journal.
+                let hash = content_hash(&rec.topic, &rec.payload);
+                batch.insert(&ingest_key(m.pkid)[..], &ingest_mark(hash, next)[..]);
                 st.marks.push_back((next, m.pkid));
-                while st.marks.len() > MAX_MARKS {
-                    if let Some((_, old)) = st.marks.pop_front() {
-                        if !st.marks.iter().any(|(_, p)| *p == old) {
-                            batch.remove(&ingest_key(old)[..]);
-                        }
-                    }
-                }
+                trim_marks(&mut st.marks, &mut batch);
             }
             let (value, size) = match rec.too_large {
                 None => (value, size),
@@ -1326,15 +1063,7 @@ impl Journal {
             }
             _ => return Err(Error::NoDeadLetter { seq }),
         };
-        let value = encode_record(&NewRecord {
-            ts_ms: record.ts_ms,
-            topic: record.topic,
-            payload: record.payload,
-            format: record.format,
-            parse_error: record.parse_error,
-            too_large: None,
-            mqtt: None,
-        });
+        let value = encode_record(&NewRecord::from(record));
         let header = DeadHeader {
             status,
             error: truncate(reason, 512).to_string(),
@@ -1406,15 +1135,7 @@ impl Journal {
             .map_err(storage("reading a dead letter"))?
             .ok_or(Error::NoDeadLetter { seq })?;
         let (_, record) = decode_dead(seq, &value)?;
-        let appended = self.append(&[NewRecord {
-            ts_ms: record.ts_ms,
-            topic: record.topic,
-            payload: record.payload,
-            format: record.format,
-            parse_error: record.parse_error,
-            too_large: None,
-            mqtt: None,
-        }])?;
+        let appended = self.append(&[NewRecord::from(record)])?;
         let mut st = self.lock();
         st.dead_bytes = st.dead_bytes.saturating_sub(entry_size(&value));
         st.dead_count = st.dead_count.saturating_sub(1);
@@ -1451,13 +1172,6 @@ impl Journal {
         log + self.sled_bytes()
     }
 
-    fn sled_bytes(&self) -> u64 {
-        self.store()
-            .ok()
-            .and_then(|s| s.db.size_on_disk().ok())
-            .unwrap_or(0)
-    }
-
     /// When the oldest record not yet acknowledged was received (ms since the epoch); `None` when
     /// nothing is waiting. Gaps are skipped, and at most 64 entries are looked at.
     pub fn oldest_unsent_ts_ms(&self) -> Result<Option<u64>> {
@@ -1477,103 +1191,6 @@ impl Journal {
             })
             .map_err(log_io("reading the oldest entry"))?;
         Ok(ts)
-    }
-
-    /// Compacts sled when its files have grown past `COMPACT_ABOVE` of `max_bytes` and to twice
-    /// their size after the last open or compaction. sled holds only small state (the records are
-    /// in the log), but sled 0.34's file grows with the volume written, not with the data held,
-    /// so this is what keeps its share of `journal.max_bytes` bounded. Returns whether it
-    /// compacted.
-    pub fn maybe_compact(&self) -> Result<bool> {
-        let max = self.inner.max_bytes as f64;
-        let sled = self.sled_bytes();
-        let floor = self.lock().sled_floor.max(1 << 20);
-        if (sled as f64) < max * COMPACT_ABOVE || sled < 2 * floor {
-            return Ok(false);
-        }
-        self.compact()?;
-        Ok(true)
-    }
-
-    /// Copies every live key into the next database generation, syncs it, and swaps it in
-    /// atomically (see `layout`). Appends and acks wait meanwhile; the copy is of live data only.
-    fn compact(&self) -> Result<()> {
-        let mut st = self.lock();
-        let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
-        let Some(old) = guard.as_ref() else {
-            return Err(Error::Unavailable);
-        };
-        let dir = self.inner.opts.dir.clone();
-        let layout_err = |source| Error::Layout {
-            path: dir.clone(),
-            source,
-        };
-        let (old_dir, before) = (old.dir.clone(), old.db.size_on_disk().unwrap_or(0));
-        let new_dir = layout::next(&dir, &old_dir);
-        let copied = (|| {
-            let _ = std::fs::remove_dir_all(&new_dir);
-            let new = open_store(&self.inner.opts, &new_dir)?;
-            let mut batch = sled::Batch::default();
-            let mut n = 0u64;
-            for item in old.log.iter() {
-                let (k, v) = item.map_err(storage("compacting"))?;
-                batch.insert(k, v);
-                n += 1;
-                if n % 1000 == 0 {
-                    new.log
-                        .apply_batch(std::mem::take(&mut batch))
-                        .map_err(storage("compacting"))?;
-                }
-            }
-            new.log.apply_batch(batch).map_err(storage("compacting"))?;
-            new.db.flush().map_err(storage("compacting"))?;
-            new.db_file.sync_data().map_err(|source| Error::Sync {
-                path: new.db_path.clone(),
-                source,
-            })?;
-            sync_blobs(&new.blob_dir, &new.synced_blobs)?;
-            sync_dir(&new_dir)?;
-            Ok::<_, Error>((new, n))
-        })();
-        let (new, keys) = match copied {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&new_dir);
-                return Err(e);
-            }
-        };
-        // Close the old database before its directory goes; on a failed swap, keep using it.
-        drop(guard.take());
-        match layout::swap(&dir, &new_dir, &old_dir) {
-            Ok(()) => {
-                let after = new.db.size_on_disk().unwrap_or(0);
-                st.sled_floor = after;
-                *guard = Some(new);
-                info!(
-                    "journal compacted disk_bytes={} -> {} keys={} into {}",
-                    before,
-                    after,
-                    keys,
-                    new_dir.display()
-                );
-                Ok(())
-            }
-            Err(e) => {
-                drop(new);
-                let _ = std::fs::remove_dir_all(&new_dir);
-                *guard = Some(open_store(&self.inner.opts, &old_dir)?);
-                Err(layout_err(e))
-            }
-        }
-    }
-
-    /// Read access to the open database, or [`Error::Unavailable`] after a failed reopen.
-    fn store(&self) -> Result<StoreGuard<'_>> {
-        let guard = self.inner.store.read().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
-            return Err(Error::Unavailable);
-        }
-        Ok(StoreGuard(guard))
     }
 
     /// Closes and reopens the database, then reloads every position from disk. sled 0.34 fails
@@ -1639,111 +1256,6 @@ impl Journal {
             None => None,
         })
     }
-
-    /// Moves the entries of the older layout (every entry an `E` key in sled) into the log, and
-    /// drops its retained `R` keys. Idempotent across a crash: the `E` keys go only after the log
-    /// holding them is synced, and a log found beside them is a partial copy, written again.
-    /// Returns the log's new head (`Some(None)`: empty) when it found the older layout.
-    fn migrate_entries(&self, log: &mut Segments) -> Result<Option<Option<u64>>> {
-        let acked = self.meta(M_ACKED)?.unwrap_or(0);
-        let store = self.store()?;
-        if store.log.scan_prefix([P_ENTRY]).next().is_none() {
-            return Ok(None);
-        }
-        log.remove_all().map_err(log_io("migrating entries"))?;
-        let (mut moved, mut head) = (0u64, None);
-        let mut frames = Vec::new();
-        let mut batch = sled::Batch::default();
-        for item in store.log.scan_prefix([P_ENTRY]) {
-            let (k, v) = item.map_err(storage("migrating entries"))?;
-            batch.remove(k.clone());
-            let seq = key_seq(&k);
-            if seq <= acked {
-                continue;
-            }
-            let entry = decode_entry(seq, &v)?;
-            head = Some(entry.last_seq());
-            frames.push((seq, None, v.to_vec()));
-            moved += 1;
-            if frames.len() >= 1000 {
-                log.append(&frames).map_err(log_io("migrating entries"))?;
-                frames.clear();
-            }
-        }
-        log.append(&frames).map_err(log_io("migrating entries"))?;
-        if let Some(f) = log.sync_handle().map_err(log_io("migrating entries"))? {
-            f.sync_data().map_err(log_io("migrating entries"))?;
-        }
-        for item in store.log.scan_prefix([b'R']) {
-            let (k, _) = item.map_err(storage("migrating entries"))?;
-            batch.remove(k);
-        }
-        store
-            .log
-            .apply_batch(batch)
-            .map_err(storage("migrating entries"))?;
-        info!(
-            "journal entries moved from the database into the log entries={} head_seq={:?}",
-            moved, head
-        );
-        Ok(Some(head))
-    }
-
-    /// The overlays (`X` keys): at most the dead letters' and the damaged or dropped runs'.
-    fn load_overlays(&self) -> Result<Overlays> {
-        let mut out = Overlays::new();
-        for item in self.store()?.log.scan_prefix([P_OVERLAY]) {
-            let (k, v) = item.map_err(storage("reading overlays"))?;
-            let from = key_seq(&k);
-            match decode_entry(from, &v)? {
-                Entry::Gap { to_seq, reason, .. } => {
-                    out.insert(
-                        from,
-                        Overlay {
-                            to: to_seq,
-                            reason,
-                            generation: 0,
-                        },
-                    );
-                }
-                Entry::Record(_) => {
-                    return Err(Error::Corrupt {
-                        seq: from,
-                        reason: "an overlay holds a record".into(),
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The `I` marks, oldest first (at most 65,536 small keys; read at open).
-    fn load_marks(&self) -> Result<std::collections::VecDeque<(u64, u16)>> {
-        let mut marks = Vec::new();
-        for item in self.store()?.log.scan_prefix([P_INGEST]) {
-            let (k, v) = item.map_err(storage("reading ingest marks"))?;
-            // Damaged marks are skipped: a missed match costs at most one duplicate record.
-            let pkid = k.get(1..3).and_then(|b| <[u8; 2]>::try_from(b).ok());
-            let seq = v.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok());
-            if let (Some(pkid), Some(seq)) = (pkid, seq) {
-                marks.push((u64::from_be_bytes(seq), u16::from_be_bytes(pkid)));
-            }
-        }
-        marks.sort_unstable();
-        Ok(marks.into())
-    }
-
-    /// Number and budget size of the values under `prefix`: a full scan, only at open.
-    fn count_prefix(&self, prefix: u8, action: &'static str) -> Result<(u64, u64)> {
-        let mut n = 0;
-        let mut bytes = 0;
-        for item in self.store()?.log.scan_prefix([prefix]) {
-            let (_, v) = item.map_err(storage(action))?;
-            n += 1;
-            bytes += entry_size(&v);
-        }
-        Ok((n, bytes))
-    }
 }
 
 impl Drop for Inner {
@@ -1780,6 +1292,19 @@ impl Drop for Inner {
         };
         if let Err(e) = markf.write(mark) {
             error!("cannot write the seq mark at close: {}", e);
+        }
+    }
+}
+
+/// Keeps the newest `MAX_MARKS` redelivery marks: only they can match a redelivery (the broker
+/// redelivers only what is in flight); older ones are removed so they cannot fill the journal. A
+/// packet id's key goes only when no newer mark holds it.
+fn trim_marks(marks: &mut std::collections::VecDeque<(u64, u16)>, batch: &mut sled::Batch) {
+    while marks.len() > MAX_MARKS {
+        if let Some((_, old)) = marks.pop_front() {
+            if !marks.iter().any(|(_, p)| *p == old) {
+                batch.remove(&ingest_key(old)[..]);
+            }
         }
     }
 }
@@ -1831,125 +1356,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Opens sled in `db_dir`. sled 0.34 can panic on damaged files; a panic becomes
-/// [`Error::Unreadable`].
-fn open_store(opts: &Options, db_dir: &Path) -> Result<Store> {
-    // The previous handle of this process may still be releasing sled's file lock (a reopen, a
-    // restart in tests); another process holding it is reported after the wait.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        match open_store_once(opts, db_dir) {
-            Err(Error::Open { source, .. })
-                if is_lock_conflict(&source) && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(Error::Open { source, path }) if is_lock_conflict(&source) => {
-                return Err(Error::Busy { path });
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Whether sled could not take its file lock. sled 0.34 reports it as an `Other` I/O error whose
-/// only trace of the `WouldBlock` is its message, so the message is what is checked, here only.
-fn is_lock_conflict(e: &sled::Error) -> bool {
-    match e {
-        sled::Error::Io(io) => {
-            io.kind() == std::io::ErrorKind::WouldBlock
-                || io.to_string().contains("could not acquire lock")
-        }
-        _ => false,
-    }
-}
-
-fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
-    let opened = std::panic::catch_unwind(|| {
-        let db = sled::Config::new()
-            .path(db_dir)
-            .cache_capacity(opts.cache_bytes)
-            .segment_size(SEGMENT_SIZE)
-            .flush_every_ms(Some(1000))
-            .mode(sled::Mode::LowSpace)
-            .open()?;
-        let log = db.open_tree("log")?;
-        Ok::<_, sled::Error>((db, log))
-    });
-    let (db, log) = match opened {
-        Ok(Ok(x)) => x,
-        Ok(Err(source)) => {
-            return Err(Error::Open {
-                path: db_dir.to_path_buf(),
-                source,
-            });
-        }
-        Err(_) => {
-            return Err(Error::Unreadable {
-                path: db_dir.to_path_buf(),
-            });
-        }
-    };
-    // sled writes its `conf` file without ever syncing it: a power cut can leave it torn, and
-    // sled then refuses the whole database as corrupt (found by `make torture`).
-    let conf = db_dir.join("conf");
-    File::open(&conf)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| Error::Sync { path: conf, source })?;
-    // sled creates its files (`conf`, `db`, `blobs/`) without syncing their directory, and the
-    // layout creates the database directory itself: make both durable before anything is
-    // appended, or a power cut can take the files back and with them every synced record.
-    sync_dir(db_dir)?;
-    if let Some(parent) = db_dir.parent() {
-        sync_dir(parent)?;
-    }
-    let db_path = db_dir.join("db");
-    let db_file = File::open(&db_path).map_err(|source| Error::Sync {
-        path: db_path.clone(),
-        source,
-    })?;
-    Ok(Store {
-        dir: db_dir.to_path_buf(),
-        db,
-        log,
-        db_path,
-        db_file,
-        blob_dir: db_dir.join("blobs"),
-        synced_blobs: Mutex::default(),
-    })
-}
-
-/// fsyncs the blob files that appeared since the last call, then the directory. Names that
-/// vanished (sled deletes blobs it no longer needs) are forgotten.
-fn sync_blobs(
-    dir: &Path,
-    synced: &Mutex<std::collections::HashSet<std::ffi::OsString>>,
-) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    let mut synced = synced.lock().unwrap_or_else(|e| e.into_inner());
-    let mut present = std::collections::HashSet::new();
-    let mut new = false;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if !synced.contains(&name) {
-            let path = entry.path();
-            match File::open(&path).and_then(|f| f.sync_all()) {
-                Ok(()) => new = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(Error::Sync { path, source }),
-            }
-        }
-        present.insert(name);
-    }
-    *synced = present;
-    if new {
-        sync_dir(dir)?;
-    }
-    Ok(())
 }
 
 /// Creates `dir` (and missing parents) and makes the new entries durable: a directory survives a

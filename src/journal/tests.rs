@@ -187,6 +187,15 @@ fn dead_letter_leaves_a_rejected_gap_and_can_be_requeued() {
     );
     let new_seq = j.requeue(2).unwrap();
     assert_eq!(new_seq, 4);
+    // The requeued record is the refused one, unchanged, under its new seq.
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    match all.last() {
+        Some(Entry::Record(r)) => assert_eq!(
+            (r.seq, r.topic.as_str(), r.payload.as_slice()),
+            (4, "b", &b"poison"[..])
+        ),
+        other => panic!("expected the requeued record, got {other:?}"),
+    }
     assert!(j.dead_letters(10).unwrap().is_empty());
     assert!(matches!(j.requeue(2), Err(Error::NoDeadLetter { seq: 2 })));
 }
