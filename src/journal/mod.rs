@@ -733,11 +733,15 @@ impl Journal {
         let mut dropped = 0u64;
         let mut run: Option<(u64, u64)> = None;
         let mut runs = Vec::new();
+        let gap_cost = gap_size(u64::MAX, GapReason::JournalFull);
         {
             let State { log, overlays, .. } = &mut *st;
             log_of(log)?
                 .read(start, end, overlays, false, |item| {
-                    if freed >= need {
+                    // Each new run costs a gap frame: count it, or room-making falls short once
+                    // gaps outweigh what they replace.
+                    let new_gaps = (runs.len() + usize::from(run.is_some())) as u64;
+                    if freed >= need + new_gaps * gap_cost {
                         return Flow::Refuse;
                     }
                     match item {
@@ -760,25 +764,51 @@ impl Journal {
                 .map_err(log_io("scanning for the oldest records"))?;
         }
         runs.extend(run);
-        for (from, to) in &runs {
-            let gap = encode_gap(*to, GapReason::JournalFull);
-            freed = freed.saturating_sub(frame_size(gap.len()));
-            batch.insert(&overlay_key(*from)[..], gap);
+        let mut new_gaps = 0u64;
+        for &(from, to) in &runs {
+            // A run right after an earlier journal_full gap that nothing has read yet extends that
+            // gap: a journal that stays full holds one gap, not one per trim.
+            let merge_into = st
+                .overlays
+                .range(..from)
+                .next_back()
+                .filter(|(f, o)| {
+                    **f >= start && o.to + 1 == from && o.reason == GapReason::JournalFull
+                })
+                .map(|(f, o)| (*f, o.to));
+            let gap_from = match merge_into {
+                Some((f, old_to)) => {
+                    // The longer gap may take a byte more to encode.
+                    let grown = gap_size(to, GapReason::JournalFull)
+                        .saturating_sub(gap_size(old_to, GapReason::JournalFull));
+                    freed = freed.saturating_sub(grown);
+                    f
+                }
+                None => {
+                    new_gaps += 1;
+                    freed = freed.saturating_sub(gap_size(to, GapReason::JournalFull));
+                    from
+                }
+            };
+            batch.insert(
+                &overlay_key(gap_from)[..],
+                encode_gap(to, GapReason::JournalFull),
+            );
             st.overlay_generation += 1;
             st.overlays.insert(
-                *from,
+                gap_from,
                 Overlay {
-                    to: *to,
+                    to,
                     reason: GapReason::JournalFull,
                     generation: st.overlay_generation,
                 },
             );
             warn!(
-                "journal full: dropped records {}..={} (reported to the cloud as a journal_full gap)",
-                from, to
+                "journal full: dropped records {}..={} (reported to the cloud as a journal_full gap from {})",
+                from, to, gap_from
             );
         }
-        st.backlog_records = st.backlog_records - dropped + runs.len() as u64;
+        st.backlog_records = st.backlog_records - dropped + new_gaps;
         st.dropped += dropped;
         st.sled_dirty |= !runs.is_empty();
         st.backlog_bytes = st.backlog_bytes.saturating_sub(freed);

@@ -756,3 +756,32 @@ fn redelivery_marks_of_frames_the_database_never_recorded_are_rebuilt() {
         vec![1, 2, 3]
     );
 }
+
+/// Under `drop_oldest`, one record at a time into a full journal (the cloud down for long): every
+/// append is taken, and the dropped records become one growing `journal_full` gap, not one gap per
+/// dropped record (which cost a frame each and, once they outweighed a record, made room-making fail).
+#[test]
+fn drop_oldest_always_makes_room_and_merges_its_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.fixed_budget = Some(40_000);
+    o.on_full = OnFull::DropOldest;
+    let j = Journal::open(&o).unwrap();
+    let big = vec![b'x'; 1_000];
+    for i in 0..300 {
+        j.append(&[rec("t", &big)])
+            .unwrap_or_else(|e| panic!("append {i} refused: {e}"));
+        j.sync().unwrap();
+    }
+    let p = j.positions();
+    assert_eq!(p.head_seq, 300);
+    assert!(p.dropped > 250, "{p:?}");
+    let gaps: Vec<_> = j
+        .read_batch(None, 100_000, u64::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|e| matches!(e, Entry::Gap { .. }))
+        .collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(j.lock().overlays.len(), 1);
+}
