@@ -201,7 +201,8 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         join_by(console, started + Duration::from_secs(2));
     }
     if let Some(downlink) = downlink {
-        // A command in progress (a publish, a reload) has its own deadline of a few seconds.
+        // A command in progress ends within a second of shutdown (a publish watches it, a reload
+        // is refused once the main loop stopped); then the close handshake, bounded by its own wait.
         join_by(downlink, started + Duration::from_secs(8));
     }
     let p = journal.positions();

@@ -697,8 +697,14 @@ impl CommandPublisher {
     }
 
     /// Publishes `p` and returns once the broker acknowledged it (QoS1) or it was written (QoS0),
-    /// or an error saying why not, by `timeout` (at least the connect deadline).
-    pub fn publish(&self, p: &Publication, timeout: Duration) -> Result<(), String> {
+    /// or an error saying why not, by `timeout` (at least the connect deadline), or within `POLL`
+    /// of `shutdown`.
+    pub fn publish(
+        &self,
+        p: &Publication,
+        timeout: Duration,
+        shutdown: &Shutdown,
+    ) -> Result<(), String> {
         let qos = if p.qos == 0 {
             QoS::AtMostOnce
         } else {
@@ -715,7 +721,12 @@ impl CommandPublisher {
             if left.is_zero() {
                 break Err(format!("the broker did not acknowledge within {timeout:?}"));
             }
-            match connection.recv_timeout(left) {
+            if shutdown.is_set() {
+                break Err(
+                    "the agent is stopping; not known whether the broker took it".to_owned(),
+                );
+            }
+            match connection.recv_timeout(left.min(POLL)) {
                 Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
                     if qos == QoS::AtMostOnce {
                         break Ok(());

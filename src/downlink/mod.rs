@@ -421,7 +421,9 @@ impl Downlink {
     fn execute(&self, cmd: &Command) -> Result<Value, String> {
         match &cmd.action {
             Action::Publish(p) => {
-                self.deps.publisher.publish(p, COMMAND_TIMEOUT)?;
+                self.deps
+                    .publisher
+                    .publish(p, COMMAND_TIMEOUT, &self.shutdown)?;
                 Ok(json!({"topic": p.topic, "bytes": p.payload.len()}))
             }
             Action::Status => serde_json::to_value(self.deps.sources.status())
