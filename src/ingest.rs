@@ -525,7 +525,7 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
     let mut failing = false;
     let mut last_reopen: Option<Instant> = None;
     // A reopen that keeps failing is said at WARN once a minute, not every REOPEN_EVERY.
-    let mut last_reopen_warn: Option<Instant> = None;
+    let mut reopen_failures = crate::logging::Repeats::new(Duration::from_secs(60));
     loop {
         Stats::add(&stats.writer_beats, 1);
         if records.is_empty() {
@@ -629,17 +629,14 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
                     if last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
                         last_reopen = Some(Instant::now());
                         if let Err(e) = journal.reopen() {
-                            if last_reopen_warn
-                                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-                            {
-                                last_reopen_warn = Some(Instant::now());
+                            let msg = crate::error_chain(&e);
+                            if reopen_failures.is_due(&msg, Instant::now()) {
                                 warn!(
                                     "journal reopen failed, retrying every {:?}: {}",
-                                    REOPEN_EVERY,
-                                    crate::error_chain(&e)
+                                    REOPEN_EVERY, msg
                                 );
                             } else {
-                                debug!("journal reopen failed: {}", crate::error_chain(&e));
+                                debug!("journal reopen failed: {}", msg);
                             }
                         }
                     }
