@@ -30,7 +30,8 @@ fn sigkill_at_random_moments_loses_nothing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let mut rng = seed();
-    eprintln!("crash test seed={rng} (FERRY_TEST_SEED to repeat) kills={kills}");
+    let seed = rng;
+    eprintln!("crash test seed={seed} (FERRY_TEST_SEED to repeat) kills={kills}");
     let mut next = move |n: u64| {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -79,7 +80,12 @@ fn sigkill_at_random_moments_loses_nothing() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let records = cloud.records(DEVICE);
-    assert_exactly_once(&records, TOTAL);
+    if let Err(e) = check_exactly_once(&records, TOTAL) {
+        panic!(
+            "{e}\nseed={seed} kills={kills}; agent status: {}",
+            agent.status()
+        );
+    }
     let device = cloud.device(DEVICE).unwrap();
     assert_eq!(
         device["missing"],

@@ -489,6 +489,7 @@ impl Agent {
         control_port: u16,
         env: &[(&str, &str)],
     ) -> Agent {
+        remember_panics();
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("ferry.toml");
         std::fs::write(&config, config_text).unwrap();
@@ -660,8 +661,30 @@ impl Drop for Agent {
             for l in tail.iter().rev() {
                 eprintln!("{l}");
             }
+            // CI shows the end of a failing test's output: say again why it failed.
+            if let Some(why) = LAST_PANIC.with(|p| p.borrow_mut().take()) {
+                eprintln!("----- end of ferry log; the test failed: {why}");
+            }
         }
     }
+}
+
+thread_local! {
+    /// The message of the last panic on this thread (a failing assertion), for [`Agent`]'s drop.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once per test process) a panic hook that also keeps the panic's message for the
+/// thread's [`Agent`] drop, which prints it again after the log tail.
+fn remember_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+            previous(info);
+        }));
+    });
 }
 
 /// The `n` values of the records at the cloud, in order.
@@ -674,23 +697,36 @@ pub fn numbers(records: &[Value]) -> Vec<u64> {
 
 /// Asserts that `records` hold exactly the numbers `0..n`, each once (after dedupe by seq).
 pub fn assert_exactly_once(records: &[Value], n: u64) {
+    if let Err(e) = check_exactly_once(records, n) {
+        panic!("{e}");
+    }
+}
+
+/// Whether `records` hold exactly the numbers `0..n`, each once (after dedupe by seq); the error
+/// says which are stored twice or missing.
+pub fn check_exactly_once(records: &[Value], n: u64) -> Result<(), String> {
     let mut seen = std::collections::BTreeMap::new();
+    let mut twice = Vec::new();
     for r in records {
         let seq = r["seq"].as_u64().unwrap();
         if let Some(k) = r["payload"]["n"].as_u64() {
             if let Some(first) = seen.insert(k, seq) {
-                panic!("message n={k} stored twice, as seq {first} and seq {seq}");
+                twice.push(format!("n={k} as seq {first} and seq {seq}"));
             }
         }
     }
     let missing: Vec<u64> = (0..n).filter(|k| !seen.contains_key(k)).collect();
-    assert!(
-        missing.is_empty(),
-        "missing {} messages, first: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(20)]
-    );
-    assert_eq!(seen.len() as u64, n);
+    if !twice.is_empty() || !missing.is_empty() || seen.len() as u64 != n {
+        return Err(format!(
+            "{} messages stored twice (first: {:?}); {} missing (first: {:?}); {} distinct of {n}",
+            twice.len(),
+            &twice[..twice.len().min(5)],
+            missing.len(),
+            &missing[..missing.len().min(20)],
+            seen.len()
+        ));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- nginx
