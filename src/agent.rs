@@ -77,6 +77,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         max_bytes: cfg.journal.max_bytes,
         on_full: cfg.journal.on_full,
         cache_bytes: cfg.journal.cache_bytes,
+        replay_window: cfg.journal.replay_window,
         fixed_budget: None,
     })?;
     let device_id = identity::resolve(cfg.device.id.as_deref(), &cfg.journal.dir)?;

@@ -86,6 +86,8 @@ pub struct JournalConfig {
     pub on_full: OnFull,
     /// sled's page cache (sled's own default is 1 GiB).
     pub cache_bytes: u64,
+    /// Acknowledged records kept for the downlink's `replay_from`, in bytes of the log.
+    pub replay_window: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +301,7 @@ struct RawJournal {
     max_bytes: Option<ByteSize>,
     on_full: Option<OnFull>,
     cache_bytes: Option<ByteSize>,
+    replay_window: Option<ByteSize>,
 }
 
 #[derive(Default, Deserialize)]
@@ -537,12 +540,30 @@ fn validate_journal(raw: RawJournal, source: &Path) -> Result<JournalConfig, Str
         Some(base) => base.join(dir),
         None => PathBuf::from(dir),
     };
+    let max_bytes = size_in("journal.max_bytes", raw.max_bytes, 256 * MIB, MIB..=TIB)?;
     Ok(JournalConfig {
         dir,
-        max_bytes: size_in("journal.max_bytes", raw.max_bytes, 256 * MIB, MIB..=TIB)?,
+        max_bytes,
         on_full: raw.on_full.unwrap_or(OnFull::RejectNew),
         cache_bytes: size_in("journal.cache_bytes", raw.cache_bytes, 16 * MIB, MIB..=GIB)?,
+        replay_window: replay_window(raw.replay_window, max_bytes)?,
     })
+}
+
+/// `journal.replay_window`: by default 2 % of `max_bytes` (at most 4 MiB); at most a quarter of
+/// `max_bytes`, since the window is disk the backlog cannot use.
+fn replay_window(value: Option<ByteSize>, max_bytes: u64) -> Result<u64, String> {
+    let window = value.map_or(crate::journal::default_replay_window(max_bytes), |v| v.0);
+    if window > max_bytes / 4 {
+        return Err(format!(
+            "journal.replay_window = {} is more than a quarter of journal.max_bytes = {}: the window \
+             is disk the backlog cannot use; allowed 0B..={}",
+            format_size(window),
+            format_size(max_bytes),
+            format_size(max_bytes / 4)
+        ));
+    }
+    Ok(window)
 }
 
 fn validate_uplink(raw: RawUplink) -> Result<UplinkConfig, String> {

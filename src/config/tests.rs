@@ -31,6 +31,7 @@ dir = "/var/lib/ferry"
 max_bytes = "2GiB"
 on_full = "drop_oldest"
 cache_bytes = 8388608
+replay_window = 0
 
 [uplink]
 url = "https://cloud.example.com:8443/v1/ingest"
@@ -150,6 +151,7 @@ fn a_full_config_sets_every_key() {
     assert_eq!(c.journal.max_bytes, 2 * GIB);
     assert_eq!(c.journal.on_full, OnFull::DropOldest);
     assert_eq!(c.journal.cache_bytes, 8 * MIB);
+    assert_eq!(c.journal.replay_window, 0);
 
     assert_eq!(c.uplink.url, "https://cloud.example.com:8443/v1/ingest");
     assert_eq!(
@@ -187,6 +189,8 @@ fn omitted_sections_and_keys_take_their_defaults() {
     assert_eq!(c.journal.max_bytes, 256 * MIB);
     assert_eq!(c.journal.on_full, OnFull::RejectNew);
     assert_eq!(c.journal.cache_bytes, 16 * MIB);
+    // 2 % of the 256 MiB journal, at most 4 MiB.
+    assert_eq!(c.journal.replay_window, 4 * MIB);
     assert!(c.uplink.token.is_none());
     assert_eq!(c.uplink.batch_max_records, 500);
     assert_eq!(c.uplink.batch_max_bytes, 512 * KIB);
@@ -253,6 +257,21 @@ fn a_wrong_type_names_the_key_and_the_position() {
         assert_names(&error(&with(section, line)), &[key, "line "]);
     }
     assert_names(&error("mqtt = 5\n"), &["mqtt", "a table, as in [mqtt]"]);
+}
+
+#[test]
+fn the_replay_window_is_at_most_a_quarter_of_the_journal() {
+    let e = error(&with("journal", "replay_window = \"65MiB\""));
+    assert_names(
+        &e,
+        &[
+            "journal.replay_window = 65MiB",
+            "a quarter of journal.max_bytes = 256MiB",
+            "0B..=64MiB",
+        ],
+    );
+    let c = parse(&with("journal", "replay_window = \"64MiB\""));
+    assert_eq!(c.journal.replay_window, 64 * MIB);
 }
 
 #[test]

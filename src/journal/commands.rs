@@ -11,7 +11,7 @@
 //!
 //! Retention: acknowledged entries stay in the log (segments are freed only behind the window);
 //! [`Journal::ack`] widens the window by what it acknowledges and moves `retain_from` past the
-//! oldest acknowledged chunks beyond `RETAIN_SHARE` of `journal.max_bytes` (at most `RETAIN_MAX`).
+//! oldest acknowledged chunks beyond `journal.replay_window` (by default [`default_replay_window`]).
 //! The window therefore
 //! always covers one run of seqs ending at the cursor. [`Journal::rewind_to`] moves the cursor
 //! back into that run, in one batch: the one way the cursor ever moves backwards, logged at WARN.
@@ -30,10 +30,15 @@ const P_COMMAND: u8 = b'C';
 const P_COMMAND_ORDER: u8 = b'O';
 const M_COMMAND_NEXT: &[u8] = b"Mcommand_next";
 
-/// Share of `journal.max_bytes` that acknowledged entries may keep for replay, up to
+/// Share of `journal.max_bytes` that acknowledged entries keep for replay by default, up to
 /// `RETAIN_MAX` (the window is disk the backlog cannot use).
-pub(super) const RETAIN_SHARE: f64 = 0.02;
-pub(super) const RETAIN_MAX: u64 = 4 << 20;
+const RETAIN_SHARE: f64 = 0.02;
+const RETAIN_MAX: u64 = 4 << 20;
+
+/// `journal.replay_window` when the config does not set it: 2 % of `max_bytes`, at most 4 MiB.
+pub fn default_replay_window(max_bytes: u64) -> u64 {
+    ((max_bytes as f64 * RETAIN_SHARE) as u64).min(RETAIN_MAX)
+}
 /// Acknowledged chunks the retention window remembers the bounds of.
 const MAX_RETAINED_CHUNKS: usize = 1024;
 /// Command results remembered.
@@ -53,6 +58,11 @@ fn order_key(order: u64) -> [u8; 9] {
     let mut k = [P_COMMAND_ORDER; 9];
     k[1..].copy_from_slice(&order.to_be_bytes());
     k
+}
+
+/// The oldest acknowledged seq a rewind may go back to, if any is retained.
+pub(super) fn replay_oldest(st: &State) -> Option<u64> {
+    (st.retained_bytes > 0 && st.retain_from <= st.acked).then_some(st.retain_from)
 }
 
 /// What a rewind did.
@@ -75,7 +85,7 @@ impl Journal {
         through: u64,
         bytes: u64,
     ) {
-        let cap = ((self.inner.max_bytes as f64 * RETAIN_SHARE) as u64).min(RETAIN_MAX);
+        let cap = self.inner.replay_window;
         if st.retained_bytes == 0 {
             st.retain_from = st.acked + 1;
         }
@@ -146,7 +156,7 @@ impl Journal {
                 to: acked,
             });
         }
-        let oldest = (st.retained_bytes > 0 && st.retain_from <= acked).then_some(st.retain_from);
+        let oldest = replay_oldest(&st);
         let not_retained = |oldest: Option<u64>| Error::NotRetained {
             seq,
             reason: match oldest {
@@ -291,14 +301,38 @@ mod tests {
     use crate::journal::{NewRecord, Options, StoredFormat};
 
     fn open(dir: &std::path::Path) -> Journal {
+        open_with_window(dir, default_replay_window(64 << 20))
+    }
+
+    fn open_with_window(dir: &std::path::Path, replay_window: u64) -> Journal {
         Journal::open(&Options {
             dir: dir.to_owned(),
             max_bytes: 64 << 20,
             on_full: OnFull::RejectNew,
             cache_bytes: 1 << 20,
+            replay_window,
             fixed_budget: None,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_replay_window_is_what_the_config_says() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = open_with_window(dir.path(), 0);
+            append(&j, 10);
+            j.ack(10).unwrap();
+            assert_eq!(j.positions().replay_oldest_seq, None);
+            let e = j.rewind_to(5).unwrap_err().to_string();
+            assert!(e.contains("no acknowledged entries are retained"), "{e}");
+        }
+        // Reopened with a window: what is acknowledged from now on is kept, and shown.
+        let j = open_with_window(dir.path(), 1 << 20);
+        append(&j, 10);
+        j.ack(20).unwrap();
+        assert_eq!(j.positions().replay_oldest_seq, Some(11));
+        assert_eq!(j.rewind_to(11).unwrap(), Rewind { from: 20, to: 10 });
     }
 
     fn append(j: &Journal, n: usize) {
@@ -374,6 +408,7 @@ mod tests {
             max_bytes: 1 << 20,
             on_full: OnFull::RejectNew,
             cache_bytes: 1 << 20,
+            replay_window: crate::journal::default_replay_window(1 << 20),
             fixed_budget: None,
         })
         .unwrap();
@@ -381,7 +416,7 @@ mod tests {
             append(&j, 100);
             j.ack(j.positions().head_seq).unwrap();
         }
-        let cap = ((1u64 << 20) as f64 * RETAIN_SHARE) as u64;
+        let cap = default_replay_window(1 << 20);
         assert!(j.count_retained().unwrap() <= cap);
         let head = j.positions().head_seq;
         assert!(j.rewind_to(head - 10).is_ok());

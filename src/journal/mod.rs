@@ -36,8 +36,8 @@
 //! - The cursor (`M/acked`) only moves forward, and only by [`Journal::ack`] after the cloud answered
 //!   2xx, or backwards by [`Journal::rewind_to`], the audited replay the cloud asks for
 //!   (`commands.rs`). An ack moves the cursor without reading the entries again (their sizes are
-//!   known from the read), and keeps the acknowledged entries for replay within `RETAIN_SHARE` of
-//!   `max_bytes`, at most `RETAIN_MAX` (`retain_from ..= acked`).
+//!   known from the read), and keeps the acknowledged entries for replay within
+//!   `Options::replay_window` bytes (`retain_from ..= acked`).
 //! - A segment is deleted when each of its seqs is acknowledged durably and before `retain_from`,
 //!   or covered by an overlay a sync made durable. The newest segment is never deleted.
 //!
@@ -127,7 +127,7 @@ mod recovery;
 mod segments;
 mod store;
 
-pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind};
+pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind, default_replay_window};
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
@@ -354,6 +354,9 @@ pub struct Positions {
     pub budget_bytes: u64,
     /// Records replaced by `journal_full` gaps since start.
     pub dropped: u64,
+    /// The oldest acknowledged seq kept for the downlink's `replay_from` (`journal.replay_window`):
+    /// `replay_from` accepts `replay_oldest_seq..=head_seq`. `None` while nothing is retained.
+    pub replay_oldest_seq: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +365,8 @@ pub struct Options {
     pub max_bytes: u64,
     pub on_full: OnFull,
     pub cache_bytes: u64,
+    /// Bytes of acknowledged entries kept for `rewind_to` (`journal.replay_window`).
+    pub replay_window: u64,
     /// A fixed logical budget instead of the adaptive one (for tests of the full-journal rules).
     pub fixed_budget: Option<u64>,
 }
@@ -378,6 +383,7 @@ struct Inner {
     opts: Options,
     on_full: OnFull,
     max_bytes: u64,
+    replay_window: u64,
     fixed_budget: Option<u64>,
     state: Mutex<State>,
     /// The seq mark outside sled. Locked after `state` when both are needed.
@@ -522,6 +528,7 @@ impl Journal {
                 opts: opts.clone(),
                 on_full: opts.on_full,
                 max_bytes: opts.max_bytes,
+                replay_window: opts.replay_window,
                 fixed_budget: opts.fixed_budget,
                 state: Mutex::new(state),
                 mark,
@@ -1193,6 +1200,7 @@ impl Journal {
             logical_bytes: st.backlog_bytes + st.dead_bytes,
             budget_bytes: st.budget,
             dropped: st.dropped,
+            replay_oldest_seq: commands::replay_oldest(&st),
         }
     }
 

@@ -63,6 +63,7 @@ pub fn journal_options(dir: &Path) -> Options {
         max_bytes: MAX_BYTES,
         on_full: OnFull::RejectNew,
         cache_bytes: CACHE_BYTES,
+        replay_window: ferry::journal::default_replay_window(MAX_BYTES),
         fixed_budget: None,
     }
 }

@@ -68,6 +68,7 @@ fn opts(dir: &Path) -> Options {
         max_bytes: 64 * 1024 * 1024,
         on_full: OnFull::RejectNew,
         cache_bytes: 1024 * 1024,
+        replay_window: ferry::journal::default_replay_window(64 << 20),
         fixed_budget: None,
     }
 }
