@@ -75,6 +75,10 @@ pub trait Layout {
     fn ack(&mut self, seq: u64) -> Result<()>;
     /// Bytes allocated on disk for the layout's files.
     fn disk_bytes(&self) -> u64;
+    /// Acknowledged records the layout keeps on purpose (ferry's replay window).
+    fn replay_records(&self) -> u64 {
+        0
+    }
 }
 
 /// The encoded form the experiment layouts store: `ts_ms`, topic length and topic, payload; about
@@ -233,6 +237,16 @@ impl Ferry {
             dir: dir.to_path_buf(),
         })
     }
+
+    /// A journal with `journal.replay_window` set to `window` bytes.
+    pub fn with_replay_window(dir: &Path, window: u64) -> Result<Ferry> {
+        let mut opts = journal_options(dir);
+        opts.replay_window = window;
+        Ok(Ferry {
+            journal: Journal::open(&opts)?,
+            dir: dir.to_path_buf(),
+        })
+    }
 }
 
 impl Layout for Ferry {
@@ -252,6 +266,10 @@ impl Layout for Ferry {
     }
     fn disk_bytes(&self) -> u64 {
         dir_bytes(&self.dir)
+    }
+    fn replay_records(&self) -> u64 {
+        let p = self.journal.positions();
+        p.replay_oldest_seq.map_or(0, |o| p.acked_seq + 1 - o)
     }
 }
 
@@ -543,13 +561,21 @@ pub fn append_rates(
 /// Steady churn: appends `total` records in batches of `batch`, acknowledging in steps of `ack_step`
 /// (the uplink's default batch) whenever more than `backlog` records are held. Returns the bytes
 /// on disk at the end and the payload bytes of the records still held.
+/// What a churn run leaves: bytes on disk, payload bytes of the unsent backlog, and payload bytes
+/// of acknowledged records the layout keeps on purpose (ferry's replay window).
+pub struct Churned {
+    pub disk: u64,
+    pub backlog_payload: u64,
+    pub replay_payload: u64,
+}
+
 pub fn churn(
     layout: &mut dyn Layout,
     total: usize,
     batch: usize,
     backlog: usize,
     ack_step: usize,
-) -> Result<(u64, u64)> {
+) -> Result<Churned> {
     let mut appended = 0u64;
     let mut acked = 0u64;
     while appended < total as u64 {
@@ -561,7 +587,11 @@ pub fn churn(
             layout.ack(acked)?;
         }
     }
-    Ok((layout.disk_bytes(), (appended - acked) * PAYLOAD as u64))
+    Ok(Churned {
+        disk: layout.disk_bytes(),
+        backlog_payload: (appended - acked) * PAYLOAD as u64,
+        replay_payload: layout.replay_records() * PAYLOAD as u64,
+    })
 }
 
 /// Fills a fresh ferry journal in `dir` with `n` records (group commits of 1,000) and closes it.
