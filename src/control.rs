@@ -27,6 +27,13 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Connected, but the request or its answer failed or ran out of time: the agent is up but
+    /// busy or stuck, which is not the same as not running.
+    #[error("the agent at {addr} did not answer")]
+    NoAnswer {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("bad answer from the agent at {addr}: {message}")]
     Answer { addr: SocketAddr, message: String },
 }
@@ -365,14 +372,15 @@ pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, E
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<String, Error> {
-    let connect = |source| Error::Connect { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
-    stream.set_write_timeout(Some(timeout)).map_err(connect)?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|source| Error::Connect { addr, source })?;
+    let no_answer = |source| Error::NoAnswer { addr, source };
+    stream.set_write_timeout(Some(timeout)).map_err(no_answer)?;
     write!(
         stream,
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
-    .map_err(connect)?;
+    .map_err(no_answer)?;
     // One deadline for the whole answer: per-read timeouts alone let a dripping peer go on forever.
     let deadline = Instant::now() + timeout;
     let mut raw = Vec::new();
@@ -380,10 +388,13 @@ fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Res
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(connect(std::io::ErrorKind::TimedOut.into()));
+            return Err(no_answer(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no complete answer within {timeout:?}"),
+            )));
         }
-        stream.set_read_timeout(Some(left)).map_err(connect)?;
-        match stream.read(&mut buf).map_err(connect)? {
+        stream.set_read_timeout(Some(left)).map_err(no_answer)?;
+        match stream.read(&mut buf).map_err(no_answer)? {
             0 => break,
             n if raw.len() + n > MAX_ANSWER => {
                 return Err(Error::Answer {
@@ -435,7 +446,8 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
-        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        // Connected but silent: busy or stuck, not "not running".
+        assert!(matches!(err, Error::NoAnswer { .. }), "{err}");
         peer.join().unwrap();
     }
 }
