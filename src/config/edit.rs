@@ -212,9 +212,29 @@ impl Draft {
     }
 
     /// Validates the whole draft and replaces the file atomically, keeping the previous one as `.bak`.
-    /// Returns the configuration now on disk.
-    pub fn save(&mut self) -> Result<Config, Error> {
-        let cfg = self.validate()?;
+    /// If the file changed on disk since it was read (the cloud's `set_config`, another console),
+    /// the draft's own changes are applied on top of the file as it is now rather than overwriting
+    /// it; [`Saved::rebased`] says so. Returns the configuration now on disk.
+    pub fn save(&mut self) -> Result<Saved, Error> {
+        let current = Draft::load(&self.path)?;
+        let changed_on_disk = changes(flatten(&self.on_disk), flatten(&current.on_disk));
+        let rebased = !changed_on_disk.is_empty();
+        let mut overridden = Vec::new();
+        if rebased {
+            let mine = self.diff();
+            overridden = mine
+                .iter()
+                .filter(|m| changed_on_disk.iter().any(|c| c.key == m.key))
+                .map(|m| m.key.clone())
+                .collect();
+            let mut doc = current.on_disk.clone();
+            for change in &mine {
+                copy_key(&self.doc, &mut doc, &change.key);
+            }
+            self.on_disk = current.on_disk;
+            self.doc = doc;
+        }
+        let config = self.validate()?;
         crate::atomic_file::replace(&self.path, self.text().as_bytes(), true).map_err(
             |source| Error::Write {
                 path: self.path.clone(),
@@ -222,7 +242,62 @@ impl Draft {
             },
         )?;
         self.on_disk = self.doc.clone();
-        Ok(cfg)
+        Ok(Saved {
+            config,
+            rebased,
+            overridden,
+        })
+    }
+}
+
+/// What [`Draft::save`] wrote.
+#[derive(Debug)]
+pub struct Saved {
+    /// The configuration now on disk.
+    pub config: Config,
+    /// The file had changed on disk since the draft read it; the draft's changes went on top.
+    pub rebased: bool,
+    /// Keys changed both on disk and in the draft: the draft's value was saved.
+    pub overridden: Vec<String>,
+}
+
+/// Makes `key` (`section.name`, or a top-level key) in `to` what it is in `from`: copied with its
+/// decoration, or removed.
+fn copy_key(from: &DocumentMut, to: &mut DocumentMut, key: &str) {
+    let (section, name) = match key.split_once('.') {
+        Some((s, n)) => (s, Some(n)),
+        None => (key, None),
+    };
+    let Some(name) = name else {
+        match from.get(section) {
+            Some(item) => {
+                to.insert(section, item.clone());
+            }
+            None => {
+                to.remove(section);
+            }
+        }
+        return;
+    };
+    let item = from
+        .get(section)
+        .and_then(Item::as_table_like)
+        .and_then(|t| t.get(name))
+        .cloned();
+    match item {
+        Some(item) => {
+            let table = to
+                .entry(section)
+                .or_insert_with(|| Item::Table(toml_edit::Table::new()));
+            if let Some(t) = table.as_table_like_mut() {
+                t.insert(name, item);
+            }
+        }
+        None => {
+            if let Some(t) = to.get_mut(section).and_then(Item::as_table_like_mut) {
+                t.remove(name);
+            }
+        }
     }
 }
 

@@ -259,18 +259,30 @@ impl Shell {
             return "nothing to save\n".to_owned();
         }
         let path = self.draft.path().to_owned();
-        let cfg = match self.draft.save() {
-            Ok(cfg) => cfg,
+        let saved = match self.draft.save() {
+            Ok(saved) => saved,
             Err(e) => return format!("not saved: {}\n", crate::error_chain(&e)),
         };
         for c in &changes {
             info!("console changed {} in {}", c, path.display());
         }
-        let mut out = format!(
+        let mut out = String::new();
+        if saved.rebased {
+            out.push_str(
+                "the file had changed since this session read it (the cloud or another console): \
+                 your changes were saved on top of it\n",
+            );
+            for key in &saved.overridden {
+                out.push_str(&format!(
+                    "  {key}: changed there too; your value was saved\n"
+                ));
+            }
+        }
+        out.push_str(&format!(
             "saved {} (previous file kept as {})\n",
             path.display(),
             crate::atomic_file::with_suffix(&path, ".bak").display()
-        );
+        ));
         match self.apply() {
             Ok(applied) => out.push_str(&announce(&applied)),
             Err(AgentError::NotRunning) => {
@@ -278,7 +290,7 @@ impl Shell {
             }
             Err(e) => out.push_str(&format!("the agent did not apply it: {e}\n")),
         }
-        self.running = Some(cfg);
+        self.running = Some(saved.config);
         out
     }
 

@@ -113,12 +113,47 @@ fn save_replaces_the_file_and_keeps_the_previous_one() {
     std::fs::write(&path, TEXT).unwrap();
     let mut d = Draft::load(&path).unwrap();
     d.set("uplink.batch_max_records", "42").unwrap();
-    let cfg = d.save().unwrap();
-    assert_eq!(cfg.uplink.batch_max_records, 42);
+    let saved = d.save().unwrap();
+    assert_eq!(saved.config.uplink.batch_max_records, 42);
+    assert!(!saved.rebased);
     assert!(d.diff().is_empty());
     assert_eq!(Config::load(&path).unwrap().uplink.batch_max_records, 42);
     let backup = std::fs::read_to_string(dir.path().join("ferry.toml.bak")).unwrap();
     assert_eq!(backup, TEXT);
+}
+
+/// A console session edits while the cloud's `set_config` saves the same file: the session's save
+/// goes on top of the file as it is now, so the cloud's change is not silently undone.
+#[test]
+fn a_save_after_someone_else_saved_keeps_their_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.toml");
+    std::fs::write(&path, TEXT).unwrap();
+    let mut console = Draft::load(&path).unwrap();
+    let mut cloud = Draft::load(&path).unwrap();
+
+    cloud.set("uplink.max_records_per_sec", "100").unwrap();
+    cloud.set("uplink.batch_max_records", "50").unwrap();
+    assert!(!cloud.save().unwrap().rebased);
+
+    console.set("uplink.batch_max_records", "42").unwrap();
+    console.set("log.level", "debug").unwrap();
+    let saved = console.save().unwrap();
+    assert!(saved.rebased);
+    assert_eq!(saved.overridden, ["uplink.batch_max_records"]);
+    let cfg = Config::load(&path).unwrap();
+    assert_eq!(
+        cfg.uplink.max_records_per_sec, 100,
+        "the cloud's change stays"
+    );
+    assert_eq!(
+        cfg.uplink.batch_max_records, 42,
+        "the later save wins its own key"
+    );
+    assert_eq!(cfg.log.level, "debug");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("# tuned for the cellular link"), "{text}");
+    assert!(console.diff().is_empty());
 }
 
 #[test]
