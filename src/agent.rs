@@ -162,8 +162,11 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         .and_then(Notifier::watchdog_timeout)
         .map(|t| WatchdogPolicy::new(t, Stats::get(&stats.writer_beats), Instant::now()));
 
+    // Each of these runs until shutdown (the console reopens its device after a hang-up): one that
+    // ends early has panicked, and the agent stops so that its supervisor starts it whole again.
     let mut threads = vec![&ingest.mqtt, &ingest.writer, &uplink, &control];
     threads.extend(downlink.as_ref());
+    threads.extend(console.as_ref());
     let mut died = None;
     let mut exit = Exit::Stopped;
     while !shutdown.is_set() {
