@@ -208,15 +208,7 @@ fn route(method: &tiny_http::Method, url: &str, sources: &Sources) -> (u16, &'st
             },
         },
         (Post, ["reload"]) => match sources.reloader.reload(Duration::from_secs(5)) {
-            Ok(plan) => (
-                200,
-                JSON,
-                to_json(&serde_json::json!({
-                    "changes": plan.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-                    "restart": plan.needs_restart(),
-                    "restart_keys": plan.restart_keys,
-                })),
-            ),
+            Ok(plan) => (200, JSON, to_json(&plan.to_json())),
             Err(e) => (409, JSON, error_json(&e)),
         },
         (Post, ["restart"]) => match sources.reloader.restart(Duration::from_secs(5)) {

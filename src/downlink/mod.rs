@@ -453,11 +453,7 @@ impl Downlink {
         draft.set(key, value).map_err(chain)?;
         draft.save().map_err(chain)?;
         info!("downlink: config file changed key={} (set_config)", key);
-        let plan = self.deps.reloader.reload(COMMAND_TIMEOUT)?;
-        Ok(json!({
-            "changes": plan.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-            "restart": plan.needs_restart(),
-        }))
+        Ok(self.deps.reloader.reload(COMMAND_TIMEOUT)?.to_json())
     }
 }
 
