@@ -55,10 +55,12 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const REPEAT_LOG: Duration = Duration::from_secs(60);
 /// Largest group commit.
 const MAX_GROUP: usize = 1000;
-/// Payload bytes waiting for the journal beyond which QoS0 messages are dropped (QoS1 messages are
-/// bounded by the broker's in-flight window instead).
+/// Payload bytes waiting for the journal beyond which QoS0 messages are dropped. QoS1 messages are
+/// never dropped: they wait in `overflow`, bounded only by what the broker sends unacknowledged (its
+/// in-flight window, which mosquitto 2.0.11 stops enforcing on a resumed session: then everything
+/// it has queued for us).
 const QOS0_QUEUE_BYTES: usize = 8 * 1024 * 1024;
-/// Channel depth between the threads (QoS1 depth is bounded by the broker's in-flight window).
+/// Channel depth between the threads (QoS1 messages in it are at most `PUBACK_WINDOW`).
 const CHANNEL: usize = 4096;
 /// How long shutdown waits for the writer so that journaled messages can still be acked.
 const ACK_DRAIN: Duration = Duration::from_millis(1500);
