@@ -12,7 +12,9 @@
 //! at any point loses nothing the broker considers delivered: the session is persistent
 //! (`clean_session = false`, stable client id) and the broker redelivers what was not acked. PUBACKs
 //! are only ever sent on the connection the message arrived on; after a reconnect the broker
-//! redelivers with DUP and the journal recognises copies it already holds (see `journal`).
+//! redelivers with DUP and the journal recognises copies it already holds (see `journal`). It can
+//! only among its newest QoS1 records, so the `mqtt` thread journals at most `PUBACK_WINDOW`
+//! messages ahead of the PUBACKs written, whatever in-flight limit the broker keeps (or does not).
 //!
 //! QoS0 messages carry no acknowledgement: they are journaled the same way, but when the writer
 //! falls more than `QOS0_QUEUE_BYTES` behind they are dropped and counted.
@@ -20,7 +22,7 @@
 //! The downlink's `publish` commands go out through a [`CommandPublisher`], a connection of its own
 //! (see there for why).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, trace, warn};
 use rumqttc::{
-    Client, Connection, ConnectionError, Event, Incoming, MqttOptions, Publish, QoS,
+    Client, Connection, ConnectionError, Event, Incoming, MqttOptions, Outgoing, Publish, QoS,
     SubscribeFilter,
 };
 
@@ -53,15 +55,29 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const REPEAT_LOG: Duration = Duration::from_secs(60);
 /// Largest group commit.
 const MAX_GROUP: usize = 1000;
-/// Payload bytes waiting for the journal beyond which QoS0 messages are dropped (QoS1 messages are
-/// bounded by the broker's in-flight window instead).
+/// Payload bytes waiting for the journal beyond which QoS0 messages are dropped. QoS1 messages are
+/// never dropped: they wait in `overflow`, bounded only by what the broker sends unacknowledged (its
+/// in-flight window, which mosquitto 2.0.11 stops enforcing on a resumed session: then everything
+/// it has queued for us).
 const QOS0_QUEUE_BYTES: usize = 8 * 1024 * 1024;
-/// Channel depth between the threads (QoS1 depth is bounded by the broker's in-flight window).
+/// Channel depth between the threads (QoS1 messages in it are at most `PUBACK_WINDOW`).
 const CHANNEL: usize = 4096;
 /// How long shutdown waits for the writer so that journaled messages can still be acked.
 const ACK_DRAIN: Duration = Duration::from_millis(1500);
 /// While journal writes fail (a full disk, an i/o error), how often the writer reopens it.
 const REOPEN_EVERY: Duration = Duration::from_secs(2);
+/// QoS1 messages handed to the journal writer and not yet PUBACKed on the wire (rumqttc reports each
+/// PUBACK it writes), at most; past it, messages wait in `overflow`. After a crash the broker
+/// redelivers everything it has in flight, and the journal recognises copies only among its newest
+/// `journal::MAX_MARKS` QoS1 records, so that must cover whatever was journaled and not
+/// acknowledged. The broker's `max_inflight_messages` does not bound it: mosquitto 2.0.11 stops
+/// enforcing it on a resumed session once the session acks, and sends everything queued (measured);
+/// rumqttc then writes one PUBACK per poll, behind the publishes it has already read, so PUBACKs fell
+/// thousands of messages behind and a crash brought them all back, beyond the marks. The rest of
+/// `MAX_MARKS` is for PUBACKs written but not yet read by the broker when the connection breaks
+/// (mosquitto drops those on a reset; it reads 1,000 within a millisecond).
+const PUBACK_WINDOW: usize = 256;
+const _: () = assert!(PUBACK_WINDOW * 4 <= journal::MAX_MARKS);
 /// Packets up to this size are read even when over `mqtt.max_packet_size`, so that an oversized
 /// message is reported and acknowledged instead of breaking the connection on every redelivery.
 const HARD_PACKET_CAP: u64 = 32 * 1024 * 1024;
@@ -131,14 +147,21 @@ struct MqttLoop {
     next_index: u64,
     /// QoS1 messages of the current connection not yet acked, in arrival order.
     unacked: VecDeque<(u64, Publish)>,
-    /// Messages the writer's channel had no room for yet, in arrival order.
+    /// Messages not handed to the writer yet (no room in its channel, or `PUBACK_WINDOW` full), in
+    /// arrival order.
     overflow: VecDeque<Delivery>,
+    /// Packet ids of the QoS1 messages handed to the writer on this connection whose PUBACK has not
+    /// been written yet (see `PUBACK_WINDOW`).
+    awaiting_puback: HashSet<u16>,
     /// See [`Shared::queued`].
     queued: Arc<AtomicUsize>,
     backoff: Backoff,
     connected_at: Option<Instant>,
     /// The last connection error logged, and when.
     last_error: Option<(String, Instant)>,
+    /// Test failpoint `FERRY_FAILPOINT=hold_pubacks`: no PUBACK is ever sent, so the broker holds
+    /// every message it delivered in flight (a PUBACK backlog that never drains).
+    hold_pubacks: bool,
 }
 
 impl MqttLoop {
@@ -176,10 +199,12 @@ impl MqttLoop {
             next_index: 1,
             unacked: VecDeque::new(),
             overflow: VecDeque::new(),
+            awaiting_puback: HashSet::new(),
             queued,
             backoff,
             connected_at: None,
             last_error: None,
+            hold_pubacks: std::env::var("FERRY_FAILPOINT").is_ok_and(|v| v == "hold_pubacks"),
         }
     }
 
@@ -213,6 +238,7 @@ impl MqttLoop {
                 // a broker that accepts and then drops us at once must not be retried in a loop.
                 self.connected_at = Some(Instant::now());
                 self.unacked.clear();
+                self.awaiting_puback.clear();
                 let filters = self
                     .cfg
                     .topics
@@ -238,6 +264,9 @@ impl MqttLoop {
                 }
             }
             Event::Incoming(Incoming::Publish(p)) => self.on_publish(p),
+            Event::Outgoing(Outgoing::PubAck(pkid)) => {
+                self.awaiting_puback.remove(&pkid);
+            }
             _ => {}
         }
     }
@@ -304,8 +333,18 @@ impl MqttLoop {
 
     fn feed_writer(&mut self) {
         while let Some(d) = self.overflow.pop_front() {
+            let pkid = d.record.mqtt.map(|m| m.pkid);
+            if pkid.is_some() && self.awaiting_puback.len() >= PUBACK_WINDOW {
+                // The PUBACKs are behind: journal no further ahead of them (see PUBACK_WINDOW).
+                self.overflow.push_front(d);
+                return;
+            }
             match self.tx.try_send(d) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(pkid) = pkid {
+                        self.awaiting_puback.insert(pkid);
+                    }
+                }
                 Err(TrySendError::Full(d)) => {
                     self.overflow.push_front(d);
                     return;
@@ -320,6 +359,9 @@ impl MqttLoop {
     }
 
     fn send_acks(&mut self) {
+        if self.hold_pubacks {
+            return;
+        }
         let durable = self.durable.load(Ordering::Acquire);
         while let Some((index, p)) = self.unacked.front() {
             if *index > durable {
@@ -339,6 +381,7 @@ impl MqttLoop {
         let was_connected = self.stats.mqtt_connected.swap(false, Ordering::Relaxed);
         // Acks belong to the connection the messages came on; the broker redelivers the rest.
         self.unacked.clear();
+        self.awaiting_puback.clear();
         self.connection.eventloop.pending.clear();
         if self
             .connected_at
@@ -396,6 +439,9 @@ impl MqttLoop {
             self.send_acks();
             match self.connection.recv_timeout(POLL) {
                 Ok(Err(_)) | Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+                Ok(Ok(Event::Outgoing(Outgoing::PubAck(pkid)))) => {
+                    self.awaiting_puback.remove(&pkid);
+                }
                 // Messages arriving now are not taken: they stay with the broker.
                 _ => {}
             }

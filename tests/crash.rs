@@ -136,3 +136,66 @@ fn a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice() {
     assert_exactly_once(&cloud.records(DEVICE), 20);
     assert_eq!(st["head_seq"], 20, "no message got a second seq: {st}");
 }
+
+/// Regression for a flake of `sigkill_at_random_moments_loses_nothing` under qemu: mosquitto 2.0.11
+/// stops holding a resumed session to `max_inflight_messages` once it acks, and sends it everything
+/// queued; rumqttc writes one PUBACK per poll, behind the publishes it has read, so thousands of
+/// journaled messages could be waiting for their PUBACK when the agent died. The broker redelivered
+/// them all with DUP, and those older than the journal's redelivery marks (the newest 1,024) were
+/// journaled a second time. Here the broker has no in-flight limit at all and the agent sends no
+/// PUBACK (a backlog that never drains); once all 3,000 messages have reached it, it stops, and the
+/// next run gets every one of them again, with DUP.
+#[test]
+fn a_puback_backlog_beyond_the_redelivery_marks_journals_nothing_twice() {
+    const N: u64 = 3000;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start_on(
+        &tmp.path().join("mqtt"),
+        free_port(),
+        "max_inflight_messages 0",
+    );
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
+    agent.wait_connected();
+    // The session exists; run again with PUBACKs held and every PUBLISH logged.
+    agent.stop();
+    agent.start_again_with_env(&[
+        ("FERRY_FAILPOINT", "hold_pubacks"),
+        ("FERRY_LOG", "info,ferry=debug,ferry::ingest=trace"),
+    ]);
+    agent.wait_connected();
+    publish(broker.port, "sensors/held", numbered(0..N));
+    wait_until(
+        "every message delivered to the agent",
+        Duration::from_secs(60),
+        || {
+            agent
+                .log_text()
+                .matches("mqtt publish topic=sensors/held")
+                .count() as u64
+                >= N
+        },
+    );
+    // A clean stop: what the journal writer was handed is journaled, nothing is acked.
+    agent.stop();
+
+    agent.start_again();
+    wait_until(
+        "every redelivery to be taken",
+        Duration::from_secs(60),
+        || {
+            let t = &agent.status()["totals"];
+            t["ingested"].as_u64().unwrap() + t["redeliveries"].as_u64().unwrap() >= N
+        },
+    );
+    let st = agent.status();
+    assert_eq!(st["head_seq"], N, "no message got a second seq: {st}");
+    assert!(
+        st["totals"]["redeliveries"].as_u64().unwrap() >= 1,
+        "the journaled messages came back and were recognised: {st}"
+    );
+    wait_until("all at the cloud", Duration::from_secs(60), || {
+        cloud.records(DEVICE).len() as u64 >= N
+    });
+    assert_exactly_once(&cloud.records(DEVICE), N);
+}

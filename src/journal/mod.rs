@@ -108,13 +108,16 @@ const MEASURE_EVERY: u64 = 16;
 const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
-/// Redelivery marks kept: the broker only redelivers what was in flight, and mosquitto's
-/// `max_inflight_messages` must stay below this (the recommended config uses 100). The window also
-/// keeps a mark from matching a *new* message: mosquitto assigns packet ids in sequence up to
-/// 65,535, so an id comes back only long after its mark was dropped. (A broker that reuses the
-/// lowest free id could, after a reconnect, present a new message byte-identical to one within
-/// the window under the same id and with DUP set: it would be taken for a copy. See README.)
-const MAX_MARKS: usize = 1024;
+/// Redelivery marks kept: the broker only redelivers what was in flight, and ingest keeps the QoS1
+/// messages journaled and not yet acknowledged well below this (`ingest::PUBACK_WINDOW`; the
+/// broker's own `max_inflight_messages` is not enough, see there). A redelivery beyond the window
+/// is journaled again and pushes out a mark of its own, so the copies after it are missed too: the
+/// window must never be outrun. It also keeps a mark from matching a *new* message: mosquitto
+/// assigns packet ids in sequence up to 65,535, so an id comes back only long after its mark was
+/// dropped. (A broker that reuses the lowest free id could, after a reconnect, present a new message
+/// byte-identical to one within the window under the same id and with DUP set: it would be taken
+/// for a copy. See README.)
+pub(crate) const MAX_MARKS: usize = 1024;
 /// Dead letters (kept in sled) may use at most this share of `max_bytes`; beyond it the uplink
 /// stops isolating records (and backs off) rather than delete any.
 const DEAD_SHARE: f64 = 0.015;
