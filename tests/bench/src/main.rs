@@ -267,6 +267,7 @@ fn append(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
     const S: &str = "durable append";
     let work = args.work.join("append");
     let recs = store::records(1, sizes.append);
+    let qos1 = store::records_qos1(1, sizes.append);
     let sqlite_label = format!("SQLite {} WAL FULL", store::Sqlite::version());
     for batch in [BATCH, 1000] {
         let headline = batch == BATCH;
@@ -278,19 +279,22 @@ fn append(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
         ];
         let mut names = vec!["raw", "sqlite", "ferry"];
         if headline {
-            // The journal-layout experiments, against the same raw baseline.
+            // The ingest writer's QoS1 path (redelivery marks kept), then the journal-layout
+            // experiments, against the same raw baseline.
+            layouts.push(Box::new(store::Ferry::create_qos1(&d("ferry-qos1"))?));
             layouts.push(Box::new(store::SledPerRecord::create(&d("sled"))?));
             layouts.push(Box::new(store::SledGrouped::create(&d("grouped"))?));
             layouts.push(Box::new(store::Segments::create(&d("segments"), false)?));
             layouts.push(Box::new(store::Segments::create(&d("segments-pre"), true)?));
             names.extend([
+                "ferry journal, QoS1 records (packet ids, redelivery marks)",
                 "experiment: sled, a key per record",
                 "experiment: sled, records grouped 50 per value",
                 "experiment: append-only segment files",
                 "experiment: segment files, preallocated",
             ]);
         }
-        let rates = store::append_rates(&mut layouts, &recs, batch, 10)?;
+        let rates = store::append_rates(&mut layouts, &recs, &qos1, batch, 10)?;
         drop(layouts);
         for (name, rate) in names.iter().zip(&rates) {
             println!("   {name} batch={batch}: {} records/s", report::num(*rate));
