@@ -58,8 +58,6 @@ impl Journal {
                     st.protected_through = st.acked;
                     st.retain_from = st.retain_from.max(st.acked + 1);
                     let mut batch = sled::Batch::default();
-                    batch.insert(M_ACKED, &st.acked.to_be_bytes()[..]);
-                    batch.insert(M_NEXT_SEQ, &(to + 1).to_be_bytes()[..]);
                     put_positions(&st, &mut batch);
                     self.apply(batch, "recording lost records")?;
                 }
