@@ -12,7 +12,10 @@ use crate::protocol::GapReason;
 
 pub(super) const P_ENTRY: u8 = b'E';
 pub(super) const P_DEAD: u8 = b'D';
+/// The older layout's redelivery marks, a key per packet id: read once at open, then removed.
 pub(super) const P_INGEST: u8 = b'I';
+/// The redelivery window (`redelivery.rs`): a single key.
+pub(super) const P_WINDOW: u8 = b'W';
 /// A gap standing in for entries of the log (`segments::Overlay`): the value is a gap's entry value.
 pub(super) const P_OVERLAY: u8 = b'X';
 
@@ -30,10 +33,11 @@ pub(super) const M_INITIALISED: &[u8] = b"Minitialised";
 pub(super) const KIND_RECORD: u8 = 1;
 pub(super) const KIND_GAP: u8 = 2;
 
+/// A record's header: decoded with an owned topic, encoded from a borrowed one (same bytes).
 #[derive(Serialize, Deserialize)]
-pub(super) struct RecordHeader {
+pub(super) struct RecordHeader<T> {
     pub ts_ms: u64,
-    pub topic: String,
+    pub topic: T,
     pub format: StoredFormat,
     pub parse_error: bool,
 }
@@ -54,18 +58,24 @@ pub struct DeadHeader {
 
 /// Encodes an entry value holding a record.
 pub fn encode_record(rec: &NewRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rec.topic.len() + rec.payload.len() + 24);
+    encode_record_into(rec, &mut out);
+    out
+}
+
+/// Appends the entry value of a record to `out` (the journal's append encodes every frame of a
+/// group commit into one buffer this way).
+pub(super) fn encode_record_into(rec: &NewRecord, out: &mut Vec<u8>) {
     let header = RecordHeader {
         ts_ms: rec.ts_ms,
-        topic: rec.topic.clone(),
+        topic: rec.topic.as_str(),
         format: rec.format,
         parse_error: rec.parse_error,
     };
-    let mut out = Vec::with_capacity(rec.topic.len() + rec.payload.len() + 24);
     out.push(KIND_RECORD);
     // Serializing a plain struct into a Vec cannot fail.
-    out.extend_from_slice(&postcard::to_stdvec(&header).unwrap_or_default());
+    let _ = postcard::to_io(&header, &mut *out);
     out.extend_from_slice(&rec.payload);
-    out
 }
 
 /// Encodes an entry value holding a gap `seq..=to_seq` (the seq is the frame's or the key's).
@@ -81,7 +91,7 @@ pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
     let corrupt = |reason: String| Error::Corrupt { seq, reason };
     match value.split_first() {
         Some((&KIND_RECORD, rest)) => {
-            let (h, payload): (RecordHeader, &[u8]) = postcard::take_from_bytes(rest)
+            let (h, payload): (RecordHeader<String>, &[u8]) = postcard::take_from_bytes(rest)
                 .map_err(|e| corrupt(format!("record header: {e}")))?;
             Ok(Entry::Record(Record {
                 seq,
@@ -156,25 +166,12 @@ pub(super) fn overlay_key(seq: u64) -> [u8; 9] {
     k
 }
 
-pub(super) fn ingest_key(pkid: u16) -> [u8; 3] {
-    let b = pkid.to_be_bytes();
-    [P_INGEST, b[0], b[1]]
-}
-
 pub(super) fn key_seq(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     if key.len() == 9 {
         b.copy_from_slice(&key[1..]);
     }
     u64::from_be_bytes(b)
-}
-
-/// An `I` value: the hash of the message's topic and payload, then its seq.
-pub(super) fn ingest_mark(hash: u64, seq: u64) -> [u8; 16] {
-    let mut mark = [0u8; 16];
-    mark[..8].copy_from_slice(&hash.to_be_bytes());
-    mark[8..].copy_from_slice(&seq.to_be_bytes());
-    mark
 }
 
 /// What a value kept in sled (a dead letter) costs in the budget: key, value and sled's

@@ -24,7 +24,7 @@ use log::{info, warn};
 
 use super::codec::{M_RETAIN_FROM, M_RETAINED_BYTES, overlay_key};
 use super::segments::{Flow, Item};
-use super::{Error, Journal, Result, State, log_io, log_of, storage};
+use super::{Error, Journal, Result, State, log_io, log_of, put_positions, storage};
 
 const P_COMMAND: u8 = b'C';
 const P_COMMAND_ORDER: u8 = b'O';
@@ -211,10 +211,9 @@ impl Journal {
             st.retain_from = st.acked + 1;
         }
         let mut batch = sled::Batch::default();
-        batch.insert(super::codec::M_ACKED, &st.acked.to_be_bytes()[..]);
         batch.insert(M_RETAIN_FROM, &st.retain_from.to_be_bytes()[..]);
         batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
-        self.put_counters(&st, &mut batch);
+        put_positions(&st, &mut batch);
         self.apply(batch, "rewinding the cursor")?;
         st.sled_dirty = true;
         let rewind = Rewind {

@@ -19,13 +19,14 @@
 //! |---|---|
 //! | `X` seq:u64 | an overlay: a gap (`to_seq`, reason) shown in place of the log's entries `seq..=to_seq` — a dead-lettered record (`rejected`), records dropped for room (`journal_full`), unreadable ones (`journal_lost`) |
 //! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record's entry value |
-//! | `I` pkid:u16 | the last QoS1 message journaled under that MQTT packet id: hash of topic+payload, seq |
-//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes`, `retain_from`, `retained_bytes`, all u64 |
+//! | `W` | the redelivery window (`redelivery.rs`): the seq it is complete below, then (seq, MQTT packet id, hash of topic+payload) of the newest QoS1 messages journaled |
+//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes` (written together, one snapshot), `retain_from`, `retained_bytes`, all u64 |
 //! | `C`, `O` | downlink command results (`commands.rs`) |
 //!
 //! An entry value is `[1] postcard(header) payload` for a record (the payload as the raw MQTT
 //! bytes, turned into its wire form only at upload) or `[2] postcard(to_seq, reason)` for a gap.
-//! The older layout (every entry an `E` key in sled) is moved into the log at open.
+//! The older layouts are converted at open: every entry an `E` key in sled (moved into the log),
+//! a redelivery mark an `I` key per packet id (read into the window, then removed).
 //!
 //! # Invariants
 //! - `seq` starts at 1 and is assigned once, at append. It never goes backwards: on open the head
@@ -47,15 +48,24 @@
 //! flushed and its file and blob files `fdatasync`ed (sled 0.34's own `flush()` ends in
 //! `sync_file_range`, not a barrier against power loss) only when it holds a change that must be
 //! durable: overlays, dead letters, command results, a rewind, an ack that frees a segment. The
-//! positions and redelivery marks of appends need not be: at open the head comes from the log,
-//! the counters are advanced over the frames past the stored `next_seq`, and the marks are rebuilt
-//! from the packet id each frame carries. Appends are group committed: the writer appends a batch
-//! (frames first, then sled's batch of positions and marks), syncs once, and only then lets the
+//! positions and redelivery marks of appends need not be, and an append does not write to sled
+//! at all: it encodes its frames into one buffer and writes them with one `write` per segment
+//! touched. The redelivery window lives in memory; sled records it with the positions (`next_seq`
+//! and the counters, as one snapshot) at the first sync after the log started a new segment (not
+//! synced: sled writes it out within its flush interval), at every sync of sled, and at close.
+//! Whatever sled lost of that (a SIGKILL loses its unflushed buffers, a power cut what it had not
+//! synced) is rebuilt at open from the frames past it: the head comes from the log, the counters
+//! are advanced over the frames past the stored `next_seq`, and the window is completed from the
+//! packet id each frame carries, from the seq the stored window is complete below. So a crash
+//! leaves open about a segment of the log to read, not everything since sled was last synced.
+//! Appends are group committed: the writer appends a batch, syncs once, and only then lets the
 //! MQTT thread PUBACK. Only synced records are handed to the uplink ([`Journal::read_batch`] stops
 //! at the durable head), so a power cut can never take back a seq that the cloud has seen. A power
 //! cut can leave a torn last frame, cut at open: it was never PUBACKed, so the broker sends it
-//! again. A crash between the sync and the PUBACK makes the broker redeliver with DUP; the `I`
-//! marks let the writer recognise the copy. An ack is not synced by itself unless it frees a segment (the cursor is durable
+//! again. A crash between the sync and the PUBACK makes the broker redeliver with DUP; the window
+//! (rebuilt from the durable frames if sled lost it) lets the writer recognise the copy. Segments
+//! are freed only after a sync of sled, which records the window first, so a mark is never lost
+//! with its frame. An ack is not synced by itself unless it frees a segment (the cursor is durable
 //! before the data goes): a lost ack only means the cloud sees a batch again and deduplicates it.
 //! A file or directory survives a power cut only once the directory holding it is synced, so the
 //! journal syncs the parents of the `journal.dir` it creates, of the log, and of the database
@@ -102,22 +112,13 @@ const MIN_SHARE: f64 = 0.02;
 /// may grow back towards `LOGICAL_SHARE`.
 const SHRINK_ABOVE: f64 = 0.9;
 const GROW_BELOW: f64 = 0.8;
-/// Disk use is measured every this many appends (a `stat` of sled's files).
+/// Disk use is measured every this many appends (a `stat` of sled's files), and sled's size for
+/// compaction every this many `maybe_compact` calls.
 const MEASURE_EVERY: u64 = 16;
 /// The record log's directory in `journal.dir` (`segments.rs`).
 const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
-/// Redelivery marks kept: the broker only redelivers what was in flight, and ingest keeps the QoS1
-/// messages journaled and not yet acknowledged well below this (`ingest::PUBACK_WINDOW`; the
-/// broker's own `max_inflight_messages` is not enough, see there). A redelivery beyond the window
-/// is journaled again and pushes out a mark of its own, so the copies after it are missed too: the
-/// window must never be outrun. It also keeps a mark from matching a *new* message: mosquitto
-/// assigns packet ids in sequence up to 65,535, so an id comes back only long after its mark was
-/// dropped. (A broker that reuses the lowest free id could, after a reconnect, present a new message
-/// byte-identical to one within the window under the same id and with DUP set: it would be taken
-/// for a copy. See README.)
-pub(crate) const MAX_MARKS: usize = 1024;
 /// Dead letters (kept in sled) may use at most this share of `max_bytes`; beyond it the uplink
 /// stops isolating records (and backs off) rather than delete any.
 const DEAD_SHARE: f64 = 0.015;
@@ -127,6 +128,8 @@ mod commands;
 mod layout;
 pub mod mark;
 mod recovery;
+mod redelivery;
+pub(crate) use redelivery::MAX_MARKS;
 mod segments;
 mod store;
 
@@ -134,7 +137,8 @@ pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind, default_replay_window};
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
-use segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, gap_size};
+use redelivery::Marks;
+use segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, gap_size, push_frame};
 use store::{Store, open_store, sync_blobs};
 
 #[derive(Debug, thiserror::Error)]
@@ -335,7 +339,7 @@ pub struct Appended {
     /// Seqs assigned, in order (empty when every record was a recognised redelivery).
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
-    /// Redeliveries recognised by their `I` mark and not journaled again.
+    /// Redeliveries recognised by their redelivery mark and not journaled again.
     pub redeliveries: u64,
     /// Records replaced by a gap to make room (`drop_oldest`).
     pub dropped: u64,
@@ -417,8 +421,16 @@ struct State {
     lease: u64,
     /// Records replaced by `journal_full` gaps since start.
     dropped: u64,
-    /// (seq, pkid) of the `I` marks kept, oldest first; at most `MAX_MARKS`.
-    marks: std::collections::VecDeque<(u64, u16)>,
+    /// The redelivery window (`redelivery.rs`), complete for every seq below `next_seq`.
+    marks: Marks,
+    /// A segment was started since sled last recorded the positions and marks: the next sync
+    /// records them (so that recovery reads at most about a segment of the log's tail).
+    snapshot_due: bool,
+    /// The buffer a group commit's frames are encoded into, and each frame's (seq, end offset).
+    frames: Vec<u8>,
+    frame_ends: Vec<(u64, usize)>,
+    /// `maybe_compact` calls, to measure sled's files only every `MEASURE_EVERY`.
+    compact_checks: u64,
     /// The record log; `None` until the first recovery.
     log: Option<Segments>,
     /// Gaps standing in for entries of the log (the `X` keys), by first seq.
@@ -512,7 +524,11 @@ impl Journal {
             protected_through: 0,
             lease: 0,
             dropped: 0,
-            marks: Default::default(),
+            marks: Marks::default(),
+            snapshot_due: false,
+            frames: Vec::new(),
+            frame_ends: Vec::new(),
+            compact_checks: 0,
             log: None,
             overlays: Overlays::new(),
             overlay_generation: 0,
@@ -573,52 +589,83 @@ impl Journal {
     /// (same topic and payload) is taken without being journaled again, and counted in
     /// `redeliveries`.
     pub fn append(&self, records: &[NewRecord]) -> Result<Appended> {
-        let mut out = Appended::default();
         let mut st = self.lock();
-        self.adapt_budget(&mut st);
+        // Appends rarely write to sled, so they would not notice it is closed: a failed reopen
+        // must stop them as it stops everything else.
+        self.ensure_open()?;
+        // The frames of a group are encoded into one buffer kept between appends.
+        let mut buf = std::mem::take(&mut st.frames);
+        let mut ends = std::mem::take(&mut st.frame_ends);
+        buf.clear();
+        ends.clear();
+        let appended = self.append_group(&mut st, records, &mut buf, &mut ends);
+        st.frames = buf;
+        st.frame_ends = ends;
+        appended
+    }
+
+    /// [`Journal::append`] with the buffer the frames are encoded into (`buf`, and each frame's
+    /// seq and end offset in `ends`).
+    fn append_group(
+        &self,
+        st: &mut State,
+        records: &[NewRecord],
+        buf: &mut Vec<u8>,
+        ends: &mut Vec<(u64, usize)>,
+    ) -> Result<Appended> {
+        let mut out = Appended::default();
+        self.adapt_budget(st);
         let budget = st.budget;
 
-        // Decide what each record becomes before touching anything: a redelivery, or a value.
-        let mut values: Vec<Option<(Vec<u8>, u64)>> = Vec::with_capacity(records.len());
-        let mut marks: Vec<(u16, u64)> = Vec::new();
+        // Encode every record that is not a redelivery as a frame, with the seq it gets if taken:
+        // the group takes a prefix, so these are the seqs it will have.
+        let mut sizes: Vec<Option<u64>> = Vec::with_capacity(records.len());
+        // (packet id, content hash) of the QoS1 records encoded, in order.
+        let mut group_marks: Vec<(u16, u64)> = Vec::new();
         let mut incoming = 0u64;
+        let mut seq = st.next_seq;
         for rec in records {
-            let hash = content_hash(&rec.topic, &rec.payload);
             if let Some(m) = rec.mqtt {
-                if m.dup && self.is_redelivery(m.pkid, hash, &marks)? {
-                    values.push(None);
+                let hash = content_hash(&rec.topic, &rec.payload);
+                // The newest message under this packet id: earlier in this group, or journaled.
+                let seen = match group_marks.iter().rev().find(|(p, _)| *p == m.pkid) {
+                    Some((_, h)) => *h == hash,
+                    None => st.marks.matches(m.pkid, hash),
+                };
+                if m.dup && seen {
+                    sizes.push(None);
                     continue;
                 }
-                marks.retain(|(p, _)| *p != m.pkid);
-                marks.push((m.pkid, hash));
+                group_marks.push((m.pkid, hash));
             }
-            let value = match rec.too_large {
-                None => encode_record(rec),
-                // The seq is filled in below; a gap's value only holds its end, which is its start.
-                Some(_) => Vec::new(),
-            };
-            let size = if value.is_empty() {
-                gap_size(u64::MAX, GapReason::Rejected)
-            } else {
-                frame_size(value.len())
-            };
+            let pkid = rec.mqtt.map(|m| m.pkid);
+            let size = match rec.too_large {
+                None => push_frame(buf, seq, pkid, |b| encode_record_into(rec, b)),
+                Some(_) => push_frame(buf, seq, pkid, |b| {
+                    b.extend_from_slice(&encode_gap(seq, GapReason::Rejected))
+                }),
+            }
+            .map_err(log_io("encoding records"))?;
+            ends.push((seq, buf.len()));
             incoming += size;
-            values.push(Some((value, size)));
+            sizes.push(Some(size));
+            seq += 1;
         }
 
         let mut batch = sled::Batch::default();
         let held = st.backlog_bytes + st.dead_bytes;
         if held + incoming > budget && self.inner.on_full == OnFull::DropOldest {
             // Make room for the whole group if the unsent records allow it.
-            out.dropped = self.trim_oldest(&mut st, &mut batch, held + incoming - budget)?;
+            out.dropped = self.trim_oldest(st, &mut batch, held + incoming - budget)?;
         }
         let mut used = st.backlog_bytes + st.dead_bytes;
         let mut next = st.next_seq;
         let mut added_bytes = 0u64;
         let mut added_records = 0u64;
-        let mut frames = Vec::new();
-        for (rec, value) in records.iter().zip(values) {
-            let Some((value, size)) = value else {
+        let mut group_marks = group_marks.into_iter();
+        let mut marks = Vec::new();
+        for (rec, size) in records.iter().zip(sizes) {
+            let Some(size) = size else {
                 out.redeliveries += 1;
                 out.taken += 1;
                 continue;
@@ -632,24 +679,19 @@ impl Journal {
                 break;
             }
             if let Some(m) = rec.mqtt {
-                let hash = content_hash(&rec.topic, &rec.payload);
-                batch.insert(&ingest_key(m.pkid)[..], &ingest_mark(hash, next)[..]);
-                st.marks.push_back((next, m.pkid));
-                trim_marks(&mut st.marks, &mut batch);
+                let hash = group_marks.next().map_or(0, |(_, h)| h);
+                marks.push(redelivery::Mark {
+                    seq: next,
+                    pkid: m.pkid,
+                    hash,
+                });
             }
-            let (value, size) = match rec.too_large {
-                None => (value, size),
-                Some(bytes) => {
-                    error!(
-                        "message too large topic={} bytes={} (over mqtt.max_packet_size): reported to the cloud as rejected gap seq={}",
-                        rec.topic, bytes, next
-                    );
-                    let gap = encode_gap(next, GapReason::Rejected);
-                    let size = frame_size(gap.len());
-                    (gap, size)
-                }
-            };
-            frames.push((next, rec.mqtt.map(|m| m.pkid), value));
+            if let Some(bytes) = rec.too_large {
+                error!(
+                    "message too large topic={} bytes={} (over mqtt.max_packet_size): reported to the cloud as rejected gap seq={}",
+                    rec.topic, bytes, next
+                );
+            }
             used += size;
             added_bytes += size;
             added_records += 1;
@@ -658,32 +700,53 @@ impl Journal {
             out.last_seq = Some(next);
             next += 1;
         }
-        if frames.is_empty() {
-            // Keep a trim: the in-memory counters already reflect it.
-            self.put_counters(&st, &mut batch);
-            self.apply(batch, "dropping the oldest records")?;
-            if out.taken == 0 {
-                return Err(Error::Full { used, budget });
-            }
-            return Ok(out);
+        let taken = (next - st.next_seq) as usize;
+        self.write_frames(st, buf, &ends[..taken], batch, out.dropped > 0)?;
+        if taken == 0 && out.taken == 0 {
+            return Err(Error::Full { used, budget });
         }
-        if next - 1 > st.lease {
-            // Durably reserve the seqs before they exist anywhere.
-            let mut markf = self.mark();
-            self.renew_lease(&mut st, &mut markf, next - 1)?;
+        // Only frames written get marks: a mark makes a redelivery count as journaled.
+        for m in marks {
+            st.marks.push(m);
         }
-        // The frames first: sled's positions may run ahead of the log (recovery trusts the log),
-        // never the other way round.
-        log_of(&mut st.log)?
-            .append(&frames)
-            .map_err(log_io("appending records"))?;
         st.backlog_records += added_records;
         st.backlog_bytes += added_bytes;
         st.next_seq = next;
-        batch.insert(M_NEXT_SEQ, &next.to_be_bytes()[..]);
-        self.put_counters(&st, &mut batch);
-        self.apply(batch, "appending records")?;
         Ok(out)
+    }
+
+    /// The writing half of [`Journal::append`]: the lease, then the frames, then sled's `batch`
+    /// (a trim's overlays and positions) when `trimmed`. sled's positions may run ahead of the log
+    /// (recovery trusts the log and recounts), and usually lag behind it: the positions and marks
+    /// of appends are recorded only at a sync after a new segment was started, and rebuilt from
+    /// the frames past them at open.
+    fn write_frames(
+        &self,
+        st: &mut State,
+        buf: &[u8],
+        frames: &[(u64, usize)],
+        batch: sled::Batch,
+        trimmed: bool,
+    ) -> Result<()> {
+        if let Some(&(last, _)) = frames.last() {
+            if last > st.lease {
+                // Durably reserve the seqs before they exist anywhere.
+                let mut markf = self.mark();
+                self.renew_lease(st, &mut markf, last)?;
+            }
+            let end = frames.last().map_or(0, |f| f.1);
+            let rolled = log_of(&mut st.log)?
+                .append_frames(&buf[..end], frames)
+                .map_err(log_io("appending records"))?;
+            st.snapshot_due |= rolled;
+        }
+        if trimmed {
+            // Keep a trim: the in-memory counters already reflect it.
+            let mut batch = batch;
+            put_positions(st, &mut batch);
+            self.apply(batch, "dropping the oldest records")?;
+        }
+        Ok(())
     }
 
     /// Keeps the files on disk under `max_bytes`: segments are freed only whole and behind the
@@ -716,21 +779,6 @@ impl Journal {
                 disk as u64, st.budget, before
             );
         }
-    }
-
-    fn is_redelivery(&self, pkid: u16, hash: u64, in_batch: &[(u16, u64)]) -> Result<bool> {
-        if let Some((_, h)) = in_batch.iter().rev().find(|(p, _)| *p == pkid) {
-            return Ok(*h == hash);
-        }
-        let mark = self
-            .store()?
-            .log
-            .get(ingest_key(pkid))
-            .map_err(storage("reading ingest mark"))?;
-        Ok(match mark {
-            Some(v) if v.len() == 16 => v[..8] == hash.to_be_bytes(),
-            _ => false,
-        })
     }
 
     /// Replaces the oldest unprotected records by `journal_full` gaps (overlays) until `need`
@@ -833,9 +881,8 @@ impl Journal {
     pub fn sync(&self) -> Result<()> {
         let (target, handle, acked, generation, flush_sled) = {
             let mut st = self.lock();
-            let handle = log_of(&mut st.log)?
-                .sync_handle()
-                .map_err(log_io("syncing the log"))?;
+            self.ensure_open()?;
+            let handle = log_of(&mut st.log)?.sync_handle();
             let flush_sled = std::mem::take(&mut st.sled_dirty);
             (
                 st.next_seq - 1,
@@ -847,13 +894,29 @@ impl Journal {
         };
         if let Some(file) = handle {
             if let Err(source) = file.sync_data() {
-                if let Some(log) = self.lock().log.as_mut() {
+                let mut st = self.lock();
+                if let Some(log) = st.log.as_mut() {
                     log.mark_dirty();
                 }
+                st.sled_dirty |= flush_sled;
                 return Err(Error::Log {
                     path: self.inner.opts.dir.join(LOG_DIR),
                     source,
                 });
+            }
+        }
+        {
+            // With the frames durable, sled may record the positions and marks of appends: when
+            // it is synced anyway, or once a segment was started (bounding what open reads).
+            let mut st = self.lock();
+            if flush_sled || st.snapshot_due {
+                let mut batch = sled::Batch::default();
+                put_snapshot(&st, &mut batch);
+                if let Err(e) = self.apply(batch, "recording positions") {
+                    st.sled_dirty |= flush_sled;
+                    return Err(e);
+                }
+                st.snapshot_due = false;
             }
         }
         if flush_sled {
@@ -1060,7 +1123,7 @@ impl Journal {
             st.backlog_bytes = 0;
         }
         batch.insert(M_ACKED, &through.to_be_bytes()[..]);
-        self.put_counters(&st, &mut batch);
+        put_positions(&st, &mut batch);
         self.apply(batch, "moving the cursor")?;
         // A segment behind the retention window can go once the cursor is durable.
         let below = st.acked.min(st.retain_from.saturating_sub(1));
@@ -1139,7 +1202,7 @@ impl Journal {
         let mut batch = sled::Batch::default();
         batch.insert(&overlay_key(seq)[..], gap);
         batch.insert(&dead_key(seq)[..], dead);
-        self.put_counters(&st, &mut batch);
+        put_positions(&st, &mut batch);
         self.apply(batch, "dead-lettering")?;
         st.sled_dirty = true;
         drop(st);
@@ -1181,7 +1244,7 @@ impl Journal {
         st.dead_count = st.dead_count.saturating_sub(1);
         let mut batch = sled::Batch::default();
         batch.remove(&dead_key(seq)[..]);
-        self.put_counters(&st, &mut batch);
+        put_positions(&st, &mut batch);
         self.apply(batch, "removing a requeued dead letter")?;
         st.sled_dirty = true;
         drop(st);
@@ -1257,6 +1320,11 @@ impl Journal {
         Ok(())
     }
 
+    /// [`Error::Unavailable`] while the database is closed after a failed reopen.
+    fn ensure_open(&self) -> Result<()> {
+        self.store().map(drop)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves only counters behind; they are still usable.
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -1267,12 +1335,6 @@ impl Journal {
             .log
             .apply_batch(batch)
             .map_err(|source| Error::Storage { action, source })
-    }
-
-    fn put_counters(&self, st: &State, batch: &mut sled::Batch) {
-        batch.insert(M_BACKLOG_RECORDS, &st.backlog_records.to_be_bytes()[..]);
-        batch.insert(M_BACKLOG_BYTES, &st.backlog_bytes.to_be_bytes()[..]);
-        batch.insert(M_DEAD_BYTES, &st.dead_bytes.to_be_bytes()[..]);
     }
 
     fn meta(&self, key: &[u8]) -> Result<Option<u64>> {
@@ -1303,26 +1365,37 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is going away: leave nothing in sled's buffers, and record the exact
         // head in the seq mark so that any later loss of records is detected.
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.store.read().unwrap_or_else(|e| e.into_inner());
         let Some(store) = store.as_ref() else {
             return;
         };
+        // The log first: sled's positions and the mark's head then describe durable frames.
+        let synced = st
+            .log
+            .as_mut()
+            .and_then(Segments::sync_handle)
+            .map_or(Ok(()), |f| f.sync_data());
+        if let Err(e) = synced {
+            error!("journal log sync at close failed: {}", e);
+            return;
+        }
+        // The positions and marks of the appends since the last snapshot, so that the next open
+        // reads nothing of the log but its newest segment.
+        if st.log.is_some() {
+            let mut batch = sled::Batch::default();
+            put_snapshot(&st, &mut batch);
+            if let Err(e) = store.log.apply_batch(batch) {
+                error!("journal positions at close not recorded: {}", e);
+                return;
+            }
+        }
         if let Err(e) = store.db.flush() {
             error!("journal flush at close failed: {}", e);
             return;
         }
         if let Err(e) = store.db_file.sync_data() {
             error!("journal sync at close failed: {}", e);
-            return;
-        }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        // The head goes into the mark only once the log holds it durably.
-        let synced = st.log.as_mut().map(|log| {
-            log.sync_handle()
-                .and_then(|f| f.map_or(Ok(()), |f| f.sync_data()))
-        });
-        if let Some(Err(e)) = synced {
-            error!("journal log sync at close failed: {}", e);
             return;
         }
         let mut markf = self.mark.lock().unwrap_or_else(|e| e.into_inner());
@@ -1337,17 +1410,21 @@ impl Drop for Inner {
     }
 }
 
-/// Keeps the newest `MAX_MARKS` redelivery marks: only they can match a redelivery (the broker
-/// redelivers only what is in flight); older ones are removed so they cannot fill the journal. A
-/// packet id's key goes only when no newer mark holds it.
-fn trim_marks(marks: &mut std::collections::VecDeque<(u64, u16)>, batch: &mut sled::Batch) {
-    while marks.len() > MAX_MARKS {
-        if let Some((_, old)) = marks.pop_front() {
-            if !marks.iter().any(|(_, p)| *p == old) {
-                batch.remove(&ingest_key(old)[..]);
-            }
-        }
-    }
+/// The positions as one consistent snapshot: the counters count the entries
+/// `acked+1 ..= next_seq-1`, so they are never stored without the two seqs they belong to.
+fn put_positions(st: &State, batch: &mut sled::Batch) {
+    batch.insert(M_NEXT_SEQ, &st.next_seq.to_be_bytes()[..]);
+    batch.insert(M_ACKED, &st.acked.to_be_bytes()[..]);
+    batch.insert(M_BACKLOG_RECORDS, &st.backlog_records.to_be_bytes()[..]);
+    batch.insert(M_BACKLOG_BYTES, &st.backlog_bytes.to_be_bytes()[..]);
+    batch.insert(M_DEAD_BYTES, &st.dead_bytes.to_be_bytes()[..]);
+}
+
+/// The positions and the redelivery window, complete up to `next_seq`: what recovery starts from
+/// before it reads the log's frames past them.
+fn put_snapshot(st: &State, batch: &mut sled::Batch) {
+    put_positions(st, batch);
+    batch.insert(&[P_WINDOW][..], st.marks.encode(st.next_seq));
 }
 
 /// Maps an i/o error of the record log to [`Error::Log`].

@@ -6,8 +6,12 @@
 use log::{error, info, warn};
 
 use super::codec::*;
+use super::redelivery::{self, Mark, Marks};
 use super::segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, segment_cap};
-use super::{Entry, Error, Journal, LOG_DIR, Result, count, log_io, log_of, storage, trim_marks};
+use super::{
+    Entry, Error, Journal, LOG_DIR, Result, count, log_io, log_of, put_positions, put_snapshot,
+    storage,
+};
 use crate::protocol::GapReason;
 
 impl Journal {
@@ -54,9 +58,7 @@ impl Journal {
                     st.protected_through = st.acked;
                     st.retain_from = st.retain_from.max(st.acked + 1);
                     let mut batch = sled::Batch::default();
-                    batch.insert(M_ACKED, &st.acked.to_be_bytes()[..]);
-                    batch.insert(M_NEXT_SEQ, &(to + 1).to_be_bytes()[..]);
-                    self.put_counters(&st, &mut batch);
+                    put_positions(&st, &mut batch);
                     self.apply(batch, "recording lost records")?;
                 }
             }
@@ -147,45 +149,60 @@ impl Journal {
             log.append(std::slice::from_ref(&gap))
                 .map_err(log_io("recording lost records"))?;
         }
-        // Appends the database never recorded (sled writes its positions and marks at a sync
-        // only when something else needs it, and by itself): their frames carry the packet ids
-        // the redelivery marks are rebuilt from.
-        let mut beyond = Vec::new();
-        if next_seq > meta_next && !migrated {
-            log.read(meta_next, next_seq - 1, &overlays, false, |item| {
-                if let Item::Frame(Entry::Record(r), _, Some(pkid)) = &item {
-                    beyond.push((r.seq, *pkid, content_hash(&r.topic, &r.payload)));
+        // The redelivery window as sled holds it, complete below `through`.
+        let (through, mut marks) = self.load_marks(meta_next, &mut batch)?;
+        // Appends the database never recorded: sled records the positions and marks of appends
+        // only at a sync after a new segment was started, when it is synced for another reason,
+        // and at close, so a crash leaves about a segment of frames past them (more when sled
+        // lost writes of its own). Their entries are added to the stored counters, and the packet
+        // ids they carry complete the window.
+        let mut tail = (0u64, 0u64);
+        let marks_from = through
+            .unwrap_or_else(|| log.first_seq().unwrap_or(next_seq))
+            .min(meta_next);
+        if migrated || marks_from >= next_seq {
+            marks.retain(|m| m.seq < next_seq);
+        } else {
+            // Marks of seqs from here are read from the frames, which are the truth.
+            marks.retain(|m| m.seq < marks_from);
+            let mut visit = |item: &Item| {
+                if let Item::Frame(Entry::Record(r), _, Some(pkid)) = item {
+                    marks.push(Mark {
+                        seq: r.seq,
+                        pkid: *pkid,
+                        hash: content_hash(&r.topic, &r.payload),
+                    });
                 }
-                Flow::Next
-            })
-            .map_err(log_io("reading the log's tail"))?;
+            };
+            let count_from = meta_next.max(marks_from);
+            if marks_from < count_from {
+                let to = (count_from - 1).min(next_seq - 1);
+                log.read(marks_from, to, &overlays, false, |item| {
+                    visit(&item);
+                    Flow::Next
+                })
+                .map_err(log_io("reading the log's tail"))?;
+            }
+            if count_from < next_seq {
+                // Counted as `count` does, from the stored `next_seq`.
+                log.read(count_from, next_seq - 1, &overlays, false, |item| {
+                    tail.0 += 1;
+                    tail.1 += item.size();
+                    visit(&item);
+                    Flow::Next
+                })
+                .map_err(log_io("reading the log's tail"))?;
+            }
         }
         let counters = (self.meta(M_BACKLOG_RECORDS)?, self.meta(M_BACKLOG_BYTES)?);
         let (backlog_records, backlog_bytes) = match counters {
             (Some(r), Some(b)) if !repaired && meta_next == next_seq => (r, b),
             (Some(r), Some(b)) if !repaired && meta_next < next_seq && meta_next > acked => {
-                let (n, bytes) = count(&mut log, &overlays, meta_next, next_seq - 1)?;
-                (r + n, b + bytes)
+                (r + tail.0, b + tail.1)
             }
             _ => count(&mut log, &overlays, acked + 1, next_seq - 1)?,
         };
         let (dead_count, dead_bytes) = self.count_prefix(P_DEAD, "counting dead letters")?;
-        let mut marks = self.load_marks()?;
-        for &(seq, pkid) in marks.iter().filter(|(seq, _)| *seq >= next_seq) {
-            if !marks
-                .iter()
-                .any(|(s, p)| *p == pkid && *s < next_seq && *s != seq)
-            {
-                batch.remove(&ingest_key(pkid)[..]);
-            }
-        }
-        marks.retain(|(seq, _)| *seq < next_seq);
-        for (seq, pkid, hash) in beyond {
-            batch.insert(&ingest_key(pkid)[..], &ingest_mark(hash, seq)[..]);
-            marks.retain(|(s, _)| *s != seq);
-            marks.push_back((seq, pkid));
-        }
-        trim_marks(&mut marks, &mut batch);
         let retain_from = self
             .meta(M_RETAIN_FROM)?
             .unwrap_or(acked + 1)
@@ -196,7 +213,8 @@ impl Journal {
         };
         let sled_floor = self.sled_bytes();
         let mut st = self.lock();
-        st.marks = marks;
+        st.marks = Marks::from_marks(marks);
+        st.snapshot_due = false;
         st.log = Some(log);
         st.overlays = overlays;
         st.retain_from = if retained_bytes > 0 {
@@ -223,9 +241,7 @@ impl Journal {
         st.dead_count = dead_count;
         st.sled_floor = sled_floor;
         st.sled_dirty = true;
-        batch.insert(M_NEXT_SEQ, &next_seq.to_be_bytes()[..]);
-        batch.insert(M_ACKED, &acked.to_be_bytes()[..]);
-        self.put_counters(&st, &mut batch);
+        put_snapshot(&st, &mut batch);
         self.apply(batch, "writing positions")?;
         info!(
             "journal opened head_seq={} acked_seq={} backlog_records={} backlog_bytes={} dead_letters={} segments_bytes={}",
@@ -270,7 +286,7 @@ impl Journal {
             }
         }
         log.append(&frames).map_err(log_io("migrating entries"))?;
-        if let Some(f) = log.sync_handle().map_err(log_io("migrating entries"))? {
+        if let Some(f) = log.sync_handle() {
             f.sync_data().map_err(log_io("migrating entries"))?;
         }
         for item in store.log.scan_prefix([b'R']) {
@@ -316,20 +332,50 @@ impl Journal {
         Ok(out)
     }
 
-    /// The `I` marks, oldest first (at most 65,536 small keys; read at open).
-    fn load_marks(&self) -> Result<std::collections::VecDeque<(u64, u16)>> {
+    /// The redelivery window sled holds (`W`), and the seq below which it is complete (`None`
+    /// when the value is damaged: then the whole log is read for it). The older layout's marks,
+    /// a key per packet id written with every append, are complete below the stored `next_seq`;
+    /// they are read here and their keys removed in `batch`.
+    fn load_marks(
+        &self,
+        meta_next: u64,
+        batch: &mut sled::Batch,
+    ) -> Result<(Option<u64>, Vec<Mark>)> {
+        let store = self.store()?;
         let mut marks = Vec::new();
-        for item in self.store()?.log.scan_prefix([P_INGEST]) {
+        for item in store.log.scan_prefix([P_INGEST]) {
             let (k, v) = item.map_err(storage("reading ingest marks"))?;
+            batch.remove(k.clone());
             // Damaged marks are skipped: a missed match costs at most one duplicate record.
+            let word = |b: Option<&[u8]>| b.and_then(|b| <[u8; 8]>::try_from(b).ok());
             let pkid = k.get(1..3).and_then(|b| <[u8; 2]>::try_from(b).ok());
-            let seq = v.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok());
-            if let (Some(pkid), Some(seq)) = (pkid, seq) {
-                marks.push((u64::from_be_bytes(seq), u16::from_be_bytes(pkid)));
+            if let (Some(pkid), Some(hash), Some(seq)) =
+                (pkid, word(v.get(..8)), word(v.get(8..16)))
+            {
+                marks.push(Mark {
+                    seq: u64::from_be_bytes(seq),
+                    pkid: u16::from_be_bytes(pkid),
+                    hash: u64::from_be_bytes(hash),
+                });
             }
         }
-        marks.sort_unstable();
-        Ok(marks.into())
+        let window = store
+            .log
+            .get([P_WINDOW])
+            .map_err(storage("reading ingest marks"))?;
+        let Some(value) = window else {
+            return Ok((Some(meta_next), marks));
+        };
+        match redelivery::decode(&value) {
+            Some((through, window)) => {
+                marks.extend(window);
+                Ok((Some(through), marks))
+            }
+            None => {
+                warn!("journal redelivery marks are damaged; rebuilding them from the log");
+                Ok((None, marks))
+            }
+        }
     }
 
     /// Number and budget size of the values under `prefix`: a full scan, only at open.

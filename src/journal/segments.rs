@@ -10,8 +10,11 @@
 //! database never recorded are rebuilt from it), and the value is the entry as `codec.rs` encodes
 //! it. Frames follow each other with consecutive seqs (a gap frame covers
 //! `seq..=to_seq`). A segment is closed once it would pass `cap` bytes (a single larger frame gets
-//! a segment of its own); the one being closed is `fdatasync`ed before the next is created, and
-//! a new segment is made durable in its directory at creation, so older segments are always whole.
+//! a segment of its own); a group commit that does not fit the rest of a segment starts the next
+//! one if it fits there, so the segment closed was synced by the previous commit. The one being
+//! closed is `fdatasync`ed before the next is created (when it holds unsynced frames), and a new
+//! segment's name is made durable in its directory at creation, so older segments are always
+//! whole.
 //!
 //! # Damage
 //! Reading never panics and never allocates more than the file holds. A frame that is short, fails
@@ -26,6 +29,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use log::{info, warn};
 
@@ -43,6 +47,34 @@ const MAX_BODY: u64 = 1 << 31;
 const RESYNC_SEQS: u64 = 64;
 /// Read buffer of the sequential reader.
 const READ_BUF: usize = 64 << 10;
+
+/// Appends one frame to `buf`: the header, then the value `encode` appends, then the length and
+/// CRC filled in. Returns the frame's size (its cost in the budget).
+pub(super) fn push_frame(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    pkid: Option<u16>,
+    encode: impl FnOnce(&mut Vec<u8>),
+) -> io::Result<u64> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; HEADER as usize]);
+    buf.extend_from_slice(&seq.to_le_bytes());
+    let mark = pkid.map_or(0u32, |p| u32::from(p) + 1);
+    buf.extend_from_slice(&mark.to_le_bytes());
+    encode(buf);
+    let body = &buf[start + HEADER as usize..];
+    let Some(body_len) = u32::try_from(body.len())
+        .ok()
+        .filter(|&n| u64::from(n) <= MAX_BODY)
+    else {
+        buf.truncate(start);
+        return Err(io::Error::other("record too large for a frame"));
+    };
+    let crc = crc32fast::hash(body);
+    buf[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok((buf.len() - start) as u64)
+}
 
 /// Bytes a frame holding a value of `value_len` bytes takes: its cost in the budget.
 pub(super) fn frame_size(value_len: usize) -> u64 {
@@ -151,8 +183,8 @@ pub(super) struct Segments {
     cap: u64,
     /// First seq of every segment -> its length in bytes.
     files: BTreeMap<u64, u64>,
-    /// The newest segment, open for appending.
-    active: Option<(u64, File)>,
+    /// The newest segment, open for appending (shared with a sync in progress).
+    active: Option<(u64, Arc<File>)>,
     /// Frames were written to the active segment since its last sync.
     dirty: bool,
     /// An append failed half-way: no more appends until the journal is reopened.
@@ -218,7 +250,7 @@ impl Segments {
                 opened.truncated = len - end;
             }
             log.files.insert(first, end);
-            log.active = Some((first, file));
+            log.active = Some((first, Arc::new(file)));
             opened.head = Some(head);
         }
         Ok((log, opened))
@@ -254,65 +286,82 @@ impl Segments {
         Ok(n)
     }
 
-    /// Appends `frames` (seq, MQTT packet id, value), consecutive and following the log's head, in as few writes
-    /// as there are segments touched. Not durable until [`Segments::sync_handle`]'s file is synced.
-    pub fn append(&mut self, frames: &[(u64, Option<u16>, Vec<u8>)]) -> io::Result<()> {
+    /// Appends entries (seq, MQTT packet id, value), consecutive and following the log's head:
+    /// [`Segments::append_frames`] for callers that hold values.
+    pub fn append(&mut self, entries: &[(u64, Option<u16>, Vec<u8>)]) -> io::Result<bool> {
+        let mut buf = Vec::new();
+        let mut frames = Vec::with_capacity(entries.len());
+        for (seq, pkid, value) in entries {
+            push_frame(&mut buf, *seq, *pkid, |b| b.extend_from_slice(value))?;
+            frames.push((*seq, buf.len()));
+        }
+        self.append_frames(&buf, &frames)
+    }
+
+    /// Appends the frames in `buf` (made by [`push_frame`]), consecutive and following the log's
+    /// head: `frames` holds each one's seq and end offset in `buf`. One write per segment touched.
+    /// Returns whether a new segment was started. Not durable until [`Segments::sync_handle`]'s
+    /// file is synced.
+    pub fn append_frames(&mut self, buf: &[u8], frames: &[(u64, usize)]) -> io::Result<bool> {
         if self.broken {
             return Err(io::Error::other(
                 "an earlier append failed; the journal must be reopened",
             ));
         }
-        let mut buf = Vec::new();
+        let mut rolled = false;
         let mut i = 0;
+        let mut start = 0;
+        let total = frames.last().map_or(0, |f| f.1);
         while i < frames.len() {
-            let (seq, ..) = frames[i];
+            let (seq, end) = frames[i];
             let used = self
                 .active
                 .as_ref()
                 .and_then(|(first, _)| self.files.get(first))
                 .copied();
-            let size = frame_size(frames[i].2.len());
-            if used.is_none_or(|used| used > 0 && used + size > self.cap) {
+            let size = (end - start) as u64;
+            let rest = (total - start) as u64;
+            // A group that does not fit what is left of the segment goes whole into a new one
+            // when it fits there: the segment closed is then already synced, and the group
+            // needs one `fdatasync`, not two.
+            let roll = used.is_none_or(|used| {
+                used > 0 && (used + size > self.cap || (used + rest > self.cap && rest <= self.cap))
+            });
+            if roll {
                 self.roll(seq)?;
+                rolled = true;
             }
-            let Some((first, file)) = self.active.as_mut() else {
+            let Some((first, file)) = self.active.as_ref() else {
                 return Err(io::Error::other("no active segment"));
             };
             let mut used = self.files.get(first).copied().unwrap_or(0);
-            buf.clear();
-            while let Some((seq, pkid, value)) = frames.get(i) {
-                let size = frame_size(value.len());
-                if !buf.is_empty() && used + size > self.cap {
+            // The frames that fit this segment (at least one).
+            let mut stop = end;
+            used += size;
+            i += 1;
+            while let Some(&(_, end)) = frames.get(i) {
+                let size = (end - stop) as u64;
+                if used + size > self.cap {
                     break;
                 }
-                let body_len = u32::try_from(SEQ as usize + value.len())
-                    .map_err(|_| io::Error::other("record too large for a frame"))?;
-                let mark = pkid.map_or(0u32, |p| u32::from(p) + 1);
-                let mut crc = crc32fast::Hasher::new();
-                crc.update(&seq.to_le_bytes());
-                crc.update(&mark.to_le_bytes());
-                crc.update(value);
-                buf.extend_from_slice(&body_len.to_le_bytes());
-                buf.extend_from_slice(&crc.finalize().to_le_bytes());
-                buf.extend_from_slice(&seq.to_le_bytes());
-                buf.extend_from_slice(&mark.to_le_bytes());
-                buf.extend_from_slice(value);
                 used += size;
+                stop = end;
                 i += 1;
             }
             self.dirty = true;
-            if let Err(e) = file.write_all(&buf) {
+            if let Err(e) = (&**file).write_all(&buf[start..stop]) {
                 self.broken = true;
                 return Err(e);
             }
             let first = *first;
             self.files.insert(first, used);
+            start = stop;
         }
-        Ok(())
+        Ok(rolled)
     }
 
-    /// Closes the active segment (synced, so that older segments are always whole) and creates
-    /// the one starting at `seq`, durably in the directory.
+    /// Closes the active segment (synced if it holds unsynced frames, so that older segments are
+    /// always whole) and creates the one starting at `seq`, durably in the directory.
     fn roll(&mut self, seq: u64) -> io::Result<()> {
         if let Some((_, file)) = self.active.take() {
             if self.dirty {
@@ -327,26 +376,27 @@ impl Segments {
             .append(true)
             .create(true)
             .open(&path)?;
-        file.set_len(0)?;
-        file.sync_all()?;
+        if file.metadata()?.len() > 0 {
+            file.set_len(0)?;
+            file.sync_data()?;
+        }
+        // The name, durably. The file's contents (none yet) become durable with the sync of the
+        // frames written to it.
         File::open(&self.dir)?.sync_all()?;
         self.files.insert(seq, 0);
-        self.active = Some((seq, file));
+        self.active = Some((seq, Arc::new(file)));
         Ok(())
     }
 
     /// A handle on the active segment when it holds unsynced frames (and marks it clean): the
     /// caller syncs it outside the journal's lock, and calls [`Segments::mark_dirty`] on failure.
-    pub fn sync_handle(&mut self) -> io::Result<Option<File>> {
+    pub fn sync_handle(&mut self) -> Option<Arc<File>> {
         if !self.dirty {
-            return Ok(None);
+            return None;
         }
-        let Some((_, file)) = self.active.as_ref() else {
-            return Ok(None);
-        };
-        let handle = file.try_clone()?;
+        let (_, file) = self.active.as_ref()?;
         self.dirty = false;
-        Ok(Some(handle))
+        Some(Arc::clone(file))
     }
 
     pub fn mark_dirty(&mut self) {

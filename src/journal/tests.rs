@@ -113,6 +113,38 @@ fn a_dup_redelivery_of_a_journaled_message_is_not_journaled_twice() {
     assert_eq!(a.first_seq, Some(3));
 }
 
+/// In a group that mixes QoS0 records (no mark), QoS1 records, and a redelivery, each mark is
+/// of its own record: a redelivery of any of the QoS1 ones is recognised, across a restart too.
+#[test]
+fn marks_of_a_mixed_group_belong_to_their_own_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[qos1(1, false, b"a")]);
+    let group = [
+        rec("t", b"qos0"),
+        qos1(1, true, b"a"),
+        qos1(2, false, b"b"),
+        rec("t", b"qos0 again"),
+        qos1(3, false, b"c"),
+    ];
+    let a = append_synced(&j, &group);
+    assert_eq!(
+        (a.redeliveries, a.first_seq, a.last_seq),
+        (1, Some(2), Some(5))
+    );
+    for restarted in [false, true] {
+        for (pkid, payload) in [(1, b"a"), (2, b"b"), (3, b"c")] {
+            let a = append_synced(&j, &[qos1(pkid, true, payload)]);
+            assert_eq!(a.redeliveries, 1, "pkid {pkid} restarted={restarted}");
+        }
+        if !restarted {
+            drop(j);
+            j = Journal::open(&opts(dir.path())).unwrap();
+        }
+    }
+    assert_eq!(j.positions().head_seq, 5);
+}
+
 #[test]
 fn reject_new_refuses_appends_over_budget_and_accepts_after_acks() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,12 +408,13 @@ fn a_cursor_ahead_of_the_journal_never_reuses_seqs() {
     {
         let j = Journal::open(&opts(dir.path())).unwrap();
         append_synced(&j, &[rec("t", b"1")]);
-        j.store()
-            .unwrap()
-            .log
-            .insert(M_ACKED, &10u64.to_be_bytes()[..])
-            .unwrap();
-        j.sync().unwrap();
+    }
+    {
+        // A cursor from elsewhere (a restored database), written while the journal is closed.
+        let db = layout::current(dir.path()).unwrap();
+        let store = store::open_store(&opts(dir.path()), &db).unwrap();
+        store.log.insert(M_ACKED, &10u64.to_be_bytes()[..]).unwrap();
+        store.db.flush().unwrap();
     }
     let j = Journal::open(&opts(dir.path())).unwrap();
     let a = append_synced(&j, &[rec("t", b"new")]);
@@ -645,11 +678,18 @@ fn redelivery_marks_are_bounded() {
             .collect();
         append_synced(&j, &recs);
     }
-    let marks = j.store().unwrap().log.scan_prefix([P_INGEST]).count();
-    assert!(marks <= MAX_MARKS, "{marks} marks kept");
     // The newest still catch a redelivery, across a restart.
     drop(j);
     let j = Journal::open(&opts(dir.path())).unwrap();
+    let window = j.store().unwrap().log.get([P_WINDOW]).unwrap().unwrap();
+    let (through, marks) = redelivery::decode(&window).unwrap();
+    assert_eq!(through, 5001);
+    assert!(
+        marks.len() <= redelivery::MAX_MARKS,
+        "{} marks kept",
+        marks.len()
+    );
+    assert_eq!(j.store().unwrap().log.scan_prefix([P_INGEST]).count(), 0);
     assert_eq!(append_synced(&j, &[qos1(5000, true, b"m")]).redeliveries, 1);
 }
 
@@ -788,4 +828,114 @@ fn drop_oldest_always_makes_room_and_merges_its_gaps() {
         .collect();
     assert_eq!(gaps.len(), 1, "{gaps:?}");
     assert_eq!(j.lock().overlays.len(), 1);
+}
+
+/// Copies the files of directory `from` (sled's: no subdirectories but `blobs`) into `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// QoS1 records with packet ids `from..from+n` and 1,000-byte payloads (four segments of the
+/// `small` journal per 1,000 of them).
+fn qos1_run(from: u16, n: u16) -> Vec<NewRecord> {
+    (from..from + n)
+        .map(|p| qos1(p, false, &[p as u8; 1_000]))
+        .collect()
+}
+
+/// sled records the positions and redelivery marks of appends only now and then (a sync after a
+/// new segment was started, a sync of sled for another reason, a close), and loses whatever it had
+/// not flushed in a crash. Here it comes back as it was long before the crash, after an ack that
+/// stored the positions but not the marks: the head, the counters and the marks of everything
+/// appended since are rebuilt from the log, so a redelivery from before and after that point is
+/// still recognised and nothing is counted twice.
+#[test]
+fn sled_losing_everything_since_its_last_flush_loses_no_position_or_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = small(dir.path());
+    let j = Journal::open(&o).unwrap();
+    // The first append starts the first segment: sled records the positions and marks.
+    append_synced(&j, &qos1_run(1, 10));
+    append_synced(&j, &qos1_run(11, 10));
+    j.read_batch(None, 5, u64::MAX).unwrap();
+    j.ack(5).unwrap();
+    // What sled holds durably from here on: the ack's positions (next_seq 21), the marks below 11.
+    j.store().unwrap().db.flush().unwrap();
+    let db = layout::current(dir.path()).unwrap();
+    let backup = dir.path().join("backup");
+    copy_dir(&db, &backup);
+    for chunk in 0..10 {
+        append_synced(&j, &qos1_run(21 + chunk * 100, 100));
+    }
+    assert!(segments(dir.path()).len() >= 4, "several segments");
+    let before = (
+        j.positions(),
+        j.read_batch(None, usize::MAX, u64::MAX).unwrap(),
+    );
+    drop(j);
+    std::fs::remove_dir_all(&db).unwrap();
+    copy_dir(&backup, &db);
+
+    let j = Journal::open(&o).unwrap();
+    let p = j.positions();
+    assert_eq!(
+        (p.head_seq, p.acked_seq, p.backlog_records, p.backlog_bytes),
+        (
+            before.0.head_seq,
+            before.0.acked_seq,
+            before.0.backlog_records,
+            before.0.backlog_bytes
+        )
+    );
+    assert_eq!(j.read_batch(None, usize::MAX, u64::MAX).unwrap(), before.1);
+    j.release();
+    // Redeliveries of the newest record, of one appended between the stored marks and the ack,
+    // and of one before both (all within the window of the newest marks) are recognised.
+    for pkid in [1020u16, 15, 8] {
+        let a = append_synced(&j, &[qos1(pkid, true, &[pkid as u8; 1_000])]);
+        assert_eq!((a.redeliveries, a.first_seq), (1, None), "pkid {pkid}");
+    }
+    assert_eq!(j.positions().head_seq, 1020);
+}
+
+/// Once the log starts a new segment, the next sync records the positions and the redelivery
+/// marks in sled (not synced): a crash then leaves open at most about a segment of the log to
+/// read, however long the journal ran without sled being synced.
+#[test]
+fn positions_and_marks_are_recorded_in_sled_once_a_segment_is_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&small(dir.path())).unwrap();
+    // The first segment is started by the first append.
+    append_synced(&j, &qos1_run(1, 100));
+    assert_eq!(j.meta(M_NEXT_SEQ).unwrap(), Some(101));
+    append_synced(&j, &qos1_run(101, 100));
+    assert_eq!(j.meta(M_NEXT_SEQ).unwrap(), Some(101), "not per append");
+    for chunk in 2..6 {
+        append_synced(&j, &qos1_run(1 + chunk * 100, 100));
+    }
+    let newest = segments(dir.path()).len();
+    assert!(newest >= 2);
+    let stored = j.meta(M_NEXT_SEQ).unwrap().unwrap();
+    let first_of_newest = j
+        .lock()
+        .log
+        .as_ref()
+        .unwrap()
+        .files_firsts()
+        .last()
+        .unwrap();
+    assert!(stored >= first_of_newest, "{stored} < {first_of_newest}");
+    let window = j.store().unwrap().log.get([P_WINDOW]).unwrap().unwrap();
+    let (through, marks) = redelivery::decode(&window).unwrap();
+    assert_eq!(through, stored);
+    assert_eq!(marks.last().map(|m| m.seq), Some(stored - 1));
+    assert_eq!(j.meta(M_BACKLOG_RECORDS).unwrap(), Some(stored - 1));
 }

@@ -20,8 +20,10 @@ use std::time::Instant;
 use report::{Row, Target};
 use store::{Layout, PAYLOAD, Result};
 
-const USAGE: &str = "usage: ferry-bench [--quick] [--doc FILE] [--work DIR] [--target-dir DIR]
+const USAGE: &str =
+    "usage: ferry-bench [--quick] [--only SECTION] [--doc FILE] [--work DIR] [--target-dir DIR]
   --quick           a smaller run (about a tenth of the records)
+  --only SECTION    run one section: size, append, churn, backlog or ingest (no --doc then)
   --doc FILE        write the numbers into FILE between the bench markers
   --work DIR        where the bench's files go (default target/bench-work; removed after)
   --target-dir DIR  where the release binaries are (default target)";
@@ -62,6 +64,9 @@ const ACK_STEP: usize = 500;
 /// mosquitto's `max_inflight_messages` for the ingest row (README's recommended config).
 const INFLIGHT: u32 = 100;
 
+/// The sections' names for `--only`, in the order they run.
+const SECTIONS: [&str; 5] = ["size", "append", "churn", "backlog", "ingest"];
+
 /// One section of the run: pushes its rows.
 type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
 /// Creates a layout in a directory.
@@ -69,6 +74,7 @@ type MakeLayout = dyn Fn(&Path) -> Result<Box<dyn Layout>>;
 
 struct Args {
     quick: bool,
+    only: Option<String>,
     doc: Option<PathBuf>,
     work: PathBuf,
     target: PathBuf,
@@ -77,6 +83,7 @@ struct Args {
 fn parse_args() -> std::result::Result<Args, String> {
     let mut a = Args {
         quick: false,
+        only: None,
         doc: None,
         work: PathBuf::from("target/bench-work"),
         target: PathBuf::from("target"),
@@ -86,11 +93,21 @@ fn parse_args() -> std::result::Result<Args, String> {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value\n{USAGE}"));
         match arg.as_str() {
             "--quick" => a.quick = true,
+            "--only" => a.only = Some(value("--only")?),
             "--doc" => a.doc = Some(PathBuf::from(value("--doc")?)),
             "--work" => a.work = PathBuf::from(value("--work")?),
             "--target-dir" => a.target = PathBuf::from(value("--target-dir")?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if let Some(only) = &a.only {
+        if !SECTIONS.contains(&only.as_str()) {
+            return Err(format!("unknown section {only:?}\n{USAGE}"));
+        }
+        // The document holds every section's rows: one section alone would drop the others.
+        if a.doc.is_some() {
+            return Err(format!("--only and --doc do not go together\n{USAGE}"));
         }
     }
     Ok(a)
@@ -131,7 +148,10 @@ fn main() {
         ("backlog: open, RSS, drain", &|r| backlog(&args, &sizes, r)),
         ("MQTT ingest", &|r| ingest(&args, &sizes, r)),
     ];
-    for (name, run) in sections {
+    for ((name, run), key) in sections.into_iter().zip(SECTIONS) {
+        if args.only.as_ref().is_some_and(|only| only != key) {
+            continue;
+        }
         println!("== {name}");
         let t = Instant::now();
         let before = rows.len();
@@ -247,6 +267,7 @@ fn append(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
     const S: &str = "durable append";
     let work = args.work.join("append");
     let recs = store::records(1, sizes.append);
+    let qos1 = store::records_qos1(1, sizes.append);
     let sqlite_label = format!("SQLite {} WAL FULL", store::Sqlite::version());
     for batch in [BATCH, 1000] {
         let headline = batch == BATCH;
@@ -258,19 +279,22 @@ fn append(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
         ];
         let mut names = vec!["raw", "sqlite", "ferry"];
         if headline {
-            // The journal-layout experiments, against the same raw baseline.
+            // The ingest writer's QoS1 path (redelivery marks kept), then the journal-layout
+            // experiments, against the same raw baseline.
+            layouts.push(Box::new(store::Ferry::create_qos1(&d("ferry-qos1"))?));
             layouts.push(Box::new(store::SledPerRecord::create(&d("sled"))?));
             layouts.push(Box::new(store::SledGrouped::create(&d("grouped"))?));
             layouts.push(Box::new(store::Segments::create(&d("segments"), false)?));
             layouts.push(Box::new(store::Segments::create(&d("segments-pre"), true)?));
             names.extend([
+                "ferry journal, QoS1 records (packet ids, redelivery marks)",
                 "experiment: sled, a key per record",
                 "experiment: sled, records grouped 50 per value",
                 "experiment: append-only segment files",
                 "experiment: segment files, preallocated",
             ]);
         }
-        let rates = store::append_rates(&mut layouts, &recs, batch, 10)?;
+        let rates = store::append_rates(&mut layouts, &recs, &qos1, batch, 10)?;
         drop(layouts);
         for (name, rate) in names.iter().zip(&rates) {
             println!("   {name} batch={batch}: {} records/s", report::num(*rate));

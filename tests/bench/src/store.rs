@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ferry::config::OnFull;
-use ferry::journal::{Journal, NewRecord, Options, StoredFormat};
+use ferry::journal::{Journal, MqttDelivery, NewRecord, Options, StoredFormat};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, BoxError>;
@@ -57,6 +57,18 @@ pub fn records(from: u64, n: usize) -> Vec<NewRecord> {
         .collect()
 }
 
+/// [`records`] as QoS1 deliveries: packet ids 1..=65535 in turn, as mosquitto assigns them.
+pub fn records_qos1(from: u64, n: usize) -> Vec<NewRecord> {
+    let mut recs = records(from, n);
+    for (r, i) in recs.iter_mut().zip(from..) {
+        r.mqtt = Some(MqttDelivery {
+            pkid: (i % 65_535 + 1) as u16,
+            dup: false,
+        });
+    }
+    recs
+}
+
 pub fn journal_options(dir: &Path) -> Options {
     Options {
         dir: dir.to_path_buf(),
@@ -78,6 +90,10 @@ pub trait Layout {
     /// Acknowledged records the layout keeps on purpose (ferry's replay window).
     fn replay_records(&self) -> u64 {
         0
+    }
+    /// Whether it is given the records as QoS1 deliveries (with MQTT packet ids).
+    fn qos1(&self) -> bool {
+        false
     }
 }
 
@@ -228,6 +244,7 @@ impl Layout for Sqlite {
 pub struct Ferry {
     pub journal: Journal,
     dir: PathBuf,
+    qos1: bool,
 }
 
 impl Ferry {
@@ -235,6 +252,15 @@ impl Ferry {
         Ok(Ferry {
             journal: Journal::open(&journal_options(dir))?,
             dir: dir.to_path_buf(),
+            qos1: false,
+        })
+    }
+
+    /// Fed QoS1 deliveries (see [`Layout::qos1`]): the journal keeps their redelivery marks.
+    pub fn create_qos1(dir: &Path) -> Result<Ferry> {
+        Ok(Ferry {
+            qos1: true,
+            ..Ferry::create(dir)?
         })
     }
 
@@ -245,6 +271,7 @@ impl Ferry {
         Ok(Ferry {
             journal: Journal::open(&opts)?,
             dir: dir.to_path_buf(),
+            qos1: false,
         })
     }
 }
@@ -270,6 +297,9 @@ impl Layout for Ferry {
     fn replay_records(&self) -> u64 {
         let p = self.journal.positions();
         p.replay_oldest_seq.map_or(0, |o| p.acked_seq + 1 - o)
+    }
+    fn qos1(&self) -> bool {
+        self.qos1
     }
 }
 
@@ -535,21 +565,25 @@ impl Layout for Segments {
 
 // ---------------------------------------------------------------- the measurements
 
-/// Appends `recs` to every layout in batches of `batch`, interleaved: `rounds` rounds, in each of
-/// which every layout appends its next slice of `recs`, so that a slow spell of a shared disk hits
-/// all of them alike. Returns records per second for each layout, in order.
+/// Appends `recs` (or the same as QoS1 deliveries, `qos1`, to a layout that wants them) to every
+/// layout in batches of `batch`, interleaved: `rounds` rounds, in each of which every layout
+/// appends its next slice, so that a slow spell of a shared disk hits all of them alike. Returns
+/// records per second for each layout, in order.
 pub fn append_rates(
     layouts: &mut [Box<dyn Layout>],
     recs: &[NewRecord],
+    qos1: &[NewRecord],
     batch: usize,
     rounds: usize,
 ) -> Result<Vec<f64>> {
     let mut secs = vec![0f64; layouts.len()];
     let per_round = recs.len().div_ceil(rounds).div_ceil(batch) * batch;
-    for slice in recs.chunks(per_round) {
+    for start in (0..recs.len()).step_by(per_round) {
+        let end = (start + per_round).min(recs.len());
         for (layout, s) in layouts.iter_mut().zip(secs.iter_mut()) {
+            let input = if layout.qos1() { qos1 } else { recs };
             let t = Instant::now();
-            for chunk in slice.chunks(batch) {
+            for chunk in input[start..end].chunks(batch) {
                 layout.append(chunk)?;
             }
             *s += t.elapsed().as_secs_f64();
