@@ -1,16 +1,25 @@
 //! Uplink: the journal to the cloud over HTTP. The only module that names `ureq`.
 //!
-//! One thread, `uplink`, one batch in flight, entries in seq order. Every request has a connect
-//! timeout and a global deadline; statuses are the agent's to handle (`http_status_as_error(false)`)
-//! and every response body is read to its end, bounded, so that connections are reused and never
-//! pile up half-closed behind a proxy that answers 502 in a loop. The cursor moves only after a 2xx
-//! (`Journal::ack`). What each status means is in `batch::verdict` and `docs/PROTOCOL.md`.
+//! The `uplink` thread reads batches from the journal in seq order and hands them to its post
+//! threads (`post.rs`), which encode, compress and POST them; up to [`PIPELINE`] uploads are in
+//! flight at once, each on its own connection, but only while the cloud acknowledges: after any
+//! failure, and while a refused batch is being split, one at a time. Answers are handled in seq
+//! order, so the cursor moves only over a contiguous acknowledged prefix (`Journal::ack` after a
+//! 2xx); when an upload fails, those behind it are awaited, their answers ignored, and they are
+//! sent again from the cursor. Every request has a connect timeout and a global deadline;
+//! statuses are the agent's to handle (`http_status_as_error(false)`) and every response body is
+//! read to its end, bounded, so that connections are reused and never pile up half-closed behind
+//! a proxy that answers 502 in a loop. What each status means is in `batch::verdict` and
+//! `docs/PROTOCOL.md`.
 
 mod batch;
+mod post;
 mod rate;
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +28,7 @@ use log::{debug, error, info, warn};
 pub use batch::{
     MAX_RETRY_AFTER, OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict,
 };
+pub use post::PIPELINE;
 pub use rate::{Limiter, Meter};
 
 use crate::backoff::Backoff;
@@ -29,6 +39,7 @@ use crate::protocol::IDEMPOTENCY_HEADER;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::tls::Material;
+use post::{Job, Posted, Posters};
 
 /// Largest response body read; the rest of a larger one is dropped with its connection.
 pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
@@ -78,9 +89,10 @@ pub fn spawn(
     shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
     let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
+    let posters = Posters::start(&cfg, &agent, &device_id, &shutdown)?;
     thread::Builder::new()
         .name("uplink".into())
-        .spawn(move || Uplink::new(cfg, agent, live, device_id, journal, stats, shutdown).run())
+        .spawn(move || Uplink::new(cfg, posters, live, device_id, journal, stats, shutdown).run())
 }
 
 /// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`,
@@ -131,13 +143,31 @@ pub fn http_agent(
         .new_agent()
 }
 
+/// An upload handed to a post thread, until its answer is handled.
+struct Flight {
+    id: u64,
+    /// The last seq it carries.
+    last: u64,
+    /// Its answer and entries, once they came back (answers may come out of order; they are
+    /// handled in order).
+    posted: Option<(Vec<Entry>, Answer)>,
+}
+
 struct Uplink {
     cfg: UplinkConfig,
     device_id: String,
     journal: Journal,
     stats: Arc<Stats>,
     shutdown: Shutdown,
-    agent: ureq::Agent,
+    posters: Posters,
+    /// Post threads without an upload in hand.
+    idle: Vec<usize>,
+    /// Uploads in flight, in seq order.
+    flight: VecDeque<Flight>,
+    next_id: u64,
+    /// The last answer was a 2xx: more than one upload may be in flight.
+    healthy: bool,
+    journal_failing: bool,
     backoff: Backoff,
     plan: SplitPlan,
     failures: u64,
@@ -153,7 +183,7 @@ struct Uplink {
 impl Uplink {
     fn new(
         cfg: UplinkConfig,
-        agent: ureq::Agent,
+        posters: Posters,
         live: Live,
         device_id: String,
         journal: Journal,
@@ -172,7 +202,12 @@ impl Uplink {
             journal,
             stats,
             shutdown,
-            agent,
+            posters,
+            idle: (0..PIPELINE).rev().collect(),
+            flight: VecDeque::new(),
+            next_id: 0,
+            healthy: false,
+            journal_failing: false,
             backoff,
             plan: SplitPlan::default(),
             failures: 0,
@@ -212,51 +247,160 @@ impl Uplink {
         info!("uplink started url={}", self.cfg.url);
         self.stats.set_uplink(|u| u.state = "idle");
         self.report_rates();
-        let mut journal_failing = false;
         while !self.shutdown.is_set() {
             self.follow_live();
             self.log_progress();
             self.report_rates();
-            let acked = self.journal.positions().acked_seq;
-            if !self
-                .journal
-                .wait_for_data(acked, Duration::from_millis(500))
-            {
-                continue;
-            }
-            self.plan.skip_acked(acked);
-            let through = self.plan.window().map(|(_, to)| to);
-            let read = self.journal.read_batch(
-                through,
-                self.cfg.batch_max_records,
-                self.cfg.batch_max_bytes,
-            );
-            if read.is_ok() && journal_failing {
-                info!("journal readable again");
-                journal_failing = false;
-            }
-            let entries = match read {
-                Ok(e) if e.is_empty() => continue,
-                Ok(e) => e,
-                Err(e) => {
-                    // The writer reopens a failed journal; say it once, not every second.
-                    if !journal_failing {
-                        error!("cannot read from the journal: {}", crate::error_chain(&e));
-                        journal_failing = true;
-                    }
-                    self.shutdown.sleep(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            if !self.pace(&entries) {
+            if !self.fill() {
                 break;
             }
-            let attempt = self.send(&entries);
-            self.handle(&entries, attempt);
+            if self.flight.is_empty() {
+                let acked = self.journal.positions().acked_seq;
+                self.journal
+                    .wait_for_data(acked, Duration::from_millis(500));
+                continue;
+            }
+            if let Some((entries, answer)) = self.next_answer() {
+                self.handle(&entries, answer);
+            }
         }
         self.journal.release();
         self.stats.set_uplink(|u| u.state = "stopped");
         info!("uplink stopped");
+        // Each post thread ends within its request's deadline; the agent does not wait that long
+        // for this thread at shutdown (an upload in flight is abandoned and sent again later).
+        self.posters.stop();
+    }
+
+    /// How many uploads may be in flight: [`PIPELINE`] while the cloud acknowledges, one after a
+    /// failure (until the next 2xx) and while a refused batch is split.
+    fn depth(&self) -> usize {
+        if self.healthy && self.plan.window().is_none() {
+            PIPELINE
+        } else {
+            1
+        }
+    }
+
+    /// Reads batches and hands them to idle post threads while the pipeline has room and the
+    /// journal has entries. Returns `false` when the uplink must stop (shutdown while pacing).
+    fn fill(&mut self) -> bool {
+        while self.flight.len() < self.depth() {
+            let Some(&poster) = self.idle.last() else {
+                break;
+            };
+            let after = match self.flight.back() {
+                Some(f) => f.last,
+                None => {
+                    let acked = self.journal.positions().acked_seq;
+                    self.plan.skip_acked(acked);
+                    acked
+                }
+            };
+            let through = self.plan.window().map(|(_, to)| to);
+            let read = self.journal.read_after(
+                after,
+                through,
+                self.cfg.batch_max_records,
+                self.cfg.batch_max_bytes,
+            );
+            if read.is_ok() && self.journal_failing {
+                info!("journal readable again");
+                self.journal_failing = false;
+            }
+            let entries = match read {
+                Ok(e) if e.is_empty() => break,
+                Ok(e) => e,
+                Err(e) => {
+                    // The writer reopens a failed journal; say it once, not every second.
+                    if !self.journal_failing {
+                        error!("cannot read from the journal: {}", crate::error_chain(&e));
+                        self.journal_failing = true;
+                    }
+                    if self.flight.is_empty() {
+                        self.shutdown.sleep(Duration::from_secs(1));
+                    }
+                    break;
+                }
+            };
+            if !self.pace(&entries) {
+                return false;
+            }
+            let last = span(&entries).1;
+            let id = self.next_id;
+            self.next_id += 1;
+            if self.posters.send(poster, Job { id, entries }).is_err() {
+                error!("post thread uplink-post-{poster} is gone; stopping the uplink");
+                return false;
+            }
+            self.idle.pop();
+            self.flight.push_back(Flight {
+                id,
+                last,
+                posted: None,
+            });
+            self.stats.set_uplink(|u| u.state = "sending");
+        }
+        true
+    }
+
+    /// Waits for the answer to the oldest upload in flight, keeping answers to later ones until
+    /// their turn. `None` when shutdown came first.
+    fn next_answer(&mut self) -> Option<(Vec<Entry>, Answer)> {
+        loop {
+            if self.flight.front().is_some_and(|f| f.posted.is_some()) {
+                return self.flight.pop_front().and_then(|f| f.posted);
+            }
+            if !self.receive() {
+                return None;
+            }
+        }
+    }
+
+    /// Takes one answer from the post threads (waiting up to a slice of time). Returns `false`
+    /// when shutdown is set or the post threads are gone.
+    fn receive(&mut self) -> bool {
+        if self.shutdown.is_set() {
+            return false;
+        }
+        match self
+            .posters
+            .answers
+            .recv_timeout(Duration::from_millis(200))
+        {
+            Ok(Posted {
+                id,
+                poster,
+                entries,
+                answer,
+            }) => {
+                self.idle.push(poster);
+                if let Some(f) = self.flight.iter_mut().find(|f| f.id == id) {
+                    f.posted = Some((entries, answer));
+                }
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => true,
+            Err(RecvTimeoutError::Disconnected) => false,
+        }
+    }
+
+    /// Gives up the uploads still in flight (after the one before them was not acknowledged):
+    /// waits for their answers, so that no post thread is busy when the next batch goes, and
+    /// ignores them; their entries are sent again from the cursor.
+    fn abandon(&mut self) {
+        while self.flight.iter().any(|f| f.posted.is_none()) {
+            if !self.receive() {
+                break;
+            }
+        }
+        if !self.flight.is_empty() {
+            debug!(
+                "uploads behind a failed one abandoned count={}",
+                self.flight.len()
+            );
+        }
+        self.flight.clear();
     }
 
     /// Waits until the drain limits allow `entries` to go, then charges them. Returns `false` when
@@ -288,34 +432,14 @@ impl Uplink {
         });
     }
 
-    /// One POST of `entries`, with the body read to its end (bounded).
-    fn send(&mut self, entries: &[Entry]) -> Answer {
-        let (first, last) = span(entries);
-        let body = wire_body(self.cfg.compression, &self.device_id, entries);
-        debug!(
-            "uploading first_seq={} last_seq={} entries={} bytes={}",
-            first,
-            last,
-            entries.len(),
-            body.len()
-        );
-        self.stats.set_uplink(|u| u.state = "sending");
-        post(
-            &self.agent,
-            &Upload {
-                url: &self.cfg.url,
-                device_id: &self.device_id,
-                first,
-                last,
-                token: self.cfg.token.as_ref().map(|t| t.expose()),
-                gzip: self.cfg.compression == Compression::Gzip,
-                body: &body,
-            },
-        )
-    }
-
+    /// Acts on the answer to the oldest upload in flight.
     fn handle(&mut self, entries: &[Entry], attempt: Answer) {
         let (first, last) = span(entries);
+        let acked = matches!(attempt, Answer::Status { code, .. } if verdict(code) == Verdict::Ack);
+        if !acked {
+            self.healthy = false;
+            self.abandon();
+        }
         let (code, retry_after, body) = match attempt {
             Answer::Failed(e) => {
                 self.journal.release();
@@ -331,16 +455,27 @@ impl Uplink {
         };
         match verdict(code) {
             Verdict::Ack => {
-                if let Err(e) = self.journal.ack(last) {
-                    error!(
-                        "cloud acknowledged seqs {}..={} but the cursor could not be saved: {}",
-                        first,
-                        last,
-                        crate::error_chain(&e)
-                    );
-                    self.shutdown.sleep(Duration::from_secs(1));
-                    return;
+                match self.journal.ack(last) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Rewound by a replay_from meanwhile: everything goes again from there.
+                        self.abandon();
+                        return;
+                    }
+                    Err(e) => {
+                        error!(
+                            "cloud acknowledged seqs {}..={} but the cursor could not be saved: {}",
+                            first,
+                            last,
+                            crate::error_chain(&e)
+                        );
+                        self.abandon();
+                        self.journal.release();
+                        self.shutdown.sleep(Duration::from_secs(1));
+                        return;
+                    }
                 }
+                self.healthy = true;
                 let (records, bytes) = weigh(entries);
                 Stats::add(&self.stats.delivered, records);
                 self.meter.record(records, bytes, Instant::now());
@@ -352,8 +487,13 @@ impl Uplink {
                 self.last_failure_log = None;
                 self.backoff.reset();
                 self.plan.done();
+                let state = if self.flight.is_empty() {
+                    "idle"
+                } else {
+                    "sending"
+                };
                 self.stats.set_uplink(|u| {
-                    u.state = "idle";
+                    u.state = state;
                     u.last_success_ms = Some(crate::journal::now_ms());
                     u.consecutive_failures = 0;
                 });
