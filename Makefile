@@ -55,12 +55,13 @@ demo: deps build
 	@scripts/demo.sh
 
 ## Benchmarks side by side, ratios against baselines from the same run (docs/BENCHMARKS.md).
-## QUICK=1: about a tenth of the records. The numbers go into docs/BENCHMARKS.md.
+## QUICK=1: about a tenth of the records. The numbers go into docs/BENCHMARKS.md, except with
+## ONLY=<section> (size, append, churn, backlog, ingest), which runs that section alone.
 bench:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release --bins
 	$(CARGO) build --release -p ferry-bench
-	target/release/ferry-bench $(if $(QUICK),--quick) --doc docs/BENCHMARKS.md
+	target/release/ferry-bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY),--doc docs/BENCHMARKS.md)
 
 ## Power-cut torture (README "Power-cut torture"): ferry's journal on ferry-crashfs, the journal
 ## regression tests on it, the slow-fsync scenario, then CUTS power cuts; each run's last line is

@@ -20,8 +20,9 @@ use std::time::Instant;
 use report::{Row, Target};
 use store::{Layout, PAYLOAD, Result};
 
-const USAGE: &str = "usage: ferry-bench [--quick] [--doc FILE] [--work DIR] [--target-dir DIR]
+const USAGE: &str = "usage: ferry-bench [--quick] [--only SECTION] [--doc FILE] [--work DIR] [--target-dir DIR]
   --quick           a smaller run (about a tenth of the records)
+  --only SECTION    run one section: size, append, churn, backlog or ingest (no --doc then)
   --doc FILE        write the numbers into FILE between the bench markers
   --work DIR        where the bench's files go (default target/bench-work; removed after)
   --target-dir DIR  where the release binaries are (default target)";
@@ -62,6 +63,9 @@ const ACK_STEP: usize = 500;
 /// mosquitto's `max_inflight_messages` for the ingest row (README's recommended config).
 const INFLIGHT: u32 = 100;
 
+/// The sections' names for `--only`, in the order they run.
+const SECTIONS: [&str; 5] = ["size", "append", "churn", "backlog", "ingest"];
+
 /// One section of the run: pushes its rows.
 type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
 /// Creates a layout in a directory.
@@ -69,6 +73,7 @@ type MakeLayout = dyn Fn(&Path) -> Result<Box<dyn Layout>>;
 
 struct Args {
     quick: bool,
+    only: Option<String>,
     doc: Option<PathBuf>,
     work: PathBuf,
     target: PathBuf,
@@ -77,6 +82,7 @@ struct Args {
 fn parse_args() -> std::result::Result<Args, String> {
     let mut a = Args {
         quick: false,
+        only: None,
         doc: None,
         work: PathBuf::from("target/bench-work"),
         target: PathBuf::from("target"),
@@ -86,11 +92,21 @@ fn parse_args() -> std::result::Result<Args, String> {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value\n{USAGE}"));
         match arg.as_str() {
             "--quick" => a.quick = true,
+            "--only" => a.only = Some(value("--only")?),
             "--doc" => a.doc = Some(PathBuf::from(value("--doc")?)),
             "--work" => a.work = PathBuf::from(value("--work")?),
             "--target-dir" => a.target = PathBuf::from(value("--target-dir")?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if let Some(only) = &a.only {
+        if !SECTIONS.contains(&only.as_str()) {
+            return Err(format!("unknown section {only:?}\n{USAGE}"));
+        }
+        // The document holds every section's rows: one section alone would drop the others.
+        if a.doc.is_some() {
+            return Err(format!("--only and --doc do not go together\n{USAGE}"));
         }
     }
     Ok(a)
@@ -131,7 +147,10 @@ fn main() {
         ("backlog: open, RSS, drain", &|r| backlog(&args, &sizes, r)),
         ("MQTT ingest", &|r| ingest(&args, &sizes, r)),
     ];
-    for (name, run) in sections {
+    for ((name, run), key) in sections.into_iter().zip(SECTIONS) {
+        if args.only.as_ref().is_some_and(|only| only != key) {
+            continue;
+        }
         println!("== {name}");
         let t = Instant::now();
         let before = rows.len();
