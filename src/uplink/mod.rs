@@ -15,6 +15,7 @@
 mod batch;
 mod post;
 mod rate;
+mod resolve;
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -129,18 +130,22 @@ pub fn http_agent(
         .client_cert(client_cert)
         .unversioned_rustls_crypto_provider(crate::tls::provider())
         .build();
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .tls_config(tls_config)
         .http_status_as_error(false)
         .timeout_connect(Some(connect_timeout))
         .timeout_global(Some(request_timeout))
         .max_redirects(0)
         .max_idle_connections(4)
-        .max_idle_connections_per_host(2)
-        .max_idle_age(Duration::from_secs(30))
+        .max_idle_connections_per_host(PIPELINE)
+        .max_idle_age(resolve::KEEP)
         .user_agent(format!("ferry/{}", env!("CARGO_PKG_VERSION")))
-        .build()
-        .new_agent()
+        .build();
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        resolve::CachingResolver::default(),
+    )
 }
 
 /// An upload handed to a post thread, until its answer is handled.
