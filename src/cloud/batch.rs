@@ -9,6 +9,7 @@
 //! an incoming record and for a stored line read back at start ([`stored_record`]), so that the two
 //! always agree.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use base64::Engine;
@@ -21,7 +22,7 @@ use crate::protocol::{Gap, GapReason};
 pub use crate::protocol::MAX_DEVICE_ID_LEN;
 
 /// A batch that passed validation. Records are in strictly ascending seq order.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Batch {
     pub device_id: String,
     pub records: Vec<Record>,
@@ -29,7 +30,7 @@ pub struct Batch {
 }
 
 /// One validated record.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Record {
     pub seq: u64,
     /// The record object as received, serialized as one line of JSON (no newline).
@@ -40,7 +41,7 @@ pub struct Record {
 }
 
 /// The payload in the form the reject marker is matched against.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 enum PayloadView {
     /// The JSON text of `payload`: where it is in the record's line.
     Json(std::ops::Range<usize>),
@@ -91,6 +92,147 @@ pub use crate::protocol::is_valid_device_id;
 
 /// Validates a decompressed request body.
 pub fn parse(body: &[u8]) -> Result<Batch, Invalid> {
+    match parse_usual(body) {
+        Some(batch) => Ok(batch),
+        None => parse_general(body),
+    }
+}
+
+/// A record in the shape agents send: the known fields only, each at most once. Fields are
+/// deserialized straight into these (a string borrowed from the body when it has no escapes), not
+/// into a map of `Value`s; the JSON payload is the only `Value`. Anything else goes to
+/// [`parse_general`].
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsualRecord<'a> {
+    seq: u64,
+    ts_ms: u64,
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    // `Some` whenever the key is there, `null` too: key presence is what names the form.
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Value>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    payload_text: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    payload_b64: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "present")]
+    parse_error: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsualBatch<'a> {
+    #[serde(borrow)]
+    device_id: Cow<'a, str>,
+    #[serde(borrow)]
+    records: Vec<UsualRecord<'a>>,
+    #[serde(default, deserialize_with = "present")]
+    gaps: Option<Vec<Value>>,
+}
+
+/// A field that is there, whatever its value (`null` included): `Some`; absent: `None` (by
+/// `#[serde(default)]`).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// The fast path of [`parse`] for a batch of the usual shape; `None` for anything else, valid or
+/// not, which [`parse_general`] then reads (and explains). For what it accepts it gives exactly
+/// what [`parse_general`] gives (a test compares them).
+fn parse_usual(body: &[u8]) -> Option<Batch> {
+    let usual: UsualBatch<'_> = serde_json::from_slice(body).ok()?;
+    if !is_valid_device_id(&usual.device_id) {
+        return None;
+    }
+    let mut records = Vec::with_capacity(usual.records.len());
+    let mut previous: Option<u64> = None;
+    for r in usual.records {
+        if r.seq == 0 || previous.is_some_and(|p| r.seq <= p) {
+            return None;
+        }
+        previous = Some(r.seq);
+        records.push(usual_record(r)?);
+    }
+    let gaps = usual
+        .gaps
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| parse_gap(i, item).ok())
+        .collect::<Option<Vec<_>>>()?;
+    Some(Batch {
+        device_id: usual.device_id.into_owned(),
+        records,
+        gaps,
+    })
+}
+
+/// A usual record, its line written in the order serde_json writes the object's keys (sorted:
+/// `parse_error`, `payload`, `payload_b64`, `payload_text`, `seq`, `topic`, `ts_ms`).
+fn usual_record(r: UsualRecord<'_>) -> Option<Record> {
+    let mut out = Vec::with_capacity(256);
+    out.push(b'{');
+    if let Some(flag) = r.parse_error {
+        out.extend_from_slice(if flag {
+            b"\"parse_error\":true,"
+        } else {
+            b"\"parse_error\":false,"
+        });
+    }
+    let (form, span) = match (&r.payload, &r.payload_b64, &r.payload_text) {
+        (Some(value), None, None) => {
+            out.extend_from_slice(b"\"payload\":");
+            let start = out.len();
+            write_json(&mut out, value);
+            (Form::Json, start..out.len())
+        }
+        (None, Some(encoded), None) => {
+            let bytes = STANDARD.decode(encoded.as_bytes()).ok()?;
+            out.extend_from_slice(b"\"payload_b64\":");
+            write_json(&mut out, encoded.as_ref());
+            (Form::Bytes(bytes), 0..0)
+        }
+        (None, None, Some(text)) => {
+            out.extend_from_slice(b"\"payload_text\":");
+            write_json(&mut out, text.as_ref());
+            (Form::Text(text), 0..0)
+        }
+        _ => return None,
+    };
+    out.extend_from_slice(b",\"seq\":");
+    write_json(&mut out, &r.seq);
+    out.extend_from_slice(b",\"topic\":");
+    write_json(&mut out, r.topic.as_ref());
+    out.extend_from_slice(b",\"ts_ms\":");
+    write_json(&mut out, &r.ts_ms);
+    out.push(b'}');
+    let line = String::from_utf8(out).ok()?;
+    let payload = match form {
+        Form::Json => PayloadView::Json(span),
+        Form::Text(text) => PayloadView::Text(text.to_owned()),
+        Form::Bytes(bytes) => PayloadView::Bytes(bytes),
+    };
+    let fingerprint = fingerprint(
+        &r.topic,
+        r.ts_ms,
+        &payload_bytes(&payload, &line),
+        r.parse_error.unwrap_or(false),
+    );
+    Some(Record {
+        seq: r.seq,
+        line,
+        fingerprint,
+        payload,
+    })
+}
+
+/// [`parse`] for any body: read as a `Value`, every field checked and a refusal that names it.
+/// Public so that tests can check that [`parse`] gives the same.
+pub fn parse_general(body: &[u8]) -> Result<Batch, Invalid> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| invalid("body", format!("invalid json: {e}")))?;
     let Value::Object(mut top) = value else {
@@ -540,6 +682,38 @@ mod tests {
         for (record, object) in batch.records.iter().zip(records.as_array().unwrap()) {
             let reparsed: Value = serde_json::from_str(&object.to_string()).unwrap();
             assert_eq!(record.line, reparsed.to_string());
+        }
+    }
+
+    /// The fast path must take what agents send (or it is dead weight) and give what the general
+    /// path gives; the fuzz suite compares the two on random and mutated bodies.
+    #[test]
+    fn usual_batches_take_the_fast_path_and_read_as_the_general_path_reads_them() {
+        let mut bodies = vec![
+            body(example()),
+            body(
+                json!({"device_id": "d", "records": [{"seq": 1, "ts_ms": 0, "topic": "t", "payload": null}]}),
+            ),
+        ];
+        bodies.push(br#"{"device_id":"d","records":[{"seq":1,"ts_ms":0,"topic":"t\u00e9","payload_text":"a\nb","parse_error":false}],"gaps":[],"x":1}"#.to_vec());
+        for body in &bodies {
+            let fast = parse_usual(body).expect("the fast path takes it");
+            assert_eq!(Ok(fast), parse_general(body));
+        }
+        // Not the usual shape: the general path reads (or refuses) them.
+        for odd in [
+            json!({"device_id": "d", "records": [{"seq": 1, "ts_ms": 0, "topic": "t", "payload": 1, "v2": true}]}),
+            json!({"device_id": "d", "records": [{"seq": 1, "ts_ms": 0, "topic": "t", "payload": 1, "payload_text": null}]}),
+            json!({"device_id": "d", "records": [{"seq": 1, "ts_ms": 0, "topic": "t", "payload_text": "x", "parse_error": null}]}),
+            json!({"device_id": "d", "records": [], "gaps": null}),
+        ] {
+            let body = body(odd);
+            assert!(
+                parse_usual(&body).is_none(),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+            assert_eq!(parse(&body), parse_general(&body));
         }
     }
 
