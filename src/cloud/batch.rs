@@ -110,8 +110,8 @@ struct UsualRecord<'a> {
     #[serde(borrow)]
     topic: Cow<'a, str>,
     // `Some` whenever the key is there, `null` too: key presence is what names the form.
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Value>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    payload: Option<Json<'a>>,
     #[serde(default, borrow, deserialize_with = "present")]
     payload_text: Option<Cow<'a, str>>,
     #[serde(default, borrow, deserialize_with = "present")]
@@ -173,7 +173,7 @@ fn parse_usual(body: &[u8]) -> Option<Batch> {
 
 /// A usual record, its line written in the order serde_json writes the object's keys (sorted:
 /// `parse_error`, `payload`, `payload_b64`, `payload_text`, `seq`, `topic`, `ts_ms`).
-fn usual_record(r: UsualRecord<'_>) -> Option<Record> {
+fn usual_record(mut r: UsualRecord<'_>) -> Option<Record> {
     let mut out = Vec::with_capacity(256);
     out.push(b'{');
     if let Some(flag) = r.parse_error {
@@ -183,11 +183,11 @@ fn usual_record(r: UsualRecord<'_>) -> Option<Record> {
             b"\"parse_error\":false,"
         });
     }
-    let (form, span) = match (&r.payload, &r.payload_b64, &r.payload_text) {
+    let (form, span) = match (&mut r.payload, &r.payload_b64, &r.payload_text) {
         (Some(value), None, None) => {
             out.extend_from_slice(b"\"payload\":");
             let start = out.len();
-            write_json(&mut out, value);
+            value.write_canonical(&mut out);
             (Form::Json, start..out.len())
         }
         (None, Some(encoded), None) => {
@@ -228,6 +228,133 @@ fn usual_record(r: UsualRecord<'_>) -> Option<Record> {
         fingerprint,
         payload,
     })
+}
+
+/// A JSON value as the fast path reads a payload: strings borrowed from the body where they have
+/// no escapes, objects as lists of entries; written out exactly as serde_json writes the `Value`
+/// of the same text ([`Json::write_canonical`]), without building that `Value`'s maps and strings.
+#[derive(Debug)]
+enum Json<'a> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(Cow<'a, str>),
+    Array(Vec<Json<'a>>),
+    Object(Vec<(Cow<'a, str>, Json<'a>)>),
+}
+
+impl<'de> serde::Deserialize<'de> for Json<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonVisitor {
+    type Value = Json<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Json<'de>, E> {
+        Ok(Json::Bool(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Json<'de>, E> {
+        // As serde_json's own `Value`: a number that is not finite is `null`.
+        Ok(serde_json::Number::from_f64(v).map_or(Json::Null, Json::Number))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Owned(v)))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            entries.push((key.0, map.next_value()?));
+        }
+        Ok(Json::Object(entries))
+    }
+}
+
+/// An object key, borrowed from the body where it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Json::deserialize(d)? {
+            Json::String(s) => Ok(Key(s)),
+            _ => Err(serde::de::Error::custom("an object key is not a string")),
+        }
+    }
+}
+
+impl Json<'_> {
+    /// Appends what serde_json writes for the `Value` of this text: compact, object keys sorted
+    /// (byte order, as a `BTreeMap<String, _>`), of a repeated key the last value.
+    fn write_canonical(&mut self, out: &mut Vec<u8>) {
+        match self {
+            Json::Null => out.extend_from_slice(b"null"),
+            Json::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Json::Number(n) => write_json(out, n),
+            Json::String(s) => write_json(out, s.as_ref()),
+            Json::Array(items) => {
+                out.push(b'[');
+                for (n, item) in items.iter_mut().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    item.write_canonical(out);
+                }
+                out.push(b']');
+            }
+            Json::Object(entries) => {
+                // Stable: of equal keys the last one stays last, and is the one written.
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                out.push(b'{');
+                let mut first = true;
+                let count = entries.len();
+                for i in 0..count {
+                    if entries
+                        .get(i + 1)
+                        .is_some_and(|next| next.0 == entries[i].0)
+                    {
+                        continue;
+                    }
+                    if !first {
+                        out.push(b',');
+                    }
+                    first = false;
+                    let (key, value) = &mut entries[i];
+                    write_json(out, key.as_ref());
+                    out.push(b':');
+                    value.write_canonical(out);
+                }
+                out.push(b'}');
+            }
+        }
+    }
 }
 
 /// [`parse`] for any body: read as a `Value`, every field checked and a refusal that names it.
@@ -699,6 +826,20 @@ mod tests {
         for body in &bodies {
             let fast = parse_usual(body).expect("the fast path takes it");
             assert_eq!(Ok(fast), parse_general(body));
+        }
+        // Payloads written every way that serde_json's Value writes back differently.
+        let payloads = [
+            r#"{"b":1,"a":{"d":[1.50,-0.0,1e2,-7,18446744073709551615,1.7976931348623157e308],"c":null},"a":"last wins"}"#,
+            r#"{"\u0062":"\u00e9\/\n\u2028","b ":true,"":false}"#,
+            r#"[ ]"#,
+            r#" "x" "#,
+        ];
+        for p in payloads {
+            let body = format!(
+                r#"{{"device_id":"d","records":[{{"seq":1,"ts_ms":0,"topic":"t","payload":{p}}}]}}"#
+            );
+            let fast = parse_usual(body.as_bytes()).expect("the fast path takes it");
+            assert_eq!(Ok(fast), parse_general(body.as_bytes()), "{p}");
         }
         // Not the usual shape: the general path reads (or refuses) them.
         for odd in [
