@@ -158,6 +158,16 @@ struct Flight {
     posted: Option<(Vec<Entry>, Answer)>,
 }
 
+/// An upload the cloud acknowledged while one before it was not: acknowledged in the journal once
+/// the cursor reaches it, so that it is not sent again.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    first: u64,
+    last: u64,
+    records: u64,
+    bytes: u64,
+}
+
 struct Uplink {
     cfg: UplinkConfig,
     device_id: String,
@@ -169,6 +179,8 @@ struct Uplink {
     idle: Vec<usize>,
     /// Uploads in flight, in seq order.
     flight: VecDeque<Flight>,
+    /// Acknowledged uploads beyond the cursor (behind one that failed).
+    ahead: Vec<Ahead>,
     next_id: u64,
     /// The last answer was a 2xx: more than one upload may be in flight.
     healthy: bool,
@@ -210,6 +222,7 @@ impl Uplink {
             posters,
             idle: (0..PIPELINE).rev().collect(),
             flight: VecDeque::new(),
+            ahead: Vec::new(),
             next_id: 0,
             healthy: false,
             journal_failing: false,
@@ -297,12 +310,28 @@ impl Uplink {
             let after = match self.flight.back() {
                 Some(f) => f.last,
                 None => {
-                    let acked = self.journal.positions().acked_seq;
+                    let mut acked = self.journal.positions().acked_seq;
+                    if self.catch_up(acked) {
+                        acked = self.journal.positions().acked_seq;
+                    }
                     self.plan.skip_acked(acked);
                     acked
                 }
             };
-            let through = self.plan.window().map(|(_, to)| to);
+            // Up to the split window, and not into an upload acknowledged already.
+            let before_ahead = self
+                .ahead
+                .iter()
+                .filter(|a| a.first > after)
+                .map(|a| a.first - 1)
+                .min();
+            let through = match (self.plan.window().map(|(_, to)| to), before_ahead) {
+                (Some(w), Some(a)) => Some(w.min(a)),
+                (w, a) => w.or(a),
+            };
+            if through.is_some_and(|t| t <= after) {
+                break;
+            }
             let read = self.journal.read_after(
                 after,
                 through,
@@ -391,21 +420,64 @@ impl Uplink {
     }
 
     /// Gives up the uploads still in flight (after the one before them was not acknowledged):
-    /// waits for their answers, so that no post thread is busy when the next batch goes, and
-    /// ignores them; their entries are sent again from the cursor.
-    fn abandon(&mut self) {
+    /// waits for their answers, so that no post thread is busy when the next batch goes. With
+    /// `keep`, those the cloud acknowledged are remembered ([`Uplink::catch_up`]); the others are
+    /// sent again from the cursor.
+    fn abandon(&mut self, keep: bool) {
         while self.flight.iter().any(|f| f.posted.is_none()) {
             if !self.receive() {
                 break;
             }
         }
-        if !self.flight.is_empty() {
-            debug!(
-                "uploads behind a failed one abandoned count={}",
-                self.flight.len()
-            );
+        for f in self.flight.drain(..) {
+            let Some((entries, Answer::Status { code, .. })) = f.posted else {
+                continue;
+            };
+            if keep && verdict(code) == Verdict::Ack {
+                let (first, last) = span(&entries);
+                let (records, bytes) = weigh(&entries);
+                debug!(
+                    "upload acknowledged behind a failed one first_seq={} last_seq={}",
+                    first, last
+                );
+                self.ahead.push(Ahead {
+                    first,
+                    last,
+                    records,
+                    bytes,
+                });
+            }
         }
-        self.flight.clear();
+    }
+
+    /// Acknowledges in the journal the uploads the cloud acknowledged behind a failed one, as the
+    /// cursor (`acked`) reaches them. Returns whether the cursor moved.
+    fn catch_up(&mut self, mut acked: u64) -> bool {
+        let mut moved = false;
+        while let Some(i) = self.ahead.iter().position(|a| a.first == acked + 1) {
+            let a = self.ahead.swap_remove(i);
+            match self.journal.ack(a.last) {
+                Ok(true) => {
+                    Stats::add(&self.stats.delivered, a.records);
+                    self.meter.record(a.records, a.bytes, Instant::now());
+                    acked = a.last;
+                    moved = true;
+                }
+                // Rewound meanwhile: sent again from the new cursor.
+                Ok(false) => self.ahead.clear(),
+                Err(e) => {
+                    error!(
+                        "cloud acknowledged seqs {}..={} but the cursor could not be saved: {}",
+                        a.first,
+                        a.last,
+                        crate::error_chain(&e)
+                    );
+                    self.ahead.clear();
+                }
+            }
+        }
+        self.ahead.retain(|a| a.first > acked);
+        moved
     }
 
     /// Waits until the drain limits allow `entries` to go, then charges them. Returns `false` when
@@ -443,7 +515,7 @@ impl Uplink {
         let acked = matches!(attempt, Answer::Status { code, .. } if verdict(code) == Verdict::Ack);
         if !acked {
             self.healthy = false;
-            self.abandon();
+            self.abandon(true);
         }
         let (code, retry_after, body) = match attempt {
             Answer::Failed(e) => {
@@ -464,7 +536,8 @@ impl Uplink {
                     Ok(true) => {}
                     Ok(false) => {
                         // Rewound by a replay_from meanwhile: everything goes again from there.
-                        self.abandon();
+                        self.abandon(false);
+                        self.ahead.clear();
                         return;
                     }
                     Err(e) => {
@@ -474,7 +547,8 @@ impl Uplink {
                             last,
                             crate::error_chain(&e)
                         );
-                        self.abandon();
+                        self.abandon(false);
+                        self.ahead.clear();
                         self.journal.release();
                         self.shutdown.sleep(Duration::from_secs(1));
                         return;
@@ -484,6 +558,7 @@ impl Uplink {
                 let (records, bytes) = weigh(entries);
                 Stats::add(&self.stats.delivered, records);
                 self.meter.record(records, bytes, Instant::now());
+                self.catch_up(last);
                 self.report_rates();
                 if self.failures > 0 {
                     info!("uplink recovered after {} failed attempts", self.failures);
