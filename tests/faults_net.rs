@@ -475,6 +475,8 @@ enum Phase {
     Pair,
     /// 500 to everything, noting what each upload starts at.
     After,
+    /// Holds the next upload until [`PairCloud::release`], then answers it 200; 500 to others.
+    Hold,
 }
 
 #[derive(Debug)]
@@ -487,6 +489,9 @@ struct PairState {
     later_answered: bool,
     /// First seq of each upload in `After`.
     after: Vec<u64>,
+    /// The upload held in `Hold`, and whether to answer it now.
+    held_one: Option<(u64, u64)>,
+    released: bool,
 }
 
 /// A fake cloud for the pipeline's in-order rule: every connection is served on its own thread
@@ -508,6 +513,8 @@ impl PairCloud {
                 pair: None,
                 later_answered: false,
                 after: Vec::new(),
+                held_one: None,
+                released: false,
             }),
             std::sync::Condvar::new(),
         ));
@@ -537,6 +544,11 @@ impl PairCloud {
 
     fn set_phase(&self, phase: Phase) {
         self.state.0.lock().unwrap().phase = phase;
+        self.state.1.notify_all();
+    }
+
+    fn release(&self) {
+        self.state.0.lock().unwrap().released = true;
         self.state.1.notify_all();
     }
 
@@ -597,6 +609,16 @@ fn pair_serve(mut conn: TcpStream, state: &(std::sync::Mutex<PairState>, std::sy
             st.after.push(range.0);
             false
         }
+        Phase::Hold if st.held_one.is_none() => {
+            st.held_one = Some(range);
+            cv.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !st.released && Instant::now() < deadline {
+                st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+            }
+            st.released
+        }
+        Phase::Hold => false,
         Phase::Pair => {
             st.held.push(range);
             cv.notify_all();
@@ -706,4 +728,54 @@ fn a_later_upload_acknowledged_while_an_earlier_one_fails_does_not_move_the_curs
         "the real cloud gets every record the fake did not acknowledge, once"
     );
     assert_eq!(cloud.stats()["duplicates"], 0);
+}
+
+/// SIGTERM while an upload is in flight, answered 200 within `uplink.shutdown_grace`: the agent
+/// records the acknowledgement before it exits, so after the restart that batch is not sent again.
+#[test]
+fn an_upload_acknowledged_during_shutdown_is_not_sent_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let port = free_port();
+    let fake = PairCloud::start(port);
+    let url = format!("http://127.0.0.1:{port}/v1/ingest");
+    let mut agent = agent_for(&tmp.path().join("agent"), broker.port, &url, &[]);
+
+    publish(broker.port, "sensors/a", numbered(0..100));
+    wait_until("all 100 journaled", Duration::from_secs(20), || {
+        agent.status()["head_seq"] == 100
+    });
+    fake.set_phase(Phase::Hold);
+    wait_until("an upload held", Duration::from_secs(20), || {
+        fake.with(|s| s.held_one.is_some())
+    });
+    let (first, last) = fake.with(|s| s.held_one).unwrap();
+    signal_pid(agent.pid(), "TERM");
+    wait_until(
+        "the uplink stopping, waiting for the upload",
+        Duration::from_secs(10),
+        || agent.log_text().contains("waiting for their answers"),
+    );
+    fake.release();
+    assert!(
+        agent.wait_exit(Duration::from_secs(10)),
+        "ferry did not exit"
+    );
+    drop(fake);
+
+    let cloud = Cloud::start_with(&tmp.path().join("cloud"), port, &[]);
+    agent.start_again();
+    wait_until("cursor at head", Duration::from_secs(30), || {
+        acked_seq(&agent) == 100
+    });
+    let resent: Vec<u64> = cloud
+        .records(DEVICE)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .filter(|s| (first..=last).contains(s))
+        .collect();
+    assert!(
+        resent.is_empty(),
+        "seqs {first}..={last} were acknowledged before the agent stopped: {resent:?}"
+    );
 }

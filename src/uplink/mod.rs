@@ -278,16 +278,46 @@ impl Uplink {
                     .wait_for_data(acked, Duration::from_millis(500));
                 continue;
             }
-            if let Some((entries, answer)) = self.next_answer() {
-                self.handle(&entries, answer);
+            match self.next_answer() {
+                Some((entries, answer)) => self.handle(&entries, answer),
+                // Shutdown, or a post thread is gone.
+                None => break,
             }
         }
+        self.finish();
         self.journal.release();
         self.stats.set_uplink(|u| u.state = "stopped");
         info!("uplink stopped");
-        // Each post thread ends within its request's deadline; the agent does not wait that long
-        // for this thread at shutdown (an upload in flight is abandoned and sent again later).
         self.posters.stop();
+    }
+
+    /// At shutdown: lets the uploads in flight finish and records those the cloud acknowledged,
+    /// in order, up to the first that was not. Each ends within its request's deadline; the agent
+    /// stops waiting for this thread after `uplink.shutdown_grace` (an upload still in flight then
+    /// is sent again after the restart).
+    fn finish(&mut self) {
+        if !self.flight.is_empty() {
+            info!(
+                "uplink stopping with uploads in flight count={}: waiting for their answers",
+                self.flight.len()
+            );
+        }
+        while let Some(front) = self.flight.front() {
+            if front.posted.is_none() {
+                if !self.receive() {
+                    break;
+                }
+                continue;
+            }
+            let Some((entries, answer)) = self.flight.pop_front().and_then(|f| f.posted) else {
+                break;
+            };
+            if !matches!(answer, Answer::Status { code, .. } if verdict(code) == Verdict::Ack) {
+                break;
+            }
+            self.handle(&entries, answer);
+        }
+        self.flight.clear();
     }
 
     /// How many uploads may be in flight: [`PIPELINE`] while the cloud acknowledges, one after a
@@ -379,44 +409,56 @@ impl Uplink {
     }
 
     /// Waits for the answer to the oldest upload in flight, keeping answers to later ones until
-    /// their turn. `None` when shutdown came first.
+    /// their turn. `None` when shutdown came first or a post thread is gone.
     fn next_answer(&mut self) -> Option<(Vec<Entry>, Answer)> {
         loop {
             if self.flight.front().is_some_and(|f| f.posted.is_some()) {
                 return self.flight.pop_front().and_then(|f| f.posted);
             }
-            if !self.receive() {
+            if self.shutdown.is_set() || !self.receive() {
                 return None;
             }
         }
     }
 
-    /// Takes one answer from the post threads (waiting up to a slice of time). Returns `false`
-    /// when shutdown is set or the post threads are gone.
+    /// Takes one answer from the post threads, waiting up to a slice of time. Returns `false` when
+    /// a post thread with an upload in hand ended without answering (it panicked): the uplink
+    /// then stops, and the agent with it, to be restarted.
     fn receive(&mut self) -> bool {
-        if self.shutdown.is_set() {
-            return false;
-        }
-        match self
+        let posted = match self
             .posters
             .answers
             .recv_timeout(Duration::from_millis(200))
         {
-            Ok(Posted {
-                id,
-                poster,
-                entries,
-                answer,
-            }) => {
-                self.idle.push(poster);
-                if let Some(f) = self.flight.iter_mut().find(|f| f.id == id) {
-                    f.posted = Some((entries, answer));
+            Ok(posted) => posted,
+            Err(RecvTimeoutError::Timeout) => {
+                let busy = (0..PIPELINE).filter(|n| !self.idle.contains(n));
+                let lost = busy.into_iter().find(|n| self.posters.stopped(*n));
+                let Some(n) = lost else {
+                    return true;
+                };
+                // It may have answered just before it ended.
+                match self.posters.answers.try_recv() {
+                    Ok(posted) => posted,
+                    Err(_) => {
+                        error!("post thread uplink-post-{n} ended without an answer");
+                        return false;
+                    }
                 }
-                true
             }
-            Err(RecvTimeoutError::Timeout) => true,
-            Err(RecvTimeoutError::Disconnected) => false,
+            Err(RecvTimeoutError::Disconnected) => return false,
+        };
+        let Posted {
+            id,
+            poster,
+            entries,
+            answer,
+        } = posted;
+        self.idle.push(poster);
+        if let Some(f) = self.flight.iter_mut().find(|f| f.id == id) {
+            f.posted = Some((entries, answer));
         }
+        true
     }
 
     /// Gives up the uploads still in flight (after the one before them was not acknowledged):

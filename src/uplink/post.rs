@@ -102,6 +102,11 @@ impl Posters {
         }
     }
 
+    /// Whether post thread `poster` has ended (after shutdown, or by a panic).
+    pub fn stopped(&self, poster: usize) -> bool {
+        self.handles.get(poster).is_none_or(JoinHandle::is_finished)
+    }
+
     /// Stops the post threads and waits for them: each ends within the HTTP agent's request
     /// deadline (the agent abandons the `uplink` thread at its own shutdown deadline).
     pub fn stop(self) {
