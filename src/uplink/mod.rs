@@ -5,8 +5,10 @@
 //! flight at once, each on its own connection, but only while the cloud acknowledges: after any
 //! failure, and while a refused batch is being split, one at a time. Answers are handled in seq
 //! order, so the cursor moves only over a contiguous acknowledged prefix (`Journal::ack` after a
-//! 2xx); when an upload fails, those behind it are awaited, their answers ignored, and they are
-//! sent again from the cursor. Every request has a connect timeout and a global deadline;
+//! 2xx); when an upload fails, those behind it are awaited: the ones the cloud acknowledged are
+//! acknowledged in the journal once the cursor reaches them, the others are sent again from the
+//! cursor. At shutdown the uploads in flight are awaited (the agent stops waiting after
+//! `uplink.shutdown_grace`) and recorded. Every request has a connect timeout and a global deadline;
 //! statuses are the agent's to handle (`http_status_as_error(false)`) and every response body is
 //! read to its end, bounded, so that connections are reused and never pile up half-closed behind
 //! a proxy that answers 502 in a loop. What each status means is in `batch::verdict` and
