@@ -1,5 +1,5 @@
 //! 64-bit FNV-1a: a tiny, stable, non-cryptographic hash for telling contents apart (the journal's
-//! redelivery marks, the reference cloud's clash fingerprints). Stable across builds and Rust
+//! redelivery marks). Stable across builds and Rust
 //! versions, unlike `std`'s `DefaultHasher`, so values written to disk stay comparable.
 
 #[derive(Debug, Clone, Copy)]

@@ -14,7 +14,9 @@
 //! - `journal` owns the record log (append-only segment files: records and gaps by seq) and the
 //!   sled database of its small state (the cursor, dead letters, redelivery marks, command
 //!   results). Every other module holds a clonable `Journal` handle.
-//! - `uplink` owns the HTTP agent (`ureq`): one batch in flight, in seq order, from the cursor.
+//! - `uplink` owns the HTTP agent (`ureq`): batches in seq order from the cursor, two in flight on
+//!   their own connections while the cloud acknowledges (its post threads encode and send them),
+//!   answers handled in seq order.
 //! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
 //!   commands; command results and the audited rewind of the cursor live in the journal.
 //! - `tls` holds the one rustls crypto provider and the `[tls]` material of both links.
@@ -28,7 +30,7 @@
 //! A QoS1 message is PUBACKed to the broker only after the journal batch holding it is fsynced, so
 //! nothing the broker considers delivered can be lost by a crash or a power cut. Every record gets
 //! a seq once, strictly increasing and never reused; only durable records are uploaded, and the
-//! cursor moves only after the cloud answered 2xx. Every seq ends up either delivered or reported
+//! cursor moves only after the cloud answered 2xx for every batch up to it. Every seq ends up either delivered or reported
 //! as a gap (`journal_full`, `rejected`, `journal_lost`), so nothing is skipped silently; a record
 //! may be sent twice after a crash, and the cloud deduplicates by `(device_id, seq)`.
 

@@ -23,35 +23,37 @@ pub fn is_valid_device_id(id: &str) -> bool {
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 
 /// One upload: records and gaps, both sorted by seq, covering a contiguous range of seqs.
-/// Serialize only: a receiver parses uploads as raw JSON (see `cloud::batch`).
+/// Serialize only: a receiver parses uploads as raw JSON (see `cloud::batch`). Borrows what it
+/// can from the journal's entries, so that encoding a batch copies each payload once, into the
+/// body.
 #[derive(Debug, Serialize)]
-pub struct Batch {
-    pub device_id: String,
-    pub records: Vec<Record>,
+pub struct Batch<'a> {
+    pub device_id: &'a str,
+    pub records: Vec<Record<'a>>,
     pub gaps: Vec<Gap>,
 }
 
 /// One journaled MQTT message. Exactly one of `payload`, `payload_text`, `payload_b64` is set.
 #[derive(Debug, Serialize)]
-pub struct Record {
+pub struct Record<'a> {
     pub seq: u64,
     /// Time the gateway received the message, milliseconds since the Unix epoch.
     pub ts_ms: u64,
-    pub topic: String,
+    pub topic: &'a str,
     #[serde(flatten)]
-    pub payload: Payload,
+    pub payload: Payload<'a>,
     /// Set when the payload failed the parser its topic asked for; the payload is then `payload_b64`.
     #[serde(skip_serializing_if = "is_false")]
     pub parse_error: bool,
 }
 
 #[derive(Debug, Serialize)]
-pub enum Payload {
+pub enum Payload<'a> {
     /// Parsed JSON, embedded as-is (the agent validated it at ingest).
     #[serde(rename = "payload")]
-    Json(Box<RawValue>),
+    Json(&'a RawValue),
     #[serde(rename = "payload_text")]
-    Text(String),
+    Text(&'a str),
     /// Standard base64 with padding.
     #[serde(rename = "payload_b64")]
     Base64(String),

@@ -459,3 +459,323 @@ fn a_slow_broker_link_still_connects_and_delivers() {
     });
     assert_exactly_once(&cloud.records("gw-test"), 50);
 }
+
+// ---------------------------------------------------------------- two uploads in flight
+
+/// What [`PairCloud`] answers, in turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// 500 to everything (the agent keeps one upload in flight). Not 503, which would also slow
+    /// the agent's drain.
+    Refuse,
+    /// 200 to the next upload, which opens the agent's pipeline.
+    Warmup,
+    /// Holds uploads until two are in flight at once; answers the later one 200, then the
+    /// earlier one 500.
+    Pair,
+    /// 500 to everything, noting what each upload starts at.
+    After,
+    /// Holds the next upload until [`PairCloud::release`], then answers it 200; 500 to others.
+    Hold,
+}
+
+#[derive(Debug)]
+struct PairState {
+    phase: Phase,
+    /// (first, last) seq of the uploads held in `Pair`.
+    held: Vec<(u64, u64)>,
+    /// The pair, once seen: (earlier, later).
+    pair: Option<((u64, u64), (u64, u64))>,
+    later_answered: bool,
+    /// First seq of each upload in `After`.
+    after: Vec<u64>,
+    /// The upload held in `Hold`, and whether to answer it now.
+    held_one: Option<(u64, u64)>,
+    released: bool,
+}
+
+/// A fake cloud for the pipeline's in-order rule: every connection is served on its own thread
+/// (one request each, `Connection: close`), so that two uploads can be held at once.
+struct PairCloud {
+    state: Arc<(std::sync::Mutex<PairState>, std::sync::Condvar)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PairCloud {
+    fn start(port: u16) -> PairCloud {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::new((
+            std::sync::Mutex::new(PairState {
+                phase: Phase::Refuse,
+                held: Vec::new(),
+                pair: None,
+                later_answered: false,
+                after: Vec::new(),
+                held_one: None,
+                released: false,
+            }),
+            std::sync::Condvar::new(),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (Arc::clone(&state), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !sp.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let st = Arc::clone(&st);
+                        conns.push(std::thread::spawn(move || pair_serve(conn, &st)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        PairCloud {
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.state.0.lock().unwrap().phase = phase;
+        self.state.1.notify_all();
+    }
+
+    fn release(&self) {
+        self.state.0.lock().unwrap().released = true;
+        self.state.1.notify_all();
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&PairState) -> T) -> T {
+        f(&self.state.0.lock().unwrap())
+    }
+}
+
+impl Drop for PairCloud {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.state.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads one request, decides its answer by the phase (waiting, bounded, for a pair), writes it
+/// and closes.
+fn pair_serve(mut conn: TcpStream, state: &(std::sync::Mutex<PairState>, std::sync::Condvar)) {
+    let _ = conn.set_nonblocking(false);
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut req = Vec::new();
+    let mut buf = [0u8; 65536];
+    let head_len = loop {
+        if let Some(h) = header_end(&req) {
+            if req.len() >= h + content_length(&req[..h]).unwrap_or(0) {
+                break h;
+            }
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    };
+    // Idempotency-Key: <device>:<first>-<last>
+    let range = String::from_utf8_lossy(&req[..head_len])
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            if !name.eq_ignore_ascii_case("idempotency-key") {
+                return None;
+            }
+            let (first, last) = value.trim().rsplit_once(':')?.1.split_once('-')?;
+            Some((first.parse::<u64>().ok()?, last.parse::<u64>().ok()?))
+        })
+        .unwrap_or((0, 0));
+    let (lock, cv) = state;
+    let mut st = lock.lock().unwrap();
+    let ok = match st.phase {
+        Phase::Refuse => false,
+        Phase::Warmup => {
+            st.phase = Phase::Pair;
+            true
+        }
+        Phase::After => {
+            st.after.push(range.0);
+            false
+        }
+        Phase::Hold if st.held_one.is_none() => {
+            st.held_one = Some(range);
+            cv.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !st.released && Instant::now() < deadline {
+                st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+            }
+            st.released
+        }
+        Phase::Hold => false,
+        Phase::Pair => {
+            st.held.push(range);
+            cv.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while st.held.len() < 2 && Instant::now() < deadline {
+                st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+            }
+            if st.held.len() < 2 {
+                false
+            } else {
+                let (earlier, later) = (st.held[0].min(st.held[1]), st.held[0].max(st.held[1]));
+                st.pair = Some((earlier, later));
+                if range == later {
+                    true
+                } else {
+                    // The earlier one fails, after the later one was answered 200.
+                    while !st.later_answered && Instant::now() < deadline {
+                        st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+                    }
+                    st.phase = Phase::After;
+                    false
+                }
+            }
+        }
+    };
+    drop(st);
+    let (status, body) = if ok {
+        (
+            "200 OK",
+            format!(r#"{{"accepted":{},"duplicates":0}}"#, range.1 + 1 - range.0),
+        )
+    } else {
+        (
+            "500 Internal Server Error",
+            r#"{"error":"try again"}"#.to_string(),
+        )
+    };
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(answer.as_bytes());
+    let _ = conn.flush();
+    if ok {
+        let mut st = lock.lock().unwrap();
+        if st.pair.is_some_and(|(_, later)| later == range) {
+            st.later_answered = true;
+            cv.notify_all();
+        }
+    }
+}
+
+/// Two uploads in flight; the earlier fails, the later is answered 200. The cursor must not move
+/// past the failed one (it moves only over a contiguous acknowledged prefix): the agent sends
+/// again from the failed upload's first seq, and the later one's 200 moves nothing while it
+/// fails. Once a real cloud takes the failed one, the cursor moves over both and the later one is
+/// not sent again: the real cloud gets every record but those the fake acknowledged.
+#[test]
+fn a_later_upload_acknowledged_while_an_earlier_one_fails_does_not_move_the_cursor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let port = free_port();
+    let fake = PairCloud::start(port);
+    let url = format!("http://127.0.0.1:{port}/v1/ingest");
+    let agent = agent_for(&tmp.path().join("agent"), broker.port, &url, &[]);
+
+    publish(broker.port, "sensors/a", numbered(0..200));
+    wait_until("all 200 journaled", Duration::from_secs(20), || {
+        agent.status()["head_seq"] == 200
+    });
+    fake.set_phase(Phase::Warmup);
+    wait_until(
+        "two uploads in flight at once, the earlier one refused",
+        Duration::from_secs(20),
+        || fake.with(|s| s.phase == Phase::After && s.after.len() >= 3),
+    );
+    let ((first, _), (later_first, later_last)) = fake.with(|s| s.pair).unwrap();
+    assert!(later_first > first, "{first} {later_first}");
+    let warmed = first - 1;
+    let st = agent.status();
+    assert_eq!(
+        st["acked_seq"], warmed,
+        "the 200 for {later_first}..={later_last} moved the cursor past the failed upload: {st}"
+    );
+    let resent = fake.with(|s| s.after.clone());
+    assert!(
+        resent.iter().all(|s| *s == first),
+        "after the failure, uploads start at seq {first}: {resent:?}"
+    );
+
+    drop(fake);
+    let cloud = Cloud::start_with(&tmp.path().join("cloud"), port, &[]);
+    wait_until("cursor at head", Duration::from_secs(30), || {
+        acked_seq(&agent) == 200
+    });
+    let mut seqs: Vec<u64> = cloud
+        .records(DEVICE)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    let want: Vec<u64> = (warmed + 1..=200)
+        .filter(|s| !(later_first..=later_last).contains(s))
+        .collect();
+    assert_eq!(
+        seqs, want,
+        "the real cloud gets every record the fake did not acknowledge, once"
+    );
+    assert_eq!(cloud.stats()["duplicates"], 0);
+}
+
+/// SIGTERM while an upload is in flight, answered 200 within `uplink.shutdown_grace`: the agent
+/// records the acknowledgement before it exits, so after the restart that batch is not sent again.
+#[test]
+fn an_upload_acknowledged_during_shutdown_is_not_sent_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let port = free_port();
+    let fake = PairCloud::start(port);
+    let url = format!("http://127.0.0.1:{port}/v1/ingest");
+    let mut agent = agent_for(&tmp.path().join("agent"), broker.port, &url, &[]);
+
+    publish(broker.port, "sensors/a", numbered(0..100));
+    wait_until("all 100 journaled", Duration::from_secs(20), || {
+        agent.status()["head_seq"] == 100
+    });
+    fake.set_phase(Phase::Hold);
+    wait_until("an upload held", Duration::from_secs(20), || {
+        fake.with(|s| s.held_one.is_some())
+    });
+    let (first, last) = fake.with(|s| s.held_one).unwrap();
+    signal_pid(agent.pid(), "TERM");
+    wait_until(
+        "the uplink stopping, waiting for the upload",
+        Duration::from_secs(10),
+        || agent.log_text().contains("waiting for their answers"),
+    );
+    fake.release();
+    assert!(
+        agent.wait_exit(Duration::from_secs(10)),
+        "ferry did not exit"
+    );
+    drop(fake);
+
+    let cloud = Cloud::start_with(&tmp.path().join("cloud"), port, &[]);
+    agent.start_again();
+    wait_until("cursor at head", Duration::from_secs(30), || {
+        acked_seq(&agent) == 100
+    });
+    let resent: Vec<u64> = cloud
+        .records(DEVICE)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .filter(|s| (first..=last).contains(s))
+        .collect();
+    assert!(
+        resent.is_empty(),
+        "seqs {first}..={last} were acknowledged before the agent stopped: {resent:?}"
+    );
+}

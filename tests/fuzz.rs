@@ -1104,6 +1104,11 @@ fn entries() -> impl Strategy<Value = Vec<Entry>> {
 const KNOWN_PLACES: [&str; 4] = ["body", "device_id", "records", "gaps"];
 
 fn check_batch(body: &[u8]) -> Result<(), TestCaseError> {
+    // The fast path for the usual shape reads every body as the general path does.
+    prop_assert_eq!(
+        bounded(body.len(), || cloud_batch::parse(body))?,
+        bounded(body.len(), || cloud_batch::parse_general(body))?
+    );
     match bounded(body.len(), || cloud_batch::parse(body))? {
         Ok(batch) => {
             prop_assert!(ferry::protocol::is_valid_device_id(&batch.device_id));

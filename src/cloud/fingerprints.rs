@@ -5,7 +5,8 @@
 //! Memory: fingerprints are kept in runs of consecutive seqs, `first seq -> Vec<fingerprint>`. A
 //! device that delivers its seqs in order, which is what the agent does, costs 8 bytes per record
 //! plus the slack of a growing `Vec` (up to as much again), and a B-tree entry per run; a gap in the
-//! seqs starts a new run. A run only grows at its end, so seqs that arrive in descending order, or
+//! seqs starts a new run (so does a batch that overtakes the one before it, when the agent has two
+//! in flight: a run per such batch, a few dozen bytes). A run only grows at its end, so seqs that arrive in descending order, or
 //! every other seq, cost one run each. Measured with a counting allocator over 3 million records:
 //! about 11 bytes per record in order, 72 descending or every other seq, against 34 either way for
 //! a `BTreeMap<u64, u64>`.

@@ -297,7 +297,7 @@ impl Journal {
 mod tests {
     use super::*;
     use crate::config::OnFull;
-    use crate::journal::{NewRecord, Options, StoredFormat};
+    use crate::journal::{Entry, NewRecord, Options, StoredFormat};
 
     fn open(dir: &std::path::Path) -> Journal {
         open_with_window(dir, default_replay_window(64 << 20))
@@ -384,6 +384,33 @@ mod tests {
         // The upload that was in flight comes back 2xx: it must not acknowledge 2..=5.
         j.ack(10).unwrap();
         assert_eq!(j.positions().acked_seq, 1);
+    }
+
+    /// The uplink's pipeline: a batch read behind one still in flight must not be acknowledged
+    /// across a rewind either, and the next read from the rewound cursor starts over.
+    #[test]
+    fn acks_of_batches_read_ahead_before_a_rewind_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open(dir.path());
+        append(&j, 12);
+        assert!(j.ack(6).unwrap());
+        let first = j.read_batch(None, 3, 1 << 20).unwrap();
+        let second = j.read_after(9, None, 3, 1 << 20).unwrap();
+        assert_eq!(
+            (first[0].first_seq(), second[0].first_seq()),
+            (7, 10),
+            "the second batch continues after the first"
+        );
+        j.rewind_to(3).unwrap();
+        // A read ahead of the rewound cursor does not end the rewind.
+        assert_eq!(j.read_after(12, None, 3, 1 << 20).unwrap().len(), 0);
+        assert!(!j.ack(9).unwrap(), "first batch read before the rewind");
+        assert!(!j.ack(12).unwrap(), "second batch read before the rewind");
+        assert_eq!(j.positions().acked_seq, 2);
+        let again = j.read_after(2, None, 100, 1 << 20).unwrap();
+        assert_eq!(again.first().map(Entry::first_seq), Some(3));
+        assert!(j.ack(12).unwrap());
+        assert_eq!(j.positions().acked_seq, 12);
     }
 
     #[test]

@@ -1002,27 +1002,47 @@ impl Journal {
     /// Reads unacknowledged, durable entries in seq order, starting at the oldest and stopping at
     /// `through` (inclusive), after `max_records` entries or once `max_bytes` of entries are read
     /// (always at least one entry). Entries read are protected from `drop_oldest` until the next
-    /// call of [`Journal::ack`] or [`Journal::release`]. Seqs the log should hold and does not
-    /// (damage) come back as a `journal_lost` gap, recorded so that it is reported once.
+    /// call of [`Journal::ack`] of them or of [`Journal::release`]. Seqs the log should hold and
+    /// does not (damage) come back as a `journal_lost` gap, recorded so that it is reported once.
     pub fn read_batch(
         &self,
         through: Option<u64>,
         max_records: usize,
         max_bytes: u64,
     ) -> Result<Vec<Entry>> {
+        self.read_after(0, through, max_records, max_bytes)
+    }
+
+    /// Like [`Journal::read_batch`], but starting after `after` when that is past the cursor: the
+    /// next batch while the batches up to `after` are still in flight (the uplink's pipeline). A
+    /// read that starts at the cursor begins a new pipeline: entries read before are forgotten, and
+    /// so is a rewind ([`Journal::ack`] ignores acks of batches read before a rewind, until a read
+    /// starts at the rewound cursor).
+    pub fn read_after(
+        &self,
+        after: u64,
+        through: Option<u64>,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>> {
         let mut st = self.lock();
-        st.rewound = false;
-        st.inflight.clear();
+        let after = after.max(st.acked);
+        if after == st.acked {
+            st.rewound = false;
+            st.inflight.clear();
+        } else {
+            st.inflight.retain(|e| e.1 <= after);
+        }
         let end = through.unwrap_or(u64::MAX).min(st.durable);
         let mut out = Vec::new();
-        if end <= st.acked {
+        if end <= after {
             return Ok(out);
         }
         let mut bytes = 0u64;
         let mut lost = Vec::new();
         let mut inflight = Vec::new();
         {
-            let from = st.acked + 1;
+            let from = after + 1;
             let State { log, overlays, .. } = &mut *st;
             log_of(log)?
                 .read(from, end, overlays, true, |item| {
@@ -1067,7 +1087,7 @@ impl Journal {
             self.apply(batch, "recording damaged entries")?;
             st.sled_dirty = true;
         }
-        st.inflight = inflight;
+        st.inflight.extend(inflight);
         if let Some(last) = out.last() {
             st.protected_through = st.protected_through.max(last.last_seq());
         }
@@ -1085,19 +1105,22 @@ impl Journal {
     /// Not synced by itself (a lost ack only means the cloud sees a batch again and deduplicates
     /// it), except when it frees a segment: the cursor is made durable before the data goes. The
     /// cursor never moves backwards (here; see [`Journal::rewind_to`]). The entries are kept for
-    /// replay within a small budget.
-    pub fn ack(&self, through: u64) -> Result<()> {
+    /// replay within a small budget. Entries read past `through` stay protected.
+    ///
+    /// Returns whether the cursor is now at or past `through`: `false` when the cursor was rewound
+    /// since the entries were read, and they must be sent again from the new cursor.
+    pub fn ack(&self, through: u64) -> Result<bool> {
         let mut st = self.lock();
-        if through <= st.acked {
-            return Ok(());
-        }
         if st.rewound {
             // Read before a rewind: these entries are sent again from the new cursor.
             debug!(
                 "ack through={} ignored: the cursor was rewound meanwhile",
                 through
             );
-            return Ok(());
+            return Ok(false);
+        }
+        if through <= st.acked {
+            return Ok(true);
         }
         let through = through.min(st.durable);
         let from = st.acked;
@@ -1114,7 +1137,7 @@ impl Journal {
         let mut batch = sled::Batch::default();
         self.retain_acked(&mut st, &mut batch, through, bytes);
         st.acked = through;
-        st.protected_through = through;
+        st.protected_through = st.protected_through.max(through);
         st.backlog_records = st.backlog_records.saturating_sub(records);
         st.backlog_bytes = st.backlog_bytes.saturating_sub(bytes);
         if st.acked == st.next_seq - 1 {
@@ -1138,7 +1161,10 @@ impl Journal {
             "cursor moved acked_seq={} from={} entries={}",
             through, from, records
         );
-        if frees { self.sync() } else { Ok(()) }
+        if frees {
+            self.sync()?;
+        }
+        Ok(true)
     }
 
     /// Moves the record `seq` to the dead-letter store and leaves a `rejected` gap in its place

@@ -198,6 +198,38 @@ fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
     assert!(j.positions().logical_bytes <= j.positions().budget_bytes);
 }
 
+/// The uplink acks the first of two batches in flight: the second stays protected from
+/// `drop_oldest` until it is acknowledged or released.
+#[test]
+fn an_ack_keeps_the_batch_read_behind_it_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.fixed_budget = Some(40_000);
+    o.on_full = OnFull::DropOldest;
+    let j = Journal::open(&o).unwrap();
+    let big = vec![b'x'; 10_000];
+    for _ in 0..3 {
+        append_synced(&j, &[rec("t", &big)]);
+    }
+    assert_eq!(seqs(&j.read_batch(None, 1, 1 << 20).unwrap()), vec![1]);
+    assert_eq!(seqs(&j.read_after(1, None, 1, 1 << 20).unwrap()), vec![2]);
+    assert!(j.ack(1).unwrap());
+    // Room for two more: only seq 3 may go, seq 2 is in flight.
+    let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
+    assert_eq!(a.dropped, 1);
+    assert!(j.ack(2).unwrap());
+    let rest = j.read_batch(None, 100, 1 << 30).unwrap();
+    assert_eq!(
+        rest[0],
+        Entry::Gap {
+            from_seq: 3,
+            to_seq: 3,
+            reason: GapReason::JournalFull
+        }
+    );
+    assert_eq!(seqs(&rest[1..]), vec![4, 5]);
+}
+
 #[test]
 fn dead_letter_leaves_a_rejected_gap_and_can_be_requeued() {
     let dir = tempfile::tempdir().unwrap();

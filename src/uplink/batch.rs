@@ -24,7 +24,7 @@ pub fn encode_body(device_id: &str, entries: &[Entry]) -> Vec<u8> {
                 records.push(protocol::Record {
                     seq: r.seq,
                     ts_ms: r.ts_ms,
-                    topic: r.topic.clone(),
+                    topic: &r.topic,
                     payload,
                     parse_error,
                 });
@@ -41,28 +41,39 @@ pub fn encode_body(device_id: &str, entries: &[Entry]) -> Vec<u8> {
         }
     }
     let batch = protocol::Batch {
-        device_id: device_id.to_string(),
+        device_id,
         records,
         gaps,
     };
-    // Serializing owned strings and validated raw JSON into a Vec cannot fail.
-    serde_json::to_vec(&batch).unwrap_or_default()
+    // Serializing strings and validated raw JSON into a Vec cannot fail.
+    let mut body = Vec::with_capacity(entries.iter().map(wire_size).sum());
+    let _ = serde_json::to_writer(&mut body, &batch);
+    body
+}
+
+/// About the bytes an entry takes in a body (a little more for a base64 payload).
+fn wire_size(e: &Entry) -> usize {
+    match e {
+        Entry::Record(r) => 64 + r.topic.len() + r.payload.len() * 4 / 3,
+        Entry::Gap { .. } => 64,
+    }
 }
 
 /// The wire form of a stored payload. Bytes that no longer are what ingest decided (a damaged
 /// journal) go as flagged base64 rather than as invalid JSON that would poison the whole batch.
-fn wire_payload(format: StoredFormat, bytes: &[u8], parse_error: bool) -> (Payload, bool) {
+fn wire_payload(format: StoredFormat, bytes: &[u8], parse_error: bool) -> (Payload<'_>, bool) {
     let b64 = || Payload::Base64(base64::engine::general_purpose::STANDARD.encode(bytes));
     match format {
+        // Checked (not copied): the whole text must be one JSON value, as at ingest.
         StoredFormat::Json => match std::str::from_utf8(bytes)
             .ok()
-            .and_then(|s| RawValue::from_string(s.trim().to_string()).ok())
+            .and_then(|s| serde_json::from_str::<&RawValue>(s.trim()).ok())
         {
             Some(raw) => (Payload::Json(raw), parse_error),
             None => (b64(), true),
         },
         StoredFormat::Text => match std::str::from_utf8(bytes) {
-            Ok(s) => (Payload::Text(s.to_string()), parse_error),
+            Ok(s) => (Payload::Text(s), parse_error),
             Err(_) => (b64(), true),
         },
         StoredFormat::Raw => (b64(), parse_error),

@@ -1,16 +1,28 @@
 //! Uplink: the journal to the cloud over HTTP. The only module that names `ureq`.
 //!
-//! One thread, `uplink`, one batch in flight, entries in seq order. Every request has a connect
-//! timeout and a global deadline; statuses are the agent's to handle (`http_status_as_error(false)`)
-//! and every response body is read to its end, bounded, so that connections are reused and never
-//! pile up half-closed behind a proxy that answers 502 in a loop. The cursor moves only after a 2xx
-//! (`Journal::ack`). What each status means is in `batch::verdict` and `docs/PROTOCOL.md`.
+//! The `uplink` thread reads batches from the journal in seq order and hands them to its post
+//! threads (`post.rs`), which encode, compress and POST them; up to [`PIPELINE`] uploads are in
+//! flight at once, each on its own connection, but only while the cloud acknowledges: after any
+//! failure, and while a refused batch is being split, one at a time. Answers are handled in seq
+//! order, so the cursor moves only over a contiguous acknowledged prefix (`Journal::ack` after a
+//! 2xx); when an upload fails, those behind it are awaited: the ones the cloud acknowledged are
+//! acknowledged in the journal once the cursor reaches them, the others are sent again from the
+//! cursor. At shutdown the uploads in flight are awaited (the agent stops waiting after
+//! `uplink.shutdown_grace`) and recorded. Every request has a connect timeout and a global deadline;
+//! statuses are the agent's to handle (`http_status_as_error(false)`) and every response body is
+//! read to its end, bounded, so that connections are reused and never pile up half-closed behind
+//! a proxy that answers 502 in a loop. What each status means is in `batch::verdict` and
+//! `docs/PROTOCOL.md`.
 
 mod batch;
+mod post;
 mod rate;
+mod resolve;
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +31,7 @@ use log::{debug, error, info, warn};
 pub use batch::{
     MAX_RETRY_AFTER, OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict,
 };
+pub use post::PIPELINE;
 pub use rate::{Limiter, Meter};
 
 use crate::backoff::Backoff;
@@ -29,6 +42,7 @@ use crate::protocol::IDEMPOTENCY_HEADER;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::tls::Material;
+use post::{Job, Posted, Posters};
 
 /// Largest response body read; the rest of a larger one is dropped with its connection.
 pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
@@ -78,9 +92,10 @@ pub fn spawn(
     shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
     let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
+    let posters = Posters::start(&cfg, &agent, &device_id, &shutdown)?;
     thread::Builder::new()
         .name("uplink".into())
-        .spawn(move || Uplink::new(cfg, agent, live, device_id, journal, stats, shutdown).run())
+        .spawn(move || Uplink::new(cfg, posters, live, device_id, journal, stats, shutdown).run())
 }
 
 /// Builds the HTTP agent with a deadline on every phase. Shared with the console's `test uplink`,
@@ -117,18 +132,42 @@ pub fn http_agent(
         .client_cert(client_cert)
         .unversioned_rustls_crypto_provider(crate::tls::provider())
         .build();
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .tls_config(tls_config)
         .http_status_as_error(false)
         .timeout_connect(Some(connect_timeout))
         .timeout_global(Some(request_timeout))
         .max_redirects(0)
         .max_idle_connections(4)
-        .max_idle_connections_per_host(2)
-        .max_idle_age(Duration::from_secs(30))
+        .max_idle_connections_per_host(PIPELINE)
+        .max_idle_age(resolve::KEEP)
         .user_agent(format!("ferry/{}", env!("CARGO_PKG_VERSION")))
-        .build()
-        .new_agent()
+        .build();
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        resolve::CachingResolver::default(),
+    )
+}
+
+/// An upload handed to a post thread, until its answer is handled.
+struct Flight {
+    id: u64,
+    /// The last seq it carries.
+    last: u64,
+    /// Its answer and entries, once they came back (answers may come out of order; they are
+    /// handled in order).
+    posted: Option<(Vec<Entry>, Answer)>,
+}
+
+/// An upload the cloud acknowledged while one before it was not: acknowledged in the journal once
+/// the cursor reaches it, so that it is not sent again.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    first: u64,
+    last: u64,
+    records: u64,
+    bytes: u64,
 }
 
 struct Uplink {
@@ -137,7 +176,17 @@ struct Uplink {
     journal: Journal,
     stats: Arc<Stats>,
     shutdown: Shutdown,
-    agent: ureq::Agent,
+    posters: Posters,
+    /// Post threads without an upload in hand.
+    idle: Vec<usize>,
+    /// Uploads in flight, in seq order.
+    flight: VecDeque<Flight>,
+    /// Acknowledged uploads beyond the cursor (behind one that failed).
+    ahead: Vec<Ahead>,
+    next_id: u64,
+    /// The last answer was a 2xx: more than one upload may be in flight.
+    healthy: bool,
+    journal_failing: bool,
     backoff: Backoff,
     plan: SplitPlan,
     failures: u64,
@@ -153,7 +202,7 @@ struct Uplink {
 impl Uplink {
     fn new(
         cfg: UplinkConfig,
-        agent: ureq::Agent,
+        posters: Posters,
         live: Live,
         device_id: String,
         journal: Journal,
@@ -172,7 +221,13 @@ impl Uplink {
             journal,
             stats,
             shutdown,
-            agent,
+            posters,
+            idle: (0..PIPELINE).rev().collect(),
+            flight: VecDeque::new(),
+            ahead: Vec::new(),
+            next_id: 0,
+            healthy: false,
+            journal_failing: false,
             backoff,
             plan: SplitPlan::default(),
             failures: 0,
@@ -212,51 +267,261 @@ impl Uplink {
         info!("uplink started url={}", self.cfg.url);
         self.stats.set_uplink(|u| u.state = "idle");
         self.report_rates();
-        let mut journal_failing = false;
         while !self.shutdown.is_set() {
             self.follow_live();
             self.log_progress();
             self.report_rates();
-            let acked = self.journal.positions().acked_seq;
-            if !self
-                .journal
-                .wait_for_data(acked, Duration::from_millis(500))
-            {
+            if !self.fill() {
+                break;
+            }
+            if self.flight.is_empty() {
+                let acked = self.journal.positions().acked_seq;
+                self.journal
+                    .wait_for_data(acked, Duration::from_millis(500));
                 continue;
             }
-            self.plan.skip_acked(acked);
-            let through = self.plan.window().map(|(_, to)| to);
-            let read = self.journal.read_batch(
+            match self.next_answer() {
+                Some((entries, answer)) => self.handle(&entries, answer),
+                // Shutdown, or a post thread is gone.
+                None => break,
+            }
+        }
+        self.finish();
+        self.journal.release();
+        self.stats.set_uplink(|u| u.state = "stopped");
+        info!("uplink stopped");
+        self.posters.stop();
+    }
+
+    /// At shutdown: lets the uploads in flight finish and records those the cloud acknowledged,
+    /// in order, up to the first that was not. Each ends within its request's deadline; the agent
+    /// stops waiting for this thread after `uplink.shutdown_grace` (an upload still in flight then
+    /// is sent again after the restart).
+    fn finish(&mut self) {
+        if !self.flight.is_empty() {
+            info!(
+                "uplink stopping with uploads in flight count={}: waiting for their answers",
+                self.flight.len()
+            );
+        }
+        while let Some(front) = self.flight.front() {
+            if front.posted.is_none() {
+                if !self.receive() {
+                    break;
+                }
+                continue;
+            }
+            let Some((entries, answer)) = self.flight.pop_front().and_then(|f| f.posted) else {
+                break;
+            };
+            if !matches!(answer, Answer::Status { code, .. } if verdict(code) == Verdict::Ack) {
+                break;
+            }
+            self.handle(&entries, answer);
+        }
+        self.flight.clear();
+    }
+
+    /// How many uploads may be in flight: [`PIPELINE`] while the cloud acknowledges, one after a
+    /// failure (until the next 2xx) and while a refused batch is split.
+    fn depth(&self) -> usize {
+        if self.healthy && self.plan.window().is_none() {
+            PIPELINE
+        } else {
+            1
+        }
+    }
+
+    /// Reads batches and hands them to idle post threads while the pipeline has room and the
+    /// journal has entries. Returns `false` when the uplink must stop (shutdown while pacing).
+    fn fill(&mut self) -> bool {
+        while self.flight.len() < self.depth() {
+            let Some(&poster) = self.idle.last() else {
+                break;
+            };
+            let after = match self.flight.back() {
+                Some(f) => f.last,
+                None => {
+                    let mut acked = self.journal.positions().acked_seq;
+                    if self.catch_up(acked) {
+                        acked = self.journal.positions().acked_seq;
+                    }
+                    self.plan.skip_acked(acked);
+                    acked
+                }
+            };
+            // Up to the split window, and not into an upload acknowledged already.
+            let before_ahead = self
+                .ahead
+                .iter()
+                .filter(|a| a.first > after)
+                .map(|a| a.first - 1)
+                .min();
+            let through = match (self.plan.window().map(|(_, to)| to), before_ahead) {
+                (Some(w), Some(a)) => Some(w.min(a)),
+                (w, a) => w.or(a),
+            };
+            if through.is_some_and(|t| t <= after) {
+                break;
+            }
+            let read = self.journal.read_after(
+                after,
                 through,
                 self.cfg.batch_max_records,
                 self.cfg.batch_max_bytes,
             );
-            if read.is_ok() && journal_failing {
+            if read.is_ok() && self.journal_failing {
                 info!("journal readable again");
-                journal_failing = false;
+                self.journal_failing = false;
             }
             let entries = match read {
-                Ok(e) if e.is_empty() => continue,
+                Ok(e) if e.is_empty() => break,
                 Ok(e) => e,
                 Err(e) => {
                     // The writer reopens a failed journal; say it once, not every second.
-                    if !journal_failing {
+                    if !self.journal_failing {
                         error!("cannot read from the journal: {}", crate::error_chain(&e));
-                        journal_failing = true;
+                        self.journal_failing = true;
                     }
-                    self.shutdown.sleep(Duration::from_secs(1));
-                    continue;
+                    if self.flight.is_empty() {
+                        self.shutdown.sleep(Duration::from_secs(1));
+                    }
+                    break;
                 }
             };
             if !self.pace(&entries) {
+                return false;
+            }
+            let last = span(&entries).1;
+            let id = self.next_id;
+            self.next_id += 1;
+            if self.posters.send(poster, Job { id, entries }).is_err() {
+                error!("post thread uplink-post-{poster} is gone; stopping the uplink");
+                return false;
+            }
+            self.idle.pop();
+            self.flight.push_back(Flight {
+                id,
+                last,
+                posted: None,
+            });
+            self.stats.set_uplink(|u| u.state = "sending");
+        }
+        true
+    }
+
+    /// Waits for the answer to the oldest upload in flight, keeping answers to later ones until
+    /// their turn. `None` when shutdown came first or a post thread is gone.
+    fn next_answer(&mut self) -> Option<(Vec<Entry>, Answer)> {
+        loop {
+            if self.flight.front().is_some_and(|f| f.posted.is_some()) {
+                return self.flight.pop_front().and_then(|f| f.posted);
+            }
+            if self.shutdown.is_set() || !self.receive() {
+                return None;
+            }
+        }
+    }
+
+    /// Takes one answer from the post threads, waiting up to a slice of time. Returns `false` when
+    /// a post thread with an upload in hand ended without answering (it panicked): the uplink
+    /// then stops, and the agent with it, to be restarted.
+    fn receive(&mut self) -> bool {
+        let posted = match self
+            .posters
+            .answers
+            .recv_timeout(Duration::from_millis(200))
+        {
+            Ok(posted) => posted,
+            Err(RecvTimeoutError::Timeout) => {
+                let busy = (0..PIPELINE).filter(|n| !self.idle.contains(n));
+                let lost = busy.into_iter().find(|n| self.posters.stopped(*n));
+                let Some(n) = lost else {
+                    return true;
+                };
+                // It may have answered just before it ended.
+                match self.posters.answers.try_recv() {
+                    Ok(posted) => posted,
+                    Err(_) => {
+                        error!("post thread uplink-post-{n} ended without an answer");
+                        return false;
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return false,
+        };
+        let Posted {
+            id,
+            poster,
+            entries,
+            answer,
+        } = posted;
+        self.idle.push(poster);
+        if let Some(f) = self.flight.iter_mut().find(|f| f.id == id) {
+            f.posted = Some((entries, answer));
+        }
+        true
+    }
+
+    /// Gives up the uploads still in flight (after the one before them was not acknowledged):
+    /// waits for their answers, so that no post thread is busy when the next batch goes. With
+    /// `keep`, those the cloud acknowledged are remembered ([`Uplink::catch_up`]); the others are
+    /// sent again from the cursor.
+    fn abandon(&mut self, keep: bool) {
+        while self.flight.iter().any(|f| f.posted.is_none()) {
+            if !self.receive() {
                 break;
             }
-            let attempt = self.send(&entries);
-            self.handle(&entries, attempt);
         }
-        self.journal.release();
-        self.stats.set_uplink(|u| u.state = "stopped");
-        info!("uplink stopped");
+        for f in self.flight.drain(..) {
+            let Some((entries, Answer::Status { code, .. })) = f.posted else {
+                continue;
+            };
+            if keep && verdict(code) == Verdict::Ack {
+                let (first, last) = span(&entries);
+                let (records, bytes) = weigh(&entries);
+                debug!(
+                    "upload acknowledged behind a failed one first_seq={} last_seq={}",
+                    first, last
+                );
+                self.ahead.push(Ahead {
+                    first,
+                    last,
+                    records,
+                    bytes,
+                });
+            }
+        }
+    }
+
+    /// Acknowledges in the journal the uploads the cloud acknowledged behind a failed one, as the
+    /// cursor (`acked`) reaches them. Returns whether the cursor moved.
+    fn catch_up(&mut self, mut acked: u64) -> bool {
+        let mut moved = false;
+        while let Some(i) = self.ahead.iter().position(|a| a.first == acked + 1) {
+            let a = self.ahead.swap_remove(i);
+            match self.journal.ack(a.last) {
+                Ok(true) => {
+                    Stats::add(&self.stats.delivered, a.records);
+                    self.meter.record(a.records, a.bytes, Instant::now());
+                    acked = a.last;
+                    moved = true;
+                }
+                // Rewound meanwhile: sent again from the new cursor.
+                Ok(false) => self.ahead.clear(),
+                Err(e) => {
+                    error!(
+                        "cloud acknowledged seqs {}..={} but the cursor could not be saved: {}",
+                        a.first,
+                        a.last,
+                        crate::error_chain(&e)
+                    );
+                    self.ahead.clear();
+                }
+            }
+        }
+        self.ahead.retain(|a| a.first > acked);
+        moved
     }
 
     /// Waits until the drain limits allow `entries` to go, then charges them. Returns `false` when
@@ -288,34 +553,14 @@ impl Uplink {
         });
     }
 
-    /// One POST of `entries`, with the body read to its end (bounded).
-    fn send(&mut self, entries: &[Entry]) -> Answer {
-        let (first, last) = span(entries);
-        let body = wire_body(self.cfg.compression, &self.device_id, entries);
-        debug!(
-            "uploading first_seq={} last_seq={} entries={} bytes={}",
-            first,
-            last,
-            entries.len(),
-            body.len()
-        );
-        self.stats.set_uplink(|u| u.state = "sending");
-        post(
-            &self.agent,
-            &Upload {
-                url: &self.cfg.url,
-                device_id: &self.device_id,
-                first,
-                last,
-                token: self.cfg.token.as_ref().map(|t| t.expose()),
-                gzip: self.cfg.compression == Compression::Gzip,
-                body: &body,
-            },
-        )
-    }
-
+    /// Acts on the answer to the oldest upload in flight.
     fn handle(&mut self, entries: &[Entry], attempt: Answer) {
         let (first, last) = span(entries);
+        let acked = matches!(attempt, Answer::Status { code, .. } if verdict(code) == Verdict::Ack);
+        if !acked {
+            self.healthy = false;
+            self.abandon(true);
+        }
         let (code, retry_after, body) = match attempt {
             Answer::Failed(e) => {
                 self.journal.release();
@@ -331,19 +576,33 @@ impl Uplink {
         };
         match verdict(code) {
             Verdict::Ack => {
-                if let Err(e) = self.journal.ack(last) {
-                    error!(
-                        "cloud acknowledged seqs {}..={} but the cursor could not be saved: {}",
-                        first,
-                        last,
-                        crate::error_chain(&e)
-                    );
-                    self.shutdown.sleep(Duration::from_secs(1));
-                    return;
+                match self.journal.ack(last) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Rewound by a replay_from meanwhile: everything goes again from there.
+                        self.abandon(false);
+                        self.ahead.clear();
+                        return;
+                    }
+                    Err(e) => {
+                        error!(
+                            "cloud acknowledged seqs {}..={} but the cursor could not be saved: {}",
+                            first,
+                            last,
+                            crate::error_chain(&e)
+                        );
+                        self.abandon(false);
+                        self.ahead.clear();
+                        self.journal.release();
+                        self.shutdown.sleep(Duration::from_secs(1));
+                        return;
+                    }
                 }
+                self.healthy = true;
                 let (records, bytes) = weigh(entries);
                 Stats::add(&self.stats.delivered, records);
                 self.meter.record(records, bytes, Instant::now());
+                self.catch_up(last);
                 self.report_rates();
                 if self.failures > 0 {
                     info!("uplink recovered after {} failed attempts", self.failures);
@@ -352,8 +611,13 @@ impl Uplink {
                 self.last_failure_log = None;
                 self.backoff.reset();
                 self.plan.done();
+                let state = if self.flight.is_empty() {
+                    "idle"
+                } else {
+                    "sending"
+                };
                 self.stats.set_uplink(|u| {
-                    u.state = "idle";
+                    u.state = state;
                     u.last_success_ms = Some(crate::journal::now_ms());
                     u.consecutive_failures = 0;
                 });

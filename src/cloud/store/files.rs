@@ -1,9 +1,10 @@
-//! The store's two file primitives: reading an append-only NDJSON file line by line (cutting off a
-//! torn last line), and appending lines durably (cut back on a failed write).
+//! The store's file primitives: reading an append-only NDJSON file line by line (cutting off a
+//! torn last line), and appending lines, synced or not (cut back on a failed write).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use log::warn;
 
@@ -61,6 +62,50 @@ pub(super) fn for_each_line(
         })?;
         complete_len += read as u64;
     }
+}
+
+/// How the store makes a records file durable: `File::sync_data`, or a test's stand-in.
+pub(super) type SyncFn = Arc<dyn Fn(&File) -> io::Result<()> + Send + Sync>;
+
+/// Opens `path` for appending, creating it if needed; a new file is made durable in `dir` (a sync
+/// of the directory) before this returns.
+pub(super) fn open_append(dir: &Path, path: &Path) -> Result<File, Error> {
+    let open_error = |source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    match OpenOptions::new().append(true).open(path) {
+        Ok(file) => Ok(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(path)
+                .map_err(open_error)?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| Error::Sync {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            Ok(file)
+        }
+        Err(e) => Err(open_error(e)),
+    }
+}
+
+/// Appends `bytes` to `file` (at `path`, `len` bytes long), not synced. On error the file is cut
+/// back to `len`, so no partial line stays behind to be followed by later appends.
+pub(super) fn append(path: &Path, mut file: &File, len: u64, bytes: &[u8]) -> Result<(), Error> {
+    if let Err(source) = file.write_all(bytes) {
+        // Best effort: if even this fails, the next start finds the torn line and drops it.
+        let _ = file.set_len(len);
+        return Err(Error::Write {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    Ok(())
 }
 
 /// Appends `bytes` to `path` and syncs it (and `dir`, when the file is new). On error the file is cut

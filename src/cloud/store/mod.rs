@@ -10,15 +10,25 @@
 //!
 //! Durability: [`Store::ingest`] returns only after the new lines are written and `sync_data`'d (and the
 //! directory synced when a file was created), so a batch the receiver acknowledged survives a crash.
+//! Records are group committed: a request appends its lines under the device's lock, then waits,
+//! without the lock, until a `sync_data` that began after its write has ended; one of the waiting
+//! requests runs it for all of them. So concurrent requests of a device (the agent keeps two
+//! uploads in flight) share a sync, and one request's parsing and writing overlaps another's
+//! sync. A request whose records are all already stored still waits for the sync of the write
+//! that stored them, so that its `200` also means durable. A failed sync cuts the records file
+//! back to its last durable length, rebuilds the device's records from it and fails every request
+//! whose lines were not durable (they are sent again). Gaps are rare and synced by the request
+//! that writes them, under the lock.
+//!
 //! A crash mid-write can leave a last line without its newline; that line was never acknowledged, so
 //! [`Store::open`] drops it (truncating the file) and the device resends it. A failed write is cut
 //! back the same way before the error is returned. Any other malformed line stops the start. Those
-//! two file primitives are in `files`.
+//! file primitives are in `files`.
 //!
 //! In memory each device keeps a [`RangeSet`] of stored seqs, its gaps, the content [`Fingerprints`]
 //! of its stored records (about 8 bytes per record, see that module), and the identity clashes seen
-//! since this start. A device's files are written under that device's mutex; the map of devices has
-//! its own mutex, held only to look a device up.
+//! since this start. A device's files are written under that device's mutex (a sync runs outside
+//! it); the map of devices has its own mutex, held only to look a device up.
 //!
 //! Identity clashes: a record whose seq is stored with a different fingerprint was not sent by the
 //! gateway that sent the stored one (a seq is never reused), so two gateways share the device id,
@@ -31,12 +41,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use log::info;
+use log::{error, info};
 
-use self::files::{append_synced, for_each_line};
+use self::files::{SyncFn, append, append_synced, for_each_line, open_append};
 use super::batch::{self, Batch};
 use super::fingerprints::Fingerprints;
 use super::ranges::RangeSet;
@@ -84,14 +94,39 @@ pub enum Error {
 }
 
 /// Owner of the data directory. Shared between worker threads by reference.
-#[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
-    devices: Mutex<BTreeMap<String, Arc<Mutex<Device>>>>,
+    devices: Mutex<BTreeMap<String, Arc<Slot>>>,
+    /// How a records file is made durable: `File::sync_data`, or a test's stand-in.
+    sync: SyncFn,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+/// A device's state and the signal that its records file became durable further.
+#[derive(Debug, Default)]
+struct Slot {
+    device: Mutex<Device>,
+    synced: Condvar,
 }
 
 #[derive(Debug, Default)]
 struct Device {
+    /// The records file open for appending, once this start wrote to it.
+    file: Option<Arc<File>>,
+    /// Length of the records file as written, and as known durable (synced, or found at start).
+    written: u64,
+    durable: u64,
+    /// A request is syncing the records file (without the lock).
+    syncing: bool,
+    /// Counts failed syncs: a request that wrote before one must not wait for a later sync.
+    failed_syncs: u64,
+    /// Requests waiting for their lines to become durable (for tests).
+    waiting: usize,
     records: RangeSet,
     /// Of every seq in `records`.
     fingerprints: Fingerprints,
@@ -148,6 +183,10 @@ pub struct Clash {
 impl Store {
     /// Opens (creating if needed) the data directory and rebuilds every device's state from it.
     pub fn open(dir: &Path) -> Result<Store, Error> {
+        Self::open_with(dir, Arc::new(File::sync_data))
+    }
+
+    fn open_with(dir: &Path, sync: SyncFn) -> Result<Store, Error> {
         fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -192,15 +231,7 @@ impl Store {
                     Ok(())
                 })?;
             } else {
-                for_each_line(&path, |line| {
-                    let (seq, fingerprint) =
-                        batch::stored_record(line).map_err(|e| e.to_string())?;
-                    // A repeated seq cannot be written by this store; if one is there anyway the
-                    // first copy is the stored one, as at ingest.
-                    device.records.insert(seq);
-                    device.fingerprints.insert(seq, fingerprint);
-                    Ok(())
-                })?;
+                device.load_records(&path)?;
             }
         }
 
@@ -216,9 +247,16 @@ impl Store {
             devices: Mutex::new(
                 devices
                     .into_iter()
-                    .map(|(id, d)| (id, Arc::new(Mutex::new(d))))
+                    .map(|(id, device)| {
+                        let slot = Slot {
+                            device: Mutex::new(device),
+                            synced: Condvar::new(),
+                        };
+                        (id, Arc::new(slot))
+                    })
                     .collect(),
             ),
+            sync,
         })
     }
 
@@ -240,8 +278,8 @@ impl Store {
                 device_id: batch.device_id.clone(),
             });
         }
-        let handle = self.device(&batch.device_id);
-        let mut device = lock(&handle);
+        let slot = self.device(&batch.device_id);
+        let mut device = lock(&slot.device);
 
         let mut lines = String::new();
         let mut new_records = Vec::new();
@@ -266,16 +304,15 @@ impl Store {
         }
         let accepted = new_records.len() as u64;
         if !new_records.is_empty() {
-            append_synced(
-                &self.dir,
-                &self.records_path(&batch.device_id),
-                lines.as_bytes(),
-            )?;
+            self.write_records(&mut device, &batch.device_id, lines.as_bytes())?;
             for (seq, fingerprint) in new_records {
                 device.records.insert(seq);
                 device.fingerprints.insert(seq, fingerprint);
             }
         }
+        // Everything this batch found stored or stored itself is in the file up to here.
+        let durable_at = device.written;
+        let failed_syncs = device.failed_syncs;
 
         let mut seen = BTreeSet::new();
         let new_gaps: Vec<Gap> = batch
@@ -299,6 +336,7 @@ impl Store {
                 device.add_gap(*gap);
             }
         }
+        self.wait_durable(&slot, device, &batch.device_id, durable_at, failed_syncs)?;
 
         Ok(Outcome {
             accepted,
@@ -307,16 +345,128 @@ impl Store {
         })
     }
 
+    /// Appends `lines` to the device's records file (opened, or created and its directory synced,
+    /// at the first write of this start), without syncing it. A failed write is cut back.
+    fn write_records(
+        &self,
+        device: &mut Device,
+        device_id: &str,
+        lines: &[u8],
+    ) -> Result<(), Error> {
+        let path = self.records_path(device_id);
+        let file = match &device.file {
+            Some(file) => Arc::clone(file),
+            None => {
+                let file = Arc::new(open_append(&self.dir, &path)?);
+                device.file = Some(Arc::clone(&file));
+                file
+            }
+        };
+        append(&path, &file, device.written, lines)?;
+        device.written += lines.len() as u64;
+        Ok(())
+    }
+
+    /// Returns once the device's records file is durable up to `upto` (running the sync when no
+    /// other request is), or with an error when a sync failed before it got there.
+    fn wait_durable<'a>(
+        &self,
+        slot: &'a Slot,
+        mut device: MutexGuard<'a, Device>,
+        device_id: &str,
+        upto: u64,
+        failed_syncs: u64,
+    ) -> Result<(), Error> {
+        let path = || self.records_path(device_id);
+        device.waiting += 1;
+        let result = loop {
+            if device.failed_syncs != failed_syncs {
+                break Err(Error::Sync {
+                    path: path(),
+                    source: io::Error::other("an earlier sync of this file failed"),
+                });
+            }
+            if device.durable >= upto {
+                break Ok(());
+            }
+            let Some(file) = device
+                .file
+                .as_ref()
+                .map(Arc::clone)
+                .filter(|_| !device.syncing)
+            else {
+                device = slot
+                    .synced
+                    .wait(device)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            // This request syncs for every write so far; the others wait for it.
+            device.syncing = true;
+            let target = device.written;
+            drop(device);
+            let synced = (self.sync)(&file);
+            device = lock(&slot.device);
+            device.syncing = false;
+            slot.synced.notify_all();
+            match synced {
+                Ok(()) => device.durable = device.durable.max(target),
+                Err(source) => {
+                    self.after_failed_sync(&mut device, device_id);
+                    break Err(Error::Sync {
+                        path: path(),
+                        source,
+                    });
+                }
+            }
+        };
+        device.waiting -= 1;
+        result
+    }
+
+    /// A sync of the device's records file failed: what was written since the last good sync may
+    /// or may not be on disk. Cuts the file back to its durable length and rebuilds the device's
+    /// records from the file, so that those records are stored again when they are resent.
+    fn after_failed_sync(&self, device: &mut Device, device_id: &str) {
+        device.failed_syncs += 1;
+        let path = self.records_path(device_id);
+        let durable = device.durable;
+        error!(
+            "sync failed path={} durable_bytes={} written_bytes={}: dropping the lines written since",
+            path.display(),
+            durable,
+            device.written
+        );
+        if let Some(file) = device.file.take() {
+            if let Err(e) = file.set_len(durable) {
+                error!("cannot cut back path={} error={e}", path.display());
+            }
+        }
+        device.records = RangeSet::new();
+        device.fingerprints = Fingerprints::new();
+        device.written = 0;
+        device.durable = 0;
+        if durable > 0 {
+            if let Err(e) = device.load_records(&path) {
+                error!(
+                    "cannot reload path={} error={}",
+                    path.display(),
+                    crate::error_chain(&e)
+                );
+            }
+        }
+    }
+
     /// Every device that has stored records or gaps, ordered by id.
     pub fn devices(&self) -> Vec<DeviceSummary> {
-        let handles: Vec<(String, Arc<Mutex<Device>>)> = lock(&self.devices)
+        let handles: Vec<(String, Arc<Slot>)> = lock(&self.devices)
             .iter()
             .map(|(id, d)| (id.clone(), Arc::clone(d)))
             .collect();
         handles
             .into_iter()
             .filter_map(|(device_id, handle)| {
-                let device = lock(&handle);
+                let device = lock(&handle.device);
                 // A device with clashes has records: a clash is with a stored record.
                 if device.records.is_empty() && device.gaps.is_empty() {
                     return None;
@@ -341,28 +491,31 @@ impl Store {
             .collect()
     }
 
-    /// The device's records file opened for reading and its length at the time of the call; bytes
-    /// beyond that length may belong to a write in progress. `None` if the device stored nothing.
+    /// The device's records file opened for reading and its durable length at the time of the
+    /// call (it ends on a line boundary); bytes beyond it may belong to a write in progress or one
+    /// not yet synced. `None` if the device stored nothing.
     pub fn records_file(&self, device_id: &str) -> Result<Option<(File, u64)>, Error> {
         let Some(handle) = lock(&self.devices).get(device_id).cloned() else {
             return Ok(None);
         };
-        // Holding the device lock while taking the length means the length ends on a line boundary.
-        let _device = lock(&handle);
+        let len = lock(&handle.device).durable;
         let path = self.records_path(device_id);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(Error::Open { path, source }),
-        };
-        let len = file
-            .metadata()
-            .map_err(|source| Error::Read { path, source })?
-            .len();
-        Ok(Some((file, len)))
+        match File::open(&path) {
+            Ok(file) => Ok(Some((file, len))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Open { path, source }),
+        }
     }
 
-    fn device(&self, device_id: &str) -> Arc<Mutex<Device>> {
+    /// Requests of `device_id` waiting for their records to become durable.
+    #[cfg(test)]
+    fn waiting(&self, device_id: &str) -> usize {
+        lock(&self.devices)
+            .get(device_id)
+            .map_or(0, |slot| lock(&slot.device).waiting)
+    }
+
+    fn device(&self, device_id: &str) -> Arc<Slot> {
         Arc::clone(lock(&self.devices).entry(device_id.to_owned()).or_default())
     }
 
@@ -376,6 +529,24 @@ impl Store {
 }
 
 impl Device {
+    /// Reads the records file at `path` (cutting off a torn last line) into the records and
+    /// fingerprints; its length is then both written and durable.
+    fn load_records(&mut self, path: &Path) -> Result<(), Error> {
+        let mut len = 0u64;
+        for_each_line(path, |line| {
+            let (seq, fingerprint) = batch::stored_record(line).map_err(|e| e.to_string())?;
+            // A repeated seq cannot be written by this store; if one is there anyway the first
+            // copy is the stored one, as at ingest.
+            self.records.insert(seq);
+            self.fingerprints.insert(seq, fingerprint);
+            len += line.len() as u64 + 1;
+            Ok(())
+        })?;
+        self.written = len;
+        self.durable = len;
+        Ok(())
+    }
+
     fn add_gap(&mut self, gap: Gap) {
         if self.gap_keys.insert(gap_key(&gap)) {
             self.gaps.push(gap);

@@ -361,3 +361,144 @@ fn after_a_restart_a_resend_is_a_duplicate_and_other_content_still_clashes() {
     );
     assert_eq!(clash_seq(store.ingest(&changed)), 4);
 }
+
+/// A stand-in for `sync_data` that a test holds and releases: each call is counted and waits until
+/// the gate opens, then syncs for real or fails.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    calls: u64,
+    open: bool,
+    fail: bool,
+}
+
+impl Gate {
+    fn store(self: &Arc<Self>, dir: &Path) -> Store {
+        let gate = Arc::clone(self);
+        let sync: SyncFn = Arc::new(move |file: &File| {
+            let mut st = lock(&gate.state);
+            st.calls += 1;
+            gate.changed.notify_all();
+            while !st.open {
+                st = gate.changed.wait(st).expect("gate lock");
+            }
+            if st.fail {
+                Err(io::Error::other("test: the disk refuses to sync"))
+            } else {
+                file.sync_data()
+            }
+        });
+        Store::open_with(dir, sync).expect("open")
+    }
+
+    fn open(&self, fail: bool) {
+        let mut st = lock(&self.state);
+        st.open = true;
+        st.fail = fail;
+        self.changed.notify_all();
+    }
+
+    fn calls(&self) -> u64 {
+        lock(&self.state).calls
+    }
+}
+
+/// Polls `cond` every few milliseconds; panics naming `what` after ten seconds.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Group commit: a request written while another one's sync runs does not wait for the lock, it
+/// waits for the next sync, which it shares with every request that wrote meanwhile; and a resend
+/// of records that are written but not yet synced is not answered before they are durable.
+#[test]
+fn concurrent_requests_share_a_sync_and_are_answered_only_once_durable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = Arc::new(Gate::default());
+    let store = Arc::new(gate.store(dir.path()));
+    let ingest = |seqs: &'static [u64]| {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || store.ingest(&batch("gw-01", seqs, &[])))
+    };
+    let a = ingest(&[1, 2]);
+    wait_for("the first sync to start", || gate.calls() == 1);
+    let b = ingest(&[3, 4]);
+    let resend = ingest(&[1, 2]);
+    wait_for("three requests waiting for durability", || {
+        store.waiting("gw-01") == 3
+    });
+    assert!(!a.is_finished() && !b.is_finished() && !resend.is_finished());
+    let (_, len) = store.records_file("gw-01").expect("lookup").expect("file");
+    assert_eq!(len, 0, "nothing is served before it is durable");
+
+    gate.open(false);
+    let answers = [a, b, resend].map(|h| h.join().expect("thread").expect("ingest"));
+    assert_eq!(
+        answers,
+        [outcome(2, 0, 0), outcome(2, 0, 0), outcome(0, 2, 0)]
+    );
+    assert_eq!(
+        gate.calls(),
+        2,
+        "the writes made during the first sync share the second"
+    );
+    let text = fs::read_to_string(dir.path().join("gw-01.ndjson")).expect("read");
+    assert_eq!(text.lines().count(), 4);
+    let (_, len) = store.records_file("gw-01").expect("lookup").expect("file");
+    assert_eq!(len, text.len() as u64);
+}
+
+/// A failed sync: neither the request that wrote the lines nor a resend waiting for them is
+/// acknowledged, the file is cut back to what was durable, and the records are stored again when
+/// they come again.
+#[test]
+fn a_failed_sync_refuses_every_request_waiting_for_it_and_the_resend_is_stored() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("gw-01.ndjson");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store.ingest(&batch("gw-01", &[1], &[])).expect("ingest");
+    }
+    let durable = fs::read_to_string(&path).expect("read");
+    let gate = Arc::new(Gate::default());
+    let store = Arc::new(gate.store(dir.path()));
+    let ingest = |seqs: &'static [u64]| {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || store.ingest(&batch("gw-01", seqs, &[])))
+    };
+    let a = ingest(&[2, 3]);
+    wait_for("the sync to start", || gate.calls() == 1);
+    let resend = ingest(&[2, 3]);
+    wait_for("both requests waiting", || store.waiting("gw-01") == 2);
+
+    gate.open(true);
+    for h in [a, resend] {
+        match h.join().expect("thread") {
+            Err(Error::Sync { .. }) => {}
+            other => panic!("a request not durable was answered {other:?}"),
+        }
+    }
+    assert_eq!(fs::read_to_string(&path).expect("read"), durable);
+    assert_eq!(store.devices()[0].records, 1);
+
+    gate.open(false);
+    assert_eq!(
+        store
+            .ingest(&batch("gw-01", &[1, 2, 3], &[]))
+            .expect("ingest"),
+        outcome(2, 1, 0)
+    );
+    assert_eq!(fs::read_to_string(&path).expect("read").lines().count(), 3);
+}

@@ -543,8 +543,11 @@ fn backlog(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
         );
     }
     let mut cloud = procs::Cloud::start(&bins.join("ferry-cloud"), &work.join("cloud-big"))?;
+    let cloud_pid = cloud.proc.pid().to_string();
+    let cpu0 = procs::cpu_secs(&cloud_pid);
     let extra = "batch_max_records = 5000\nbatch_max_bytes = \"4MiB\"";
     let d = drain("ferry-cloud", &cloud.url(), extra, "exp")?;
+    let big_cloud_cpu = procs::cpu_secs(&cloud_pid) - cpu0;
     cloud.proc.stop()?;
     rows.push(
         Row::new(
@@ -554,7 +557,10 @@ fn backlog(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
             "rec/s",
         )
         .baseline("ferry-cloud, defaults", rate(&real))
-        .note(format!("agent cpu {:.1} s in {:.1} s", d.agent_cpu, d.secs)),
+        .note(format!(
+            "cpu s: agent {:.1}, ferry-cloud {:.1}, in {:.1} s wall",
+            d.agent_cpu, big_cloud_cpu, d.secs
+        )),
     );
     drop(sink);
     let _ = std::fs::remove_dir_all(&work);
