@@ -232,12 +232,20 @@ const MIB: f64 = (1u64 << 20) as f64;
 fn binary_sizes(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     const S: &str = "binary size";
     let host = machine::arch();
+    // `make cross` builds into target/<triple> with cross, target/arm/<triple> on the Debian route.
+    let cross = |triple: &str| {
+        let via_cross = args.target.join(triple).join("release/ferry");
+        let debian = args.target.join("arm").join(triple).join("release/ferry");
+        if via_cross.exists() {
+            via_cross
+        } else {
+            debian
+        }
+    };
     for (arch, path) in [
         ("x86_64", args.target.join("release/ferry")),
-        (
-            "aarch64",
-            args.target.join("aarch64-unknown-linux-gnu/release/ferry"),
-        ),
+        ("aarch64", cross("aarch64-unknown-linux-gnu")),
+        ("armv7", cross("armv7-unknown-linux-gnueabihf")),
     ] {
         let what = format!("ferry, stripped release, {arch}");
         let native = host == arch;
@@ -252,10 +260,17 @@ fn binary_sizes(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
                     .target(Target::AtMost(6.0))
                     .note(path.display().to_string()),
             ),
-            Err(_) if arch == "aarch64" => rows.push(Row::missing(
+            Err(_) if arch != "x86_64" => rows.push(Row::missing(
                 S,
                 what,
-                "not built (run make cross TARGET=aarch64-unknown-linux-gnu)",
+                format!(
+                    "not built (run make cross TARGET={})",
+                    if arch == "aarch64" {
+                        "aarch64-unknown-linux-gnu"
+                    } else {
+                        "armv7-unknown-linux-gnueabihf"
+                    }
+                ),
             )),
             Err(e) => return Err(format!("{}: {e} (run make build)", path.display()).into()),
         }
