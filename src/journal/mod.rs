@@ -18,7 +18,7 @@
 //! | key | value |
 //! |---|---|
 //! | `X` seq:u64 | an overlay: a gap (`to_seq`, reason) shown in place of the log's entries `seq..=to_seq` — a dead-lettered record (`rejected`), records dropped for room (`journal_full`), unreadable ones (`journal_lost`) |
-//! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record's entry value |
+//! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record's entry value (`dead.rs`) |
 //! | `W` | the redelivery window (`redelivery.rs`): the seq it is complete below, then (seq, MQTT packet id, hash of topic+payload) of the newest QoS1 messages journaled |
 //! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes` (written together, one snapshot), `retain_from`, `retained_bytes`, all u64 |
 //! | `C`, `O` | downlink command results (`commands.rs`) |
@@ -85,7 +85,7 @@
 //! The on-disk budget is `journal.max_bytes`, for the segments and sled together. Admission is
 //! decided on the logical bytes held (frames of the backlog, and dead letters), against a share of
 //! `max_bytes` that leaves room for what the log holds besides the backlog (the replay window,
-//! partly freed segments) and adapts to the bytes measured on disk (`LOGICAL_SHARE`).
+//! partly freed segments) and adapts to the bytes measured on disk (`budget.rs`).
 //! `reject_new` refuses the append (the writer retries; the broker queues); `drop_oldest` covers
 //! the oldest unsent records with a `journal_full` overlay, and the segments it covers go at the
 //! next sync. sled holds little, but its file grows with the volume written, so it is compacted
@@ -102,16 +102,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::OnFull;
 use crate::protocol::GapReason;
 
-/// Starting share of `journal.max_bytes` that logical bytes (the backlog and dead letters) may
-/// use. The rest is for what the log holds besides the backlog: up to two partly freed segments
-/// (a segment is `max_bytes / 16`), the replay window, and sled's small state.
-const LOGICAL_SHARE: f64 = 0.7;
-/// The adaptive budget never goes below this share of `max_bytes`.
-const MIN_SHARE: f64 = 0.02;
-/// On-disk use above this share of `max_bytes` shrinks the logical budget; below `GROW_BELOW` it
-/// may grow back towards `LOGICAL_SHARE`.
-const SHRINK_ABOVE: f64 = 0.9;
-const GROW_BELOW: f64 = 0.8;
 /// Disk use is measured every this many appends (a `stat` of sled's files), and sled's size for
 /// compaction every this many `maybe_compact` calls.
 const MEASURE_EVERY: u64 = 16;
@@ -119,12 +109,11 @@ const MEASURE_EVERY: u64 = 16;
 const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
-/// Dead letters (kept in sled) may use at most this share of `max_bytes`; beyond it the uplink
-/// stops isolating records (and backs off) rather than delete any.
-const DEAD_SHARE: f64 = 0.015;
 
+mod budget;
 pub mod codec;
 mod commands;
+mod dead;
 mod layout;
 pub mod mark;
 mod recovery;
@@ -138,7 +127,7 @@ pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind, default_replay_window};
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
 use redelivery::Marks;
-use segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, gap_size, push_frame};
+use segments::{Flow, Item, Overlay, Overlays, Segments, push_frame};
 use store::{Store, open_store, sync_blobs};
 
 #[derive(Debug, thiserror::Error)]
@@ -510,7 +499,7 @@ impl Journal {
         let state = State {
             budget: opts
                 .fixed_budget
-                .unwrap_or((opts.max_bytes as f64 * LOGICAL_SHARE) as u64),
+                .unwrap_or((opts.max_bytes as f64 * budget::LOGICAL_SHARE) as u64),
             appends: 0,
             disk_high: false,
             next_seq: 1,
@@ -747,130 +736,6 @@ impl Journal {
             self.apply(batch, "dropping the oldest records")?;
         }
         Ok(())
-    }
-
-    /// Keeps the files on disk under `max_bytes`: segments are freed only whole and behind the
-    /// cursor, so when the files near the limit the logical budget shrinks (by 20 % per
-    /// measurement) until the live data fits in the space already there; with room to spare it
-    /// grows back slowly (5 % per measurement).
-    fn adapt_budget(&self, st: &mut State) {
-        if self.inner.fixed_budget.is_some() {
-            return;
-        }
-        st.appends += 1;
-        let max = self.inner.max_bytes as f64;
-        let near_full = (st.backlog_bytes + st.dead_bytes) as f64 > st.budget as f64 * 0.8;
-        if st.appends % MEASURE_EVERY != 0 && !near_full && !st.disk_high {
-            return;
-        }
-        let log = st.log.as_ref().map_or(0, Segments::disk_bytes);
-        let disk = (log + self.sled_bytes()) as f64;
-        // Once the files are past the point where they may grow out of bounds, measure every time.
-        st.disk_high = disk > max * (SHRINK_ABOVE - 0.1);
-        let before = st.budget;
-        if disk > max * SHRINK_ABOVE {
-            st.budget = ((st.budget as f64 * 0.8) as u64).max((max * MIN_SHARE) as u64);
-        } else if disk < max * GROW_BELOW {
-            st.budget = ((st.budget as f64 * 1.05) as u64).min((max * LOGICAL_SHARE) as u64);
-        }
-        if st.budget != before {
-            debug!(
-                "journal budget adapted disk_bytes={} budget_bytes={} (was {})",
-                disk as u64, st.budget, before
-            );
-        }
-    }
-
-    /// Replaces the oldest unprotected records by `journal_full` gaps (overlays) until `need`
-    /// bytes are freed (or nothing more can be dropped). Changes go into `batch`, applied by the
-    /// caller; the segments they free go at the next sync.
-    fn trim_oldest(&self, st: &mut State, batch: &mut sled::Batch, need: u64) -> Result<u64> {
-        let start = st.protected_through.max(st.acked) + 1;
-        let end = st.next_seq - 1;
-        let mut freed = 0u64;
-        let mut dropped = 0u64;
-        let mut run: Option<(u64, u64)> = None;
-        let mut runs = Vec::new();
-        let gap_cost = gap_size(u64::MAX, GapReason::JournalFull);
-        {
-            let State { log, overlays, .. } = &mut *st;
-            log_of(log)?
-                .read(start, end, overlays, false, |item| {
-                    // Each new run costs a gap frame: count it, or room-making falls short once
-                    // gaps outweigh what they replace.
-                    let new_gaps = (runs.len() + usize::from(run.is_some())) as u64;
-                    if freed >= need + new_gaps * gap_cost {
-                        return Flow::Refuse;
-                    }
-                    match item {
-                        Item::Frame(Entry::Record(r), size, _) => {
-                            freed += size;
-                            dropped += 1;
-                            run = match run {
-                                Some((from, to)) if to + 1 == r.seq => Some((from, r.seq)),
-                                other => {
-                                    runs.extend(other);
-                                    Some((r.seq, r.seq))
-                                }
-                            };
-                        }
-                        // An existing gap ends the current run; gaps keep their own reason.
-                        _ => runs.extend(run.take()),
-                    }
-                    Flow::Next
-                })
-                .map_err(log_io("scanning for the oldest records"))?;
-        }
-        runs.extend(run);
-        let mut new_gaps = 0u64;
-        for &(from, to) in &runs {
-            // A run right after an earlier journal_full gap that nothing has read yet extends that
-            // gap: a journal that stays full holds one gap, not one per trim.
-            let merge_into = st
-                .overlays
-                .range(..from)
-                .next_back()
-                .filter(|(f, o)| {
-                    **f >= start && o.to + 1 == from && o.reason == GapReason::JournalFull
-                })
-                .map(|(f, o)| (*f, o.to));
-            let gap_from = match merge_into {
-                Some((f, old_to)) => {
-                    // The longer gap may take a byte more to encode.
-                    let grown = gap_size(to, GapReason::JournalFull)
-                        .saturating_sub(gap_size(old_to, GapReason::JournalFull));
-                    freed = freed.saturating_sub(grown);
-                    f
-                }
-                None => {
-                    new_gaps += 1;
-                    freed = freed.saturating_sub(gap_size(to, GapReason::JournalFull));
-                    from
-                }
-            };
-            batch.insert(
-                &overlay_key(gap_from)[..],
-                encode_gap(to, GapReason::JournalFull),
-            );
-            st.overlay_generation += 1;
-            st.overlays.insert(
-                gap_from,
-                Overlay {
-                    to,
-                    reason: GapReason::JournalFull,
-                    generation: st.overlay_generation,
-                },
-            );
-            warn!(
-                "journal full: dropped records {}..={} (reported to the cloud as a journal_full gap from {})",
-                from, to, gap_from
-            );
-        }
-        st.backlog_records = st.backlog_records - dropped + new_gaps;
-        st.dropped += dropped;
-        st.sled_dirty |= !runs.is_empty();
-        st.backlog_bytes = st.backlog_bytes.saturating_sub(freed);
-        Ok(dropped)
     }
 
     /// Makes everything appended so far durable: `fdatasync` of the active segment (older ones
@@ -1165,119 +1030,6 @@ impl Journal {
             self.sync()?;
         }
         Ok(true)
-    }
-
-    /// Moves the record `seq` to the dead-letter store and leaves a `rejected` gap in its place
-    /// (an overlay), so the cloud is told and the records around it flow on. Synced before
-    /// returning.
-    pub fn dead_letter(&self, seq: u64, status: u16, reason: &str) -> Result<()> {
-        let mut st = self.lock();
-        let mut found = None;
-        if seq > st.acked && seq < st.next_seq {
-            let State { log, overlays, .. } = &mut *st;
-            log_of(log)?
-                .read(seq, seq, overlays, false, |item| {
-                    found = Some(item);
-                    Flow::Stop
-                })
-                .map_err(log_io("reading a record to dead-letter"))?;
-        }
-        let (record, size) = match found {
-            Some(Item::Frame(Entry::Record(r), size, _)) if r.seq == seq => (r, size),
-            Some(Item::Frame(..) | Item::Overlay(..) | Item::Lost(..)) => {
-                return Err(Error::Corrupt {
-                    seq,
-                    reason: "only records can be dead-lettered".into(),
-                });
-            }
-            _ => return Err(Error::NoDeadLetter { seq }),
-        };
-        let value = encode_record(&NewRecord::from(record));
-        let header = DeadHeader {
-            status,
-            error: truncate(reason, 512).to_string(),
-            at_ms: now_ms(),
-        };
-        let dead = encode_dead(&header, &value);
-        // Dead letters are kept until an operator requeues them; when their share is used up, the
-        // record stays in the journal and the uplink backs off as for a refusing cloud.
-        let cap = (self.inner.max_bytes as f64 * DEAD_SHARE) as u64;
-        if st.dead_count > 0 && st.dead_bytes + entry_size(&dead) > cap {
-            return Err(Error::DeadLettersFull {
-                count: st.dead_count,
-                bytes: st.dead_bytes,
-            });
-        }
-        let gap = encode_gap(seq, GapReason::Rejected);
-        st.backlog_bytes = st.backlog_bytes.saturating_sub(size) + frame_size(gap.len());
-        st.dead_bytes += entry_size(&dead);
-        st.dead_count += 1;
-        st.overlay_generation += 1;
-        let generation = st.overlay_generation;
-        st.overlays.insert(
-            seq,
-            Overlay {
-                to: seq,
-                reason: GapReason::Rejected,
-                generation,
-            },
-        );
-        if let Some(e) = st.inflight.iter_mut().find(|e| e.0 == seq) {
-            e.2 = frame_size(gap.len());
-        }
-        let mut batch = sled::Batch::default();
-        batch.insert(&overlay_key(seq)[..], gap);
-        batch.insert(&dead_key(seq)[..], dead);
-        put_positions(&st, &mut batch);
-        self.apply(batch, "dead-lettering")?;
-        st.sled_dirty = true;
-        drop(st);
-        self.sync()
-    }
-
-    /// Lists dead letters, oldest first, at most `limit`.
-    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        let mut out = Vec::new();
-        for item in self.store()?.log.scan_prefix([P_DEAD]).take(limit) {
-            let (k, v) = item.map_err(storage("listing dead letters"))?;
-            let seq = key_seq(&k);
-            let (header, record) = decode_dead(seq, &v)?;
-            out.push(DeadLetter {
-                seq,
-                status: header.status,
-                error: header.error,
-                at_ms: header.at_ms,
-                topic: record.topic,
-                payload_bytes: record.payload.len(),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Appends the dead letter `seq` again as a new record (with a new seq; the old seq stays
-    /// reported as `rejected`) and removes it from the dead-letter store. Returns the new seq.
-    pub fn requeue(&self, seq: u64) -> Result<u64> {
-        let value = self
-            .store()?
-            .log
-            .get(dead_key(seq))
-            .map_err(storage("reading a dead letter"))?
-            .ok_or(Error::NoDeadLetter { seq })?;
-        let (_, record) = decode_dead(seq, &value)?;
-        let appended = self.append(&[NewRecord::from(record)])?;
-        let mut st = self.lock();
-        st.dead_bytes = st.dead_bytes.saturating_sub(entry_size(&value));
-        st.dead_count = st.dead_count.saturating_sub(1);
-        let mut batch = sled::Batch::default();
-        batch.remove(&dead_key(seq)[..]);
-        put_positions(&st, &mut batch);
-        self.apply(batch, "removing a requeued dead letter")?;
-        st.sled_dirty = true;
-        drop(st);
-        self.sync()?;
-        let new_seq = appended.first_seq.unwrap_or(0);
-        info!("dead letter requeued seq={} new_seq={}", seq, new_seq);
-        Ok(new_seq)
     }
 
     pub fn positions(&self) -> Positions {
