@@ -46,15 +46,12 @@ fn gaps_total(device: &Value, reason: &str) -> u64 {
         .sum()
 }
 
-/// `reject_new`: a full journal stops acking, mosquitto queues for ferry's session, and once the
-/// cloud drains the journal intake resumes; nothing published is lost.
-#[test]
-fn reject_new_stops_acking_and_loses_nothing_once_drained() {
-    let tmp = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
-    let mut cloud = Cloud::start(&tmp.path().join("cloud"));
+/// mosquitto, a stopped ferry-cloud, and an agent with a 4 MiB journal and `on_full`, connected.
+fn full_journal_setup(tmp: &std::path::Path, on_full: &str) -> (Mosquitto, Cloud, Agent) {
+    let broker = Mosquitto::start(&tmp.join("mqtt"));
+    let mut cloud = Cloud::start(&tmp.join("cloud"));
     cloud.stop();
-    let dir = tmp.path().join("agent");
+    let dir = tmp.join("agent");
     let control = free_port();
     let config = edited(
         agent_config(
@@ -67,11 +64,20 @@ fn reject_new_stops_acking_and_loses_nothing_once_drained() {
         ),
         &[(
             "max_bytes = \"64MiB\"",
-            "max_bytes = \"4MiB\"\non_full = \"reject_new\"",
+            &format!("max_bytes = \"4MiB\"\non_full = \"{on_full}\""),
         )],
     );
     let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
+    (broker, cloud, agent)
+}
+
+/// `reject_new`: a full journal stops acking, mosquitto queues for ferry's session, and once the
+/// cloud drains the journal intake resumes; nothing published is lost.
+#[test]
+fn reject_new_stops_acking_and_loses_nothing_once_drained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (broker, mut cloud, agent) = full_journal_setup(tmp.path(), "reject_new");
 
     publish(broker.port, "sensors/full", payloads(0..3000, 1000));
     wait_until("the journal to refuse", Duration::from_secs(30), || {
@@ -105,27 +111,8 @@ fn reject_new_stops_acking_and_loses_nothing_once_drained() {
 fn drop_oldest_stays_under_max_bytes_and_reports_exact_gaps() {
     const MAX: u64 = 4 << 20;
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
-    let mut cloud = Cloud::start(&tmp.path().join("cloud"));
-    cloud.stop();
+    let (broker, mut cloud, agent) = full_journal_setup(tmp.path(), "drop_oldest");
     let dir = tmp.path().join("agent");
-    let control = free_port();
-    let config = edited(
-        agent_config(
-            &dir,
-            broker.port,
-            &cloud.url(),
-            control,
-            "max_packet_size = \"16KiB\"",
-            "",
-        ),
-        &[(
-            "max_bytes = \"64MiB\"",
-            "max_bytes = \"4MiB\"\non_full = \"drop_oldest\"",
-        )],
-    );
-    let agent = Agent::start(&dir, &config, control);
-    agent.wait_connected();
 
     let mut peak = 0;
     let mut peak_listing = String::new();

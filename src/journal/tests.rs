@@ -167,17 +167,23 @@ fn reject_new_refuses_appends_over_budget_and_accepts_after_acks() {
     assert_eq!(j.positions().head_seq, 6);
 }
 
-#[test]
-fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut o = opts(dir.path());
+/// A `drop_oldest` journal with a 40 kB budget holding three synced records of 10 kB (seqs 1..=3).
+fn drop_oldest_with_three_records(dir: &Path) -> Journal {
+    let mut o = opts(dir);
     o.fixed_budget = Some(40_000);
     o.on_full = OnFull::DropOldest;
     let j = Journal::open(&o).unwrap();
-    let big = vec![b'x'; 10_000];
     for _ in 0..3 {
-        append_synced(&j, &[rec("t", &big)]);
+        append_synced(&j, &[rec("t", &[b'x'; 10_000])]);
     }
+    j
+}
+
+#[test]
+fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = drop_oldest_with_three_records(dir.path());
+    let big = vec![b'x'; 10_000];
     // Seq 1 is in flight: protected from trimming.
     assert_eq!(seqs(&j.read_batch(None, 1, 1 << 20).unwrap()), vec![1]);
     let a = append_synced(&j, &[rec("t", &big), rec("t", &big)]);
@@ -203,14 +209,8 @@ fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
 #[test]
 fn an_ack_keeps_the_batch_read_behind_it_protected() {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = opts(dir.path());
-    o.fixed_budget = Some(40_000);
-    o.on_full = OnFull::DropOldest;
-    let j = Journal::open(&o).unwrap();
+    let j = drop_oldest_with_three_records(dir.path());
     let big = vec![b'x'; 10_000];
-    for _ in 0..3 {
-        append_synced(&j, &[rec("t", &big)]);
-    }
     assert_eq!(seqs(&j.read_batch(None, 1, 1 << 20).unwrap()), vec![1]);
     assert_eq!(seqs(&j.read_after(1, None, 1, 1 << 20).unwrap()), vec![2]);
     assert!(j.ack(1).unwrap());

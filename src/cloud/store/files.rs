@@ -64,6 +64,16 @@ pub(super) fn for_each_line(
     }
 }
 
+/// Makes the entries of `dir` durable (a new file's name survives a power cut only then).
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Sync {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
 /// How the store makes a records file durable: `File::sync_data`, or a test's stand-in.
 pub(super) type SyncFn = Arc<dyn Fn(&File) -> io::Result<()> + Send + Sync>;
 
@@ -82,12 +92,7 @@ pub(super) fn open_append(dir: &Path, path: &Path) -> Result<File, Error> {
                 .create_new(true)
                 .open(path)
                 .map_err(open_error)?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| Error::Sync {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+            sync_dir(dir)?;
             Ok(file)
         }
         Err(e) => Err(open_error(e)),
@@ -152,12 +157,7 @@ pub(super) fn append_synced(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(),
         return Err(e);
     }
     if created {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| Error::Sync {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        sync_dir(dir)?;
     }
     Ok(())
 }

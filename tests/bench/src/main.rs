@@ -242,11 +242,12 @@ fn binary_sizes(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
             debian
         }
     };
-    for (arch, path) in [
-        ("x86_64", args.target.join("release/ferry")),
-        ("aarch64", cross("aarch64-unknown-linux-gnu")),
-        ("armv7", cross("armv7-unknown-linux-gnueabihf")),
+    for (arch, triple) in [
+        ("x86_64", None),
+        ("aarch64", Some("aarch64-unknown-linux-gnu")),
+        ("armv7", Some("armv7-unknown-linux-gnueabihf")),
     ] {
+        let path = triple.map_or_else(|| args.target.join("release/ferry"), cross);
         let what = format!("ferry, stripped release, {arch}");
         let native = host == arch;
         let path = if native && !path.exists() {
@@ -260,16 +261,12 @@ fn binary_sizes(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
                     .target(Target::AtMost(6.0))
                     .note(path.display().to_string()),
             ),
-            Err(_) if arch != "x86_64" => rows.push(Row::missing(
+            Err(_) if triple.is_some() => rows.push(Row::missing(
                 S,
                 what,
                 format!(
                     "not built (run make cross TARGET={})",
-                    if arch == "aarch64" {
-                        "aarch64-unknown-linux-gnu"
-                    } else {
-                        "armv7-unknown-linux-gnueabihf"
-                    }
+                    triple.unwrap_or_default()
                 ),
             )),
             Err(e) => return Err(format!("{}: {e} (run make build)", path.display()).into()),
