@@ -25,7 +25,8 @@
 //! back the same way before the error is returned. Any other malformed line stops the start. Those
 //! file primitives are in `files`.
 //!
-//! In memory each device keeps a [`RangeSet`] of stored seqs, its gaps, the content [`Fingerprints`]
+//! In memory each device keeps a [`RangeSet`] of stored (durable) seqs, the seqs written but not
+//! yet synced, its gaps, the content [`Fingerprints`]
 //! of its stored records (about 8 bytes per record, see that module), and the identity clashes seen
 //! since this start. A device's files are written under that device's mutex (a sync runs outside
 //! it); the map of devices has its own mutex, held only to look a device up.
@@ -37,7 +38,7 @@
 //! [`MAX_CLASHES`] most recently clashing seqs and a total. Clashes are not written to disk; a
 //! restart forgets them until the clashing gateway sends again, which it keeps doing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -127,8 +128,13 @@ struct Device {
     failed_syncs: u64,
     /// Requests waiting for their lines to become durable (for tests).
     waiting: usize,
+    /// Durable records: what `GET /v1/devices` counts, so that a count never runs ahead of what
+    /// `GET .../records` can read.
     records: RangeSet,
-    /// Of every seq in `records`.
+    /// Records written but not yet synced: the file length after each write and its seqs, oldest
+    /// first. A sync moves those it covers into `records`.
+    unsynced: VecDeque<(u64, Vec<u64>)>,
+    /// Of every seq written, durable or not (a resend of an unsynced record is a duplicate).
     fingerprints: Fingerprints,
     /// At most [`MAX_CLASHES`], in no particular order.
     clashes: Vec<Clash>,
@@ -305,10 +311,13 @@ impl Store {
         let accepted = new_records.len() as u64;
         if !new_records.is_empty() {
             self.write_records(&mut device, &batch.device_id, lines.as_bytes())?;
+            let mut seqs = Vec::with_capacity(new_records.len());
             for (seq, fingerprint) in new_records {
-                device.records.insert(seq);
+                seqs.push(seq);
                 device.fingerprints.insert(seq, fingerprint);
             }
+            let end = device.written;
+            device.unsynced.push_back((end, seqs));
         }
         // Everything this batch found stored or stored itself is in the file up to here.
         let durable_at = device.written;
@@ -410,7 +419,7 @@ impl Store {
             device.syncing = false;
             slot.synced.notify_all();
             match synced {
-                Ok(()) => device.durable = device.durable.max(target),
+                Ok(()) => device.synced_to(target),
                 Err(source) => {
                     self.after_failed_sync(&mut device, device_id);
                     break Err(Error::Sync {
@@ -443,6 +452,7 @@ impl Store {
             }
         }
         device.records = RangeSet::new();
+        device.unsynced.clear();
         device.fingerprints = Fingerprints::new();
         device.written = 0;
         device.durable = 0;
@@ -545,6 +555,22 @@ impl Device {
         self.written = len;
         self.durable = len;
         Ok(())
+    }
+
+    /// The records file is durable up to `len`: the records written up to there are stored.
+    fn synced_to(&mut self, len: u64) {
+        self.durable = self.durable.max(len);
+        while self
+            .unsynced
+            .front()
+            .is_some_and(|(end, _)| *end <= self.durable)
+        {
+            if let Some((_, seqs)) = self.unsynced.pop_front() {
+                for seq in seqs {
+                    self.records.insert(seq);
+                }
+            }
+        }
     }
 
     fn add_gap(&mut self, gap: Gap) {

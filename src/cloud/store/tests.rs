@@ -421,8 +421,10 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Group commit: a request written while another one's sync runs does not wait for the lock, it
-/// waits for the next sync, which it shares with every request that wrote meanwhile; and a resend
-/// of records that are written but not yet synced is not answered before they are durable.
+/// waits for the next sync, which it shares with every request that wrote meanwhile; a resend of
+/// records that are written but not yet synced is not answered before they are durable; and the
+/// device listing counts a record only once it is durable (a reader polling the count then reads
+/// the records file and must find every record counted).
 #[test]
 fn concurrent_requests_share_a_sync_and_are_answered_only_once_durable() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -442,6 +444,11 @@ fn concurrent_requests_share_a_sync_and_are_answered_only_once_durable() {
     assert!(!a.is_finished() && !b.is_finished() && !resend.is_finished());
     let (_, len) = store.records_file("gw-01").expect("lookup").expect("file");
     assert_eq!(len, 0, "nothing is served before it is durable");
+    assert!(
+        store.devices().is_empty(),
+        "no record is counted before it is durable: {:?}",
+        store.devices()
+    );
 
     gate.open(false);
     let answers = [a, b, resend].map(|h| h.join().expect("thread").expect("ingest"));
@@ -458,6 +465,8 @@ fn concurrent_requests_share_a_sync_and_are_answered_only_once_durable() {
     assert_eq!(text.lines().count(), 4);
     let (_, len) = store.records_file("gw-01").expect("lookup").expect("file");
     assert_eq!(len, text.len() as u64);
+    let device = &store.devices()[0];
+    assert_eq!((device.records, device.highest_seq), (4, 4));
 }
 
 /// A failed sync: neither the request that wrote the lines nor a resend waiting for them is
