@@ -26,9 +26,8 @@
 //! file primitives are in `files`.
 //!
 //! In memory each device keeps a [`RangeSet`] of stored (durable) seqs, the seqs written but not
-//! yet synced, its gaps, the content [`Fingerprints`]
-//! of its stored records (about 8 bytes per record, see that module), and the identity clashes seen
-//! since this start. A device's files are written under that device's mutex (a sync runs outside
+//! yet synced, its gaps, the content [`Fingerprints`] of its written records (about 8 bytes per
+//! record, see that module), and the identity clashes seen since this start. A device's files are written under that device's mutex (a sync runs outside
 //! it); the map of devices has its own mutex, held only to look a device up.
 //!
 //! Identity clashes: a record whose seq is stored with a different fingerprint was not sent by the
