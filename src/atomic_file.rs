@@ -55,7 +55,7 @@ fn write_and_rename(path: &Path, contents: &[u8], dir: &Path) -> io::Result<()> 
 }
 
 fn failpoint(name: &str) {
-    if std::env::var("FERRY_FAILPOINT").is_ok_and(|v| v == name) {
+    if crate::failpoint::is_set(name) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }

@@ -72,6 +72,7 @@ pub struct Totals {
     pub parse_failed: u64,
     pub redeliveries: u64,
     pub qos0_dropped: u64,
+    pub left_with_broker: u64,
     pub upload_failures: u64,
 }
 
@@ -127,6 +128,7 @@ impl Sources {
                 parse_failed: Stats::get(&s.parse_failed),
                 redeliveries: Stats::get(&s.redeliveries),
                 qos0_dropped: Stats::get(&s.qos0_dropped),
+                left_with_broker: Stats::get(&s.left_with_broker),
                 upload_failures: Stats::get(&s.upload_failures),
             },
         }
@@ -324,6 +326,12 @@ pub fn metrics(s: &Status) -> String {
         "counter",
         "QoS0 messages dropped under overload.",
         t.qos0_dropped,
+    );
+    metric(
+        "left_with_broker_total",
+        "counter",
+        "QoS1 messages left with the broker while the journal was behind (taken again later).",
+        t.left_with_broker,
     );
     metric(
         "upload_failures_total",

@@ -11,13 +11,20 @@
 //! A QoS1 message is acknowledged to the broker only after it is durable in the journal, so a crash
 //! at any point loses nothing the broker considers delivered: the session is persistent
 //! (`clean_session = false`, stable client id) and the broker redelivers what was not acked. PUBACKs
-//! are only ever sent on the connection the message arrived on; after a reconnect the broker
+//! are only ever sent on the connection the message arrived on (on a connection error rumqttc drops
+//! the PUBACKs still in its request queue, and this thread stops acking that connection's
+//! messages); after a reconnect the broker
 //! redelivers with DUP and the journal recognises copies it already holds (see `journal`). It can
 //! only among its newest QoS1 records, so the `mqtt` thread journals at most `PUBACK_WINDOW`
 //! messages ahead of the PUBACKs written, whatever in-flight limit the broker keeps (or does not).
 //!
-//! QoS0 messages carry no acknowledgement: they are journaled the same way, but when the writer
-//! falls more than `QOS0_QUEUE_BYTES` behind they are dropped and counted.
+//! Memory is bounded while the journal is behind (a slow or full disk): past `QUEUE_BYTES` of
+//! payload or `OVERFLOW_MESSAGES` messages waiting for the writer, a QoS0 message is dropped and
+//! counted, and a QoS1 message is left with the broker: not taken, not acknowledged, so the broker
+//! keeps it. Once one is left, every later one on that connection is too (the journal keeps the
+//! broker's order), and when everything taken is journaled and acknowledged the `mqtt` thread
+//! disconnects cleanly and reconnects: MQTT 3.1.1 redelivers unacknowledged messages only on a new
+//! connection. The broker's own queue limits then bound the backlog, as with any slow subscriber.
 //!
 //! The downlink's `publish` commands go out through a [`CommandPublisher`], a connection of its own
 //! (see there for why).
@@ -37,6 +44,8 @@ use rumqttc::{
 
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
+use crate::failpoint;
+use crate::logging::Repeats;
 use crate::journal::{self, Journal, MqttDelivery, NewRecord, StoredFormat};
 use crate::payload;
 use crate::shutdown::Shutdown;
@@ -55,11 +64,14 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const REPEAT_LOG: Duration = Duration::from_secs(60);
 /// Largest group commit.
 const MAX_GROUP: usize = 1000;
-/// Payload bytes waiting for the journal beyond which QoS0 messages are dropped. QoS1 messages are
-/// never dropped: they wait in `overflow`, bounded only by what the broker sends unacknowledged (its
-/// in-flight window, which mosquitto 2.0.11 stops enforcing on a resumed session: then everything
-/// it has queued for us).
-const QOS0_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Payload bytes waiting for the journal beyond which new messages are not taken (see the module
+/// header). The broker's in-flight window does not bound them: mosquitto 2.0.11 stops enforcing it
+/// on a resumed session and sends everything it has queued for us.
+const QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Messages in `overflow` beyond which new messages are not taken: bounds the per-message memory
+/// when payloads are small (about 200 bytes each besides the payload). Failpoint
+/// `ingest_overflow=N` lowers it for tests.
+const OVERFLOW_MESSAGES: usize = 10_000;
 /// Channel depth between the threads (QoS1 messages in it are at most `PUBACK_WINDOW`).
 const CHANNEL: usize = 4096;
 /// How long shutdown waits for the writer so that journaled messages can still be acked.
@@ -145,8 +157,9 @@ struct MqttLoop {
     stats: Arc<Stats>,
     shutdown: Shutdown,
     next_index: u64,
-    /// QoS1 messages of the current connection not yet acked, in arrival order.
-    unacked: VecDeque<(u64, Publish)>,
+    /// QoS1 messages of the current connection not yet acked, in arrival order: index and what the
+    /// PUBACK needs.
+    unacked: VecDeque<(u64, QoS, u16)>,
     /// Messages not handed to the writer yet (no room in its channel, or `PUBACK_WINDOW` full), in
     /// arrival order.
     overflow: VecDeque<Delivery>,
@@ -155,10 +168,18 @@ struct MqttLoop {
     awaiting_puback: HashSet<u16>,
     /// See [`Shared::queued`].
     queued: Arc<AtomicUsize>,
+    /// See `OVERFLOW_MESSAGES`.
+    overflow_limit: usize,
+    /// QoS1 messages left with the broker on this connection (see the module header).
+    left_with_broker: u64,
+    /// A DISCONNECT was sent to take the messages left with the broker back.
+    retaking: bool,
     backoff: Backoff,
     connected_at: Option<Instant>,
-    /// The last connection error logged, and when.
-    last_error: Option<(String, Instant)>,
+    /// The same connection error again and again is said once a minute, not per attempt.
+    errors_log: Repeats,
+    /// The journal staying behind is said once a minute, not per reconnect to catch up.
+    behind_log: Repeats,
     /// Test failpoint `FERRY_FAILPOINT=hold_pubacks`: no PUBACK is ever sent, so the broker holds
     /// every message it delivered in flight (a PUBACK backlog that never drains).
     hold_pubacks: bool,
@@ -201,10 +222,15 @@ impl MqttLoop {
             overflow: VecDeque::new(),
             awaiting_puback: HashSet::new(),
             queued,
+            overflow_limit: failpoint::number("ingest_overflow")
+                .map_or(OVERFLOW_MESSAGES, |n| n as usize),
+            left_with_broker: 0,
+            retaking: false,
             backoff,
             connected_at: None,
-            last_error: None,
-            hold_pubacks: std::env::var("FERRY_FAILPOINT").is_ok_and(|v| v == "hold_pubacks"),
+            errors_log: Repeats::new(REPEAT_LOG),
+            behind_log: Repeats::new(REPEAT_LOG),
+            hold_pubacks: failpoint::is_set("hold_pubacks"),
         }
     }
 
@@ -224,6 +250,7 @@ impl MqttLoop {
             }
             self.feed_writer();
             self.send_acks();
+            self.retake_left_messages();
         }
         self.finish();
     }
@@ -239,6 +266,8 @@ impl MqttLoop {
                 self.connected_at = Some(Instant::now());
                 self.unacked.clear();
                 self.awaiting_puback.clear();
+                self.left_with_broker = 0;
+                self.retaking = false;
                 let filters = self
                     .cfg
                     .topics
@@ -272,8 +301,6 @@ impl MqttLoop {
     }
 
     fn on_publish(&mut self, p: Publish) {
-        let index = self.next_index;
-        self.next_index += 1;
         trace!(
             "mqtt publish topic={} pkid={} qos={:?} dup={} bytes={}",
             p.topic,
@@ -282,21 +309,67 @@ impl MqttLoop {
             p.dup,
             p.payload.len()
         );
-        let record = self.to_record(&p);
         let qos1 = p.qos != QoS::AtMostOnce;
-        if qos1 {
-            self.unacked.push_back((index, p));
-        } else if self.queued.load(Ordering::Relaxed) > QOS0_QUEUE_BYTES {
+        let behind = self.queued.load(Ordering::Relaxed) > QUEUE_BYTES
+            || self.overflow.len() >= self.overflow_limit;
+        if qos1 && (behind || self.left_with_broker > 0 || self.retaking) {
+            // Not acknowledged, so the broker keeps it; it comes back after the reconnect.
+            if self.left_with_broker == 0 && !self.retaking {
+                let message = "journal is behind: leaving new messages with the broker until it \
+                               catches up, then reconnecting to take them";
+                let waiting = format!(
+                    "waiting={} waiting_bytes={}",
+                    self.overflow.len(),
+                    self.queued.load(Ordering::Relaxed)
+                );
+                if self.behind_log.is_due(message, Instant::now()) {
+                    warn!("{message} {waiting}");
+                } else {
+                    debug!("{message} {waiting}");
+                }
+            }
+            self.left_with_broker += 1;
+            Stats::add(&self.stats.left_with_broker, 1);
+            return;
+        }
+        if !qos1 && behind {
             Stats::add(&self.stats.qos0_dropped, 1);
             warn!(
                 "journal is behind: dropped a QoS0 message topic={} (use QoS1 for delivery guarantees)",
-                record.topic
+                p.topic
             );
             return;
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        let record = self.to_record(&p);
+        if qos1 {
+            self.unacked.push_back((index, p.qos, p.pkid));
         }
         self.queued
             .fetch_add(record.payload.len(), Ordering::Relaxed);
         self.overflow.push_back(Delivery { index, record });
+    }
+
+    /// Messages left with the broker come back only on a new connection: once everything taken on
+    /// this one is journaled and its PUBACK written, disconnect cleanly (the broker reads the
+    /// PUBACKs before the DISCONNECT) and let the next poll reconnect.
+    fn retake_left_messages(&mut self) {
+        if self.left_with_broker == 0
+            || self.retaking
+            || !self.overflow.is_empty()
+            || !self.unacked.is_empty()
+            || !self.awaiting_puback.is_empty()
+        {
+            return;
+        }
+        debug!(
+            "mqtt reconnecting to take the {} messages left with the broker",
+            self.left_with_broker
+        );
+        if self.client.try_disconnect().is_ok() {
+            self.retaking = true;
+        }
     }
 
     fn to_record(&self, p: &Publish) -> NewRecord {
@@ -363,11 +436,14 @@ impl MqttLoop {
             return;
         }
         let durable = self.durable.load(Ordering::Acquire);
-        while let Some((index, p)) = self.unacked.front() {
-            if *index > durable {
+        while let Some(&(index, qos, pkid)) = self.unacked.front() {
+            if index > durable {
                 return;
             }
-            match self.client.try_ack(p) {
+            // rumqttc builds the PUBACK from the QoS and packet id alone.
+            let mut ack = Publish::new("", qos, Vec::new());
+            ack.pkid = pkid;
+            match self.client.try_ack(&ack) {
                 Ok(()) => {
                     self.unacked.pop_front();
                 }
@@ -383,6 +459,13 @@ impl MqttLoop {
         self.unacked.clear();
         self.awaiting_puback.clear();
         self.connection.eventloop.pending.clear();
+        self.left_with_broker = 0;
+        if std::mem::take(&mut self.retaking) {
+            // The end of the DISCONNECT this thread sent: reconnect at once, no backoff.
+            debug!("mqtt connection closed after disconnect: {e}");
+            self.connected_at = None;
+            return;
+        }
         if self
             .connected_at
             .take()
@@ -411,20 +494,12 @@ impl MqttLoop {
         } else {
             (format!("mqtt connect failed: {e}"), false)
         };
-        // The same failure again and again is said once a minute, not per attempt.
-        let repeated = self
-            .last_error
-            .as_ref()
-            .is_some_and(|(m, t)| *m == message && t.elapsed() < REPEAT_LOG);
-        if repeated {
+        if !self.errors_log.is_due(&message, Instant::now()) {
             debug!("{}; retrying in {:?}", message, delay);
+        } else if needs_person {
+            error!("{}", message);
         } else {
-            if needs_person {
-                error!("{}", message);
-            } else {
-                warn!("{}; retrying in {:?}", message, delay);
-            }
-            self.last_error = Some((message.clone(), Instant::now()));
+            warn!("{}; retrying in {:?}", message, delay);
         }
         self.stats.set_mqtt_error(Some(message));
         self.shutdown.sleep(delay);
@@ -554,16 +629,10 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
         durable,
         queued,
     } = shared;
-    // Test failpoints (as sled's `failpoints`): `FERRY_FAILPOINT=crash_after_sync` aborts the
-    // process right after the first durable append, before any PUBACK: the window the DUP check
-    // covers.
-    let failpoint = std::env::var("FERRY_FAILPOINT").unwrap_or_default();
-    let crash_after_sync = failpoint == "crash_after_sync";
-    // `FERRY_FAILPOINT=slow_sync_ms=N`: every group commit takes N ms longer (a slow SD card).
-    let slow_sync = failpoint
-        .strip_prefix("slow_sync_ms=")
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis);
+    // Test failpoints: `crash_after_sync` aborts right after the first durable append, before any
+    // PUBACK (the window the DUP check covers); `slow_sync_ms=N` makes every group commit slower.
+    let crash_after_sync = failpoint::is_set("crash_after_sync");
+    let slow_sync = failpoint::number("slow_sync_ms").map(Duration::from_millis);
     // The group being committed: records, and the arrival index of each (for the watermark).
     let mut records: Vec<NewRecord> = Vec::new();
     let mut indexes: Vec<u64> = Vec::new();

@@ -43,6 +43,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod downlink;
+pub mod failpoint;
 pub mod fnv;
 pub mod identity;
 pub mod ingest;

@@ -20,6 +20,9 @@ pub struct Stats {
     pub redeliveries: AtomicU64,
     /// QoS0 messages dropped because the journal could not keep up (QoS1 is never dropped).
     pub qos0_dropped: AtomicU64,
+    /// QoS1 messages left with the broker because the journal could not keep up (taken again
+    /// after a reconnect).
+    pub left_with_broker: AtomicU64,
     /// Upload attempts that failed.
     pub upload_failures: AtomicU64,
     /// Turns of the journal writer's loop: the agent's watchdog sees the writer make progress.

@@ -199,3 +199,50 @@ fn a_puback_backlog_beyond_the_redelivery_marks_journals_nothing_twice() {
     });
     assert_exactly_once(&cloud.records(DEVICE), N);
 }
+
+/// A journal far behind a broker that sends without limit (a slow disk after a resumed session,
+/// when mosquitto 2.0.11 stops enforcing its in-flight window): the agent must not buffer without
+/// bound. Past its limit (lowered to 100 messages here) it leaves new QoS1 messages with the
+/// broker, unacknowledged, catches up, reconnects and takes them back: every message journaled
+/// once, in the end, and none lost.
+#[test]
+fn a_journal_far_behind_leaves_messages_with_the_broker_and_takes_each_back_once() {
+    const N: u64 = 3000;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start_on(
+        &tmp.path().join("mqtt"),
+        free_port(),
+        "max_inflight_messages 0",
+    );
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
+    agent.wait_connected();
+    agent.stop();
+    agent.start_again_with_env(&[("FERRY_FAILPOINT", "slow_sync_ms=100,ingest_overflow=100")]);
+    agent.wait_connected();
+    publish(broker.port, "sensors/flood", numbered(0..N));
+    wait_until(
+        "every message journaled",
+        Duration::from_secs(120),
+        || agent.status()["head_seq"].as_u64().unwrap() >= N,
+    );
+    let st = agent.status();
+    assert!(
+        st["totals"]["left_with_broker"].as_u64().unwrap() > 0,
+        "the agent left messages with the broker rather than buffer them all: {st}"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("leaving new messages with the broker"),
+        "the agent said so at WARN"
+    );
+    assert!(
+        log.matches("mqtt connected session_present=true").count() >= 2,
+        "the agent reconnected to take the messages back"
+    );
+    wait_until("all at the cloud", Duration::from_secs(60), || {
+        cloud.records(DEVICE).len() as u64 >= N
+    });
+    assert_eq!(agent.status()["head_seq"], N, "no message got a second seq");
+    assert_exactly_once(&cloud.records(DEVICE), N);
+}
