@@ -9,6 +9,7 @@
 //! | `slow_sync_ms=N` | ingest | every group commit takes N ms longer (a slow SD card) |
 //! | `hold_pubacks` | ingest | no PUBACK is ever sent |
 //! | `ingest_overflow=N` | ingest | at most N messages wait for the journal writer (not 10,000) |
+//! | `console_panic` | console | the console thread panics at the next command line |
 //! | `replace_after_backup`, `replace_before_rename`, `replace_after_rename` | atomic_file | abort at that step of replacing a file |
 
 /// The value of failpoint `name`: `Some("")` when it is set without one, `None` when not set.

@@ -535,3 +535,43 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
     pty.expect(&format!("{new_id}> "));
     agent.stop();
 }
+
+/// Each agent thread runs until shutdown. A console thread that dies (a bug: here a failpoint makes
+/// it panic at the first command) must not leave the agent running without its console: the agent
+/// says which thread stopped and exits with status 1, shutting down cleanly, so that its supervisor
+/// (systemd's `Restart=always`) starts it whole again.
+#[test]
+fn a_console_thread_that_dies_stops_the_agent_for_its_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mq = Mosquitto::start(dir.path());
+    let cloud = Cloud::start(dir.path());
+    let mut pty = Pty::open();
+    let control = free_port();
+    let text = agent_config(
+        dir.path(),
+        mq.port,
+        &cloud.url(),
+        control,
+        "",
+        &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
+    );
+    let mut agent = Agent::start_with_env(
+        &dir.path().join("agent"),
+        &text,
+        control,
+        &[("FERRY_FAILPOINT", "console_panic")],
+    );
+    agent.wait_connected();
+    pty.expect("gw-test> ");
+    pty.line("status");
+    let status = agent
+        .wait_exit_status(Duration::from_secs(15))
+        .expect("the agent stopped after its console thread died");
+    assert_eq!(status.code(), Some(1), "a failure exit for the supervisor");
+    let log = agent.log_text();
+    assert!(
+        log.contains("thread console stopped unexpectedly"),
+        "the log names the thread"
+    );
+    assert!(log.contains("stopped head_seq="), "the agent shut down cleanly");
+}

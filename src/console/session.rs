@@ -131,6 +131,10 @@ pub fn session(
             Ok(l) => l,
             Err(end) => return end,
         };
+        // Test failpoint: a command line kills the thread, as a bug would (the agent's thread watch).
+        if crate::failpoint::is_set("console_panic") {
+            panic!("failpoint console_panic");
+        }
         let r = shell.execute(&line);
         io.write(&r.text);
         if r.exit {

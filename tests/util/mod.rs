@@ -527,17 +527,23 @@ impl Agent {
 
     /// Waits for the agent to exit by itself; returns whether it did within `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        self.wait_exit_status(timeout).is_some()
+    }
+
+    /// Waits for the agent to exit by itself; returns how it exited, `None` if it did not within
+    /// `timeout`.
+    pub fn wait_exit_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Some(c) = self.child.as_mut() {
-                if c.try_wait().unwrap().is_some() {
+                if let Some(status) = c.try_wait().unwrap() {
                     self.child = None;
-                    return true;
+                    return Some(status);
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        false
+        None
     }
 
     fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
