@@ -29,13 +29,13 @@ pub fn number(name: &str) -> Option<u64> {
 }
 
 fn lookup<'a>(list: &'a str, name: &str) -> Option<&'a str> {
-    list.split(',').map(str::trim).find_map(|entry| {
-        match entry.split_once('=') {
+    list.split(',')
+        .map(str::trim)
+        .find_map(|entry| match entry.split_once('=') {
             Some((n, v)) if n == name => Some(v),
             None if entry == name => Some(""),
             _ => None,
-        }
-    })
+        })
 }
 
 #[cfg(test)]

@@ -45,8 +45,8 @@ use rumqttc::{
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
 use crate::failpoint;
-use crate::logging::Repeats;
 use crate::journal::{self, Journal, MqttDelivery, NewRecord, StoredFormat};
+use crate::logging::Repeats;
 use crate::payload;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;

@@ -573,5 +573,8 @@ fn a_console_thread_that_dies_stops_the_agent_for_its_supervisor() {
         log.contains("thread console stopped unexpectedly"),
         "the log names the thread"
     );
-    assert!(log.contains("stopped head_seq="), "the agent shut down cleanly");
+    assert!(
+        log.contains("stopped head_seq="),
+        "the agent shut down cleanly"
+    );
 }

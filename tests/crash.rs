@@ -221,11 +221,9 @@ fn a_journal_far_behind_leaves_messages_with_the_broker_and_takes_each_back_once
     agent.start_again_with_env(&[("FERRY_FAILPOINT", "slow_sync_ms=100,ingest_overflow=100")]);
     agent.wait_connected();
     publish(broker.port, "sensors/flood", numbered(0..N));
-    wait_until(
-        "every message journaled",
-        Duration::from_secs(120),
-        || agent.status()["head_seq"].as_u64().unwrap() >= N,
-    );
+    wait_until("every message journaled", Duration::from_secs(120), || {
+        agent.status()["head_seq"].as_u64().unwrap() >= N
+    });
     let st = agent.status();
     assert!(
         st["totals"]["left_with_broker"].as_u64().unwrap() > 0,
