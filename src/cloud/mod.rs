@@ -541,6 +541,11 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
             Err(Reply::error(400, format!("device_id: {e}")))
         }
         Err(e @ store::Error::Clash { .. }) => Err(Reply::error(409, e.to_string())),
+        Err(e @ store::Error::SyncSlow { .. }) => {
+            warn!("batch not acknowledged device={}: {e}", batch.device_id);
+            Err(Reply::error(503, "the disk is slow; send the batch again")
+                .with_header("Retry-After", "1"))
+        }
         Err(e) => {
             error!(
                 "batch not stored device={} error={}",

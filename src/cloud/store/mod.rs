@@ -42,7 +42,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{error, info};
 
@@ -84,6 +84,10 @@ pub enum Error {
     Write { path: PathBuf, source: io::Error },
     #[error("cannot sync {path}")]
     Sync { path: PathBuf, source: io::Error },
+    /// Another request's sync of the file has not ended within [`SYNC_WAIT`]: the batch may be
+    /// stored later; the sender retries.
+    #[error("{path}: the disk has not finished a sync in {waited:?}")]
+    SyncSlow { path: PathBuf, waited: Duration },
     #[error("device id {device_id} ends in .gaps, which names this receiver's gap files")]
     ReservedDeviceId { device_id: String },
     /// The batch was refused: `seq` (its lowest clashing seq) is stored with other content.
@@ -99,7 +103,14 @@ pub struct Store {
     devices: Mutex<BTreeMap<String, Arc<Slot>>>,
     /// How a records file is made durable: `File::sync_data`, or a test's stand-in.
     sync: SyncFn,
+    /// How long a request waits for another request's sync (see [`SYNC_WAIT`]).
+    sync_wait: Duration,
 }
+
+/// How long a request waits for the sync that makes its lines durable when another request runs
+/// it, before it is answered 503 (its lines may still become durable; the resend is then a
+/// duplicate). The request that runs a sync waits for the disk: a sync cannot be abandoned.
+pub const SYNC_WAIT: Duration = Duration::from_secs(15);
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,10 +199,10 @@ pub struct Clash {
 impl Store {
     /// Opens (creating if needed) the data directory and rebuilds every device's state from it.
     pub fn open(dir: &Path) -> Result<Store, Error> {
-        Self::open_with(dir, Arc::new(File::sync_data))
+        Self::open_with(dir, Arc::new(File::sync_data), SYNC_WAIT)
     }
 
-    fn open_with(dir: &Path, sync: SyncFn) -> Result<Store, Error> {
+    fn open_with(dir: &Path, sync: SyncFn, sync_wait: Duration) -> Result<Store, Error> {
         fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -262,6 +273,7 @@ impl Store {
                     .collect(),
             ),
             sync,
+            sync_wait,
         })
     }
 
@@ -386,6 +398,7 @@ impl Store {
         failed_syncs: u64,
     ) -> Result<(), Error> {
         let path = || self.records_path(device_id);
+        let started = Instant::now();
         device.waiting += 1;
         let result = loop {
             if device.failed_syncs != failed_syncs {
@@ -403,10 +416,18 @@ impl Store {
                 .map(Arc::clone)
                 .filter(|_| !device.syncing)
             else {
+                let waited = started.elapsed();
+                let Some(left) = self.sync_wait.checked_sub(waited).filter(|l| !l.is_zero()) else {
+                    break Err(Error::SyncSlow {
+                        path: path(),
+                        waited,
+                    });
+                };
                 device = slot
                     .synced
-                    .wait(device)
-                    .unwrap_or_else(PoisonError::into_inner);
+                    .wait_timeout(device, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
                 continue;
             };
             // This request syncs for every write so far; the others wait for it.

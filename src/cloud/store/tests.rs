@@ -379,8 +379,12 @@ struct GateState {
 
 impl Gate {
     fn store(self: &Arc<Self>, dir: &Path) -> Store {
+        Store::open_with(dir, self.sync_fn(), SYNC_WAIT).expect("open")
+    }
+
+    fn sync_fn(self: &Arc<Self>) -> SyncFn {
         let gate = Arc::clone(self);
-        let sync: SyncFn = Arc::new(move |file: &File| {
+        Arc::new(move |file: &File| {
             let mut st = lock(&gate.state);
             st.calls += 1;
             gate.changed.notify_all();
@@ -392,8 +396,7 @@ impl Gate {
             } else {
                 file.sync_data()
             }
-        });
-        Store::open_with(dir, sync).expect("open")
+        })
     }
 
     fn open(&self, fail: bool) {
@@ -510,4 +513,45 @@ fn a_failed_sync_refuses_every_request_waiting_for_it_and_the_resend_is_stored()
         outcome(2, 1, 0)
     );
     assert_eq!(fs::read_to_string(&path).expect("read").lines().count(), 3);
+}
+
+/// A sync that does not end (a hung disk) holds the request that runs it, but the others waiting
+/// for it are answered within the store's wait with `SyncSlow` (503 to the sender), and their
+/// lines are stored once a sync does end.
+#[test]
+fn requests_waiting_for_a_hung_sync_give_up_at_the_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = Arc::new(Gate::default());
+    let sync = gate.sync_fn();
+    let store = Arc::new(
+        Store::open_with(dir.path(), sync, std::time::Duration::from_millis(200)).expect("open"),
+    );
+    let ingest = |seqs: &'static [u64]| {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || store.ingest(&batch("gw-01", seqs, &[])))
+    };
+    let runner = ingest(&[1]);
+    wait_for("the sync to start", || gate.calls() == 1);
+    let waiter = ingest(&[2]);
+    match waiter.join().expect("thread") {
+        Err(Error::SyncSlow { waited, .. }) => {
+            assert!(
+                waited >= std::time::Duration::from_millis(200),
+                "{waited:?}"
+            )
+        }
+        other => panic!("a request waiting for a hung sync was answered {other:?}"),
+    }
+    assert!(!runner.is_finished(), "the sync still hangs");
+    gate.open(false);
+    assert_eq!(
+        runner.join().expect("thread").expect("ingest"),
+        outcome(1, 0, 0)
+    );
+    assert_eq!(
+        store.ingest(&batch("gw-01", &[2], &[])).expect("resend"),
+        outcome(0, 1, 0),
+        "the line of the request that gave up was stored"
+    );
+    assert_eq!(store.devices()[0].records, 2);
 }
