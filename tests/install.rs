@@ -218,7 +218,7 @@ fn the_mosquitto_snippets_load_into_debians_default_config() {
         let main = format!(
             "{user}pid_file {d}/mosquitto.pid\npersistence true\npersistence_location {d}/\n\
              log_dest file {d}/mosquitto.log\ninclude_dir {d}/conf.d\n",
-            user = run_as()
+            user = if is_root() { "user root\n" } else { "" }
         );
         std::fs::write(dir.join("mosquitto.conf"), main).unwrap();
         let mut child = Command::new(mosquitto_bin())

@@ -67,24 +67,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
-pub fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
-}
-
 fn signal(child: &Child, sig: &str) {
     signal_pid(child.id(), sig);
-}
-
-/// Sends signal `sig` (`"HUP"`, `"TERM"`) to `pid`.
-pub fn signal_pid(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
 }
 
 /// Waits for `child` to exit within `timeout`; returns its exit status, or kills it and panics.
@@ -105,10 +89,10 @@ pub fn wait_exit(child: &mut Child, name: &str, timeout: Duration) -> ExitStatus
 
 // ---------------------------------------------------------------- mosquitto
 
+/// A real mosquitto (see `ferry_testkit::Mosquitto`) with the tests' in-flight window of 20.
 pub struct Mosquitto {
     pub port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
+    inner: ferry_testkit::Mosquitto,
 }
 
 impl Mosquitto {
@@ -117,89 +101,27 @@ impl Mosquitto {
         Self::start_on(dir, free_port(), "")
     }
 
+    /// Starts mosquitto on `port`; `extra_conf` goes last and overrides the defaults.
     pub fn start_on(dir: &Path, port: u16, extra_conf: &str) -> Mosquitto {
-        std::fs::create_dir_all(dir).unwrap();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 max_queued_messages 1000000\nmax_inflight_messages 20\nmax_packet_size 16777216\n\
-                 log_dest file {}/mosquitto.log\n{extra_conf}\n",
-                dir.display(),
-                dir.display(),
-                user = run_as()
-            ),
-        )
-        .unwrap();
-        let mut m = Mosquitto {
-            port,
-            dir: dir.to_path_buf(),
-            child: None,
-        };
-        m.spawn(&conf);
-        m
-    }
-
-    fn spawn(&mut self, conf: &Path) {
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto not installed: run .ci/run or apt-get install mosquitto");
-        self.child = Some(child);
-        let port = self.port;
-        wait_until("mosquitto to listen", Duration::from_secs(10), || {
-            port_open(port)
-        });
+        let conf = format!("max_inflight_messages 20\n{extra_conf}");
+        let inner = ferry_testkit::Mosquitto::start(dir, port, &conf)
+            .unwrap_or_else(|e| panic!("{e} (run .ci/run or apt-get install mosquitto)"));
+        Mosquitto { port, inner }
     }
 
     /// Stops it cleanly (it saves its persistence file) and starts it again on the same port.
     pub fn restart(&mut self) {
-        self.stop();
-        let conf = self.dir.join("mosquitto.conf");
-        self.spawn(&conf);
+        self.inner.restart().unwrap();
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, "TERM");
-            wait_exit(&mut c, "mosquitto", Duration::from_secs(10));
-        }
+        self.inner.stop().unwrap();
     }
 }
 
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// mosquitto started as root drops to the `mosquitto` user, which cannot write its persistence
-/// file in our temp dir: the session would silently vanish on restart. Keep it as root then.
-pub fn run_as() -> &'static str {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        });
-    if uid == Some(true) { "user root\n" } else { "" }
-}
-
-pub fn mosquitto_bin() -> &'static str {
-    if Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
-    }
-}
+// Not every test file uses each of these.
+#[allow(unused_imports)]
+pub use ferry_testkit::{is_root, mosquitto_bin, port_open, signal_pid};
 
 // ---------------------------------------------------------------- publisher
 
@@ -785,10 +707,10 @@ impl Nginx {
                  }}\n\
                }}\n\
              }}\n",
-            user = if run_as().is_empty() {
-                ""
-            } else {
+            user = if ferry_testkit::is_root() {
                 "user root;\n"
+            } else {
+                ""
             },
         );
         let conf_path = dir.join("nginx.conf");

@@ -477,7 +477,7 @@ fn backlog(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
 
     let bins = args.target.join("release");
     let ferry = bins.join("ferry");
-    let broker = procs::Mosquitto::start(&work.join("mosquitto"), INFLIGHT)?;
+    let broker = procs::mosquitto(&work.join("mosquitto"), INFLIGHT)?;
     let drain = |name: &str, url: &str, extra: &str, tag: &str| -> Result<procs::Drain> {
         let journal = work.join(format!("journal-{tag}"));
         store::copy_tree(&master, &journal)?;
@@ -585,7 +585,7 @@ fn ingest(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
     let n = sizes.ingest;
 
     // Baseline: a plain QoS1 subscriber on its own broker.
-    let broker = procs::Mosquitto::start(&work.join("mosquitto-plain"), INFLIGHT)?;
+    let broker = procs::mosquitto(&work.join("mosquitto-plain"), INFLIGHT)?;
     let sub = procs::Subscriber::start(broker.port)?;
     let received = std::sync::Arc::clone(&sub.received);
     let (plain, pub_plain) = procs::ingest_rate(broker.port, n, || {
@@ -600,7 +600,7 @@ fn ingest(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
     );
 
     // ferry: the uplink points at a closed port, so only ingest runs.
-    let broker = procs::Mosquitto::start(&work.join("mosquitto-ferry"), INFLIGHT)?;
+    let broker = procs::mosquitto(&work.join("mosquitto-ferry"), INFLIGHT)?;
     let control = procs::free_port()?;
     let dead = format!("http://127.0.0.1:{}/v1/ingest", procs::free_port()?);
     let config = procs::agent_config(&work.join("journal"), broker.port, &dead, control, "");

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::store::{BoxError, Result, payload};
+pub use ferry_testkit::Mosquitto;
+use ferry_testkit::terminate;
 
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -22,10 +24,6 @@ pub fn free_port() -> Result<u16> {
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(&addr(port), Duration::from_millis(200)).is_ok()
 }
 
 /// Polls `cond` every `every` until it holds; an error naming `what` after `timeout`.
@@ -67,22 +65,7 @@ impl Proc {
 
     /// SIGTERM, then waits up to 10 s for the exit.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut c) = self.child.take() else {
-            return Ok(());
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        let end = Instant::now() + Duration::from_secs(10);
-        while c.try_wait()?.is_none() {
-            if Instant::now() >= end {
-                let _ = c.kill();
-                let _ = c.wait();
-                return Err(format!("{} did not stop within 10 s of SIGTERM", self.name).into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(&mut self.child, self.name, Duration::from_secs(10))?;
         Ok(())
     }
 
@@ -127,53 +110,14 @@ pub fn cpu_secs(pid: &str) -> f64 {
 
 // ---------------------------------------------------------------- mosquitto
 
-pub struct Mosquitto {
-    pub port: u16,
-    _proc: Proc,
-}
-
-impl Mosquitto {
-    /// mosquitto with persistence in `dir`, as root kept as root (see tests/util/mod.rs), and an
-    /// in-flight window of `inflight` QoS1 messages per client.
-    pub fn start(dir: &Path, inflight: u32) -> Result<Mosquitto> {
-        std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let root = std::fs::read_to_string("/proc/self/status")?
-            .lines()
-            .find(|l| l.starts_with("Uid:"))
-            .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"));
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {d}/\nmax_queued_messages 1000000\n\
-                 max_inflight_messages {inflight}\nlog_dest file {d}/mosquitto.log\n",
-                user = if root { "user root\n" } else { "" },
-                d = dir.display(),
-            ),
-        )?;
-        let bin = if Path::new("/usr/sbin/mosquitto").exists() {
-            "/usr/sbin/mosquitto"
-        } else {
-            "mosquitto"
-        };
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start mosquitto (scripts/ensure-deps.sh): {e}"))?;
-        let proc = Proc::new("mosquitto", child);
-        wait_for(
-            "mosquitto to listen",
-            Duration::from_secs(10),
-            Duration::from_millis(20),
-            || Ok(port_open(port)),
-        )?;
-        Ok(Mosquitto { port, _proc: proc })
-    }
+/// mosquitto (see `ferry_testkit::Mosquitto`) on a free port with an in-flight window of
+/// `inflight` QoS1 messages per client.
+pub fn mosquitto(dir: &Path, inflight: u32) -> Result<Mosquitto> {
+    Ok(Mosquitto::start(
+        dir,
+        free_port()?,
+        &format!("max_inflight_messages {inflight}"),
+    )?)
 }
 
 // ---------------------------------------------------------------- ferry-cloud

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::model::Rng;
-use procs::{Cloud, CrashFsProc, Ferry, Mosquitto, free_port, wait_until};
+use procs::{Cloud, CrashFsProc, Ferry, Mosquitto, free_port, mosquitto, wait_until};
 use publisher::Publisher;
 
 const DEVICE: &str = "torture";
@@ -243,7 +243,7 @@ const STRATEGIES: [&str; 5] = [
 fn run_cuts(opts: &Options, work: &Path, tally: &mut Tally) -> Result<(), String> {
     let mut rng = Rng::new(opts.seed);
     let mut fs = CrashFsProc::start(work)?;
-    let broker = Mosquitto::start(&work.join("mqtt"), 20)?;
+    let broker = mosquitto(&work.join("mqtt"), 20)?;
     let cloud = Cloud::start(&work.join("cloud"))?;
     let control = free_port()?;
     let mut ferry = Ferry::new(
@@ -516,7 +516,7 @@ fn run_slow_fsync(work: &Path, tally: &mut Tally) -> Result<(), String> {
     const MESSAGES: u64 = 300;
     let mut fs = CrashFsProc::start(work)?;
     // The recommended in-flight window: ferry PUBACKs a whole group after each (slow) sync.
-    let broker = Mosquitto::start(&work.join("mqtt"), 100)?;
+    let broker = mosquitto(&work.join("mqtt"), 100)?;
     let cloud = Cloud::start(&work.join("cloud"))?;
     let control = free_port()?;
     // The shortest keep-alive ferry allows, so that a stalled MQTT thread would be noticed.

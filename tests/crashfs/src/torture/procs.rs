@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::control;
 
-pub type Result<T> = std::result::Result<T, String>;
+pub use ferry_testkit::{Mosquitto, Result, poll_until as wait_until};
+use ferry_testkit::{port_open, terminate};
 
 /// A binary built next to this one (`target/<profile>/`).
 pub fn sibling(name: &str) -> Result<PathBuf> {
@@ -30,28 +31,6 @@ pub fn free_port() -> Result<u16> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("no free port: {e}"))
-}
-
-/// Polls `cond` every 10 ms until it holds (Ok) or `timeout` passes (Err naming `what`).
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let end = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return Ok(());
-        }
-        if Instant::now() >= end {
-            return Err(format!("timed out after {timeout:?} waiting for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
 }
 
 /// GET `path` on 127.0.0.1:`port` with a 10 s deadline; the body of a 200.
@@ -91,39 +70,6 @@ fn kill(child: &mut Option<Child>) {
         let _ = c.kill();
         let _ = c.wait();
     }
-}
-
-fn terminate(child: &mut Option<Child>, name: &str, timeout: Duration) -> Result<()> {
-    let Some(mut c) = child.take() else {
-        return Ok(());
-    };
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(c.id().to_string())
-        .status();
-    let end = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(_)) = c.try_wait() {
-            return Ok(());
-        }
-        if Instant::now() > end {
-            let _ = c.kill();
-            let _ = c.wait();
-            return Err(format!("{name} did not exit within {timeout:?} of SIGTERM"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 // ---------------------------------------------------------------- crash-test filesystem
@@ -211,62 +157,14 @@ impl Drop for CrashFsProc {
 
 // ---------------------------------------------------------------- mosquitto
 
-pub struct Mosquitto {
-    pub port: u16,
-    pub log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Mosquitto {
-    /// mosquitto with persistence in `dir`, as tests/util/mod.rs starts it (`user root` when
-    /// root, or it drops privileges and cannot write its persistence file).
-    pub fn start(dir: &Path, max_inflight: u32) -> Result<Mosquitto> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let port = free_port()?;
-        let conf = dir.join("mosquitto.conf");
-        let log = dir.join("mosquitto.log");
-        let user = if is_root() { "user root\n" } else { "" };
-        std::fs::write(
-            &conf,
-            format!(
-                "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {d}/\n\
-                 max_queued_messages 1000000\nmax_inflight_messages {max_inflight}\nmax_packet_size 16777216\n\
-                 log_dest file {log}\nlog_type all\n",
-                d = dir.display(),
-                log = log.display()
-            ),
-        )
-        .map_err(|e| format!("{}: {e}", conf.display()))?;
-        let bin = if Path::new("/usr/sbin/mosquitto").exists() {
-            "/usr/sbin/mosquitto"
-        } else {
-            "mosquitto"
-        };
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                format!("cannot start mosquitto (scripts/ensure-deps.sh installs it): {e}")
-            })?;
-        let m = Mosquitto {
-            port,
-            log,
-            child: Some(child),
-        };
-        wait_until("mosquitto to listen", Duration::from_secs(10), || {
-            port_open(port)
-        })?;
-        Ok(m)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = terminate(&mut self.child, "mosquitto", Duration::from_secs(5));
-    }
+/// mosquitto (see `ferry_testkit::Mosquitto`) on a free port with an in-flight window of
+/// `max_inflight`, logging everything (the slow-fsync scenario reads its timeouts).
+pub fn mosquitto(dir: &Path, max_inflight: u32) -> Result<Mosquitto> {
+    Mosquitto::start(
+        dir,
+        free_port()?,
+        &format!("max_inflight_messages {max_inflight}\nlog_type all"),
+    )
 }
 
 // ---------------------------------------------------------------- ferry-cloud
@@ -416,7 +314,7 @@ impl Ferry {
     }
 
     pub fn stop(&mut self) -> Result<()> {
-        terminate(&mut self.child, "ferry", Duration::from_secs(15))
+        terminate(&mut self.child, "ferry", Duration::from_secs(15)).map(|_| ())
     }
 
     pub fn log_text(&self) -> String {
