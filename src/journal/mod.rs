@@ -410,6 +410,9 @@ struct State {
     lease: u64,
     /// Records replaced by `journal_full` gaps since start.
     dropped: u64,
+    /// When a trim that extended a gap was last said at WARN (see `budget.rs`), and the records
+    /// dropped since.
+    drop_log: Option<(std::time::Instant, u64)>,
     /// The redelivery window (`redelivery.rs`), complete for every seq below `next_seq`.
     marks: Marks,
     /// A segment was started since sled last recorded the positions and marks: the next sync
@@ -513,6 +516,7 @@ impl Journal {
             protected_through: 0,
             lease: 0,
             dropped: 0,
+            drop_log: None,
             marks: Marks::default(),
             snapshot_due: false,
             frames: Vec::new(),
