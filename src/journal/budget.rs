@@ -3,7 +3,7 @@
 //! the budget adapts to the bytes measured on disk), and, with `on_full = "drop_oldest"`, trimming
 //! the oldest unsent records into `journal_full` gaps to make room.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::{debug, warn};
 
@@ -18,8 +18,6 @@ use crate::protocol::GapReason;
 pub(super) const LOGICAL_SHARE: f64 = 0.7;
 /// The adaptive budget never goes below this share of `max_bytes`.
 const MIN_SHARE: f64 = 0.02;
-/// How often a `journal_full` gap that keeps growing is said at WARN.
-const DROP_LOG_EVERY: Duration = Duration::from_secs(60);
 /// On-disk use above this share of `max_bytes` shrinks the logical budget; below `GROW_BELOW` it
 /// may grow back towards `LOGICAL_SHARE`.
 const SHRINK_ABOVE: f64 = 0.9;
@@ -145,25 +143,22 @@ impl Journal {
             );
             // A journal that stays full trims on every append: a new gap is said at WARN, its
             // growth once a minute (DEBUG in between).
-            let now = Instant::now();
-            let unsaid = st.drop_log.map_or(0, |(_, n)| n) + (to - from + 1);
-            let due = merge_into.is_none()
-                || st
-                    .drop_log
-                    .is_none_or(|(t, _)| now.saturating_duration_since(t) >= DROP_LOG_EVERY);
-            if due {
+            st.drop_unsaid += to - from + 1;
+            if merge_into.is_none() {
+                st.drop_log.clear();
+            }
+            if st.drop_log.is_due("journal_full gap", Instant::now()) {
                 warn!(
                     "journal full: dropped records {}..={} (reported to the cloud as a journal_full \
                      gap from {}; {} records dropped since the last such line)",
-                    from, to, gap_from, unsaid
+                    from, to, gap_from, st.drop_unsaid
                 );
-                st.drop_log = Some((now, 0));
+                st.drop_unsaid = 0;
             } else {
                 debug!(
                     "journal full: dropped records {}..={} (the journal_full gap from {} grows)",
                     from, to, gap_from
                 );
-                st.drop_log = st.drop_log.map(|(t, _)| (t, unsaid));
             }
         }
         st.backlog_records = st.backlog_records - dropped + new_gaps;

@@ -410,9 +410,10 @@ struct State {
     lease: u64,
     /// Records replaced by `journal_full` gaps since start.
     dropped: u64,
-    /// When a trim that extended a gap was last said at WARN (see `budget.rs`), and the records
-    /// dropped since.
-    drop_log: Option<(std::time::Instant, u64)>,
+    /// A `journal_full` gap that keeps growing is said at WARN once a minute (see `budget.rs`),
+    /// with the records dropped since the last time.
+    drop_log: crate::logging::Repeats,
+    drop_unsaid: u64,
     /// The redelivery window (`redelivery.rs`), complete for every seq below `next_seq`.
     marks: Marks,
     /// A segment was started since sled last recorded the positions and marks: the next sync
@@ -516,7 +517,8 @@ impl Journal {
             protected_through: 0,
             lease: 0,
             dropped: 0,
-            drop_log: None,
+            drop_log: crate::logging::Repeats::new(std::time::Duration::from_secs(60)),
+            drop_unsaid: 0,
             marks: Marks::default(),
             snapshot_due: false,
             frames: Vec::new(),
