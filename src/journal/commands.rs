@@ -8,7 +8,6 @@
 //! | `C` id bytes | a command's result: order:u64, then the result's JSON |
 //! | `O` order:u64 | the id of the command remembered `order`-th (for evicting the oldest) |
 //! | `M` `command_next` | the next order, u64 |
-//! | `M` `command_first` | the oldest order not evicted yet, u64 (absent: `command_next - MAX_COMMANDS`) |
 //! | `M` `command_bytes` | bytes of the remembered ids and results, u64 (absent: counted once) |
 //!
 //! Retention: acknowledged entries stay in the log (segments are freed only behind the window);
@@ -32,7 +31,6 @@ use super::{Error, Journal, Result, State, log_io, log_of, put_positions, storag
 const P_COMMAND: u8 = b'C';
 const P_COMMAND_ORDER: u8 = b'O';
 const M_COMMAND_NEXT: &[u8] = b"Mcommand_next";
-const M_COMMAND_FIRST: &[u8] = b"Mcommand_first";
 const M_COMMAND_BYTES: &[u8] = b"Mcommand_bytes";
 
 /// Share of `journal.max_bytes` that acknowledged entries keep for replay by default, up to
@@ -60,6 +58,13 @@ fn command_key(id: &[u8]) -> Vec<u8> {
     k.push(P_COMMAND);
     k.extend_from_slice(id);
     k
+}
+
+/// The order an `O` key names (0 for a key too short, which this module never writes).
+fn order_of(key: &[u8]) -> u64 {
+    key.get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 fn order_key(order: u64) -> [u8; 9] {
@@ -276,10 +281,6 @@ impl Journal {
         let store = self.store()?;
         let read = || storage("remembering a command");
         let next = self.meta(M_COMMAND_NEXT)?.unwrap_or(0);
-        let mut first = match self.meta(M_COMMAND_FIRST)? {
-            Some(first) => first,
-            None => next.saturating_sub(max),
-        };
         let mut bytes = match self.meta(M_COMMAND_BYTES)? {
             Some(bytes) => bytes,
             // A journal from before the byte budget: count what it remembers, once.
@@ -302,13 +303,21 @@ impl Journal {
         batch.insert(key, value);
         batch.insert(&order_key(next)[..], id.as_bytes());
         let next = next + 1;
-        while first < next - 1 && (next - first > max || bytes > max_bytes) {
-            let order = first;
-            first += 1;
-            let Some(old_id) = store.log.get(order_key(order)).map_err(read())? else {
-                continue;
-            };
-            batch.remove(&order_key(order)[..]);
+        // The order entries run without a hole from the oldest remembered to the newest, so the
+        // first one says how many there are. The oldest are evicted first; the new one (not in the
+        // tree yet) never is.
+        let mut remembered = 1;
+        for (i, kv) in store.log.scan_prefix([P_COMMAND_ORDER]).enumerate() {
+            let (k, old_id) = kv.map_err(read())?;
+            let order = order_of(&k);
+            if i == 0 {
+                remembered = next.saturating_sub(order).max(1);
+            }
+            if remembered <= max && bytes <= max_bytes {
+                break;
+            }
+            remembered -= 1;
+            batch.remove(k);
             if old_id.as_ref() == id.as_bytes() {
                 continue;
             }
@@ -322,7 +331,6 @@ impl Journal {
             }
         }
         batch.insert(M_COMMAND_NEXT, &next.to_be_bytes()[..]);
-        batch.insert(M_COMMAND_FIRST, &first.to_be_bytes()[..]);
         batch.insert(M_COMMAND_BYTES, &bytes.to_be_bytes()[..]);
         self.apply(batch, "remembering a command")?;
         drop(st);
@@ -548,7 +556,7 @@ mod tests {
     }
 
     /// A journal written before the byte budget has no byte count: it is counted once from what
-    /// is stored, and eviction goes on from the order the count limit implied.
+    /// is stored.
     #[test]
     fn a_journal_without_a_byte_count_is_counted_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -561,7 +569,6 @@ mod tests {
             }
             let store = j.store().unwrap();
             store.log.remove(M_COMMAND_BYTES).unwrap();
-            store.log.remove(M_COMMAND_FIRST).unwrap();
         }
         let j = open(dir.path());
         j.remember_command_within("k3", &big, 100, 3100).unwrap();
