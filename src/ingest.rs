@@ -62,6 +62,9 @@ const CONNECT_POLL: Duration = Duration::from_secs(CONNECT_TIMEOUT_SECS + 1);
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// A repeated connection error is logged at most once per this period.
 const REPEAT_LOG: Duration = Duration::from_secs(60);
+/// How long the broker may take to close the connection after the DISCONNECT that retakes the
+/// messages left with it.
+const RETAKE_CLOSE: Duration = Duration::from_secs(5);
 /// Largest group commit.
 const MAX_GROUP: usize = 1000;
 /// Payload bytes waiting for the journal beyond which new messages are not taken (see the module
@@ -172,8 +175,8 @@ struct MqttLoop {
     overflow_limit: usize,
     /// QoS1 messages left with the broker on this connection (see the module header).
     left_with_broker: u64,
-    /// A DISCONNECT was sent to take the messages left with the broker back.
-    retaking: bool,
+    /// When a DISCONNECT was sent to take the messages left with the broker back.
+    retaking: Option<Instant>,
     backoff: Backoff,
     connected_at: Option<Instant>,
     /// The same connection error again and again is said once a minute, not per attempt.
@@ -225,7 +228,7 @@ impl MqttLoop {
             overflow_limit: failpoint::number("ingest_overflow")
                 .map_or(OVERFLOW_MESSAGES, |n| n as usize),
             left_with_broker: 0,
-            retaking: false,
+            retaking: None,
             backoff,
             connected_at: None,
             errors_log: Repeats::new(REPEAT_LOG),
@@ -267,7 +270,7 @@ impl MqttLoop {
                 self.unacked.clear();
                 self.awaiting_puback.clear();
                 self.left_with_broker = 0;
-                self.retaking = false;
+                self.retaking = None;
                 let filters = self
                     .cfg
                     .topics
@@ -312,9 +315,10 @@ impl MqttLoop {
         let qos1 = p.qos != QoS::AtMostOnce;
         let behind = self.queued.load(Ordering::Relaxed) > QUEUE_BYTES
             || self.overflow.len() >= self.overflow_limit;
-        if qos1 && (behind || self.left_with_broker > 0 || self.retaking) {
+        let retaking = self.retaking.is_some();
+        if qos1 && (behind || self.left_with_broker > 0 || retaking) {
             // Not acknowledged, so the broker keeps it; it comes back after the reconnect.
-            if self.left_with_broker == 0 && !self.retaking {
+            if self.left_with_broker == 0 && !retaking {
                 let message = "journal is behind: leaving new messages with the broker until it \
                                catches up, then reconnecting to take them";
                 let waiting = format!(
@@ -355,8 +359,23 @@ impl MqttLoop {
     /// this one is journaled and its PUBACK written, disconnect cleanly (the broker reads the
     /// PUBACKs before the DISCONNECT) and let the next poll reconnect.
     fn retake_left_messages(&mut self) {
+        if let Some(since) = self.retaking {
+            // The broker closes the connection on a DISCONNECT; one that does not is not waited
+            // for beyond RETAKE_CLOSE (the messages left with it would never come back).
+            if since.elapsed() >= RETAKE_CLOSE {
+                warn!(
+                    "mqtt broker did not close the connection within {RETAKE_CLOSE:?} of DISCONNECT; \
+                     dropping it"
+                );
+                self.connection.eventloop.clean();
+                self.on_error(ConnectionError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no close after DISCONNECT",
+                )));
+            }
+            return;
+        }
         if self.left_with_broker == 0
-            || self.retaking
             || !self.overflow.is_empty()
             || !self.unacked.is_empty()
             || !self.awaiting_puback.is_empty()
@@ -368,7 +387,7 @@ impl MqttLoop {
             self.left_with_broker
         );
         if self.client.try_disconnect().is_ok() {
-            self.retaking = true;
+            self.retaking = Some(Instant::now());
         }
     }
 
@@ -460,7 +479,7 @@ impl MqttLoop {
         self.awaiting_puback.clear();
         self.connection.eventloop.pending.clear();
         self.left_with_broker = 0;
-        if std::mem::take(&mut self.retaking) {
+        if self.retaking.take().is_some() {
             // The end of the DISCONNECT this thread sent: reconnect at once, no backoff.
             debug!("mqtt connection closed after disconnect: {e}");
             self.connected_at = None;
