@@ -119,6 +119,11 @@ impl Pty {
 }
 
 /// `ferry console -c config --device pty` with `env`; stderr (its log) goes to `log`.
+/// The config section that serves the agent's console on `pty`.
+fn console_on(pty: &Pty) -> String {
+    format!("\n[console]\ndevice = \"{}\"\n", pty.path.display())
+}
+
 fn console(config: &Path, pty: &Pty, env: &[(&str, &str)], log: &Path) -> Child {
     let mut cmd = command(FERRY);
     cmd.args(["console", "-c"])
@@ -303,7 +308,7 @@ fn the_agents_console_survives_line_noise_and_says_a_stopped_cloud_refuses() {
         &cloud.url(),
         control,
         "",
-        &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
+        &console_on(&pty),
     );
     let mut agent = Agent::start(&dir.path().join("agent"), &text, control);
     agent.wait_connected();
@@ -373,7 +378,7 @@ fn the_journal_command_shows_the_age_of_the_oldest_unsent_record() {
         &format!("http://127.0.0.1:{}/v1/ingest", free_port()),
         control,
         "",
-        &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
+        &console_on(&pty),
     );
     let mut agent = Agent::start(&dir.path().join("agent"), &text, control);
     agent.wait_connected();
@@ -494,7 +499,7 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
             &cloud.url(),
             control,
             "",
-            &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
+            &console_on(&pty),
         ),
         &[("id = \"gw-test\"\n", "")],
     );
@@ -553,7 +558,7 @@ fn a_console_thread_that_dies_stops_the_agent_for_its_supervisor() {
         &cloud.url(),
         control,
         "",
-        &format!("\n[console]\ndevice = \"{}\"\n", pty.path.display()),
+        &console_on(&pty),
     );
     let mut agent = Agent::start_with_env(
         &dir.path().join("agent"),

@@ -137,6 +137,22 @@ fn a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice() {
     assert_eq!(st["head_seq"], 20, "no message got a second seq: {st}");
 }
 
+/// A broker with no in-flight limit (as mosquitto 2.0.11 behaves on a resumed session), a cloud,
+/// and an agent whose persistent session exists, running again with `env` and connected.
+fn unlimited_broker_and_agent(
+    tmp: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Mosquitto, Cloud, Agent) {
+    let broker = Mosquitto::start_on(&tmp.join("mqtt"), free_port(), "max_inflight_messages 0");
+    let cloud = Cloud::start(&tmp.join("cloud"));
+    let mut agent = Agent::standard(&tmp.join("agent"), broker.port, &cloud.url());
+    agent.wait_connected();
+    agent.stop();
+    agent.start_again_with_env(env);
+    agent.wait_connected();
+    (broker, cloud, agent)
+}
+
 /// Regression for a flake of `sigkill_at_random_moments_loses_nothing` under qemu: mosquitto 2.0.11
 /// stops holding a resumed session to `max_inflight_messages` once it acks, and sends it everything
 /// queued; rumqttc writes one PUBACK per poll, behind the publishes it has read, so thousands of
@@ -149,21 +165,14 @@ fn a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice() {
 fn a_puback_backlog_beyond_the_redelivery_marks_journals_nothing_twice() {
     const N: u64 = 3000;
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start_on(
-        &tmp.path().join("mqtt"),
-        free_port(),
-        "max_inflight_messages 0",
+    // PUBACKs held and every PUBLISH logged.
+    let (broker, cloud, mut agent) = unlimited_broker_and_agent(
+        tmp.path(),
+        &[
+            ("FERRY_FAILPOINT", "hold_pubacks"),
+            ("FERRY_LOG", "info,ferry=debug,ferry::ingest=trace"),
+        ],
     );
-    let cloud = Cloud::start(&tmp.path().join("cloud"));
-    let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    agent.wait_connected();
-    // The session exists; run again with PUBACKs held and every PUBLISH logged.
-    agent.stop();
-    agent.start_again_with_env(&[
-        ("FERRY_FAILPOINT", "hold_pubacks"),
-        ("FERRY_LOG", "info,ferry=debug,ferry::ingest=trace"),
-    ]);
-    agent.wait_connected();
     publish(broker.port, "sensors/held", numbered(0..N));
     wait_until(
         "every message delivered to the agent",
@@ -209,17 +218,10 @@ fn a_puback_backlog_beyond_the_redelivery_marks_journals_nothing_twice() {
 fn a_journal_far_behind_leaves_messages_with_the_broker_and_takes_each_back_once() {
     const N: u64 = 3000;
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start_on(
-        &tmp.path().join("mqtt"),
-        free_port(),
-        "max_inflight_messages 0",
+    let (broker, cloud, agent) = unlimited_broker_and_agent(
+        tmp.path(),
+        &[("FERRY_FAILPOINT", "slow_sync_ms=100,ingest_overflow=100")],
     );
-    let cloud = Cloud::start(&tmp.path().join("cloud"));
-    let mut agent = Agent::standard(&tmp.path().join("agent"), broker.port, &cloud.url());
-    agent.wait_connected();
-    agent.stop();
-    agent.start_again_with_env(&[("FERRY_FAILPOINT", "slow_sync_ms=100,ingest_overflow=100")]);
-    agent.wait_connected();
     publish(broker.port, "sensors/flood", numbered(0..N));
     wait_until("every message journaled", Duration::from_secs(120), || {
         agent.status()["head_seq"].as_u64().unwrap() >= N

@@ -55,16 +55,10 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    ferry_testkit::poll_every(what, timeout, Duration::from_millis(50), cond)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn signal(child: &Child, sig: &str) {

@@ -411,16 +411,10 @@ impl Gate {
     }
 }
 
-/// Polls `cond` every few milliseconds; panics naming `what` after ten seconds.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < end,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+/// Polls `cond`; panics naming `what` after ten seconds.
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    ferry_testkit::poll_until(what, std::time::Duration::from_secs(10), cond)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Group commit: a request written while another one's sync runs does not wait for the lock, it
@@ -533,6 +527,7 @@ fn requests_waiting_for_a_hung_sync_give_up_at_the_deadline() {
     let runner = ingest(&[1]);
     wait_for("the sync to start", || gate.calls() == 1);
     let waiter = ingest(&[2]);
+    wait_for("the waiting request to give up", || waiter.is_finished());
     match waiter.join().expect("thread") {
         Err(Error::SyncSlow { waited, .. }) => {
             assert!(

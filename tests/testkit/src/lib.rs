@@ -20,7 +20,17 @@ pub fn port_open(port: u16) -> bool {
 }
 
 /// Polls `cond` every 10 ms until it holds (Ok) or `timeout` passes (Err naming `what`).
-pub fn poll_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+pub fn poll_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) -> Result<()> {
+    poll_every(what, timeout, Duration::from_millis(10), cond)
+}
+
+/// Polls `cond` every `every` until it holds (Ok) or `timeout` passes (Err naming `what`).
+pub fn poll_every(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> Result<()> {
     let end = Instant::now() + timeout;
     loop {
         if cond() {
@@ -29,7 +39,7 @@ pub fn poll_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         if Instant::now() >= end {
             return Err(format!("timed out after {timeout:?} waiting for {what}"));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(every);
     }
 }
 
