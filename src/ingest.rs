@@ -659,7 +659,7 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
     let mut failing = false;
     let mut last_reopen: Option<Instant> = None;
     // A reopen that keeps failing is said at WARN once a minute, not every REOPEN_EVERY.
-    let mut reopen_failures = crate::logging::Repeats::new(Duration::from_secs(60));
+    let mut reopen_failures = Repeats::new(Duration::from_secs(60));
     loop {
         Stats::add(&stats.writer_beats, 1);
         if records.is_empty() {
@@ -668,7 +668,14 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
                     indexes.push(d.index);
                     records.push(d.record);
                 }
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    // A sync that failed elsewhere (an ack, a dead letter) also closes the
+                    // journal: reopen it even while no message comes.
+                    if journal.needs_reopen() {
+                        reopen(&journal, &mut last_reopen, &mut reopen_failures);
+                    }
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
@@ -759,21 +766,9 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
                         );
                         failing = true;
                     }
-                    // sled refuses every write after one i/o error until it is reopened.
-                    if last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
-                        last_reopen = Some(Instant::now());
-                        if let Err(e) = journal.reopen() {
-                            let msg = crate::error_chain(&e);
-                            if reopen_failures.is_due(&msg, Instant::now()) {
-                                warn!(
-                                    "journal reopen failed, retrying every {:?}: {}",
-                                    REOPEN_EVERY, msg
-                                );
-                            } else {
-                                debug!("journal reopen failed: {}", msg);
-                            }
-                        }
-                    }
+                    // sled refuses every write after one i/o error until it is reopened, and a
+                    // failed sync is repaired only by a reopen.
+                    reopen(&journal, &mut last_reopen, &mut reopen_failures);
                 }
                 // Keep the group and retry; the broker holds everything not acked.
                 if !shutdown.sleep(Duration::from_millis(250)) {
@@ -787,6 +782,26 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
             "writer stopped with {} messages not journaled; the broker keeps them",
             records.len()
         );
+    }
+}
+
+/// Reopens the journal after a failed write or sync, at most every `REOPEN_EVERY`; a reopen that
+/// keeps failing is said at WARN once a minute.
+fn reopen(journal: &Journal, last: &mut Option<Instant>, failures: &mut Repeats) {
+    if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+        return;
+    }
+    *last = Some(Instant::now());
+    if let Err(e) = journal.reopen() {
+        let msg = crate::error_chain(&e);
+        if failures.is_due(&msg, Instant::now()) {
+            warn!(
+                "journal reopen failed, retrying every {:?}: {}",
+                REOPEN_EVERY, msg
+            );
+        } else {
+            debug!("journal reopen failed: {}", msg);
+        }
     }
 }
 

@@ -163,7 +163,9 @@ impl Journal {
         }
         st.backlog_records = st.backlog_records - dropped + new_gaps;
         st.dropped += dropped;
-        st.sled_dirty |= !runs.is_empty();
+        if !runs.is_empty() {
+            st.sled_changed();
+        }
         st.backlog_bytes = st.backlog_bytes.saturating_sub(freed);
         Ok(dropped)
     }

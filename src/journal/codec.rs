@@ -29,6 +29,8 @@ pub(super) const M_RETAIN_FROM: &[u8] = b"Mretain_from";
 pub(super) const M_RETAINED_BYTES: &[u8] = b"Mretained_bytes";
 /// Present once the journal has been reconciled with the seq mark: its absence means a new database.
 pub(super) const M_INITIALISED: &[u8] = b"Minitialised";
+/// The seq through which the log was synced when sled last recorded a snapshot.
+pub(super) const M_DURABLE: &[u8] = b"Mdurable";
 
 pub(super) const KIND_RECORD: u8 = 1;
 pub(super) const KIND_GAP: u8 = 2;

@@ -228,7 +228,7 @@ impl Journal {
         batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
         put_positions(&st, &mut batch);
         self.apply(batch, "rewinding the cursor")?;
-        st.sled_dirty = true;
+        st.sled_changed();
         let rewind = Rewind {
             from: acked,
             to: st.acked,

@@ -80,7 +80,7 @@ impl Journal {
         batch.insert(&dead_key(seq)[..], dead);
         put_positions(&st, &mut batch);
         self.apply(batch, "dead-lettering")?;
-        st.sled_dirty = true;
+        st.sled_changed();
         drop(st);
         self.sync()
     }
@@ -122,7 +122,7 @@ impl Journal {
         batch.remove(&dead_key(seq)[..]);
         put_positions(&st, &mut batch);
         self.apply(batch, "removing a requeued dead letter")?;
-        st.sled_dirty = true;
+        st.sled_changed();
         drop(st);
         self.sync()?;
         let new_seq = appended.first_seq.unwrap_or(0);

@@ -20,7 +20,7 @@
 //! | `X` seq:u64 | an overlay: a gap (`to_seq`, reason) shown in place of the log's entries `seq..=to_seq` — a dead-lettered record (`rejected`), records dropped for room (`journal_full`), unreadable ones (`journal_lost`) |
 //! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record's entry value (`dead.rs`) |
 //! | `W` | the redelivery window (`redelivery.rs`): the seq it is complete below, then (seq, MQTT packet id, hash of topic+payload) of the newest QoS1 messages journaled |
-//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes` (written together, one snapshot), `retain_from`, `retained_bytes`, all u64 |
+//! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes` (written together, one snapshot), `durable` (the seq the log was synced through at that snapshot), `retain_from`, `retained_bytes`, all u64 |
 //! | `C`, `O` | downlink command results (`commands.rs`) |
 //!
 //! An entry value is `[1] postcard(header) payload` for a record (the payload as the raw MQTT
@@ -43,33 +43,68 @@
 //!   or covered by an overlay a sync made durable. The newest segment is never deleted.
 //!
 //! # Durability and the crash window
-//! [`Journal::sync`] `fdatasync`s the active segment (a segment is synced when it is closed, and a
-//! new one is made durable in its directory at creation): one `fdatasync` per group commit. sled is
-//! flushed and its file and blob files `fdatasync`ed (sled 0.34's own `flush()` ends in
-//! `sync_file_range`, not a barrier against power loss) only when it holds a change that must be
-//! durable: overlays, dead letters, command results, a rewind, an ack that frees a segment. The
-//! positions and redelivery marks of appends need not be, and an append does not write to sled
-//! at all: it encodes its frames into one buffer and writes them with one `write` per segment
-//! touched. The redelivery window lives in memory; sled records it with the positions (`next_seq`
-//! and the counters, as one snapshot) at the first sync after the log started a new segment (not
-//! synced: sled writes it out within its flush interval), at every sync of sled, and at close.
-//! Whatever sled lost of that (a SIGKILL loses its unflushed buffers, a power cut what it had not
-//! synced) is rebuilt at open from the frames past it: the head comes from the log, the counters
-//! are advanced over the frames past the stored `next_seq`, and the window is completed from the
-//! packet id each frame carries, from the seq the stored window is complete below. So a crash
-//! leaves open about a segment of the log to read, not everything since sled was last synced.
-//! Appends are group committed: the writer appends a batch, syncs once, and only then lets the
-//! MQTT thread PUBACK. Only synced records are handed to the uplink ([`Journal::read_batch`] stops
-//! at the durable head), so a power cut can never take back a seq that the cloud has seen. A power
-//! cut can leave a torn last frame, cut at open: it was never PUBACKed, so the broker sends it
-//! again. A crash between the sync and the PUBACK makes the broker redeliver with DUP; the window
-//! (rebuilt from the durable frames if sled lost it) lets the writer recognise the copy. Segments
-//! are freed only after a sync of sled, which records the window first, so a mark is never lost
-//! with its frame. An ack is not synced by itself unless it frees a segment (the cursor is durable
-//! before the data goes): a lost ack only means the cloud sees a batch again and deduplicates it.
-//! A file or directory survives a power cut only once the directory holding it is synced, so the
-//! journal syncs the parents of the `journal.dir` it creates, of the log, and of the database
-//! directory that sled fills at open.
+//! **Guaranteed.** A record counts as durable (`durable_seq`: handed to the uplink by
+//! [`Journal::read_batch`], reported to the writer, which then lets the MQTT thread PUBACK) only
+//! after an `fdatasync` that *began after its frame was written* ended without error, in this
+//! process. So:
+//! - **Power cut.** Everything durable survives. A torn last frame is cut at open: it was never
+//!   synced, so never PUBACKed nor uploaded, and the broker sends it again.
+//! - **Crash, then later a power cut.** A crash (SIGKILL, OOM kill, the watchdog's abort) leaves
+//!   the frames written since the last sync in the page cache: readable, CRC-valid, not on disk.
+//!   Nothing read from the files counts as durable until this process synced it: the open ends
+//!   with a sync of the newest segment (the only one that can hold unsynced frames, `segments.rs`),
+//!   the log directory, sled's files and their directories, before any upload or PUBACK.
+//! - **A failed `fdatasync`.** Linux reports a writeback error once and may mark the pages clean,
+//!   so a retried sync can return 0 for data that never reached the disk. A failed sync is never
+//!   retried: the journal refuses appends and syncs ([`Error::Unavailable`]) and the group is not
+//!   PUBACKed; the writer reopens the journal (every 2 s while it fails), and the reopen first
+//!   rewrites what the failed sync covered from what this process can still read: the log
+//!   segment into a new file synced before it is renamed into place (`segments::rewrite`), sled
+//!   into a new generation (`compact`). Records whose frames survive the rewrite become durable
+//!   then (the broker's redeliveries of them are recognised and PUBACKed); frames that did not
+//!   survive were never handed out, and their seqs are assigned again. The same at open: a failed
+//!   first sync of what an earlier process left is followed by the rewrite, not by a retry.
+//! - **Two threads syncing at once.** One sync runs at a time ([`Journal::sync`]): a caller that
+//!   finds one running waits for it, and returns only if that sync began after the caller's
+//!   writes (its target covers them); otherwise it runs a sync of its own.
+//! - **Bit rot, a card that lies.** A synced frame that reads back damaged is never skipped: it
+//!   is reported as a `journal_lost` gap. A damaged last frame is taken for a torn write only past
+//!   the seq the journal knows was synced (sled records it with every snapshot, the seq mark at
+//!   every renewal and clean close); below it the loss is reported and seqs continue after the
+//!   mark's lease, never reusing one the cloud may have seen.
+//!
+//! **Not guaranteed.** A process crash between a failed sync and the rewrite (a few system
+//! calls): the next process cannot know the sync failed and trusts what it reads once its own
+//! sync succeeds. A failed `fsync` of a directory is not rewritten: the journal stops and the
+//! reopen syncs the directory again. A disk that acknowledges a sync it did not perform (a
+//! cache without power-loss protection) defeats any software: a last frame lost that way is
+//! reported only when the journal knew it was synced.
+//!
+//! **How.** [`Journal::sync`] `fdatasync`s the active segment (a segment is synced when it is
+//! closed, and a new one is made durable in its directory at creation): one `fdatasync` per group
+//! commit. sled is flushed and its file and blob files `fdatasync`ed (sled 0.34's own `flush()`
+//! ends in `sync_file_range`, not a barrier against power loss) only when it holds a change that
+//! must be durable: overlays, dead letters, command results, a rewind, an ack that frees a
+//! segment. The positions and redelivery marks of appends need not be, and an append does not
+//! write to sled at all: it encodes its frames into one buffer and writes them with one `write`
+//! per segment touched. The redelivery window lives in memory; sled records it with the positions
+//! (`next_seq` and the counters, as one snapshot) and the seq the log is synced through at the
+//! first sync after the log started a new segment (not synced: sled writes it out within its
+//! flush interval), at every sync of sled, and at close. Whatever sled lost of that (a SIGKILL
+//! loses its unflushed buffers, a power cut what it had not synced) is rebuilt at open from the
+//! frames past it: the head comes from the log, the counters are advanced over the frames past
+//! the stored `next_seq`, and the window is completed from the packet id each frame carries,
+//! from the seq the stored window is complete below. So a crash leaves open about a segment of
+//! the log to read, not everything since sled was last synced. Appends are group committed: the
+//! writer appends a batch, syncs once, and only then lets the MQTT thread PUBACK. A crash between
+//! the sync and the PUBACK makes the broker redeliver with DUP; the window (rebuilt from the
+//! frames if sled lost it) lets the writer recognise the copy. Segments are freed only after a
+//! sync of sled, which records the window first, so a mark is never lost with its frame. An ack
+//! is not synced by itself unless it frees a segment (the cursor is durable before the data
+//! goes): a lost ack only means the cloud sees a batch again and deduplicates it. A file or
+//! directory survives a power cut only once the directory holding it is synced, so the journal
+//! syncs the parents of the `journal.dir` it creates, of the log, and of the database directory
+//! that sled fills at open. Every sync goes through `fsync.rs`.
 //!
 //! # Losing the journal
 //! sled 0.34 opens damaged files without complaint more often than it refuses them (measured: a
@@ -91,7 +126,6 @@
 //! next sync. sled holds little, but its file grows with the volume written, so it is compacted
 //! into a new generation when it has doubled (`maybe_compact` in `store.rs`, `layout.rs`).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -114,6 +148,9 @@ mod budget;
 pub mod codec;
 mod commands;
 mod dead;
+mod fsync;
+#[cfg(test)]
+pub(crate) use fsync::hook as fsync_hook;
 mod layout;
 pub mod mark;
 mod recovery;
@@ -367,6 +404,13 @@ pub struct Options {
     pub fixed_budget: Option<u64>,
 }
 
+impl State {
+    /// sled holds a change the next sync must make durable.
+    fn sled_changed(&mut self) {
+        self.sled_gen += 1;
+    }
+}
+
 /// Handle to the journal. Cloning is cheap; all clones share one sled database.
 #[derive(Clone)]
 pub struct Journal {
@@ -386,6 +430,8 @@ struct Inner {
     mark: Arc<Mutex<MarkFile>>,
     /// Signalled when the durable head moves, for the uplink.
     data: Condvar,
+    /// Signalled when a sync ends, for the syncs waiting for it.
+    synced: Condvar,
 }
 
 #[derive(Debug)]
@@ -443,9 +489,18 @@ struct State {
     rewound: bool,
     /// sled's size on disk after the last open or compaction.
     sled_floor: u64,
-    /// sled holds changes the next sync must make durable (not the positions and marks of
-    /// appends: those are rebuilt from the log).
-    sled_dirty: bool,
+    /// Changes to sled that a sync must make durable (not the positions and marks of appends:
+    /// those are rebuilt from the log), counted; `sled_synced` of them are durable.
+    sled_gen: u64,
+    sled_synced: u64,
+    /// A sync of sled's files failed: nothing sled wrote since its last good sync can be trusted,
+    /// so nothing is appended or synced until the reopen rewrites the database (`compact`).
+    sled_failed: bool,
+    /// A sync is running (`Journal::sync`): others wait for it rather than sync beside it.
+    syncing: bool,
+    /// Callers of `Journal::sync` waiting for the one running (for the tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    sync_waiters: usize,
     /// Overlays up to this generation are durable in sled.
     overlays_durable: u64,
 }
@@ -533,7 +588,11 @@ impl Journal {
             inflight: Vec::new(),
             rewound: false,
             sled_floor: 0,
-            sled_dirty: true,
+            sled_gen: 1,
+            sled_synced: 0,
+            sled_failed: false,
+            syncing: false,
+            sync_waiters: 0,
             overlays_durable: 0,
         };
         let journal = Journal {
@@ -547,11 +606,19 @@ impl Journal {
                 state: Mutex::new(state),
                 mark,
                 data: Condvar::new(),
+                synced: Condvar::new(),
             }),
         };
         journal.recover()?;
         journal.reconcile_mark()?;
-        journal.sync()?;
+        if let Err(e) = journal.sync() {
+            if !journal.needs_reopen() {
+                return Err(e);
+            }
+            // The first sync of what an earlier process left failed: a retry could return 0
+            // for pages Linux dropped, so what is readable is rewritten into new files instead.
+            journal.reopen()?;
+        }
         Ok(journal)
     }
 
@@ -586,8 +653,8 @@ impl Journal {
     pub fn append(&self, records: &[NewRecord]) -> Result<Appended> {
         let mut st = self.lock();
         // Appends rarely write to sled, so they would not notice it is closed: a failed reopen
-        // must stop them as it stops everything else.
-        self.ensure_open()?;
+        // (or a failed sync, until the reopen) must stop them as it stops everything else.
+        self.ensure_writable(&st)?;
         // The frames of a group are encoded into one buffer kept between appends.
         let mut buf = std::mem::take(&mut st.frames);
         let mut ends = std::mem::take(&mut st.frame_ends);
@@ -744,68 +811,77 @@ impl Journal {
         Ok(())
     }
 
-    /// Makes everything appended so far durable: `fdatasync` of the active segment (older ones
-    /// were synced when they were closed), then sled's flush and a real `fdatasync` of its file
-    /// and of any blob files. Returns only after the data is on stable storage. Segments that
-    /// are wholly acknowledged (and past the replay window) or wholly covered by durable overlays
-    /// are deleted afterwards.
+    /// Makes everything appended and changed so far durable, and returns only once a sync that
+    /// began after those writes has ended well: `fdatasync` of the active segment (older ones
+    /// were synced when they were closed; after open, the newest segment and the log directory
+    /// whatever they hold), then, when sled holds changes that must be durable, sled's flush and
+    /// a real `fdatasync` of its file and of any blob files. One sync runs at a time: a caller
+    /// that finds one running waits for it, and syncs itself if that one began before its
+    /// writes. Segments that are wholly acknowledged (and past the replay window) or wholly
+    /// covered by durable overlays are deleted afterwards.
+    ///
+    /// A failed sync is never retried: the journal refuses appends and syncs
+    /// ([`Error::Unavailable`]) until [`Journal::reopen`] has rewritten what the failed sync
+    /// covered (see "Durability and the crash window").
     pub fn sync(&self) -> Result<()> {
-        let (target, handle, acked, generation, flush_sled) = {
-            let mut st = self.lock();
-            self.ensure_open()?;
-            let handle = log_of(&mut st.log)?.sync_handle();
-            let flush_sled = std::mem::take(&mut st.sled_dirty);
-            (
-                st.next_seq - 1,
-                handle,
-                st.acked,
-                st.overlay_generation,
-                flush_sled,
-            )
-        };
-        if let Some(file) = handle {
-            if let Err(source) = file.sync_data() {
-                let mut st = self.lock();
-                if let Some(log) = st.log.as_mut() {
-                    log.mark_dirty();
-                }
-                st.sled_dirty |= flush_sled;
-                return Err(Error::Log {
-                    path: self.inner.opts.dir.join(LOG_DIR),
-                    source,
-                });
-            }
-        }
-        {
-            // With the frames durable, sled may record the positions and marks of appends: when
-            // it is synced anyway, or once a segment was started (bounding what open reads).
-            let mut st = self.lock();
-            if flush_sled || st.snapshot_due {
-                let mut batch = sled::Batch::default();
-                put_snapshot(&st, &mut batch);
-                if let Err(e) = self.apply(batch, "recording positions") {
-                    st.sled_dirty |= flush_sled;
-                    return Err(e);
-                }
-                st.snapshot_due = false;
-            }
-        }
-        if flush_sled {
-            let flushed = self.store().and_then(|store| {
-                store.db.flush().map_err(storage("flushing"))?;
-                store.db_file.sync_data().map_err(|source| Error::Sync {
-                    path: store.db_path.clone(),
-                    source,
-                })?;
-                sync_blobs(&store.blob_dir, &store.synced_blobs)
-            });
-            if let Err(e) = flushed {
-                self.lock().sled_dirty = true;
-                return Err(e);
-            }
-        }
         let mut st = self.lock();
+        let (want_seq, want_sled) = (st.next_seq - 1, st.sled_gen);
+        loop {
+            self.ensure_writable(&st)?;
+            if st.durable >= want_seq && st.sled_synced >= want_sled {
+                return Ok(());
+            }
+            if !st.syncing {
+                break;
+            }
+            st.sync_waiters += 1;
+            st = self
+                .inner
+                .synced
+                .wait_timeout(st, Duration::from_secs(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            st.sync_waiters -= 1;
+        }
+        // This caller syncs, for itself and for whoever wrote before it.
+        let target = st.next_seq - 1;
+        let sled_to = st.sled_gen;
+        let flush_sled = sled_to > st.sled_synced;
+        let (acked, generation) = (st.acked, st.overlay_generation);
+        let job = log_of(&mut st.log)?
+            .begin_sync()
+            .map_err(log_io("syncing"))?;
+        st.syncing = true;
+        drop(st);
+
+        let logged = job.as_ref().map_or(Ok(()), |j| j.run());
+        let result = match &logged {
+            Ok(()) => self.sync_sled(flush_sled, target),
+            Err((first, e)) => Err(Error::Sync {
+                path: self.log_dir().join(format!("{first:020}.seg")),
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            }),
+        };
+
+        let mut st = self.lock();
+        st.syncing = false;
+        self.inner.synced.notify_all();
+        if let (Some(job), Some(log)) = (job.as_ref(), st.log.as_mut()) {
+            log.end_sync(job, &logged);
+        }
+        if let Err(e) = result {
+            if logged.is_ok() {
+                st.sled_failed = true;
+            }
+            error!(
+                "journal sync failed; nothing it covered is trusted, and the journal is rewritten \
+                 at its reopen: {}",
+                crate::error_chain(&e)
+            );
+            return Err(e);
+        }
         if flush_sled {
+            st.sled_synced = st.sled_synced.max(sled_to);
             st.acked_durable = st.acked_durable.max(acked.min(st.acked));
             st.overlays_durable = st.overlays_durable.max(generation);
         }
@@ -816,9 +892,58 @@ impl Journal {
         self.free_segments(&mut st)
     }
 
+    /// The part of [`Journal::sync`] after the log is durable through `target`: sled records the
+    /// positions and marks of appends (when it is synced anyway, or once a segment was started,
+    /// bounding what open reads), and with `flush` sled is made durable.
+    fn sync_sled(&self, flush: bool, target: u64) -> Result<()> {
+        {
+            let mut st = self.lock();
+            if flush || st.snapshot_due {
+                let mut batch = sled::Batch::default();
+                put_snapshot(&st, &mut batch, Some(target));
+                self.apply(batch, "recording positions")?;
+                st.snapshot_due = false;
+            }
+        }
+        if !flush {
+            return Ok(());
+        }
+        let store = self.store()?;
+        store.db.flush().map_err(storage("flushing"))?;
+        fsync::data(&store.db_file, &store.db_path).map_err(|source| Error::Sync {
+            path: store.db_path.clone(),
+            source,
+        })?;
+        sync_blobs(&store.blob_dir, &store.synced_blobs)
+    }
+
+    /// [`Error::Unavailable`] while the database is closed, or after a failed sync or append until
+    /// the journal is reopened.
+    fn ensure_writable(&self, st: &State) -> Result<()> {
+        self.ensure_open()?;
+        let log_failed = st
+            .log
+            .as_ref()
+            .is_some_and(|l| l.failed().is_some() || l.is_broken());
+        if st.sled_failed || log_failed {
+            return Err(Error::Unavailable);
+        }
+        Ok(())
+    }
+
+    /// Whether a failed sync or append keeps the journal closed until [`Journal::reopen`].
+    pub fn needs_reopen(&self) -> bool {
+        let st = self.lock();
+        self.ensure_writable(&st).is_err()
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.inner.opts.dir.join(LOG_DIR)
+    }
+
     /// Makes the next [`Journal::sync`] flush sled too.
     pub(super) fn sled_changed(&self) {
-        self.lock().sled_dirty = true;
+        self.lock().sled_changed();
     }
 
     /// Deletes the segments nothing needs any more: every seq in them is acknowledged durably and
@@ -956,7 +1081,7 @@ impl Journal {
                 );
             }
             self.apply(batch, "recording damaged entries")?;
-            st.sled_dirty = true;
+            st.sled_changed();
         }
         st.inflight.extend(inflight);
         if let Some(last) = out.last() {
@@ -1026,7 +1151,9 @@ impl Journal {
             firsts.next();
             firsts.next().is_some_and(|second| second - 1 <= below)
         });
-        st.sled_dirty |= frees;
+        if frees {
+            st.sled_changed();
+        }
         drop(st);
         debug!(
             "cursor moved acked_seq={} from={} entries={}",
@@ -1084,24 +1211,69 @@ impl Journal {
     /// Closes and reopens the database, then reloads every position from disk. sled 0.34 fails
     /// every write after one I/O error (ENOSPC, EIO) until it is opened again; records appended
     /// but not synced before the error are gone, and were never acknowledged to the broker, which
-    /// redelivers them. On failure the journal stays closed (`Unavailable`) until the next try.
+    /// redelivers them. After a failed sync, what it covered is rewritten first, never trusted to
+    /// a retried sync: the log segment it failed on is copied into a new file
+    /// (`segments::rewrite`), sled into a new generation (`compact`). On failure the journal stays
+    /// closed (`Unavailable`) until the next try.
     pub fn reopen(&self) -> Result<()> {
+        // No sync may run on the files being replaced.
         {
-            let _st = self.lock();
-            let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
-            // Dropping the old handles releases sled's lock on its files.
-            drop(guard.take());
-            let db_dir = layout::current(&self.inner.opts.dir).map_err(|source| Error::Layout {
-                path: self.inner.opts.dir.clone(),
-                source,
-            })?;
-            *guard = Some(open_store(&self.inner.opts, &db_dir)?);
+            let mut st = self.lock();
+            while st.syncing {
+                st = self
+                    .inner
+                    .synced
+                    .wait_timeout(st, Duration::from_secs(1))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            st.syncing = true;
         }
-        self.recover()?;
+        let reopened = self.reopen_files();
+        {
+            let mut st = self.lock();
+            st.syncing = false;
+            self.inner.synced.notify_all();
+        }
+        reopened?;
         self.reconcile_mark()?;
         self.sync()?;
         info!("journal reopened");
         Ok(())
+    }
+
+    /// [`Journal::reopen`] while it holds the right to sync: the repairs, sled, the recovery.
+    fn reopen_files(&self) -> Result<()> {
+        let (failed, sled_failed) = {
+            let st = self.lock();
+            (st.log.as_ref().and_then(Segments::failed), st.sled_failed)
+        };
+        if let Some(first) = failed {
+            let dir = self.log_dir();
+            let (kept, dropped) = segments::rewrite(&dir, first)
+                .map_err(|source| Error::Log { path: dir, source })?;
+            info!(
+                "journal segment {} rewritten after its failed sync: kept_bytes={} dropped_bytes={}",
+                first, kept, dropped
+            );
+        }
+        if sled_failed {
+            // Everything sled holds, written again into new files and synced there.
+            self.compact()?;
+            self.lock().sled_failed = false;
+        }
+        let _st = self.lock();
+        let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
+        // Dropping the old handles releases sled's lock on its files.
+        drop(guard.take());
+        let db_dir = layout::current(&self.inner.opts.dir).map_err(|source| Error::Layout {
+            path: self.inner.opts.dir.clone(),
+            source,
+        })?;
+        *guard = Some(open_store(&self.inner.opts, &db_dir)?);
+        drop(guard);
+        drop(_st);
+        self.recover()
     }
 
     /// [`Error::Unavailable`] while the database is closed after a failed reopen.
@@ -1148,27 +1320,41 @@ impl Journal {
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is going away: leave nothing in sled's buffers, and record the exact
-        // head in the seq mark so that any later loss of records is detected.
+        // head in the seq mark so that any later loss of records is detected. Nothing runs beside
+        // this, so no sync is in flight.
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.store.read().unwrap_or_else(|e| e.into_inner());
         let Some(store) = store.as_ref() else {
             return;
         };
-        // The log first: sled's positions and the mark's head then describe durable frames.
-        let synced = st
-            .log
-            .as_mut()
-            .and_then(Segments::sync_handle)
-            .map_or(Ok(()), |f| f.sync_data());
-        if let Err(e) = synced {
-            error!("journal log sync at close failed: {}", e);
+        if st.sled_failed || st.log.as_ref().is_none_or(|l| l.failed().is_some()) {
+            // A failed sync was never repaired: the head is not known to be durable, and the
+            // next open syncs (and the mark checks) what is there.
             return;
+        }
+        // The log first: sled's positions and the mark's head then describe durable frames.
+        if let Some(log) = st.log.as_mut() {
+            let job = match log.begin_sync() {
+                Ok(job) => job,
+                Err(e) => {
+                    error!("journal log sync at close refused: {}", e);
+                    return;
+                }
+            };
+            if let Some(job) = job {
+                let outcome = job.run();
+                log.end_sync(&job, &outcome);
+                if let Err((_, e)) = outcome {
+                    error!("journal log sync at close failed: {}", e);
+                    return;
+                }
+            }
         }
         // The positions and marks of the appends since the last snapshot, so that the next open
         // reads nothing of the log but its newest segment.
         if st.log.is_some() {
             let mut batch = sled::Batch::default();
-            put_snapshot(&st, &mut batch);
+            put_snapshot(&st, &mut batch, Some(st.next_seq - 1));
             if let Err(e) = store.log.apply_batch(batch) {
                 error!("journal positions at close not recorded: {}", e);
                 return;
@@ -1178,10 +1364,11 @@ impl Drop for Inner {
             error!("journal flush at close failed: {}", e);
             return;
         }
-        if let Err(e) = store.db_file.sync_data() {
+        if let Err(e) = fsync::data(&store.db_file, &store.db_path) {
             error!("journal sync at close failed: {}", e);
             return;
         }
+        st.sled_synced = st.sled_gen;
         let mut markf = self.mark.lock().unwrap_or_else(|e| e.into_inner());
         let mark = Mark {
             lease: st.lease.max(st.next_seq - 1),
@@ -1205,10 +1392,14 @@ fn put_positions(st: &State, batch: &mut sled::Batch) {
 }
 
 /// The positions and the redelivery window, complete up to `next_seq`: what recovery starts from
-/// before it reads the log's frames past them.
-fn put_snapshot(st: &State, batch: &mut sled::Batch) {
+/// before it reads the log's frames past them. With `durable`, the seq through which the log was
+/// just synced: a later open that finds the log ending before it knows the log lost synced frames.
+fn put_snapshot(st: &State, batch: &mut sled::Batch, durable: Option<u64>) {
     put_positions(st, batch);
     batch.insert(&[P_WINDOW][..], st.marks.encode(st.next_seq));
+    if let Some(d) = durable {
+        batch.insert(M_DURABLE, &d.to_be_bytes()[..]);
+    }
 }
 
 /// Maps an i/o error of the record log to [`Error::Log`].
@@ -1289,12 +1480,10 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 
 /// fsync of a directory, so that files created or renamed in it survive a power cut.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| Error::Sync {
-            path: dir.to_path_buf(),
-            source,
-        })
+    fsync::dir(dir).map_err(|source| Error::Sync {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

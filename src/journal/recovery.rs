@@ -21,6 +21,10 @@ impl Journal {
     /// after the mark's lease, so no seq the cloud may have seen is ever assigned again.
     pub(super) fn reconcile_mark(&self) -> Result<()> {
         let fresh = self.meta(M_INITIALISED)?.is_none();
+        // The seq through which the log was synced when sled last recorded it: a log that ends
+        // before it lost synced frames (a card that lies, bit rot in the last frames), which
+        // the torn-tail cut at open must not hide.
+        let synced_head = self.meta(M_DURABLE)?.unwrap_or(0);
         let mut st = self.lock();
         let mut markf = self.mark();
         let head = st.next_seq - 1;
@@ -29,7 +33,7 @@ impl Journal {
                 // Nothing of the old journal is here: the cloud had at least `m.acked`.
                 st.acked = st.acked.max(m.acked);
                 Some(st.acked + 1)
-            } else if head < m.head {
+            } else if head < m.head.max(synced_head) {
                 Some(st.next_seq)
             } else {
                 None
@@ -38,10 +42,10 @@ impl Journal {
                 let to = m.lease.max(head);
                 if from <= to {
                     error!(
-                        "journal lost records: head_seq={} but the seq mark says head_seq>={} (lease {}); \
+                        "journal lost records: head_seq={} but the seq mark and the database say head_seq>={} (lease {}); \
                          reporting {}..={} as journal_lost and continuing at seq={}",
                         head,
-                        m.head,
+                        m.head.max(synced_head),
                         m.lease,
                         from,
                         to,
@@ -54,7 +58,6 @@ impl Journal {
                         .append(&[(from, None, gap)])
                         .map_err(log_io("recording lost records"))?;
                     st.next_seq = to + 1;
-                    st.durable = to;
                     st.protected_through = st.acked;
                     st.retain_from = st.retain_from.max(st.acked + 1);
                     let mut batch = sled::Batch::default();
@@ -234,14 +237,18 @@ impl Journal {
         st.acked = acked;
         st.acked_durable = acked;
         st.protected_through = acked;
-        st.durable = next_seq - 1;
+        // Nothing read from the files is durable until a sync of this process covered it (the
+        // frames of a process that crashed may be in the page cache only): at open, `durable`
+        // starts at 0 and the sync that ends the open moves it. A reopen keeps what this process
+        // synced before: the log still holds it (a rewrite copies it).
+        st.durable = st.durable.min(next_seq - 1);
         st.backlog_records = backlog_records;
         st.backlog_bytes = backlog_bytes;
         st.dead_bytes = dead_bytes;
         st.dead_count = dead_count;
         st.sled_floor = sled_floor;
-        st.sled_dirty = true;
-        put_snapshot(&st, &mut batch);
+        st.sled_changed();
+        put_snapshot(&st, &mut batch, None);
         self.apply(batch, "writing positions")?;
         info!(
             "journal opened head_seq={} acked_seq={} backlog_records={} backlog_bytes={} dead_letters={} segments_bytes={}",
@@ -286,8 +293,12 @@ impl Journal {
             }
         }
         log.append(&frames).map_err(log_io("migrating entries"))?;
-        if let Some(f) = log.sync_handle() {
-            f.sync_data().map_err(log_io("migrating entries"))?;
+        if let Some(job) = log.begin_sync().map_err(log_io("migrating entries"))? {
+            let outcome = job.run();
+            log.end_sync(&job, &outcome);
+            outcome
+                .map_err(|(_, e)| e)
+                .map_err(log_io("migrating entries"))?;
         }
         for item in store.log.scan_prefix([b'R']) {
             let (k, _) = item.map_err(storage("migrating entries"))?;

@@ -12,9 +12,25 @@
 //! `seq..=to_seq`). A segment is closed once it would pass `cap` bytes (a single larger frame gets
 //! a segment of its own); a group commit that does not fit the rest of a segment starts the next
 //! one if it fits there, so the segment closed was synced by the previous commit. The one being
-//! closed is `fdatasync`ed before the next is created (when it holds unsynced frames), and a new
-//! segment's name is made durable in its directory at creation, so older segments are always
-//! whole.
+//! closed is `fdatasync`ed before the next is created (when it holds frames this process has not
+//! synced), and a new segment's name is made durable in its directory at creation, so older
+//! segments are always whole: only the newest can hold frames no sync covered.
+//!
+//! # Syncs
+//! Nothing read from the files counts as synced: the frames of a process that crashed are still in
+//! the page cache, readable and CRC-valid, and not on disk. The active segment's `synced_len` is
+//! what a sync *of this process* covered; it starts at 0 at open, so the first sync after open
+//! `fdatasync`s the newest segment and the log directory whatever they hold. A sync is taken in
+//! three steps so that the `fdatasync` runs outside the journal's lock: [`Segments::begin_sync`]
+//! notes the length written so far, [`SyncJob::run`] syncs, [`Segments::end_sync`] records the
+//! outcome (the journal lets one sync run at a time, see `Journal::sync`).
+//!
+//! A failed `fdatasync` is never retried: Linux may have dropped the unwritten pages and report
+//! the error only once. The segment is marked failed, appends and syncs refuse until the journal
+//! is reopened, and the reopen first [`rewrite`]s the segment: its readable frames are copied into
+//! a new file, which is synced and renamed over the old one. What the copy holds is durable by a
+//! sync of a file that never failed; frames the disk had dropped and the page cache no longer
+//! shows are simply not there, and their seqs, never handed out, are assigned again.
 //!
 //! # Damage
 //! Reading never panics and never allocates more than the file holds. A frame that is short, fails
@@ -35,6 +51,7 @@ use log::{info, warn};
 
 use super::Entry;
 use super::codec::{decode_entry, encode_gap};
+use super::fsync;
 use crate::protocol::GapReason;
 
 /// Bytes before a frame's body: `len` and `crc`.
@@ -185,11 +202,41 @@ pub(super) struct Segments {
     files: BTreeMap<u64, u64>,
     /// The newest segment, open for appending (shared with a sync in progress).
     active: Option<(u64, Arc<File>)>,
-    /// Frames were written to the active segment since its last sync.
-    dirty: bool,
+    /// Bytes of the active segment that a sync of this process made durable (0 after open).
+    synced_len: u64,
+    /// The log directory was synced by this process since open.
+    dir_synced: bool,
     /// An append failed half-way: no more appends until the journal is reopened.
     broken: bool,
+    /// The segment (first seq) whose `fdatasync` failed: nothing of it past what was synced before
+    /// can be trusted, so no append or sync until the reopen rewrites it ([`rewrite`]).
+    failed: Option<u64>,
     cursor: Option<Cursor>,
+}
+
+/// A sync of the log, taken by [`Segments::begin_sync`] and run outside the journal's lock.
+#[derive(Debug)]
+pub(super) struct SyncJob {
+    /// The segment and the length written when the sync began: what it makes durable.
+    first: u64,
+    len: u64,
+    file: Option<(Arc<File>, PathBuf)>,
+    /// The directory too (the first sync after open).
+    dir: Option<PathBuf>,
+}
+
+impl SyncJob {
+    /// `fdatasync` of the segment, then `fsync` of the directory when due. The segment whose
+    /// sync failed is named in the error (`Err((first, error))`).
+    pub fn run(&self) -> Result<(), (u64, io::Error)> {
+        if let Some((file, path)) = &self.file {
+            fsync::data(file, path).map_err(|e| (self.first, e))?;
+        }
+        if let Some(dir) = &self.dir {
+            fsync::dir(dir).map_err(|e| (self.first, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// What opening found.
@@ -208,13 +255,18 @@ impl Segments {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new().mode(0o700).create(dir)?;
             if let Some(parent) = dir.parent() {
-                File::open(parent)?.sync_all()?;
+                fsync::dir(parent)?;
             }
         }
         let mut files = BTreeMap::new();
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let name = e.file_name();
+            if name.to_str().is_some_and(|n| n.ends_with(".seg.rewrite")) {
+                // A rewrite that did not reach its rename: the segment itself is intact.
+                std::fs::remove_file(e.path())?;
+                continue;
+            }
             let Some(seq) = name.to_str().and_then(parse_name) else {
                 continue;
             };
@@ -227,8 +279,10 @@ impl Segments {
             cap,
             files,
             active: None,
-            dirty: false,
+            synced_len: 0,
+            dir_synced: false,
             broken: false,
+            failed: None,
             cursor: None,
         };
         let mut opened = Opened::default();
@@ -245,8 +299,8 @@ impl Segments {
                     len - end,
                     head
                 );
+                // The cut is made durable by the first sync, which covers the whole segment.
                 file.set_len(end)?;
-                file.sync_data()?;
                 opened.truncated = len - end;
             }
             log.files.insert(first, end);
@@ -300,14 +354,10 @@ impl Segments {
 
     /// Appends the frames in `buf` (made by [`push_frame`]), consecutive and following the log's
     /// head: `frames` holds each one's seq and end offset in `buf`. One write per segment touched.
-    /// Returns whether a new segment was started. Not durable until [`Segments::sync_handle`]'s
-    /// file is synced.
+    /// Returns whether a new segment was started. Not durable until a sync begun after it
+    /// ([`Segments::begin_sync`]) has ended well.
     pub fn append_frames(&mut self, buf: &[u8], frames: &[(u64, usize)]) -> io::Result<bool> {
-        if self.broken {
-            return Err(io::Error::other(
-                "an earlier append failed; the journal must be reopened",
-            ));
-        }
+        self.usable()?;
         let mut rolled = false;
         let mut i = 0;
         let mut start = 0;
@@ -348,7 +398,6 @@ impl Segments {
                 stop = end;
                 i += 1;
             }
-            self.dirty = true;
             if let Err(e) = (&**file).write_all(&buf[start..stop]) {
                 self.broken = true;
                 return Err(e);
@@ -360,13 +409,42 @@ impl Segments {
         Ok(rolled)
     }
 
-    /// Closes the active segment (synced if it holds unsynced frames, so that older segments are
-    /// always whole) and creates the one starting at `seq`, durably in the directory.
+    /// An error while an earlier failure keeps the log from being written or synced.
+    fn usable(&self) -> io::Result<()> {
+        if let Some(first) = self.failed {
+            return Err(io::Error::other(format!(
+                "an fdatasync of segment {first} failed; the journal must be reopened"
+            )));
+        }
+        if self.broken {
+            return Err(io::Error::other(
+                "an earlier append failed; the journal must be reopened",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether an append failed half-way: the reopen reads the tail again.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The segment whose `fdatasync` failed, if any: the reopen must [`rewrite`] it.
+    pub fn failed(&self) -> Option<u64> {
+        self.failed
+    }
+
+    /// Closes the active segment (synced first if it holds frames this process has not synced,
+    /// so that older segments are always whole) and creates the one starting at `seq`, durably in
+    /// the directory. A failed sync leaves the segment active and marked failed.
     fn roll(&mut self, seq: u64) -> io::Result<()> {
-        if let Some((_, file)) = self.active.take() {
-            if self.dirty {
-                file.sync_data()?;
-                self.dirty = false;
+        if let Some((first, file)) = &self.active {
+            let len = self.files.get(first).copied().unwrap_or(0);
+            if len > self.synced_len {
+                if let Err(e) = fsync::data(file, &self.path(*first)) {
+                    self.failed = Some(*first);
+                    return Err(e);
+                }
             }
         }
         let path = self.path(seq);
@@ -378,29 +456,53 @@ impl Segments {
             .open(&path)?;
         if file.metadata()?.len() > 0 {
             file.set_len(0)?;
-            file.sync_data()?;
         }
         // The name, durably. The file's contents (none yet) become durable with the sync of the
         // frames written to it.
-        File::open(&self.dir)?.sync_all()?;
+        if let Err(e) = fsync::dir(&self.dir) {
+            self.broken = true;
+            return Err(e);
+        }
         self.files.insert(seq, 0);
         self.active = Some((seq, Arc::new(file)));
+        self.synced_len = 0;
         Ok(())
     }
 
-    /// A handle on the active segment when it holds unsynced frames (and marks it clean): the
-    /// caller syncs it outside the journal's lock, and calls [`Segments::mark_dirty`] on failure.
-    pub fn sync_handle(&mut self) -> Option<Arc<File>> {
-        if !self.dirty {
-            return None;
+    /// Begins a sync of what was written so far: `None` when a sync of this process already
+    /// covers it. Refused after a failed sync or append, until the journal is reopened.
+    pub fn begin_sync(&mut self) -> io::Result<Option<SyncJob>> {
+        self.usable()?;
+        let Some((first, file)) = self.active.as_ref() else {
+            return Ok(None);
+        };
+        let len = self.files.get(first).copied().unwrap_or(0);
+        let file = (len > self.synced_len || !self.dir_synced)
+            .then(|| (Arc::clone(file), self.path(*first)));
+        let dir = (!self.dir_synced).then(|| self.dir.clone());
+        if file.is_none() && dir.is_none() {
+            return Ok(None);
         }
-        let (_, file) = self.active.as_ref()?;
-        self.dirty = false;
-        Some(Arc::clone(file))
+        Ok(Some(SyncJob {
+            first: *first,
+            len,
+            file,
+            dir,
+        }))
     }
 
-    pub fn mark_dirty(&mut self) {
-        self.dirty = true;
+    /// Records how a [`SyncJob`] ended: on success what it covered counts as synced; on failure
+    /// the segment is marked failed (see the module header).
+    pub fn end_sync(&mut self, job: &SyncJob, outcome: &Result<(), (u64, io::Error)>) {
+        match outcome {
+            Ok(()) => {
+                if self.active.as_ref().is_some_and(|(f, _)| *f == job.first) {
+                    self.synced_len = self.synced_len.max(job.len);
+                }
+                self.dir_synced |= job.dir.is_some();
+            }
+            Err((first, _)) => self.failed = Some(*first),
+        }
     }
 
     /// Deletes the segments (never the newest) for which `gone(first, last)` holds, where `last`
@@ -576,6 +678,38 @@ impl Segments {
         }
         Ok(())
     }
+}
+
+/// Replaces the segment starting at `first` in `dir` by a copy of its readable frames, synced
+/// before it is renamed into place: after a failed `fdatasync` of it nothing past its last good
+/// sync can be trusted, whatever a retried sync says (see the module header). Damage in the
+/// middle is copied as it is (the reader reports it); a bad tail is left out. Returns the bytes
+/// kept and dropped.
+pub(super) fn rewrite(dir: &Path, first: u64) -> io::Result<(u64, u64)> {
+    let path = dir.join(format!("{first:020}.seg"));
+    let tmp = dir.join(format!("{first:020}.seg.rewrite"));
+    let file = File::open(&path)?;
+    let len = file.metadata()?.len();
+    let (end, _) = scan_tail(&file, &path, first)?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    let mut from = BufReader::with_capacity(READ_BUF, &file);
+    from.seek(SeekFrom::Start(0))?;
+    let copied = io::copy(&mut (&mut from).take(end), &mut out)?;
+    if copied != end {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{} changed while it was copied", path.display()),
+        ));
+    }
+    out.flush()?;
+    fsync::data(&out, &tmp)?;
+    std::fs::rename(&tmp, &path)?;
+    fsync::dir(dir)?;
+    Ok((end, len - end))
 }
 
 fn parse_name(name: &str) -> Option<u64> {

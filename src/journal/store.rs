@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use log::info;
 
-use super::{Error, Journal, MEASURE_EVERY, Options, Result, layout, storage, sync_dir};
+use super::{Error, Journal, MEASURE_EVERY, Options, Result, fsync, layout, storage, sync_dir};
 
 /// sled is compacted when its files pass this share of `max_bytes` and have doubled since the
 /// last open or compaction (sled 0.34's file grows with the volume written, not the data held).
@@ -112,7 +112,7 @@ impl Journal {
             }
             new.log.apply_batch(batch).map_err(storage("compacting"))?;
             new.db.flush().map_err(storage("compacting"))?;
-            new.db_file.sync_data().map_err(|source| Error::Sync {
+            fsync::data(&new.db_file, &new.db_path).map_err(|source| Error::Sync {
                 path: new.db_path.clone(),
                 source,
             })?;
@@ -134,6 +134,10 @@ impl Journal {
                 let after = new.db.size_on_disk().unwrap_or(0);
                 st.sled_floor = after;
                 *guard = Some(new);
+                // Everything sled held is durable in files that were never synced before.
+                st.sled_synced = st.sled_gen;
+                st.acked_durable = st.acked;
+                st.overlays_durable = st.overlay_generation;
                 info!(
                     "journal compacted disk_bytes={} -> {} keys={} into {}",
                     before,
@@ -224,9 +228,7 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
     // sled writes its `conf` file without ever syncing it: a power cut can leave it torn, and
     // sled then refuses the whole database as corrupt (found by `make torture`).
     let conf = db_dir.join("conf");
-    File::open(&conf)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| Error::Sync { path: conf, source })?;
+    fsync::path(&conf).map_err(|source| Error::Sync { path: conf, source })?;
     // sled creates its files (`conf`, `db`, `blobs/`) without syncing their directory, and the
     // layout creates the database directory itself: make both durable before anything is
     // appended, or a power cut can take the files back and with them every synced record.
@@ -266,7 +268,7 @@ pub(super) fn sync_blobs(
         let name = entry.file_name();
         if !synced.contains(&name) {
             let path = entry.path();
-            match File::open(&path).and_then(|f| f.sync_all()) {
+            match fsync::path(&path) {
                 Ok(()) => new = true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(Error::Sync { path, source }),

@@ -971,3 +971,279 @@ fn positions_and_marks_are_recorded_in_sled_once_a_segment_is_started() {
     assert_eq!(marks.last().map(|m| m.seq), Some(stored - 1));
     assert_eq!(j.meta(M_BACKLOG_RECORDS).unwrap(), Some(stored - 1));
 }
+
+// ---- durability against failing and concurrent syncs (fsync::hook) ----
+
+fn inode(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
+/// Polls `done` every millisecond for up to 10 s.
+fn poll(what: &str, mut done: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Hole 1: after a crash the frames written since the last sync are still readable (the page
+/// cache), but not on disk. The open must sync them before anything counts them durable; here
+/// that first sync fails, and the frames must then be rewritten, not trusted to a retry.
+#[test]
+fn frames_a_crash_left_unsynced_are_synced_at_open_before_they_count() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        append_synced(&j, &[rec("t", b"1")]);
+    }
+    // What a process that crashed after its write and before its sync leaves behind.
+    let seg = segments(dir.path())[0].clone();
+    let mut buf = Vec::new();
+    push_frame(&mut buf, 2, None, |b| {
+        encode_record_into(&rec("t", b"2"), b)
+    })
+    .unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, &buf).unwrap();
+    drop(f);
+
+    let rule = fsync_hook::install(&dir.path().join(LOG_DIR));
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    assert!(
+        rule.passed(".seg") >= 1,
+        "the open synced the newest segment"
+    );
+    assert_eq!(seqs(&j.read_batch(None, 10, 1 << 20).unwrap()), vec![1, 2]);
+    drop(j);
+
+    // The same, with the open's first sync of the segment failing: it is rewritten.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    buf.clear();
+    push_frame(&mut buf, 3, None, |b| {
+        encode_record_into(&rec("t", b"3"), b)
+    })
+    .unwrap();
+    std::io::Write::write_all(&mut f, &buf).unwrap();
+    drop(f);
+    let before = inode(&seg);
+    rule.fail_next(".seg", 1);
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    assert_ne!(
+        inode(&seg),
+        before,
+        "the segment was rewritten into a new file"
+    );
+    let p = j.positions();
+    assert_eq!((p.head_seq, p.durable_seq), (3, 3));
+    assert_eq!(
+        seqs(&j.read_batch(None, 10, 1 << 20).unwrap()),
+        vec![1, 2, 3]
+    );
+}
+
+/// Hole 2: Linux reports a writeback error once and may mark the pages clean, so a retried
+/// `fdatasync` returns 0 for data that never reached the disk. After a failed sync the journal
+/// must refuse to sync again until the reopen has rewritten the segment into a new file.
+#[test]
+fn a_failed_fdatasync_is_never_retried_into_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[rec("t", b"1")]);
+    let rule = fsync_hook::install(&dir.path().join(LOG_DIR));
+    rule.fail_next(".seg", 1);
+    j.append(&[rec("t", b"2")]).unwrap();
+    assert!(j.sync().is_err());
+    assert_eq!(j.positions().durable_seq, 1);
+    assert_eq!(seqs(&j.read_batch(None, 10, 1 << 20).unwrap()), vec![1]);
+    // The retry is refused, not trusted; so are appends.
+    assert!(
+        matches!(j.sync(), Err(Error::Unavailable)),
+        "{:?}",
+        j.sync()
+    );
+    assert!(j.needs_reopen());
+    assert!(j.append(&[rec("t", b"3")]).is_err());
+    assert_eq!(j.positions().durable_seq, 1);
+
+    let seg = segments(dir.path())[0].clone();
+    let before = inode(&seg);
+    j.reopen().unwrap();
+    assert_ne!(
+        inode(&seg),
+        before,
+        "the segment was rewritten into a new file"
+    );
+    assert!(!j.needs_reopen());
+    assert_eq!(j.positions().durable_seq, 2);
+    assert_eq!(append_synced(&j, &[rec("t", b"3")]).first_seq, Some(3));
+    assert_eq!(
+        seqs(&j.read_batch(None, 10, 1 << 20).unwrap()),
+        vec![1, 2, 3]
+    );
+}
+
+/// A segment being closed is synced first; when that sync fails it stays the active one (and
+/// failed), instead of being set aside with frames no sync will ever cover.
+#[test]
+fn a_failed_sync_of_a_closing_segment_is_not_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&small(dir.path())).unwrap();
+    append_synced(&j, &[rec("t", &[1; 50_000])]);
+    j.append(&[rec("t", &[2; 50_000])]).unwrap();
+    let rule = fsync_hook::install(&dir.path().join(LOG_DIR));
+    rule.fail_next(".seg", 1);
+    // Does not fit the 256 KiB segment: the first is closed, and its sync fails.
+    assert!(j.append(&[rec("t", &[3; 200_000])]).is_err());
+    assert!(matches!(j.sync(), Err(Error::Unavailable)));
+    assert_eq!(j.positions().durable_seq, 1);
+    j.reopen().unwrap();
+    assert_eq!(j.positions().durable_seq, 2);
+    assert_eq!(
+        append_synced(&j, &[rec("t", &[3; 200_000])]).first_seq,
+        Some(3)
+    );
+    assert_eq!(segments(dir.path()).len(), 2);
+    assert_eq!(
+        seqs(&j.read_batch(None, 10, 1 << 30).unwrap()),
+        vec![1, 2, 3]
+    );
+}
+
+/// Hole 3: a caller that finds a sync running must not return before a sync that began after
+/// its writes has ended, even when it has nothing new to write itself.
+#[test]
+fn a_sync_never_returns_before_a_sync_that_began_after_its_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[rec("t", b"1")]);
+    let rule = fsync_hook::install(&dir.path().join(LOG_DIR));
+    let waiters = |j: &Journal| j.lock().sync_waiters;
+
+    // The writer's sync of record 2 is held in its fdatasync.
+    rule.hold();
+    j.append(&[rec("t", b"2")]).unwrap();
+    let writer = std::thread::spawn({
+        let j = j.clone();
+        move || j.sync()
+    });
+    poll("the writer's fdatasync", || {
+        rule.entered.load(std::sync::atomic::Ordering::SeqCst) == 1
+    });
+    // Another thread (an ack, a dead letter) syncs with nothing new to write: it waits.
+    let other = std::thread::spawn({
+        let j = j.clone();
+        move || j.sync().map(|()| j.positions().durable_seq)
+    });
+    poll("the second sync to wait or return", || {
+        other.is_finished() || waiters(&j) == 1
+    });
+    assert!(
+        !other.is_finished(),
+        "a sync returned while the fdatasync covering its data was still running"
+    );
+    assert_eq!(j.positions().durable_seq, 1);
+    rule.release();
+    writer.join().unwrap().unwrap();
+    assert_eq!(other.join().unwrap().unwrap(), 2);
+    assert_eq!(rule.passed(".seg"), 1, "the writer's sync covered both");
+
+    // Written while a sync runs: the waiter needs a sync of its own, after that one.
+    rule.hold();
+    j.append(&[rec("t", b"3")]).unwrap();
+    let first = std::thread::spawn({
+        let j = j.clone();
+        move || j.sync()
+    });
+    poll("the first fdatasync", || {
+        rule.entered.load(std::sync::atomic::Ordering::SeqCst) == 2
+    });
+    j.append(&[rec("t", b"4")]).unwrap();
+    let second = std::thread::spawn({
+        let j = j.clone();
+        move || j.sync().map(|()| j.positions().durable_seq)
+    });
+    poll("the second sync to wait", || {
+        second.is_finished() || waiters(&j) == 1
+    });
+    assert!(!second.is_finished());
+    rule.release();
+    first.join().unwrap().unwrap();
+    assert_eq!(second.join().unwrap().unwrap(), 4);
+    assert_eq!(rule.passed(".seg"), 3, "record 4 needed a sync of its own");
+}
+
+/// The same rule for sled: after a failed sync of its file nothing sled wrote since its last
+/// good sync is trusted; the reopen writes the whole database again into a new generation.
+#[test]
+fn a_failed_sync_of_the_database_is_repaired_by_writing_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[rec("t", b"1")]);
+    let generation = std::fs::read_link(dir.path().join("db")).unwrap();
+    let rule = fsync_hook::install(dir.path());
+    rule.fail_next(&format!("{}/db", generation.display()), 1);
+    assert!(j.remember_command("c1", "done").is_err());
+    assert!(matches!(j.sync(), Err(Error::Unavailable)));
+    assert!(j.append(&[rec("t", b"2")]).is_err());
+    j.reopen().unwrap();
+    assert_ne!(
+        std::fs::read_link(dir.path().join("db")).unwrap(),
+        generation,
+        "the database was written again into a new generation"
+    );
+    assert_eq!(j.command_result("c1").unwrap().as_deref(), Some("done"));
+    assert_eq!(append_synced(&j, &[rec("t", b"2")]).first_seq, Some(2));
+    drop(j);
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    assert_eq!(j.command_result("c1").unwrap().as_deref(), Some("done"));
+    assert_eq!(j.positions().head_seq, 2);
+}
+
+/// A last frame that fails its CRC is a torn write only if it was never synced. One the journal
+/// knows was synced (sled recorded the log durable through it) is damage: reported as
+/// `journal_lost`, and its seq is never assigned again.
+#[test]
+fn a_synced_last_frame_that_goes_bad_is_reported_not_cut_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        append_synced(&j, &[rec("t", b"1"), rec("t", b"2"), rec("t", b"3")]);
+    }
+    // The seq mark was renewed long ago (its head is 0): only sled knows seq 3 was synced.
+    let mark = dir.path().join("seq-mark");
+    let old = mark::Mark {
+        lease: LEASE_STEP,
+        head: 0,
+        acked: 0,
+    };
+    let mut slots = mark::encode(1000, old).to_vec();
+    slots.extend_from_slice(&mark::encode(1001, old));
+    std::fs::write(&mark, slots).unwrap();
+    // Bit rot in the last frame's payload.
+    let seg = segments(dir.path())[0].clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    assert_eq!(seqs(&all), vec![1, 2, 3]);
+    assert!(
+        matches!(
+            all[2],
+            Entry::Gap {
+                from_seq: 3,
+                reason: GapReason::JournalLost,
+                ..
+            }
+        ),
+        "{all:?}"
+    );
+    let next = append_synced(&j, &[rec("t", b"4")]).first_seq.unwrap();
+    assert!(next > 3, "seq 3 is never assigned again (got {next})");
+}
