@@ -9,6 +9,12 @@
 //!
 //! `sync_file_range` never reaches a FUSE filesystem (the kernel has no request for it): it makes
 //! nothing durable here, as it promises nothing against power loss on a real disk either.
+//!
+//! An fsync or fsyncdir decides everything as it starts (if the power is on): the part of the log
+//! it will make durable ([`Model::sync_point`]), whether an armed [`FsyncFault`] fails it (then
+//! [`Model::fail_sync`] applies at once), and its delay (`slow-fsync`). It then sleeps that delay
+//! with no lock held, counted in `fsyncs_in_flight` from start to reply, and completes; a cut
+//! during the delay makes it fail with EIO, having made nothing durable.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -23,20 +29,30 @@ use fuser::{
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
-use log::trace;
+use log::{info, trace};
 
-use crate::model::{self, Cut, CutReport, Dir, File, Kind, Model, Node};
+use crate::model::{self, Cut, CutReport, Dir, File, Kind, Model, Node, Rng};
 
 /// Attribute and entry cache time. Safe to be long: every change goes through the kernel, and a
 /// cut happens only while unmounted, which drops the kernel's caches.
 const TTL: Duration = Duration::from_secs(1);
 
+/// An armed `fail-fsync`: of the coming fsync/fdatasync calls on regular files whose path
+/// (relative to the mount root) contains `pattern`, the `nth` (1 = the next one) fails with EIO,
+/// and so do the `times - 1` matching calls right after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsyncFault {
+    pub pattern: String,
+    pub nth: u64,
+    pub times: u64,
+}
+
 /// What the control side and the FUSE threads share.
 #[derive(Debug, Default)]
 pub struct Shared {
     state: Mutex<State>,
-    slow_fsync_ms: AtomicU64,
     fsyncs_in_flight: AtomicU64,
+    max_fsyncs_in_flight: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +67,56 @@ struct State {
     refused: u64,
     ops: BTreeMap<&'static str, u64>,
     last_cut: CutReport,
+    /// Every fsync/fsyncdir sleeps this long, or, with `jitter`, a delay in `0..=slow_fsync_ms`
+    /// drawn from it.
+    slow_fsync_ms: u64,
+    jitter: Option<(u64, Rng)>,
+    faults: Vec<FsyncFault>,
+    eio_injected: u64,
+}
+
+impl State {
+    /// Whether an armed fault fails this fsync of the file at `path`; counts the call against
+    /// every fault it matches and disarms the spent ones.
+    fn take_fault(&mut self, path: &str) -> bool {
+        let mut fail = false;
+        for f in self.faults.iter_mut().filter(|f| path.contains(&f.pattern)) {
+            if f.nth > 1 {
+                f.nth -= 1;
+            } else {
+                fail = true;
+                f.times -= 1;
+            }
+        }
+        self.faults.retain(|f| f.times > 0);
+        fail
+    }
+
+    fn next_delay(&mut self) -> u64 {
+        match &mut self.jitter {
+            Some((_, rng)) => rng.below(self.slow_fsync_ms.saturating_add(1)),
+            None => self.slow_fsync_ms,
+        }
+    }
+}
+
+/// Counts an fsync in flight until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn new(shared: &'a Shared) -> InFlight<'a> {
+        let now = shared.fsyncs_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        shared
+            .max_fsyncs_in_flight
+            .fetch_max(now, Ordering::Relaxed);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fsyncs_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -77,8 +143,26 @@ impl Shared {
         self.lock().off = false;
     }
 
-    pub fn set_slow_fsync(&self, ms: u64) {
-        self.slow_fsync_ms.store(ms, Ordering::Relaxed);
+    /// Every fsync/fsyncdir from now on takes `ms` ms, or with a jitter seed its own delay in
+    /// `0..=ms`, drawn from a generator seeded with it.
+    pub fn set_slow_fsync(&self, ms: u64, jitter_seed: Option<u64>) {
+        let mut st = self.lock();
+        st.slow_fsync_ms = ms;
+        st.jitter = jitter_seed.map(|seed| (seed, Rng::new(seed)));
+    }
+
+    /// Arms a fault (several may be armed at once). `nth` and `times` below 1 count as 1.
+    pub fn arm_fsync_fault(&self, fault: FsyncFault) {
+        self.lock().faults.push(FsyncFault {
+            nth: fault.nth.max(1),
+            times: fault.times.max(1),
+            ..fault
+        });
+    }
+
+    /// Disarms every fault; returns how many were armed.
+    pub fn clear_fsync_faults(&self) -> usize {
+        std::mem::take(&mut self.lock().faults).len()
     }
 
     pub fn stats_json(&self, mounted: bool) -> String {
@@ -96,7 +180,11 @@ impl Shared {
             "fsyncs": st.fsyncs,
             "fsyncdirs": st.fsyncdirs,
             "fsyncs_in_flight": self.fsyncs_in_flight.load(Ordering::Relaxed),
-            "slow_fsync_ms": self.slow_fsync_ms.load(Ordering::Relaxed),
+            "max_fsyncs_in_flight": self.max_fsyncs_in_flight.load(Ordering::Relaxed),
+            "slow_fsync_ms": st.slow_fsync_ms,
+            "slow_fsync_jitter_seed": st.jitter.as_ref().map(|(seed, _)| *seed),
+            "eio_injected": st.eio_injected,
+            "faults_armed": st.faults.len(),
             "unsynced_bytes": unsynced_bytes,
             "unsynced_dir_ops": unsynced_dir_ops,
             "file_bytes": st.model.file_bytes(),
@@ -218,41 +306,69 @@ impl CrashFs {
     fn fsync_any(&self, ino: INodeNo, op: &'static str, reply: ReplyEmpty) {
         trace!("{op} ino={}", ino.0);
         let shared = &self.0;
+        // Everything about the call is decided as it starts (see the module docs).
         let start = {
             let mut st = shared.lock();
             *st.ops.entry(op).or_default() += 1;
             if st.off {
                 st.refused += 1;
                 None
-            } else {
-                st.model.sync_point(ino.0).ok().map(|p| (p, st.epoch))
-            }
-        };
-        let Some((point, epoch)) = start else {
-            return reply.error(Errno::EIO);
-        };
-        let delay = shared.slow_fsync_ms.load(Ordering::Relaxed);
-        if delay > 0 {
-            shared.fsyncs_in_flight.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(delay));
-            shared.fsyncs_in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
-        let mut st = shared.lock();
-        if st.off || st.epoch != epoch {
-            // The power went while the device was still writing: nothing of it counts.
-            return reply.error(Errno::EIO);
-        }
-        match st.model.sync_through(ino.0, point) {
-            Ok(()) => {
-                if op == "fsyncdir" {
-                    st.fsyncdirs += 1;
-                } else {
-                    st.fsyncs += 1;
+            } else if let Ok(point) = st.model.sync_point(ino.0) {
+                let is_file = matches!(st.model.node(ino.0).map(|n| &n.kind), Ok(Kind::File(_)));
+                let path = match (op, is_file, st.faults.is_empty()) {
+                    ("fsync", true, false) => st.model.path_of(ino.0),
+                    _ => None,
+                };
+                let path = path.map(|p| p.to_string_lossy().into_owned());
+                let fail = path.as_deref().is_some_and(|p| st.take_fault(p));
+                if fail {
+                    let dropped = st.model.fail_sync(ino.0).unwrap_or(0);
+                    st.eio_injected += 1;
+                    info!(
+                        "injected EIO on fsync of {} (unsynced bytes dropped={dropped})",
+                        path.as_deref().unwrap_or("?")
+                    );
                 }
-                reply.ok()
+                let delay = st.next_delay();
+                Some((point, st.epoch, fail, delay))
+            } else {
+                None
             }
-            Err(e) => reply.error(Errno::from_i32(e)),
+        };
+        let Some((point, epoch, fail, delay)) = start else {
+            return reply.error(Errno::EIO);
+        };
+        let in_flight = InFlight::new(shared);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
         }
+        let r = {
+            let mut st = shared.lock();
+            if st.off || st.epoch != epoch || fail {
+                // The power went while the device was still writing (nothing of it counts), or
+                // the write-back failed.
+                Err(Errno::EIO)
+            } else {
+                match st.model.sync_through(ino.0, point) {
+                    Ok(()) => {
+                        if op == "fsyncdir" {
+                            st.fsyncdirs += 1;
+                        } else {
+                            st.fsyncs += 1;
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        if e == libc::EIO {
+                            info!("{op} of ino {} overlapped a failed one: EIO", ino.0);
+                        }
+                        Err(Errno::from_i32(e))
+                    }
+                }
+            }
+        };
+        drop(in_flight);
+        reply_empty(reply, r);
     }
 }
 
@@ -600,5 +716,26 @@ impl Filesystem for CrashFs {
             Ok(())
         });
         reply_empty(reply, r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_fails_the_nth_matching_fsync_and_the_next_times_minus_one() {
+        let mut st = State::default();
+        let fault = |pattern: &str, nth, times| FsyncFault {
+            pattern: pattern.into(),
+            nth,
+            times,
+        };
+        st.faults.push(fault("fileA", 2, 2));
+        st.faults.push(fault("db", 1, 1));
+        let calls = ["fileA", "other", "d/fileA", "db/x", "fileA", "fileA"];
+        let failed: Vec<bool> = calls.iter().map(|p| st.take_fault(p)).collect();
+        assert_eq!(failed, [false, false, true, true, true, false]);
+        assert!(st.faults.is_empty(), "spent faults are disarmed");
     }
 }

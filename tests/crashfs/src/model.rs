@@ -3,7 +3,13 @@
 //!
 //! - A file has `current` bytes (what reads see) and `durable` bytes (what survives a cut), and the
 //!   log of writes and truncations since its last `fsync`/`fdatasync`. A sync applies the log to
-//!   `durable` (for a slow sync, only the part of the log that existed when the call started).
+//!   `durable` (for a slow sync, only the part of the log that existed when the call started, see
+//!   [`SyncPoint`]; syncs that overlap may finish in any order).
+//! - A failed sync ([`Model::fail_sync`], Linux after a writeback error, "fsyncgate") discards the
+//!   file's log: `durable` is unchanged and nothing written before the failure can become durable
+//!   any more, by a later sync or by a cut, while `current` keeps it, so reads still show it until
+//!   the next cut. A later sync succeeds and makes durable what was written after the failure. A
+//!   sync of that file that was already in flight when the failure hit fails too.
 //! - A directory has `current` and `durable` entries and the log of entry changes since its last
 //!   fsync. create, mkdir, symlink, unlink, rmdir and rename are entry changes; a rename within
 //!   one directory is one atomic change, a rename across directories is one change in each.
@@ -70,6 +76,11 @@ pub struct File {
     pub current: Vec<u8>,
     durable: Vec<u8>,
     log: Vec<FileOp>,
+    /// How many changes left the log before `log[0]` (made durable, dropped by a failed sync, or
+    /// settled by a cut): `log[i]` is change number `base + i` of this file.
+    base: u64,
+    /// Failed syncs so far: a sync that sees this change while in flight fails too.
+    failures: u64,
 }
 
 /// One atomic change of a directory's entries: names set to an inode, or removed.
@@ -80,6 +91,8 @@ pub struct Dir {
     pub current: BTreeMap<OsString, u64>,
     durable: BTreeMap<OsString, u64>,
     log: Vec<DirOp>,
+    /// As [`File`]'s: `log[i]` is change number `base + i` of this directory.
+    base: u64,
 }
 
 impl Dir {
@@ -108,6 +121,14 @@ pub struct Node {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+}
+
+/// Where a sync started ([`Model::sync_point`]): it must make durable the changes numbered below
+/// `end`, and it fails if a failed sync hit the file since (`failures` changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncPoint {
+    end: u64,
+    failures: u64,
 }
 
 /// Counters for `stats`.
@@ -334,27 +355,42 @@ impl Model {
 
     /// How far the unsynced log of `ino` reaches now: what an `fsync` starting now must make
     /// durable (see [`Model::sync_through`]).
-    pub fn sync_point(&self, ino: u64) -> Result<usize> {
+    pub fn sync_point(&self, ino: u64) -> Result<SyncPoint> {
         Ok(match &self.node(ino)?.kind {
-            Kind::File(f) => f.log.len(),
-            Kind::Dir(d) => d.log.len(),
-            Kind::Symlink(_) => 0,
+            Kind::File(f) => SyncPoint {
+                end: f.base + f.log.len() as u64,
+                failures: f.failures,
+            },
+            Kind::Dir(d) => SyncPoint {
+                end: d.base + d.log.len() as u64,
+                failures: 0,
+            },
+            Kind::Symlink(_) => SyncPoint {
+                end: 0,
+                failures: 0,
+            },
         })
     }
 
-    /// Makes the first `n` unsynced changes of `ino` durable (an fsync that started at
-    /// `sync_point() == n` and has now completed).
-    pub fn sync_through(&mut self, ino: u64, n: usize) -> Result<()> {
+    /// Completes an fsync of `ino` that started at `point`: makes durable the changes made before
+    /// it started and not yet synced (none made since). Fails with EIO, making nothing durable,
+    /// if a failed sync ([`Model::fail_sync`]) hit the file meanwhile.
+    pub fn sync_through(&mut self, ino: u64, point: SyncPoint) -> Result<()> {
         let node = self.nodes.get_mut(&ino).ok_or(libc::ENOENT)?;
         match &mut node.kind {
             Kind::File(f) => {
-                let n = n.min(f.log.len());
+                if f.failures != point.failures {
+                    return Err(libc::EIO);
+                }
+                let n = (point.end.saturating_sub(f.base) as usize).min(f.log.len());
+                f.base += n as u64;
                 for op in f.log.drain(..n) {
                     op.apply(&mut f.durable);
                 }
             }
             Kind::Dir(d) => {
-                let n = n.min(d.log.len());
+                let n = (point.end.saturating_sub(d.base) as usize).min(d.log.len());
+                d.base += n as u64;
                 for op in d.log.drain(..n) {
                     for (name, ino) in op {
                         match ino {
@@ -370,8 +406,50 @@ impl Model {
     }
 
     pub fn fsync(&mut self, ino: u64) -> Result<()> {
-        let n = self.sync_point(ino)?;
-        self.sync_through(ino, n)
+        let point = self.sync_point(ino)?;
+        self.sync_through(ino, point)
+    }
+
+    /// An fsync of file `ino` that fails with EIO, as Linux's after a writeback error: the
+    /// unsynced changes are dropped (the log is discarded, `durable` unchanged) so that no later
+    /// sync or cut makes them durable, while `current` keeps them until the next cut. A later
+    /// sync succeeds and makes durable only what was written after this call; a sync of the file
+    /// already in flight fails. Returns the unsynced bytes dropped.
+    pub fn fail_sync(&mut self, ino: u64) -> Result<u64> {
+        let node = self.nodes.get_mut(&ino).ok_or(libc::ENOENT)?;
+        match &mut node.kind {
+            Kind::File(f) => {
+                let dropped = f.log.iter().map(FileOp::bytes).sum();
+                f.base += f.log.len() as u64;
+                f.log.clear();
+                f.failures += 1;
+                Ok(dropped)
+            }
+            Kind::Dir(_) => Err(libc::EISDIR),
+            Kind::Symlink(_) => Err(libc::EINVAL),
+        }
+    }
+
+    /// The path of `ino` relative to the root through `current` entries (empty for the root), or
+    /// `None` when no directory reaches it (an unlinked file still open).
+    pub fn path_of(&self, ino: u64) -> Option<std::path::PathBuf> {
+        // Visited once each: a cut that keeps part of two cross-directory renames can leave
+        // directories that contain each other.
+        let mut seen = std::collections::HashSet::from([ROOT]);
+        let mut todo = vec![(std::path::PathBuf::new(), ROOT)];
+        while let Some((path, at)) = todo.pop() {
+            if at == ino {
+                return Some(path);
+            }
+            if let Ok(Kind::Dir(d)) = self.node(at).map(|n| &n.kind) {
+                for (name, child) in &d.current {
+                    if seen.insert(*child) {
+                        todo.push((path.join(name), *child));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Bytes written to files and not yet synced, and directory changes not yet synced.
@@ -436,6 +514,7 @@ impl Model {
                             }
                         }
                     }
+                    f.base += f.log.len() as u64;
                     f.log.clear();
                     f.current = content.clone();
                     f.durable = content;
@@ -446,6 +525,7 @@ impl Model {
                         .map_or(0, |r| r.below(d.log.len() as u64 + 1) as usize);
                     report.unsynced_dir_ops += d.log.len() as u64;
                     report.kept_dir_ops += keep as u64;
+                    d.base += d.log.len() as u64;
                     let mut entries = std::mem::take(&mut d.durable);
                     for op in d.log.drain(..).take(keep) {
                         for (name, ino) in op {
@@ -673,6 +753,103 @@ mod tests {
             tore |= r.torn_writes > 0;
         }
         assert!(kept_some && tore);
+    }
+
+    #[test]
+    fn a_failed_sync_drops_unsynced_writes_from_any_later_cut_while_reads_show_them_until_it() {
+        for cut in [Cut::DiscardAll, Cut::KeepPrefix(3), Cut::Tear(5)]
+            .into_iter()
+            .chain((0..32).map(Cut::Tear))
+        {
+            let mut m = Model::new();
+            let f = file(&mut m, ROOT, "a");
+            m.fsync(ROOT).unwrap();
+            m.write(f, 0, b"old").unwrap();
+            m.fsync(f).unwrap();
+            m.write(f, 0, b"new").unwrap();
+            m.write(f, 3, b"er").unwrap();
+            assert_eq!(m.fail_sync(f).unwrap(), 5, "unsynced bytes dropped");
+            assert_eq!(
+                content(&m, ROOT, "a").unwrap(),
+                b"newer",
+                "reads still see them"
+            );
+            assert_eq!(m.unsynced(), (0, 0));
+            let r = m.power_cut(cut);
+            assert_eq!(content(&m, ROOT, "a").unwrap(), b"old", "{cut:?}");
+            assert_eq!(r.unsynced_bytes, 0);
+        }
+    }
+
+    #[test]
+    fn a_sync_after_a_failed_one_succeeds_and_makes_only_later_writes_durable() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fsync(ROOT).unwrap();
+        m.write(f, 0, b"aaaa").unwrap();
+        m.fail_sync(f).unwrap();
+        m.write(f, 2, b"bb").unwrap();
+        m.fsync(f).unwrap();
+        assert_eq!(content(&m, ROOT, "a").unwrap(), b"aabb");
+        m.power_cut(Cut::DiscardAll);
+        assert_eq!(content(&m, ROOT, "a").unwrap(), b"\0\0bb");
+        // Only files fail this way.
+        assert_eq!(m.fail_sync(ROOT), Err(libc::EISDIR));
+        assert_eq!(m.fail_sync(99), Err(libc::ENOENT));
+    }
+
+    #[test]
+    fn a_sync_in_flight_when_a_sync_of_the_file_fails_fails_too_and_syncs_nothing() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fsync(ROOT).unwrap();
+        m.write(f, 0, b"one").unwrap();
+        let slow = m.sync_point(f).unwrap();
+        m.fail_sync(f).unwrap(); // another thread's fsync, decided to fail
+        m.write(f, 3, b"two").unwrap();
+        assert_eq!(m.sync_through(f, slow), Err(libc::EIO));
+        m.power_cut(Cut::DiscardAll);
+        assert_eq!(content(&m, ROOT, "a").unwrap(), b"");
+    }
+
+    #[test]
+    fn overlapping_syncs_finishing_out_of_order_make_durable_only_what_each_covered() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fsync(ROOT).unwrap();
+        m.write(f, 0, b"1").unwrap();
+        let first = m.sync_point(f).unwrap();
+        m.write(f, 1, b"2").unwrap();
+        let second = m.sync_point(f).unwrap();
+        m.write(f, 2, b"3").unwrap();
+        m.sync_through(f, second).unwrap();
+        m.sync_through(f, first).unwrap(); // finishes last: nothing left of its part
+        m.power_cut(Cut::DiscardAll);
+        assert_eq!(content(&m, ROOT, "a").unwrap(), b"12");
+    }
+
+    #[test]
+    fn path_of_follows_current_entries() {
+        let mut m = Model::new();
+        let d = m
+            .add(
+                ROOT,
+                OsStr::new("d"),
+                Kind::Dir(Dir::default()),
+                0o700,
+                0,
+                0,
+            )
+            .unwrap();
+        let f = file(&mut m, d, "fileA");
+        assert_eq!(m.path_of(ROOT).unwrap(), std::path::PathBuf::new());
+        assert_eq!(m.path_of(f).unwrap(), std::path::Path::new("d/fileA"));
+        m.rename(d, OsStr::new("fileA"), ROOT, OsStr::new("b"), false)
+            .unwrap();
+        assert_eq!(m.path_of(f).unwrap(), std::path::Path::new("b"));
+        m.remove(ROOT, OsStr::new("b"), false).unwrap();
+        assert_eq!(m.path_of(f), None, "unlinked, still open");
+        assert_eq!(m.path_of(99), None);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! the exact rules), driven through a control socket (see `ferry_crashfs::control`).
 //!
 //! ```text
-//! ferry-crashfs MOUNTPOINT --control SOCK [--slow-fsync MS]   serve until `quit`
-//! ferry-crashfs ctl SOCK COMMAND...                            send one command, print the answer
+//! ferry-crashfs MOUNTPOINT --control SOCK [--slow-fsync MS [--jitter SEED]]   serve until `quit`
+//! ferry-crashfs ctl SOCK COMMAND...       send one command, print the answer
 //! ```
+//! `--slow-fsync MS [--jitter SEED]` starts as the control command `slow-fsync MS [--jitter SEED]`
+//! would.
 //! Log: `FERRY_CRASHFS_LOG=trace` prints every request (an strace of what the program under test
 //! does to its files).
 
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_crashfs::control::{self, Command};
-use ferry_crashfs::fs::{CrashFs, Shared};
+use ferry_crashfs::fs::{CrashFs, FsyncFault, Shared};
 use fuser::{BackgroundSession, MountOption};
 use log::{error, info, warn};
 
@@ -32,7 +34,7 @@ fn main() -> ExitCode {
             control::request(Path::new(&args[1]), &args[2..].join(" "), Duration::from_secs(60)).map(|a| println!("{a}"))
         }
         Some(m) if !m.starts_with('-') => serve(Path::new(m), &args[1..]),
-        _ => Err("usage: ferry-crashfs MOUNTPOINT --control SOCK [--slow-fsync MS] | ferry-crashfs ctl SOCK COMMAND...".into()),
+        _ => Err("usage: ferry-crashfs MOUNTPOINT --control SOCK [--slow-fsync MS [--jitter SEED]] | ferry-crashfs ctl SOCK COMMAND...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,22 +47,36 @@ fn main() -> ExitCode {
 
 fn serve(mountpoint: &Path, args: &[String]) -> Result<(), String> {
     let mut sock = None;
-    let mut slow = 0;
+    let mut slow = None;
+    let mut jitter = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--control", Some(p)) => sock = Some(PathBuf::from(p)),
             ("--slow-fsync", Some(ms)) => {
-                slow = ms
-                    .parse()
-                    .map_err(|_| format!("--slow-fsync {ms}: not a number"))?
+                slow = Some(
+                    ms.parse()
+                        .map_err(|_| format!("--slow-fsync {ms}: not a number"))?,
+                )
+            }
+            ("--jitter", Some(seed)) => {
+                jitter = Some(
+                    seed.parse()
+                        .map_err(|_| format!("--jitter {seed}: not a number"))?,
+                )
             }
             _ => return Err(format!("unexpected argument {a:?}")),
         }
     }
     let sock = sock.ok_or("--control SOCK is required")?;
+    if jitter.is_some() && slow.is_none() {
+        return Err("--jitter SEED needs --slow-fsync MS".into());
+    }
     let shared = Shared::new();
-    shared.set_slow_fsync(slow);
+    if let Some(ms) = slow {
+        shared.set_slow_fsync(ms, jitter);
+        log_slow_fsync(ms, jitter);
+    }
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
         .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
@@ -119,9 +135,26 @@ fn handle(
                 Ok(shared.stats_json(true))
             })
         }
-        Ok(Command::SlowFsync(ms)) => {
-            shared.set_slow_fsync(ms);
-            info!("fsync now takes {ms} ms");
+        Ok(Command::SlowFsync { ms, jitter_seed }) => {
+            shared.set_slow_fsync(ms, jitter_seed);
+            log_slow_fsync(ms, jitter_seed);
+            Ok(shared.stats_json(session.is_some()))
+        }
+        Ok(Command::FailFsync(fault)) => {
+            let FsyncFault {
+                pattern,
+                nth,
+                times,
+            } = &fault;
+            info!(
+                "armed: fsync #{nth} on files matching {pattern:?} fails with EIO ({times} time(s))"
+            );
+            shared.arm_fsync_fault(fault);
+            Ok(shared.stats_json(session.is_some()))
+        }
+        Ok(Command::ClearFsyncFaults) => {
+            let n = shared.clear_fsync_faults();
+            info!("disarmed {n} fsync fault(s)");
             Ok(shared.stats_json(session.is_some()))
         }
         Ok(Command::Dump(dir)) => shared
@@ -139,6 +172,14 @@ fn handle(
         Err(e) => writeln!(conn, "error: {}", e.replace('\n', " "))?,
     }
     Ok(quit)
+}
+
+fn log_slow_fsync(ms: u64, jitter_seed: Option<u64>) {
+    match (ms, jitter_seed) {
+        (0, _) => info!("fsync takes no extra time"),
+        (ms, None) => info!("fsync now takes {ms} ms"),
+        (ms, Some(seed)) => info!("fsync now takes 0..={ms} ms each (jitter seed {seed})"),
+    }
 }
 
 fn mount(shared: &Arc<Shared>, mountpoint: &Path) -> Result<BackgroundSession, String> {
