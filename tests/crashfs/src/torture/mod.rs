@@ -8,6 +8,18 @@
 //! a random delay, right after an fsync, right after the cursor moved (ack + trim), while a
 //! compaction creates its new database or swaps the `db` link, and during startup and recovery.
 //!
+//! Each cut is also of one of four kinds, drawn per cut (the first four cuts of a campaign take
+//! each kind once, in a random order), so that the failures real disks have besides a clean cut
+//! are in every campaign:
+//! - `cut`: power off and SIGKILL at the same instant.
+//! - `crash-then-cut`: first a crash with the power on (SIGKILL: the page cache keeps what ferry
+//!   wrote and did not sync), ferry restarted on that still volatile data and left to run (it
+//!   uploads, PUBACKs the broker's redeliveries), and only then the cut.
+//! - `eio`: an `fsync`/`fdatasync` of a journal file (the log or sled's) fails with EIO as on
+//!   Linux, its unsynced data dropped though reads still show it; ferry runs on, then the cut.
+//! - `overlap`: every sync takes its own random time up to 300 ms, so that syncs from several
+//!   threads overlap and end out of order; then the cut.
+//!
 //! Checked, and counted in the tally (the last line printed):
 //! - every message the broker PUBACKed to the publisher is at the cloud (`lost`), under one seq
 //!   only (`duplicates`, after the cloud's dedupe by seq);
@@ -20,8 +32,20 @@
 //! Scenario `slow-fsync`: every fsync takes 2 s; the broker must keep ferry's session (one
 //! `mqtt connected`, no disconnect in ferry's or mosquitto's log) and nothing is lost.
 //!
-//! Usage: `ferry-torture [--cuts N] [--seed S] [--scenario cuts|slow-fsync] [--rate MSG_PER_S]
-//! [--keep]`. The seed is printed first; `--seed` repeats a run's choices (the timing of the
+//! Scenarios `crash-then-cut` and `eio` are the regression tests, through the real binaries, of
+//! two holes the journal had; each runs five rounds aimed at its window and must lose nothing:
+//! - `crash-then-cut`: ferry's writer waits 400 ms between writing a group and syncing it
+//!   (failpoint `slow_sync_ms`); SIGKILL in that wait, so that the page cache holds frames no
+//!   sync covered; restart with a 5 s wait there, so that the restarted writer syncs nothing
+//!   soon; wait until the restarted ferry has uploaded everything it read; cut. A ferry that
+//!   counted what it read as durable uploads frames the cut then takes (seqs reused: clashes,
+//!   and the messages sent again under them refused).
+//! - `eio`: the next fdatasync of a log segment fails (its unsynced data dropped); wait until
+//!   ferry's durable head passes the failed group; cut. A ferry that retried the sync (Linux
+//!   answers 0 the second time) PUBACKs a group the cut then takes.
+//!
+//! Usage: `ferry-torture [--cuts N] [--seed S] [--scenario cuts|slow-fsync|crash-then-cut|eio]
+//! [--rate MSG_PER_S] [--keep]`. The seed is printed first; `--seed` repeats a run's choices (the timing of the
 //! processes themselves still varies). The work directory is kept on failure (or with `--keep`).
 
 mod procs;
@@ -41,6 +65,8 @@ const DEVICE: &str = "torture";
 pub enum Scenario {
     Cuts,
     SlowFsync,
+    CrashThenCut,
+    Eio,
 }
 
 #[derive(Debug, Clone)]
@@ -80,13 +106,19 @@ impl Options {
                     o.scenario = match it.next().map(String::as_str) {
                         Some("cuts") => Scenario::Cuts,
                         Some("slow-fsync") => Scenario::SlowFsync,
-                        other => return Err(format!("--scenario {other:?}: cuts or slow-fsync")),
+                        Some("crash-then-cut") => Scenario::CrashThenCut,
+                        Some("eio") => Scenario::Eio,
+                        other => {
+                            return Err(format!(
+                                "--scenario {other:?}: cuts, slow-fsync, crash-then-cut or eio"
+                            ));
+                        }
                     }
                 }
                 other => {
                     return Err(format!(
                         "unexpected argument {other:?}; usage: ferry-torture [--cuts N] [--seed S] \
-                         [--scenario cuts|slow-fsync] [--rate MSG_PER_S] [--keep]"
+                         [--scenario cuts|slow-fsync|crash-then-cut|eio] [--rate MSG_PER_S] [--keep]"
                     ));
                 }
             }
@@ -110,9 +142,15 @@ pub struct Tally {
     pub clashes: u64,
     pub other_gaps: u64,
     pub session_drops: u64,
+    /// Crashes with the power on (`crash-then-cut`), fsync failures injected (`eio`), and the
+    /// most syncs seen in flight at once.
+    pub crashes: u64,
+    pub eio_injected: u64,
+    pub max_fsyncs_in_flight: u64,
     /// Failures that are no count (a process that would not start, a deadline).
     pub errors: Vec<String>,
     pub by_strategy: BTreeMap<&'static str, u64>,
+    pub by_kind: BTreeMap<&'static str, u64>,
 }
 
 impl Tally {
@@ -132,7 +170,7 @@ impl Tally {
         format!(
             "torture: cuts={} published={} acked={} delivered={} lost={} duplicates={} \
              journal_reopen_failures={} journal_lost={} seq_regressions={} clashes={} other_gaps={} \
-             session_drops={} seed={} result={}",
+             session_drops={} crashes={} eio_injected={} max_fsyncs_in_flight={} seed={} result={}",
             self.cuts,
             self.published,
             self.acked,
@@ -145,6 +183,9 @@ impl Tally {
             self.clashes,
             self.other_gaps,
             self.session_drops,
+            self.crashes,
+            self.eio_injected,
+            self.max_fsyncs_in_flight,
             seed,
             if self.passed() { "PASS" } else { "FAIL" }
         )
@@ -159,6 +200,8 @@ pub fn run(opts: &Options) -> bool {
             opts.seed, opts.cuts, opts.seed
         ),
         Scenario::SlowFsync => println!("torture: scenario slow-fsync"),
+        Scenario::CrashThenCut => println!("torture: scenario crash-then-cut"),
+        Scenario::Eio => println!("torture: scenario eio"),
     }
     let work = std::env::temp_dir().join(format!(
         "ferry-torture-{}-{}",
@@ -171,6 +214,8 @@ pub fn run(opts: &Options) -> bool {
         .and_then(|()| match opts.scenario {
             Scenario::Cuts => run_cuts(opts, &work, &mut tally),
             Scenario::SlowFsync => run_slow_fsync(&work, &mut tally),
+            Scenario::CrashThenCut => run_rounds(&work, &mut tally, Round::CrashThenCut),
+            Scenario::Eio => run_rounds(&work, &mut tally, Round::Eio),
         });
     if let Err(e) = result {
         tally.errors.push(e);
@@ -180,6 +225,9 @@ pub fn run(opts: &Options) -> bool {
     }
     if !tally.by_strategy.is_empty() {
         println!("torture: cut moments {:?}", tally.by_strategy);
+    }
+    if !tally.by_kind.is_empty() {
+        println!("torture: cut kinds {:?}", tally.by_kind);
     }
     let passed = tally.passed();
     if passed && !opts.keep {
@@ -262,53 +310,35 @@ fn run_cuts(opts: &Options, work: &Path, tally: &mut Tally) -> Result<(), String
     let mut max_durable = 0u64;
     let mut log_seen = 0usize;
 
+    // Each kind once among the first cuts, in a random order; then drawn per cut.
+    let mut first_kinds = KINDS.to_vec();
+    for i in (1..first_kinds.len()).rev() {
+        first_kinds.swap(i, rng.below(i as u64 + 1) as usize);
+    }
     for i in 0..opts.cuts {
         if let Some(e) = publisher.error() {
             return Err(e);
         }
+        let kind = match first_kinds.get(i as usize) {
+            Some(k) => *k,
+            None => KINDS[rng.below(KINDS.len() as u64) as usize],
+        };
+        *tally.by_kind.entry(kind).or_default() += 1;
         let strategy = STRATEGIES[rng.below(STRATEGIES.len() as u64) as usize];
         *tally.by_strategy.entry(strategy).or_default() += 1;
+        let what = format!("cut {} ({kind}, {strategy})", i + 1);
+        prepare(kind, &mut ferry, &fs, &mut rng, &mut max_durable, tally)
+            .map_err(|e| format!("{what}: {e}"))?;
         aim(strategy, &ferry, &fs, &mut rng, &mut max_durable)?;
         let cut = match rng.below(4) {
             0 | 1 => "cut".to_string(),
             2 => format!("cut --keep-prefix-seed {}", rng.next_u64()),
             _ => format!("cut --tear-seed {}", rng.next_u64()),
         };
-        fs.send(&cut)?;
-        ferry.kill();
-        fs.send("remount")?;
-        tally.cuts += 1;
-        if let Err(e) = ferry.start() {
-            tally.journal_reopen_failures += 1;
-            dump(&fs, work);
-            return Err(format!("after cut {} ({strategy}, {cut}): {e}", i + 1));
-        }
-        // The journal opened; check what it said while opening, and what it holds.
-        let status = wait_status(&ferry)?;
-        let head = status["head_seq"].as_u64().unwrap_or(0);
-        if head < max_durable {
-            tally.seq_regressions += 1;
-            println!(
-                "torture: cut {} ({strategy}, {cut}): head_seq={head} after restart, but durable_seq={max_durable} was seen before",
-                i + 1
-            );
-        }
+        ferry.failpoint = None;
+        let status = power_cut(&mut ferry, &fs, work, &cut, &what, max_durable, tally)?;
         let log = ferry.log_text();
-        let new = log.get(log_seen..).unwrap_or("");
-        if new.contains("journal lost records") || new.contains("journal_lost") {
-            tally.journal_lost += 1;
-            println!(
-                "torture: cut {} ({strategy}, {cut}): ferry reported lost records",
-                i + 1
-            );
-        }
-        if new.contains("would not open") {
-            tally.journal_reopen_failures += 1;
-            println!(
-                "torture: cut {} ({strategy}, {cut}): the journal would not open",
-                i + 1
-            );
-        }
+        check_log(log.get(log_seen..).unwrap_or(""), &what, tally);
         log_seen = log.len();
         if (i + 1) % 10 == 0 || i + 1 == opts.cuts {
             println!(
@@ -317,7 +347,7 @@ fn run_cuts(opts: &Options, work: &Path, tally: &mut Tally) -> Result<(), String
                 started.elapsed(),
                 publisher.sent(),
                 publisher.acked(),
-                head,
+                status["head_seq"],
                 status["acked_seq"]
             );
         }
@@ -341,6 +371,248 @@ fn run_cuts(opts: &Options, work: &Path, tally: &mut Tally) -> Result<(), String
     tally.acked = published.acked.len() as u64;
     check_delivery(&cloud, &published.acked, tally)?;
     tally.journal_lost = tally.journal_lost.max(lost_in_log);
+    note_fs(&fs, tally);
+    if !tally.passed() {
+        dump(&fs, work);
+    }
+    ferry.stop()?;
+    fs.quit()
+}
+
+/// The kinds of cut (see the module header).
+const KINDS: [&str; 4] = ["cut", "crash-then-cut", "eio", "overlap"];
+
+/// What happens before the moment of the cut, by kind: a crash and a restart on volatile data,
+/// an fsync that fails, or slow overlapping syncs.
+fn prepare(
+    kind: &str,
+    ferry: &mut Ferry,
+    fs: &CrashFsProc,
+    rng: &mut Rng,
+    max_durable: &mut u64,
+    tally: &mut Tally,
+) -> Result<(), String> {
+    let run_for = |ferry: &Ferry, ms: u64, max_durable: &mut u64| {
+        let end = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < end {
+            note_durable(ferry, max_durable);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    match kind {
+        "crash-then-cut" => {
+            // The crash: at a random moment, or while a sync is in flight.
+            if rng.below(2) == 0 {
+                fs.send("slow-fsync 300")?;
+                let _ = wait_until("a sync in flight", Duration::from_secs(3), || {
+                    counter(fs, "/fsyncs_in_flight") > 0
+                });
+            } else {
+                run_for(ferry, rng.below(1000), max_durable);
+            }
+            note_durable(ferry, max_durable);
+            ferry.kill();
+            tally.crashes += 1;
+            fs.send("slow-fsync 0")?;
+            // Half the time the restarted writer's first sync comes a second late, so that the
+            // cut may fall before it: the window where frames read back are not synced yet.
+            if rng.below(2) == 0 {
+                ferry.failpoint = Some("slow_sync_ms=1000".into());
+            }
+            ferry.start().map_err(|e| {
+                tally.journal_reopen_failures += 1;
+                format!("restart after the crash: {e}")
+            })?;
+            // Let it run on what it read: uploads, PUBACKs of the broker's redeliveries.
+            run_for(ferry, 200 + rng.below(1500), max_durable);
+        }
+        "eio" => {
+            let pattern = ["journal/log/", "journal/db-", "journal/"][rng.below(3) as usize];
+            let before = counter(fs, "/eio_injected");
+            fs.send(&format!("fail-fsync {pattern} --nth {}", 1 + rng.below(3)))?;
+            let _ = wait_until("the injected EIO", Duration::from_secs(3), || {
+                counter(fs, "/eio_injected") > before
+            });
+            run_for(ferry, rng.below(2500), max_durable);
+        }
+        "overlap" => {
+            fs.send(&format!("slow-fsync 300 --jitter {}", rng.next_u64()))?;
+            run_for(ferry, rng.below(1500), max_durable);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A counter of the filesystem's `stats` (0 when it cannot be read).
+fn counter(fs: &CrashFsProc, name: &str) -> u64 {
+    fs.stats()
+        .map(|s| s.pointer(name).and_then(|v| v.as_u64()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+fn note_durable(ferry: &Ferry, max_durable: &mut u64) {
+    if let Ok(s) = ferry.status() {
+        *max_durable = (*max_durable).max(s["durable_seq"].as_u64().unwrap_or(0));
+    }
+}
+
+/// The filesystem's counters of a run, into the tally.
+fn note_fs(fs: &CrashFsProc, tally: &mut Tally) {
+    tally.eio_injected = counter(fs, "/eio_injected");
+    tally.max_fsyncs_in_flight = counter(fs, "/max_fsyncs_in_flight");
+}
+
+/// The power cut: `cut` (a `cut ...` command), SIGKILL ferry, remount with every fault cleared,
+/// start ferry again and check that its head did not go below `max_durable`. Returns its status.
+fn power_cut(
+    ferry: &mut Ferry,
+    fs: &CrashFsProc,
+    work: &Path,
+    cut: &str,
+    what: &str,
+    max_durable: u64,
+    tally: &mut Tally,
+) -> Result<serde_json::Value, String> {
+    fs.send(cut)?;
+    ferry.kill();
+    fs.send("remount")?;
+    fs.send("fail-fsync --clear")?;
+    fs.send("slow-fsync 0")?;
+    tally.cuts += 1;
+    if let Err(e) = ferry.start() {
+        tally.journal_reopen_failures += 1;
+        dump(fs, work);
+        return Err(format!("after {what}, {cut}: {e}"));
+    }
+    // The journal opened; check what it holds.
+    let status = wait_status(ferry)?;
+    let head = status["head_seq"].as_u64().unwrap_or(0);
+    if head < max_durable {
+        tally.seq_regressions += 1;
+        println!(
+            "torture: {what}, {cut}: head_seq={head} after restart, but durable_seq={max_durable} was seen before"
+        );
+    }
+    Ok(status)
+}
+
+/// What ferry said while opening its journal again: lost records, a journal that would not open.
+fn check_log(new: &str, what: &str, tally: &mut Tally) {
+    if new.contains("journal lost records") || new.contains("journal_lost") {
+        tally.journal_lost += 1;
+        println!("torture: {what}: ferry reported lost records");
+    }
+    if new.contains("would not open") {
+        tally.journal_reopen_failures += 1;
+        println!("torture: {what}: the journal would not open");
+    }
+}
+
+/// The crash-then-cut scenario's ferry waits this long between writing a group and syncing it.
+const CRASH_WINDOW: &str = "slow_sync_ms=400";
+
+/// The rounds of the `crash-then-cut` and `eio` scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    CrashThenCut,
+    Eio,
+}
+
+/// Five rounds of `round` (see the module header) under a steady publisher, then the delivery
+/// check.
+fn run_rounds(work: &Path, tally: &mut Tally, round: Round) -> Result<(), String> {
+    const ROUNDS: u64 = 5;
+    let mut fs = CrashFsProc::start(work)?;
+    let broker = mosquitto(&work.join("mqtt"), 20)?;
+    let cloud = Cloud::start(&work.join("cloud"))?;
+    let control = free_port()?;
+    let mut ferry = Ferry::new(
+        &work.join("agent"),
+        &ferry_config(&fs, &broker, &cloud, control, ""),
+        control,
+    )?;
+    if round == Round::CrashThenCut {
+        ferry.failpoint = Some(CRASH_WINDOW.into());
+    }
+    ferry.start()?;
+    wait_until("ferry's MQTT connection", Duration::from_secs(20), || {
+        ferry.status().is_ok_and(|s| s["mqtt_connected"] == true)
+    })?;
+    let publisher = Publisher::start(broker.port, 200, None, 11)?;
+    let mut max_durable = 0;
+    let mut log_seen = 0;
+    let status_of = |ferry: &Ferry, field: &str| {
+        ferry
+            .status()
+            .map(|s| s[field].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    for r in 1..=ROUNDS {
+        if let Some(e) = publisher.error() {
+            return Err(e);
+        }
+        let what = format!("{round:?} round {r}");
+        match round {
+            Round::CrashThenCut => {
+                // Crash between a group's write and its sync: frames no sync covered.
+                wait_until(
+                    "frames written and not synced",
+                    Duration::from_secs(10),
+                    || {
+                        ferry.status().is_ok_and(|s| {
+                            s["head_seq"].as_u64().unwrap_or(0)
+                                > s["durable_seq"].as_u64().unwrap_or(0)
+                        })
+                    },
+                )?;
+                note_durable(&ferry, &mut max_durable);
+                ferry.kill();
+                tally.crashes += 1;
+                // The restarted writer's first sync comes late: the cut comes before it.
+                ferry.failpoint = Some("slow_sync_ms=5000".into());
+                ferry.start()?;
+                ferry.failpoint = Some(CRASH_WINDOW.into());
+                // The restarted ferry holds the crashed one's frames: wait until it uploaded them.
+                let head = wait_status(&ferry)?["head_seq"].as_u64().unwrap_or(0);
+                wait_until(
+                    "the restarted ferry to upload what it read",
+                    Duration::from_secs(30),
+                    || status_of(&ferry, "acked_seq") >= head,
+                )?;
+            }
+            Round::Eio => {
+                let before = counter(&fs, "/eio_injected");
+                fs.send("fail-fsync journal/log/")?;
+                wait_until("the injected EIO", Duration::from_secs(10), || {
+                    counter(&fs, "/eio_injected") > before
+                })?;
+                // Past the group whose sync failed: ferry says it is durable.
+                let head = status_of(&ferry, "head_seq");
+                wait_until(
+                    "ferry's durable head past the failed group",
+                    Duration::from_secs(30),
+                    || status_of(&ferry, "durable_seq") > head,
+                )?;
+            }
+        }
+        note_durable(&ferry, &mut max_durable);
+        power_cut(&mut ferry, &fs, work, "cut", &what, max_durable, tally)?;
+        let log = ferry.log_text();
+        check_log(log.get(log_seen..).unwrap_or(""), &what, tally);
+        log_seen = log.len();
+        println!(
+            "torture: {what} done: published={} acked={} head_seq={}",
+            publisher.sent(),
+            publisher.acked(),
+            status_of(&ferry, "head_seq")
+        );
+    }
+    let published = publisher.finish()?;
+    tally.published = published.sent;
+    tally.acked = published.acked.len() as u64;
+    check_delivery(&cloud, &published.acked, tally)?;
+    note_fs(&fs, tally);
     if !tally.passed() {
         dump(&fs, work);
     }

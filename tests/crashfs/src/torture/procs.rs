@@ -246,6 +246,8 @@ pub struct Ferry {
     config: PathBuf,
     child: Option<Child>,
     pub runs: u32,
+    /// `FERRY_FAILPOINT` for the next starts (see ferry's `src/failpoint.rs`).
+    pub failpoint: Option<String>,
 }
 
 impl Ferry {
@@ -259,6 +261,7 @@ impl Ferry {
             config,
             child: None,
             runs: 0,
+            failpoint: None,
         })
     }
 
@@ -271,8 +274,17 @@ impl Ferry {
             .append(true)
             .open(&self.log)
             .map_err(|e| format!("{}: {e}", self.log.display()))?;
-        let _ = writeln!(log, "----- run {} -----", self.runs);
-        let child = Command::new(sibling("ferry")?)
+        let _ = writeln!(
+            log,
+            "----- run {} (failpoint {:?}) -----",
+            self.runs, self.failpoint
+        );
+        let mut cmd = Command::new(sibling("ferry")?);
+        match &self.failpoint {
+            Some(f) => cmd.env("FERRY_FAILPOINT", f),
+            None => cmd.env_remove("FERRY_FAILPOINT"),
+        };
+        let child = cmd
             .arg("run")
             .arg("-c")
             .arg(&self.config)
