@@ -404,6 +404,37 @@ pub struct Options {
     pub fixed_budget: Option<u64>,
 }
 
+/// Clears `State::syncing` if the sync that set it ends without doing so itself (a panic).
+struct SyncToken<'a> {
+    journal: &'a Journal,
+    armed: bool,
+}
+
+impl<'a> SyncToken<'a> {
+    fn new(journal: &'a Journal) -> SyncToken<'a> {
+        SyncToken {
+            journal,
+            armed: true,
+        }
+    }
+
+    /// Ends the sync under the caller's lock: the next caller may sync.
+    fn release(mut self, st: &mut State) {
+        st.syncing = false;
+        self.journal.inner.synced.notify_all();
+        self.armed = false;
+    }
+}
+
+impl Drop for SyncToken<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.journal.lock().syncing = false;
+            self.journal.inner.synced.notify_all();
+        }
+    }
+}
+
 impl State {
     /// sled holds a change the next sync must make durable.
     fn sled_changed(&mut self) {
@@ -624,9 +655,12 @@ impl Journal {
 
     /// Moves the lease `LEASE_STEP` past `through` and records the durable head and the cursor.
     fn renew_lease(&self, st: &mut State, markf: &mut MarkFile, through: u64) -> Result<()> {
+        // The durable head, as far as known: `durable` starts at 0 at open, and the mark's own
+        // head (checked against the log at open) must not be forgotten meanwhile.
+        let known = markf.current.map_or(0, |m| m.head).max(st.durable);
         let mark = Mark {
             lease: through + LEASE_STEP,
-            head: st.durable.min(st.next_seq - 1),
+            head: known.min(st.next_seq - 1),
             acked: st.acked,
         };
         markf.write(mark).map_err(|source| Error::Mark {
@@ -854,6 +888,8 @@ impl Journal {
         st.syncing = true;
         drop(st);
 
+        // Whatever happens below (sled can panic), the next caller may sync.
+        let token = SyncToken::new(self);
         let logged = job.as_ref().map_or(Ok(()), |j| j.run());
         let result = match &logged {
             Ok(()) => self.sync_sled(flush_sled, target),
@@ -863,14 +899,27 @@ impl Journal {
             }),
         };
 
+        // The outcome is recorded before the next caller may sync: one that began after a
+        // failure must see it.
         let mut st = self.lock();
-        st.syncing = false;
-        self.inner.synced.notify_all();
         if let (Some(job), Some(log)) = (job.as_ref(), st.log.as_mut()) {
             log.end_sync(job, &logged);
         }
+        token.release(&mut st);
+        let failed_meanwhile = st.log.as_ref().and_then(Segments::failed);
+        if let (Ok(()), Some(first)) = (&result, failed_meanwhile) {
+            // A segment being closed failed its sync while this one ran (see `end_sync`).
+            error!(
+                "journal sync of segment {} failed meanwhile; nothing is trusted until it is rewritten",
+                first
+            );
+            return Err(Error::Unavailable);
+        }
         if let Err(e) = result {
-            if logged.is_ok() {
+            // A failed fsync of sled's files: what sled wrote since its last good sync is
+            // rewritten at the reopen. sled's own errors (a full disk) are handled by the reopen
+            // as before: sled refuses every write after one until it is opened again.
+            if logged.is_ok() && matches!(e, Error::Sync { .. }) {
                 st.sled_failed = true;
             }
             error!(
@@ -1229,12 +1278,9 @@ impl Journal {
             }
             st.syncing = true;
         }
+        let token = SyncToken::new(self);
         let reopened = self.reopen_files();
-        {
-            let mut st = self.lock();
-            st.syncing = false;
-            self.inner.synced.notify_all();
-        }
+        token.release(&mut self.lock());
         reopened?;
         self.reconcile_mark()?;
         self.sync()?;

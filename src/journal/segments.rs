@@ -438,6 +438,16 @@ impl Segments {
     /// so that older segments are always whole) and creates the one starting at `seq`, durably in
     /// the directory. A failed sync leaves the segment active and marked failed.
     fn roll(&mut self, seq: u64) -> io::Result<()> {
+        let rolled = self.roll_once(seq);
+        if rolled.is_err() && self.failed.is_none() {
+            // Part of a group may be in the segment being closed: appending it again after a
+            // retry would write its seqs twice.
+            self.broken = true;
+        }
+        rolled
+    }
+
+    fn roll_once(&mut self, seq: u64) -> io::Result<()> {
         if let Some((first, file)) = &self.active {
             let len = self.files.get(first).copied().unwrap_or(0);
             if len > self.synced_len {
@@ -459,10 +469,7 @@ impl Segments {
         }
         // The name, durably. The file's contents (none yet) become durable with the sync of the
         // frames written to it.
-        if let Err(e) = fsync::dir(&self.dir) {
-            self.broken = true;
-            return Err(e);
-        }
+        fsync::dir(&self.dir)?;
         self.files.insert(seq, 0);
         self.active = Some((seq, Arc::new(file)));
         self.synced_len = 0;
@@ -495,6 +502,9 @@ impl Segments {
     /// the segment is marked failed (see the module header).
     pub fn end_sync(&mut self, job: &SyncJob, outcome: &Result<(), (u64, io::Error)>) {
         match outcome {
+            // A sync of the same file that failed meanwhile (a segment being closed) may have
+            // taken the error this one would have seen: nothing counts as synced any more.
+            Ok(()) if self.failed.is_some() => {}
             Ok(()) => {
                 if self.active.as_ref().is_some_and(|(f, _)| *f == job.first) {
                     self.synced_len = self.synced_len.max(job.len);
