@@ -63,7 +63,11 @@
 //!   into a new generation (`compact`). Records whose frames survive the rewrite become durable
 //!   then (the broker's redeliveries of them are recognised and PUBACKed); frames that did not
 //!   survive were never handed out, and their seqs are assigned again. The same at open: a failed
-//!   first sync of what an earlier process left is followed by the rewrite, not by a retry.
+//!   first sync of what an earlier process left is followed by the rewrite, not by a retry. sled
+//!   also syncs its file itself (its flusher thread, every second) and only logs a failure; Linux
+//!   reports a writeback error to every descriptor open at the time, so the journal's own
+//!   `fdatasync` of sled's file, on a descriptor it keeps from open, fails too; an EIO that sled
+//!   returns from a write or a flush counts the same.
 //! - **Two threads syncing at once.** One sync runs at a time ([`Journal::sync`]): a caller that
 //!   finds one running waits for it, and returns only if that sync began after the caller's
 //!   writes (its target covers them); otherwise it runs a sync of its own.
@@ -75,7 +79,9 @@
 //!
 //! **Not guaranteed.** A process crash between a failed sync and the rewrite (a few system
 //! calls): the next process cannot know the sync failed and trusts what it reads once its own
-//! sync succeeds. A failed `fsync` of a directory is not rewritten: the journal stops and the
+//! sync succeeds. Likewise a writeback error of sled's file that sled's flusher reported and
+//! swallowed just before the journal reopened sled for another reason (the new descriptor does
+//! not see an error someone already saw). A failed `fsync` of a directory is not rewritten: the journal stops and the
 //! reopen syncs the directory again. A disk that acknowledges a sync it did not perform (a
 //! cache without power-loss protection) defeats any software: a last frame lost that way is
 //! reported only when the journal knew it was synced.
@@ -127,6 +133,7 @@
 //! into a new generation when it has doubled (`maybe_compact` in `store.rs`, `layout.rs`).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -143,6 +150,8 @@ const MEASURE_EVERY: u64 = 16;
 const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
+/// errno of a writeback error (`EIO`), as `std::io::Error::raw_os_error` reports it.
+const EIO: i32 = 5;
 
 mod budget;
 pub mod codec;
@@ -463,6 +472,10 @@ struct Inner {
     data: Condvar,
     /// Signalled when a sync ends, for the syncs waiting for it.
     synced: Condvar,
+    /// A write or sync of sled's files failed with EIO: nothing sled wrote since its last good
+    /// sync can be trusted, so nothing is appended or synced until the reopen rewrites the
+    /// database (`compact`). Not in `State`: `apply` sets it, under the state's lock.
+    sled_failed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -524,9 +537,6 @@ struct State {
     /// those are rebuilt from the log), counted; `sled_synced` of them are durable.
     sled_gen: u64,
     sled_synced: u64,
-    /// A sync of sled's files failed: nothing sled wrote since its last good sync can be trusted,
-    /// so nothing is appended or synced until the reopen rewrites the database (`compact`).
-    sled_failed: bool,
     /// A sync is running (`Journal::sync`): others wait for it rather than sync beside it.
     syncing: bool,
     /// Callers of `Journal::sync` waiting for the one running (for the tests).
@@ -621,7 +631,6 @@ impl Journal {
             sled_floor: 0,
             sled_gen: 1,
             sled_synced: 0,
-            sled_failed: false,
             syncing: false,
             sync_waiters: 0,
             overlays_durable: 0,
@@ -638,6 +647,7 @@ impl Journal {
                 mark,
                 data: Condvar::new(),
                 synced: Condvar::new(),
+                sled_failed: AtomicBool::new(false),
             }),
         };
         journal.recover()?;
@@ -916,11 +926,12 @@ impl Journal {
             return Err(Error::Unavailable);
         }
         if let Err(e) = result {
-            // A failed fsync of sled's files: what sled wrote since its last good sync is
-            // rewritten at the reopen. sled's own errors (a full disk) are handled by the reopen
-            // as before: sled refuses every write after one until it is opened again.
+            // A failed fsync of sled's files (or an EIO sled met writing them): what sled wrote
+            // since its last good sync is rewritten at the reopen. sled's other errors (a full
+            // disk) are handled by the reopen as before: sled refuses every write after one
+            // until it is opened again, and what it could not write never reached the files.
             if logged.is_ok() && matches!(e, Error::Sync { .. }) {
-                st.sled_failed = true;
+                self.inner.sled_failed.store(true, Ordering::SeqCst);
             }
             error!(
                 "journal sync failed; nothing it covered is trusted, and the journal is rewritten \
@@ -958,7 +969,13 @@ impl Journal {
             return Ok(());
         }
         let store = self.store()?;
-        store.db.flush().map_err(storage("flushing"))?;
+        store.db.flush().map_err(|e| {
+            self.note_sled_error(&e);
+            Error::Storage {
+                action: "flushing",
+                source: e,
+            }
+        })?;
         fsync::data(&store.db_file, &store.db_path).map_err(|source| Error::Sync {
             path: store.db_path.clone(),
             source,
@@ -974,7 +991,7 @@ impl Journal {
             .log
             .as_ref()
             .is_some_and(|l| l.failed().is_some() || l.is_broken());
-        if st.sled_failed || log_failed {
+        if self.inner.sled_failed.load(Ordering::SeqCst) || log_failed {
             return Err(Error::Unavailable);
         }
         Ok(())
@@ -1292,7 +1309,10 @@ impl Journal {
     fn reopen_files(&self) -> Result<()> {
         let (failed, sled_failed) = {
             let st = self.lock();
-            (st.log.as_ref().and_then(Segments::failed), st.sled_failed)
+            (
+                st.log.as_ref().and_then(Segments::failed),
+                self.inner.sled_failed.load(Ordering::SeqCst),
+            )
         };
         if let Some(first) = failed {
             let dir = self.log_dir();
@@ -1306,7 +1326,7 @@ impl Journal {
         if sled_failed {
             // Everything sled holds, written again into new files and synced there.
             self.compact()?;
-            self.lock().sled_failed = false;
+            self.inner.sled_failed.store(false, Ordering::SeqCst);
         }
         let _st = self.lock();
         let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
@@ -1333,10 +1353,20 @@ impl Journal {
     }
 
     fn apply(&self, batch: sled::Batch, action: &'static str) -> Result<()> {
-        self.store()?
-            .log
-            .apply_batch(batch)
-            .map_err(|source| Error::Storage { action, source })
+        self.store()?.log.apply_batch(batch).map_err(|source| {
+            self.note_sled_error(&source);
+            Error::Storage { action, source }
+        })
+    }
+
+    /// An EIO from sled (a write, or its own `sync_file_range`/`fsync` of its file) is a
+    /// writeback error: sled's files are rewritten at the reopen, never trusted to a retry.
+    pub(super) fn note_sled_error(&self, e: &sled::Error) {
+        if let sled::Error::Io(io) = e {
+            if io.raw_os_error() == Some(EIO) {
+                self.inner.sled_failed.store(true, Ordering::SeqCst);
+            }
+        }
     }
 
     fn meta(&self, key: &[u8]) -> Result<Option<u64>> {
@@ -1373,7 +1403,9 @@ impl Drop for Inner {
         let Some(store) = store.as_ref() else {
             return;
         };
-        if st.sled_failed || st.log.as_ref().is_none_or(|l| l.failed().is_some()) {
+        if self.sled_failed.load(Ordering::SeqCst)
+            || st.log.as_ref().is_none_or(|l| l.failed().is_some())
+        {
             // A failed sync was never repaired: the head is not known to be durable, and the
             // next open syncs (and the mark checks) what is there.
             return;
