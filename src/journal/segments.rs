@@ -698,7 +698,12 @@ impl Segments {
 pub(super) fn rewrite(dir: &Path, first: u64) -> io::Result<(u64, u64)> {
     let path = dir.join(format!("{first:020}.seg"));
     let tmp = dir.join(format!("{first:020}.seg.rewrite"));
-    let file = File::open(&path)?;
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        // Freed meanwhile: nothing of it is needed any more.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(e),
+    };
     let len = file.metadata()?.len();
     let (end, _) = scan_tail(&file, &path, first)?;
     let mut out = OpenOptions::new()
