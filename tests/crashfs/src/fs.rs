@@ -10,11 +10,20 @@
 //! `sync_file_range` never reaches a FUSE filesystem (the kernel has no request for it): it makes
 //! nothing durable here, as it promises nothing against power loss on a real disk either.
 //!
-//! An fsync or fsyncdir decides everything as it starts (if the power is on): the part of the log
-//! it will make durable ([`Model::sync_point`]), whether an armed [`FsyncFault`] fails it (then
-//! [`Model::fail_sync`] applies at once), and its delay (`slow-fsync`). It then sleeps that delay
-//! with no lock held, counted in `fsyncs_in_flight` from start to reply, and completes; a cut
-//! during the delay makes it fail with EIO, having made nothing durable.
+//! Every open and create gets its own file handle ([`Model::open`], freed on release): an open file
+//! description, which reports each writeback error of its file once, as on Linux >= 4.16 (see the
+//! [`model`] docs). Directories keep handle 0: they have no writeback errors.
+//!
+//! An fsync or fsyncdir decides everything as it starts (if the power is on): whether an armed
+//! [`FsyncFault`] fails it (then [`Model::fail_sync`] applies at once, and the call reports the
+//! error through its handle), whether its handle has a writeback error to report (then it fails
+//! with EIO and makes nothing durable), otherwise the part of the log it will make durable
+//! ([`Model::start_sync`]), and its delay (`slow-fsync`). It then sleeps that delay with no lock
+//! held, counted in `fsyncs_in_flight` from start to reply, and completes; it fails with EIO if a
+//! failure hit the file meanwhile (reported through its handle too), and a cut during the delay
+//! makes it fail with EIO, having made nothing durable. `eio_injected` counts the injected
+//! failures, `eio_reported` every EIO an fsync returned for a writeback error (the injected call,
+//! each other description reporting it, and syncs in flight when it hit).
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -72,7 +81,10 @@ struct State {
     slow_fsync_ms: u64,
     jitter: Option<(u64, Rng)>,
     faults: Vec<FsyncFault>,
+    /// Injected writeback errors.
     eio_injected: u64,
+    /// EIOs returned by fsyncs for a writeback error.
+    eio_reported: u64,
 }
 
 impl State {
@@ -184,6 +196,8 @@ impl Shared {
             "slow_fsync_ms": st.slow_fsync_ms,
             "slow_fsync_jitter_seed": st.jitter.as_ref().map(|(seed, _)| *seed),
             "eio_injected": st.eio_injected,
+            "eio_reported": st.eio_reported,
+            "open_handles": st.model.open_handles(),
             "faults_armed": st.faults.len(),
             "unsynced_bytes": unsynced_bytes,
             "unsynced_dir_ops": unsynced_dir_ops,
@@ -303,8 +317,8 @@ impl CrashFs {
         })
     }
 
-    fn fsync_any(&self, ino: INodeNo, op: &'static str, reply: ReplyEmpty) {
-        trace!("{op} ino={}", ino.0);
+    fn fsync_any(&self, ino: INodeNo, fh: FileHandle, op: &'static str, reply: ReplyEmpty) {
+        trace!("{op} ino={} fh={}", ino.0, fh.0);
         let shared = &self.0;
         // Everything about the call is decided as it starts (see the module docs).
         let start = {
@@ -313,15 +327,18 @@ impl CrashFs {
             if st.off {
                 st.refused += 1;
                 None
-            } else if let Ok(point) = st.model.sync_point(ino.0) {
-                let is_file = matches!(st.model.node(ino.0).map(|n| &n.kind), Ok(Kind::File(_)));
+            } else if let Ok(is_file) = st
+                .model
+                .node(ino.0)
+                .map(|n| matches!(n.kind, Kind::File(_)))
+            {
                 let path = match (op, is_file, st.faults.is_empty()) {
                     ("fsync", true, false) => st.model.path_of(ino.0),
                     _ => None,
                 };
                 let path = path.map(|p| p.to_string_lossy().into_owned());
-                let fail = path.as_deref().is_some_and(|p| st.take_fault(p));
-                if fail {
+                let injected = path.as_deref().is_some_and(|p| st.take_fault(p));
+                if injected {
                     let dropped = st.model.fail_sync(ino.0).unwrap_or(0);
                     st.eio_injected += 1;
                     info!(
@@ -329,13 +346,31 @@ impl CrashFs {
                         path.as_deref().unwrap_or("?")
                     );
                 }
+                // The injected call reports the error through its handle like any other.
+                let point = match st.model.start_sync(ino.0, fh.0) {
+                    Ok(point) if !injected => Some(point),
+                    Ok(_) => None, // through no open handle: fails all the same
+                    Err(e) => {
+                        if !injected {
+                            info!(
+                                "{op} of ino {} fh {} reports a writeback error: EIO",
+                                ino.0, fh.0
+                            );
+                        }
+                        debug_assert_eq!(e, libc::EIO);
+                        None
+                    }
+                };
+                if point.is_none() {
+                    st.eio_reported += 1;
+                }
                 let delay = st.next_delay();
-                Some((point, st.epoch, fail, delay))
+                Some((point, st.epoch, delay))
             } else {
                 None
             }
         };
-        let Some((point, epoch, fail, delay)) = start else {
+        let Some((point, epoch, delay)) = start else {
             return reply.error(Errno::EIO);
         };
         let in_flight = InFlight::new(shared);
@@ -344,12 +379,12 @@ impl CrashFs {
         }
         let r = {
             let mut st = shared.lock();
-            if st.off || st.epoch != epoch || fail {
-                // The power went while the device was still writing (nothing of it counts), or
-                // the write-back failed.
-                Err(Errno::EIO)
-            } else {
-                match st.model.sync_through(ino.0, point) {
+            match point {
+                // The write-back failed.
+                None => Err(Errno::EIO),
+                // The power went while the device was still writing (nothing of it counts).
+                Some(_) if st.off || st.epoch != epoch => Err(Errno::EIO),
+                Some(point) => match st.model.sync_through(ino.0, point) {
                     Ok(()) => {
                         if op == "fsyncdir" {
                             st.fsyncdirs += 1;
@@ -360,11 +395,12 @@ impl CrashFs {
                     }
                     Err(e) => {
                         if e == libc::EIO {
+                            st.eio_reported += 1;
                             info!("{op} of ino {} overlapped a failed one: EIO", ino.0);
                         }
                         Err(Errno::from_i32(e))
                     }
-                }
+                },
             }
         };
         drop(in_flight);
@@ -533,10 +569,27 @@ impl Filesystem for CrashFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match with(&self.0, "open", |m| m.node(ino.0).map(|_| ())) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+        match with(&self.0, "open", |m| m.open(ino.0)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Even with the power off: the process closed it.
+        let mut st = self.0.lock();
+        *st.ops.entry("release").or_default() += 1;
+        st.model.release(fh.0);
+        reply.ok();
     }
 
     fn read(
@@ -594,12 +647,12 @@ impl Filesystem for CrashFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         // fdatasync and fsync both make the data and the size durable, which is all modelled.
-        self.fsync_any(ino, "fsync", reply);
+        self.fsync_any(ino, fh, "fsync", reply);
     }
 
     fn readdir(
@@ -648,11 +701,11 @@ impl Filesystem for CrashFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.fsync_any(ino, "fsyncdir", reply);
+        self.fsync_any(ino, fh, "fsyncdir", reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -677,15 +730,23 @@ impl Filesystem for CrashFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.add(
-            req,
-            parent,
-            name,
-            Kind::File(File::default()),
-            mode & !umask,
-            "create",
-        ) {
-            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty()),
+        trace!("create parent={} name={name:?}", parent.0);
+        // The new file and its open description, under one lock.
+        let r = with(&self.0, "create", |m| {
+            let ino = m.add(
+                parent.0,
+                name,
+                Kind::File(File::default()),
+                mode & !umask,
+                req.uid(),
+                req.gid(),
+            )?;
+            Ok((entry_of(m, ino)?, m.open(ino)?))
+        });
+        match r {
+            Ok((a, fh)) => {
+                reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(e),
         }
     }

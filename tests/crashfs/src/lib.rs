@@ -7,7 +7,8 @@
 //!   delay every fsync, like a slow SD card (by a fixed time, or each by its own seeded random
 //!   time so that syncs overlap and finish out of order), and fail chosen fsyncs with EIO as Linux
 //!   does after a writeback error: the file's unsynced changes are dropped (reads still show them
-//!   until the next cut, nothing makes them durable), and a later fsync succeeds.
+//!   until the next cut, nothing makes them durable), and every open file description of the file
+//!   gets EIO from its next fsync, once; then its fsyncs succeed.
 //! - `ferry-torture` (`torture`): runs mosquitto, `ferry-cloud` and `ferry` with its journal on
 //!   that filesystem, publishes numbered QoS1 messages, cuts the power at random moments, and
 //!   checks that every message the broker accepted reached the cloud exactly once, that `seq`

@@ -8,15 +8,25 @@
 //! - A failed sync ([`Model::fail_sync`], Linux after a writeback error, "fsyncgate") discards the
 //!   file's log: `durable` is unchanged and nothing written before the failure can become durable
 //!   any more, by a later sync or by a cut, while `current` keeps it, so reads still show it until
-//!   the next cut. A later sync succeeds and makes durable what was written after the failure. A
-//!   sync of that file that was already in flight when the failure hit fails too.
+//!   the next cut. A sync of that file that was already in flight when the failure hit fails too.
+//! - Each failure is reported once to every open file description, as Linux (>= 4.16, `errseq_t`)
+//!   does: a file counts its writeback errors (`err`) and knows whether a description has reported
+//!   the latest one (`seen`). Each open ([`Model::open`]) gets a handle that samples `err`, or,
+//!   while the latest error is unseen, the count before it, so that a description opened after an
+//!   error nobody has reported yet still reports it (and one opened after it was reported does
+//!   not). A sync through a handle whose sample is behind `err` ([`Model::start_sync`]) fails with
+//!   EIO and makes nothing durable; that reports the error: the sample catches up and `seen` is
+//!   set. The failed sync itself and a sync in flight when it hit report it the same way. A sync
+//!   through a handle that is up to date succeeds and makes durable what was written after the
+//!   failure. So every description open at the failure gets EIO exactly once, then succeeds.
 //! - A directory has `current` and `durable` entries and the log of entry changes since its last
 //!   fsync. create, mkdir, symlink, unlink, rmdir and rename are entry changes; a rename within
 //!   one directory is one atomic change, a rename across directories is one change in each.
 //! - A power cut replaces every file and directory by its durable state, optionally followed by
 //!   a random prefix of its log ([`Cut::KeepPrefix`]) or a prefix and then part of the next
 //!   write ([`Cut::Tear`]). Each object draws its own prefix: the page cache writes files back in
-//!   no particular order. Inodes no longer reachable from the root are then dropped.
+//!   no particular order. Inodes no longer reachable from the root are then dropped, and so are
+//!   the handles (the processes died with the power); no error from before the cut is reported.
 //!
 //! Metadata (mode, times) is not modelled as volatile: ferry and sled never depend on it.
 
@@ -25,6 +35,10 @@ use std::ffi::{OsStr, OsString};
 use std::time::SystemTime;
 
 pub const ROOT: u64 = 1;
+
+/// An open file description: a FUSE file handle. 0 is none (directories, and files opened before
+/// a cut): a sync through it reports no writeback error.
+pub type Fh = u64;
 
 /// An errno value (`libc::E*`).
 pub type Errno = i32;
@@ -71,7 +85,7 @@ fn write_at(to: &mut Vec<u8>, offset: u64, data: &[u8]) {
     to[offset..offset + data.len()].copy_from_slice(data);
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct File {
     pub current: Vec<u8>,
     durable: Vec<u8>,
@@ -79,8 +93,32 @@ pub struct File {
     /// How many changes left the log before `log[0]` (made durable, dropped by a failed sync, or
     /// settled by a cut): `log[i]` is change number `base + i` of this file.
     base: u64,
-    /// Failed syncs so far: a sync that sees this change while in flight fails too.
-    failures: u64,
+    /// Writeback errors (failed syncs) so far: a sync that sees this change while in flight
+    /// fails too.
+    err: u64,
+    /// Some open file description has reported the latest error (or there is none).
+    seen: bool,
+}
+
+/// An open file description of a file: which file, and the file's error count it has reported up
+/// to (`errseq_t`'s sample).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Handle {
+    ino: u64,
+    sample: u64,
+}
+
+impl Default for File {
+    fn default() -> File {
+        File {
+            current: Vec::new(),
+            durable: Vec::new(),
+            log: Vec::new(),
+            base: 0,
+            err: 0,
+            seen: true,
+        }
+    }
 }
 
 /// One atomic change of a directory's entries: names set to an inode, or removed.
@@ -123,12 +161,14 @@ pub struct Node {
     pub mtime: SystemTime,
 }
 
-/// Where a sync started ([`Model::sync_point`]): it must make durable the changes numbered below
-/// `end`, and it fails if a failed sync hit the file since (`failures` changed).
+/// Where a sync started ([`Model::sync_point`], [`Model::start_sync`]): it must make durable the
+/// changes numbered below `end`, and it fails if a failed sync hit the file since (`err`
+/// changed), which counts as handle `fh` reporting that error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncPoint {
     end: u64,
-    failures: u64,
+    err: u64,
+    fh: Fh,
 }
 
 /// Counters for `stats`.
@@ -147,6 +187,8 @@ pub struct CutReport {
 pub struct Model {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
+    handles: HashMap<Fh, Handle>,
+    next_fh: Fh,
 }
 
 impl Default for Model {
@@ -167,6 +209,8 @@ impl Model {
         Model {
             nodes: HashMap::from([(ROOT, root)]),
             next_ino: ROOT + 1,
+            handles: HashMap::new(),
+            next_fh: 1,
         }
     }
 
@@ -353,33 +397,95 @@ impl Model {
         }
     }
 
+    /// Opens a file description of `ino` (open or create): a new handle, never 0, that samples
+    /// the file's error count (see the module docs). Any kind of node may be opened; only files
+    /// have writeback errors.
+    pub fn open(&mut self, ino: u64) -> Result<Fh> {
+        let sample = match &self.node(ino)?.kind {
+            Kind::File(f) if !f.seen => f.err.saturating_sub(1),
+            Kind::File(f) => f.err,
+            _ => 0,
+        };
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(fh, Handle { ino, sample });
+        Ok(fh)
+    }
+
+    /// Closes handle `fh` (release); false if it was not open.
+    pub fn release(&mut self, fh: Fh) -> bool {
+        self.handles.remove(&fh).is_some()
+    }
+
+    /// Handles open now.
+    pub fn open_handles(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Reports through handle `fh` the writeback errors of its file it has not reported yet
+    /// (`errseq_check_and_advance`): if there are any, its sample catches up, the file's latest
+    /// error counts as seen, and the answer is EIO. A handle that is not open (0) has none.
+    fn report_errors(&mut self, fh: Fh) -> Result<()> {
+        let Some(h) = self.handles.get_mut(&fh) else {
+            return Ok(());
+        };
+        match self.nodes.get_mut(&h.ino).map(|n| &mut n.kind) {
+            Some(Kind::File(f)) if h.sample < f.err => {
+                h.sample = f.err;
+                f.seen = true;
+                Err(libc::EIO)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// How far the unsynced log of `ino` reaches now: what an `fsync` starting now must make
-    /// durable (see [`Model::sync_through`]).
+    /// durable (see [`Model::sync_through`]). Through no handle: see [`Model::start_sync`].
     pub fn sync_point(&self, ino: u64) -> Result<SyncPoint> {
         Ok(match &self.node(ino)?.kind {
             Kind::File(f) => SyncPoint {
                 end: f.base + f.log.len() as u64,
-                failures: f.failures,
+                err: f.err,
+                fh: 0,
             },
             Kind::Dir(d) => SyncPoint {
                 end: d.base + d.log.len() as u64,
-                failures: 0,
+                err: 0,
+                fh: 0,
             },
             Kind::Symlink(_) => SyncPoint {
                 end: 0,
-                failures: 0,
+                err: 0,
+                fh: 0,
             },
         })
     }
 
+    /// Starts an fsync/fdatasync of `ino` through handle `fh` (0 for none, as for directories):
+    /// EIO if the handle has a writeback error of the file to report, which reports it and makes
+    /// nothing durable; otherwise where the sync starts, for [`Model::sync_through`].
+    pub fn start_sync(&mut self, ino: u64, fh: Fh) -> Result<SyncPoint> {
+        let mut point = self.sync_point(ino)?;
+        if self.handles.get(&fh).is_some_and(|h| h.ino == ino) {
+            self.report_errors(fh)?;
+            point.fh = fh;
+        }
+        Ok(point)
+    }
+
     /// Completes an fsync of `ino` that started at `point`: makes durable the changes made before
     /// it started and not yet synced (none made since). Fails with EIO, making nothing durable,
-    /// if a failed sync ([`Model::fail_sync`]) hit the file meanwhile.
+    /// if a failed sync ([`Model::fail_sync`]) hit the file meanwhile; that reports the error
+    /// through the sync's handle.
     pub fn sync_through(&mut self, ino: u64, point: SyncPoint) -> Result<()> {
         let node = self.nodes.get_mut(&ino).ok_or(libc::ENOENT)?;
         match &mut node.kind {
             Kind::File(f) => {
-                if f.failures != point.failures {
+                if f.err != point.err {
+                    if let Some(h) = self.handles.get_mut(&point.fh) {
+                        h.sample = f.err;
+                        f.seen = true;
+                    }
                     return Err(libc::EIO);
                 }
                 let n = (point.end.saturating_sub(f.base) as usize).min(f.log.len());
@@ -405,16 +511,26 @@ impl Model {
         Ok(())
     }
 
+    /// A whole fsync of `ino` through no handle.
     pub fn fsync(&mut self, ino: u64) -> Result<()> {
-        let point = self.sync_point(ino)?;
+        self.fsync_through(ino, 0)
+    }
+
+    /// A whole fsync of `ino` through handle `fh`: [`Model::start_sync`], then
+    /// [`Model::sync_through`].
+    pub fn fsync_through(&mut self, ino: u64, fh: Fh) -> Result<()> {
+        let point = self.start_sync(ino, fh)?;
         self.sync_through(ino, point)
     }
 
-    /// An fsync of file `ino` that fails with EIO, as Linux's after a writeback error: the
-    /// unsynced changes are dropped (the log is discarded, `durable` unchanged) so that no later
-    /// sync or cut makes them durable, while `current` keeps them until the next cut. A later
-    /// sync succeeds and makes durable only what was written after this call; a sync of the file
-    /// already in flight fails. Returns the unsynced bytes dropped.
+    /// A writeback error of file `ino`, as Linux's: the unsynced changes are dropped (the log is
+    /// discarded, `durable` unchanged) so that no later sync or cut makes them durable, while
+    /// `current` keeps them until the next cut; the error count grows and the error is unseen, so
+    /// that every handle open now, and every one opened before some handle reports it, reports it
+    /// once ([`Model::start_sync`]); a sync of the file already in flight fails. For the failed
+    /// fsync itself, follow with [`Model::start_sync`] through its handle: that reports it. A
+    /// sync through a handle that has reported it succeeds and makes durable only what was
+    /// written after this call. Returns the unsynced bytes dropped.
     pub fn fail_sync(&mut self, ino: u64) -> Result<u64> {
         let node = self.nodes.get_mut(&ino).ok_or(libc::ENOENT)?;
         match &mut node.kind {
@@ -422,7 +538,8 @@ impl Model {
                 let dropped = f.log.iter().map(FileOp::bytes).sum();
                 f.base += f.log.len() as u64;
                 f.log.clear();
-                f.failures += 1;
+                f.err += 1;
+                f.seen = false;
                 Ok(dropped)
             }
             Kind::Dir(_) => Err(libc::EISDIR),
@@ -518,6 +635,8 @@ impl Model {
                     f.log.clear();
                     f.current = content.clone();
                     f.durable = content;
+                    // Nobody is left to report an error from before the cut.
+                    f.seen = true;
                 }
                 Kind::Dir(d) => {
                     let keep = rng
@@ -542,6 +661,8 @@ impl Model {
                 Kind::Symlink(_) => {}
             }
         }
+        // The processes that held them died with the power; the kernel forgets them on unmount.
+        self.handles.clear();
         self.collect_garbage();
         report
     }
@@ -810,6 +931,130 @@ mod tests {
         assert_eq!(m.sync_through(f, slow), Err(libc::EIO));
         m.power_cut(Cut::DiscardAll);
         assert_eq!(content(&m, ROOT, "a").unwrap(), b"");
+    }
+
+    /// What `ferry-crashfs` does for an fsync through `fh` that a `fail-fsync` fault hits.
+    fn injected_failure(m: &mut Model, f: u64, fh: Fh) {
+        m.fail_sync(f).unwrap();
+        assert_eq!(
+            m.start_sync(f, fh),
+            Err(libc::EIO),
+            "the failed call reports it"
+        );
+    }
+
+    #[test]
+    fn every_description_open_at_a_writeback_error_reports_it_once_then_syncs() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fsync(ROOT).unwrap();
+        let (a, b) = (m.open(f).unwrap(), m.open(f).unwrap());
+        assert!(a != 0 && b != 0 && a != b);
+        m.write(f, 0, b"lost").unwrap();
+        injected_failure(&mut m, f, a);
+        assert_eq!(m.fsync_through(f, b), Err(libc::EIO), "b reports it too");
+        assert_eq!(m.fsync_through(f, b), Ok(()), "once");
+        assert_eq!(m.fsync_through(f, a), Ok(()), "a reported it already");
+        m.write(f, 4, b"kept").unwrap();
+        m.fsync_through(f, b).unwrap();
+        m.power_cut(Cut::DiscardAll);
+        assert_eq!(content(&m, ROOT, "a").unwrap(), b"\0\0\0\0kept");
+    }
+
+    #[test]
+    fn a_description_opened_after_an_unseen_error_reports_it_and_after_a_seen_one_does_not() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fail_sync(f).unwrap(); // background writeback: nobody reported it
+        let c = m.open(f).unwrap();
+        assert_eq!(m.fsync_through(f, c), Err(libc::EIO));
+        let d = m.open(f).unwrap(); // c has reported it
+        assert_eq!(m.fsync_through(f, d), Ok(()));
+        assert_eq!(m.fsync_through(f, c), Ok(()));
+
+        // Two errors nobody reported: one EIO for a handle open before both.
+        m.fail_sync(f).unwrap();
+        let e = m.open(f).unwrap();
+        m.fail_sync(f).unwrap();
+        for h in [c, d, e] {
+            assert_eq!(m.fsync_through(f, h), Err(libc::EIO), "handle {h}");
+            assert_eq!(m.fsync_through(f, h), Ok(()), "handle {h}");
+        }
+        // Through no handle (as for directories) nothing is reported.
+        m.fail_sync(f).unwrap();
+        assert_eq!(m.fsync(f), Ok(()));
+        let g = m.open(f).unwrap();
+        assert_eq!(m.fsync_through(f, g), Err(libc::EIO), "still unseen");
+    }
+
+    #[test]
+    fn reporting_an_error_makes_nothing_durable() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fsync(ROOT).unwrap();
+        let (a, b) = (m.open(f).unwrap(), m.open(f).unwrap());
+        m.write(f, 0, b"old").unwrap();
+        m.fsync_through(f, a).unwrap();
+        m.write(f, 0, b"new").unwrap();
+        injected_failure(&mut m, f, a);
+        m.write(f, 3, b"er").unwrap();
+        assert_eq!(m.fsync_through(f, b), Err(libc::EIO));
+        assert_eq!(
+            m.unsynced(),
+            (2, 0),
+            "the write after the failure is still unsynced"
+        );
+        m.power_cut(Cut::DiscardAll);
+        assert_eq!(content(&m, ROOT, "a").unwrap(), b"old");
+    }
+
+    #[test]
+    fn a_sync_in_flight_at_a_failure_reports_it_for_its_handle() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fsync(ROOT).unwrap();
+        let (a, b) = (m.open(f).unwrap(), m.open(f).unwrap());
+        m.write(f, 0, b"one").unwrap();
+        let slow = m.start_sync(f, b).unwrap();
+        injected_failure(&mut m, f, a);
+        assert_eq!(m.sync_through(f, slow), Err(libc::EIO));
+        m.write(f, 3, b"two").unwrap();
+        assert_eq!(m.fsync_through(f, b), Ok(()), "b reported it in flight");
+        m.power_cut(Cut::DiscardAll);
+        assert_eq!(content(&m, ROOT, "a").unwrap(), b"\0\0\0two");
+    }
+
+    #[test]
+    fn handles_are_released_and_a_cut_forgets_handles_and_errors() {
+        let mut m = Model::new();
+        let f = file(&mut m, ROOT, "a");
+        m.fsync(ROOT).unwrap();
+        let a = m.open(f).unwrap();
+        assert_eq!(m.open_handles(), 1);
+        assert!(m.release(a));
+        assert!(!m.release(a));
+        assert_eq!(m.open_handles(), 0);
+        assert_eq!(
+            m.fsync_through(f, a),
+            Ok(()),
+            "a released handle reports nothing"
+        );
+
+        let b = m.open(f).unwrap();
+        m.fail_sync(f).unwrap();
+        m.power_cut(Cut::DiscardAll);
+        assert_eq!(m.open_handles(), 0);
+        assert_eq!(m.fsync_through(f, b), Ok(()));
+        let c = m.open(f).unwrap();
+        assert!(c > b, "handles are never reused");
+        assert_eq!(
+            m.fsync_through(f, c),
+            Ok(()),
+            "the error died with the power"
+        );
+        // Directories and symlinks may be opened; they have no writeback errors.
+        let d = m.open(ROOT).unwrap();
+        assert_eq!(m.fsync_through(ROOT, d), Ok(()));
     }
 
     #[test]

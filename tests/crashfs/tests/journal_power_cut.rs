@@ -88,10 +88,16 @@ fn rec(i: u32) -> NewRecord {
 /// Runs `child` in a copy of this test binary (so that it can be SIGKILLed like a process losing
 /// its power), waits for it to print `ready`, and returns it.
 fn spawn_child(test: &str, dir: &Path) -> Child {
+    spawn_child_as(test, dir, "")
+}
+
+/// [`spawn_child`], with the child's part chosen by `role` (see [`child_part`]).
+fn spawn_child_as(test: &str, dir: &Path, role: &str) -> Child {
     use std::io::BufRead;
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env("CRASHFS_CHILD_DIR", dir)
+        .env("CRASHFS_CHILD_ROLE", role)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -105,14 +111,26 @@ fn spawn_child(test: &str, dir: &Path) -> Child {
 }
 
 /// The child's part: a brand-new journal in `CRASHFS_CHILD_DIR`, ten records, one sync; then it
-/// waits for the power cut. Returns whether this process is the child.
+/// waits for the power cut. With `CRASHFS_CHILD_ROLE=unsynced` an eleventh record follows,
+/// written and never synced (what a process that crashes leaves in the page cache); with
+/// `reopen` the child opens the journal that is there and reads it as the uplink would.
+/// Returns whether this process is the child.
 fn child_part() -> bool {
     let Some(dir) = std::env::var_os("CRASHFS_CHILD_DIR") else {
         return false;
     };
+    let role = std::env::var("CRASHFS_CHILD_ROLE").unwrap_or_default();
     let j = Journal::open(&opts(Path::new(&dir))).unwrap();
-    j.append(&(0..10).map(rec).collect::<Vec<_>>()).unwrap();
-    j.sync().unwrap();
+    if role == "reopen" {
+        let entries = j.read_batch(None, 100, u64::MAX).unwrap();
+        assert_eq!(entries.len(), 11, "{entries:?}");
+    } else {
+        j.append(&(0..10).map(rec).collect::<Vec<_>>()).unwrap();
+        j.sync().unwrap();
+        if role == "unsynced" {
+            j.append(&[rec(10)]).unwrap();
+        }
+    }
     println!("ready");
     std::thread::sleep(Duration::from_secs(60));
     true
@@ -198,4 +216,41 @@ fn a_journal_survives_power_cuts_that_keep_part_of_the_unsynced_writes() {
             &format!("cut --keep-prefix-seed {seed}"),
         );
     }
+}
+
+/// Regression (issue 11, hole 1): a crash leaves the frames written since the last sync in the
+/// page cache, readable and CRC-valid but not on disk. A journal opened on them counted them
+/// durable without a single `fdatasync` (uploads, PUBACKs of redeliveries), and a power cut
+/// later took them, with seqs the cloud had seen. Now the open syncs them first.
+#[test]
+fn frames_a_crash_left_in_the_page_cache_survive_a_later_power_cut() {
+    if child_part() {
+        return;
+    }
+    const TEST: &str = "frames_a_crash_left_in_the_page_cache_survive_a_later_power_cut";
+    let fs = CrashFs::start();
+    let dir = fs.mnt.join("journal");
+    // The crash: SIGKILL with the power on.
+    let mut writer = spawn_child_as(TEST, &dir, "unsynced");
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    // The restarted agent opens the journal and reads all eleven records as durable...
+    let mut reader = spawn_child_as(TEST, &dir, "reopen");
+    // ...and then the power goes.
+    fs.send("cut").unwrap();
+    reader.kill().unwrap();
+    reader.wait().unwrap();
+    fs.send("remount").unwrap();
+
+    let j = Journal::open(&opts(&dir)).unwrap();
+    let entries = j.read_batch(None, 100, u64::MAX).unwrap();
+    let records = entries
+        .iter()
+        .filter(|e| matches!(e, Entry::Record(_)))
+        .count();
+    assert_eq!(
+        records, 11,
+        "what was read as durable survives: {entries:?}"
+    );
+    assert_eq!(j.positions().head_seq, 11);
 }

@@ -15,9 +15,9 @@
 //! - `crash-then-cut`: first a crash with the power on (SIGKILL: the page cache keeps what ferry
 //!   wrote and did not sync), ferry restarted on that still volatile data and left to run (it
 //!   uploads, PUBACKs the broker's redeliveries), and only then the cut.
-//! - `eio`: an `fdatasync` of a log segment fails with EIO as on Linux, its unsynced data dropped
-//!   though reads still show it; ferry runs on, then the cut. (Not sled's files yet: see
-//!   `prepare`.)
+//! - `eio`: an `fsync`/`fdatasync` of a journal file (a log segment or sled's) fails with EIO as
+//!   on Linux: its unsynced data dropped though reads still show it, the error reported once to
+//!   every descriptor open at the time; ferry runs on, then the cut.
 //! - `overlap`: every sync takes its own random time up to 300 ms, so that syncs from several
 //!   threads overlap and end out of order; then the cut.
 //!
@@ -428,12 +428,10 @@ fn prepare(
             run_for(ferry, 200 + rng.below(1500), max_durable);
         }
         "eio" => {
-            // Log segments only, for now: an EIO on sled's `db` taken by an fsync of sled's own
-            // (not ferry's) is reported to that call alone here, while Linux reports it to
-            // every descriptor open at the time, ferry's included; with this model a later cut
-            // loses sled writes ferry never learns about (seed 1796288950436317704, cut 44).
-            // The crash fs needs Linux's per-descriptor error sequence first.
-            let pattern = "journal/log/";
+            // A log segment's or sled's (whose own flusher fsyncs its file every second and
+            // only logs a failure: ferry learns of it from its own fdatasync of that file,
+            // which fails too, as on Linux, since its descriptor was open at the time).
+            let pattern = ["journal/log/", "journal/db-", "journal/"][rng.below(3) as usize];
             let before = counter(fs, "/eio_injected");
             fs.send(&format!("fail-fsync {pattern} --nth {}", 1 + rng.below(3)))?;
             let _ = wait_until("the injected EIO", Duration::from_secs(3), || {
