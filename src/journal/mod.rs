@@ -64,10 +64,10 @@
 //!   then (the broker's redeliveries of them are recognised and PUBACKed); frames that did not
 //!   survive were never handed out, and their seqs are assigned again. The same at open: a failed
 //!   first sync of what an earlier process left is followed by the rewrite, not by a retry. sled
-//!   also syncs its file itself (its flusher thread, every second) and only logs a failure; Linux
-//!   reports a writeback error to every descriptor open at the time, so the journal's own
-//!   `fdatasync` of sled's file, on a descriptor it keeps from open, fails too; an EIO that sled
-//!   returns from a write or a flush counts the same.
+//!   runs without its flusher thread, which `fsync`s sled's file every second and only logs a
+//!   failure (later writes would then land on top of the dropped pages, unseen): every sync of
+//!   sled's file is the journal's own. An EIO that sled returns from a write or a flush counts
+//!   the same.
 //! - **Two threads syncing at once.** One sync runs at a time ([`Journal::sync`]): a caller that
 //!   finds one running waits for it, and returns only if that sync began after the caller's
 //!   writes (its target covers them); otherwise it runs a sync of its own.
@@ -79,9 +79,8 @@
 //!
 //! **Not guaranteed.** A process crash between a failed sync and the rewrite (a few system
 //! calls): the next process cannot know the sync failed and trusts what it reads once its own
-//! sync succeeds. Likewise a writeback error of sled's file that sled's flusher reported and
-//! swallowed just before the journal reopened sled for another reason (the new descriptor does
-//! not see an error someone already saw). A failed `fsync` of a directory is not rewritten: the journal stops and the
+//! sync succeeds. sled still `fsync`s its file itself when it truncates it (freeing segments at
+//! its end): what it does with a failure there is sled's own, unchecked here. A failed `fsync` of a directory is not rewritten: the journal stops and the
 //! reopen syncs the directory again. A disk that acknowledges a sync it did not perform (a
 //! cache without power-loss protection) defeats any software: a last frame lost that way is
 //! reported only when the journal knew it was synced.
@@ -95,10 +94,10 @@
 //! write to sled at all: it encodes its frames into one buffer and writes them with one `write`
 //! per segment touched. The redelivery window lives in memory; sled records it with the positions
 //! (`next_seq` and the counters, as one snapshot) and the seq the log is synced through at the
-//! first sync after the log started a new segment (not synced: sled writes it out within its
-//! flush interval), at every sync of sled, and at close. Whatever sled lost of that (a SIGKILL
-//! loses its unflushed buffers, a power cut what it had not synced) is rebuilt at open from the
-//! frames past it: the head comes from the log, the counters are advanced over the frames past
+//! first sync after the log started a new segment (written to sled's file then, not synced:
+//! sled runs no flusher thread, see `store.rs`), at every sync of sled, and at close. Whatever
+//! sled lost of that (a SIGKILL loses its unflushed buffers, a power cut what it had not synced)
+//! is rebuilt at open from the frames past it: the head comes from the log, the counters are advanced over the frames past
 //! the stored `next_seq`, and the window is completed from the packet id each frame carries,
 //! from the seq the stored window is complete below. So a crash leaves open about a segment of
 //! the log to read, not everything since sled was last synced. Appends are group committed: the
@@ -963,6 +962,18 @@ impl Journal {
                 put_snapshot(&st, &mut batch, Some(target));
                 self.apply(batch, "recording positions")?;
                 st.snapshot_due = false;
+                if !flush {
+                    // Written to sled's file (not synced), so that a crash leaves open about a
+                    // segment of the log to read: sled has no flusher thread of its own.
+                    let store = self.store()?;
+                    store.db.flush().map_err(|e| {
+                        self.note_sled_error(&e);
+                        Error::Storage {
+                            action: "recording positions",
+                            source: e,
+                        }
+                    })?;
+                }
             }
         }
         if !flush {

@@ -205,7 +205,10 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
             .path(db_dir)
             .cache_capacity(opts.cache_bytes)
             .segment_size(SEGMENT_SIZE)
-            .flush_every_ms(Some(1000))
+            // No flusher thread: it `fsync`s sled's file every second and only logs a failure,
+            // and later writes then land on top of the pages Linux dropped. Every sync of sled's
+            // files is the journal's own (`Journal::sync`), which sees the error and rewrites.
+            .flush_every_ms(None)
             .mode(sled::Mode::LowSpace)
             .open()?;
         let log = db.open_tree("log")?;
