@@ -64,7 +64,7 @@ bench:
 	target/release/ferry-bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY),--doc docs/BENCHMARKS.md)
 
 ## Power-cut torture (README "Power-cut torture"): ferry's journal on ferry-crashfs, the journal
-## regression tests on it, the slow-fsync, crash-then-cut and eio scenarios, then CUTS power cuts
+## regression tests on it, the slow-fsync, crash-then-cut, eio and overlap scenarios, then CUTS power cuts
 ## of every kind; each run's last line is its tally. Needs /dev/fuse. `make torture CUTS=N`, `TORTURE_ARGS="--seed S"` to repeat a run.
 CUTS ?= 1000
 TORTURE_ARGS ?=
@@ -79,6 +79,7 @@ torture: torture-build
 	$(TORTURE) --scenario slow-fsync
 	$(TORTURE) --scenario crash-then-cut
 	$(TORTURE) --scenario eio
+	$(TORTURE) --scenario overlap
 	$(TORTURE) --cuts $(CUTS) $(TORTURE_ARGS)
 
 ## The short campaign CI runs after `make test`.

@@ -6,7 +6,7 @@
 //! | `stats` | counters: fsyncs, unsynced bytes, requests by kind, the last cut, fsyncs in flight now (`fsyncs_in_flight`) and at most since start (`max_fsyncs_in_flight`), injected writeback errors (`eio_injected`), EIOs fsyncs returned for them (`eio_reported`), open file handles (`open_handles`), armed faults (`faults_armed`) |
 //! | `cut [--keep-prefix-seed N \| --tear-seed N]` | power off now: every request fails with EIO from here on, and the files hold what a power cut leaves |
 //! | `remount` | unmount (waiting, up to 30 s, until no process uses the mount), power on, mount again |
-//! | `slow-fsync MS [--jitter SEED]` | every fsync/fdatasync/fsyncdir from now on takes MS milliseconds; with `--jitter`, each one takes its own delay in 0..=MS drawn from a generator seeded with SEED, so that syncs from several threads overlap and finish out of order. `slow-fsync 0` ends it |
+//! | `slow-fsync MS [--jitter SEED] [--only PATTERN]` | every fsync/fdatasync/fsyncdir from now on takes MS milliseconds; with `--jitter`, each one takes its own delay in 0..=MS drawn from a generator seeded with SEED, so that syncs from several threads overlap and finish out of order; with `--only`, only syncs of files whose path contains PATTERN are slow (the others are not delayed). `slow-fsync 0` ends it |
 //! | `fail-fsync PATTERN [--nth N] [--times K]` | arm a fault: of the coming fsync/fdatasync calls on regular files (not fsyncdir) whose path relative to the mount root contains PATTERN, the N-th (default 1: the next one) fails with EIO, and so do the K-1 (default K = 1) matching calls right after it. A failing call is a writeback error of the file, as on Linux: its unsynced changes are dropped (reads still show them until the next cut, but neither a later fsync nor a cut makes them durable), and the error is reported once to every open file description (`errseq_t`, Linux >= 4.16): the failing call gets EIO, so does an fsync of the file already in flight, and so does the next fsync/fdatasync through every other description open at the failure, or opened after it before any description reported it; such a call makes nothing durable. After reporting it, a description's fsyncs succeed and make durable what was written after the failure; one opened after the error was reported never sees it. Decided as the call starts; it still sleeps its `slow-fsync` delay. Several faults may be armed; each counts the calls it matches |
 //! | `fail-fsync --clear` | disarm every fault |
 //! | `dump DIR` | copy the current tree into the real directory DIR (forensics) |
@@ -25,9 +25,10 @@ use crate::model::Cut;
 
 /// Every command, for error messages.
 const USAGE: &str = "stats | cut [--keep-prefix-seed N | --tear-seed N] | remount | \
-                     slow-fsync MS [--jitter SEED] | fail-fsync PATTERN [--nth N] [--times K] | \
+                     slow-fsync MS [--jitter SEED] [--only PATTERN] | \
+                     fail-fsync PATTERN [--nth N] [--times K] | \
                      fail-fsync --clear | dump DIR | quit";
-const SLOW_FSYNC_USAGE: &str = "slow-fsync MS [--jitter SEED]";
+const SLOW_FSYNC_USAGE: &str = "slow-fsync MS [--jitter SEED] [--only PATTERN]";
 const FAIL_FSYNC_USAGE: &str = "fail-fsync PATTERN [--nth N] [--times K] | fail-fsync --clear";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +36,12 @@ pub enum Command {
     Stats,
     Cut(Cut),
     Remount,
-    SlowFsync { ms: u64, jitter_seed: Option<u64> },
+    SlowFsync {
+        ms: u64,
+        jitter_seed: Option<u64>,
+        /// Only syncs of paths containing this are slowed.
+        only: Option<String>,
+    },
     FailFsync(FsyncFault),
     ClearFsyncFaults,
     Dump(PathBuf),
@@ -68,9 +74,15 @@ impl Command {
     }
 }
 
-/// `slow-fsync MS [--jitter SEED]`, after the command word.
+/// `slow-fsync MS [--jitter SEED] [--only PATTERN]`, after the command word.
 fn parse_slow_fsync(words: &[&str]) -> Result<Command, String> {
     let bad = |why: &str| format!("slow-fsync: {why} (allowed: {SLOW_FSYNC_USAGE})");
+    let (words, only) = match words {
+        [rest @ .., "--only", pattern] if !pattern.starts_with("--") => {
+            (rest, Some((*pattern).to_string()))
+        }
+        _ => (words, None),
+    };
     let (ms, jitter) = match words {
         [ms] => (ms, None),
         [ms, "--jitter", seed] => (ms, Some(seed)),
@@ -82,7 +94,11 @@ fn parse_slow_fsync(words: &[&str]) -> Result<Command, String> {
         Some(seed) => Some(seed.parse().map_err(|_| bad("--jitter needs a number"))?),
         None => None,
     };
-    Ok(Command::SlowFsync { ms, jitter_seed })
+    Ok(Command::SlowFsync {
+        ms,
+        jitter_seed,
+        only,
+    })
 }
 
 /// `fail-fsync PATTERN [--nth N] [--times K]`, after the command word.
@@ -159,7 +175,8 @@ mod tests {
             Command::parse(" slow-fsync 2000 ").unwrap(),
             Command::SlowFsync {
                 ms: 2000,
-                jitter_seed: None
+                jitter_seed: None,
+                only: None,
             }
         );
         assert!(
@@ -176,9 +193,19 @@ mod tests {
             Command::parse("slow-fsync 300 --jitter 7").unwrap(),
             Command::SlowFsync {
                 ms: 300,
-                jitter_seed: Some(7)
+                jitter_seed: Some(7),
+                only: None,
             }
         );
+        assert_eq!(
+            Command::parse("slow-fsync 1500 --only journal/log/").unwrap(),
+            Command::SlowFsync {
+                ms: 1500,
+                jitter_seed: None,
+                only: Some("journal/log/".into()),
+            }
+        );
+        assert!(Command::parse("slow-fsync 1500 --only").is_err());
         for bad in [
             "slow-fsync",
             "slow-fsync x",

@@ -80,6 +80,8 @@ struct State {
     /// drawn from it.
     slow_fsync_ms: u64,
     jitter: Option<(u64, Rng)>,
+    /// Only syncs of paths containing this are slow.
+    slow_only: Option<String>,
     faults: Vec<FsyncFault>,
     /// Injected writeback errors.
     eio_injected: u64,
@@ -104,7 +106,12 @@ impl State {
         fail
     }
 
-    fn next_delay(&mut self) -> u64 {
+    fn next_delay(&mut self, path: Option<&str>) -> u64 {
+        if let Some(only) = &self.slow_only {
+            if !path.is_some_and(|p| p.contains(only.as_str())) {
+                return 0;
+            }
+        }
         match &mut self.jitter {
             Some((_, rng)) => rng.below(self.slow_fsync_ms.saturating_add(1)),
             None => self.slow_fsync_ms,
@@ -155,12 +162,13 @@ impl Shared {
         self.lock().off = false;
     }
 
-    /// Every fsync/fsyncdir from now on takes `ms` ms, or with a jitter seed its own delay in
-    /// `0..=ms`, drawn from a generator seeded with it.
-    pub fn set_slow_fsync(&self, ms: u64, jitter_seed: Option<u64>) {
+    /// Every fsync/fsyncdir from now on (with `only`, of a path containing it) takes `ms` ms,
+    /// or with a jitter seed its own delay in `0..=ms`, drawn from a generator seeded with it.
+    pub fn set_slow_fsync(&self, ms: u64, jitter_seed: Option<u64>, only: Option<String>) {
         let mut st = self.lock();
         st.slow_fsync_ms = ms;
         st.jitter = jitter_seed.map(|seed| (seed, Rng::new(seed)));
+        st.slow_only = only;
     }
 
     /// Arms a fault (several may be armed at once). `nth` and `times` below 1 count as 1.
@@ -195,6 +203,7 @@ impl Shared {
             "max_fsyncs_in_flight": self.max_fsyncs_in_flight.load(Ordering::Relaxed),
             "slow_fsync_ms": st.slow_fsync_ms,
             "slow_fsync_jitter_seed": st.jitter.as_ref().map(|(seed, _)| *seed),
+            "slow_fsync_only": st.slow_only,
             "eio_injected": st.eio_injected,
             "eio_reported": st.eio_reported,
             "open_handles": st.model.open_handles(),
@@ -332,8 +341,10 @@ impl CrashFs {
                 .node(ino.0)
                 .map(|n| matches!(n.kind, Kind::File(_)))
             {
-                let path = match (op, is_file, st.faults.is_empty()) {
-                    ("fsync", true, false) => st.model.path_of(ino.0),
+                // The path, when a fault or a slow-sync filter needs it.
+                let wanted = !st.faults.is_empty() || st.slow_only.is_some();
+                let path = match (op, is_file, wanted) {
+                    ("fsync", true, true) => st.model.path_of(ino.0),
                     _ => None,
                 };
                 let path = path.map(|p| p.to_string_lossy().into_owned());
@@ -364,7 +375,7 @@ impl CrashFs {
                 if point.is_none() {
                     st.eio_reported += 1;
                 }
-                let delay = st.next_delay();
+                let delay = st.next_delay(path.as_deref());
                 Some((point, st.epoch, delay))
             } else {
                 None

@@ -74,7 +74,7 @@ fn serve(mountpoint: &Path, args: &[String]) -> Result<(), String> {
     }
     let shared = Shared::new();
     if let Some(ms) = slow {
-        shared.set_slow_fsync(ms, jitter);
+        shared.set_slow_fsync(ms, jitter, None);
         log_slow_fsync(ms, jitter);
     }
     let _ = std::fs::remove_file(&sock);
@@ -135,8 +135,12 @@ fn handle(
                 Ok(shared.stats_json(true))
             })
         }
-        Ok(Command::SlowFsync { ms, jitter_seed }) => {
-            shared.set_slow_fsync(ms, jitter_seed);
+        Ok(Command::SlowFsync {
+            ms,
+            jitter_seed,
+            only,
+        }) => {
+            shared.set_slow_fsync(ms, jitter_seed, only);
             log_slow_fsync(ms, jitter_seed);
             Ok(shared.stats_json(session.is_some()))
         }

@@ -33,8 +33,9 @@
 //! Scenario `slow-fsync`: every fsync takes 2 s; the broker must keep ferry's session (one
 //! `mqtt connected`, no disconnect in ferry's or mosquitto's log) and nothing is lost.
 //!
-//! Scenarios `crash-then-cut` and `eio` are the regression tests, through the real binaries, of
-//! two holes the journal had; each runs five rounds aimed at its window and must lose nothing:
+//! Scenarios `crash-then-cut`, `eio` and `overlap` are the regression tests, through the real
+//! binaries, of three holes the journal had; each runs five rounds aimed at its window and must
+//! lose nothing:
 //! - `crash-then-cut`: ferry's writer waits 400 ms between writing a group and syncing it
 //!   (failpoint `slow_sync_ms`); SIGKILL in that wait, so that the page cache holds frames no
 //!   sync covered; restart with a 5 s wait there, so that the restarted writer syncs nothing
@@ -45,8 +46,13 @@
 //!   ferry's durable head passes the failed group; cut. A ferry that retried the sync (Linux
 //!   answers 0 the second time) PUBACKs a group the cut then takes.
 //!
-//! Usage: `ferry-torture [--cuts N] [--seed S] [--scenario cuts|slow-fsync|crash-then-cut|eio]
-//! [--rate MSG_PER_S] [--keep]`. The seed is printed first; `--seed` repeats a run's choices (the timing of the
+//! - `overlap`: every fdatasync of a log segment takes 1.5 s (sled's none); cut 300 ms after the
+//!   uplink's ack freed a segment. A sync that returned while another's fdatasync covering its
+//!   data still ran (the uplink's, beside the writer's) let the uplink send records the cut then
+//!   takes (seqs reused: clashes).
+//!
+//! Usage: `ferry-torture [--cuts N] [--seed S]
+//! [--scenario cuts|slow-fsync|crash-then-cut|eio|overlap] [--rate MSG_PER_S] [--keep]`. The seed is printed first; `--seed` repeats a run's choices (the timing of the
 //! processes themselves still varies). The work directory is kept on failure (or with `--keep`).
 
 mod procs;
@@ -68,6 +74,7 @@ pub enum Scenario {
     SlowFsync,
     CrashThenCut,
     Eio,
+    Overlap,
 }
 
 #[derive(Debug, Clone)]
@@ -109,9 +116,10 @@ impl Options {
                         Some("slow-fsync") => Scenario::SlowFsync,
                         Some("crash-then-cut") => Scenario::CrashThenCut,
                         Some("eio") => Scenario::Eio,
+                        Some("overlap") => Scenario::Overlap,
                         other => {
                             return Err(format!(
-                                "--scenario {other:?}: cuts, slow-fsync, crash-then-cut or eio"
+                                "--scenario {other:?}: cuts, slow-fsync, crash-then-cut, eio or overlap"
                             ));
                         }
                     }
@@ -119,7 +127,7 @@ impl Options {
                 other => {
                     return Err(format!(
                         "unexpected argument {other:?}; usage: ferry-torture [--cuts N] [--seed S] \
-                         [--scenario cuts|slow-fsync|crash-then-cut|eio] [--rate MSG_PER_S] [--keep]"
+                         [--scenario cuts|slow-fsync|crash-then-cut|eio|overlap] [--rate MSG_PER_S] [--keep]"
                     ));
                 }
             }
@@ -203,6 +211,7 @@ pub fn run(opts: &Options) -> bool {
         Scenario::SlowFsync => println!("torture: scenario slow-fsync"),
         Scenario::CrashThenCut => println!("torture: scenario crash-then-cut"),
         Scenario::Eio => println!("torture: scenario eio"),
+        Scenario::Overlap => println!("torture: scenario overlap"),
     }
     let work = std::env::temp_dir().join(format!(
         "ferry-torture-{}-{}",
@@ -217,6 +226,7 @@ pub fn run(opts: &Options) -> bool {
             Scenario::SlowFsync => run_slow_fsync(&work, &mut tally),
             Scenario::CrashThenCut => run_rounds(&work, &mut tally, Round::CrashThenCut),
             Scenario::Eio => run_rounds(&work, &mut tally, Round::Eio),
+            Scenario::Overlap => run_rounds(&work, &mut tally, Round::Overlap),
         });
     if let Err(e) = result {
         tally.errors.push(e);
@@ -521,6 +531,7 @@ const CRASH_WINDOW: &str = "slow_sync_ms=400";
 enum Round {
     CrashThenCut,
     Eio,
+    Overlap,
 }
 
 /// Five rounds of `round` (see the module header) under a steady publisher, then the delivery
@@ -528,7 +539,13 @@ enum Round {
 fn run_rounds(work: &Path, tally: &mut Tally, round: Round) -> Result<(), String> {
     const ROUNDS: u64 = 5;
     let mut fs = CrashFsProc::start(work)?;
-    let broker = mosquitto(&work.join("mqtt"), 20)?;
+    // Overlap: a wide in-flight window, so that segments fill (and are freed) in seconds even
+    // though every log sync takes 1.5 s.
+    let (inflight, rate) = match round {
+        Round::Overlap => (400, 400),
+        _ => (20, 200),
+    };
+    let broker = mosquitto(&work.join("mqtt"), inflight)?;
     let cloud = Cloud::start(&work.join("cloud"))?;
     let control = free_port()?;
     let mut ferry = Ferry::new(
@@ -543,7 +560,7 @@ fn run_rounds(work: &Path, tally: &mut Tally, round: Round) -> Result<(), String
     wait_until("ferry's MQTT connection", Duration::from_secs(20), || {
         ferry.status().is_ok_and(|s| s["mqtt_connected"] == true)
     })?;
-    let publisher = Publisher::start(broker.port, 200, None, 11)?;
+    let publisher = Publisher::start(broker.port, rate, None, 11)?;
     let mut max_durable = 0;
     let mut log_seen = 0;
     let status_of = |ferry: &Ferry, field: &str| {
@@ -584,6 +601,23 @@ fn run_rounds(work: &Path, tally: &mut Tally, round: Round) -> Result<(), String
                     Duration::from_secs(30),
                     || status_of(&ferry, "acked_seq") >= head,
                 )?;
+            }
+            Round::Overlap => {
+                // Every log sync takes 1.5 s, sled's none: the writer's sync is nearly always
+                // running when the uplink's ack frees a segment and syncs (sled, mostly).
+                fs.send("slow-fsync 1500 --only journal/log/")?;
+                let before = counter(&fs, "/ops/unlink");
+                let freed = wait_until("a segment freed", Duration::from_secs(90), || {
+                    counter(&fs, "/ops/unlink") > before
+                });
+                if let Err(e) = freed {
+                    // An uplink stopped by a clash frees nothing: the check below counts it.
+                    println!("torture: {what}: {e}; checking what was delivered");
+                    break;
+                }
+                // The uplink uploads what the journal now calls durable; the writer's sync
+                // is still running.
+                std::thread::sleep(Duration::from_millis(300));
             }
             Round::Eio => {
                 let before = counter(&fs, "/eio_injected");
