@@ -96,7 +96,13 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         started: Instant::now(),
         reloader: reloader.clone(),
     };
-    let control = control::spawn(cfg.control.listen, sources.clone(), shutdown.clone())?;
+    let access = control::Access::new(control::token(&cfg, true)?, cfg.control.listen);
+    let control = control::spawn(
+        cfg.control.listen,
+        access,
+        sources.clone(),
+        shutdown.clone(),
+    )?;
     let console = match &cfg.console.device {
         Some(device) => Some(
             console::spawn(

@@ -12,6 +12,16 @@ use std::path::{Path, PathBuf};
 /// Test failpoints (`FERRY_FAILPOINT`): `replace_after_backup`, `replace_before_rename` and
 /// `replace_after_rename` abort the process at that step, as a power cut would stop it.
 pub fn replace(path: &Path, contents: &[u8], backup: bool) -> io::Result<()> {
+    replace_with_mode(path, contents, backup, 0o666)
+}
+
+/// [`replace`] for a file only its owner may read or write (mode 0600 before the umask): a
+/// secret is never visible to others, not even in its temp file.
+pub fn replace_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    replace_with_mode(path, contents, false, 0o600)
+}
+
+fn replace_with_mode(path: &Path, contents: &[u8], backup: bool, mode: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -20,14 +30,14 @@ pub fn replace(path: &Path, contents: &[u8], backup: bool) -> io::Result<()> {
     if backup {
         match fs::read(path) {
             Ok(old) => {
-                write_and_rename(&with_suffix(path, ".bak"), &old, &dir)?;
+                write_and_rename(&with_suffix(path, ".bak"), &old, &dir, mode)?;
                 failpoint("replace_after_backup");
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
     }
-    write_and_rename(path, contents, &dir)?;
+    write_and_rename(path, contents, &dir, mode)?;
     failpoint("replace_after_rename");
     Ok(())
 }
@@ -39,9 +49,18 @@ pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn write_and_rename(path: &Path, contents: &[u8], dir: &Path) -> io::Result<()> {
+fn write_and_rename(path: &Path, contents: &[u8], dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = with_suffix(path, &format!(".tmp-{}", std::process::id()));
-    let written = File::create(&tmp).and_then(|mut f| {
+    // A leftover keeps the mode it was created with: start from a new file.
+    let _ = fs::remove_file(&tmp);
+    let created = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp);
+    let written = created.and_then(|mut f| {
         f.write_all(contents)?;
         f.sync_all()
     });

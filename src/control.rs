@@ -4,6 +4,14 @@
 //! `POST /restart` (the agent replaces itself with a fresh run, e.g. after a new device id).
 //! Both ends live here: the `control` thread that serves it, and the small client behind
 //! `ferry status`.
+//!
+//! # Who may call it
+//! Every `POST` (each one changes something) needs `Authorization: Bearer <token>`, on loopback
+//! too: any local user or process can reach loopback. Beyond loopback every request needs it, and
+//! the config refuses such a `control.listen` without `control.token`. The token is
+//! `control.token`, or one generated at first start and kept in `journal.dir/control-token`
+//! (mode 0600), which the `ferry` CLI on the same machine reads ([`token`]). A missing or wrong
+//! token is answered 401, compared in constant time, and logged at WARN (never the token).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -14,6 +22,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::journal::{Journal, Positions};
 use crate::shutdown::Shutdown;
 use crate::stats::{DownlinkState, Stats, UplinkState};
@@ -36,6 +45,90 @@ pub enum Error {
     },
     #[error("bad answer from the agent at {addr}: {message}")]
     Answer { addr: SocketAddr, message: String },
+    #[error(
+        "cannot read the control token {path} (run this as the user the agent runs as, or set control.token)"
+    )]
+    TokenRead {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot store a new control token in {path}")]
+    TokenStore {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The file in `journal.dir` that keeps the generated token.
+const TOKEN_FILE: &str = "control-token";
+
+/// Who may call the endpoint: the token, and whether reads need it too (beyond loopback).
+#[derive(Clone)]
+pub struct Access {
+    token: String,
+    reads_too: bool,
+}
+
+impl Access {
+    pub fn new(token: String, listen: SocketAddr) -> Access {
+        Access {
+            token,
+            reads_too: !listen.ip().is_loopback(),
+        }
+    }
+
+    /// Whether a request with these headers may use `method`.
+    fn allows(&self, method: &tiny_http::Method, headers: &[tiny_http::Header]) -> bool {
+        if *method != tiny_http::Method::Post && !self.reads_too {
+            return true;
+        }
+        headers.iter().any(|h| {
+            h.field.equiv("Authorization")
+                && h.value
+                    .as_str()
+                    .strip_prefix("Bearer ")
+                    .is_some_and(|t| same(t.trim().as_bytes(), self.token.as_bytes()))
+        })
+    }
+}
+
+/// Compares in time independent of where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token the endpoint requires: `control.token`, else the one kept in
+/// `journal.dir/control-token`. With `create` (the agent at start) a missing one is generated and
+/// stored (mode 0600); without (the CLI) a missing one is an error.
+pub fn token(cfg: &Config, create: bool) -> Result<String, Error> {
+    if let Some(t) = &cfg.control.token {
+        return Ok(t.expose().to_owned());
+    }
+    let path = cfg.journal.dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 16 => return Ok(t.trim().to_owned()),
+        Ok(_) if !create => {
+            return Err(Error::TokenRead {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, "too short"),
+            });
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {}
+        Err(source) => return Err(Error::TokenRead { path, source }),
+    }
+    let mut bytes = [0u8; 24];
+    let store = |source| Error::TokenStore {
+        path: path.clone(),
+        source,
+    };
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(store)?;
+    let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    crate::atomic_file::replace_private(&path, format!("{t}\n").as_bytes()).map_err(store)?;
+    info!("generated a control token in {}", path.display());
+    Ok(t)
 }
 
 /// Everything `/status` shows.
@@ -138,6 +231,7 @@ impl Sources {
 /// Binds `addr` (so a port conflict is a start-up error) and serves it on the `control` thread.
 pub fn spawn(
     addr: SocketAddr,
+    access: Access,
     sources: Sources,
     shutdown: Shutdown,
 ) -> Result<JoinHandle<()>, Error> {
@@ -148,14 +242,14 @@ pub fn spawn(
     info!("control endpoint listening addr={}", addr);
     thread::Builder::new()
         .name("control".into())
-        .spawn(move || serve(server, sources, shutdown))
+        .spawn(move || serve(server, access, sources, shutdown))
         .map_err(|e| Error::Bind {
             addr,
             message: e.to_string(),
         })
 }
 
-fn serve(server: tiny_http::Server, sources: Sources, shutdown: Shutdown) {
+fn serve(server: tiny_http::Server, access: Access, sources: Sources, shutdown: Shutdown) {
     while !shutdown.is_set() {
         let req = match server.recv_timeout(Duration::from_millis(250)) {
             Ok(Some(r)) => r,
@@ -166,7 +260,21 @@ fn serve(server: tiny_http::Server, sources: Sources, shutdown: Shutdown) {
                 continue;
             }
         };
-        let (code, content_type, body) = route(req.method(), req.url(), &sources);
+        let (code, content_type, body) = if access.allows(req.method(), req.headers()) {
+            route(req.method(), req.url(), &sources)
+        } else {
+            warn!(
+                "control {} {} refused: no valid token (from {:?})",
+                req.method(),
+                req.url(),
+                req.remote_addr()
+            );
+            (
+                401,
+                "application/json",
+                error_json("this needs the control token: Authorization: Bearer <token>"),
+            )
+        };
         debug!("control {} {} -> {}", req.method(), req.url(), code);
         let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes());
         let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
@@ -357,28 +465,40 @@ pub fn metrics(s: &Status) -> String {
     out
 }
 
-/// `GET path` on the agent's control endpoint, with a deadline on every step. Returns the body of a
-/// 200 answer.
-pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, Error> {
-    request(addr, "GET", path, timeout)
+/// `GET path` on the agent's control endpoint, with a deadline on every step, and the token when
+/// one is given. Returns the body of a 200 answer.
+pub fn get(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<String, Error> {
+    request(addr, "GET", path, token, timeout)
 }
 
-/// `POST path` (no body) on the agent's control endpoint.
-pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, Error> {
-    request(addr, "POST", path, timeout)
+/// `POST path` (no body) on the agent's control endpoint, with the token.
+pub fn post(addr: SocketAddr, path: &str, token: &str, timeout: Duration) -> Result<String, Error> {
+    request(addr, "POST", path, Some(token), timeout)
 }
 
 /// Largest answer `ferry status` reads from the agent.
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
-fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<String, Error> {
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<String, Error> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| Error::Connect { addr, source })?;
     let no_answer = |source| Error::NoAnswer { addr, source };
     stream.set_write_timeout(Some(timeout)).map_err(no_answer)?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(no_answer)?;
     // One deadline for the whole answer: per-read timeouts alone let a dripping peer go on forever.
@@ -440,7 +560,7 @@ mod tests {
             }
         });
         let started = Instant::now();
-        let err = get(addr, "/status", Duration::from_millis(500)).unwrap_err();
+        let err = get(addr, "/status", None, Duration::from_millis(500)).unwrap_err();
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "took {:?}",

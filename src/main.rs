@@ -52,8 +52,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { config, json } => with_agent(&config, |addr| {
-            let body = control::get(addr, "/status", Duration::from_secs(3))?;
+        Command::Status { config, json } => with_agent(&config, |addr, token| {
+            let token = token.ok();
+            let body = control::get(addr, "/status", token.as_deref(), Duration::from_secs(3))?;
             if json {
                 println!("{body}");
             } else {
@@ -61,10 +62,10 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Reload { config } => with_agent(&config, |addr| {
+        Command::Reload { config } => with_agent(&config, |addr, token| {
             println!(
                 "{}",
-                control::post(addr, "/reload", Duration::from_secs(10))?
+                control::post(addr, "/reload", &token?, Duration::from_secs(10))?
             );
             Ok(())
         }),
@@ -77,12 +78,21 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::DeadLetters { config, requeue } => with_agent(&config, |addr| {
+        Command::DeadLetters { config, requeue } => with_agent(&config, |addr, token| {
             let body = match requeue {
-                None => control::get(addr, "/dead-letters", Duration::from_secs(3))?,
+                None => {
+                    let token = token.ok();
+                    control::get(
+                        addr,
+                        "/dead-letters",
+                        token.as_deref(),
+                        Duration::from_secs(3),
+                    )?
+                }
                 Some(seq) => control::post(
                     addr,
                     &format!("/dead-letters/{seq}/requeue"),
+                    &token?,
                     Duration::from_secs(10),
                 )?,
             };
@@ -117,13 +127,14 @@ fn config_error(e: &ferry::config::Error) -> ExitCode {
 /// Runs `f` against the control address from the config file.
 fn with_agent(
     config: &std::path::Path,
-    f: impl FnOnce(std::net::SocketAddr) -> Result<(), control::Error>,
+    f: impl FnOnce(std::net::SocketAddr, Result<String, control::Error>) -> Result<(), control::Error>,
 ) -> ExitCode {
     let cfg = match Config::load(config) {
         Ok(cfg) => cfg,
         Err(e) => return config_error(&e),
     };
-    match f(cfg.control.listen) {
+    // Reads go without the token on loopback; changes need it (`control`).
+    match f(cfg.control.listen, control::token(&cfg, false)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: {}", error_chain(&e));

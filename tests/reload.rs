@@ -137,7 +137,7 @@ fn a_broken_file_is_refused_and_the_agent_keeps_running() {
     let pid = agent.pid();
     edit(&agent, "batch_max_records = 100", "batch_max_records = -3");
     // `ferry reload` reads the control address from the (now broken) file: ask over HTTP.
-    let answer = http_post(agent.control_port, "/reload");
+    let answer = http_post(agent.control_port, "/reload", Some(&agent.control_token()));
     assert!(answer.contains(" 409 "), "{answer}");
     assert!(answer.contains("uplink.batch_max_records"), "{answer}");
     assert!(

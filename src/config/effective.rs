@@ -65,6 +65,7 @@ impl Config {
             },
             control: EffectiveControl {
                 listen: self.control.listen.to_string(),
+                token: secret(&self.control.token),
             },
             log: EffectiveLog {
                 level: &self.log.level,
@@ -156,6 +157,8 @@ struct EffectiveUplink<'a> {
 #[derive(Serialize)]
 struct EffectiveControl {
     listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
 }
 
 #[derive(Serialize)]

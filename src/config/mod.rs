@@ -128,6 +128,10 @@ pub enum Compression {
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
     pub listen: SocketAddr,
+    /// The bearer token the control endpoint requires (`control.token`); without one, the agent
+    /// generates a token at first start and keeps it in `journal.dir/control-token` (mode 0600),
+    /// where the `ferry` CLI on the same machine reads it (`control::token`).
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,6 +330,7 @@ struct RawUplink {
 #[serde(deny_unknown_fields, expecting = "a table, as in [control]")]
 struct RawControl {
     listen: Option<String>,
+    token: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -654,7 +659,32 @@ fn validate_control(raw: RawControl) -> Result<ControlConfig, String> {
             )
         })?,
     };
-    Ok(ControlConfig { listen })
+    // An empty token means "no token", as for uplink.token.
+    let token = raw.token.filter(|t| !t.is_empty());
+    if let Some(t) = &token {
+        if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(
+                "control.token contains whitespace or control characters: allowed printable characters only"
+                    .to_owned(),
+            );
+        }
+        if t.len() < 16 {
+            return Err(format!(
+                "control.token is {} characters long: allowed at least 16 (it guards restart, reload and requeue)",
+                t.len()
+            ));
+        }
+    }
+    if !listen.ip().is_loopback() && token.is_none() {
+        return Err(format!(
+            "control.listen = \"{listen}\" is beyond loopback: set control.token too (anyone who \
+             can reach the port could otherwise read the status and restart the agent)"
+        ));
+    }
+    Ok(ControlConfig {
+        listen,
+        token: token.map(Secret::new),
+    })
 }
 
 /// `http://` or `https://`, a non-empty host, an optional numeric port, no whitespace, no credentials.

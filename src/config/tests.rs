@@ -723,3 +723,36 @@ fn journal_sizes_past_4_gib_are_exact_on_32_bit_targets() {
     let c = parse(&with("journal", "max_bytes = 5000000000"));
     assert_eq!(c.journal.max_bytes, 5_000_000_000);
 }
+
+#[test]
+fn a_control_endpoint_beyond_loopback_needs_a_token() {
+    let beyond = r#"listen = "0.0.0.0:9100""#;
+    let e = error(&edit("control", "listen", Some(beyond)));
+    assert_names(&e, &["control.listen", "0.0.0.0:9100", "control.token"]);
+    let with_token = edit("control", "listen", Some(beyond)).replace(
+        "[control]\n",
+        "[control]\ntoken = \"0123456789abcdef0123\"\n",
+    );
+    let cfg = parse(&with_token);
+    assert_eq!(
+        cfg.control.token.as_ref().map(Secret::expose),
+        Some("0123456789abcdef0123")
+    );
+    assert!(!cfg.to_masked_toml().contains("0123456789abcdef0123"));
+    // Loopback needs none in the file: the agent generates one.
+    assert!(
+        parse(&with("control", r#"listen = "[::1]:9100""#))
+            .control
+            .token
+            .is_none()
+    );
+    // A token too short to guard anything, or with a pasted newline, is refused.
+    assert_names(
+        &error(&with("control", r#"token = "short""#)),
+        &["control.token", "at least 16"],
+    );
+    assert_names(
+        &error(&with("control", "token = \"0123456789abcdef0123\\n\"")),
+        &["control.token", "whitespace"],
+    );
+}

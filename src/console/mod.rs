@@ -42,8 +42,9 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Link {
     /// Inside the agent: status and reload directly.
     InAgent(Sources),
-    /// `ferry console`: the agent's control endpoint, if the config file names one.
-    Remote(Option<SocketAddr>),
+    /// `ferry console`: the agent's control endpoint, if the config file names one, and its
+    /// token when this user can read it (changes need it; see `control`).
+    Remote(Option<SocketAddr>, Option<String>),
 }
 
 /// Why the agent could not be asked.
@@ -302,8 +303,8 @@ impl Shell {
                 .reload(APPLY_TIMEOUT)
                 .map(Applied::from)
                 .map_err(AgentError::Failed),
-            Link::Remote(addr) => {
-                let body = remote(*addr, "POST", "/reload")?;
+            Link::Remote(addr, token) => {
+                let body = remote(*addr, token, "POST", "/reload")?;
                 let v: serde_json::Value = serde_json::from_str(&body)
                     .map_err(|e| AgentError::Failed(format!("unreadable answer: {e}")))?;
                 let strings = |k: &str| -> Vec<String> {
@@ -330,7 +331,7 @@ impl Shell {
                 .restart(APPLY_TIMEOUT)
                 .map(drop)
                 .map_err(AgentError::Failed),
-            Link::Remote(addr) => remote(*addr, "POST", "/restart").map(drop),
+            Link::Remote(addr, token) => remote(*addr, token, "POST", "/restart").map(drop),
         }
     }
 
@@ -339,7 +340,7 @@ impl Shell {
             Link::InAgent(s) => {
                 serde_json::to_string(&s.status()).map_err(|e| AgentError::Failed(e.to_string()))
             }
-            Link::Remote(addr) => remote(*addr, "GET", "/status"),
+            Link::Remote(addr, token) => remote(*addr, token, "GET", "/status"),
         }
     }
 
@@ -507,16 +508,28 @@ fn announce(a: &Applied) -> String {
 }
 
 /// A request to the agent's control endpoint; a refused connection is [`AgentError::NotRunning`].
-fn remote(addr: Option<SocketAddr>, method: &str, path: &str) -> Result<String, AgentError> {
+fn remote(
+    addr: Option<SocketAddr>,
+    token: &Option<String>,
+    method: &str,
+    path: &str,
+) -> Result<String, AgentError> {
     let addr = addr.ok_or(AgentError::NotRunning)?;
     let timeout = if method == "POST" {
         APPLY_TIMEOUT
     } else {
         Duration::from_secs(3)
     };
-    let answer = match method {
-        "POST" => control::post(addr, path, timeout),
-        _ => control::get(addr, path, timeout),
+    let answer = match (method, token) {
+        ("POST", Some(t)) => control::post(addr, path, t, timeout),
+        ("POST", None) => {
+            return Err(AgentError::Failed(
+                "the agent's control token is not readable here (run the console as the user the \
+                 agent runs as, or set control.token)"
+                    .to_owned(),
+            ));
+        }
+        _ => control::get(addr, path, token.as_deref(), timeout),
     };
     answer.map_err(|e| match e {
         control::Error::Connect { .. } => AgentError::NotRunning,
@@ -561,7 +574,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ferry.toml");
         std::fs::write(&path, text).unwrap();
-        let sh = Shell::new(&path, Link::Remote(None)).unwrap();
+        let sh = Shell::new(&path, Link::Remote(None, None)).unwrap();
         (dir, sh)
     }
 

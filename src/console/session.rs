@@ -306,7 +306,11 @@ pub fn standalone(config: &Path, device: Option<&Path>) -> Result<(), String> {
             .map_err(|e| format!("cannot open {}: {e}", d.display()))?,
         None => Port::stdio().map_err(|e| format!("cannot set up the terminal: {e}"))?,
     };
-    let link = Link::Remote(cfg.as_ref().map(|c| c.control.listen));
+    let link = Link::Remote(
+        cfg.as_ref().map(|c| c.control.listen),
+        cfg.as_ref()
+            .and_then(|c| crate::control::token(c, false).ok()),
+    );
     let mut gate = PinGate::new(cfg.and_then(|c| c.console.pin_sha256));
     // SIGTERM ends the session through the normal path, so the terminal's settings are restored.
     let shutdown = Shutdown::new();

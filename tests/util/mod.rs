@@ -291,10 +291,27 @@ pub fn http_get(port: u16, path: &str) -> String {
     body
 }
 
-/// A minimal HTTP POST without a body; returns the status line and the body, whatever the status.
-pub fn http_post(port: u16, path: &str) -> String {
-    let (head, body) = http_request(port, "POST", path);
+/// A minimal HTTP POST without a body, with `Authorization: Bearer <token>` when given; returns
+/// the status line and the body, whatever the status.
+pub fn http_post(port: u16, path: &str, token: Option<&str>) -> String {
+    let (head, body) = http_request_auth(port, "POST", path, token);
     format!("{}\n{body}", head.lines().next().unwrap_or(""))
+}
+
+/// A request without a body, with the token when given; returns the status code and the body.
+pub fn http_status(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let (head, body) = http_request_auth(port, method, path, token);
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body)
+}
+
+fn http_request_auth(port: u16, method: &str, path: &str, token: Option<&str>) -> (String, String) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    http_request_headers(port, method, path, &auth, b"")
 }
 
 /// A POST with a body; returns the status code and the body.
@@ -313,6 +330,17 @@ fn http_request(port: u16, method: &str, path: &str) -> (String, String) {
 }
 
 fn http_request_body(port: u16, method: &str, path: &str, body: &[u8]) -> (String, String) {
+    http_request_headers(port, method, path, "", body)
+}
+
+/// `headers`: extra header lines, each ending in CRLF.
+fn http_request_headers(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (String, String) {
     let mut s = TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(5),
@@ -321,7 +349,7 @@ fn http_request_body(port: u16, method: &str, path: &str, body: &[u8]) -> (Strin
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.0\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -557,6 +585,16 @@ impl Agent {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The control token the agent generated in its journal directory (the harness config sets
+    /// none).
+    pub fn control_token(&self) -> String {
+        let path = self.dir.join("journal/control-token");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .to_owned()
     }
 
     pub fn pid(&self) -> u32 {
