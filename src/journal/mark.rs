@@ -134,21 +134,21 @@ fn decode(b: &[u8]) -> Option<(u64, Mark)> {
     (m.head <= m.lease && m.acked <= m.lease).then_some((word(8)?, m))
 }
 
-/// CRC-32 (IEEE), bitwise: 28 bytes a few times per thousand seqs needs no table.
+/// CRC-32 (IEEE), the same checksum the record log's frames carry (`crc32fast`).
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Marks written before the checksum moved to `crc32fast` (a bitwise CRC-32 of its own)
+    /// must still read: the standard check value of CRC-32/IEEE.
+    #[test]
+    fn the_checksum_is_crc32_ieee() {
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    }
 
     #[test]
     fn the_newest_valid_slot_wins_and_a_torn_slot_is_ignored() {
