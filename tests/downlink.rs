@@ -248,15 +248,27 @@ fn commands_queued_while_offline_run_once_after_reconnect() {
                 .contains("command id=offline-1 seen before")
         },
     );
-    // A publish that did run would reach the device within this poll; none may.
-    let quiet_until = std::time::Instant::now() + Duration::from_secs(1);
-    while std::time::Instant::now() < quiet_until {
-        assert_eq!(device.messages().len(), 3, "a repeated command ran twice");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut topics: Vec<String> = device.messages().into_iter().map(|m| m.0).collect();
-    topics.sort();
-    assert_eq!(topics, ["devices/0/cmd", "devices/1/cmd", "devices/2/cmd"]);
+    // A new command after the repeat, on the same link: commands run in order, so once its
+    // message is at the device, a repeat that ran would be there too, before it.
+    let next = serde_json::json!({"type": "command", "id": "offline-3", "action": "publish", "topic": "devices/3/cmd", "payload_text": "go 3"});
+    raw(&cloud, next.to_string().as_bytes(), false);
+    wait_until(
+        "the command after the repeat",
+        Duration::from_secs(10),
+        || device.messages().iter().any(|m| m.0 == "devices/3/cmd"),
+    );
+    let topics: Vec<String> = device.messages().into_iter().map(|m| m.0).collect();
+    let mut before: Vec<&str> = topics[..topics.len() - 1]
+        .iter()
+        .map(String::as_str)
+        .collect();
+    before.sort_unstable();
+    assert_eq!(
+        before,
+        ["devices/0/cmd", "devices/1/cmd", "devices/2/cmd"],
+        "a repeated command ran twice: {topics:?}"
+    );
+    assert_eq!(topics.last().map(String::as_str), Some("devices/3/cmd"));
 }
 
 #[test]
