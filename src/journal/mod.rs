@@ -485,6 +485,8 @@ struct State {
     acked_durable: u64,
     /// Highest seq known to be synced to disk.
     durable: u64,
+    /// `durable` when the last reopen began: a log that comes back shorter lost synced frames.
+    synced_before: u64,
     backlog_records: u64,
     backlog_bytes: u64,
     dead_bytes: u64,
@@ -605,6 +607,7 @@ impl Journal {
             acked: 0,
             acked_durable: 0,
             durable: 0,
+            synced_before: 0,
             backlog_records: 0,
             backlog_bytes: 0,
             dead_bytes: 0,

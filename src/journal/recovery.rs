@@ -24,8 +24,10 @@ impl Journal {
         // The seq through which the log was synced when sled last recorded it: a log that ends
         // before it lost synced frames (a card that lies, bit rot in the last frames), which
         // the torn-tail cut at open must not hide.
-        let synced_head = self.meta(M_DURABLE)?.unwrap_or(0);
+        let stored_synced = self.meta(M_DURABLE)?.unwrap_or(0);
         let mut st = self.lock();
+        // At a reopen, also what this process itself synced before.
+        let synced_head = stored_synced.max(st.synced_before);
         let mut markf = self.mark();
         let head = st.next_seq - 1;
         if let Some(m) = markf.current {
@@ -241,6 +243,7 @@ impl Journal {
         // frames of a process that crashed may be in the page cache only): at open, `durable`
         // starts at 0 and the sync that ends the open moves it. A reopen keeps what this process
         // synced before: the log still holds it (a rewrite copies it).
+        st.synced_before = st.durable;
         st.durable = st.durable.min(next_seq - 1);
         st.backlog_records = backlog_records;
         st.backlog_bytes = backlog_bytes;

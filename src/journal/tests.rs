@@ -1247,3 +1247,38 @@ fn a_synced_last_frame_that_goes_bad_is_reported_not_cut_silently() {
     let next = append_synced(&j, &[rec("t", b"4")]).first_seq.unwrap();
     assert!(next > 3, "seq 3 is never assigned again (got {next})");
 }
+
+/// A reopen (after an i/o error) that finds the log shorter than what this process synced has
+/// lost synced frames: reported, and their seqs never assigned again.
+#[test]
+fn a_reopen_that_finds_synced_frames_gone_reports_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    append_synced(&j, &[rec("t", b"1"), rec("t", b"2")]);
+    let seg = segments(dir.path())[0].clone();
+    let two = std::fs::metadata(&seg).unwrap().len();
+    append_synced(&j, &[rec("t", b"3")]);
+    // The card loses the synced last frame.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(two)
+        .unwrap();
+    j.reopen().unwrap();
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    assert_eq!(seqs(&all), vec![1, 2, 3]);
+    assert!(
+        matches!(
+            all[2],
+            Entry::Gap {
+                from_seq: 3,
+                reason: GapReason::JournalLost,
+                ..
+            }
+        ),
+        "{all:?}"
+    );
+    let next = append_synced(&j, &[rec("t", b"4")]).first_seq.unwrap();
+    assert!(next > 3, "seq 3 is never assigned again (got {next})");
+}
