@@ -968,14 +968,7 @@ impl Journal {
                 if !flush {
                     // Written to sled's file (not synced), so that a crash leaves open about a
                     // segment of the log to read: sled has no flusher thread of its own.
-                    let store = self.store()?;
-                    store.db.flush().map_err(|e| {
-                        self.note_sled_error(&e);
-                        Error::Storage {
-                            action: "recording positions",
-                            source: e,
-                        }
-                    })?;
+                    self.flush_sled(&*self.store()?, "recording positions")?;
                 }
             }
         }
@@ -983,13 +976,7 @@ impl Journal {
             return Ok(());
         }
         let store = self.store()?;
-        store.db.flush().map_err(|e| {
-            self.note_sled_error(&e);
-            Error::Storage {
-                action: "flushing",
-                source: e,
-            }
-        })?;
+        self.flush_sled(&store, "flushing")?;
         fsync::data(&store.db_file, &store.db_path).map_err(|source| Error::Sync {
             path: store.db_path.clone(),
             source,
@@ -1368,6 +1355,14 @@ impl Journal {
 
     fn apply(&self, batch: sled::Batch, action: &'static str) -> Result<()> {
         self.store()?.log.apply_batch(batch).map_err(|source| {
+            self.note_sled_error(&source);
+            Error::Storage { action, source }
+        })
+    }
+
+    /// sled's `flush` (its buffers written, `sync_file_range`: not durable), its errors noted.
+    fn flush_sled(&self, store: &Store, action: &'static str) -> Result<()> {
+        store.db.flush().map(drop).map_err(|source| {
             self.note_sled_error(&source);
             Error::Storage { action, source }
         })

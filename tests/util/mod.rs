@@ -301,12 +301,15 @@ pub fn http_post(port: u16, path: &str, token: Option<&str>) -> String {
 /// A request without a body, with the token when given; returns the status code and the body.
 pub fn http_status(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let (head, body) = http_request_auth(port, method, path, token);
-    let code = head
-        .split_whitespace()
+    (status_code(&head), body)
+}
+
+/// The status code of a response head (0 when there is none).
+fn status_code(head: &str) -> u16 {
+    head.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body)
+        .unwrap_or(0)
 }
 
 fn http_request_auth(port: u16, method: &str, path: &str, token: Option<&str>) -> (String, String) {
@@ -317,12 +320,7 @@ fn http_request_auth(port: u16, method: &str, path: &str, token: Option<&str>) -
 /// A POST with a body; returns the status code and the body.
 pub fn http_post_body(port: u16, path: &str, body: &[u8]) -> (u16, String) {
     let (head, body) = http_request_body(port, "POST", path, body);
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body)
+    (status_code(&head), body)
 }
 
 fn http_request(port: u16, method: &str, path: &str) -> (String, String) {
