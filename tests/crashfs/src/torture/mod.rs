@@ -438,9 +438,8 @@ fn prepare(
             run_for(ferry, 200 + rng.below(1500), max_durable);
         }
         "eio" => {
-            // A log segment's or sled's (whose own flusher fsyncs its file every second and
-            // only logs a failure: ferry learns of it from its own fdatasync of that file,
-            // which fails too, as on Linux, since its descriptor was open at the time).
+            // A log segment's or one of sled's (its `db`, `conf`, blobs): every fsync of those
+            // is ferry's own now that sled runs without its flusher thread.
             let pattern = ["journal/log/", "journal/db-", "journal/"][rng.below(3) as usize];
             let before = counter(fs, "/eio_injected");
             fs.send(&format!("fail-fsync {pattern} --nth {}", 1 + rng.below(3)))?;
