@@ -173,7 +173,7 @@ use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
 use redelivery::Marks;
 use segments::{Flow, Item, Overlay, Overlays, Segments, push_frame};
-use store::{Store, open_store, sync_blobs};
+use store::{Store, close_store, open_store, sync_blobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -1332,7 +1332,7 @@ impl Journal {
         let _st = self.lock();
         let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
         // Dropping the old handles releases sled's lock on its files.
-        drop(guard.take());
+        close_store(guard.take());
         let db_dir = layout::current(&self.inner.opts.dir).map_err(|source| Error::Layout {
             path: self.inner.opts.dir.clone(),
             source,
@@ -1404,9 +1404,22 @@ impl Journal {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The last handle is going away: leave nothing in sled's buffers, and record the exact
-        // head in the seq mark so that any later loss of records is detected. Nothing runs beside
-        // this, so no sync is in flight.
+        self.close();
+        // sled's own close may panic on a write error (see `close_store`).
+        close_store(
+            self.store
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+}
+
+impl Inner {
+    /// The last handle is going away: leave nothing in sled's buffers, and record the exact
+    /// head in the seq mark so that any later loss of records is detected. Nothing runs beside
+    /// this, so no sync is in flight.
+    fn close(&mut self) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.store.read().unwrap_or_else(|e| e.into_inner());
         let Some(store) = store.as_ref() else {
