@@ -154,6 +154,8 @@ pub struct Tally {
     /// Crashes with the power on (`crash-then-cut`), fsync failures injected (`eio`), and the
     /// most syncs seen in flight at once.
     pub crashes: u64,
+    /// ferry stopped by itself (a panic, an exit) before the torture killed it.
+    pub agent_exits: u64,
     pub eio_injected: u64,
     pub max_fsyncs_in_flight: u64,
     /// Failures that are no count (a process that would not start, a deadline).
@@ -173,13 +175,14 @@ impl Tally {
             && self.clashes == 0
             && self.other_gaps == 0
             && self.session_drops == 0
+            && self.agent_exits == 0
     }
 
     pub fn line(&self, seed: u64) -> String {
         format!(
             "torture: cuts={} published={} acked={} delivered={} lost={} duplicates={} \
              journal_reopen_failures={} journal_lost={} seq_regressions={} clashes={} other_gaps={} \
-             session_drops={} crashes={} eio_injected={} max_fsyncs_in_flight={} seed={} result={}",
+             session_drops={} crashes={} agent_exits={} eio_injected={} max_fsyncs_in_flight={} seed={} result={}",
             self.cuts,
             self.published,
             self.acked,
@@ -193,6 +196,7 @@ impl Tally {
             self.other_gaps,
             self.session_drops,
             self.crashes,
+            self.agent_exits,
             self.eio_injected,
             self.max_fsyncs_in_flight,
             seed,
@@ -422,7 +426,7 @@ fn prepare(
                 run_for(ferry, rng.below(1000), max_durable);
             }
             note_durable(ferry, max_durable);
-            ferry.kill();
+            note_exit(ferry.kill(), "before a crash", tally);
             tally.crashes += 1;
             fs.send("slow-fsync 0")?;
             // Half the time the restarted writer's first sync comes a second late, so that the
@@ -488,7 +492,7 @@ fn power_cut(
     tally: &mut Tally,
 ) -> Result<serde_json::Value, String> {
     fs.send(cut)?;
-    ferry.kill();
+    note_exit(ferry.kill(), what, tally);
     fs.send("remount")?;
     fs.send("fail-fsync --clear")?;
     fs.send("slow-fsync 0")?;
@@ -508,6 +512,14 @@ fn power_cut(
         );
     }
     Ok(status)
+}
+
+/// Counts a ferry that had ended by itself before the torture killed it.
+fn note_exit(gone: Option<std::process::ExitStatus>, what: &str, tally: &mut Tally) {
+    if let Some(status) = gone {
+        tally.agent_exits += 1;
+        println!("torture: {what}: ferry had stopped by itself ({status}); see its log");
+    }
 }
 
 /// What ferry said while opening its journal again: lost records, a journal that would not open.
@@ -587,7 +599,7 @@ fn run_rounds(work: &Path, tally: &mut Tally, round: Round) -> Result<(), String
                     },
                 )?;
                 note_durable(&ferry, &mut max_durable);
-                ferry.kill();
+                note_exit(ferry.kill(), "before a crash", tally);
                 tally.crashes += 1;
                 // The restarted writer's first sync comes late: the cut comes before it.
                 ferry.failpoint = Some("slow_sync_ms=5000".into());

@@ -320,9 +320,16 @@ impl Ferry {
             .map_err(|e| format!("/status: {e}"))
     }
 
-    /// SIGKILL, and wait for the process to be gone.
-    pub fn kill(&mut self) {
+    /// SIGKILL, and wait for the process to be gone. Returns how it had ended if it was gone
+    /// already (a panic, an exit): the torture counts that, since nothing but the torture may
+    /// stop ferry.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        let gone = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
         kill(&mut self.child);
+        gone
     }
 
     pub fn stop(&mut self) -> Result<()> {
