@@ -11,8 +11,12 @@ use std::path::{Path, PathBuf};
 ///
 /// Test failpoints (`FERRY_FAILPOINT`): `replace_after_backup`, `replace_before_rename` and
 /// `replace_after_rename` abort the process at that step, as a power cut would stop it.
+/// The replacement keeps the permissions of the file it replaces (a config file holding secrets
+/// stays 0600); a new file gets 0666 less the umask.
 pub fn replace(path: &Path, contents: &[u8], backup: bool) -> io::Result<()> {
-    replace_with_mode(path, contents, backup, 0o666)
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path).map_or(0o666, |m| m.permissions().mode() & 0o7777);
+    replace_with_mode(path, contents, backup, mode)
 }
 
 /// [`replace`] for a file only its owner may read or write (mode 0600 before the umask): a
@@ -83,6 +87,23 @@ fn failpoint(name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config file holding secrets, made 0600 by its owner, must not become world-readable
+    /// when the console saves it (nor its backup).
+    #[test]
+    fn a_replacement_keeps_the_mode_of_the_file_it_replaces() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        fs::write(&path, "old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        replace(&path, b"new", true).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&with_suffix(&path, ".bak")), 0o600);
+        replace_private(&dir.path().join("secret"), b"s").unwrap();
+        assert_eq!(mode(&dir.path().join("secret")), 0o600);
+    }
 
     #[test]
     fn replaces_and_keeps_a_backup() {

@@ -106,7 +106,17 @@ pub fn token(cfg: &Config, create: bool) -> Result<String, Error> {
     }
     let path = cfg.journal.dir.join(TOKEN_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(t) if t.trim().len() >= 16 => return Ok(t.trim().to_owned()),
+        Ok(t) if t.trim().len() >= 16 => {
+            if create {
+                // Someone loosened it: only the agent's user may read it.
+                use std::os::unix::fs::PermissionsExt;
+                let private = std::fs::Permissions::from_mode(0o600);
+                if let Err(e) = std::fs::set_permissions(&path, private) {
+                    warn!("cannot make {} private (0600): {}", path.display(), e);
+                }
+            }
+            return Ok(t.trim().to_owned());
+        }
         Ok(_) if !create => {
             return Err(Error::TokenRead {
                 path,
