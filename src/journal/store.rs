@@ -224,6 +224,8 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
             // No flusher thread: it `fsync`s sled's file every second and only logs a failure,
             // and later writes then land on top of the pages Linux dropped. Every sync of sled's
             // files is the journal's own (`Journal::sync`), which sees the error and rewrites.
+            // sled's garbage collection ran in that thread too: its file now grows until
+            // `maybe_compact` copies the live keys into a new generation, as before.
             .flush_every_ms(None)
             .mode(sled::Mode::LowSpace)
             .open()?;
