@@ -881,12 +881,7 @@ impl Journal {
                 break;
             }
             st.sync_waiters += 1;
-            st = self
-                .inner
-                .synced
-                .wait_timeout(st, Duration::from_secs(1))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.wait_sync_end(st);
             st.sync_waiters -= 1;
         }
         // This caller syncs, for itself and for whoever wrote before it.
@@ -952,6 +947,16 @@ impl Journal {
             self.inner.data.notify_all();
         }
         self.free_segments(&mut st)
+    }
+
+    /// Waits (up to a second, then the caller checks again) for the running sync to end. No
+    /// overall deadline: an `fdatasync` cannot be abandoned, so neither can waiting for one.
+    fn wait_sync_end<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.inner
+            .synced
+            .wait_timeout(st, Duration::from_secs(1))
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     /// The part of [`Journal::sync`] after the log is durable through `target`: sled records the
@@ -1287,12 +1292,7 @@ impl Journal {
         {
             let mut st = self.lock();
             while st.syncing {
-                st = self
-                    .inner
-                    .synced
-                    .wait_timeout(st, Duration::from_secs(1))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                st = self.wait_sync_end(st);
             }
             st.syncing = true;
         }

@@ -144,6 +144,11 @@ fn cut_and_check(fs: &CrashFs, test: &str, dir: &Path, cut: &str) {
     child.wait().unwrap();
     fs.send("remount").unwrap();
 
+    assert_journal_holds(dir, 10, cut);
+}
+
+/// Opens the journal in `dir` and checks that it holds `n` records and its head is seq `n`.
+fn assert_journal_holds(dir: &Path, n: usize, what: &str) {
     let j = Journal::open(&opts(dir)).unwrap();
     let entries = j.read_batch(None, 100, u64::MAX).unwrap();
     let records = entries
@@ -151,10 +156,10 @@ fn cut_and_check(fs: &CrashFs, test: &str, dir: &Path, cut: &str) {
         .filter(|e| matches!(e, Entry::Record(_)))
         .count();
     assert_eq!(
-        records, 10,
-        "{cut}: every synced record is back: {entries:?}"
+        records, n,
+        "{what}: every synced record is back: {entries:?}"
     );
-    assert_eq!(j.positions().head_seq, 10);
+    assert_eq!(j.positions().head_seq, n as u64, "{what}");
 }
 
 /// Regression: ferry created `journal.dir` without syncing the directory holding it. A power cut
@@ -242,15 +247,5 @@ fn frames_a_crash_left_in_the_page_cache_survive_a_later_power_cut() {
     reader.wait().unwrap();
     fs.send("remount").unwrap();
 
-    let j = Journal::open(&opts(&dir)).unwrap();
-    let entries = j.read_batch(None, 100, u64::MAX).unwrap();
-    let records = entries
-        .iter()
-        .filter(|e| matches!(e, Entry::Record(_)))
-        .count();
-    assert_eq!(
-        records, 11,
-        "what was read as durable survives: {entries:?}"
-    );
-    assert_eq!(j.positions().head_seq, 11);
+    assert_journal_holds(&dir, 11, "what was read as durable");
 }
