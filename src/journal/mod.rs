@@ -173,7 +173,7 @@ use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
 use redelivery::Marks;
 use segments::{Flow, Item, Overlay, Overlays, Segments, push_frame};
-use store::{Store, close_store, open_store, sync_blobs};
+use store::{Store, open_store, sync_blobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -1332,7 +1332,7 @@ impl Journal {
         let _st = self.lock();
         let mut guard = self.inner.store.write().unwrap_or_else(|e| e.into_inner());
         // Dropping the old handles releases sled's lock on its files.
-        close_store(guard.take());
+        drop(guard.take());
         let db_dir = layout::current(&self.inner.opts.dir).map_err(|source| Error::Layout {
             path: self.inner.opts.dir.clone(),
             source,
@@ -1404,14 +1404,8 @@ impl Journal {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The store's handles are dropped after this; their drop cannot panic (`store::Quiet`).
         self.close();
-        // sled's own close may panic on a write error (see `close_store`).
-        close_store(
-            self.store
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
-        );
     }
 }
 

@@ -21,11 +21,12 @@ const COMPACT_ABOVE: f64 = 0.1;
 const SEGMENT_SIZE: usize = 1 << 20;
 
 /// The sled handles. Replaced as a whole by [`Journal::reopen`]: sled 0.34 refuses every write
-/// after one I/O error (a full disk), until the database is opened again.
+/// after one I/O error (a full disk), until the database is opened again. Dropping a `Store`
+/// never panics (see [`Quiet`]).
 pub(super) struct Store {
     pub(super) dir: PathBuf,
-    pub(super) db: sled::Db,
-    pub(super) log: sled::Tree,
+    pub(super) db: Quiet<sled::Db>,
+    pub(super) log: Quiet<sled::Tree>,
     pub(super) db_path: PathBuf,
     pub(super) db_file: File,
     pub(super) blob_dir: PathBuf,
@@ -128,7 +129,7 @@ impl Journal {
             }
         };
         // Close the old database before its directory goes; on a failed swap, keep using it.
-        close_store(guard.take());
+        drop(guard.take());
         match layout::swap(&dir, &new_dir, &old_dir) {
             Ok(()) => {
                 let after = new.db.size_on_disk().unwrap_or(0);
@@ -166,19 +167,50 @@ impl Journal {
     }
 }
 
-/// Closes a database. sled 0.34's `Drop` ends in an `fsync` of its file whose failure it
-/// `unwrap`s: after a writeback error the journal found on its own descriptor (and repairs by
-/// writing sled anew), sled's descriptor still holds the error, and closing panicked (found by
-/// `make torture`, seed 99). That panic is caught here: the files it failed to sync are the ones
-/// being replaced.
-pub(super) fn close_store(store: Option<Store>) {
-    let Some(store) = store else { return };
-    let dir = store.dir.clone();
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(store))).is_err() {
-        log::warn!(
-            "sled failed to sync {} as it closed (the write error the journal repairs)",
-            dir.display()
-        );
+/// A sled handle whose drop cannot panic. sled 0.34's `Drop` ends in an `fsync` of its file whose
+/// failure it `unwrap`s. After a writeback error that the journal found on its own descriptor
+/// (and repairs by writing sled anew), sled's descriptor still holds the error, so closing the
+/// database panicked: the old one at a compaction or reopen (found by `make torture`, seed 99),
+/// and a new generation whose first sync failed during a compaction (seed 1796297858908061968,
+/// an agent exit in CI). Every `Store` holds its handles this way, so no path that drops one,
+/// early returns included, can kill the thread. The files sled failed to sync are the ones the
+/// journal replaces; the panic is logged at WARN.
+pub(super) struct Quiet<T> {
+    handle: Option<T>,
+    dir: PathBuf,
+}
+
+impl<T> Quiet<T> {
+    fn new(handle: T, dir: &Path) -> Quiet<T> {
+        Quiet {
+            handle: Some(handle),
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Quiet<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match &self.handle {
+            Some(handle) => handle,
+            // Taken only by `drop`.
+            None => unreachable!("sled handle used while it is dropped"),
+        }
+    }
+}
+
+impl<T> Drop for Quiet<T> {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(handle))).is_err() {
+            log::warn!(
+                "sled failed to sync {} as it closed (the write error the journal repairs)",
+                self.dir.display()
+            );
+        }
     }
 }
 
@@ -233,7 +265,7 @@ fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
         Ok::<_, sled::Error>((db, log))
     });
     let (db, log) = match opened {
-        Ok(Ok(x)) => x,
+        Ok(Ok((db, log))) => (Quiet::new(db, db_dir), Quiet::new(log, db_dir)),
         Ok(Err(source)) => {
             return Err(Error::Open {
                 path: db_dir.to_path_buf(),

@@ -249,3 +249,48 @@ fn frames_a_crash_left_in_the_page_cache_survive_a_later_power_cut() {
 
     assert_journal_holds(&dir, 11, "what was read as durable");
 }
+
+/// Regression (CI, `make torture` seed 1796297858908061968: an agent exit at an `eio` cut during a
+/// compaction): when the first sync of the new sled generation failed, the compaction returned
+/// early and dropped that database; sled's own close then `fsync`ed its file, met the same
+/// writeback error on its descriptor and panicked, killing the journal writer. Now the
+/// compaction fails as an error, the reopen after it repairs, and the synced records survive a
+/// power cut.
+#[test]
+fn a_failed_sync_of_a_new_sled_generation_is_an_error_not_a_panic() {
+    let fs = CrashFs::start();
+    let dir = fs.mnt.join("journal");
+    let j = Journal::open(&opts(&dir)).unwrap();
+    j.append(&(0..10).map(rec).collect::<Vec<_>>()).unwrap();
+    j.sync().unwrap();
+    j.ack(6).unwrap();
+    // The cursor goes back (a write to sled that the next sync makes durable); that sync of
+    // sled's file fails, and so will the first sync of the generation the reopen compacts into.
+    fs.send("fail-fsync journal/db-1/db").unwrap();
+    fs.send("fail-fsync journal/db-2/db").unwrap();
+    let rewound = j.rewind_to(5);
+    assert!(rewound.is_err(), "the injected EIO is reported: {rewound:?}");
+    let failed = j.reopen();
+    assert!(
+        failed.is_err(),
+        "the new generation's failed sync fails the compaction: {failed:?}"
+    );
+    // Both faults are spent: the next reopen compacts and opens.
+    j.reopen().unwrap();
+    assert_eq!(j.positions().acked_seq, 4);
+    j.sync().unwrap();
+    drop(j);
+    fs.send("cut").unwrap();
+    fs.send("remount").unwrap();
+
+    let j = Journal::open(&opts(&dir)).unwrap();
+    let p = j.positions();
+    assert_eq!((p.head_seq, p.acked_seq), (10, 4), "the rewound cursor is durable");
+    let seqs: Vec<u64> = j
+        .read_batch(None, 100, u64::MAX)
+        .unwrap()
+        .iter()
+        .map(Entry::last_seq)
+        .collect();
+    assert_eq!(seqs, (5..=10).collect::<Vec<_>>());
+}
