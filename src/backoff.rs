@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::rng::Rng;
+
 /// Doubling delays from `base` up to `max`, each drawn uniformly from the upper half of the current
 /// step ("equal jitter"), so that a fleet of gateways that lost the same link does not retry in step.
 #[derive(Debug, Clone)]
@@ -10,7 +12,7 @@ pub struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
-    rng: u64,
+    rng: Rng,
 }
 
 impl Backoff {
@@ -19,7 +21,7 @@ impl Backoff {
             base: base.min(max),
             max,
             attempt: 0,
-            rng: seed(),
+            rng: Rng::from_time(),
         }
     }
 
@@ -36,7 +38,7 @@ impl Backoff {
         let jitter = if nanos == 0 {
             0
         } else {
-            self.next_random() % (nanos + 1)
+            self.rng.below(nanos + 1)
         };
         half + Duration::from_nanos(jitter)
     }
@@ -54,26 +56,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
-
-    /// xorshift64*: plenty for jitter, and no dependency.
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-fn seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0x9e37_79b9_7f4a_7c15);
-    // Mix in the address of a stack value so that threads started in the same nanosecond differ.
-    let local = 0u8;
-    (nanos ^ (&local as *const u8 as u64).rotate_left(32)) | 1
 }
 
 #[cfg(test)]

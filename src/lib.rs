@@ -53,6 +53,7 @@ pub mod notify;
 pub mod payload;
 pub mod protocol;
 pub mod reload;
+pub mod rng;
 pub mod shutdown;
 pub mod stats;
 pub mod tls;

@@ -316,15 +316,8 @@ fn the_agents_console_survives_line_noise_and_says_a_stopped_cloud_refuses() {
     pty.sync("gw-test> ");
 
     // Line noise: random bytes, then Ctrl-C and Enter; the shell answers and goes on.
-    let mut x: u32 = 0x9e37_79b9;
-    let noise: Vec<u8> = (0..8192)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect();
+    let mut rng = ferry::rng::Rng::new(1);
+    let noise: Vec<u8> = (0..8192).map(|_| rng.next_u64() as u8).collect();
     pty.send(&noise);
     pty.send(b"\x03\r");
     pty.sync("gw-test> ");

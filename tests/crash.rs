@@ -19,7 +19,6 @@ fn seed() -> u64 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64
-                | 1
         })
 }
 
@@ -29,15 +28,10 @@ fn sigkill_at_random_moments_loses_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let mut rng = seed();
-    let seed = rng;
+    let seed = seed();
     eprintln!("crash test seed={seed} (FERRY_TEST_SEED to repeat) kills={kills}");
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = ferry::rng::Rng::new(seed);
+    let mut next = move |n: u64| rng.below(n);
 
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));

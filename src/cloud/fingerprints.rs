@@ -110,11 +110,9 @@ mod tests {
         // A small model test: a deterministic pseudo-random walk checked against a BTreeMap.
         let mut map = Fingerprints::new();
         let mut model = BTreeMap::new();
-        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rng = crate::rng::Rng::new(1);
         for _ in 0..3000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = rng.next_u64();
             let seq = state % 500;
             let fingerprint = state >> 20;
             let new = !model.contains_key(&seq);

@@ -251,11 +251,9 @@ mod tests {
         // A small model test: a deterministic pseudo-random walk checked against a BTreeSet.
         let mut set = RangeSet::new();
         let mut model = std::collections::BTreeSet::new();
-        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rng = crate::rng::Rng::new(1);
         for _ in 0..2000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = rng.next_u64();
             let from = state % 300;
             let to = from + (state >> 32) % 6;
             let before = model.len() as u64;

@@ -339,12 +339,10 @@ mod tests {
                 p.wrapping_mul(1000),
             ]);
         }
-        // A cheap deterministic spread of values (xorshift), no extra crates.
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        // A deterministic spread of values.
+        let mut rng = crate::rng::Rng::new(1);
         for _ in 0..10_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             values.push(x);
             values.push(x >> (x % 64));
             values.push((x % 4096) << 30);
@@ -372,11 +370,9 @@ mod tests {
             Duration::from_secs(u64::MAX),
             Duration::from_millis(u64::MAX),
         ];
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rng = crate::rng::Rng::new(2);
         for _ in 0..10_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             values.push(Duration::from_millis(x));
             values.push(Duration::from_millis(x % 10_000_000));
             values.push(Duration::from_secs(x));
@@ -399,11 +395,9 @@ mod tests {
         let alphabet = [
             "0", "9", " ", "B", "KiB", "MiB", "TiB", "ms", "s", "m", "h", "-", ".", "é",
         ];
-        let mut x = 0xDEAD_BEEF_CAFE_F00Du64;
+        let mut rng = crate::rng::Rng::new(3);
         for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let mut text = String::new();
             let mut y = x;
             for _ in 0..(x % 8) {

@@ -481,13 +481,8 @@ fn a_record_larger_than_the_whole_budget_is_taken_into_an_empty_journal() {
 #[test]
 fn journal_matches_a_model_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = 0x1234_5678_9abc_def1u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = crate::rng::Rng::new(1);
+    let mut next = || rng.next_u64();
     let mut model: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
     let mut acked = 0u64;
     let mut max_seq = 0u64;

@@ -382,13 +382,8 @@ mod tests {
     /// every healthy record exactly once, and dead-letter each poison record once.
     #[test]
     fn bisection_terminates_and_delivers_for_any_poison_set() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut rng = crate::rng::Rng::new(1);
+        let mut next = move |n: u64| rng.below(n);
         for case in 0..2000 {
             let n = next(40) + 1;
             let max = next(10) as usize + 1;

@@ -723,7 +723,8 @@ impl Model {
     }
 }
 
-/// xorshift64*: small, seeded, reproducible.
+/// xorshift64*: small, seeded, reproducible. The generator of `ferry::rng`, copied on purpose:
+/// this filesystem links nothing of ferry's.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 

@@ -269,7 +269,10 @@ fn a_failed_sync_of_a_new_sled_generation_is_an_error_not_a_panic() {
     fs.send("fail-fsync journal/db-1/db").unwrap();
     fs.send("fail-fsync journal/db-2/db").unwrap();
     let rewound = j.rewind_to(5);
-    assert!(rewound.is_err(), "the injected EIO is reported: {rewound:?}");
+    assert!(
+        rewound.is_err(),
+        "the injected EIO is reported: {rewound:?}"
+    );
     let failed = j.reopen();
     assert!(
         failed.is_err(),
@@ -285,7 +288,11 @@ fn a_failed_sync_of_a_new_sled_generation_is_an_error_not_a_panic() {
 
     let j = Journal::open(&opts(&dir)).unwrap();
     let p = j.positions();
-    assert_eq!((p.head_seq, p.acked_seq), (10, 4), "the rewound cursor is durable");
+    assert_eq!(
+        (p.head_seq, p.acked_seq),
+        (10, 4),
+        "the rewound cursor is durable"
+    );
     let seqs: Vec<u64> = j
         .read_batch(None, 100, u64::MAX)
         .unwrap()
