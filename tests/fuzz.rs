@@ -715,7 +715,7 @@ fn a_huge_seq_mark_file_is_not_read_whole() {
     let opts = ferry::journal::Options {
         dir: dir.path().to_owned(),
         max_bytes: 64 << 20,
-        on_full: ferry::config::OnFull::RejectNew,
+        on_full: ferry::journal::OnFull::RejectNew,
         cache_bytes: 1 << 20,
         replay_window: ferry::journal::default_replay_window(64 << 20),
         fixed_budget: None,

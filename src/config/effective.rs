@@ -5,7 +5,8 @@
 use serde::Serialize;
 
 use super::units::{format_duration, format_size};
-use super::{Compression, Config, MASK, OnFull, ParseRule, Secret, net};
+use super::{Compression, Config, MASK, ParseRule, Secret, net};
+use crate::journal::OnFull;
 
 impl Config {
     /// The effective configuration as TOML, secrets masked.

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use toml_error::describe_toml_error;
 use units::{ByteSize, HumanDuration, format_duration, format_size};
 
+use crate::journal::OnFull;
+
 pub mod edit;
 mod effective;
 pub mod live;
@@ -90,13 +92,6 @@ pub struct JournalConfig {
     pub cache_bytes: u64,
     /// Acknowledged records kept for the downlink's `replay_from`, in bytes of the log.
     pub replay_window: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnFull {
-    RejectNew,
-    DropOldest,
 }
 
 #[derive(Debug, Clone)]

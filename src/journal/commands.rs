@@ -347,7 +347,7 @@ fn stored_bytes(key: &[u8], value: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OnFull;
+    use crate::journal::OnFull;
     use crate::journal::{Entry, NewRecord, Options, StoredFormat};
 
     fn open(dir: &std::path::Path) -> Journal {

@@ -139,7 +139,6 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::config::OnFull;
 use crate::protocol::GapReason;
 
 /// Disk use is measured every this many appends (a `stat` of sled's files), and sled's size for
@@ -398,6 +397,15 @@ pub struct Positions {
     /// The oldest acknowledged seq kept for the downlink's `replay_from` (`journal.replay_window`):
     /// `replay_from` accepts `replay_oldest_seq..=head_seq`. `None` while nothing is retained.
     pub replay_oldest_seq: Option<u64>,
+}
+
+/// What a full journal does with a new record (`journal.on_full`): refuse it (the broker keeps it
+/// and redelivers), or make room by replacing the oldest unsent records with a `journal_full` gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    RejectNew,
+    DropOldest,
 }
 
 #[derive(Debug, Clone)]

@@ -356,7 +356,7 @@ impl Agent {
     }
 
     pub fn status(&self) -> Result<Value> {
-        let body = ferry::control::get(self.control, "/status", Duration::from_secs(5))?;
+        let body = ferry::control::get(self.control, "/status", None, Duration::from_secs(5))?;
         Ok(serde_json::from_str(&body)?)
     }
 

@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ferry::config::OnFull;
+use ferry::journal::OnFull;
 use ferry::journal::{Journal, MqttDelivery, NewRecord, Options, StoredFormat};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

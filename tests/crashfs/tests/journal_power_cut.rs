@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry::config::OnFull;
-use ferry::journal::{Entry, Journal, NewRecord, Options, StoredFormat};
+use ferry::journal::{Entry, Journal, NewRecord, OnFull, Options, StoredFormat};
 use ferry_crashfs::control;
 
 struct CrashFs {
