@@ -12,7 +12,8 @@ pub struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
-    rng: Rng,
+    /// `None`: exact steps (`Backoff::exact`).
+    rng: Option<Rng>,
 }
 
 impl Backoff {
@@ -21,7 +22,16 @@ impl Backoff {
             base: base.min(max),
             max,
             attempt: 0,
-            rng: Rng::from_time(),
+            rng: Some(Rng::from_time()),
+        }
+    }
+
+    /// Doubling delays without jitter, for a wait a person is told about (the console's PIN
+    /// lockout says "wait 20 s", and means it).
+    pub fn exact(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            rng: None,
+            ..Backoff::new(base, max)
         }
     }
 
@@ -33,14 +43,12 @@ impl Backoff {
             .unwrap_or(self.max)
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
+        let Some(rng) = &mut self.rng else {
+            return step;
+        };
         let half = step / 2;
         let nanos = half.as_nanos() as u64;
-        let jitter = if nanos == 0 {
-            0
-        } else {
-            self.rng.below(nanos + 1)
-        };
-        half + Duration::from_nanos(jitter)
+        half + Duration::from_nanos(rng.below(nanos + 1))
     }
 
     /// The delay before the next attempt when the peer asked for at least `at_least` (Retry-After).

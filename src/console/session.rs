@@ -12,6 +12,7 @@ use sha2::{Digest as _, Sha256};
 use super::line::{Echo, Editor, Event};
 use super::tty::{Input, Port};
 use super::{Link, Shell};
+use crate::backoff::Backoff;
 use crate::config::{Config, Secret};
 use crate::shutdown::Shutdown;
 
@@ -27,6 +28,8 @@ const PIN_WAIT_MAX: Duration = Duration::from_secs(300);
 pub struct PinGate {
     sha256: Option<Secret>,
     wrong: u32,
+    /// The wait after each wrong PIN past `PIN_TRIES`: doubling, exact.
+    waits: Backoff,
     wait_until: Option<Instant>,
 }
 
@@ -35,6 +38,7 @@ impl PinGate {
         PinGate {
             sha256,
             wrong: 0,
+            waits: Backoff::exact(PIN_WAIT_FIRST, PIN_WAIT_MAX),
             wait_until: None,
         }
     }
@@ -61,14 +65,13 @@ impl PinGate {
             .collect();
         if constant_time_eq(got.as_bytes(), want.expose().as_bytes()) {
             self.wrong = 0;
+            self.waits.reset();
             self.wait_until = None;
             return true;
         }
-        self.wrong += 1;
+        self.wrong = self.wrong.saturating_add(1);
         if self.wrong >= PIN_TRIES {
-            let doublings = (self.wrong - PIN_TRIES).min(8);
-            let wait = (PIN_WAIT_FIRST * 2u32.pow(doublings)).min(PIN_WAIT_MAX);
-            self.wait_until = Some(now + wait);
+            self.wait_until = Some(now + self.waits.next_delay());
         }
         false
     }
