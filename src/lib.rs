@@ -42,6 +42,7 @@ pub mod cloud;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod dns;
 pub mod downlink;
 pub mod failpoint;
 pub mod fnv;

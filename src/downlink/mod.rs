@@ -18,9 +18,8 @@
 pub mod command;
 
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -113,6 +112,7 @@ pub fn spawn(
                 tls,
                 deps,
                 shutdown,
+                lookups: crate::dns::Lookups::default(),
                 failures: Repeats::new(REPEAT_LOG),
             }
             .run()
@@ -129,6 +129,8 @@ struct Downlink {
     deps: Deps,
     shutdown: Shutdown,
     backoff: Backoff,
+    /// The cloud's addresses: one lookup in flight, a name kept for `dns::KEEP`.
+    lookups: crate::dns::Lookups,
     /// A repeated connection failure is logged at WARN at most once per [`REPEAT_LOG`].
     failures: Repeats,
 }
@@ -218,9 +220,10 @@ impl Downlink {
             request.headers_mut().insert("Authorization", value);
         }
         let deadline = Instant::now() + self.cfg.connect_timeout;
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs =
-            resolve(bare, port, self.cfg.connect_timeout).map_err(|source| Error::Resolve {
+        let addrs = self
+            .lookups
+            .resolve(&host, port, self.cfg.connect_timeout)
+            .map_err(|source| Error::Resolve {
                 host: host.clone(),
                 source,
             })?;
@@ -475,58 +478,5 @@ fn close(ws: &mut WebSocket<Stream>, code: CloseCode, reason: &str) {
             }
             Err(_) => return,
         }
-    }
-}
-
-/// Looks `host` up within `timeout`. getaddrinfo has no deadline of its own, so it runs on a
-/// short-lived thread; a lookup that outlives the deadline is left to finish (or hang) there alone,
-/// and this thread goes on to its backoff and sees shutdown.
-fn resolve(host: &str, port: u16, timeout: Duration) -> io::Result<Vec<std::net::SocketAddr>> {
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(vec![std::net::SocketAddr::new(ip, port)]);
-    }
-    // One lookup at a time: one that hangs past its deadline keeps its thread, and a reconnect
-    // loop must not leave one more behind on every attempt.
-    static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
-    if IN_FLIGHT.swap(true, Ordering::SeqCst) {
-        return Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            "an earlier name lookup has not finished yet",
-        ));
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let name = host.to_owned();
-    let spawned = std::thread::Builder::new()
-        .name("downlink-dns".into())
-        .spawn(move || {
-            let found = (name.as_str(), port).to_socket_addrs().map(|a| a.collect());
-            IN_FLIGHT.store(false, Ordering::SeqCst);
-            let _ = tx.send(found);
-        });
-    if let Err(e) = spawned {
-        IN_FLIGHT.store(false, Ordering::SeqCst);
-        return Err(e);
-    }
-    rx.recv_timeout(timeout).unwrap_or_else(|_| {
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("name lookup took longer than {timeout:?}"),
-        ))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_resolve_within_the_deadline_and_failures_say_so() {
-        let t = Duration::from_secs(5);
-        assert_eq!(
-            resolve("127.0.0.1", 8080, t).unwrap(),
-            [std::net::SocketAddr::from(([127, 0, 0, 1], 8080))]
-        );
-        assert!(!resolve("localhost", 80, t).unwrap().is_empty());
-        assert!(resolve("no-such-host.invalid", 80, t).is_err());
     }
 }

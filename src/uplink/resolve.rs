@@ -1,37 +1,36 @@
-//! How the uplink's HTTP agent finds the cloud's addresses: ureq's own resolver, but not for
-//! every request. ureq resolves the host before each request, even one that goes out on a pooled
-//! connection, and with a deadline set it does so on a new thread each time: one thread and, on a
-//! gateway, one DNS query over the cellular link per upload. Here an IP address in the URL is
-//! taken as it is, and a name's addresses are kept for [`KEEP`].
+//! How the uplink's HTTP agent finds the cloud's addresses: through [`dns::Lookups`], the lookup
+//! policy it shares with the downlink, instead of ureq's own resolver. ureq resolves the host
+//! before each request, even one that goes out on a pooled connection, and with a deadline set it
+//! does so on a new thread each time: one thread and, on a gateway, one DNS query over the
+//! cellular link per upload.
 //!
 //! Uses ureq's `unversioned` resolver API, which may change in a patch release of ureq
 //! (`Cargo.lock` pins the version; a change shows as a build error here, nowhere else).
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use ureq::config::Config;
 use ureq::http::Uri;
-use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::NextTimeout;
 
-/// How long a name's addresses are reused: about as long as an idle pooled connection is kept,
-/// so that a DNS change is seen within half a minute.
-pub const KEEP: Duration = Duration::from_secs(30);
+use crate::dns;
+
+pub use crate::dns::KEEP;
+
+/// ureq keeps at most this many addresses of a name.
+const MAX_ADDRS: usize = 16;
+/// The longest a lookup may take if ureq were ever to pass no deadline.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 pub struct CachingResolver {
-    inner: DefaultResolver,
-    /// The last name resolved (`host:port`), when, and its addresses.
-    last: Mutex<Option<(String, Instant, ResolvedSocketAddrs)>>,
+    lookups: dns::Lookups,
 }
 
 impl Resolver for CachingResolver {
     fn resolve(
         &self,
         uri: &Uri,
-        config: &Config,
+        _config: &Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let port = uri.port_u16().or(match uri.scheme_str() {
@@ -39,30 +38,16 @@ impl Resolver for CachingResolver {
             Some("http") => Some(80),
             _ => None,
         });
-        let host = uri
-            .host()
-            .map(|h| h.trim_start_matches('[').trim_end_matches(']'));
-        let (Some(host), Some(port)) = (host, port) else {
-            return self.inner.resolve(uri, config, timeout);
+        let (Some(host), Some(port)) = (uri.host(), port) else {
+            return Err(ureq::Error::BadUri(format!("{uri}: no host or port")));
         };
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            let mut addrs = self.empty();
-            addrs.push(SocketAddr::new(ip, port));
-            return Ok(addrs);
+        // The agent always sets a connect deadline (`uplink.connect_timeout`); never wait forever.
+        let deadline = (*timeout.after).min(MAX_WAIT);
+        let found = self.lookups.resolve(host, port, deadline)?;
+        let mut addrs = self.empty();
+        for addr in found.into_iter().take(MAX_ADDRS) {
+            addrs.push(addr);
         }
-        let key = format!("{host}:{port}");
-        let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, at, addrs)) = last.as_ref() {
-            if *k == key && now.saturating_duration_since(*at) < KEEP {
-                return Ok(addrs.clone());
-            }
-        }
-        // Not under the lock: a lookup can take up to its deadline.
-        drop(last);
-        let addrs = self.inner.resolve(uri, config, timeout)?;
-        last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        *last = Some((key, now, addrs.clone()));
         Ok(addrs)
     }
 }
