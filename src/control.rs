@@ -13,8 +13,8 @@
 //! (mode 0600), which the `ferry` CLI on the same machine reads ([`token`]). A missing or wrong
 //! token is answered 401, compared in constant time, and logged at WARN (never the token).
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -501,58 +501,80 @@ fn request(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<String, Error> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|source| Error::Connect { addr, source })?;
-    let no_answer = |source| Error::NoAnswer { addr, source };
-    stream.set_write_timeout(Some(timeout)).map_err(no_answer)?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(no_answer)?;
-    // One deadline for the whole answer: per-read timeouts alone let a dripping peer go on forever.
-    let deadline = Instant::now() + timeout;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(no_answer(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no complete answer within {timeout:?}"),
-            )));
+    // The same HTTP client as the uplink, with one deadline for the whole exchange (a dripping
+    // peer is cut off), no proxy from the environment (this is loopback, or the operator's own
+    // network), no redirects, and every status handled here.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(timeout))
+        .timeout_global(Some(timeout))
+        .proxy(None)
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://{addr}{path}");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let sent = if method == "POST" {
+        let req = agent.post(&url);
+        match &auth {
+            Some(a) => req.header("Authorization", a).send_empty(),
+            None => req.send_empty(),
         }
-        stream.set_read_timeout(Some(left)).map_err(no_answer)?;
-        match stream.read(&mut buf).map_err(no_answer)? {
-            0 => break,
-            n if raw.len() + n > MAX_ANSWER => {
-                return Err(Error::Answer {
-                    addr,
-                    message: format!("answer over {MAX_ANSWER} bytes"),
-                });
-            }
-            n => raw.extend_from_slice(&buf[..n]),
+    } else {
+        let req = agent.get(&url);
+        match &auth {
+            Some(a) => req.header("Authorization", a).call(),
+            None => req.call(),
         }
-    }
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| Error::Answer {
-        addr,
-        message: "no header end".into(),
-    })?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
+    };
+    let mut answer = sent.map_err(|e| failed(addr, e))?;
+    let status = answer.status().as_u16();
+    let body = answer
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER as u64)
+        .read_to_string()
+        .map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => Error::Answer {
+                addr,
+                message: format!("answer over {MAX_ANSWER} bytes"),
+            },
+            e => failed(addr, e),
+        })?;
+    if status != 200 {
         return Err(Error::Answer {
             addr,
             message: format!("status {status}: {}", body.trim()),
         });
     }
-    Ok(body.to_string())
+    Ok(body)
+}
+
+/// A failed exchange: no connection (the agent is not running) or no answer (it is up, but busy
+/// or stuck).
+fn failed(addr: SocketAddr, e: ureq::Error) -> Error {
+    match e {
+        ureq::Error::Io(source) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Error::Connect { addr, source }
+        }
+        ureq::Error::ConnectionFailed | ureq::Error::Timeout(ureq::Timeout::Connect) => {
+            Error::Connect {
+                addr,
+                source: std::io::Error::other(e),
+            }
+        }
+        ureq::Error::Io(source) => Error::NoAnswer { addr, source },
+        e => Error::NoAnswer {
+            addr,
+            source: std::io::Error::other(e),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     /// A peer that answers one byte every 100 ms must not hold `ferry status` past its deadline:
     /// per-read timeouts alone never fire against it.
@@ -562,6 +584,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let peer = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
+            // A valid head, then the body one byte at a time.
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n");
             for _ in 0..50 {
                 if conn.write_all(b"x").is_err() {
                     return;
