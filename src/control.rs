@@ -177,6 +177,7 @@ pub struct Totals {
     pub qos0_dropped: u64,
     pub left_with_broker: u64,
     pub upload_failures: u64,
+    pub journal_reopens: u64,
 }
 
 /// What the endpoint reads from; cheap to clone into the thread.
@@ -233,6 +234,7 @@ impl Sources {
                 qos0_dropped: Stats::get(&s.qos0_dropped),
                 left_with_broker: Stats::get(&s.left_with_broker),
                 upload_failures: Stats::get(&s.upload_failures),
+                journal_reopens: Stats::get(&s.journal_reopens),
             },
         }
     }
@@ -456,6 +458,12 @@ pub fn metrics(s: &Status) -> String {
         "counter",
         "Failed upload attempts.",
         t.upload_failures,
+    );
+    metric(
+        "journal_reopens_total",
+        "counter",
+        "Tries to reopen the journal after a failed write or sync (the disk is failing).",
+        t.journal_reopens,
     );
     // The uplink state as an enum-style gauge: one series per state, 1 for the current one.
     out.push_str(

@@ -672,7 +672,7 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
                     // A sync that failed elsewhere (an ack, a dead letter) also closes the
                     // journal: reopen it even while no message comes.
                     if journal.needs_reopen() {
-                        reopen(&journal, &mut last_reopen, &mut reopen_failures);
+                        reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
                     }
                     continue;
                 }
@@ -768,7 +768,7 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
                     }
                     // sled refuses every write after one i/o error until it is reopened, and a
                     // failed sync is repaired only by a reopen.
-                    reopen(&journal, &mut last_reopen, &mut reopen_failures);
+                    reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
                 }
                 // Keep the group and retry; the broker holds everything not acked.
                 if !shutdown.sleep(Duration::from_millis(250)) {
@@ -787,11 +787,12 @@ fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
 
 /// Reopens the journal after a failed write or sync, at most every `REOPEN_EVERY`; a reopen that
 /// keeps failing is said at WARN once a minute.
-fn reopen(journal: &Journal, last: &mut Option<Instant>, failures: &mut Repeats) {
+fn reopen(journal: &Journal, stats: &Stats, last: &mut Option<Instant>, failures: &mut Repeats) {
     if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
         return;
     }
     *last = Some(Instant::now());
+    Stats::add(&stats.journal_reopens, 1);
     if let Err(e) = journal.reopen() {
         let msg = crate::error_chain(&e);
         if failures.is_due(&msg, Instant::now()) {

@@ -25,6 +25,9 @@ pub struct Stats {
     pub left_with_broker: AtomicU64,
     /// Upload attempts that failed.
     pub upload_failures: AtomicU64,
+    /// Reopens of the journal after a failed write or sync (each try counts, every 2 s while
+    /// the disk keeps failing).
+    pub journal_reopens: AtomicU64,
     /// Turns of the journal writer's loop: the agent's watchdog sees the writer make progress.
     pub writer_beats: AtomicU64,
     pub mqtt_connected: AtomicBool,

@@ -249,12 +249,18 @@ fn a_full_disk_stops_acking_logs_once_and_resumes_when_space_returns() {
     wait_until("writes to fail", Duration::from_secs(30), || {
         agent.status()["journal_accepting"] == false
     });
-    // Still serving /status while failing, and still failing a moment later.
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(3) {
-        assert_eq!(agent.status()["journal_accepting"], false);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Still serving /status while failing, and still failing after the writer has tried to
+    // reopen the journal three times more (every 2 s).
+    let reopens = |agent: &Agent| {
+        agent.status()["totals"]["journal_reopens"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = reopens(&agent);
+    wait_until("three more reopen tries", Duration::from_secs(30), || {
+        reopens(&agent) >= first + 3
+    });
+    assert_eq!(agent.status()["journal_accepting"], false);
     let errors = agent
         .log_text()
         .matches("ERROR ferry::ingest] journal write failed")
