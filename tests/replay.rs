@@ -11,12 +11,14 @@ use util::*;
 const DEVICE: &str = "gw-test";
 
 /// A 40,000-record backlog drained with `uplink.max_records_per_sec = 2000` (well under what a
-/// debug build drains unlimited): the rate measured at the cloud (over the middle 80 % of the
-/// drain) never exceeds the limit by more than 10 %, and the limiter does not stall it.
+/// debug build drains unlimited): in no stretch of the drain of 2 s or more does the cloud receive
+/// more than the token bucket allows, and the drain finishes. The rate it reaches is a figure for `make bench` ("drain limited by ..."), not a
+/// pass/fail test on a shared machine.
 #[test]
 fn a_backlog_drains_at_the_configured_rate() {
     const LIMIT: f64 = 2_000.0;
     const TOTAL: u64 = 40_000;
+    const BATCH: u64 = 500;
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let mut cloud = Cloud::start(&tmp.path().join("cloud"));
@@ -44,15 +46,17 @@ fn a_backlog_drains_at_the_configured_rate() {
     eprintln!("journaled {TOTAL} in {:?}", t.elapsed());
 
     cloud.start_again();
-    let mut samples: Vec<(Instant, u64)> = Vec::new();
+    // (before, after, count): the count was read at some moment between the two instants.
+    let mut samples: Vec<(Instant, Instant, u64)> = Vec::new();
     let mut saw_eta = false;
     let end = Instant::now() + Duration::from_secs(120);
     loop {
+        let before = Instant::now();
         let n = cloud
             .device(DEVICE)
             .map(|d| d["records"].as_u64().unwrap())
             .unwrap_or(0);
-        samples.push((Instant::now(), n));
+        samples.push((before, Instant::now(), n));
         let st = agent.status();
         if n > 20_000 && n < 80_000 && !saw_eta {
             eprintln!(
@@ -62,27 +66,38 @@ fn a_backlog_drains_at_the_configured_rate() {
             let rate = st["uplink"]["drain_records_per_sec"].as_f64().unwrap();
             saw_eta |= st["backlog_eta_s"].as_u64().is_some_and(|eta| eta > 0) && rate > 0.0;
         }
-        if n >= TOTAL || Instant::now() > end {
+        if n >= TOTAL {
             break;
         }
+        assert!(
+            Instant::now() < end,
+            "the drain stalled: {n} of {TOTAL} after 120 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let at = |target: u64| samples.iter().find(|(_, n)| *n >= target).copied().unwrap();
-    let (t1, n1) = at(TOTAL / 10);
-    let (t2, n2) = at(TOTAL * 9 / 10);
-    let rate = (n2 - n1) as f64 / (t2 - t1).as_secs_f64();
-    eprintln!("drain rate measured at the cloud: {rate:.0} records/s (limit {LIMIT})");
-    assert!(
-        rate <= LIMIT * 1.1,
-        "drained faster than the limit: {rate:.0}/s"
-    );
-    // The ceiling is the behaviour under test; the floor only catches a limiter that stalls. It is
-    // loose because a debug build on a shared machine cannot always reach the limit (numbers belong
-    // to `make bench`).
-    assert!(
-        rate >= LIMIT * 0.5,
-        "drained far slower than the limit allows: {rate:.0}/s"
-    );
+    // Every stretch of 2 s or more between two samples: what arrived in it against the limit.
+    // The stretch runs from before the first count was read to after the second was, so it
+    // holds every record the difference counts.
+    let mut worst = 0.0f64;
+    for (i, &(t1, _, n1)) in samples.iter().enumerate() {
+        for &(_, t2, n2) in &samples[i + 1..] {
+            let secs = (t2 - t1).as_secs_f64();
+            if secs < 2.0 {
+                continue;
+            }
+            // The token bucket's bound: the rate over the stretch, plus the second's worth it
+            // saves up while idle (the drain starts after the outage with a full bucket), plus
+            // the batches in flight (two) sent before the stretch and counted in it.
+            let allowed = LIMIT * (secs + 1.0) + 2.0 * BATCH as f64;
+            worst = worst.max((n2 - n1) as f64 / allowed);
+            assert!(
+                (n2 - n1) as f64 <= allowed,
+                "{} records arrived in {secs:.1} s, over the limit of {LIMIT}/s",
+                n2 - n1
+            );
+        }
+    }
+    eprintln!("largest share of the allowance used in any stretch: {worst:.2}");
     assert!(
         saw_eta,
         "/status showed the drain rate and an estimate of the time to drain"

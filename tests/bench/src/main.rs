@@ -554,6 +554,28 @@ fn backlog(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
             .note(format!("agent cpu {:.1} s in {:.1} s", d.agent_cpu, d.secs)),
         );
     }
+    // The drain limit (`uplink.max_records_per_sec`, the replay-storm guard): the rate it lets
+    // through against the limit itself, set well under what this machine drains unlimited.
+    // `tests/replay.rs` checks the bound; the figure lives here.
+    let limit = (rate(&null) / 4.0).clamp(1_000.0, 100_000.0).round();
+    let d = drain(
+        "null sink",
+        &sink.url(),
+        &format!("max_records_per_sec = {limit}"),
+        "limit",
+    )?;
+    rows.push(
+        Row::new(
+            S,
+            "drain limited by uplink.max_records_per_sec, to null sink",
+            rate(&d),
+            "rec/s",
+        )
+        .baseline("the limit", limit)
+        // The limiter may let one second's worth through at once when it starts.
+        .target(Target::RatioAtMost(1.1))
+        .note(format!("agent cpu {:.1} s in {:.1} s", d.agent_cpu, d.secs)),
+    );
     let mut cloud = procs::Cloud::start(&bins.join("ferry-cloud"), &work.join("cloud-big"))?;
     let cloud_pid = cloud.proc.pid().to_string();
     let cpu0 = procs::cpu_secs(&cloud_pid);
