@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::journal::{Journal, Positions};
 use crate::shutdown::Shutdown;
 use crate::stats::{DownlinkState, Stats, UplinkState};
+use crate::uplink::LocalError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -509,46 +510,19 @@ fn request(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<String, Error> {
-    // The same HTTP client as the uplink, with one deadline for the whole exchange (a dripping
-    // peer is cut off), no proxy from the environment (this is loopback, or the operator's own
-    // network), no redirects, and every status handled here.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(timeout))
-        .timeout_global(Some(timeout))
-        .proxy(None)
-        .max_redirects(0)
-        .http_status_as_error(false)
-        .build()
-        .into();
     let url = format!("http://{addr}{path}");
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let sent = if method == "POST" {
-        let req = agent.post(&url);
-        match &auth {
-            Some(a) => req.header("Authorization", a).send_empty(),
-            None => req.send_empty(),
-        }
-    } else {
-        let req = agent.get(&url);
-        match &auth {
-            Some(a) => req.header("Authorization", a).call(),
-            None => req.call(),
-        }
-    };
-    let mut answer = sent.map_err(|e| failed(addr, e))?;
-    let status = answer.status().as_u16();
-    let body = answer
-        .body_mut()
-        .with_config()
-        .limit(MAX_ANSWER as u64)
-        .read_to_string()
-        .map_err(|e| match e {
-            ureq::Error::BodyExceedsLimit(_) => Error::Answer {
-                addr,
-                message: format!("answer over {MAX_ANSWER} bytes"),
+    let post = method == "POST";
+    let (status, body) =
+        crate::uplink::local_request(&url, post, token, timeout, MAX_ANSWER as u64).map_err(
+            |e| match e {
+                LocalError::NotReached(source) => Error::Connect { addr, source },
+                LocalError::NoAnswer(source) => Error::NoAnswer { addr, source },
+                LocalError::TooLarge => Error::Answer {
+                    addr,
+                    message: format!("answer over {MAX_ANSWER} bytes"),
+                },
             },
-            e => failed(addr, e),
-        })?;
+        )?;
     if status != 200 {
         return Err(Error::Answer {
             addr,
@@ -556,27 +530,6 @@ fn request(
         });
     }
     Ok(body)
-}
-
-/// A failed exchange: no connection (the agent is not running) or no answer (it is up, but busy
-/// or stuck).
-fn failed(addr: SocketAddr, e: ureq::Error) -> Error {
-    match e {
-        ureq::Error::Io(source) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Error::Connect { addr, source }
-        }
-        ureq::Error::ConnectionFailed | ureq::Error::Timeout(ureq::Timeout::Connect) => {
-            Error::Connect {
-                addr,
-                source: std::io::Error::other(e),
-            }
-        }
-        ureq::Error::Io(source) => Error::NoAnswer { addr, source },
-        e => Error::NoAnswer {
-            addr,
-            source: std::io::Error::other(e),
-        },
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The uplink's HTTP client: the one place that names `ureq`. Builds the agent (a deadline on
 //! every phase, ferry's TLS, no redirects, a pool sized for the uploads in flight), POSTs one
 //! upload and reads its answer to the end, bounded, and says transport errors and statuses in
-//! plain words for logs, `/status` and the console's `test uplink` ([`probe`]).
+//! plain words for logs, `/status` and the console's `test uplink` ([`probe`]). The `ferry` CLI's
+//! requests to the agent's control endpoint go through it too ([`local_request`]).
 
 use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime};
@@ -341,5 +342,76 @@ mod tests {
             probe(&cfg.uplink, &cfg.tls.material, "gw-1").unwrap_err(),
             "connection refused"
         );
+    }
+}
+
+/// How a request to a local endpoint ([`local_request`]) failed.
+#[derive(Debug)]
+pub enum LocalError {
+    /// No connection: nothing listens there.
+    NotReached(std::io::Error),
+    /// Connected, but the exchange failed or ran out of time: up, but busy or stuck.
+    NoAnswer(std::io::Error),
+    /// The answer ran over the limit.
+    TooLarge,
+}
+
+/// One plain-HTTP request to a local endpoint (the `ferry` CLI to the agent's control endpoint):
+/// one deadline for the whole exchange (a dripping peer is cut off), no proxy from the
+/// environment (loopback, or the operator's own network), no redirects, the body bounded by
+/// `limit`. Returns the status and the body, whatever the status.
+pub fn local_request(
+    url: &str,
+    post: bool,
+    token: Option<&str>,
+    timeout: Duration,
+    limit: u64,
+) -> Result<(u16, String), LocalError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(timeout))
+        .timeout_global(Some(timeout))
+        .proxy(None)
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let sent = if post {
+        let req = agent.post(url);
+        match &auth {
+            Some(a) => req.header("Authorization", a).send_empty(),
+            None => req.send_empty(),
+        }
+    } else {
+        let req = agent.get(url);
+        match &auth {
+            Some(a) => req.header("Authorization", a).call(),
+            None => req.call(),
+        }
+    };
+    let mut answer = sent.map_err(local_failure)?;
+    let status = answer.status().as_u16();
+    let body = answer
+        .body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_string()
+        .map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => LocalError::TooLarge,
+            e => local_failure(e),
+        })?;
+    Ok((status, body))
+}
+
+fn local_failure(e: ureq::Error) -> LocalError {
+    match e {
+        ureq::Error::Io(source) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+            LocalError::NotReached(source)
+        }
+        ureq::Error::ConnectionFailed | ureq::Error::Timeout(ureq::Timeout::Connect) => {
+            LocalError::NotReached(std::io::Error::other(e))
+        }
+        ureq::Error::Io(source) => LocalError::NoAnswer(source),
+        e => LocalError::NoAnswer(std::io::Error::other(e)),
     }
 }

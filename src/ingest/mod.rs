@@ -5,8 +5,8 @@
 //! - `mqtt` owns the connection: polls it with a short timeout, re-subscribes on every CONNACK,
 //!   backs off on errors, hands each PUBLISH to the writer in arrival order, and sends the PUBACKs
 //!   for everything the writer reports durable, in the same order.
-//! - `journal-writer` appends whatever has queued up as one batch, syncs once (group commit) and then
-//!   publishes the durable watermark.
+//! - `journal-writer` (`writer.rs`) appends whatever has queued up as one batch, syncs once (group
+//!   commit) and then publishes the durable watermark.
 //!
 //! A QoS1 message is acknowledged to the broker only after it is durable in the journal, so a crash
 //! at any point loses nothing the broker considers delivered: the session is persistent
@@ -26,8 +26,8 @@
 //! disconnects cleanly and reconnects: MQTT 3.1.1 redelivers unacknowledged messages only on a new
 //! connection. The broker's own queue limits then bound the backlog, as with any slow subscriber.
 //!
-//! The downlink's `publish` commands go out through a [`CommandPublisher`], a connection of its own
-//! (see there for why).
+//! The downlink's `publish` commands go out through a [`CommandPublisher`] (`publisher.rs`), a
+//! connection of its own (see there for why).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -50,6 +50,12 @@ use crate::logging::Repeats;
 use crate::payload;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+
+mod publisher;
+mod writer;
+
+pub use publisher::{CommandPublisher, Publication};
+use writer::run_writer;
 
 /// Poll timeout of a connected session: how quickly the loop sees shutdown and the writer's progress.
 const POLL: Duration = Duration::from_millis(50);
@@ -79,8 +85,6 @@ const OVERFLOW_MESSAGES: usize = 10_000;
 const CHANNEL: usize = 4096;
 /// How long shutdown waits for the writer so that journaled messages can still be acked.
 const ACK_DRAIN: Duration = Duration::from_millis(1500);
-/// While journal writes fail (a full disk, an i/o error), how often the writer reopens it.
-const REOPEN_EVERY: Duration = Duration::from_secs(2);
 /// QoS1 messages handed to the journal writer and not yet PUBACKed on the wire (rumqttc reports each
 /// PUBACK it writes), at most; past it, messages wait in `overflow`. After a crash the broker
 /// redelivers everything it has in flight, and the journal recognises copies only among its newest
@@ -638,269 +642,4 @@ fn probe_words(e: &ConnectionError) -> String {
 
 fn read_limit(max_packet_size: u64) -> usize {
     max_packet_size.max(HARD_PACKET_CAP) as usize
-}
-
-fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
-    let Shared {
-        journal,
-        stats,
-        shutdown,
-        durable,
-        queued,
-    } = shared;
-    // Test failpoints: `crash_after_sync` aborts right after the first durable append, before any
-    // PUBACK (the window the DUP check covers); `slow_sync_ms=N` makes every group commit slower.
-    let crash_after_sync = failpoint::is_set("crash_after_sync");
-    let slow_sync = failpoint::number("slow_sync_ms").map(Duration::from_millis);
-    // The group being committed: records, and the arrival index of each (for the watermark).
-    let mut records: Vec<NewRecord> = Vec::new();
-    let mut indexes: Vec<u64> = Vec::new();
-    let mut full_since: Option<Instant> = None;
-    let mut failing = false;
-    let mut last_reopen: Option<Instant> = None;
-    // A reopen that keeps failing is said at WARN once a minute, not every REOPEN_EVERY.
-    let mut reopen_failures = Repeats::new(Duration::from_secs(60));
-    loop {
-        Stats::add(&stats.writer_beats, 1);
-        if records.is_empty() {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(d) => {
-                    indexes.push(d.index);
-                    records.push(d.record);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    // A sync that failed elsewhere (an ack, a dead letter) also closes the
-                    // journal: reopen it even while no message comes.
-                    if journal.needs_reopen() {
-                        reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
-                    }
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        while records.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(d) => {
-                    indexes.push(d.index);
-                    records.push(d.record);
-                }
-                Err(_) => break,
-            }
-        }
-        let result = journal.append(&records).and_then(|a| {
-            if let Some(d) = slow_sync {
-                thread::sleep(d);
-            }
-            journal.sync().map(|()| a)
-        });
-        match result {
-            Ok(appended) => {
-                if crash_after_sync {
-                    // Failpoint for the redelivery test: the journal is durable, no PUBACK went out.
-                    log::error!("failpoint crash_after_sync: aborting");
-                    std::process::abort();
-                }
-                let taken = &records[..appended.taken];
-                let n = taken.len() as u64 - appended.redeliveries;
-                Stats::add(&stats.ingested, n);
-                Stats::add(&stats.redeliveries, appended.redeliveries);
-                Stats::add(
-                    &stats.parse_failed,
-                    taken.iter().filter(|r| r.parse_error).count() as u64,
-                );
-                if let Some(last) = indexes.get(appended.taken.wrapping_sub(1)) {
-                    durable.store(*last, Ordering::Release);
-                }
-                let bytes: usize = taken.iter().map(|r| r.payload.len()).sum();
-                queued.fetch_sub(bytes, Ordering::Relaxed);
-                if appended.redeliveries > 0 {
-                    info!(
-                        "skipped {} broker redeliveries already in the journal",
-                        appended.redeliveries
-                    );
-                }
-                debug!(
-                    "journaled records={} first_seq={:?} last_seq={:?}",
-                    n, appended.first_seq, appended.last_seq
-                );
-                if let Some(since) = full_since.take() {
-                    info!("journal accepting again after {:?}", since.elapsed());
-                }
-                if failing {
-                    info!("journal writes recovered");
-                    failing = false;
-                }
-                stats.journal_accepting.store(true, Ordering::Relaxed);
-                // What did not fit is offered again on the next round, ahead of newer messages.
-                records.drain(..appended.taken);
-                indexes.drain(..appended.taken);
-                if let Err(e) = journal.maybe_compact() {
-                    warn!(
-                        "journal compaction failed (will retry): {}",
-                        crate::error_chain(&e)
-                    );
-                }
-            }
-            Err(e) => {
-                stats.journal_accepting.store(false, Ordering::Relaxed);
-                if e.is_full() {
-                    if full_since.is_none() {
-                        warn!("{}; not acking the broker until the uplink frees space", e);
-                        full_since = Some(Instant::now());
-                    }
-                } else {
-                    // The append may have been applied before the sync failed: offer the group
-                    // again as redeliveries, so records that did land are recognised by their
-                    // marks instead of getting second seqs. (QoS0 records carry no mark: a
-                    // failure at this point can journal one twice.)
-                    for r in records.iter_mut() {
-                        if let Some(m) = r.mqtt.as_mut() {
-                            m.dup = true;
-                        }
-                    }
-                    if !failing {
-                        error!(
-                            "journal write failed, not acking the broker until it recovers: {}",
-                            crate::error_chain(&e)
-                        );
-                        failing = true;
-                    }
-                    // sled refuses every write after one i/o error until it is reopened, and a
-                    // failed sync is repaired only by a reopen.
-                    reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
-                }
-                // Keep the group and retry; the broker holds everything not acked.
-                if !shutdown.sleep(Duration::from_millis(250)) {
-                    break;
-                }
-            }
-        }
-    }
-    if !records.is_empty() {
-        info!(
-            "writer stopped with {} messages not journaled; the broker keeps them",
-            records.len()
-        );
-    }
-}
-
-/// Reopens the journal after a failed write or sync, at most every `REOPEN_EVERY`; a reopen that
-/// keeps failing is said at WARN once a minute.
-fn reopen(journal: &Journal, stats: &Stats, last: &mut Option<Instant>, failures: &mut Repeats) {
-    if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
-        return;
-    }
-    *last = Some(Instant::now());
-    Stats::add(&stats.journal_reopens, 1);
-    if let Err(e) = journal.reopen() {
-        let msg = crate::error_chain(&e);
-        if failures.is_due(&msg, Instant::now()) {
-            warn!(
-                "journal reopen failed, retrying every {:?}: {}",
-                REOPEN_EVERY, msg
-            );
-        } else {
-            debug!("journal reopen failed: {}", msg);
-        }
-    }
-}
-
-/// A message a cloud command sends to a device through the local broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publication {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    /// 0 or 1.
-    pub qos: u8,
-    pub retain: bool,
-}
-
-/// Publishes the downlink's commands to the local broker and reports the broker's PUBACK.
-///
-/// Its own short-lived connection per command, with client id `<client_id>-cmd`, rather than a
-/// request channel into the `mqtt` thread: that thread acks with `set_manual_acks` and its PUBACK
-/// events for our publishes would have to be told apart from the acks it sends (rumqttc 0.25 reports
-/// outgoing pkids only as events, after the fact), and a stalled command must never delay the
-/// PUBACKs that ingest owes the broker. Commands are rare and human-paced, so a connection each
-/// costs little, keeps no idle keep-alive state, and makes correlation trivial: the one PUBLISH in
-/// flight. The id differs from the ingest client's, since a broker disconnects the older of two
-/// clients with the same id; `clean_session = true`, so nothing outlives the command.
-#[derive(Clone)]
-pub struct CommandPublisher {
-    opts: MqttOptions,
-}
-
-impl CommandPublisher {
-    pub fn new(cfg: &MqttConfig, client_id: &str) -> CommandPublisher {
-        let mut opts = options(cfg, format!("{client_id}-cmd"));
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(
-                cfg.max_packet_size as usize + 1024,
-                cfg.max_packet_size as usize + 1024,
-            );
-        CommandPublisher { opts }
-    }
-
-    /// Publishes `p` and returns once the broker acknowledged it (QoS1) or it was written (QoS0),
-    /// or an error saying why not, by `timeout` (at least the connect deadline), or within `POLL`
-    /// of `shutdown`.
-    pub fn publish(
-        &self,
-        p: &Publication,
-        timeout: Duration,
-        shutdown: &Shutdown,
-    ) -> Result<(), String> {
-        let qos = if p.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        };
-        let deadline = Instant::now() + timeout.max(Duration::from_secs(CONNECT_TIMEOUT_SECS + 1));
-        let (client, mut connection) = client(self.opts.clone(), 4);
-        client
-            .try_publish(p.topic.clone(), qos, p.retain, p.payload.clone())
-            .map_err(|e| format!("cannot publish to topic {:?}: {e}", p.topic))?;
-        let mut sent: Option<u16> = None;
-        let outcome = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break Err(format!("the broker did not acknowledge within {timeout:?}"));
-            }
-            if shutdown.is_set() {
-                break Err(
-                    "the agent is stopping; not known whether the broker took it".to_owned(),
-                );
-            }
-            match connection.recv_timeout(left.min(POLL)) {
-                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
-                    if qos == QoS::AtMostOnce {
-                        break Ok(());
-                    }
-                    sent = Some(pkid);
-                }
-                Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) if Some(ack.pkid) == sent => {
-                    break Ok(());
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => break Err(format!("broker connection failed: {e}")),
-                Err(rumqttc::RecvTimeoutError::Timeout) => {}
-                Err(rumqttc::RecvTimeoutError::Disconnected) => {
-                    break Err("broker connection closed".to_owned());
-                }
-            }
-        };
-        if client.try_disconnect().is_ok() {
-            let end = Instant::now() + Duration::from_millis(500);
-            while Instant::now() < end {
-                match connection.recv_timeout(POLL) {
-                    Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) => break,
-                    Err(rumqttc::RecvTimeoutError::Disconnected) => break,
-                    _ => {}
-                }
-            }
-        }
-        outcome
-    }
 }

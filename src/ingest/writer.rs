@@ -1,0 +1,175 @@
+//! The `journal-writer` thread: appends whatever has queued up as one group, syncs it once (group
+//! commit), then publishes the durable watermark the `mqtt` thread PUBACKs up to. While the
+//! journal fails (a full disk, an i/o error) it keeps the group, acknowledges nothing, and reopens
+//! the journal every `REOPEN_EVERY`.
+
+use super::*;
+
+/// While journal writes fail (a full disk, an i/o error), how often the writer reopens it.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
+
+pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared) {
+    let Shared {
+        journal,
+        stats,
+        shutdown,
+        durable,
+        queued,
+    } = shared;
+    // Test failpoints: `crash_after_sync` aborts right after the first durable append, before any
+    // PUBACK (the window the DUP check covers); `slow_sync_ms=N` makes every group commit slower.
+    let crash_after_sync = failpoint::is_set("crash_after_sync");
+    let slow_sync = failpoint::number("slow_sync_ms").map(Duration::from_millis);
+    // The group being committed: records, and the arrival index of each (for the watermark).
+    let mut records: Vec<NewRecord> = Vec::new();
+    let mut indexes: Vec<u64> = Vec::new();
+    let mut full_since: Option<Instant> = None;
+    let mut failing = false;
+    let mut last_reopen: Option<Instant> = None;
+    // A reopen that keeps failing is said at WARN once a minute, not every REOPEN_EVERY.
+    let mut reopen_failures = Repeats::new(Duration::from_secs(60));
+    loop {
+        Stats::add(&stats.writer_beats, 1);
+        if records.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(d) => {
+                    indexes.push(d.index);
+                    records.push(d.record);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    // A sync that failed elsewhere (an ack, a dead letter) also closes the
+                    // journal: reopen it even while no message comes.
+                    if journal.needs_reopen() {
+                        reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while records.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(d) => {
+                    indexes.push(d.index);
+                    records.push(d.record);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = journal.append(&records).and_then(|a| {
+            if let Some(d) = slow_sync {
+                thread::sleep(d);
+            }
+            journal.sync().map(|()| a)
+        });
+        match result {
+            Ok(appended) => {
+                if crash_after_sync {
+                    // Failpoint for the redelivery test: the journal is durable, no PUBACK went out.
+                    log::error!("failpoint crash_after_sync: aborting");
+                    std::process::abort();
+                }
+                let taken = &records[..appended.taken];
+                let n = taken.len() as u64 - appended.redeliveries;
+                Stats::add(&stats.ingested, n);
+                Stats::add(&stats.redeliveries, appended.redeliveries);
+                Stats::add(
+                    &stats.parse_failed,
+                    taken.iter().filter(|r| r.parse_error).count() as u64,
+                );
+                if let Some(last) = indexes.get(appended.taken.wrapping_sub(1)) {
+                    durable.store(*last, Ordering::Release);
+                }
+                let bytes: usize = taken.iter().map(|r| r.payload.len()).sum();
+                queued.fetch_sub(bytes, Ordering::Relaxed);
+                if appended.redeliveries > 0 {
+                    info!(
+                        "skipped {} broker redeliveries already in the journal",
+                        appended.redeliveries
+                    );
+                }
+                debug!(
+                    "journaled records={} first_seq={:?} last_seq={:?}",
+                    n, appended.first_seq, appended.last_seq
+                );
+                if let Some(since) = full_since.take() {
+                    info!("journal accepting again after {:?}", since.elapsed());
+                }
+                if failing {
+                    info!("journal writes recovered");
+                    failing = false;
+                }
+                stats.journal_accepting.store(true, Ordering::Relaxed);
+                // What did not fit is offered again on the next round, ahead of newer messages.
+                records.drain(..appended.taken);
+                indexes.drain(..appended.taken);
+                if let Err(e) = journal.maybe_compact() {
+                    warn!(
+                        "journal compaction failed (will retry): {}",
+                        crate::error_chain(&e)
+                    );
+                }
+            }
+            Err(e) => {
+                stats.journal_accepting.store(false, Ordering::Relaxed);
+                if e.is_full() {
+                    if full_since.is_none() {
+                        warn!("{}; not acking the broker until the uplink frees space", e);
+                        full_since = Some(Instant::now());
+                    }
+                } else {
+                    // The append may have been applied before the sync failed: offer the group
+                    // again as redeliveries, so records that did land are recognised by their
+                    // marks instead of getting second seqs. (QoS0 records carry no mark: a
+                    // failure at this point can journal one twice.)
+                    for r in records.iter_mut() {
+                        if let Some(m) = r.mqtt.as_mut() {
+                            m.dup = true;
+                        }
+                    }
+                    if !failing {
+                        error!(
+                            "journal write failed, not acking the broker until it recovers: {}",
+                            crate::error_chain(&e)
+                        );
+                        failing = true;
+                    }
+                    // sled refuses every write after one i/o error until it is reopened, and a
+                    // failed sync is repaired only by a reopen.
+                    reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
+                }
+                // Keep the group and retry; the broker holds everything not acked.
+                if !shutdown.sleep(Duration::from_millis(250)) {
+                    break;
+                }
+            }
+        }
+    }
+    if !records.is_empty() {
+        info!(
+            "writer stopped with {} messages not journaled; the broker keeps them",
+            records.len()
+        );
+    }
+}
+
+/// Reopens the journal after a failed write or sync, at most every `REOPEN_EVERY`; a reopen that
+/// keeps failing is said at WARN once a minute.
+fn reopen(journal: &Journal, stats: &Stats, last: &mut Option<Instant>, failures: &mut Repeats) {
+    if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+        return;
+    }
+    *last = Some(Instant::now());
+    Stats::add(&stats.journal_reopens, 1);
+    if let Err(e) = journal.reopen() {
+        let msg = crate::error_chain(&e);
+        if failures.is_due(&msg, Instant::now()) {
+            warn!(
+                "journal reopen failed, retrying every {:?}: {}",
+                REOPEN_EVERY, msg
+            );
+        } else {
+            debug!("journal reopen failed: {}", msg);
+        }
+    }
+}
