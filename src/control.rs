@@ -484,6 +484,65 @@ pub fn metrics(s: &Status) -> String {
     out
 }
 
+/// The `/status` JSON rendered for a person (`ferry status`).
+pub fn status_text(json: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return format!("{json}\n");
+    };
+    let n = |path: &[&str]| {
+        let mut cur = &v;
+        for p in path {
+            cur = &cur[*p];
+        }
+        match cur {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    };
+    let downlink = if v["downlink"].is_object() {
+        format!(
+            "downlink      {} (commands: {}, last error: {})\n",
+            n(&["downlink", "state"]),
+            n(&["downlink", "commands"]),
+            n(&["downlink", "last_error"])
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\n{}dead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
+        n(&["device_id"]),
+        n(&["version"]),
+        n(&["uptime_s"]),
+        if v["mqtt_connected"] == true {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        n(&["head_seq"]),
+        n(&["acked_seq"]),
+        n(&["backlog_records"]),
+        n(&["backlog_bytes"]),
+        n(&["journal_disk_bytes"]),
+        if v["journal_accepting"] == false {
+            ", NOT ACCEPTING (full or failing)"
+        } else {
+            ""
+        },
+        n(&["uplink", "state"]),
+        n(&["uplink", "last_error"]),
+        downlink,
+        n(&["dead_letters"]),
+        n(&["totals", "ingested"]),
+        n(&["totals", "delivered"]),
+        n(&["totals", "dropped"]),
+        n(&["totals", "dead_lettered"]),
+        n(&["totals", "parse_failed"]),
+        n(&["totals", "redeliveries"]),
+    )
+}
+
 /// `GET path` on the agent's control endpoint, with a deadline on every step, and the token when
 /// one is given. Returns the body of a 200 answer.
 pub fn get(

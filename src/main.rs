@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             if json {
                 println!("{body}");
             } else {
-                print!("{}", ferry::status_text(&body));
+                print!("{}", control::status_text(&body));
             }
             Ok(())
         }),

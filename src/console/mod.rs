@@ -170,7 +170,7 @@ impl Shell {
             }
             Command::Help(Some(t)) => reply(format!("{}\n{}\n", t.usage(), t.details())),
             Command::Status => reply(match self.status_json() {
-                Ok(json) => crate::status_text(&json),
+                Ok(json) => crate::control::status_text(&json),
                 Err(e) => format!("{e}\n"),
             }),
             Command::Show(filter) => reply(self.show(filter.as_deref())),
