@@ -17,15 +17,17 @@ use crate::config::Config;
 use crate::config::edit::{self, Plan};
 use crate::config::live::{Live, LiveSettings};
 use crate::console;
-use crate::control::{self, Sources};
+use crate::control;
 use crate::downlink;
 use crate::identity;
 use crate::ingest;
 use crate::journal::{self, Journal};
 use crate::notify::{Notifier, Tick, WatchdogPolicy};
+use crate::operator::{self, Operator};
 use crate::reload;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::status;
 use crate::uplink;
 
 /// How long the ingest threads get to ack what is durable and disconnect.
@@ -89,18 +91,27 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     let stats = Arc::new(Stats::default());
     stats.journal_accepting.store(true, Ordering::Relaxed);
 
-    let sources = Sources {
+    let status = status::Source {
         device_id: device_id.clone(),
         journal: journal.clone(),
         stats: Arc::clone(&stats),
         started: Instant::now(),
-        reloader: reloader.clone(),
     };
+    // One executor of operator commands for the control endpoint, the console and the downlink.
+    let operator = Operator::in_agent(
+        &cfg.source,
+        operator::Agent {
+            status: status.clone(),
+            reloader: reloader.clone(),
+            publisher: ingest::CommandPublisher::new(&cfg.mqtt, &client_id),
+        },
+    );
     let access = control::Access::new(control::token(&cfg, true)?, cfg.control.listen);
     let control = control::spawn(
         cfg.control.listen,
         access,
-        sources.clone(),
+        status,
+        operator.clone(),
         shutdown.clone(),
     )?;
     let console = match &cfg.console.device {
@@ -108,7 +119,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
             console::spawn(
                 device.clone(),
                 cfg.clone(),
-                console::Link::InAgent(sources.clone()),
+                operator.clone(),
                 shutdown.clone(),
             )
             .map_err(Error::Spawn)?,
@@ -143,10 +154,8 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
                 downlink::Deps {
                     device_id: device_id.clone(),
                     journal: journal.clone(),
-                    sources,
-                    reloader: reloader.clone(),
-                    config_path: cfg.source.clone(),
-                    publisher: ingest::CommandPublisher::new(&cfg.mqtt, &client_id),
+                    stats: Arc::clone(&stats),
+                    operator,
                 },
                 shutdown.clone(),
             )

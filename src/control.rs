@@ -2,7 +2,8 @@
 //! `GET /metrics` (Prometheus text), `GET /dead-letters`, `POST /dead-letters/<seq>/requeue`,
 //! `POST /reload` (re-read the config file; answers what changed and whether the agent restarts),
 //! `POST /restart` (the agent replaces itself with a fresh run, e.g. after a new device id).
-//! Both ends live here: the `control` thread that serves it, and the small client behind
+//! Both ends live here: the `control` thread that serves it (what the requests do is the
+//! [`Operator`]'s, what `/status` shows is [`crate::status`]), and the small client behind
 //! `ferry status`.
 //!
 //! # Who may call it
@@ -15,17 +16,16 @@
 
 use std::io::Read as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::journal::{Journal, Positions};
+use crate::operator::Operator;
 use crate::shutdown::Shutdown;
-use crate::stats::{DownlinkState, Stats, UplinkState};
+use crate::status;
 use crate::uplink::LocalError;
 
 #[derive(Debug, thiserror::Error)]
@@ -142,110 +142,12 @@ pub fn token(cfg: &Config, create: bool) -> Result<String, Error> {
     Ok(t)
 }
 
-/// Everything `/status` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub device_id: String,
-    pub version: &'static str,
-    pub uptime_s: u64,
-    pub mqtt_connected: bool,
-    /// Why the MQTT connection is down (cleared on connect).
-    pub mqtt_last_error: Option<String>,
-    pub journal_accepting: bool,
-    #[serde(flatten)]
-    pub positions: Positions,
-    pub journal_disk_bytes: u64,
-    /// Age in seconds of the oldest record not yet acknowledged by the cloud; `None` when nothing waits.
-    pub oldest_unsent_age_s: Option<u64>,
-    /// Estimated seconds to drain the backlog at the current drain rate (or the limit when idle);
-    /// `None` while nothing drains.
-    pub backlog_eta_s: Option<u64>,
-    pub uplink: UplinkState,
-    /// Absent without a `[downlink]` section.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub downlink: Option<DownlinkState>,
-    pub totals: Totals,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Totals {
-    pub ingested: u64,
-    pub delivered: u64,
-    pub dropped: u64,
-    pub dead_lettered: u64,
-    pub parse_failed: u64,
-    pub redeliveries: u64,
-    pub qos0_dropped: u64,
-    pub left_with_broker: u64,
-    pub upload_failures: u64,
-    pub journal_reopens: u64,
-}
-
-/// What the endpoint reads from; cheap to clone into the thread.
-#[derive(Clone)]
-pub struct Sources {
-    pub device_id: String,
-    pub journal: Journal,
-    pub stats: Arc<Stats>,
-    pub started: Instant,
-    pub reloader: crate::reload::Reloader,
-}
-
-impl Sources {
-    pub fn status(&self) -> Status {
-        let s = &self.stats;
-        let positions = self.journal.positions();
-        let dropped_total = positions.dropped;
-        let uplink = s.uplink();
-        let rate = if uplink.drain_records_per_sec > 0.0 {
-            Some(uplink.drain_records_per_sec)
-        } else {
-            uplink.limit_records_per_sec
-        };
-        let backlog_eta_s = match (positions.backlog_records, rate) {
-            (0, _) => Some(0),
-            (n, Some(r)) if r > 0.0 => Some((n as f64 / r).ceil() as u64),
-            _ => None,
-        };
-        Status {
-            device_id: self.device_id.clone(),
-            version: env!("CARGO_PKG_VERSION"),
-            uptime_s: self.started.elapsed().as_secs(),
-            mqtt_connected: s.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
-            mqtt_last_error: s.mqtt_error(),
-            journal_accepting: s
-                .journal_accepting
-                .load(std::sync::atomic::Ordering::Relaxed),
-            positions,
-            journal_disk_bytes: self.journal.disk_bytes(),
-            oldest_unsent_age_s: match self.journal.oldest_unsent_ts_ms() {
-                Ok(Some(ts)) => Some(crate::journal::now_ms().saturating_sub(ts) / 1000),
-                _ => None,
-            },
-            backlog_eta_s,
-            uplink,
-            downlink: s.downlink(),
-            totals: Totals {
-                ingested: Stats::get(&s.ingested),
-                delivered: Stats::get(&s.delivered),
-                dropped: dropped_total,
-                dead_lettered: Stats::get(&s.dead_lettered),
-                parse_failed: Stats::get(&s.parse_failed),
-                redeliveries: Stats::get(&s.redeliveries),
-                qos0_dropped: Stats::get(&s.qos0_dropped),
-                left_with_broker: Stats::get(&s.left_with_broker),
-                upload_failures: Stats::get(&s.upload_failures),
-                journal_reopens: Stats::get(&s.journal_reopens),
-            },
-        }
-    }
-}
-
 /// Binds `addr` (so a port conflict is a start-up error) and serves it on the `control` thread.
 pub fn spawn(
     addr: SocketAddr,
     access: Access,
-    sources: Sources,
+    status: status::Source,
+    operator: Operator,
     shutdown: Shutdown,
 ) -> Result<JoinHandle<()>, Error> {
     let server = tiny_http::Server::http(addr).map_err(|e| Error::Bind {
@@ -255,14 +157,20 @@ pub fn spawn(
     info!("control endpoint listening addr={}", addr);
     thread::Builder::new()
         .name("control".into())
-        .spawn(move || serve(server, access, sources, shutdown))
+        .spawn(move || serve(server, access, status, operator, shutdown))
         .map_err(|e| Error::Bind {
             addr,
             message: e.to_string(),
         })
 }
 
-fn serve(server: tiny_http::Server, access: Access, sources: Sources, shutdown: Shutdown) {
+fn serve(
+    server: tiny_http::Server,
+    access: Access,
+    status: status::Source,
+    operator: Operator,
+    shutdown: Shutdown,
+) {
     while !shutdown.is_set() {
         let req = match server.recv_timeout(Duration::from_millis(250)) {
             Ok(Some(r)) => r,
@@ -274,7 +182,7 @@ fn serve(server: tiny_http::Server, access: Access, sources: Sources, shutdown: 
             }
         };
         let (code, content_type, body) = if access.allows(req.method(), req.headers()) {
-            route(req.method(), req.url(), &sources)
+            route(req.method(), req.url(), &status, &operator)
         } else {
             warn!(
                 "control {} {} refused: no valid token (from {:?})",
@@ -300,14 +208,23 @@ fn serve(server: tiny_http::Server, access: Access, sources: Sources, shutdown: 
     }
 }
 
-fn route(method: &tiny_http::Method, url: &str, sources: &Sources) -> (u16, &'static str, String) {
+fn route(
+    method: &tiny_http::Method,
+    url: &str,
+    sources: &status::Source,
+    operator: &Operator,
+) -> (u16, &'static str, String) {
     use tiny_http::Method::{Get, Post};
     const JSON: &str = "application/json";
     let path = url.split('?').next().unwrap_or("");
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (Get, ["status"]) => (200, JSON, to_json(&sources.status())),
-        (Get, ["metrics"]) => (200, "text/plain; version=0.0.4", metrics(&sources.status())),
+        (Get, ["metrics"]) => (
+            200,
+            "text/plain; version=0.0.4",
+            status::metrics(&sources.status()),
+        ),
         (Get, ["dead-letters"]) => match sources.journal.dead_letters(1000) {
             Ok(list) => (
                 200,
@@ -330,13 +247,13 @@ fn route(method: &tiny_http::Method, url: &str, sources: &Sources) -> (u16, &'st
                 Err(e) => (500, JSON, error_json(&crate::error_chain(&e))),
             },
         },
-        (Post, ["reload"]) => match sources.reloader.reload(Duration::from_secs(5)) {
-            Ok(plan) => (200, JSON, to_json(&plan.to_json())),
-            Err(e) => (409, JSON, error_json(&e)),
+        (Post, ["reload"]) => match operator.apply() {
+            Ok(applied) => (200, JSON, to_json(&applied.to_json())),
+            Err(e) => (409, JSON, error_json(&e.to_string())),
         },
-        (Post, ["restart"]) => match sources.reloader.restart(Duration::from_secs(5)) {
-            Ok(_) => (200, JSON, to_json(&serde_json::json!({ "restart": true }))),
-            Err(e) => (409, JSON, error_json(&e)),
+        (Post, ["restart"]) => match operator.restart() {
+            Ok(()) => (200, JSON, to_json(&serde_json::json!({ "restart": true }))),
+            Err(e) => (409, JSON, error_json(&e.to_string())),
         },
         (_, ["status"] | ["metrics"] | ["dead-letters"] | ["reload"] | ["restart"]) => {
             (405, JSON, error_json("method not allowed"))
@@ -351,196 +268,6 @@ fn to_json<T: Serialize>(v: &T) -> String {
 
 fn error_json(msg: &str) -> String {
     serde_json::json!({ "error": msg }).to_string()
-}
-
-/// Prometheus text exposition of the status.
-pub fn metrics(s: &Status) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        out.push_str(&format!(
-            "# HELP ferry_{name} {help}\n# TYPE ferry_{name} {kind}\nferry_{name} {value}\n"
-        ));
-    };
-    let p = &s.positions;
-    let t = &s.totals;
-    metric("head_seq", "gauge", "Highest seq assigned.", p.head_seq);
-    metric(
-        "acked_seq",
-        "gauge",
-        "Highest seq acknowledged by the cloud (the cursor).",
-        p.acked_seq,
-    );
-    metric(
-        "backlog_records",
-        "gauge",
-        "Journal entries not yet acknowledged.",
-        p.backlog_records,
-    );
-    metric(
-        "backlog_bytes",
-        "gauge",
-        "Bytes of journal entries not yet acknowledged.",
-        p.backlog_bytes,
-    );
-    metric(
-        "dead_letters",
-        "gauge",
-        "Records in the dead-letter store.",
-        p.dead_letters,
-    );
-    metric(
-        "journal_disk_bytes",
-        "gauge",
-        "Bytes the journal takes on disk.",
-        s.journal_disk_bytes,
-    );
-    metric(
-        "mqtt_connected",
-        "gauge",
-        "1 while connected to the broker.",
-        u64::from(s.mqtt_connected),
-    );
-    metric(
-        "journal_accepting",
-        "gauge",
-        "1 while the journal accepts new records.",
-        u64::from(s.journal_accepting),
-    );
-    metric(
-        "ingested_total",
-        "counter",
-        "Records journaled.",
-        t.ingested,
-    );
-    metric(
-        "delivered_total",
-        "counter",
-        "Records acknowledged by the cloud.",
-        t.delivered,
-    );
-    metric(
-        "dropped_total",
-        "counter",
-        "Records dropped by drop_oldest.",
-        t.dropped,
-    );
-    metric(
-        "dead_lettered_total",
-        "counter",
-        "Records refused by the cloud.",
-        t.dead_lettered,
-    );
-    metric(
-        "parse_failed_total",
-        "counter",
-        "Payloads that failed their parser.",
-        t.parse_failed,
-    );
-    metric(
-        "redeliveries_total",
-        "counter",
-        "Broker redeliveries not journaled twice.",
-        t.redeliveries,
-    );
-    metric(
-        "qos0_dropped_total",
-        "counter",
-        "QoS0 messages dropped under overload.",
-        t.qos0_dropped,
-    );
-    metric(
-        "left_with_broker_total",
-        "counter",
-        "QoS1 messages left with the broker while the journal was behind (taken again later).",
-        t.left_with_broker,
-    );
-    metric(
-        "upload_failures_total",
-        "counter",
-        "Failed upload attempts.",
-        t.upload_failures,
-    );
-    metric(
-        "journal_reopens_total",
-        "counter",
-        "Tries to reopen the journal after a failed write or sync (the disk is failing).",
-        t.journal_reopens,
-    );
-    // The uplink state as an enum-style gauge: one series per state, 1 for the current one.
-    out.push_str(
-        "# HELP ferry_uplink_state What the uplink is doing.\n# TYPE ferry_uplink_state gauge\n",
-    );
-    for state in [
-        "idle",
-        "sending",
-        "throttled",
-        "backoff",
-        "refused",
-        "stopped",
-    ] {
-        let v = u64::from(s.uplink.state == state);
-        out.push_str(&format!("ferry_uplink_state{{state=\"{state}\"}} {v}\n"));
-    }
-    out
-}
-
-/// The `/status` JSON rendered for a person (`ferry status`).
-pub fn status_text(json: &str) -> String {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-        return format!("{json}\n");
-    };
-    let n = |path: &[&str]| {
-        let mut cur = &v;
-        for p in path {
-            cur = &cur[*p];
-        }
-        match cur {
-            serde_json::Value::Null => "-".to_string(),
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        }
-    };
-    let downlink = if v["downlink"].is_object() {
-        format!(
-            "downlink      {} (commands: {}, last error: {})\n",
-            n(&["downlink", "state"]),
-            n(&["downlink", "commands"]),
-            n(&["downlink", "last_error"])
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\n{}dead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
-        n(&["device_id"]),
-        n(&["version"]),
-        n(&["uptime_s"]),
-        if v["mqtt_connected"] == true {
-            "connected"
-        } else {
-            "disconnected"
-        },
-        n(&["head_seq"]),
-        n(&["acked_seq"]),
-        n(&["backlog_records"]),
-        n(&["backlog_bytes"]),
-        n(&["journal_disk_bytes"]),
-        if v["journal_accepting"] == false {
-            ", NOT ACCEPTING (full or failing)"
-        } else {
-            ""
-        },
-        n(&["uplink", "state"]),
-        n(&["uplink", "last_error"]),
-        downlink,
-        n(&["dead_letters"]),
-        n(&["totals", "ingested"]),
-        n(&["totals", "delivered"]),
-        n(&["totals", "dropped"]),
-        n(&["totals", "dead_lettered"]),
-        n(&["totals", "parse_failed"]),
-        n(&["totals", "redeliveries"]),
-    )
 }
 
 /// `GET path` on the agent's control endpoint, with a deadline on every step, and the token when
@@ -595,6 +322,7 @@ fn request(
 mod tests {
     use super::*;
     use std::io::Write as _;
+    use std::time::Instant;
 
     /// A peer that answers one byte every 100 ms must not hold `ferry status` past its deadline:
     /// per-read timeouts alone never fire against it.

@@ -20,8 +20,11 @@
 //! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
 //!   commands; command results and the audited rewind of the cursor live in the journal.
 //! - `tls` holds the one rustls crypto provider and the `[tls]` material of both links.
-//! - `control` serves the status endpoint; `agent` wires the threads and runs shutdown, and tells
-//!   systemd (`notify`) when it is ready, healthy and stopping.
+//! - `operator` carries out the operator's commands (status, apply or set config, restart,
+//!   publish, replay_from, a new identity) for the three ways they arrive: `control` (the HTTP
+//!   endpoint, which also serves `status`), `console` and `downlink`. `status` is the one snapshot
+//!   they all show. `agent` wires the threads and runs shutdown, and tells systemd (`notify`) when
+//!   it is ready, healthy and stopping.
 //! - `console` serves a configuration shell on a serial line (`[console] device`, or `ferry
 //!   console`): edits the config file atomically and asks the agent to apply it.
 //! - `cloud` is the reference receiver (`ferry-cloud`), sharing only `protocol` with the agent.
@@ -51,12 +54,14 @@ pub mod ingest;
 pub mod journal;
 pub mod logging;
 pub mod notify;
+pub mod operator;
 pub mod payload;
 pub mod protocol;
 pub mod reload;
 pub mod rng;
 pub mod shutdown;
 pub mod stats;
+pub mod status;
 pub mod tls;
 pub mod uplink;
 

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             if json {
                 println!("{body}");
             } else {
-                print!("{}", control::status_text(&body));
+                print!("{}", ferry::status::status_text(&body));
             }
             Ok(())
         }),

@@ -1,7 +1,8 @@
 //! Asking the running agent to re-read its config file, or to restart. The agent's main loop owns
-//! the running configuration and answers each request with the [`Plan`] it applied; the control
-//! endpoint (`POST /reload`, `POST /restart`, used by `ferry console` and `ferry reload`), SIGHUP, the
-//! console and the downlink hold a [`Reloader`].
+//! the running configuration and answers each request with the [`Plan`] it applied. The
+//! [`crate::operator::Operator`] holds the [`Reloader`] for the control endpoint (`POST /reload`,
+//! `POST /restart`: `ferry reload`, `ferry console`), the console and the downlink; SIGHUP asks the
+//! main loop directly.
 
 use std::sync::mpsc;
 use std::time::Duration;

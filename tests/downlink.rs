@@ -344,7 +344,7 @@ fn set_config_of_a_rate_limit_applies_now_and_survives_restart() {
         r["error"]
             .as_str()
             .unwrap()
-            .contains("cannot be set from the cloud"),
+            .contains("cannot be set remotely"),
         "{r}"
     );
     let r = result(

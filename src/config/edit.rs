@@ -314,16 +314,6 @@ impl Plan {
     pub fn needs_restart(&self) -> bool {
         !self.restart_keys.is_empty()
     }
-
-    /// The answer of `POST /reload` and of the downlink's `set_config`:
-    /// `{"changes": ["key old -> new", ...], "restart": bool, "restart_keys": [...]}`.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "changes": self.changes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "restart": self.needs_restart(),
-            "restart_keys": self.restart_keys,
-        })
-    }
 }
 
 /// Compares two configurations key by key (effective values, defaults filled in).

@@ -8,10 +8,11 @@
 //! - [`parse`] turns a line into a [`parse::Command`].
 //! - `session` runs a session on a port (PIN, banner, lines to the shell) and serves sessions: the
 //!   agent's `console` thread ([`spawn`]) and `ferry console` ([`standalone`]).
-//! - [`Shell`] carries commands out: edits go to a [`Draft`] of the config file; `save` writes it
-//!   atomically and asks the agent to apply it — through a [`crate::reload::Reloader`] in the agent,
-//!   through the control endpoint (`POST /reload`) stand-alone — and announces what applied now and
-//!   what restarts the agent.
+//! - [`Shell`] keeps the session's state: edits go to a [`Draft`] of the config file; `save`
+//!   writes it atomically and has the agent apply it, and announces what applied now and what
+//!   restarts the agent. What reaches the agent (status, apply, restart, a new identity) is done by
+//!   the [`Operator`], the executor the downlink and the control endpoint use too: directly in the
+//!   agent, through the control endpoint stand-alone.
 //!
 //! An optional PIN (`console.pin_sha256`) guards each session; after three wrong PINs each further
 //! try waits, 10 s doubling up to 5 min.
@@ -21,61 +22,16 @@ pub mod parse;
 mod session;
 pub mod tty;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use log::info;
 
 use crate::config::Config;
-use crate::config::edit::{Draft, Plan};
+use crate::config::edit::Draft;
 use crate::config::units::format_size;
-use crate::control::{self, Sources};
+use crate::operator::{self, Applied, Operator};
 use parse::{Command, TOPICS, Target};
 pub use session::{End, PinGate, session, spawn, standalone};
-
-/// How long the agent gets to apply a saved file.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How the shell reaches the agent.
-#[derive(Clone)]
-pub enum Link {
-    /// Inside the agent: status and reload directly.
-    InAgent(Sources),
-    /// `ferry console`: the agent's control endpoint, if the config file names one, and its
-    /// token when this user can read it (changes need it; see `control`).
-    Remote(Option<SocketAddr>, Option<String>),
-}
-
-/// Why the agent could not be asked.
-enum AgentError {
-    NotRunning,
-    Failed(String),
-}
-
-impl std::fmt::Display for AgentError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AgentError::NotRunning => f.write_str("agent not running"),
-            AgentError::Failed(m) => f.write_str(m),
-        }
-    }
-}
-
-/// What the agent applied: changes as `key old -> new`, and the keys that restart it.
-struct Applied {
-    changes: Vec<String>,
-    restart_keys: Vec<String>,
-}
-
-impl From<Plan> for Applied {
-    fn from(p: Plan) -> Applied {
-        Applied {
-            changes: p.changes.iter().map(ToString::to_string).collect(),
-            restart_keys: p.restart_keys,
-        }
-    }
-}
 
 /// The command interpreter of one session. Output is text with `\n` line ends.
 pub struct Shell {
@@ -83,7 +39,8 @@ pub struct Shell {
     /// The configuration the session started from (the running one when the agent runs), if the
     /// file was valid then.
     running: Option<Config>,
-    link: Link,
+    /// Carries out what reaches the agent (status, apply, restart, identity).
+    operator: Operator,
     /// `identity regenerate` waits for `yes`.
     confirming: bool,
 }
@@ -102,28 +59,25 @@ fn reply(text: impl Into<String>) -> Reply {
 }
 
 impl Shell {
-    pub fn new(path: &Path, link: Link) -> Result<Shell, String> {
+    pub fn new(path: &Path, operator: Operator) -> Result<Shell, String> {
         let draft = Draft::load(path).map_err(|e| crate::error_chain(&e))?;
         let running = draft.validate().ok();
         Ok(Shell {
             draft,
             running,
-            link,
+            operator,
             confirming: false,
         })
     }
 
     /// The device id for the prompt: the agent's, else the file's, else the stored one.
     pub fn device_id(&self) -> String {
-        if let Link::InAgent(s) = &self.link {
-            return s.device_id.clone();
+        if let Some(id) = self.operator.own_device_id() {
+            return id.to_owned();
         }
-        if let Ok(json) = self.status_json() {
-            if let Some(id) = serde_json::from_str::<serde_json::Value>(&json)
-                .ok()
-                .and_then(|v| v["device_id"].as_str().map(str::to_owned))
-            {
-                return id;
+        if let Ok(v) = self.operator.status() {
+            if let Some(id) = v["device_id"].as_str() {
+                return id.to_owned();
             }
         }
         self.offline_device_id()
@@ -169,8 +123,8 @@ impl Shell {
                 reply(s)
             }
             Command::Help(Some(t)) => reply(format!("{}\n{}\n", t.usage(), t.details())),
-            Command::Status => reply(match self.status_json() {
-                Ok(json) => crate::control::status_text(&json),
+            Command::Status => reply(match self.operator.status() {
+                Ok(v) => crate::status::status_text(&v.to_string()),
                 Err(e) => format!("{e}\n"),
             }),
             Command::Show(filter) => reply(self.show(filter.as_deref())),
@@ -284,64 +238,15 @@ impl Shell {
             path.display(),
             crate::atomic_file::with_suffix(&path, ".bak").display()
         ));
-        match self.apply() {
+        match self.operator.apply() {
             Ok(applied) => out.push_str(&announce(&applied)),
-            Err(AgentError::NotRunning) => {
+            Err(operator::Error::NotRunning) => {
                 out.push_str("agent not running: the new configuration applies when it starts\n")
             }
             Err(e) => out.push_str(&format!("the agent did not apply it: {e}\n")),
         }
         self.running = Some(saved.config);
         out
-    }
-
-    /// Asks the agent to re-read the file.
-    fn apply(&self) -> Result<Applied, AgentError> {
-        match &self.link {
-            Link::InAgent(s) => s
-                .reloader
-                .reload(APPLY_TIMEOUT)
-                .map(Applied::from)
-                .map_err(AgentError::Failed),
-            Link::Remote(addr, token) => {
-                let body = remote(*addr, token, "POST", "/reload")?;
-                let v: serde_json::Value = serde_json::from_str(&body)
-                    .map_err(|e| AgentError::Failed(format!("unreadable answer: {e}")))?;
-                let strings = |k: &str| -> Vec<String> {
-                    v[k].as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| x.as_str().map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                };
-                Ok(Applied {
-                    changes: strings("changes"),
-                    restart_keys: strings("restart_keys"),
-                })
-            }
-        }
-    }
-
-    fn restart_agent(&self) -> Result<(), AgentError> {
-        match &self.link {
-            Link::InAgent(s) => s
-                .reloader
-                .restart(APPLY_TIMEOUT)
-                .map(drop)
-                .map_err(AgentError::Failed),
-            Link::Remote(addr, token) => remote(*addr, token, "POST", "/restart").map(drop),
-        }
-    }
-
-    fn status_json(&self) -> Result<String, AgentError> {
-        match &self.link {
-            Link::InAgent(s) => {
-                serde_json::to_string(&s.status()).map_err(|e| AgentError::Failed(e.to_string()))
-            }
-            Link::Remote(addr, token) => remote(*addr, token, "GET", "/status"),
-        }
     }
 
     /// The configuration to test with: the pending one if it validates.
@@ -392,11 +297,10 @@ impl Shell {
     }
 
     fn journal(&self) -> String {
-        let json = match self.status_json() {
-            Ok(j) => j,
+        let v = match self.operator.status() {
+            Ok(v) => v,
             Err(e) => return format!("{e}: the journal is read through the running agent\n"),
         };
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
         let n = |k: &str| v[k].as_u64().unwrap_or(0);
         let oldest = match v["oldest_unsent_age_s"].as_u64() {
             Some(age) => format!("received {} ago", age_words(age)),
@@ -459,15 +363,14 @@ impl Shell {
         let Some(cfg) = self.running.clone() else {
             return "the configuration does not validate; fix it first\n".to_owned();
         };
-        let id = match crate::identity::regenerate(&cfg.journal.dir) {
-            Ok(id) => id,
-            Err(e) => return format!("not regenerated: {}\n", crate::error_chain(&e)),
+        let (id, restarted) = match self.operator.regenerate_identity(&cfg.journal.dir) {
+            Ok(x) => x,
+            Err(e) => return format!("not regenerated: {e}\n"),
         };
-        info!("console regenerated the device id, new id={}", id);
         let mut s = format!("new device id {id}\n");
-        match self.restart_agent() {
+        match restarted {
             Ok(()) => s.push_str("agent restarting to apply: the new device id\n"),
-            Err(AgentError::NotRunning) => {
+            Err(operator::Error::NotRunning) => {
                 s.push_str("agent not running: it uses the new id when it starts\n")
             }
             Err(e) => s.push_str(&format!(
@@ -507,36 +410,6 @@ fn announce(a: &Applied) -> String {
     s
 }
 
-/// A request to the agent's control endpoint; a refused connection is [`AgentError::NotRunning`].
-fn remote(
-    addr: Option<SocketAddr>,
-    token: &Option<String>,
-    method: &str,
-    path: &str,
-) -> Result<String, AgentError> {
-    let addr = addr.ok_or(AgentError::NotRunning)?;
-    let timeout = if method == "POST" {
-        APPLY_TIMEOUT
-    } else {
-        Duration::from_secs(3)
-    };
-    let answer = match (method, token) {
-        ("POST", Some(t)) => control::post(addr, path, t, timeout),
-        ("POST", None) => {
-            return Err(AgentError::Failed(
-                "the agent's control token is not readable here (run the console as the user the \
-                 agent runs as, or set control.token)"
-                    .to_owned(),
-            ));
-        }
-        _ => control::get(addr, path, token.as_deref(), timeout),
-    };
-    answer.map_err(|e| match e {
-        control::Error::Connect { .. } => AgentError::NotRunning,
-        other => AgentError::Failed(crate::error_chain(&other)),
-    })
-}
-
 fn age_words(s: u64) -> String {
     match s {
         0..=119 => format!("{s} s"),
@@ -574,7 +447,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ferry.toml");
         std::fs::write(&path, text).unwrap();
-        let sh = Shell::new(&path, Link::Remote(None, None)).unwrap();
+        let sh = Shell::new(&path, Operator::remote(&path, None, None)).unwrap();
         (dir, sh)
     }
 

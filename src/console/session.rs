@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use sha2::{Digest as _, Sha256};
 
+use super::Shell;
 use super::line::{Echo, Editor, Event};
 use super::tty::{Input, Port};
-use super::{Link, Shell};
 use crate::backoff::Backoff;
 use crate::config::{Config, Secret};
+use crate::operator::Operator;
 use crate::shutdown::Shutdown;
 
 /// How long one read waits before the loop looks at shutdown again.
@@ -96,7 +97,7 @@ pub enum End {
 pub fn session(
     port: &mut Port,
     path: &Path,
-    link: &Link,
+    operator: &Operator,
     gate: &mut PinGate,
     shutdown: &Shutdown,
 ) -> End {
@@ -113,7 +114,7 @@ pub fn session(
             Err(end) => return end,
         }
     }
-    let mut shell = match Shell::new(path, link.clone()) {
+    let mut shell = match Shell::new(path, operator.clone()) {
         Ok(s) => s,
         Err(e) => {
             io.write(&format!("cannot read the configuration: {e}\n"));
@@ -254,15 +255,15 @@ impl Session<'_> {
 pub fn spawn(
     device: PathBuf,
     cfg: Config,
-    link: Link,
+    operator: Operator,
     shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("console".into())
-        .spawn(move || serve_device(&device, &cfg, &link, &shutdown))
+        .spawn(move || serve_device(&device, &cfg, &operator, &shutdown))
 }
 
-fn serve_device(device: &Path, cfg: &Config, link: &Link, shutdown: &Shutdown) {
+fn serve_device(device: &Path, cfg: &Config, operator: &Operator, shutdown: &Shutdown) {
     let mut gate = PinGate::new(cfg.console.pin_sha256.clone());
     let mut warned = false;
     while !shutdown.is_set() {
@@ -288,7 +289,7 @@ fn serve_device(device: &Path, cfg: &Config, link: &Link, shutdown: &Shutdown) {
             cfg.console.baud
         );
         loop {
-            match session(&mut port, &cfg.source, link, &mut gate, shutdown) {
+            match session(&mut port, &cfg.source, operator, &mut gate, shutdown) {
                 End::Exit => continue,
                 End::Shutdown => return,
                 End::Closed => {
@@ -309,7 +310,8 @@ pub fn standalone(config: &Path, device: Option<&Path>) -> Result<(), String> {
             .map_err(|e| format!("cannot open {}: {e}", d.display()))?,
         None => Port::stdio().map_err(|e| format!("cannot set up the terminal: {e}"))?,
     };
-    let link = Link::Remote(
+    let operator = Operator::remote(
+        config,
         cfg.as_ref().map(|c| c.control.listen),
         cfg.as_ref()
             .and_then(|c| crate::control::token(c, false).ok()),
@@ -320,7 +322,7 @@ pub fn standalone(config: &Path, device: Option<&Path>) -> Result<(), String> {
     shutdown
         .install_signal_handlers()
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    session(&mut port, config, &link, &mut gate, &shutdown);
+    session(&mut port, config, &operator, &mut gate, &shutdown);
     Ok(())
 }
 

@@ -32,15 +32,12 @@ use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::backoff::Backoff;
-use crate::config::edit::Draft;
-use crate::config::live::{RUNTIME_KEYS, is_runtime_key};
 use crate::config::{DownlinkConfig, Secret};
-use crate::control::Sources;
-use crate::ingest::CommandPublisher;
 use crate::journal::Journal;
 use crate::logging::Repeats;
-use crate::reload::Reloader;
+use crate::operator::Operator;
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 use crate::tls::Material;
 use command::{Action, Command, Parsed};
 
@@ -52,8 +49,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const STABLE: Duration = Duration::from_secs(10);
 /// How long a close handshake may take at shutdown.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
-/// Deadline of a `publish` command's PUBACK and of a `set_config` reload.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a connection failure that keeps repeating is logged at WARN.
 const REPEAT_LOG: Duration = Duration::from_secs(60);
 
@@ -83,14 +78,15 @@ enum Error {
     Oversized(String),
 }
 
-/// What the command handlers act on.
+/// What the downlink needs of the agent.
 pub struct Deps {
     pub device_id: String,
+    /// The positions in the hello frame, and the command store (a resent command's result).
     pub journal: Journal,
-    pub sources: Sources,
-    pub reloader: Reloader,
-    pub config_path: std::path::PathBuf,
-    pub publisher: CommandPublisher,
+    /// The downlink's state and command count, for `/status`.
+    pub stats: Arc<Stats>,
+    /// Carries out the commands.
+    pub operator: Operator,
 }
 
 /// Starts the `downlink` thread. `token` is `downlink.token`, else the uplink's.
@@ -168,7 +164,7 @@ impl Downlink {
     }
 
     fn set_state(&self, state: &'static str, error: Option<String>) {
-        self.deps.sources.stats.set_downlink(|d| {
+        self.deps.stats.set_downlink(|d| {
             d.state = state;
             if error.is_some() {
                 d.last_error = error;
@@ -396,7 +392,7 @@ impl Downlink {
             }
         }
         let outcome = self.execute(&cmd);
-        self.deps.sources.stats.set_downlink(|d| d.commands += 1);
+        self.deps.stats.set_downlink(|d| d.commands += 1);
         match &outcome {
             Ok(_) => info!(
                 "downlink: command id={} action={} ok",
@@ -422,41 +418,16 @@ impl Downlink {
     }
 
     fn execute(&self, cmd: &Command) -> Result<Value, String> {
-        match &cmd.action {
-            Action::Publish(p) => {
-                self.deps
-                    .publisher
-                    .publish(p, COMMAND_TIMEOUT, &self.shutdown)?;
-                Ok(json!({"topic": p.topic, "bytes": p.payload.len()}))
-            }
-            Action::Status => serde_json::to_value(self.deps.sources.status())
-                .map_err(|e| format!("cannot render status: {e}")),
-            Action::SetConfig { key, value } => self.set_config(key, value),
-            Action::ReplayFrom { seq } => {
-                let r = self
-                    .deps
-                    .journal
-                    .rewind_to(*seq)
-                    .map_err(|e| crate::error_chain(&e))?;
-                Ok(json!({"acked_seq_before": r.from, "acked_seq": r.to}))
-            }
-        }
-    }
-
-    /// Edits the config file (validated, atomic, with a backup) and asks the agent to apply it.
-    fn set_config(&self, key: &str, value: &str) -> Result<Value, String> {
-        if !is_runtime_key(key) {
-            return Err(format!(
-                "{key:?} cannot be set from the cloud: allowed {}",
-                RUNTIME_KEYS.join(", ")
-            ));
-        }
-        let chain = |e: crate::config::edit::Error| crate::error_chain(&e);
-        let mut draft = Draft::load(&self.deps.config_path).map_err(chain)?;
-        draft.set(key, value).map_err(chain)?;
-        draft.save().map_err(chain)?;
-        info!("downlink: config file changed key={} (set_config)", key);
-        Ok(self.deps.reloader.reload(COMMAND_TIMEOUT)?.to_json())
+        let op = &self.deps.operator;
+        let done = match &cmd.action {
+            Action::Publish(p) => op.publish(p, &self.shutdown),
+            Action::Status => op.status(),
+            Action::SetConfig { key, value } => op.set_runtime_key(key, value).map(|a| a.to_json()),
+            Action::ReplayFrom { seq } => op
+                .replay_from(*seq)
+                .map(|r| json!({"acked_seq_before": r.from, "acked_seq": r.to})),
+        };
+        done.map_err(|e| e.to_string())
     }
 }
 
