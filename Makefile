@@ -8,6 +8,9 @@ MSRV_CARGO ?= /usr/bin/cargo
 
 all: build
 
+# The product's crates: the agent (and, for now, ferry-cloud) and the crates it is built from.
+PACKAGES = -p ferry -p ferry-journal -p ferry-protocol -p ferry-util
+
 build:
 	$(CARGO) build --release --bins
 
@@ -18,7 +21,7 @@ deps:
 
 ## The whole suite: formatting, lints with warnings denied, unit and integration tests.
 test: deps lint
-	$(CARGO) test --all-targets
+	$(CARGO) test --all-targets $(PACKAGES)
 
 lint:
 	$(CARGO) fmt --check

@@ -27,7 +27,7 @@ if [ "$ci" -eq 1 ]; then
         a_crash_between_fsync_and_puback_does_not_journal_redeliveries_twice
         a_puback_backlog_beyond_the_redelivery_marks_journals_nothing_twice)
 else
-    build=(--no-fail-fast --lib --bins --tests)
+    build=(--no-fail-fast -p ferry -p ferry-journal -p ferry-protocol -p ferry-util --lib --bins --tests)
     # Tests that cannot pass under qemu-user on this host, each for a reason of the emulator, not of
     # ARM (they pass natively and are worth running on a real board):
     # - console: qemu-user 7.2 answers TCGETS2/TCSETS2 (rustix's termios calls) with ENOSYS;

@@ -37,6 +37,13 @@
 //! as a gap (`journal_full`, `rejected`, `journal_lost`), so nothing is skipped silently; a record
 //! may be sent twice after a crash, and the cloud deduplicates by `(device_id, seq)`.
 
+// The walls the compiler keeps: the journal (the only crate that depends on sled), the protocol
+// types the center shares, and the small shared helpers are crates of their own (`crates/`),
+// re-exported here under their old paths.
+pub use ferry_journal as journal;
+pub use ferry_protocol as protocol;
+pub use ferry_util::rng;
+
 pub mod agent;
 pub mod atomic_file;
 pub mod backoff;
@@ -48,32 +55,17 @@ pub mod control;
 pub mod dns;
 pub mod downlink;
 pub mod failpoint;
-pub mod fnv;
 pub mod identity;
 pub mod ingest;
-pub mod journal;
 pub mod logging;
 pub mod notify;
 pub mod operator;
 pub mod payload;
-pub mod protocol;
 pub mod reload;
-pub mod rng;
 pub mod shutdown;
 pub mod stats;
 pub mod status;
 pub mod tls;
 pub mod uplink;
 
-/// An error and its causes on one line (`what: because: because`), for the one place that reports
-/// it.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}
+pub use ferry_util::error_chain;

@@ -110,7 +110,7 @@ fn encode(r: &NewRecord, out: &mut Vec<u8>) {
 fn frame(r: &NewRecord, out: &mut Vec<u8>) {
     let mut body = Vec::with_capacity(PAYLOAD + 32);
     encode(r, &mut body);
-    let mut h = ferry::fnv::Fnv1a::new();
+    let mut h = ferry::journal::fnv::Fnv1a::new();
     h.write(&body);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&h.finish().to_le_bytes());

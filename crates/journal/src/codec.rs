@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Entry, Error, NewRecord, Record, Result, StoredFormat};
-use crate::protocol::GapReason;
+use ferry_protocol::GapReason;
 
 pub(super) const P_ENTRY: u8 = b'E';
 pub(super) const P_DEAD: u8 = b'D';
@@ -194,7 +194,7 @@ pub(super) fn content_hash(topic: &str, payload: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::tests::rec;
+    use crate::tests::rec;
 
     #[test]
     fn corrupt_entries_give_errors_not_panics() {

@@ -10,7 +10,7 @@ use log::{debug, warn};
 use super::codec::*;
 use super::segments::{Flow, Item, Overlay, Segments, gap_size};
 use super::{Entry, Journal, MEASURE_EVERY, Result, State, log_io, log_of};
-use crate::protocol::GapReason;
+use ferry_protocol::GapReason;
 
 /// Starting share of `journal.max_bytes` that logical bytes (the backlog and dead letters) may
 /// use. The rest is for what the log holds besides the backlog: up to two partly freed segments

@@ -1,7 +1,7 @@
 //! The journal: every ingested message, durably, in seq order, until the cloud acknowledges it.
 //!
-//! This is the only module that names `sled`. Everyone else holds a [`Journal`], a cheap clonable
-//! handle.
+//! This is the only crate of the workspace that depends on `sled` (the agent reaches it as
+//! `ferry::journal`). Everyone else holds a [`Journal`], a cheap clonable handle.
 //!
 //! # Where things are
 //! This file holds the types, the state and the rules below; `impl Journal` is spread by path:
@@ -147,7 +147,7 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::GapReason;
+use ferry_protocol::GapReason;
 
 /// Disk use is measured every this many appends (a `stat` of sled's files), and sled's size for
 /// compaction every this many `maybe_compact` calls.
@@ -163,6 +163,7 @@ mod budget;
 pub mod codec;
 mod commands;
 mod dead;
+pub mod fnv;
 mod fsync;
 #[cfg(test)]
 pub(crate) use fsync::hook as fsync_hook;
@@ -170,7 +171,7 @@ mod layout;
 pub mod mark;
 mod recovery;
 mod redelivery;
-pub(crate) use redelivery::MAX_MARKS;
+pub use redelivery::MAX_MARKS;
 mod open;
 mod read;
 mod segments;
@@ -485,7 +486,7 @@ struct State {
     dropped: u64,
     /// A `journal_full` gap that keeps growing is said at WARN once a minute (see `budget.rs`),
     /// with the records dropped since the last time.
-    drop_log: crate::logging::Repeats,
+    drop_log: ferry_util::Repeats,
     drop_unsaid: u64,
     /// The redelivery window (`redelivery.rs`), complete for every seq below `next_seq`.
     marks: Marks,
@@ -638,7 +639,7 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -646,7 +647,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// fsync of a directory, so that files created or renamed in it survive a power cut.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+pub fn sync_dir(dir: &Path) -> Result<()> {
     fsync::dir(dir).map_err(|source| Error::Sync {
         path: dir.to_path_buf(),
         source,

@@ -135,7 +135,7 @@ impl Journal {
                 error!(
                     "journal would not open ({}); moved it aside to {} and started a fresh one; \
                      its unsent records are reported to the cloud as journal_lost",
-                    crate::error_chain(&e),
+                    ferry_util::error_chain(&e),
                     aside.display()
                 );
                 Self::open_db(opts, &db_dir, mark)?
@@ -167,7 +167,7 @@ impl Journal {
             protected_through: 0,
             lease: 0,
             dropped: 0,
-            drop_log: crate::logging::Repeats::new(std::time::Duration::from_secs(60)),
+            drop_log: ferry_util::Repeats::new(std::time::Duration::from_secs(60)),
             drop_unsaid: 0,
             marks: Marks::default(),
             snapshot_due: false,

@@ -347,8 +347,8 @@ fn stored_bytes(key: &[u8], value: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::OnFull;
-    use crate::journal::{Entry, NewRecord, Options, StoredFormat};
+    use crate::OnFull;
+    use crate::{Entry, NewRecord, Options, StoredFormat};
 
     fn open(dir: &std::path::Path) -> Journal {
         open_with_window(dir, default_replay_window(64 << 20))
@@ -485,7 +485,7 @@ mod tests {
             max_bytes: 1 << 20,
             on_full: OnFull::RejectNew,
             cache_bytes: 1 << 20,
-            replay_window: crate::journal::default_replay_window(1 << 20),
+            replay_window: crate::default_replay_window(1 << 20),
             fixed_budget: None,
         })
         .unwrap();

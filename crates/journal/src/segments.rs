@@ -52,7 +52,7 @@ use log::{info, warn};
 use super::Entry;
 use super::codec::{decode_entry, encode_gap};
 use super::fsync;
-use crate::protocol::GapReason;
+use ferry_protocol::GapReason;
 
 /// Bytes before a frame's body: `len` and `crc`.
 const HEADER: u64 = 8;

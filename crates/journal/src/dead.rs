@@ -10,7 +10,7 @@ use super::{
     DeadLetter, Entry, Error, Journal, NewRecord, Result, State, log_io, log_of, now_ms,
     put_positions, storage, truncate,
 };
-use crate::protocol::GapReason;
+use ferry_protocol::GapReason;
 
 /// Dead letters (kept in sled) may use at most this share of `max_bytes`; beyond it the uplink
 /// stops isolating records (and backs off) rather than delete any.

@@ -12,7 +12,7 @@ use super::{
     Entry, Error, Journal, LOG_DIR, Result, count, log_io, log_of, put_positions, put_snapshot,
     storage,
 };
-use crate::protocol::GapReason;
+use ferry_protocol::GapReason;
 
 impl Journal {
     /// Checks the journal against the seq mark kept outside it. A fresh journal where a mark exists

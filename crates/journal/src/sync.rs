@@ -118,7 +118,7 @@ impl Journal {
             error!(
                 "journal sync failed; nothing it covered is trusted, and the journal is rewritten \
                  at its reopen: {}",
-                crate::error_chain(&e)
+                ferry_util::error_chain(&e)
             );
             return Err(e);
         }

@@ -9,7 +9,7 @@ fn opts(dir: &Path) -> Options {
         max_bytes: 64 * 1024 * 1024,
         on_full: OnFull::RejectNew,
         cache_bytes: 4 * 1024 * 1024,
-        replay_window: crate::journal::default_replay_window(64 << 20),
+        replay_window: crate::default_replay_window(64 << 20),
         fixed_budget: None,
     }
 }
@@ -285,7 +285,7 @@ fn two_segments(j: &Journal) {
 fn small(dir: &Path) -> Options {
     let mut o = opts(dir);
     o.max_bytes = 4 << 20; // segments of 256 KiB
-    o.replay_window = crate::journal::default_replay_window(o.max_bytes);
+    o.replay_window = crate::default_replay_window(o.max_bytes);
     o
 }
 
@@ -481,7 +481,7 @@ fn a_record_larger_than_the_whole_budget_is_taken_into_an_empty_journal() {
 #[test]
 fn journal_matches_a_model_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = crate::rng::Rng::new(1);
+    let mut rng = ferry_util::rng::Rng::new(1);
     let mut next = || rng.next_u64();
     let mut model: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
     let mut acked = 0u64;
@@ -659,7 +659,7 @@ fn compaction_keeps_every_entry_and_position() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(dir.path());
     o.max_bytes = 4 << 20;
-    o.replay_window = crate::journal::default_replay_window(o.max_bytes);
+    o.replay_window = crate::default_replay_window(o.max_bytes);
     let j = Journal::open(&o).unwrap();
     // Churn: append and acknowledge 8 MB, keep 20 records.
     for round in 0..80u64 {
@@ -772,7 +772,7 @@ fn dead_letters_are_never_deleted_when_their_store_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(dir.path());
     o.max_bytes = 1 << 20; // dead-letter share: 1 MiB * 0.15 * 0.1 = ~15 kB
-    o.replay_window = crate::journal::default_replay_window(o.max_bytes);
+    o.replay_window = crate::default_replay_window(o.max_bytes);
     let j = Journal::open(&o).unwrap();
     let recs: Vec<NewRecord> = (0..10).map(|_| rec("t", &[b'x'; 4000])).collect();
     append_synced(&j, &recs);

@@ -1,4 +1,4 @@
-//! The one pseudo-random generator of the crate: xorshift64* (Vigna), seeded from the clock for
+//! The one pseudo-random generator of ferry: xorshift64* (Vigna), seeded from the clock for
 //! backoff jitter, or from a fixed seed for the model tests, which must repeat. Not for anything
 //! an attacker may guess: tokens come from the operating system (`control::token`).
 //!

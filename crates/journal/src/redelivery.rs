@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 /// dropped. (A broker that reuses the lowest free id could, after a reconnect, present a new message
 /// byte-identical to one within the window under the same id and with DUP set: it would be taken
 /// for a copy. See README.)
-pub(crate) const MAX_MARKS: usize = 1024;
+pub const MAX_MARKS: usize = 1024;
 /// Bytes of one mark in the `W` value.
 const MARK: usize = 18;
 

@@ -1,0 +1,21 @@
+//! What every ferry crate shares, and nothing else: an error said on one line
+//! ([`error_chain`]), a log rate limit for retry loops ([`Repeats`]), and the one pseudo-random
+//! generator ([`rng`]). No dependencies.
+
+mod repeats;
+pub mod rng;
+
+pub use repeats::Repeats;
+
+/// An error and its causes on one line (`what: because: because`), for the one place that reports
+/// it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
