@@ -44,12 +44,12 @@ use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 
 use ferry::cloud::batch as cloud_batch;
 use ferry::config::{Config, PayloadFormat, units};
-use ferry::journal::codec::{self, DeadHeader};
-use ferry::journal::mark::{self, Mark, SLOT};
+use ferry::fuzzing::payload;
+use ferry::fuzzing::uplink::{self, Answer, MAX_RESPONSE_BODY, Upload};
+use ferry::journal::fuzzing::codec::{self, DeadHeader};
+use ferry::journal::fuzzing::mark::{self, Mark, SLOT};
 use ferry::journal::{Entry, NewRecord, Record, StoredFormat};
-use ferry::payload;
 use ferry::protocol::GapReason;
-use ferry::uplink::{self, Answer, MAX_RESPONSE_BODY, Upload};
 
 // ---- the counting allocator -----------------------------------------------------------------------
 
@@ -1336,7 +1336,7 @@ proptest! {
 
 // ---- the downlink ------------------------------------------------------------------------------------
 
-use ferry::downlink::command::{self as downlink_command, Parsed};
+use ferry::fuzzing::downlink_command::{self, Parsed};
 
 /// A command frame as the cloud would send it, with any field possibly odd or missing.
 fn command_frame() -> impl Strategy<Value = String> {

@@ -189,7 +189,7 @@ pub fn probe(cfg: &UplinkConfig, tls: &Material, device_id: &str) -> Result<Dura
 }
 
 /// An HTTP status and what it means for the uplink, in plain words.
-pub fn status_words(code: u16) -> String {
+fn status_words(code: u16) -> String {
     let meaning = match code {
         400 => "bad request: the cloud does not understand ferry's batches at this url",
         401 => "unauthorized: uplink.token is missing or wrong",

@@ -32,8 +32,7 @@ pub use batch::{
     MAX_RETRY_AFTER, OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict,
 };
 pub use http::{
-    Answer, LocalError, MAX_RESPONSE_BODY, Upload, describe, http_agent, local_request, post,
-    probe, status_words,
+    Answer, LocalError, MAX_RESPONSE_BODY, Upload, describe, http_agent, local_request, post, probe,
 };
 use http::{snippet, wire_body};
 pub use post::PIPELINE;

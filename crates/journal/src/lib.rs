@@ -160,7 +160,7 @@ const GROUP_SHARE: u64 = 32;
 const EIO: i32 = 5;
 
 mod budget;
-pub mod codec;
+mod codec;
 mod commands;
 mod dead;
 pub mod fnv;
@@ -168,7 +168,7 @@ mod fsync;
 #[cfg(test)]
 pub(crate) use fsync::hook as fsync_hook;
 mod layout;
-pub mod mark;
+mod mark;
 mod recovery;
 mod redelivery;
 pub use redelivery::MAX_MARKS;
@@ -656,3 +656,19 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests;
+
+/// The decoders of bytes read back from disk, for the property tests that feed them garbage
+/// (`tests/fuzz.rs` in the agent): the journal's deliberate test surface, not its API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The entry values of sled's tree and the record log's frames.
+    pub mod codec {
+        pub use crate::codec::{
+            DeadHeader, decode_dead, decode_entry, encode_dead, encode_gap, encode_record,
+        };
+    }
+    /// The seq mark's slots.
+    pub mod mark {
+        pub use crate::mark::{Mark, SLOT, encode, newest};
+    }
+}
