@@ -7,7 +7,7 @@
 //! This file holds the types, the state and the rules below; `impl Journal` is spread by path:
 //! `open.rs` (open, reopen and its repairs, close), `write.rs` (append, freeing segments),
 //! `sync.rs` (one sync at a time, never a retried one), `read.rs` (batches, acks, positions),
-//! `commands.rs` (command results, rewind), `dead.rs` (dead letters), `recovery.rs` (positions
+//! `replay.rs` (the replay window, rewind), `commands.rs` (command results), `dead.rs` (dead letters), `recovery.rs` (positions
 //! from disk at open), `budget.rs` (the full journal), `store.rs` (sled's files and compaction);
 //! below them `segments.rs` (the record log), `codec.rs`, `mark.rs`, `layout.rs`, `fsync.rs`.
 //!
@@ -44,7 +44,7 @@
 //!   `journal_lost` gap (recorded as an overlay), never skipped.
 //! - The cursor (`M/acked`) only moves forward, and only by [`Journal::ack`] after the cloud answered
 //!   2xx, or backwards by [`Journal::rewind_to`], the audited replay the cloud asks for
-//!   (`commands.rs`). An ack moves the cursor without reading the entries again (their sizes are
+//!   (`replay.rs`). An ack moves the cursor without reading the entries again (their sizes are
 //!   known from the read), and keeps the acknowledged entries for replay within
 //!   `Options::replay_window` bytes (`retain_from ..= acked`).
 //! - A segment is deleted when each of its seqs is acknowledged durably and before `retain_from`,
@@ -171,6 +171,7 @@ mod layout;
 mod mark;
 mod recovery;
 mod redelivery;
+mod replay;
 pub use redelivery::MAX_MARKS;
 mod open;
 mod read;
@@ -179,7 +180,8 @@ mod store;
 mod sync;
 mod write;
 
-pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS, Rewind, default_replay_window};
+pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS};
+pub use replay::{Rewind, default_replay_window};
 
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};

@@ -200,7 +200,7 @@ impl Journal {
             logical_bytes: st.backlog_bytes + st.dead_bytes,
             budget_bytes: st.budget,
             dropped: st.dropped,
-            replay_oldest_seq: commands::replay_oldest(&st),
+            replay_oldest_seq: replay::replay_oldest(&st),
         }
     }
 
