@@ -24,7 +24,7 @@ pub(super) const M_ACKED: &[u8] = b"Macked";
 pub(super) const M_BACKLOG_RECORDS: &[u8] = b"Mbacklog_records";
 pub(super) const M_BACKLOG_BYTES: &[u8] = b"Mbacklog_bytes";
 pub(super) const M_DEAD_BYTES: &[u8] = b"Mdead_bytes";
-/// The oldest acknowledged seq kept for replay, and the bytes kept (`commands.rs`).
+/// The oldest acknowledged seq kept for replay, and the bytes kept (`replay.rs`).
 pub(super) const M_RETAIN_FROM: &[u8] = b"Mretain_from";
 pub(super) const M_RETAINED_BYTES: &[u8] = b"Mretained_bytes";
 /// Present once the journal has been reconciled with the seq mark: its absence means a new database.

@@ -7,9 +7,10 @@
 //! This file holds the types, the state and the rules below; `impl Journal` is spread by path:
 //! `open.rs` (open, reopen and its repairs, close), `write.rs` (append, freeing segments),
 //! `sync.rs` (one sync at a time, never a retried one), `read.rs` (batches, acks, positions),
-//! `replay.rs` (the replay window, rewind), `commands.rs` (command results), `dead.rs` (dead letters), `recovery.rs` (positions
-//! from disk at open), `budget.rs` (the full journal), `store.rs` (sled's files and compaction);
-//! below them `segments.rs` (the record log), `codec.rs`, `mark.rs`, `layout.rs`, `fsync.rs`.
+//! `replay.rs` (the replay window, rewind), `commands.rs` (command results), `dead.rs` (dead
+//! letters), `recovery.rs` (positions from disk at open), `budget.rs` (the full journal),
+//! `store.rs` (sled's files and compaction); below them `segments.rs` (the record log),
+//! `codec.rs`, `mark.rs`, `layout.rs`, `fsync.rs`, `fnv.rs`.
 //!
 //! # On-disk layout
 //! ```text
@@ -506,7 +507,7 @@ struct State {
     overlays: Overlays,
     /// Counts overlays made, to tell which ones a sync made durable.
     overlay_generation: u64,
-    /// The oldest acknowledged seq retained for replay (`commands.rs`); above `acked` when none.
+    /// The oldest acknowledged seq retained for replay (`replay.rs`); above `acked` when none.
     retain_from: u64,
     /// Bytes of acknowledged entries retained for replay.
     retained_bytes: u64,
