@@ -1,0 +1,101 @@
+#[allow(unused_imports)]
+use super::*;
+
+pub struct Cloud {
+    pub port: u16,
+    pub dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Cloud {
+    pub fn start(dir: &Path) -> Cloud {
+        Self::start_with(dir, free_port(), &[])
+    }
+
+    pub fn start_with(dir: &Path, port: u16, args: &[&str]) -> Cloud {
+        let mut c = Cloud {
+            port,
+            dir: dir.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let mut child = command(FERRY_CLOUD)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.dir.join("cloud.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("listening on"),
+            "ferry-cloud said {line:?}"
+        );
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/ingest", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "TERM");
+            wait_exit(&mut c, "ferry-cloud", Duration::from_secs(10));
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        http_get(self.port, path)
+    }
+
+    /// The records stored for `device`, in file order.
+    pub fn records(&self, device: &str) -> Vec<Value> {
+        self.get(&format!("/v1/devices/{device}/records"))
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn device(&self, device: &str) -> Option<Value> {
+        let v: Value = serde_json::from_str(&self.get("/v1/devices")).unwrap();
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == device)
+            .cloned()
+    }
+
+    pub fn stats(&self) -> Value {
+        serde_json::from_str(&self.get("/v1/stats")).unwrap()
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
