@@ -2,6 +2,9 @@
 //! 502 storm behind a real nginx, a cloud that hangs up mid-response, and dead, half-open and
 //! reset links through an in-test proxy. Each fault is first shown to be seen and counted as a
 //! failure, never as an acknowledgement; then it goes away and every record arrives exactly once.
+//!
+//! Why one file of this length: one scenario per network fault, sharing the peers and helpers of
+//! `tests/util`.
 #![allow(clippy::unwrap_used)]
 
 mod util;

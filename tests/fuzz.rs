@@ -26,6 +26,9 @@
 //! fails the case if it allocated more than `ALLOC_BASE + ALLOC_PER_BYTE * input_len` at once. The
 //! parser should be a pure public function; if it is buried in I/O, extract it first (as
 //! `uplink::post` and `journal::mark::newest` were).
+//!
+//! Why one file of this length: one test binary, so that `make fuzz` runs every property at once;
+//! one section per parser of outside bytes.
 #![allow(clippy::unwrap_used)]
 // The counting allocator implements `GlobalAlloc`, an unsafe trait: it only forwards to `System` and
 // records sizes in a thread-local. Nothing else in this file is unsafe.

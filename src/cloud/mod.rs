@@ -20,6 +20,9 @@
 //! mid-body holds its worker until it disconnects; a body the receiver does not read is drained after
 //! the answer is written; and a request declaring an absurd body is abandoned unanswered (see
 //! [`MAX_DRAINABLE_BYTES`]).
+//!
+//! Why one file of this length: the receiver's HTTP service; it moves into a crate of its own,
+//! and is split there, with the center issue (PostgreSQL, stores behind one interface).
 
 pub mod batch;
 pub mod commands;

@@ -1,4 +1,7 @@
 //! Unit tests of the config loader: every kind of mistake names its key and file.
+//!
+//! Why one file of this length: the configuration's error messages, one test per key or rule,
+//! sharing the helpers at the top.
 use super::*;
 
 const SOURCE: &str = "/etc/ferry/ferry.toml";

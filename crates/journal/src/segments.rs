@@ -40,6 +40,9 @@
 //! A segment that ends early, or is missing, is reported the same way. Only at open, in the newest
 //! segment, is a bad frame with no good frame after it taken for a torn tail (writes that were
 //! never synced, so never acknowledged to anyone) and cut off.
+//!
+//! Why one file of this length: the frame format, its writer, its reader, the damage rules and the
+//! rewrite after a failed sync are one on-disk contract that changes as a whole.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

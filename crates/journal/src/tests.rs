@@ -1,5 +1,8 @@
 //! Journal tests against real files (sled and the log) in a temp dir, including a model test across
 //! restarts and damaged logs.
+//!
+//! Why one file of this length: the journal's behaviour tests share one set of helpers (`opts`,
+//! `rec`, `append_synced`); each test names the rule it checks.
 use super::codec::*;
 use super::*;
 

@@ -24,6 +24,9 @@
 //! makes it fail with EIO, having made nothing durable. `eio_injected` counts the injected
 //! failures, `eio_reported` every EIO an fsync returned for a writeback error (the injected call,
 //! each other description reporting it, and syncs in flight when it hit).
+//!
+//! Why one file of this length: the FUSE operations, one method of `fuser::Filesystem` each, over
+//! the model in `model.rs`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -29,6 +29,9 @@
 //!   the handles (the processes died with the power); no error from before the cut is reported.
 //!
 //! Metadata (mode, times) is not modelled as volatile: ferry and sled never depend on it.
+//!
+//! Why one file of this length: one model of what Linux keeps and forgets, and its tests (about
+//! 370 lines), which must change with it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};

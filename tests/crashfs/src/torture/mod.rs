@@ -54,6 +54,10 @@
 //! Usage: `ferry-torture [--cuts N] [--seed S]
 //! [--scenario cuts|slow-fsync|crash-then-cut|eio|overlap] [--rate MSG_PER_S] [--keep]`. The seed is printed first; `--seed` repeats a run's choices (the timing of the
 //! processes themselves still varies). The work directory is kept on failure (or with `--keep`).
+//!
+//! Why one file of this length: the campaign and the scenarios share the stack (crashfs, broker,
+//! cloud, agent) and the checks of what came back; the processes are in `procs.rs`, the publisher
+//! in `publisher.rs`.
 
 mod procs;
 mod publisher;
