@@ -8,11 +8,12 @@ MSRV_CARGO ?= /usr/bin/cargo
 
 all: build
 
-# The product's crates: the agent (and, for now, ferry-cloud) and the crates it is built from.
-PACKAGES = -p ferry -p ferry-journal -p ferry-protocol -p ferry-util
+# The product's crates: the agent, the receiver (ferry-cloud) and the crates they are built from.
+# Testing them in one run also builds ferry-cloud for the agent's integration tests.
+PACKAGES = -p ferry -p ferry-cloud -p ferry-journal -p ferry-protocol -p ferry-tls -p ferry-util
 
 build:
-	$(CARGO) build --release --bins
+	$(CARGO) build --release -p ferry -p ferry-cloud
 
 # The bench's SQLite headers too: `make lint` checks every crate of the workspace, the bench's
 # included (it once stopped compiling unseen).
@@ -64,7 +65,7 @@ demo: deps build
 ## ONLY=<section> (size, append, churn, backlog, ingest), which runs that section alone.
 bench:
 	@scripts/ensure-deps.sh --bench
-	$(CARGO) build --release --bins
+	$(CARGO) build --release -p ferry -p ferry-cloud
 	$(CARGO) build --release -p ferry-bench
 	target/release/ferry-bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY),--doc docs/BENCHMARKS.md)
 
@@ -76,7 +77,7 @@ TORTURE_ARGS ?=
 TORTURE = target/debug/ferry-torture
 
 torture-build: deps
-	$(CARGO) build -p ferry --bins
+	$(CARGO) build -p ferry -p ferry-cloud --bins
 	$(CARGO) build -p ferry-crashfs --bins
 
 torture: torture-build

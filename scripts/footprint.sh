@@ -65,7 +65,7 @@ EOF
 
 command -v mosquitto_pub >/dev/null && command -v curl >/dev/null || {
     echo "footprint: needs mosquitto_pub and curl (scripts/ensure-deps.sh)" >&2; exit 1; }
-[ -x target/release/ferry-cloud ] && [ -x target/release/ferry ] || cargo build --release --bins
+[ -x target/release/ferry-cloud ] && [ -x target/release/ferry ] || cargo build --release -p ferry -p ferry-cloud
 mosquitto=/usr/sbin/mosquitto; [ -x $mosquitto ] || mosquitto=mosquitto
 
 PIDS=() DIRS=()

@@ -27,7 +27,8 @@
 //!   it is ready, healthy and stopping.
 //! - `console` serves a configuration shell on a serial line (`[console] device`, or `ferry
 //!   console`): edits the config file atomically and asks the agent to apply it.
-//! - `cloud` is the reference receiver (`ferry-cloud`), sharing only `protocol` with the agent.
+//! - The receiver (`ferry-cloud`) is a crate of its own (`crates/cloud`), sharing only the
+//!   `protocol`, `tls` and util crates with the agent; the journal is one too (`crates/journal`).
 //!
 //! # Durability contract
 //! A QoS1 message is PUBACKed to the broker only after the journal batch holding it is fsynced, so
@@ -42,13 +43,13 @@
 // re-exported here under their old paths.
 pub use ferry_journal as journal;
 pub use ferry_protocol as protocol;
+pub use ferry_tls as tls;
 pub use ferry_util::rng;
 
 pub mod agent;
 pub(crate) mod atomic_file;
 pub(crate) mod backoff;
 pub mod cli;
-pub mod cloud;
 pub mod config;
 pub mod console;
 pub mod control;
@@ -65,7 +66,6 @@ pub(crate) mod reload;
 pub(crate) mod shutdown;
 pub(crate) mod stats;
 pub mod status;
-pub mod tls;
 pub(crate) mod uplink;
 
 pub use ferry_util::error_chain;

@@ -29,7 +29,7 @@ struct Cloud {
 
 impl Cloud {
     fn start(dir: &Path, extra: &[&str]) -> Cloud {
-        let mut child = util::command(util::FERRY_CLOUD)
+        let mut child = util::command(util::ferry_cloud())
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(dir)
             .args(extra)
@@ -372,7 +372,7 @@ fn unknown_paths_and_methods_get_json_errors() {
 
 #[test]
 fn bad_arguments_exit_with_status_2() {
-    let output = util::command(util::FERRY_CLOUD)
+    let output = util::command(util::ferry_cloud())
         .args(["--listen", "127.0.0.1:0"])
         .output()
         .expect("run ferry-cloud");

@@ -45,7 +45,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 
-use ferry::cloud::batch as cloud_batch;
 use ferry::config::{Config, PayloadFormat, units};
 use ferry::fuzzing::payload;
 use ferry::fuzzing::uplink::{self, Answer, MAX_RESPONSE_BODY, Upload};
@@ -53,6 +52,7 @@ use ferry::journal::fuzzing::codec::{self, DeadHeader};
 use ferry::journal::fuzzing::mark::{self, Mark, SLOT};
 use ferry::journal::{Entry, NewRecord, Record, StoredFormat};
 use ferry::protocol::GapReason;
+use ferry_cloud::batch as cloud_batch;
 
 // ---- the counting allocator -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ impl Cloud {
 
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
-        let mut child = command(FERRY_CLOUD)
+        let mut child = command(ferry_cloud())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data")

@@ -20,7 +20,29 @@ use std::time::{Duration, Instant};
 pub use serde_json::Value;
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-pub const FERRY_CLOUD: &str = env!("CARGO_BIN_EXE_ferry-cloud");
+
+/// The `ferry-cloud` binary. It is a package of its own (`crates/cloud`), so cargo does not hand
+/// its path to these tests: it is the one built beside them, in the same target directory and
+/// profile (`make test` tests both packages in one run, which builds it; `test-arm.sh` builds it
+/// for the target).
+pub fn ferry_cloud() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        // target/<triple>/<profile>/deps/<this test> -> target/<triple>/<profile>/ferry-cloud
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary is in a deps directory")
+            .join("ferry-cloud");
+        assert!(
+            bin.exists(),
+            "{} is missing: build it with `cargo build -p ferry-cloud` (make test does)",
+            bin.display()
+        );
+        bin.to_string_lossy().into_owned()
+    })
+}
 
 /// A command running one of this crate's binaries. Under `make test-arm` they are ARM executables
 /// and the host may have no binfmt_misc registration for them, so `FERRY_TEST_RUNNER` (set by the

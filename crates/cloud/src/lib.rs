@@ -553,7 +553,7 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
             error!(
                 "batch not stored device={} error={}",
                 batch.device_id,
-                crate::error_chain(&e)
+                ferry_util::error_chain(&e)
             );
             Err(Reply::error(500, "cannot store the batch"))
         }
@@ -666,7 +666,7 @@ fn records(shared: &Shared, device_id: &str) -> Reply {
         Err(e) => {
             error!(
                 "records not readable device={device_id} error={}",
-                crate::error_chain(&e)
+                ferry_util::error_chain(&e)
             );
             Reply::error(500, "cannot read the records")
         }

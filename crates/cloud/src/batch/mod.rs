@@ -24,13 +24,13 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value};
 
-use crate::protocol::{Gap, GapReason};
+use ferry_protocol::{Gap, GapReason};
 
 mod usual;
 use usual::parse_usual;
 
 /// Longest device id, in bytes (ids are ASCII).
-pub use crate::protocol::MAX_DEVICE_ID_LEN;
+pub use ferry_protocol::MAX_DEVICE_ID_LEN;
 
 /// A batch that passed validation. Records are in strictly ascending seq order.
 #[derive(Debug, PartialEq)]
@@ -99,7 +99,7 @@ fn invalid(at: impl Into<String>, problem: impl Into<String>) -> Invalid {
     }
 }
 
-pub use crate::protocol::is_valid_device_id;
+pub use ferry_protocol::is_valid_device_id;
 
 /// Validates a decompressed request body.
 pub fn parse(body: &[u8]) -> Result<Batch, Invalid> {

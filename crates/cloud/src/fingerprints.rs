@@ -110,7 +110,7 @@ mod tests {
         // A small model test: a deterministic pseudo-random walk checked against a BTreeMap.
         let mut map = Fingerprints::new();
         let mut model = BTreeMap::new();
-        let mut rng = crate::rng::Rng::new(1);
+        let mut rng = ferry_util::rng::Rng::new(1);
         for _ in 0..3000 {
             let state = rng.next_u64();
             let seq = state % 500;

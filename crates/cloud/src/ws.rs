@@ -27,7 +27,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
 use super::commands::Commands;
-use crate::tls::Stream;
+use ferry_tls::Stream;
 
 const POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);

@@ -1,4 +1,4 @@
-//! `ferry-cloud`: the reference receiver of ferry's wire protocol (see `ferry::cloud`). This file only
+//! `ferry-cloud`: the reference receiver of ferry's wire protocol (see the `ferry_cloud` library). This file only
 //! parses arguments, sets up logging and signals, runs the receiver and maps the outcome to an exit
 //! code: 0 after SIGTERM/SIGINT, 1 when the receiver cannot start or fails, 2 for bad arguments.
 
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use ferry::cloud;
+use ferry_cloud as cloud;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
@@ -50,13 +50,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ferry::tls::install_provider();
+    ferry_tls::install_provider();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-cloud: {}", ferry::error_chain(&*e));
+            eprintln!("ferry-cloud: {}", ferry_util::error_chain(&*e));
             ExitCode::FAILURE
         }
     }
@@ -132,12 +132,12 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     };
     let ws_tls = match (tls_cert, tls_key) {
         (Some(cert), Some(key)) => Some(
-            ferry::tls::server_config(
+            ferry_tls::server_config(
                 &PathBuf::from(cert),
                 &PathBuf::from(key),
                 client_ca.map(PathBuf::from).as_deref(),
             )
-            .map_err(|e| ferry::error_chain(&e))?,
+            .map_err(|e| ferry_util::error_chain(&e))?,
         ),
         (None, None) if client_ca.is_none() => None,
         _ => {

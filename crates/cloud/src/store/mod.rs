@@ -50,7 +50,7 @@ use self::files::{SyncFn, append, append_synced, for_each_line, open_append};
 use super::batch::{self, Batch};
 use super::fingerprints::Fingerprints;
 use super::ranges::RangeSet;
-use crate::protocol::Gap;
+use ferry_protocol::Gap;
 
 mod files;
 
@@ -481,7 +481,7 @@ impl Store {
                 error!(
                     "cannot reload path={} error={}",
                     path.display(),
-                    crate::error_chain(&e)
+                    ferry_util::error_chain(&e)
                 );
             }
         }

@@ -1,7 +1,7 @@
 //! Tests of the store against real files in a temporary directory.
 
 use super::*;
-use crate::protocol::GapReason;
+use ferry_protocol::GapReason;
 
 fn batch(device_id: &str, seqs: &[u64], gaps: &[(u64, u64, &str)]) -> Batch {
     let records: Vec<String> = seqs

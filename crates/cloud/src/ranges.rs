@@ -251,7 +251,7 @@ mod tests {
         // A small model test: a deterministic pseudo-random walk checked against a BTreeSet.
         let mut set = RangeSet::new();
         let mut model = std::collections::BTreeSet::new();
-        let mut rng = crate::rng::Rng::new(1);
+        let mut rng = ferry_util::rng::Rng::new(1);
         for _ in 0..2000 {
             let state = rng.next_u64();
             let from = state % 300;
