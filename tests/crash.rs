@@ -164,7 +164,10 @@ fn a_puback_backlog_beyond_the_redelivery_marks_journals_nothing_twice() {
         tmp.path(),
         &[
             ("FERRY_FAILPOINT", "hold_pubacks"),
-            ("FERRY_LOG", "info,ferry=debug,ferry::ingest=trace"),
+            (
+                "FERRY_LOG",
+                "info,ferry=debug,ferry_journal=debug,ferry::ingest=trace",
+            ),
         ],
     );
     publish(broker.port, "sensors/held", numbered(0..N));

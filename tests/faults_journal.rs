@@ -263,7 +263,7 @@ fn a_full_disk_stops_acking_logs_once_and_resumes_when_space_returns() {
     assert_eq!(agent.status()["journal_accepting"], false);
     let errors = agent
         .log_text()
-        .matches("ERROR ferry::ingest] journal write failed")
+        .matches("ERROR ferry::ingest::writer] journal write failed")
         .count();
     assert_eq!(
         errors, 1,

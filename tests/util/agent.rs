@@ -139,7 +139,8 @@ impl Agent {
         let mut cmd = command(FERRY);
         cmd.arg("run").arg("-c").arg(&self.config).env(
             "FERRY_LOG",
-            std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry=debug,sled=off".into()),
+            std::env::var("FERRY_LOG")
+                .unwrap_or_else(|_| "info,ferry=debug,ferry_journal=debug,sled=off".into()),
         );
         // `(NAME, "")` in `env` removes NAME.
         for (name, value) in env {

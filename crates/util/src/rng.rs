@@ -2,8 +2,7 @@
 //! backoff jitter, or from a fixed seed for the model tests, which must repeat. Not for anything
 //! an attacker may guess: tokens come from the operating system (`control::token`).
 //!
-//! The power-cut filesystem (`tests/crashfs`) keeps a copy of these few lines: it is a test tool
-//! that links nothing of ferry's.
+//! The power-cut filesystem and the torture runner (`tests/crashfs`) use it too.
 
 /// A small, fast, deterministic generator.
 #[derive(Debug, Clone)]

@@ -726,28 +726,9 @@ impl Model {
     }
 }
 
-/// xorshift64*: small, seeded, reproducible. The generator of `ferry::rng`, copied on purpose:
-/// this filesystem links nothing of ferry's.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (0 when `n == 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-}
+/// The one pseudo-random generator of ferry (`ferry-util`, which links nothing else): seeded,
+/// reproducible.
+pub use ferry_util::rng::Rng;
 
 #[cfg(test)]
 mod tests {
