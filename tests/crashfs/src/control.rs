@@ -3,7 +3,7 @@
 //!
 //! | command | effect |
 //! |---|---|
-//! | `stats` | counters: fsyncs, unsynced bytes, requests by kind, the last cut, fsyncs in flight now (`fsyncs_in_flight`) and at most since start (`max_fsyncs_in_flight`), injected writeback errors (`eio_injected`), EIOs fsyncs returned for them (`eio_reported`), open file handles (`open_handles`), armed faults (`faults_armed`) |
+//! | `stats` | counters: fsyncs, unsynced bytes, requests by kind, the last cut, fsyncs in flight now (`fsyncs_in_flight`) and at most since start (`max_fsyncs_in_flight`; of one regular file: `max_fsyncs_in_flight_one_file`, and that file's `max_fsyncs_in_flight_one_file_path`), injected writeback errors (`eio_injected`), EIOs fsyncs returned for them (`eio_reported`), open file handles (`open_handles`), armed faults (`faults_armed`) |
 //! | `cut [--keep-prefix-seed N \| --tear-seed N]` | power off now: every request fails with EIO from here on, and the files hold what a power cut leaves |
 //! | `remount` | unmount (waiting, up to 30 s, until no process uses the mount), power on, mount again |
 //! | `slow-fsync MS [--jitter SEED] [--only PATTERN]` | every fsync/fdatasync/fsyncdir from now on takes MS milliseconds; with `--jitter`, each one takes its own delay in 0..=MS drawn from a generator seeded with SEED, so that syncs from several threads overlap and finish out of order; with `--only`, only syncs of files whose path contains PATTERN are slow (the others are not delayed). `slow-fsync 0` ends it |

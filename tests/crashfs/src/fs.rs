@@ -65,6 +65,16 @@ pub struct Shared {
     state: Mutex<State>,
     fsyncs_in_flight: AtomicU64,
     max_fsyncs_in_flight: AtomicU64,
+    /// fsyncs of each regular file in flight now, by inode, and the most of one file at once
+    /// since start, with that file's path: two syncs of one file overlapping.
+    per_file: Mutex<PerFile>,
+}
+
+#[derive(Debug, Default)]
+struct PerFile {
+    now: std::collections::HashMap<u64, u64>,
+    max: u64,
+    max_path: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -122,22 +132,45 @@ impl State {
     }
 }
 
-/// Counts an fsync in flight until dropped.
-struct InFlight<'a>(&'a Shared);
+/// Counts an fsync in flight until dropped: in all, and per regular file (`file`: its inode and
+/// path).
+struct InFlight<'a>(&'a Shared, Option<u64>);
 
 impl<'a> InFlight<'a> {
-    fn new(shared: &'a Shared) -> InFlight<'a> {
+    fn new(shared: &'a Shared, file: Option<(u64, Option<String>)>) -> InFlight<'a> {
         let now = shared.fsyncs_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         shared
             .max_fsyncs_in_flight
             .fetch_max(now, Ordering::Relaxed);
-        InFlight(shared)
+        let ino = file.map(|(ino, path)| {
+            let mut pf = shared.per_file.lock().unwrap_or_else(|e| e.into_inner());
+            let n = {
+                let n = pf.now.entry(ino).or_default();
+                *n += 1;
+                *n
+            };
+            if n > pf.max {
+                pf.max = n;
+                pf.max_path = path;
+            }
+            ino
+        });
+        InFlight(shared, ino)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fsyncs_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ino) = self.1 {
+            let mut pf = self.0.per_file.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = pf.now.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    pf.now.remove(&ino);
+                }
+            }
+        }
     }
 }
 
@@ -190,6 +223,7 @@ impl Shared {
 
     pub fn stats_json(&self, mounted: bool) -> String {
         let st = self.lock();
+        let per_file = self.per_file.lock().unwrap_or_else(|e| e.into_inner());
         let (unsynced_bytes, unsynced_dir_ops) = st.model.unsynced();
         let ops: serde_json::Map<String, serde_json::Value> = st
             .ops
@@ -204,6 +238,8 @@ impl Shared {
             "fsyncdirs": st.fsyncdirs,
             "fsyncs_in_flight": self.fsyncs_in_flight.load(Ordering::Relaxed),
             "max_fsyncs_in_flight": self.max_fsyncs_in_flight.load(Ordering::Relaxed),
+            "max_fsyncs_in_flight_one_file": per_file.max,
+            "max_fsyncs_in_flight_one_file_path": per_file.max_path,
             "slow_fsync_ms": st.slow_fsync_ms,
             "slow_fsync_jitter_seed": st.jitter.as_ref().map(|(seed, _)| *seed),
             "slow_fsync_only": st.slow_only,
@@ -344,13 +380,14 @@ impl CrashFs {
                 .node(ino.0)
                 .map(|n| matches!(n.kind, Kind::File(_)))
             {
-                // The path, when a fault or a slow-sync filter needs it.
-                let wanted = !st.faults.is_empty() || st.slow_only.is_some();
-                let path = match (op, is_file, wanted) {
-                    ("fsync", true, true) => st.model.path_of(ino.0),
+                // The path of a regular file: for the faults, the slow-sync filter and the
+                // per-file count of syncs in flight.
+                let path = match (op, is_file) {
+                    ("fsync", true) => st.model.path_of(ino.0),
                     _ => None,
                 };
                 let path = path.map(|p| p.to_string_lossy().into_owned());
+                let file = (op == "fsync" && is_file).then(|| (ino.0, path.clone()));
                 let injected = path.as_deref().is_some_and(|p| st.take_fault(p));
                 if injected {
                     let dropped = st.model.fail_sync(ino.0).unwrap_or(0);
@@ -379,15 +416,15 @@ impl CrashFs {
                     st.eio_reported += 1;
                 }
                 let delay = st.next_delay(path.as_deref());
-                Some((point, st.epoch, delay))
+                Some((point, st.epoch, delay, file))
             } else {
                 None
             }
         };
-        let Some((point, epoch, delay)) = start else {
+        let Some((point, epoch, delay, file)) = start else {
             return reply.error(Errno::EIO);
         };
-        let in_flight = InFlight::new(shared);
+        let in_flight = InFlight::new(shared, file);
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }

@@ -162,6 +162,10 @@ pub struct Tally {
     pub agent_exits: u64,
     pub eio_injected: u64,
     pub max_fsyncs_in_flight: u64,
+    /// The most fsyncs of one file in flight at once (ferry syncs each file from one thread at a
+    /// time), and which file.
+    pub max_fsyncs_in_flight_one_file: u64,
+    pub one_file_path: Option<String>,
     /// Failures that are no count (a process that would not start, a deadline).
     pub errors: Vec<String>,
     pub by_strategy: BTreeMap<&'static str, u64>,
@@ -186,7 +190,8 @@ impl Tally {
         format!(
             "torture: cuts={} published={} acked={} delivered={} lost={} duplicates={} \
              journal_reopen_failures={} journal_lost={} seq_regressions={} clashes={} other_gaps={} \
-             session_drops={} crashes={} agent_exits={} eio_injected={} max_fsyncs_in_flight={} seed={} result={}",
+             session_drops={} crashes={} agent_exits={} eio_injected={} max_fsyncs_in_flight={} \
+             max_fsyncs_in_flight_one_file={}{} seed={} result={}",
             self.cuts,
             self.published,
             self.acked,
@@ -203,6 +208,11 @@ impl Tally {
             self.agent_exits,
             self.eio_injected,
             self.max_fsyncs_in_flight,
+            self.max_fsyncs_in_flight_one_file,
+            match (&self.one_file_path, self.max_fsyncs_in_flight_one_file > 1) {
+                (Some(p), true) => format!(" ({p})"),
+                _ => String::new(),
+            },
             seed,
             if self.passed() { "PASS" } else { "FAIL" }
         )
@@ -482,6 +492,12 @@ fn note_durable(ferry: &Ferry, max_durable: &mut u64) {
 fn note_fs(fs: &CrashFsProc, tally: &mut Tally) {
     tally.eio_injected = counter(fs, "/eio_injected");
     tally.max_fsyncs_in_flight = counter(fs, "/max_fsyncs_in_flight");
+    tally.max_fsyncs_in_flight_one_file = counter(fs, "/max_fsyncs_in_flight_one_file");
+    tally.one_file_path = fs.stats().ok().and_then(|s| {
+        s.pointer("/max_fsyncs_in_flight_one_file_path")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    });
 }
 
 /// The power cut: `cut` (a `cut ...` command), SIGKILL ferry, remount with every fault cleared,
