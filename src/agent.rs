@@ -96,6 +96,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         journal: journal.clone(),
         stats: Arc::clone(&stats),
         started: Instant::now(),
+        written_at_start: status::written_bytes(),
     };
     // One executor of operator commands for the control endpoint, the console and the downlink.
     let operator = Operator::in_agent(
@@ -128,6 +129,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     };
     let ingest = ingest::spawn(
         &cfg.mqtt,
+        cfg.journal.commit_wait,
         client_id.clone(),
         journal.clone(),
         Arc::clone(&stats),

@@ -25,6 +25,11 @@ pub struct Stats {
     pub left_with_broker: AtomicU64,
     /// Upload attempts that failed.
     pub upload_failures: AtomicU64,
+    /// Payload bytes the writer took into the journal (a recognised redelivery, which is rare,
+    /// counts too): what the disk writes are compared with.
+    pub ingested_bytes: AtomicU64,
+    /// Group commits of the journal writer (an append and a sync each).
+    pub journal_commits: AtomicU64,
     /// Reopens of the journal after a failed write or sync (each try counts, every 2 s while
     /// the disk keeps failing).
     pub journal_reopens: AtomicU64,

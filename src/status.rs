@@ -32,7 +32,18 @@ pub struct Status {
     /// Absent without a `[downlink]` section.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downlink: Option<DownlinkState>,
+    /// What this agent has written to storage since it started, to project an SD card's life.
+    pub disk: DiskWrites,
     pub totals: Totals,
+}
+
+/// Bytes written to storage since start: the kernel's count for this process (`/proc/self/io`
+/// `write_bytes`: the journal's appends, sled, the seq mark, config edits), and that count per
+/// payload byte ingested. `None` where the kernel does not say, or before any payload.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskWrites {
+    pub written_bytes: Option<u64>,
+    pub written_per_payload_byte: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +58,10 @@ pub struct Totals {
     pub left_with_broker: u64,
     pub upload_failures: u64,
     pub journal_reopens: u64,
+    /// Payload bytes taken into the journal.
+    pub ingested_bytes: u64,
+    /// Group commits (an append and a sync each): `ingested / journal_commits` is the average group.
+    pub journal_commits: u64,
 }
 
 /// What a status is read from: the agent's counters and its journal. Cheap to clone.
@@ -56,6 +71,17 @@ pub struct Source {
     pub journal: Journal,
     pub stats: Arc<Stats>,
     pub started: Instant,
+    /// [`written_bytes`] when this run started (a restart in place keeps the process).
+    pub written_at_start: Option<u64>,
+}
+
+/// The bytes this process has caused to be written to storage (`/proc/self/io` `write_bytes`),
+/// if the kernel says.
+pub fn written_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 impl Source {
@@ -90,6 +116,18 @@ impl Source {
                 _ => None,
             },
             backlog_eta_s,
+            disk: {
+                let written = written_bytes()
+                    .zip(self.written_at_start)
+                    .map(|(now, start)| now.saturating_sub(start));
+                let payload = Stats::get(&s.ingested_bytes);
+                DiskWrites {
+                    written_bytes: written,
+                    written_per_payload_byte: written
+                        .filter(|_| payload > 0)
+                        .map(|w| w as f64 / payload as f64),
+                }
+            },
             uplink,
             downlink: s.downlink(),
             totals: Totals {
@@ -103,6 +141,8 @@ impl Source {
                 left_with_broker: Stats::get(&s.left_with_broker),
                 upload_failures: Stats::get(&s.upload_failures),
                 journal_reopens: Stats::get(&s.journal_reopens),
+                ingested_bytes: Stats::get(&s.ingested_bytes),
+                journal_commits: Stats::get(&s.journal_commits),
             },
         }
     }
@@ -167,6 +207,26 @@ pub fn metrics(s: &Status) -> String {
         "Records journaled.",
         t.ingested,
     );
+    metric(
+        "ingested_bytes_total",
+        "counter",
+        "Payload bytes taken into the journal.",
+        t.ingested_bytes,
+    );
+    metric(
+        "journal_commits_total",
+        "counter",
+        "Group commits of the journal writer (an append and a sync each).",
+        t.journal_commits,
+    );
+    if let Some(w) = s.disk.written_bytes {
+        metric(
+            "disk_written_bytes_total",
+            "counter",
+            "Bytes this agent wrote to storage since it started (/proc/self/io write_bytes).",
+            w,
+        );
+    }
     metric(
         "delivered_total",
         "counter",
@@ -266,7 +326,7 @@ pub fn status_text(json: &str) -> String {
         String::new()
     };
     format!(
-        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\n{}dead letters  {}\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
+        "device        {}\nversion       {} (up {} s)\nmqtt          {}\njournal       head_seq={} acked_seq={} backlog={} records / {} bytes, {} bytes on disk{}\nuplink        {} (last error: {})\n{}dead letters  {}\ndisk writes   {} bytes since start, {} per payload byte ({} payload bytes in {} commits)\ntotals        ingested={} delivered={} dropped={} dead_lettered={} parse_failed={} redeliveries={}\n",
         n(&["device_id"]),
         n(&["version"]),
         n(&["uptime_s"]),
@@ -289,6 +349,13 @@ pub fn status_text(json: &str) -> String {
         n(&["uplink", "last_error"]),
         downlink,
         n(&["dead_letters"]),
+        n(&["disk", "written_bytes"]),
+        match v["disk"]["written_per_payload_byte"].as_f64() {
+            Some(r) => format!("{r:.2}"),
+            None => "-".to_owned(),
+        },
+        n(&["totals", "ingested_bytes"]),
+        n(&["totals", "journal_commits"]),
         n(&["totals", "ingested"]),
         n(&["totals", "delivered"]),
         n(&["totals", "dropped"]),

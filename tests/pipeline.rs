@@ -3,7 +3,7 @@
 
 mod util;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use util::*;
 
@@ -342,6 +342,77 @@ fn status_metrics_and_the_status_command_report_the_pipeline() {
     assert_eq!(v["acked_seq"], 10);
 }
 
+/// What the journal costs the card: `/status` and `/metrics` count the payload bytes taken in, the
+/// group commits, and the bytes this agent wrote to storage (`/proc/self/io`), with the ratio an
+/// operator projects card life from. With `journal.commit_wait`, messages that arrive spaced out
+/// are committed in groups: no more commits than one per wait over the time they took to arrive.
+#[test]
+fn commit_wait_groups_spaced_messages_and_the_disk_writes_are_reported() {
+    const WAIT: Duration = Duration::from_millis(300);
+    const N: usize = 40;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = edited(
+        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        &[(
+            "max_bytes = \"64MiB\"",
+            "max_bytes = \"64MiB\"\ncommit_wait = \"300ms\"",
+        )],
+    );
+    let agent = Agent::start(&dir, &config, control);
+    agent.wait_connected();
+
+    // One message every 25 ms or so, each from its own publisher connection.
+    let payload = vec![b'x'; 200];
+    let started = Instant::now();
+    for _ in 0..N {
+        publish(broker.port, "sensors/spaced", [payload.clone()]);
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let span = started.elapsed();
+    wait_until(
+        "all journaled and delivered",
+        Duration::from_secs(30),
+        || agent.status()["acked_seq"] == N as u64,
+    );
+
+    let st = agent.status();
+    let commits = st["totals"]["journal_commits"].as_u64().unwrap();
+    let bound = (span.as_secs_f64() / WAIT.as_secs_f64()).floor() as u64 + 2;
+    assert!(
+        commits >= 1 && commits <= bound,
+        "{commits} commits for {N} messages over {span:?} with a {WAIT:?} wait (at most {bound}): {st}"
+    );
+    assert_eq!(
+        st["totals"]["ingested_bytes"],
+        (N * payload.len()) as u64,
+        "{st}"
+    );
+    let written = st["disk"]["written_bytes"]
+        .as_u64()
+        .expect("write_bytes on Linux");
+    assert!(written > 0, "{st}");
+    let ratio = st["disk"]["written_per_payload_byte"].as_f64().unwrap();
+    eprintln!(
+        "{commits} commits over {span:?}: {written} bytes written, {ratio:.1} per payload byte"
+    );
+    assert!(
+        (ratio - written as f64 / (N * payload.len()) as f64).abs() < 1e-9,
+        "{st}"
+    );
+    let metrics = http_get(agent.control_port, "/metrics");
+    for name in [
+        "ferry_disk_written_bytes_total ",
+        &format!("ferry_ingested_bytes_total {}", N * payload.len()),
+        &format!("ferry_journal_commits_total {commits}"),
+    ] {
+        assert!(metrics.contains(name), "{name}: {metrics}");
+    }
+}
+
 /// `ferry status` against an agent that is not running says so, in words, with exit code 1.
 #[test]
 fn the_status_command_explains_when_no_agent_runs() {
@@ -445,5 +516,42 @@ fn a_clean_stop_under_load_leaves_no_acked_message_with_the_broker() {
         agent.status()["totals"]["redeliveries"],
         0,
         "acked messages came back from the broker"
+    );
+}
+
+/// `journal.commit_wait` must not cap throughput: the mqtt thread hands the writer at most 256 QoS1
+/// messages ahead of their PUBACKs, so a writer that waited out the full second for each group
+/// would take 1 s per 256 messages (at least 11 s for these 3,000). It commits as soon as the
+/// mqtt thread's window is full.
+#[test]
+fn commit_wait_does_not_hold_a_full_window() {
+    const N: u64 = 3000;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = edited(
+        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        &[(
+            "max_bytes = \"64MiB\"",
+            "max_bytes = \"64MiB\"\ncommit_wait = \"1s\"",
+        )],
+    );
+    let agent = Agent::start(&dir, &config, control);
+    agent.wait_connected();
+    let started = Instant::now();
+    publish(broker.port, "sensors/burst", numbered(0..N));
+    wait_until("all journaled", Duration::from_secs(60), || {
+        agent.status()["head_seq"] == N
+    });
+    let took = started.elapsed();
+    eprintln!(
+        "{N} messages journaled in {took:?} with commit_wait = 1s, {} commits",
+        agent.status()["totals"]["journal_commits"]
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "{N} messages took {took:?}: the writer waited out its commit_wait with the window full"
     );
 }

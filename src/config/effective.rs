@@ -50,6 +50,8 @@ impl Config {
                 max_bytes: format_size(self.journal.max_bytes),
                 on_full: self.journal.on_full,
                 cache_bytes: format_size(self.journal.cache_bytes),
+                replay_window: format_size(self.journal.replay_window),
+                commit_wait: format_duration(self.journal.commit_wait),
             },
             uplink: EffectiveUplink {
                 url: &self.uplink.url,
@@ -137,6 +139,8 @@ struct EffectiveJournal {
     max_bytes: String,
     on_full: OnFull,
     cache_bytes: String,
+    replay_window: String,
+    commit_wait: String,
 }
 
 #[derive(Serialize)]

@@ -98,6 +98,10 @@ pub struct JournalConfig {
     pub cache_bytes: u64,
     /// Acknowledged records kept for the downlink's `replay_from`, in bytes of the log.
     pub replay_window: u64,
+    /// How long the writer may wait for more messages before it commits a group (0: commit what
+    /// has arrived at once). Fewer, larger commits write less to flash per message, and each
+    /// PUBACK comes up to this much later.
+    pub commit_wait: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -66,6 +66,7 @@ pub(super) struct RawJournal {
     pub(super) on_full: Option<OnFull>,
     pub(super) cache_bytes: Option<ByteSize>,
     pub(super) replay_window: Option<ByteSize>,
+    pub(super) commit_wait: Option<HumanDuration>,
 }
 
 #[derive(Default, Deserialize)]

@@ -194,6 +194,7 @@ fn omitted_sections_and_keys_take_their_defaults() {
     assert_eq!(c.journal.cache_bytes, 16 * MIB);
     // 2 % of the 256 MiB journal, at most 4 MiB.
     assert_eq!(c.journal.replay_window, 4 * MIB);
+    assert_eq!(c.journal.commit_wait, Duration::ZERO);
     assert!(c.uplink.token.is_none());
     assert_eq!(c.uplink.batch_max_records, 500);
     assert_eq!(c.uplink.batch_max_bytes, 512 * KIB);
@@ -260,6 +261,18 @@ fn a_wrong_type_names_the_key_and_the_position() {
         assert_names(&error(&with(section, line)), &[key, "line "]);
     }
     assert_names(&error("mqtt = 5\n"), &["mqtt", "a table, as in [mqtt]"]);
+}
+
+#[test]
+fn the_commit_wait_is_a_duration_up_to_a_second() {
+    assert_eq!(
+        parse(&with("journal", "commit_wait = \"50ms\""))
+            .journal
+            .commit_wait,
+        Duration::from_millis(50)
+    );
+    let e = error(&with("journal", "commit_wait = \"2s\""));
+    assert_names(&e, &["journal.commit_wait", "2s", "0s..=1s"]);
 }
 
 #[test]

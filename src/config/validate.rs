@@ -208,6 +208,12 @@ pub(super) fn validate_journal(raw: RawJournal, source: &Path) -> Result<Journal
         on_full: raw.on_full.unwrap_or(OnFull::RejectNew),
         cache_bytes: size_in("journal.cache_bytes", raw.cache_bytes, 16 * MIB, MIB..=GIB)?,
         replay_window: replay_window(raw.replay_window, max_bytes)?,
+        commit_wait: duration_in(
+            "journal.commit_wait",
+            raw.commit_wait,
+            Duration::ZERO,
+            Duration::ZERO..=Duration::from_secs(1),
+        )?,
     })
 }
 

@@ -31,7 +31,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -112,8 +112,10 @@ pub struct Ingest {
     pub writer: JoinHandle<()>,
 }
 
+/// Starts the `mqtt` and `journal-writer` threads; `commit_wait` is `journal.commit_wait`.
 pub fn spawn(
     cfg: &MqttConfig,
+    commit_wait: Duration,
     client_id: String,
     journal: Journal,
     stats: Arc<Stats>,
@@ -126,12 +128,13 @@ pub fn spawn(
         shutdown,
         durable: Arc::new(AtomicU64::new(0)),
         queued: Arc::new(AtomicUsize::new(0)),
+        window_full: Arc::new(AtomicBool::new(false)),
     };
     let writer = {
         let shared = shared.clone();
         thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || run_writer(rx, shared))?
+            .spawn(move || run_writer(rx, shared, commit_wait))?
     };
     let mqtt = {
         let cfg = cfg.clone();
@@ -153,6 +156,10 @@ struct Shared {
     /// Payload bytes taken from the broker and not journaled yet (in the MQTT thread's queue, the
     /// channel, the writer's group). QoS0 messages are dropped past `QOS0_QUEUE_BYTES`.
     queued: Arc<AtomicUsize>,
+    /// The `mqtt` thread holds messages back because `PUBACK_WINDOW` is full: nothing more comes
+    /// until the writer commits, so a writer waiting to fill its group (`journal.commit_wait`)
+    /// commits at once.
+    window_full: Arc<AtomicBool>,
 }
 
 struct MqttLoop {
@@ -175,6 +182,8 @@ struct MqttLoop {
     awaiting_puback: HashSet<u16>,
     /// See [`Shared::queued`].
     queued: Arc<AtomicUsize>,
+    /// See [`Shared::window_full`].
+    window_full: Arc<AtomicBool>,
     /// See `OVERFLOW_MESSAGES`.
     overflow_limit: usize,
     /// QoS1 messages left with the broker on this connection (see the module header).
@@ -204,6 +213,7 @@ impl MqttLoop {
             shutdown,
             durable,
             queued,
+            window_full,
             ..
         } = shared;
         let mut opts = options(&cfg, client_id);
@@ -229,6 +239,7 @@ impl MqttLoop {
             overflow: VecDeque::new(),
             awaiting_puback: HashSet::new(),
             queued,
+            window_full,
             overflow_limit: failpoint::number("ingest_overflow")
                 .map_or(OVERFLOW_MESSAGES, |n| n as usize),
             left_with_broker: 0,
@@ -428,11 +439,18 @@ impl MqttLoop {
     }
 
     fn feed_writer(&mut self) {
+        let mut window_full = false;
+        self.feed_writer_until(&mut window_full);
+        self.window_full.store(window_full, Ordering::Release);
+    }
+
+    fn feed_writer_until(&mut self, window_full: &mut bool) {
         while let Some(d) = self.overflow.pop_front() {
             let pkid = d.record.mqtt.map(|m| m.pkid);
             if pkid.is_some() && self.awaiting_puback.len() >= PUBACK_WINDOW {
                 // The PUBACKs are behind: journal no further ahead of them (see PUBACK_WINDOW).
                 self.overflow.push_front(d);
+                *window_full = true;
                 return;
             }
             match self.tx.try_send(d) {
