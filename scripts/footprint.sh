@@ -11,6 +11,8 @@
 #                with the cloud down
 #   CPU          ferry's user+system time over 20 s of 1,000 QoS1 messages/s delivered to the cloud,
 #                as a percentage of one core
+#   writes       /status disk.written_bytes over totals.ingested_bytes during those 20 s
+#   threads      ferry's threads at the end, and how many carry no name of their own
 # Under qemu, RSS includes the emulator (its translation cache, its own heap) and CPU is the
 # emulated cost on this host: upper bounds, not what an ARM core spends.
 #
@@ -123,14 +125,22 @@ EOF
     hz=$(getconf CLK_TCK)
     local n0 n1
     t0=$(date +%s.%N); c0=$(cpu_ticks $fpid); n0=$(status_field "$ctl" '["totals"]["ingested"]')
+    local w0 p0 w1 p1
+    w0=$(status_field "$ctl" '["disk"]["written_bytes"]'); p0=$(status_field "$ctl" '["totals"]["ingested_bytes"]')
     publish "$mport" "$RATE" "$SECONDS_AT_RATE"
     t1=$(date +%s.%N); c1=$(cpu_ticks $fpid); n1=$(status_field "$ctl" '["totals"]["ingested"]')
+    w1=$(status_field "$ctl" '["disk"]["written_bytes"]'); p1=$(status_field "$ctl" '["totals"]["ingested_bytes"]')
     local after; after=$(rss_kib $fpid)
+    # Threads: how many, and how many without a name of their own (named as the process).
+    local threads unnamed
+    threads=$(ls /proc/$fpid/task | wc -l)
+    unnamed=$(cat /proc/$fpid/task/*/comm | grep -cx "$(cat /proc/$fpid/comm)" || true)
     awk -v l="$label" -v s="$(stat -c %s "$bin")" -v i="$idle" -v b="$backlog" -v a="$after" -v d="$disk" \
-        -v n="$records" -v c=$((c1 - c0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" -v m=$((n1 - n0)) 'BEGIN {
+        -v n="$records" -v c=$((c1 - c0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" -v m=$((n1 - n0)) \
+        -v w=$((w1 - w0)) -v p=$((p1 - p0)) -v th="$threads" -v un="$unnamed" 'BEGIN {
         secs = t1 - t0; rate = m / secs; cpu = 100 * c / hz / secs
-        printf "| %s | %.2f MiB | %.1f MiB | %.1f MiB (%d records, journal %.0f MiB on disk) | %.1f MiB | %.1f %% of a core at %.0f msg/s: %.1f %% per 1,000 msg/s |\n",
-            l, s / 1048576, i / 1024, b / 1024, n, d / 1048576, a / 1024, cpu, rate, cpu * 1000 / rate
+        printf "| %s | %.2f MiB | %.1f MiB | %.1f MiB (%d records, journal %.0f MiB on disk) | %.1f MiB | %.1f %% of a core at %.0f msg/s: %.1f %% per 1,000 msg/s | %.2f | %d (%d unnamed) |\n",
+            l, s / 1048576, i / 1024, b / 1024, n, d / 1048576, a / 1024, cpu, rate, cpu * 1000 / rate, (p > 0 ? w / p : 0), th, un
     }'
     cleanup
 }
@@ -147,8 +157,8 @@ arm() { # label triple runner
 
 want=("$@")
 [ ${#want[@]} -eq 0 ] && want=(x86_64 aarch64 armv7)
-echo "| target | binary | RSS idle | RSS with a backlog (cloud down) | RSS at 1,000 msg/s | CPU at 1,000 msg/s |"
-echo "|---|---|---|---|---|---|"
+echo "| target | binary | RSS idle | RSS with a backlog (cloud down) | RSS at 1,000 msg/s | CPU at 1,000 msg/s | bytes written per payload byte at 1,000 msg/s | threads |"
+echo "|---|---|---|---|---|---|---|---|"
 for w in "${want[@]}"; do
     case "$w" in
         x86_64) run_one "x86_64 (native)" target/release/ferry ;;
