@@ -9,7 +9,6 @@ MSRV_CARGO ?= /usr/bin/cargo
 all: build
 
 # The product's crates: the agent, the receiver (ferry-cloud) and the crates they are built from.
-# Testing them in one run also builds ferry-cloud for the agent's integration tests.
 PACKAGES = -p ferry -p ferry-cloud -p ferry-journal -p ferry-protocol -p ferry-tls -p ferry-util
 
 build:
@@ -21,7 +20,10 @@ deps:
 	@scripts/ensure-deps.sh --bench
 
 ## The whole suite: formatting, lints with warnings denied, unit and integration tests.
+# The agent's integration tests run the ferry-cloud binary found beside them (tests/util): cargo
+# builds a package's binaries for its own integration tests only, and crates/cloud has none.
 test: deps lint
+	$(CARGO) build -p ferry-cloud --bins
 	$(CARGO) test --all-targets $(PACKAGES)
 
 lint:

@@ -195,7 +195,7 @@ impl Operator {
     pub fn set_runtime_key(&self, key: &str, value: &str) -> Result<Applied, Error> {
         if !is_runtime_key(key) {
             return Err(Error::Failed(format!(
-                "{key:?} cannot be set remotely (it restarts the agent): allowed {}",
+                "{key:?} cannot be set remotely: only keys that apply without a restart, {}",
                 RUNTIME_KEYS.join(", ")
             )));
         }

@@ -394,7 +394,8 @@ fn commit_wait_groups_spaced_messages_and_the_disk_writes_are_reported() {
     let written = st["disk"]["written_bytes"]
         .as_u64()
         .expect("write_bytes on Linux");
-    assert!(written > 0, "{st}");
+    // The kernel counts no writes to tmpfs, where some systems keep /tmp.
+    assert!(written > 0 || on_tmpfs(tmp.path()), "{st}");
     let ratio = st["disk"]["written_per_payload_byte"].as_f64().unwrap();
     eprintln!(
         "{commits} commits over {span:?}: {written} bytes written, {ratio:.1} per payload byte"
@@ -546,12 +547,29 @@ fn commit_wait_does_not_hold_a_full_window() {
         agent.status()["head_seq"] == N
     });
     let took = started.elapsed();
-    eprintln!(
-        "{N} messages journaled in {took:?} with commit_wait = 1s, {} commits",
-        agent.status()["totals"]["journal_commits"]
-    );
+    let commits = agent.status()["totals"]["journal_commits"]
+        .as_u64()
+        .unwrap();
+    eprintln!("{N} messages journaled in {took:?} with commit_wait = 1s, {commits} commits");
+    // A writer that waits out the second for every group takes at least (commits - 1) s; one
+    // that commits when the window is full, a small part of that.
     assert!(
-        took < Duration::from_secs(8),
-        "{N} messages took {took:?}: the writer waited out its commit_wait with the window full"
+        took.as_secs_f64() < commits as f64 * 0.5,
+        "{N} messages took {took:?} for {commits} commits: the writer waited out its commit_wait \
+         with the window full"
     );
+}
+
+/// Whether `path` is on a tmpfs (the filesystem mounted at the longest matching mount point).
+fn on_tmpfs(path: &std::path::Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at).then_some((at.len(), kind == "tmpfs"))
+        })
+        .max_by_key(|(len, _)| *len)
+        .is_some_and(|(_, tmpfs)| tmpfs)
 }

@@ -100,7 +100,8 @@ pub struct JournalConfig {
     pub replay_window: u64,
     /// How long the writer may wait for more messages before it commits a group (0: commit what
     /// has arrived at once). Fewer, larger commits write less to flash per message, and each
-    /// PUBACK comes up to this much later.
+    /// PUBACK comes up to this much later. A broker that enforces `max_inflight_messages` M sends
+    /// at most M per commit, so throughput is capped at M per `commit_wait`.
     pub commit_wait: Duration,
 }
 

@@ -46,7 +46,10 @@ pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared, commit_wait: Du
                     let deadline = Instant::now() + commit_wait;
                     while records.len() < MAX_GROUP {
                         let left = deadline.saturating_duration_since(Instant::now());
-                        if left.is_zero() || window_full.load(Ordering::Acquire) {
+                        if left.is_zero()
+                            || window_full.load(Ordering::Acquire)
+                            || shutdown.is_set()
+                        {
                             break;
                         }
                         match rx.recv_timeout(left.min(WINDOW_CHECK)) {

@@ -367,8 +367,10 @@ pub fn local_request(
     timeout: Duration,
     limit: u64,
 ) -> Result<(u16, String), LocalError> {
+    // The connect deadline is a little shorter than the whole one, so that a connect that times
+    // out is told as such (nothing answers there), not as the whole exchange running out.
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(timeout))
+        .timeout_connect(Some(timeout.mul_f64(0.9)))
         .timeout_global(Some(timeout))
         .proxy(None)
         .max_redirects(0)
@@ -404,8 +406,16 @@ pub fn local_request(
 }
 
 fn local_failure(e: ureq::Error) -> LocalError {
+    use std::io::ErrorKind::{
+        AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable,
+    };
     match e {
-        ureq::Error::Io(source) if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+        ureq::Error::Io(source)
+            if matches!(
+                source.kind(),
+                ConnectionRefused | NetworkUnreachable | HostUnreachable | AddrNotAvailable
+            ) =>
+        {
             LocalError::NotReached(source)
         }
         ureq::Error::ConnectionFailed | ureq::Error::Timeout(ureq::Timeout::Connect) => {

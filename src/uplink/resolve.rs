@@ -41,7 +41,8 @@ impl Resolver for CachingResolver {
         let (Some(host), Some(port)) = (uri.host(), port) else {
             return Err(ureq::Error::BadUri(format!("{uri}: no host or port")));
         };
-        // The agent always sets a connect deadline (`uplink.connect_timeout`); never wait forever.
+        // ureq passes what is left of the request's deadline (`uplink.request_timeout`); never
+        // wait forever if it were ever to pass none.
         let deadline = (*timeout.after).min(MAX_WAIT);
         let found = self.lookups.resolve(host, port, deadline)?;
         let mut addrs = self.empty();

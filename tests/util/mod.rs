@@ -23,8 +23,7 @@ pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 /// The `ferry-cloud` binary. It is a package of its own (`crates/cloud`), so cargo does not hand
 /// its path to these tests: it is the one built beside them, in the same target directory and
-/// profile (`make test` tests both packages in one run, which builds it; `test-arm.sh` builds it
-/// for the target).
+/// profile (`make test` and `test-arm.sh` build it first: `cargo build -p ferry-cloud`).
 pub fn ferry_cloud() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {

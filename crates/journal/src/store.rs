@@ -249,23 +249,27 @@ fn is_lock_conflict(e: &sled::Error) -> bool {
 
 fn open_store_once(opts: &Options, db_dir: &Path) -> Result<Store> {
     let opened = std::panic::catch_unwind(|| {
-        let db = sled::Config::new()
-            .path(db_dir)
-            .cache_capacity(opts.cache_bytes)
-            .segment_size(SEGMENT_SIZE)
-            // No flusher thread: it `fsync`s sled's file every second and only logs a failure,
-            // and later writes then land on top of the pages Linux dropped. Every sync of sled's
-            // files is the journal's own (`Journal::sync`), which sees the error and rewrites.
-            // sled's garbage collection ran in that thread too: its file now grows until
-            // `maybe_compact` copies the live keys into a new generation, as before.
-            .flush_every_ms(None)
-            .mode(sled::Mode::LowSpace)
-            .open()?;
-        let log = db.open_tree("log")?;
+        // Held as `Quiet` at once: if `open_tree` fails, its drop must not panic either.
+        let db = Quiet::new(
+            sled::Config::new()
+                .path(db_dir)
+                .cache_capacity(opts.cache_bytes)
+                .segment_size(SEGMENT_SIZE)
+                // No flusher thread: it `fsync`s sled's file every second and only logs a failure,
+                // and later writes then land on top of the pages Linux dropped. Every sync of sled's
+                // files is the journal's own (`Journal::sync`), which sees the error and rewrites.
+                // sled's garbage collection ran in that thread too: its file now grows until
+                // `maybe_compact` copies the live keys into a new generation, as before.
+                .flush_every_ms(None)
+                .mode(sled::Mode::LowSpace)
+                .open()?,
+            db_dir,
+        );
+        let log = Quiet::new(db.open_tree("log")?, db_dir);
         Ok::<_, sled::Error>((db, log))
     });
     let (db, log) = match opened {
-        Ok(Ok((db, log))) => (Quiet::new(db, db_dir), Quiet::new(log, db_dir)),
+        Ok(Ok(handles)) => handles,
         Ok(Err(source)) => {
             return Err(Error::Open {
                 path: db_dir.to_path_buf(),
