@@ -22,7 +22,7 @@ pub type Result<T> = std::result::Result<T, BoxError>;
 pub const PAYLOAD: usize = 250;
 pub const TOPIC: &str = "sensors/bench/1";
 /// The journal size limit the bench uses: large enough that a 1,000,000-record backlog fits the
-/// logical budget and compaction does not start (see `journal/mod.rs`, `LOGICAL_SHARE`).
+/// logical budget and compaction does not start (see `crates/journal/src/budget.rs`, `LOGICAL_SHARE`).
 pub const MAX_BYTES: u64 = 8 << 30;
 /// The agent's default `journal.cache_bytes`.
 pub const CACHE_BYTES: u64 = 16 << 20;
@@ -310,7 +310,7 @@ struct SledFiles {
 }
 
 fn sled_open(dir: &Path) -> Result<(sled::Db, SledFiles)> {
-    // The journal's own sled settings (journal/mod.rs `open_store_once`).
+    // The journal's own sled settings (crates/journal/src/store.rs `open_store_once`).
     let db = sled::Config::new()
         .path(dir)
         .cache_capacity(CACHE_BYTES)
