@@ -39,6 +39,8 @@ struct State {
     in_flight: Option<String>,
     /// Lookups ended so far: a waiter knows a new answer by it.
     ended: u64,
+    /// Callers waiting for the lookup in flight now.
+    waiting: usize,
     /// What is known of each name asked, oldest first.
     names: Vec<Known>,
 }
@@ -136,12 +138,14 @@ impl Lookups {
                         format!("name lookup of {host} took longer than {timeout:?}"),
                     ));
                 }
+                st.waiting += 1;
                 st = self
                     .shared
                     .ended
                     .wait_timeout(st, left)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                st.waiting -= 1;
             }
         }
     }
@@ -228,17 +232,28 @@ mod tests {
     }
 
     #[test]
-    fn two_callers_at_once_both_get_the_answer_of_one_lookup() {
+    fn a_caller_that_finds_its_name_in_flight_waits_for_that_answer() {
         let l = Arc::new(Lookups::default());
-        let threads: Vec<_> = (0..2)
-            .map(|_| {
-                let l = Arc::clone(&l);
-                std::thread::spawn(move || l.resolve("localhost", 80, Duration::from_secs(5)))
-            })
-            .collect();
-        for t in threads {
-            assert!(!t.join().unwrap().unwrap().is_empty());
+        l.lock().in_flight = Some("localhost:80".into());
+        let waiter = {
+            let l = Arc::clone(&l);
+            std::thread::spawn(move || l.resolve("localhost", 80, Duration::from_secs(10)))
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while l.lock().waiting == 0 {
+            assert!(Instant::now() < end, "the caller never waited");
+            std::thread::sleep(Duration::from_millis(5));
         }
+        // The lookup in flight ends, as its thread would, with an address only it could know.
+        let only_that: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        {
+            let mut st = l.lock();
+            st.record("localhost:80".into(), Instant::now(), Ok(vec![only_that]));
+            st.in_flight = None;
+            st.ended += 1;
+        }
+        l.shared.ended.notify_all();
+        assert_eq!(waiter.join().unwrap().unwrap(), [only_that]);
     }
 
     #[test]

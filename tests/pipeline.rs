@@ -351,19 +351,7 @@ fn commit_wait_groups_spaced_messages_and_the_disk_writes_are_reported() {
     const WAIT: Duration = Duration::from_millis(300);
     const N: usize = 40;
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
-    let cloud = Cloud::start(&tmp.path().join("cloud"));
-    let dir = tmp.path().join("agent");
-    let control = free_port();
-    let config = edited(
-        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
-        &[(
-            "max_bytes = \"64MiB\"",
-            "max_bytes = \"64MiB\"\ncommit_wait = \"300ms\"",
-        )],
-    );
-    let agent = Agent::start(&dir, &config, control);
-    agent.wait_connected();
+    let (broker, _cloud, agent) = with_commit_wait(tmp.path(), "300ms");
 
     // One message every 25 ms or so, each from its own publisher connection.
     let payload = vec![b'x'; 200];
@@ -528,19 +516,7 @@ fn a_clean_stop_under_load_leaves_no_acked_message_with_the_broker() {
 fn commit_wait_does_not_hold_a_full_window() {
     const N: u64 = 3000;
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
-    let cloud = Cloud::start(&tmp.path().join("cloud"));
-    let dir = tmp.path().join("agent");
-    let control = free_port();
-    let config = edited(
-        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
-        &[(
-            "max_bytes = \"64MiB\"",
-            "max_bytes = \"64MiB\"\ncommit_wait = \"1s\"",
-        )],
-    );
-    let agent = Agent::start(&dir, &config, control);
-    agent.wait_connected();
+    let (broker, _cloud, agent) = with_commit_wait(tmp.path(), "1s");
     let started = Instant::now();
     publish(broker.port, "sensors/burst", numbered(0..N));
     wait_until("all journaled", Duration::from_secs(60), || {
@@ -572,4 +548,22 @@ fn on_tmpfs(path: &std::path::Path) -> bool {
         })
         .max_by_key(|(len, _)| *len)
         .is_some_and(|(_, tmpfs)| tmpfs)
+}
+
+/// A broker, a cloud and a connected agent whose journal has `commit_wait = wait`.
+fn with_commit_wait(tmp: &std::path::Path, wait: &str) -> (Mosquitto, Cloud, Agent) {
+    let broker = Mosquitto::start(&tmp.join("mqtt"));
+    let cloud = Cloud::start(&tmp.join("cloud"));
+    let dir = tmp.join("agent");
+    let control = free_port();
+    let config = edited(
+        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        &[(
+            "max_bytes = \"64MiB\"",
+            &format!("max_bytes = \"64MiB\"\ncommit_wait = \"{wait}\""),
+        )],
+    );
+    let agent = Agent::start(&dir, &config, control);
+    agent.wait_connected();
+    (broker, cloud, agent)
 }
