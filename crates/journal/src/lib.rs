@@ -91,9 +91,9 @@
 //! sync succeeds. sled still `fsync`s its file itself when it truncates it (freeing segments at
 //! its end): what it does with a failure there is sled's own, unchecked here. Seen once in 1,000
 //! power cuts (`make torture`, seed 1796304266092827400): after a failed sync of sled's file and
-//! a power cut before the repair, sled refused its database; the journal then moved it aside and,
-//! finding the log without a database, removed the log too, reporting its seqs as
-//! `journal_lost`. Synced, acknowledged records can be lost that way, reported, not silently. A
+//! a power cut before the repair, sled refused its database. The journal moves it aside and
+//! adopts the log (see *Losing the journal*), so the records survive; what only sled held (dead
+//! letters, the gaps laid over the log) does not. A
 //! failed `fsync` of a directory is not rewritten: the journal stops and the reopen syncs the
 //! directory again. A disk that acknowledges a sync it did not perform (a
 //! cache without power-loss protection) defeats any software: a last frame lost that way is
@@ -129,10 +129,15 @@
 //! sled 0.34 opens damaged files without complaint more often than it refuses them (measured: a
 //! truncated file opened with 7 of 10,000 keys), and a disk may lose synced data. So besides moving
 //! an unopenable database aside (`db.corrupt-<unix seconds>`, kept for forensics) and starting a
-//! fresh one (whose log, belonging to no database, is removed), the journal keeps a seq high-water
-//! mark outside sled (`mark.rs`): a lease on seqs, renewed before any seq past it is assigned, and
-//! the durable head at the last renewal or clean close. A fresh database where a mark exists, or a
-//! head below the mark's, is reported as a `journal_lost` gap up to the lease, and seqs continue
+//! fresh one, the journal adopts a log it finds beside a fresh database: the frames are
+//! self-describing, so everything in the log past the cloud's last known cursor (the seq mark's,
+//! or below the log's first segment) is sent again and the cloud keeps one copy. Lost with the
+//! database: the dead letters, and the gaps laid over the log (rejected and dropped runs), whose
+//! records are then sent again as records, beside the gaps the cloud already has. The journal
+//! also keeps a seq high-water mark outside sled (`mark.rs`): a lease on seqs, renewed before any
+//! seq past it is assigned, and the durable head at the last renewal or clean close. A fresh
+//! database and no log where a mark exists, or a head below the mark's, is reported as a
+//! `journal_lost` gap up to the lease, and seqs continue
 //! after it: `seq` never goes backwards, so the cloud's dedupe never drops a new record.
 //!
 //! # Full journal

@@ -133,8 +133,8 @@ impl Journal {
                 let aside = layout::quarantine(&opts.dir, now_ms() / 1000).map_err(layout_err)?;
                 let db_dir = layout::current(&opts.dir).map_err(layout_err)?;
                 error!(
-                    "journal would not open ({}); moved it aside to {} and started a fresh one; \
-                     its unsent records are reported to the cloud as journal_lost",
+                    "journal would not open ({}); moved it aside to {} and started a fresh one \
+                     beside the record log",
                     ferry_util::error_chain(&e),
                     aside.display()
                 );

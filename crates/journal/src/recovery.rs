@@ -88,19 +88,6 @@ impl Journal {
             })?;
         let fresh = self.meta(M_INITIALISED)?.is_none();
         let mut opened_head = opened.head;
-        if fresh && opened_head.is_some() {
-            // The log belongs to a database that is gone; the seq mark reports what it held.
-            let n = log.remove_all().map_err(|source| Error::Log {
-                path: log_dir.clone(),
-                source,
-            })?;
-            error!(
-                "journal log in {} has no database any more: removed its {} segments",
-                log_dir.display(),
-                n
-            );
-            opened_head = None;
-        }
         let migrated = match self.migrate_entries(&mut log)? {
             Some(head) => {
                 opened_head = head;
@@ -108,17 +95,51 @@ impl Journal {
             }
             None => false,
         };
-        let meta_next = self.meta(M_NEXT_SEQ)?.unwrap_or(1).max(1);
-        let mut acked = self.meta(M_ACKED)?.unwrap_or(0);
+        // A fresh database beside a log: the old database was moved aside as unreadable, deleted,
+        // or lost its files (an EIO on sled's file, then a power cut before the repair). The log is
+        // the truth about the records, and its frames are self-describing, so it is adopted, not
+        // thrown away: everything in it from the cloud's last known cursor on is sent again (the
+        // cloud keeps one copy). What only the database held is gone: the dead letters and the
+        // gaps laid over the log (rejected and dropped runs), whose records are then sent again
+        // as records; the cloud stores them beside the gaps it already has.
+        let adopted = match (fresh && !migrated, opened_head) {
+            (true, Some(head)) => {
+                let below_log = log.first_seq().map_or(head, |first| first - 1);
+                let mark_acked = self.mark().current.map_or(0, |m| m.acked);
+                Some(below_log.max(mark_acked))
+            }
+            _ => None,
+        };
+        let (meta_next, mut acked) = match adopted {
+            Some(acked) => (acked + 1, acked),
+            None => (
+                self.meta(M_NEXT_SEQ)?.unwrap_or(1).max(1),
+                self.meta(M_ACKED)?.unwrap_or(0),
+            ),
+        };
         // The log is the truth about the head when it is shorter: sled may have kept positions
         // of appends whose frames were never synced (sled also writes on its own).
         let mut next_seq = match opened_head {
             Some(h) => h + 1,
             None => meta_next,
         };
+        if let Some(acked) = adopted {
+            error!(
+                "journal log in {} has no database any more: adopted it (head_seq={}), sending again \
+                 everything after acked_seq={}; dead letters and dropped runs the database held are gone",
+                log_dir.display(),
+                next_seq - 1,
+                acked
+            );
+        }
         let mut overlays = self.load_overlays()?;
         let mut batch = sled::Batch::default();
-        let mut repaired = migrated;
+        let mut repaired = migrated || adopted.is_some();
+        if adopted.is_some() {
+            // Not fresh any more: `reconcile_mark` checks the adopted log against the seq mark as
+            // it checks any log (a log shorter than the mark's head lost synced frames).
+            batch.insert(M_INITIALISED, &1u64.to_be_bytes()[..]);
+        }
         if next_seq < meta_next {
             info!(
                 "journal positions were ahead of the log (next_seq={} in the database, {} in the log): \

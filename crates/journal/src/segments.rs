@@ -332,7 +332,7 @@ impl Segments {
         self.files.keys().next().copied()
     }
 
-    /// Removes every segment file (a log that belongs to no database any more).
+    /// Removes every segment file (the partial copy an interrupted migration left).
     pub fn remove_all(&mut self) -> io::Result<usize> {
         self.active = None;
         self.cursor = None;

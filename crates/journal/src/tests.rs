@@ -548,9 +548,11 @@ fn a_lost_journal_continues_after_the_seq_mark_and_reports_the_loss() {
         j.read_batch(None, 1, 1 << 20).unwrap();
         j.ack(1).unwrap();
     }
-    // The database is gone (its directory and the link to it).
+    // The whole journal is gone but the seq mark: the database (its directory and the link to
+    // it) and the log.
     std::fs::remove_dir_all(dir.path().join("db-1")).unwrap();
     std::fs::remove_file(dir.path().join("db")).unwrap();
+    std::fs::remove_dir_all(dir.path().join(LOG_DIR)).unwrap();
     let j = Journal::open(&opts(dir.path())).unwrap();
     let all = j.read_batch(None, 10, 1 << 20).unwrap();
     let Entry::Gap {
@@ -609,7 +611,7 @@ fn a_journal_that_comes_back_shorter_is_detected_by_the_mark() {
 }
 
 #[test]
-fn a_journal_that_will_not_open_is_moved_aside_and_replaced() {
+fn a_journal_that_will_not_open_is_moved_aside_and_its_log_adopted() {
     let dir = tempfile::tempdir().unwrap();
     {
         let j = Journal::open(&opts(dir.path())).unwrap();
@@ -626,18 +628,86 @@ fn a_journal_that_will_not_open_is_moved_aside_and_replaced() {
         .collect();
     assert_eq!(aside.len(), 1, "kept for forensics: {aside:?}");
     let all = j.read_batch(None, 10, 1 << 20).unwrap();
-    assert!(
-        matches!(
-            all[0],
-            Entry::Gap {
-                from_seq: 1,
-                reason: GapReason::JournalLost,
-                ..
-            }
-        ),
-        "{all:?}"
+    assert_eq!(
+        seqs(&all),
+        vec![1, 2],
+        "the log's records, not a loss: {all:?}"
     );
-    assert!(append_synced(&j, &[rec("t", b"new")]).first_seq.unwrap() > 2);
+    assert!(all.iter().all(|e| matches!(e, Entry::Record(_))), "{all:?}");
+    assert_eq!(append_synced(&j, &[rec("t", b"new")]).first_seq, Some(3));
+}
+
+/// Seen in the 1,000-cut torture: a failed sync of sled's file, then a power cut before the
+/// repair, and sled refuses its database. The log beside it holds every synced record: it is
+/// adopted from the cloud's last known cursor (the seq mark's), counted, and its packet ids
+/// recognise the broker's redeliveries.
+#[test]
+fn a_database_lost_beside_its_log_adopts_the_log_from_the_last_known_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        let recs: Vec<NewRecord> = (1..=5).map(|i| qos1(i, false, &[i as u8; 10])).collect();
+        append_synced(&j, &recs);
+        j.read_batch(None, 2, 1 << 20).unwrap();
+        j.ack(2).unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("db-1")).unwrap();
+    std::fs::remove_file(dir.path().join("db")).unwrap();
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let p = j.positions();
+    assert_eq!((p.acked_seq, p.head_seq, p.backlog_records), (2, 5, 3));
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    assert_eq!(seqs(&all), vec![3, 4, 5]);
+    assert!(all.iter().all(|e| matches!(e, Entry::Record(_))), "{all:?}");
+    // The broker redelivers message 5 (its PUBACK was lost with the cut): recognised.
+    let a = append_synced(&j, &[qos1(5, true, &[5; 10])]);
+    assert_eq!((a.redeliveries, a.first_seq), (1, None));
+    assert_eq!(append_synced(&j, &[rec("t", b"new")]).first_seq, Some(6));
+    // Adopted for good: the next open is an ordinary one.
+    drop(j);
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    assert_eq!(j.positions().head_seq, 6);
+    assert_eq!(
+        seqs(&j.read_batch(None, 10, 1 << 20).unwrap()),
+        vec![3, 4, 5, 6]
+    );
+}
+
+/// An adopted log is checked against the seq mark like any other: one that lost synced frames
+/// with the database reports them, and never reuses their seqs.
+#[test]
+fn an_adopted_log_shorter_than_the_mark_reports_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        let recs: Vec<NewRecord> = (0..10)
+            .map(|i| rec("t", format!("{i}").as_bytes()))
+            .collect();
+        append_synced(&j, &recs[..3]);
+        append_synced(&j, &recs[3..]);
+    }
+    std::fs::remove_dir_all(dir.path().join("db-1")).unwrap();
+    std::fs::remove_file(dir.path().join("db")).unwrap();
+    let seg = &segments(dir.path())[0];
+    let len = std::fs::metadata(seg).unwrap().len();
+    // Frames of records "0".."9" are of equal size: keep three.
+    let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+    f.set_len(len / 10 * 3).unwrap();
+    drop(f);
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let all = j.read_batch(None, 10, 1 << 20).unwrap();
+    assert_eq!(seqs(&all[..3]), vec![1, 2, 3]);
+    let Entry::Gap {
+        from_seq,
+        to_seq,
+        reason,
+    } = all[3]
+    else {
+        panic!("{all:?}")
+    };
+    assert_eq!((from_seq, reason), (4, GapReason::JournalLost));
+    assert!(to_seq >= 10);
+    assert!(append_synced(&j, &[rec("t", b"new")]).first_seq.unwrap() > 10);
 }
 
 #[test]
