@@ -1,7 +1,7 @@
 //! The `journal-writer` thread: appends whatever has queued up as one group, syncs it once (group
 //! commit), then publishes the durable watermark the `mqtt` thread PUBACKs up to. While the
 //! journal fails (a full disk, an i/o error) it keeps the group, acknowledges nothing, and reopens
-//! the journal every `REOPEN_EVERY`.
+//! the journal: at once, then every `REOPEN_EVERY` while it keeps failing.
 
 use super::*;
 
@@ -30,9 +30,7 @@ pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared, commit_wait: Du
     let mut indexes: Vec<u64> = Vec::new();
     let mut full_since: Option<Instant> = None;
     let mut failing = false;
-    let mut last_reopen: Option<Instant> = None;
-    // A reopen that keeps failing is said at WARN once a minute, not every REOPEN_EVERY.
-    let mut reopen_failures = Repeats::new(Duration::from_secs(60));
+    let mut reopens = Reopens::default();
     loop {
         Stats::add(&stats.writer_beats, 1);
         if records.is_empty() {
@@ -66,7 +64,7 @@ pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared, commit_wait: Du
                     // A sync that failed elsewhere (an ack, a dead letter) also closes the
                     // journal: reopen it even while no message comes.
                     if journal.needs_reopen() {
-                        reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
+                        reopens.run(&journal, &stats);
                     }
                     continue;
                 }
@@ -128,6 +126,7 @@ pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared, commit_wait: Du
                     info!("journal writes recovered");
                     failing = false;
                 }
+                reopens.worked();
                 stats.journal_accepting.store(true, Ordering::Relaxed);
                 // What did not fit is offered again on the next round, ahead of newer messages.
                 records.drain(..appended.taken);
@@ -165,7 +164,7 @@ pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared, commit_wait: Du
                     }
                     // sled refuses every write after one i/o error until it is reopened, and a
                     // failed sync is repaired only by a reopen.
-                    reopen(&journal, &stats, &mut last_reopen, &mut reopen_failures);
+                    reopens.run(&journal, &stats);
                 }
                 // Keep the group and retry; the broker holds everything not acked.
                 if !shutdown.sleep(Duration::from_millis(250)) {
@@ -182,23 +181,70 @@ pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared, commit_wait: Du
     }
 }
 
-/// Reopens the journal after a failed write or sync, at most every `REOPEN_EVERY`; a reopen that
-/// keeps failing is said at WARN once a minute.
-fn reopen(journal: &Journal, stats: &Stats, last: &mut Option<Instant>, failures: &mut Repeats) {
-    if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
-        return;
-    }
-    *last = Some(Instant::now());
-    Stats::add(&stats.journal_reopens, 1);
-    if let Err(e) = journal.reopen() {
-        let msg = crate::error_chain(&e);
-        if failures.is_due(&msg, Instant::now()) {
-            warn!(
-                "journal reopen failed, retrying every {:?}: {}",
-                REOPEN_EVERY, msg
-            );
-        } else {
-            debug!("journal reopen failed: {}", msg);
+/// When the writer reopens the journal after a failed write or sync: at once after a commit that
+/// worked (until the rewrite, a power cut finds what a failed sync dropped missing from the disk),
+/// then at most every `REOPEN_EVERY` while writes keep failing (a full disk). A reopen that keeps
+/// failing is said at WARN once a minute.
+struct Reopens {
+    last: Option<Instant>,
+    failures: Repeats,
+}
+
+impl Default for Reopens {
+    fn default() -> Self {
+        Reopens {
+            last: None,
+            failures: Repeats::new(Duration::from_secs(60)),
         }
+    }
+}
+
+impl Reopens {
+    fn due(&self, now: Instant) -> bool {
+        self.last
+            .is_none_or(|t| now.saturating_duration_since(t) >= REOPEN_EVERY)
+    }
+
+    /// A commit worked: the next failure is repaired at once.
+    fn worked(&mut self) {
+        self.last = None;
+    }
+
+    fn run(&mut self, journal: &Journal, stats: &Stats) {
+        let now = Instant::now();
+        if !self.due(now) {
+            return;
+        }
+        self.last = Some(now);
+        Stats::add(&stats.journal_reopens, 1);
+        if let Err(e) = journal.reopen() {
+            let msg = crate::error_chain(&e);
+            if self.failures.is_due(&msg, Instant::now()) {
+                warn!(
+                    "journal reopen failed, retrying every {:?}: {}",
+                    REOPEN_EVERY, msg
+                );
+            } else {
+                debug!("journal reopen failed: {}", msg);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_after_a_commit_that_worked_is_repaired_at_once() {
+        let mut r = Reopens::default();
+        let t0 = Instant::now();
+        assert!(r.due(t0), "the first failure");
+        r.last = Some(t0);
+        let soon = t0 + Duration::from_millis(300);
+        assert!(!r.due(soon), "writes keep failing: paced");
+        assert!(r.due(t0 + REOPEN_EVERY));
+        r.worked();
+        assert!(r.due(soon), "a new failure after a commit that worked");
     }
 }
