@@ -340,6 +340,12 @@ fn status_metrics_and_the_status_command_report_the_pipeline() {
         .unwrap();
     let v: Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["acked_seq"], 10);
+
+    // Every thread but main says what it is, in `top -H` and in a core dump: no library thread
+    // spawned without a name (the control endpoint once ran five of tiny_http's).
+    let names = thread_names(agent.pid());
+    let unnamed = names.iter().filter(|n| *n == "ferry").count();
+    assert_eq!(unnamed, 1, "only main carries the process name: {names:?}");
 }
 
 /// What the journal costs the card: `/status` and `/metrics` count the payload bytes taken in, the

@@ -47,3 +47,15 @@ impl ProcSample {
         }
     }
 }
+
+/// The names of a process's threads (`/proc/<pid>/task/*/comm`, at most 15 bytes each). A thread
+/// spawned without a name carries the process's own.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}

@@ -3,7 +3,8 @@
 //! `POST /reload` (re-read the config file; answers what changed and whether the agent restarts),
 //! `POST /restart` (the agent replaces itself with a fresh run, e.g. after a new device id).
 //! Both ends live here: the `control` thread that serves it (what the requests do is the
-//! [`Operator`]'s, what `/status` shows is [`crate::status`]), and the small client behind
+//! [`Operator`]'s, what `/status` shows is [`crate::status`]; its HTTP is `http.rs`, one request
+//! at a time on that thread, every step under a deadline), and the small client behind
 //! `ferry status`.
 //!
 //! # Who may call it
@@ -27,6 +28,9 @@ use crate::operator::Operator;
 use crate::shutdown::Shutdown;
 use crate::status;
 use crate::uplink::LocalError;
+
+mod http;
+use http::Method;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,18 +82,14 @@ impl Access {
         }
     }
 
-    /// Whether a request with these headers may use `method`.
-    fn allows(&self, method: &tiny_http::Method, headers: &[tiny_http::Header]) -> bool {
-        if *method != tiny_http::Method::Post && !self.reads_too {
+    /// Whether a request with this `Authorization` header may use `method`.
+    fn allows(&self, method: &Method, authorization: Option<&str>) -> bool {
+        if *method != Method::Post && !self.reads_too {
             return true;
         }
-        headers.iter().any(|h| {
-            h.field.equiv("Authorization")
-                && h.value
-                    .as_str()
-                    .strip_prefix("Bearer ")
-                    .is_some_and(|t| same(t.trim().as_bytes(), self.token.as_bytes()))
-        })
+        authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|t| same(t.trim().as_bytes(), self.token.as_bytes()))
     }
 }
 
@@ -150,14 +150,15 @@ pub fn spawn(
     operator: Operator,
     shutdown: Shutdown,
 ) -> Result<JoinHandle<()>, Error> {
-    let server = tiny_http::Server::http(addr).map_err(|e| Error::Bind {
+    // `accept` returns every 250 ms without a client, to see shutdown.
+    let listener = http::listen(addr, Duration::from_millis(250)).map_err(|e| Error::Bind {
         addr,
         message: e.to_string(),
     })?;
     info!("control endpoint listening addr={}", addr);
     thread::Builder::new()
         .name("control".into())
-        .spawn(move || serve(server, access, status, operator, shutdown))
+        .spawn(move || serve(listener, access, status, operator, shutdown))
         .map_err(|e| Error::Bind {
             addr,
             message: e.to_string(),
@@ -165,56 +166,62 @@ pub fn spawn(
 }
 
 fn serve(
-    server: tiny_http::Server,
+    listener: std::net::TcpListener,
     access: Access,
     status: status::Source,
     operator: Operator,
     shutdown: Shutdown,
 ) {
     while !shutdown.is_set() {
-        let req = match server.recv_timeout(Duration::from_millis(250)) {
-            Ok(Some(r)) => r,
+        let (mut stream, peer) = match http::accept(&listener) {
+            Ok(Some(c)) => c,
             Ok(None) => continue,
             Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
                 warn!("control endpoint accept failed: {}", e);
                 shutdown.sleep(Duration::from_millis(250));
                 continue;
             }
         };
-        let (code, content_type, body) = if access.allows(req.method(), req.headers()) {
-            route(req.method(), req.url(), &status, &operator)
-        } else {
-            warn!(
-                "control {} {} refused: no valid token (from {:?})",
-                req.method(),
-                req.url(),
-                req.remote_addr()
-            );
-            (
-                401,
-                "application/json",
-                error_json("this needs the control token: Authorization: Bearer <token>"),
-            )
+        let (code, content_type, body) = match http::read_request(&mut stream) {
+            Ok(req) if access.allows(&req.method, req.authorization.as_deref()) => {
+                let answer = route(&req.method, &req.target, &status, &operator);
+                debug!("control {} {} -> {}", req.method, req.target, answer.0);
+                answer
+            }
+            Ok(req) => {
+                warn!(
+                    "control {} {} refused: no valid token (from {})",
+                    req.method, req.target, peer
+                );
+                (
+                    401,
+                    "application/json",
+                    error_json("this needs the control token: Authorization: Bearer <token>"),
+                )
+            }
+            Err(http::Refusal::Bad(code, msg)) => {
+                debug!("control request from {} refused: {}", peer, msg);
+                (code, "application/json", error_json(msg))
+            }
+            Err(http::Refusal::Io(e)) => {
+                debug!("control request from {} not read: {}", peer, e);
+                continue;
+            }
         };
-        debug!("control {} {} -> {}", req.method(), req.url(), code);
-        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes());
-        let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
-        if let Ok(h) = header {
-            resp = resp.with_header(h);
-        }
-        if let Err(e) = req.respond(resp) {
+        if let Err(e) = http::respond(&mut stream, code, content_type, &body) {
             debug!("control response not delivered: {}", e);
         }
     }
 }
 
 fn route(
-    method: &tiny_http::Method,
+    method: &Method,
     url: &str,
     sources: &status::Source,
     operator: &Operator,
 ) -> (u16, &'static str, String) {
-    use tiny_http::Method::{Get, Post};
+    use Method::{Get, Post};
     const JSON: &str = "application/json";
     let path = url.split('?').next().unwrap_or("");
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
