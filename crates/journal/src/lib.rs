@@ -119,8 +119,9 @@
 //! the sync and the PUBACK makes the broker redeliver with DUP; the window (rebuilt from the
 //! frames if sled lost it) lets the writer recognise the copy. Segments are freed only after a
 //! sync of sled, which records the window first, so a mark is never lost with its frame. An ack
-//! is not synced by itself unless it frees a segment (the cursor is durable before the data
-//! goes): a lost ack only means the cloud sees a batch again and deduplicates it. A file or
+//! is written to sled at most every second ([`POSITIONS_EVERY`]) and not synced by itself unless
+//! it frees a segment (the cursor is then written and durable before the data goes): a lost ack
+//! only means the cloud sees a batch again and deduplicates it. A file or
 //! directory survives a power cut only once the directory holding it is synced, so the journal
 //! syncs the parents of the `journal.dir` it creates, of the log, and of the database directory
 //! that sled fills at open. Every sync goes through `fsync.rs`.
@@ -167,6 +168,13 @@ const MEASURE_EVERY: u64 = 16;
 const LOG_DIR: &str = "log";
 /// A single append takes at most `max_bytes / GROUP_SHARE` bytes of records (at least one record).
 const GROUP_SHARE: u64 = 32;
+/// How often an ack writes the positions to sled when nothing else needs them written. Every
+/// sled batch costs a page write (sled 0.34 rolls its I/O buffer around each), and the uplink acks
+/// several times a second: written at every ack, the cursor cost the card more than the records.
+/// An ack sled has not recorded is lost only by a crash, and costs then a batch the cloud
+/// already has, sent again (it keeps one copy): at most this long of uploads.
+const POSITIONS_EVERY: Duration = Duration::from_secs(1);
+
 /// errno of a writeback error (`EIO`), as `std::io::Error::raw_os_error` reports it.
 const EIO: i32 = 5;
 
@@ -506,6 +514,8 @@ struct State {
     /// A segment was started since sled last recorded the positions and marks: the next sync
     /// records them (so that recovery reads at most about a segment of the log's tail).
     snapshot_due: bool,
+    /// When an ack last wrote the positions to sled (see [`POSITIONS_EVERY`]).
+    positions_written: Option<std::time::Instant>,
     /// The buffer a group commit's frames are encoded into, and each frame's (seq, end offset).
     frames: Vec<u8>,
     frame_ends: Vec<(u64, usize)>,
@@ -591,12 +601,15 @@ impl Journal {
 
 /// The positions as one consistent snapshot: the counters count the entries
 /// `acked+1 ..= next_seq-1`, so they are never stored without the two seqs they belong to.
+/// The replay window's bounds go with them (they are moved by the same acks).
 fn put_positions(st: &State, batch: &mut sled::Batch) {
     batch.insert(M_NEXT_SEQ, &st.next_seq.to_be_bytes()[..]);
     batch.insert(M_ACKED, &st.acked.to_be_bytes()[..]);
     batch.insert(M_BACKLOG_RECORDS, &st.backlog_records.to_be_bytes()[..]);
     batch.insert(M_BACKLOG_BYTES, &st.backlog_bytes.to_be_bytes()[..]);
     batch.insert(M_DEAD_BYTES, &st.dead_bytes.to_be_bytes()[..]);
+    batch.insert(M_RETAIN_FROM, &st.retain_from.to_be_bytes()[..]);
+    batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
 }
 
 /// The positions and the redelivery window, complete up to `next_seq`: what recovery starts from

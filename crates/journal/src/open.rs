@@ -171,6 +171,7 @@ impl Journal {
             drop_unsaid: 0,
             marks: Marks::default(),
             snapshot_due: false,
+            positions_written: None,
             frames: Vec::new(),
             frame_ends: Vec::new(),
             compact_checks: 0,

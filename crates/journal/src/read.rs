@@ -120,9 +120,10 @@ impl Journal {
     }
 
     /// Records that the cloud acknowledged every entry up to and including `through`: moves the
-    /// cursor in sled, without reading the entries again (their sizes are known from the read).
-    /// Not synced by itself (a lost ack only means the cloud sees a batch again and deduplicates
-    /// it), except when it frees a segment: the cursor is made durable before the data goes. The
+    /// cursor, without reading the entries again (their sizes are known from the read). sled
+    /// records it at most every [`POSITIONS_EVERY`], and unsynced (a lost ack only means the cloud
+    /// sees a batch again and deduplicates it), except when it frees a segment: the cursor is
+    /// then written and made durable before the data goes. The
     /// cursor never moves backwards (here; see [`Journal::rewind_to`]). The entries are kept for
     /// replay within a small budget. Entries read past `through` stay protected.
     ///
@@ -154,7 +155,7 @@ impl Journal {
         };
         st.inflight.retain(|e| e.1 > through);
         let mut batch = sled::Batch::default();
-        self.retain_acked(&mut st, &mut batch, through, bytes);
+        let overlays_gone = self.retain_acked(&mut st, &mut batch, through, bytes);
         st.acked = through;
         st.protected_through = st.protected_through.max(through);
         st.backlog_records = st.backlog_records.saturating_sub(records);
@@ -164,9 +165,6 @@ impl Journal {
             st.backlog_records = 0;
             st.backlog_bytes = 0;
         }
-        batch.insert(M_ACKED, &through.to_be_bytes()[..]);
-        put_positions(&st, &mut batch);
-        self.apply(batch, "moving the cursor")?;
         // A segment behind the retention window can go once the cursor is durable.
         let below = st.acked.min(st.retain_from.saturating_sub(1));
         let frees = st.log.as_ref().is_some_and(|log| {
@@ -174,6 +172,18 @@ impl Journal {
             firsts.next();
             firsts.next().is_some_and(|second| second - 1 <= below)
         });
+        // The positions go to sled when something depends on them (a segment to free, overlays
+        // to drop), and otherwise at most every POSITIONS_EVERY; sled's snapshots at syncs and
+        // at close record them too.
+        let now = std::time::Instant::now();
+        let due = st
+            .positions_written
+            .is_none_or(|t| now.saturating_duration_since(t) >= POSITIONS_EVERY);
+        if frees || overlays_gone > 0 || due {
+            put_positions(&st, &mut batch);
+            self.apply(batch, "moving the cursor")?;
+            st.positions_written = Some(now);
+        }
         if frees {
             st.sled_changed();
         }

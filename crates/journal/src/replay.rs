@@ -16,7 +16,7 @@
 
 use log::{info, warn};
 
-use super::codec::{M_RETAIN_FROM, M_RETAINED_BYTES, overlay_key};
+use super::codec::overlay_key;
 use super::segments::{Flow, Item};
 use super::{Error, Journal, Result, State, log_io, log_of, put_positions};
 
@@ -48,15 +48,16 @@ pub struct Rewind {
 impl Journal {
     /// Keeps the entries just acknowledged (`..=through`, `bytes` of them) for replay, and moves
     /// the start of the retention window past the oldest acknowledged chunks beyond the budget.
-    /// The entries stay in the log; only the window's bounds are state (sled and memory). Called
-    /// by `ack` with the state locked, before the cursor moves.
+    /// The entries stay in the log; only the window's bounds are state (memory, and sled with the
+    /// positions). Called by `ack` with the state locked, before the cursor moves. Returns how many
+    /// overlays the window left behind; their removal from sled is in `batch`.
     pub(super) fn retain_acked(
         &self,
         st: &mut State,
         batch: &mut sled::Batch,
         through: u64,
         bytes: u64,
-    ) {
+    ) -> usize {
         let cap = self.inner.replay_window;
         if st.retained_bytes == 0 {
             st.retain_from = st.acked + 1;
@@ -90,12 +91,12 @@ impl Journal {
             .filter(|(_, o)| o.to < st.retain_from)
             .map(|(f, _)| *f)
             .collect();
+        let removed = gone.len();
         for from in gone {
             st.overlays.remove(&from);
             batch.remove(&overlay_key(from)[..]);
         }
-        batch.insert(M_RETAIN_FROM, &st.retain_from.to_be_bytes()[..]);
-        batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
+        removed
     }
 
     /// Bytes of retained entries.
@@ -183,8 +184,6 @@ impl Journal {
             st.retain_from = st.acked + 1;
         }
         let mut batch = sled::Batch::default();
-        batch.insert(M_RETAIN_FROM, &st.retain_from.to_be_bytes()[..]);
-        batch.insert(M_RETAINED_BYTES, &st.retained_bytes.to_be_bytes()[..]);
         put_positions(&st, &mut batch);
         self.apply(batch, "rewinding the cursor")?;
         st.sled_changed();

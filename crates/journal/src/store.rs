@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use log::info;
 
-use super::{Error, Journal, MEASURE_EVERY, Options, Result, fsync, layout, storage, sync_dir};
+use super::{
+    Error, Journal, MEASURE_EVERY, Options, Result, fsync, layout, put_positions, storage, sync_dir,
+};
 
 /// sled is compacted when its files pass this share of `max_bytes` and have doubled since the
 /// last open or compaction (sled 0.34's file grows with the volume written, not the data held).
@@ -111,6 +113,9 @@ impl Journal {
                         .map_err(storage("compacting"))?;
                 }
             }
+            // The positions as they are now: an ack records them in sled only now and then, and
+            // the new generation counts as recording everything (`acked_durable` below).
+            put_positions(&st, &mut batch);
             new.log.apply_batch(batch).map_err(storage("compacting"))?;
             new.db.flush().map_err(storage("compacting"))?;
             fsync::data(&new.db_file, &new.db_path).map_err(|source| Error::Sync {
