@@ -521,8 +521,9 @@ fn regenerating_the_identity_on_a_cloned_image_restarts_the_agent_with_the_new_i
         "agent runs with the new id",
         Duration::from_secs(20),
         || {
-            std::net::TcpStream::connect(("127.0.0.1", control)).is_ok()
-                && agent.status()["device_id"] == new_id.as_str()
+            agent
+                .try_status()
+                .is_some_and(|s| s["device_id"] == new_id.as_str())
         },
     );
     // A restart in place: the same process, a second run.

@@ -72,6 +72,24 @@ pub fn accept(listener: &TcpListener) -> io::Result<Option<(TcpStream, SocketAdd
     }
 }
 
+/// The connections already waiting in the listener's queue, taken without waiting for more.
+pub fn pending(listener: &TcpListener) -> Vec<TcpStream> {
+    let mut out = Vec::new();
+    if listener.set_nonblocking(true).is_err() {
+        return out;
+    }
+    // Bounded: the queue is at most the listen backlog long.
+    while let Ok((stream, _)) = listener.accept() {
+        if stream.set_nonblocking(false).is_ok() {
+            out.push(stream);
+        }
+        if out.len() >= 128 {
+            break;
+        }
+    }
+    out
+}
+
 /// Binds `addr` with `accept` returning after `wait` when no client comes. Linux applies a
 /// socket's receive timeout (`SO_RCVTIMEO`) to `accept` too; std sets it only through a stream,
 /// so the listening socket passes through one to get it.
@@ -82,9 +100,9 @@ pub fn listen(addr: SocketAddr, wait: Duration) -> io::Result<TcpListener> {
     Ok(TcpListener::from(std::os::fd::OwnedFd::from(as_stream)))
 }
 
-/// Reads one request from `stream` within [`REQUEST_DEADLINE`].
-pub fn read_request(stream: &mut TcpStream) -> Result<Request, Refusal> {
-    let deadline = Instant::now() + REQUEST_DEADLINE;
+/// Reads one request from `stream` before `deadline` (`Instant::now() + REQUEST_DEADLINE` for a
+/// client served normally).
+pub fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, Refusal> {
     let mut buf = Vec::with_capacity(1024);
     let head_end = loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
@@ -230,6 +248,7 @@ fn reason(code: u16) -> &'static str {
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "",
     }
 }
@@ -251,7 +270,7 @@ mod tests {
             let _ = c.read_to_end(&mut sink);
         });
         let (mut s, _) = accept(&listener).unwrap().unwrap();
-        let r = read_request(&mut s);
+        let r = read_request(&mut s, Instant::now() + REQUEST_DEADLINE);
         drop(s);
         client.join().unwrap();
         r
@@ -310,6 +329,17 @@ mod tests {
             took >= REQUEST_DEADLINE && took < REQUEST_DEADLINE * 3,
             "{took:?}"
         );
+    }
+
+    #[test]
+    fn connections_waiting_in_the_queue_are_taken_without_waiting() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), Duration::from_secs(5)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _a = TcpStream::connect(addr).unwrap();
+        let _b = TcpStream::connect(addr).unwrap();
+        let started = Instant::now();
+        assert_eq!(pending(&listener).len(), 2);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -183,7 +183,8 @@ fn serve(
                 continue;
             }
         };
-        let (code, content_type, body) = match http::read_request(&mut stream) {
+        let deadline = std::time::Instant::now() + http::REQUEST_DEADLINE;
+        let (code, content_type, body) = match http::read_request(&mut stream, deadline) {
             Ok(req) if access.allows(&req.method, req.authorization.as_deref()) => {
                 let answer = route(&req.method, &req.target, &status, &operator);
                 debug!("control {} {} -> {}", req.method, req.target, answer.0);
@@ -210,6 +211,16 @@ fn serve(
             }
         };
         if let Err(e) = http::respond(&mut stream, code, content_type, &body) {
+            debug!("control response not delivered: {}", e);
+        }
+    }
+    // Requests that arrived while the agent was stopping (a restart in place, say) are answered
+    // 503 rather than reset when the listener closes, all within half a second.
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    for mut stream in http::pending(&listener) {
+        let _ = http::read_request(&mut stream, deadline);
+        let body = error_json("the agent is stopping or restarting; ask again in a moment");
+        if let Err(e) = http::respond(&mut stream, 503, "application/json", &body) {
             debug!("control response not delivered: {}", e);
         }
     }

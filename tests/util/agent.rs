@@ -183,6 +183,13 @@ impl Agent {
         serde_json::from_str(&http_get(self.control_port, "/status")).unwrap()
     }
 
+    /// `/status`, or `None` while the endpoint does not answer 200 (the agent is restarting).
+    pub fn try_status(&self) -> Option<Value> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.control_port));
+        let body = ferry::control::get(addr, "/status", None, Duration::from_secs(5)).ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
     /// SIGTERM; asserts a clean exit (code 0) within 10 s, and returns how long it took.
     pub fn stop(&mut self) -> Duration {
         let mut c = self.child.take().expect("agent not running");
