@@ -35,12 +35,84 @@ pub struct Stats {
     pub journal_reopens: AtomicU64,
     /// Turns of the journal writer's loop: the agent's watchdog sees the writer make progress.
     pub writer_beats: AtomicU64,
+    /// How long QoS1 messages waited for their PUBACK (see [`DelayHistogram`]).
+    pub puback_delay: DelayHistogram,
     pub mqtt_connected: AtomicBool,
     pub journal_accepting: AtomicBool,
     uplink: Mutex<UplinkState>,
     mqtt_error: Mutex<Option<String>>,
     /// `None` while no downlink is configured.
     downlink: Mutex<Option<DownlinkState>>,
+}
+
+/// Upper bounds (ms) of the [`DelayHistogram`] buckets; one more bucket holds everything above.
+pub const DELAY_BUCKETS_MS: [u64; 16] = [
+    1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000,
+];
+
+/// A histogram of delays in fixed buckets ([`DELAY_BUCKETS_MS`]), counted with atomics: the
+/// `mqtt` thread observes, `/status` and `/metrics` read. Used for the PUBACK delay: from a QoS1
+/// message's arrival to its PUBACK, which waits for the group commit that makes it durable (and
+/// for `journal.commit_wait`). The broker holds the message in flight for that long.
+#[derive(Debug, Default)]
+pub struct DelayHistogram {
+    counts: [AtomicU64; DELAY_BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+/// A reading of a [`DelayHistogram`]: counts per bucket (not cumulative), the last one above
+/// the last bound.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delays {
+    pub le_ms: &'static [u64],
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum_ms: f64,
+}
+
+impl DelayHistogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let i = DELAY_BUCKETS_MS
+            .iter()
+            .position(|&le| ms <= le as f64)
+            .unwrap_or(DELAY_BUCKETS_MS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn read(&self) -> Delays {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        Delays {
+            le_ms: &DELAY_BUCKETS_MS,
+            count: counts.iter().sum(),
+            counts,
+            sum_ms: self.sum_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        }
+    }
+}
+
+impl Delays {
+    /// The bound of the bucket holding the `q` quantile (0..=1): the delay is at most this many
+    /// ms. `None` without observations, or when it is above the last bound.
+    pub fn quantile_at_most_ms(&self, q: f64) -> Option<u64> {
+        let want = (self.count as f64 * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= want && self.count > 0 {
+                return self.le_ms.get(i).copied();
+            }
+        }
+        None
+    }
 }
 
 /// What the downlink is doing, for people.
@@ -115,5 +187,30 @@ impl Stats {
 
     pub fn set_uplink(&self, f: impl FnOnce(&mut UplinkState)) {
         f(&mut self.uplink.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn delays_land_in_their_buckets_and_quantiles_name_the_bound() {
+        let h = DelayHistogram::default();
+        assert_eq!(h.read().quantile_at_most_ms(0.5), None, "nothing observed");
+        for ms in [0, 1, 3, 3, 40, 40, 40, 40, 250, 9000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let d = h.read();
+        assert_eq!(d.count, 10);
+        assert_eq!(d.counts[0], 2, "0 and 1 ms are at most 1 ms");
+        assert_eq!(d.counts[2], 2, "3 ms: at most 5");
+        assert_eq!(d.counts[6], 4, "40 ms: at most 50");
+        assert_eq!(*d.counts.last().unwrap(), 1, "9 s: above the last bound");
+        assert_eq!(d.quantile_at_most_ms(0.5), Some(50));
+        assert_eq!(d.quantile_at_most_ms(0.9), Some(300));
+        assert_eq!(d.quantile_at_most_ms(1.0), None, "above the last bound");
+        assert!((d.sum_ms - 9417.0).abs() < 1.0, "{}", d.sum_ms);
     }
 }

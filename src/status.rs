@@ -34,6 +34,9 @@ pub struct Status {
     pub downlink: Option<DownlinkState>,
     /// What this agent has written to storage since it started, to project an SD card's life.
     pub disk: DiskWrites,
+    /// How long QoS1 messages waited for ferry's PUBACK since start: the group commit that makes
+    /// them durable, and `journal.commit_wait`.
+    pub puback_delay: crate::stats::Delays,
     pub totals: Totals,
 }
 
@@ -128,6 +131,7 @@ impl Source {
                         .map(|w| w as f64 / payload as f64),
                 }
             },
+            puback_delay: s.puback_delay.read(),
             uplink,
             downlink: s.downlink(),
             totals: Totals {
@@ -296,6 +300,25 @@ pub fn metrics(s: &Status) -> String {
         let v = u64::from(s.uplink.state == state);
         out.push_str(&format!("ferry_uplink_state{{state=\"{state}\"}} {v}\n"));
     }
+    let d = &s.puback_delay;
+    out.push_str(
+        "# HELP ferry_puback_delay_seconds From a QoS1 message's arrival to its PUBACK (after the commit that made it durable).\n\
+         # TYPE ferry_puback_delay_seconds histogram\n",
+    );
+    let mut cumulative = 0;
+    for (le, c) in d.le_ms.iter().zip(&d.counts) {
+        cumulative += c;
+        out.push_str(&format!(
+            "ferry_puback_delay_seconds_bucket{{le=\"{}\"}} {cumulative}\n",
+            *le as f64 / 1000.0
+        ));
+    }
+    out.push_str(&format!(
+        "ferry_puback_delay_seconds_bucket{{le=\"+Inf\"}} {}\nferry_puback_delay_seconds_sum {}\nferry_puback_delay_seconds_count {}\n",
+        d.count,
+        d.sum_ms / 1000.0,
+        d.count
+    ));
     out
 }
 

@@ -351,7 +351,8 @@ fn status_metrics_and_the_status_command_report_the_pipeline() {
 /// What the journal costs the card: `/status` and `/metrics` count the payload bytes taken in, the
 /// group commits, and the bytes this agent wrote to storage (`/proc/self/io`), with the ratio an
 /// operator projects card life from. With `journal.commit_wait`, messages that arrive spaced out
-/// are committed in groups: no more commits than one per wait over the time they took to arrive.
+/// are committed in groups: no more commits than one per wait over the time they took to arrive,
+/// and the PUBACK delay each message paid for it is reported.
 #[test]
 fn commit_wait_groups_spaced_messages_and_the_disk_writes_are_reported() {
     const WAIT: Duration = Duration::from_millis(300);
@@ -398,11 +399,26 @@ fn commit_wait_groups_spaced_messages_and_the_disk_writes_are_reported() {
         (ratio - written as f64 / (N * payload.len()) as f64).abs() < 1e-9,
         "{st}"
     );
+    // Each QoS1 message's PUBACK delay is counted, and the first of each group waited the whole
+    // commit_wait for the rest (its bucket's bound is at least the wait).
+    let delays = &st["puback_delay"];
+    assert_eq!(delays["count"], N as u64, "{delays}");
+    let waited_whole: u64 = delays["le_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(delays["counts"].as_array().unwrap())
+        .filter(|(le, _)| le.as_u64().unwrap() >= WAIT.as_millis() as u64)
+        .map(|(_, c)| c.as_u64().unwrap())
+        .sum();
+    assert!(waited_whole >= 1, "{delays}");
     let metrics = http_get(agent.control_port, "/metrics");
     for name in [
         "ferry_disk_written_bytes_total ",
         &format!("ferry_ingested_bytes_total {}", N * payload.len()),
         &format!("ferry_journal_commits_total {commits}"),
+        &format!("ferry_puback_delay_seconds_count {N}"),
+        &format!("ferry_puback_delay_seconds_bucket{{le=\"+Inf\"}} {N}"),
     ] {
         assert!(metrics.contains(name), "{name}: {metrics}");
     }

@@ -171,9 +171,9 @@ struct MqttLoop {
     stats: Arc<Stats>,
     shutdown: Shutdown,
     next_index: u64,
-    /// QoS1 messages of the current connection not yet acked, in arrival order: index and what the
-    /// PUBACK needs.
-    unacked: VecDeque<(u64, QoS, u16)>,
+    /// QoS1 messages of the current connection not yet acked, in arrival order: index, what the
+    /// PUBACK needs, and when it arrived (for the PUBACK delay).
+    unacked: VecDeque<(u64, QoS, u16, Instant)>,
     /// Messages not handed to the writer yet (no room in its channel, or `PUBACK_WINDOW` full), in
     /// arrival order.
     overflow: VecDeque<Delivery>,
@@ -363,7 +363,8 @@ impl MqttLoop {
         self.next_index += 1;
         let record = self.to_record(&p);
         if qos1 {
-            self.unacked.push_back((index, p.qos, p.pkid));
+            self.unacked
+                .push_back((index, p.qos, p.pkid, Instant::now()));
         }
         self.queued
             .fetch_add(record.payload.len(), Ordering::Relaxed);
@@ -477,7 +478,7 @@ impl MqttLoop {
             return;
         }
         let durable = self.durable.load(Ordering::Acquire);
-        while let Some(&(index, qos, pkid)) = self.unacked.front() {
+        while let Some(&(index, qos, pkid, arrived)) = self.unacked.front() {
             if index > durable {
                 return;
             }
@@ -487,6 +488,7 @@ impl MqttLoop {
             match self.client.try_ack(&ack) {
                 Ok(()) => {
                     self.unacked.pop_front();
+                    self.stats.puback_delay.observe(arrived.elapsed());
                 }
                 // The request queue is full; the next poll drains it.
                 Err(_) => return,
