@@ -5,6 +5,8 @@
 //!   directly, a raw file and SQLite as baselines, and journal-layout experiments.
 //! - `procs`: the release `ferry` and `ferry-cloud` binaries and a real mosquitto: peak RSS, backlog
 //!   drain (against ferry-cloud and a null HTTP sink), MQTT ingest (against a plain subscriber).
+//! - `wear`: bytes written per payload byte against a raw append+fdatasync of the same frames,
+//!   PUBACK latency and RSS at 1,000 msg/s per `journal.commit_wait`, and a mosquitto bridge.
 //! - `report`: the table, and the numbers part of `docs/BENCHMARKS.md`.
 //!
 //! Timing never decides a test: nothing here fails a build, a missed target is reported.
@@ -13,6 +15,7 @@ mod machine;
 mod procs;
 mod report;
 mod store;
+mod wear;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,7 +26,7 @@ use store::{Layout, PAYLOAD, Result};
 const USAGE: &str =
     "usage: ferry-bench [--quick] [--only SECTION] [--doc FILE] [--work DIR] [--target-dir DIR]
   --quick           a smaller run (about a tenth of the records)
-  --only SECTION    run one section: size, append, churn, backlog or ingest (no --doc then)
+  --only SECTION    run one section: size, append, churn, backlog, ingest or wear (no --doc then)
   --doc FILE        write the numbers into FILE between the bench markers
   --work DIR        where the bench's files go (default target/bench-work; removed after)
   --target-dir DIR  where the release binaries are (default target)";
@@ -38,6 +41,8 @@ struct Sizes {
     backlog: usize,
     /// Messages published in the ingest measurement.
     ingest: usize,
+    /// Seconds of 1,000 msg/s per setting in the wear measurement.
+    wear_secs: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -46,6 +51,7 @@ const FULL: Sizes = Sizes {
     churn_backlog: 50_000,
     backlog: 1_000_000,
     ingest: 200_000,
+    wear_secs: 20,
 };
 
 const QUICK: Sizes = Sizes {
@@ -54,6 +60,7 @@ const QUICK: Sizes = Sizes {
     churn_backlog: 5_000,
     backlog: 100_000,
     ingest: 20_000,
+    wear_secs: 5,
 };
 
 /// The group commit of the headline append row: the broker's in-flight window in the recommended
@@ -65,7 +72,7 @@ const ACK_STEP: usize = 500;
 const INFLIGHT: u32 = 100;
 
 /// The sections' names for `--only`, in the order they run.
-const SECTIONS: [&str; 5] = ["size", "append", "churn", "backlog", "ingest"];
+const SECTIONS: [&str; 6] = ["size", "append", "churn", "backlog", "ingest", "wear"];
 
 /// One section of the run: pushes its rows.
 type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
@@ -141,12 +148,21 @@ fn main() {
     let started = Instant::now();
 
     let mut rows = Vec::new();
-    let sections: [(&str, &Section<'_>); 5] = [
+    let sections: [(&str, &Section<'_>); 6] = [
         ("binary size", &|r| binary_sizes(&args, r)),
         ("durable append", &|r| append(&args, &sizes, r)),
         ("disk use after churn", &|r| churn(&args, &sizes, r)),
         ("backlog: open, RSS, drain", &|r| backlog(&args, &sizes, r)),
         ("MQTT ingest", &|r| ingest(&args, &sizes, r)),
+        (wear::SECTION, &|r| {
+            wear::run(
+                &args.target.join("release"),
+                &args.work.join("wear"),
+                sizes.wear_secs,
+                sizes.ingest / 4,
+                r,
+            )
+        }),
     ];
     for ((name, run), key) in sections.into_iter().zip(SECTIONS) {
         if args.only.as_ref().is_some_and(|only| only != key) {
@@ -207,6 +223,7 @@ fn section_of(name: &str) -> &'static str {
         "durable append" => "durable append",
         "disk use after churn" => "disk use after churn",
         "backlog: open, RSS, drain" => "backlog: open, RSS, drain",
+        wear::SECTION => wear::SECTION,
         _ => "MQTT ingest",
     }
 }
@@ -214,8 +231,15 @@ fn section_of(name: &str) -> &'static str {
 fn sizes_text(s: &Sizes) -> String {
     format!(
         "Records carry {PAYLOAD}-byte payloads. Append: {} records per row; churn: {} records through \
-         a backlog of {}; backlog rows: {} records; ingest: {} QoS1 messages.",
-        s.append, s.churn_total, s.churn_backlog, s.backlog, s.ingest
+         a backlog of {}; backlog rows: {} records; ingest: {} QoS1 messages; wear: {} s at 1,000 msg/s \
+         per setting, {} messages end to end.",
+        s.append,
+        s.churn_total,
+        s.churn_backlog,
+        s.backlog,
+        s.ingest,
+        s.wear_secs,
+        s.ingest / 4
     )
 }
 

@@ -313,9 +313,21 @@ pub fn agent_config(
     control: u16,
     uplink_extra: &str,
 ) -> String {
+    agent_config_with(journal, mqtt_port, url, control, "", uplink_extra)
+}
+
+/// [`agent_config`] with extra `[journal]` keys too (`commit_wait = ...`).
+pub fn agent_config_with(
+    journal: &Path,
+    mqtt_port: u16,
+    url: &str,
+    control: u16,
+    journal_extra: &str,
+    uplink_extra: &str,
+) -> String {
     format!(
         "[device]\nid = \"gw-bench\"\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n\
-         topics = [\"bench/#\"]\n\n[journal]\ndir = \"{}\"\nmax_bytes = \"8GiB\"\n\n\
+         topics = [\"bench/#\"]\n\n[journal]\ndir = \"{}\"\nmax_bytes = \"8GiB\"\n{journal_extra}\n\n\
          [uplink]\nurl = \"{url}\"\n{uplink_extra}\n\n[control]\nlisten = \"127.0.0.1:{control}\"\n",
         journal.display()
     )
@@ -428,7 +440,7 @@ pub fn drain(
 
 // ---------------------------------------------------------------- MQTT
 
-fn mqtt_client(port: u16, id: &str) -> (rumqttc::Client, rumqttc::Connection) {
+pub fn mqtt_client(port: u16, id: &str) -> (rumqttc::Client, rumqttc::Connection) {
     let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_inflight(100);

@@ -159,6 +159,11 @@ impl Mosquitto {
         })
     }
 
+    /// Its process id while it runs (for `/proc/<pid>` figures).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops it cleanly (it saves its persistence file).
     pub fn stop(&mut self) -> Result<()> {
         terminate(&mut self.child, "mosquitto", Duration::from_secs(10)).map(|_| ())
