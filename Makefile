@@ -75,6 +75,8 @@ bench:
 ## regression tests on it, the slow-fsync, crash-then-cut, eio and overlap scenarios, then CUTS power cuts
 ## of every kind; each run's last line is its tally. Needs /dev/fuse. `make torture CUTS=N`, `TORTURE_ARGS="--seed S"` to repeat a run.
 CUTS ?= 1000
+# Cycles of the mosquitto-bridge peer run (README "Power-cut torture"): reported, not judged.
+PEER_CUTS ?= 20
 TORTURE_ARGS ?=
 TORTURE = target/debug/ferry-torture
 
@@ -89,10 +91,11 @@ torture: torture-build
 	$(TORTURE) --scenario eio
 	$(TORTURE) --scenario overlap
 	$(TORTURE) --cuts $(CUTS) $(TORTURE_ARGS)
+	$(TORTURE) --peer mosquitto-bridge --cuts $(PEER_CUTS)
 
 ## The short campaign CI runs after `make test`.
 torture-ci:
-	$(MAKE) torture CUTS=50
+	$(MAKE) torture CUTS=50 PEER_CUTS=5
 
 clean:
 	$(CARGO) clean

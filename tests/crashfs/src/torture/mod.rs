@@ -62,6 +62,7 @@
 //! cloud, agent) and the checks of what came back; the processes are in `procs.rs`, the publisher
 //! in `publisher.rs`.
 
+mod peer;
 mod procs;
 mod publisher;
 
@@ -82,6 +83,8 @@ pub enum Scenario {
     CrashThenCut,
     Eio,
     Overlap,
+    /// `--peer mosquitto-bridge`: the peer's run (`peer.rs`), reported, not judged.
+    PeerBridge,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +120,10 @@ impl Options {
                 "--seed" => o.seed = num("--seed")?,
                 "--rate" => o.rate = num("--rate")?.max(1),
                 "--keep" => o.keep = true,
+                "--peer" => match it.next().map(String::as_str) {
+                    Some("mosquitto-bridge") => o.scenario = Scenario::PeerBridge,
+                    other => return Err(format!("--peer {other:?}: mosquitto-bridge")),
+                },
                 "--scenario" => {
                     o.scenario = match it.next().map(String::as_str) {
                         Some("cuts") => Scenario::Cuts,
@@ -134,12 +141,43 @@ impl Options {
                 other => {
                     return Err(format!(
                         "unexpected argument {other:?}; usage: ferry-torture [--cuts N] [--seed S] \
-                         [--scenario cuts|slow-fsync|crash-then-cut|eio|overlap] [--rate MSG_PER_S] [--keep]"
+                         [--scenario cuts|slow-fsync|crash-then-cut|eio|overlap] [--peer mosquitto-bridge] \
+                         [--rate MSG_PER_S] [--keep]"
                     ));
                 }
             }
         }
         Ok(o)
+    }
+}
+
+/// The peer's run: its tally line; `false` only when the run itself failed (not for the peer's
+/// losses, which are what it measures).
+fn run_peer(opts: &Options) -> bool {
+    println!(
+        "torture: peer mosquitto-bridge seed={} cycles={} (a cut during an uplink outage each)",
+        opts.seed, opts.cuts
+    );
+    let work = std::env::temp_dir().join(format!("ferry-torture-peer-{}", std::process::id()));
+    let result = std::fs::create_dir_all(&work)
+        .map_err(|e| format!("{}: {e}", work.display()))
+        .and_then(|()| peer::run(opts.cuts, opts.seed, opts.rate, &work));
+    if !opts.keep {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    match result {
+        Ok(t) => {
+            println!(
+                "torture: peer=mosquitto-bridge cuts={} acked={} delivered={} lost={} cycles_losing={} \
+                 (mosquitto writes its persistence at autosave and exit only; reported, not judged)",
+                t.cuts, t.acked, t.delivered, t.lost, t.cycles_losing
+            );
+            true
+        }
+        Err(e) => {
+            println!("torture: peer run failed: {e}");
+            false
+        }
     }
 }
 
@@ -238,6 +276,7 @@ pub fn run(opts: &Options) -> bool {
         Scenario::CrashThenCut => println!("torture: scenario crash-then-cut"),
         Scenario::Eio => println!("torture: scenario eio"),
         Scenario::Overlap => println!("torture: scenario overlap"),
+        Scenario::PeerBridge => return run_peer(opts),
     }
     let work = std::env::temp_dir().join(format!(
         "ferry-torture-{}-{}",
@@ -253,6 +292,7 @@ pub fn run(opts: &Options) -> bool {
             Scenario::CrashThenCut => run_rounds(&work, &mut tally, Round::CrashThenCut),
             Scenario::Eio => run_rounds(&work, &mut tally, Round::Eio),
             Scenario::Overlap => run_rounds(&work, &mut tally, Round::Overlap),
+            Scenario::PeerBridge => Ok(()),
         });
     if let Err(e) = result {
         tally.errors.push(e);
