@@ -14,8 +14,10 @@
 //!    everything the edge still held was queued before it);
 //! 5. every number the edge PUBACKed and the subscriber never saw is counted lost.
 //!
-//! The run reports; it does not fail `make torture` for the peer's losses (an infrastructure
-//! error does). ferry's own runs are the ones held to zero.
+//! A control cycle comes first: the same outage with the edge broker stopped cleanly instead of a
+//! cut. It must deliver everything, or the run fails (the harness, not the peer, is wrong then).
+//! The run reports; it does not fail `make torture` for the peer's losses in the cut cycles.
+//! ferry's own runs are the ones held to zero.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -162,7 +164,10 @@ pub fn run(cycles: u64, seed: u64, rate: u64, work: &Path) -> Result<PeerTally, 
     let edge_dir = fs.mountpoint.join("edge");
     let edge_port = free_port()?;
     let mut broker = Some(edge(&edge_dir, edge_port, cloud.port)?);
-    for i in 0..cycles {
+    // Cycle 0 is the control: the same outage, but the edge broker is stopped cleanly (it saves
+    // its persistence) instead of losing power. It must lose nothing, or the harness is wrong.
+    for i in 0..=cycles {
+        let control = i == 0;
         // The uplink goes down.
         cloud.stop()?;
         let count = 100 + rng.below(400);
@@ -172,10 +177,16 @@ pub fn run(cycles: u64, seed: u64, rate: u64, work: &Path) -> Result<PeerTally, 
         })?;
         let acked = publisher.finish()?.acked;
         std::thread::sleep(Duration::from_millis(rng.below(2000)));
-        fs.send("cut")?;
-        drop(broker.take());
-        fs.send("remount")?;
-        tally.cuts += 1;
+        if control {
+            if let Some(mut b) = broker.take() {
+                b.stop()?;
+            }
+        } else {
+            fs.send("cut")?;
+            drop(broker.take());
+            fs.send("remount")?;
+            tally.cuts += 1;
+        }
         broker = Some(edge(&edge_dir, edge_port, cloud.port)?);
         cloud.restart()?;
         let marker = MARKER_BASE - i;
@@ -187,6 +198,19 @@ pub fn run(cycles: u64, seed: u64, rate: u64, work: &Path) -> Result<PeerTally, 
         )?;
         let seen = sub.take();
         let lost = acked.iter().filter(|n| !seen.contains(n)).count() as u64;
+        if control {
+            if lost > 0 {
+                return Err(format!(
+                    "the bridge lost {lost} of {} messages without a power cut: the peer run is broken",
+                    acked.len()
+                ));
+            }
+            println!(
+                "torture: peer mosquitto-bridge control cycle (a clean restart, no cut): {} acknowledged, all delivered",
+                acked.len()
+            );
+            continue;
+        }
         tally.acked += acked.len() as u64;
         tally.lost += lost;
         tally.delivered += acked.len() as u64 - lost;
@@ -194,8 +218,7 @@ pub fn run(cycles: u64, seed: u64, rate: u64, work: &Path) -> Result<PeerTally, 
             tally.cycles_losing += 1;
         }
         println!(
-            "torture: peer mosquitto-bridge cycle {}: {} acknowledged by the edge broker, {} lost",
-            i + 1,
+            "torture: peer mosquitto-bridge cycle {i}: {} acknowledged by the edge broker, {} lost",
             acked.len(),
             lost
         );
