@@ -1,5 +1,6 @@
 //! What opening a journal costs in resident memory, in a test binary of its own so that no other
 //! test's allocations share the process.
+#![allow(clippy::unwrap_used)]
 
 use ferry_journal::{Journal, NewRecord, OnFull, Options, StoredFormat, default_replay_window};
 
