@@ -542,7 +542,7 @@ fn backlog(args: &Args, sizes: &Sizes, rows: &mut Vec<Row>) -> Result<()> {
             real.rss_peak_kib as f64 / 1024.0,
             "MiB",
         )
-        .target(Target::AtMost(32.0))
+        .target(Target::AtMost(16.0))
         .note(format!(
             "{:.1} MiB right after open",
             real.rss_open_kib as f64 / 1024.0
