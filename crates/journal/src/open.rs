@@ -171,6 +171,7 @@ impl Journal {
             drop_unsaid: 0,
             marks: Marks::default(),
             snapshot_due: false,
+            rolls_since_snapshot: 0,
             positions_written: None,
             frames: Vec::new(),
             frame_ends: Vec::new(),

@@ -178,8 +178,8 @@ impl Journal {
         // The redelivery window as sled holds it, complete below `through`.
         let (through, mut marks) = self.load_marks(meta_next, &mut batch)?;
         // Appends the database never recorded: sled records the positions and marks of appends
-        // only at a sync after a new segment was started, when it is synced for another reason,
-        // and at close, so a crash leaves about a segment of frames past them (more when sled
+        // only at a sync after a few new segments were started, when it is synced for another
+        // reason, and at close, so a crash leaves a few segments of frames past them (more when sled
         // lost writes of its own). Their entries are added to the stored counters, and the packet
         // ids they carry complete the window.
         let mut tail = (0u64, 0u64);
@@ -241,6 +241,7 @@ impl Journal {
         let mut st = self.lock();
         st.marks = Marks::from_marks(marks);
         st.snapshot_due = false;
+        st.rolls_since_snapshot = 0;
         st.log = Some(log);
         st.overlays = overlays;
         st.retain_from = if retained_bytes > 0 {

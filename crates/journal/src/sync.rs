@@ -145,8 +145,8 @@ impl Journal {
     }
 
     /// The part of [`Journal::sync`] after the log is durable through `target`: sled records the
-    /// positions and marks of appends (when it is synced anyway, or once a segment was started,
-    /// bounding what open reads), and with `flush` sled is made durable.
+    /// positions and marks of appends (when it is synced anyway, or once a few segments were
+    /// started, bounding what open reads), and with `flush` sled is made durable.
     fn sync_sled(&self, flush: bool, target: u64) -> Result<()> {
         {
             let mut st = self.lock();
@@ -155,9 +155,10 @@ impl Journal {
                 put_snapshot(&st, &mut batch, Some(target));
                 self.apply(batch, "recording positions")?;
                 st.snapshot_due = false;
+                st.rolls_since_snapshot = 0;
                 if !flush {
-                    // Written to sled's file (not synced), so that a crash leaves open about a
-                    // segment of the log to read: sled has no flusher thread of its own.
+                    // Written to sled's file (not synced), so that a crash leaves open a few
+                    // segments of the log to read: sled has no flusher thread of its own.
                     self.flush_sled(&*self.store()?, "recording positions")?;
                 }
             }

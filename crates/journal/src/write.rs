@@ -143,8 +143,8 @@ impl Journal {
     /// The writing half of [`Journal::append`]: the lease, then the frames, then sled's `batch`
     /// (a trim's overlays and positions) when `trimmed`. sled's positions may run ahead of the log
     /// (recovery trusts the log and recounts), and usually lag behind it: the positions and marks
-    /// of appends are recorded only at a sync after a new segment was started, and rebuilt from
-    /// the frames past them at open.
+    /// of appends are recorded only at a sync after a few new segments were started
+    /// ([`SNAPSHOT_SEGMENTS`]), and rebuilt from the frames past them at open.
     fn write_frames(
         &self,
         st: &mut State,
@@ -163,7 +163,10 @@ impl Journal {
             let rolled = log_of(&mut st.log)?
                 .append_frames(&buf[..end], frames)
                 .map_err(log_io("appending records"))?;
-            st.snapshot_due |= rolled;
+            if rolled {
+                st.rolls_since_snapshot += 1;
+                st.snapshot_due |= st.rolls_since_snapshot >= SNAPSHOT_SEGMENTS;
+            }
         }
         if trimmed {
             // Keep a trim: the in-memory counters already reflect it.
