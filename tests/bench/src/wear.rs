@@ -326,17 +326,27 @@ fn ferry_run(bin_dir: &Path, work: &Path, wait_ms: u64, secs: u64) -> Result<Fer
 
 /// End to end as fast as it goes: `n` messages from the publisher until ferry-cloud acknowledged
 /// them all (ferry's `acked_seq`). Messages/s.
-fn ferry_end_to_end(bin_dir: &Path, work: &Path, n: usize) -> Result<f64> {
+fn ferry_end_to_end(bin_dir: &Path, work: &Path, n: usize, null_sink: bool) -> Result<EndToEnd> {
     let broker = procs::mosquitto(&work.join("mosquitto"), crate::INFLIGHT)?;
-    let mut cloud = Cloud::start(&bin_dir.join("ferry-cloud"), &work.join("cloud"))?;
+    let sink = if null_sink {
+        Some(procs::NullSink::start()?)
+    } else {
+        None
+    };
+    let mut cloud = match sink {
+        Some(_) => None,
+        None => Some(Cloud::start(
+            &bin_dir.join("ferry-cloud"),
+            &work.join("cloud"),
+        )?),
+    };
+    let url = match (&sink, &cloud) {
+        (Some(s), _) => s.url(),
+        (None, Some(c)) => c.url(),
+        (None, None) => return Err("no uplink".into()),
+    };
     let control = procs::free_port()?;
-    let config = procs::agent_config(
-        &work.join("journal"),
-        broker.port,
-        &cloud.url(),
-        control,
-        "",
-    );
+    let config = procs::agent_config(&work.join("journal"), broker.port, &url, control, "");
     let mut agent = Agent::start(
         &bin_dir.join("ferry"),
         &work.join("agent"),
@@ -356,10 +366,28 @@ fn ferry_end_to_end(bin_dir: &Path, work: &Path, n: usize) -> Result<f64> {
         Duration::from_millis(20),
         || Ok(u(&agent.status()?["acked_seq"]) >= 1),
     )?;
+    let agent_pid = agent.proc.pid().to_string();
+    let cloud_pid = cloud.as_ref().map(|c| c.proc.pid().to_string());
+    let cpu = |pid: &Option<String>| pid.as_deref().map_or(0.0, procs::cpu_secs);
+    let (a0, c0) = (procs::cpu_secs(&agent_pid), cpu(&cloud_pid));
     let (rate, _) = procs::ingest_rate(broker.port, n, || Ok(u(&agent.status()?["acked_seq"])))?;
+    let (agent_cpu, cloud_cpu) = (procs::cpu_secs(&agent_pid) - a0, cpu(&cloud_pid) - c0);
     agent.proc.stop()?;
-    cloud.proc.stop()?;
-    Ok(rate)
+    if let Some(c) = cloud.as_mut() {
+        c.proc.stop()?;
+    }
+    Ok(EndToEnd {
+        rate,
+        agent_cpu,
+        cloud_cpu,
+    })
+}
+
+/// An end-to-end run: messages/s, and the CPU seconds ferry and ferry-cloud took meanwhile.
+struct EndToEnd {
+    rate: f64,
+    agent_cpu: f64,
+    cloud_cpu: f64,
 }
 
 /// The same through the bridge: until the subscriber at the cloud broker counted them all.
@@ -518,18 +546,38 @@ pub fn run(bin_dir: &Path, work: &Path, secs: u64, n: usize, rows: &mut Vec<Row>
     }
     let b = bridge_run(&work.join("bridge"), secs)?;
     let _ = std::fs::remove_dir_all(work.join("bridge"));
-    let ferry_rate = ferry_end_to_end(bin_dir, &work.join("e2e-ferry"), n)?;
+    let ferry = ferry_end_to_end(bin_dir, &work.join("e2e-ferry"), n, false)?;
+    let null = ferry_end_to_end(bin_dir, &work.join("e2e-null"), n, true)?;
     let bridge_rate = bridge_end_to_end(&work.join("e2e-bridge"), n)?;
     let _ = std::fs::remove_dir_all(work);
     println!(
-        "   end to end, {n} messages: ferry {} msg/s, mosquitto bridge {} msg/s",
-        report::num(ferry_rate),
+        "   end to end, {n} messages: ferry {} msg/s (to the null sink {}), mosquitto bridge {} msg/s",
+        report::num(ferry.rate),
+        report::num(null.rate),
         report::num(bridge_rate)
     );
     rows.push(
-        Row::new(S, "end to end to the cloud, as fast as it goes: ferry to ferry-cloud", ferry_rate, "msg/s")
+        Row::new(S, "end to end to the cloud, as fast as it goes: ferry to ferry-cloud", ferry.rate, "msg/s")
             .baseline("mosquitto bridge to a cloud mosquitto", bridge_rate)
-            .note("QoS1, in-flight window 100; ferry PUBACKs after fdatasync, the bridge before any write"),
+            .target(Target::RatioAtLeast(0.8))
+            .note(format!(
+                "QoS1, in-flight window 100; ferry PUBACKs after fdatasync, the bridge before any write; \
+                 cpu s: ferry {:.1}, ferry-cloud {:.1} (same 2 cores, same disk)",
+                ferry.agent_cpu, ferry.cloud_cpu
+            )),
+    );
+    rows.push(
+        Row::new(
+            S,
+            "experiment: the same, ferry to the null sink",
+            null.rate,
+            "msg/s",
+        )
+        .baseline("mosquitto bridge to a cloud mosquitto", bridge_rate)
+        .note(format!(
+            "the uplink's ceiling: no receiver's CPU or fsync on this machine; ferry cpu {:.1} s",
+            null.agent_cpu
+        )),
     );
     println!(
         "   mosquitto bridge: {} B written for {} B of payload; PUBACK p50 {:.1} ms p99 {:.1} ms; edge rss {:.1} MiB",
