@@ -159,7 +159,7 @@ fn main() {
                 &args.target.join("release"),
                 &args.work.join("wear"),
                 sizes.wear_secs,
-                sizes.ingest / 4,
+                sizes.ingest,
                 r,
             )
         }),
@@ -239,7 +239,7 @@ fn sizes_text(s: &Sizes) -> String {
         s.backlog,
         s.ingest,
         s.wear_secs,
-        s.ingest / 4
+        s.ingest
     )
 }
 
