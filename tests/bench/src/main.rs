@@ -233,13 +233,7 @@ fn sizes_text(s: &Sizes) -> String {
         "Records carry {PAYLOAD}-byte payloads. Append: {} records per row; churn: {} records through \
          a backlog of {}; backlog rows: {} records; ingest: {} QoS1 messages; wear: {} s at 1,000 msg/s \
          per setting, {} messages end to end.",
-        s.append,
-        s.churn_total,
-        s.churn_backlog,
-        s.backlog,
-        s.ingest,
-        s.wear_secs,
-        s.ingest
+        s.append, s.churn_total, s.churn_backlog, s.backlog, s.ingest, s.wear_secs, s.ingest
     )
 }
 
