@@ -103,15 +103,7 @@ impl Delays {
     /// The bound of the bucket holding the `q` quantile (0..=1): the delay is at most this many
     /// ms. `None` without observations, or when it is above the last bound.
     pub fn quantile_at_most_ms(&self, q: f64) -> Option<u64> {
-        let want = (self.count as f64 * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= want && self.count > 0 {
-                return self.le_ms.get(i).copied();
-            }
-        }
-        None
+        crate::status::quantile_at_most(self.le_ms, &self.counts, q)
     }
 }
 

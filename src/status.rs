@@ -81,7 +81,13 @@ pub struct Source {
 /// The bytes this process has caused to be written to storage (`/proc/self/io` `write_bytes`),
 /// if the kernel says.
 pub fn written_bytes() -> Option<u64> {
-    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    written_bytes_of("self")
+}
+
+/// [`written_bytes`] of another entry of `/proc`: a process (`"1234"`), one of its threads
+/// (`"1234/task/1240"`), or the calling thread (`"thread-self"`).
+pub fn written_bytes_of(entry: &str) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{entry}/io")).ok()?;
     io.lines()
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
@@ -150,6 +156,26 @@ impl Source {
             },
         }
     }
+}
+
+/// The bound of the bucket holding the `q` quantile (0..=1) of a histogram given as bucket
+/// bounds and counts per bucket (`counts` may have one more entry, above the last bound, as
+/// `/status` `puback_delay` has): the value is at most this. `None` without observations, or
+/// when the quantile lies above the last bound. For readers of `/status` too (the bench).
+pub fn quantile_at_most(bounds: &[u64], counts: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return bounds.get(i).copied();
+        }
+    }
+    None
 }
 
 /// Prometheus text exposition of the status.

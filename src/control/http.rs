@@ -72,22 +72,25 @@ pub fn accept(listener: &TcpListener) -> io::Result<Option<(TcpStream, SocketAdd
     }
 }
 
-/// The connections already waiting in the listener's queue, taken without waiting for more.
-pub fn pending(listener: &TcpListener) -> Vec<TcpStream> {
-    let mut out = Vec::new();
+/// Answers every connection already waiting in the listener's queue with `code` and `body`,
+/// without waiting for more, all before `deadline`: at a stop, so that requests that reached the
+/// queue are answered rather than reset when the listener closes. Each request is read first (up
+/// to the deadline), since closing a socket with unread data resets it.
+pub fn refuse_pending(listener: &TcpListener, code: u16, body: &str, deadline: Instant) {
     if listener.set_nonblocking(true).is_err() {
-        return out;
+        return;
     }
-    // Bounded: the queue is at most the listen backlog long.
-    while let Ok((stream, _)) = listener.accept() {
-        if stream.set_nonblocking(false).is_ok() {
-            out.push(stream);
+    // Bounded by the listen backlog, and by the deadline.
+    while Instant::now() < deadline {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        if stream.set_nonblocking(false).is_err() {
+            continue;
         }
-        if out.len() >= 128 {
-            break;
-        }
+        let _ = read_request(&mut stream, deadline);
+        let _ = respond_by(&mut stream, code, "application/json", body, deadline);
     }
-    out
 }
 
 /// Binds `addr` with `accept` returning after `wait` when no client comes. Linux applies a
@@ -209,14 +212,28 @@ pub fn respond(
     content_type: &str,
     body: &str,
 ) -> io::Result<()> {
-    stream.set_write_timeout(Some(ANSWER_DEADLINE))?;
+    respond_by(
+        stream,
+        code,
+        content_type,
+        body,
+        Instant::now() + ANSWER_DEADLINE,
+    )
+}
+
+/// [`respond`] before `deadline`: a client taking the answer a byte at a time is cut off.
+fn respond_by(
+    stream: &mut TcpStream,
+    code: u16,
+    content_type: &str,
+    body: &str,
+    deadline: Instant,
+) -> io::Result<()> {
     let head = format!(
         "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reason(code),
         body.len()
     );
-    // One deadline for the whole answer: a client taking it a byte at a time is cut off.
-    let deadline = Instant::now() + ANSWER_DEADLINE;
     for part in [head.as_bytes(), body.as_bytes()] {
         let mut rest = part;
         while !rest.is_empty() {
@@ -331,15 +348,32 @@ mod tests {
         );
     }
 
+    /// At a stop, a request already in the listener's queue gets an answer, not a reset.
     #[test]
-    fn connections_waiting_in_the_queue_are_taken_without_waiting() {
+    fn requests_waiting_in_the_queue_are_answered_at_a_stop() {
         let listener = listen("127.0.0.1:0".parse().unwrap(), Duration::from_secs(5)).unwrap();
         let addr = listener.local_addr().unwrap();
-        let _a = TcpStream::connect(addr).unwrap();
-        let _b = TcpStream::connect(addr).unwrap();
+        let mut clients: Vec<TcpStream> = (0..2)
+            .map(|_| {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(b"GET /status HTTP/1.1\r\n\r\n").unwrap();
+                c
+            })
+            .collect();
         let started = Instant::now();
-        assert_eq!(pending(&listener).len(), 2);
-        assert!(started.elapsed() < Duration::from_secs(1));
+        refuse_pending(
+            &listener,
+            503,
+            "{}",
+            Instant::now() + Duration::from_secs(2),
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        for c in &mut clients {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        }
     }
 
     #[test]

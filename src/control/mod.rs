@@ -216,14 +216,12 @@ fn serve(
     }
     // Requests that arrived while the agent was stopping (a restart in place, say) are answered
     // 503 rather than reset when the listener closes, all within half a second.
-    let deadline = std::time::Instant::now() + Duration::from_millis(500);
-    for mut stream in http::pending(&listener) {
-        let _ = http::read_request(&mut stream, deadline);
-        let body = error_json("the agent is stopping or restarting; ask again in a moment");
-        if let Err(e) = http::respond(&mut stream, 503, "application/json", &body) {
-            debug!("control response not delivered: {}", e);
-        }
-    }
+    http::refuse_pending(
+        &listener,
+        503,
+        &error_json("the agent is stopping or restarting; ask again in a moment"),
+        std::time::Instant::now() + Duration::from_millis(500),
+    );
 }
 
 fn route(

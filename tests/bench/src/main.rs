@@ -6,7 +6,7 @@
 //! - `procs`: the release `ferry` and `ferry-cloud` binaries and a real mosquitto: peak RSS, backlog
 //!   drain (against ferry-cloud and a null HTTP sink), MQTT ingest (against a plain subscriber).
 //! - `wear`: bytes written per payload byte against a raw append+fdatasync of the same frames,
-//!   PUBACK latency and RSS at 1,000 msg/s per `journal.commit_wait`, and a mosquitto bridge.
+//!   ferry's PUBACK delay and RSS at 1,000 msg/s per `journal.commit_wait`, and a mosquitto bridge.
 //! - `report`: the table, and the numbers part of `docs/BENCHMARKS.md`.
 //!
 //! Timing never decides a test: nothing here fails a build, a missed target is reported.

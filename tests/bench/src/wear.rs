@@ -36,7 +36,7 @@ const TOPIC: &str = "bench/t";
 /// The commit waits compared (the settings).
 const WAITS_MS: [u64; 4] = [0, 10, 50, 100];
 
-/// PUBACK latencies of a paced run, and when the last one arrived.
+/// The publisher's PUBACK latencies of a paced run.
 pub struct Paced {
     pub latencies: Vec<Duration>,
 }
@@ -101,10 +101,7 @@ pub fn paced_publish(port: u16, rate: usize, secs: u64) -> Result<Paced> {
 
 /// `write_bytes` of a process (`/proc/<pid>/io`), or of the calling thread (`thread-self`).
 pub fn write_bytes(who: &str) -> Result<u64> {
-    let io = std::fs::read_to_string(format!("/proc/{who}/io"))?;
-    io.lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
+    ferry::status::written_bytes_of(who)
         .ok_or_else(|| format!("/proc/{who}/io has no write_bytes").into())
 }
 
@@ -216,20 +213,52 @@ fn delay_at_most_ms(s0: &serde_json::Value, s1: &serde_json::Value, q: f64) -> O
         .as_array()
         .map(|a| a.iter().map(u).collect())
         .unwrap_or_default();
-    let total: u64 = diff.iter().sum();
-    let want = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, c) in diff.iter().enumerate() {
-        seen += c;
-        if total > 0 && seen >= want {
-            return bounds.get(i).copied();
-        }
-    }
-    None
+    ferry::status::quantile_at_most(&bounds, &diff, q)
 }
 
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or(0)
+}
+
+/// Starts `ferry run` in `work` on the broker at `mqtt_port`, uploading to `url`, with extra
+/// `[journal]` keys; returns once a first message went through to the uplink (the session and
+/// the subscription are up before anything is counted).
+fn start_uploading(
+    bin_dir: &Path,
+    work: &Path,
+    mqtt_port: u16,
+    url: &str,
+    journal_extra: &str,
+) -> Result<Agent> {
+    let control = procs::free_port()?;
+    let config = procs::agent_config_with(
+        &work.join("journal"),
+        mqtt_port,
+        url,
+        control,
+        journal_extra,
+        "",
+    );
+    let agent = Agent::start(
+        &bin_dir.join("ferry"),
+        &work.join("agent"),
+        &config,
+        control,
+    )?;
+    procs::wait_for(
+        "ferry's MQTT session",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || Ok(agent.status()?["mqtt_connected"] == true),
+    )?;
+    procs::publish(mqtt_port, 1)?;
+    procs::wait_for(
+        "the first message uploaded",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || Ok(u(&agent.status()?["acked_seq"]) >= 1),
+    )?;
+    Ok(agent)
 }
 
 /// One paced run of ferry with `journal.commit_wait = wait_ms`.
@@ -252,39 +281,14 @@ struct FerryRun {
 fn ferry_run(bin_dir: &Path, work: &Path, wait_ms: u64, secs: u64) -> Result<FerryRun> {
     let broker = procs::mosquitto(&work.join("mosquitto"), crate::INFLIGHT)?;
     let mut cloud = Cloud::start(&bin_dir.join("ferry-cloud"), &work.join("cloud"))?;
-    let control = procs::free_port()?;
-    let config = procs::agent_config_with(
-        &work.join("journal"),
+    let mut agent = start_uploading(
+        bin_dir,
+        work,
         broker.port,
         &cloud.url(),
-        control,
         &format!("commit_wait = \"{wait_ms}ms\""),
-        "",
-    );
-    let mut agent = Agent::start(
-        &bin_dir.join("ferry"),
-        &work.join("agent"),
-        &config,
-        control,
     )?;
     let status = |a: &Agent| a.status();
-    procs::wait_for(
-        "ferry's MQTT session",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || Ok(status(&agent)?["mqtt_connected"] == true),
-    )?;
-    // A first message proves the subscription is in place before anything is counted.
-    procs::publish(broker.port, 1)?;
-    procs::wait_for(
-        "the first message uploaded",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || {
-            let s = status(&agent)?;
-            Ok(u(&s["acked_seq"]) >= 1)
-        },
-    )?;
     let pid = agent.proc.pid();
     let t0 = thread_writes(pid);
     let s0 = status(&agent)?;
@@ -351,27 +355,7 @@ fn ferry_end_to_end(
         (None, Some(c)) => c.url(),
         (None, None) => return Err("no uplink".into()),
     };
-    let control = procs::free_port()?;
-    let config = procs::agent_config(&work.join("journal"), broker.port, &url, control, "");
-    let mut agent = Agent::start(
-        &bin_dir.join("ferry"),
-        &work.join("agent"),
-        &config,
-        control,
-    )?;
-    procs::wait_for(
-        "ferry's MQTT session",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || Ok(agent.status()?["mqtt_connected"] == true),
-    )?;
-    procs::publish(broker.port, 1)?;
-    procs::wait_for(
-        "the first message uploaded",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || Ok(u(&agent.status()?["acked_seq"]) >= 1),
-    )?;
+    let mut agent = start_uploading(bin_dir, work, broker.port, &url, "")?;
     let agent_pid = agent.proc.pid().to_string();
     let cloud_pid = cloud.as_ref().map(|c| c.proc.pid().to_string());
     let cpu = |pid: &Option<String>| pid.as_deref().map_or(0.0, procs::cpu_secs);
