@@ -558,6 +558,46 @@ fn commit_wait_does_not_hold_a_full_window() {
     );
 }
 
+/// The writer cannot wake the `mqtt` thread, which waits inside rumqttc for the broker: with a
+/// window of one message, each PUBACK waited for that thread's 50 ms poll (and the next message
+/// with it). It now looks for the commit every millisecond while messages wait for one.
+#[test]
+fn pubacks_go_out_when_the_commit_is_done_not_at_the_next_poll() {
+    const N: u64 = 60;
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let broker = Mosquitto::start_on(&tmp.join("mqtt"), free_port(), "max_inflight_messages 1");
+    let cloud = Cloud::start(&tmp.join("cloud"));
+    let dir = tmp.join("agent");
+    let control = free_port();
+    let agent = Agent::start(
+        &dir,
+        &agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        control,
+    );
+    agent.wait_connected();
+    publish(broker.port, "sensors/window-of-one", numbered(0..N));
+    wait_until("all journaled", Duration::from_secs(60), || {
+        agent.status()["head_seq"] == N
+    });
+    let delays = &agent.status()["puback_delay"];
+    let nums = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect()
+    };
+    let p50 =
+        ferry::status::quantile_at_most(&nums(&delays["le_ms"]), &nums(&delays["counts"]), 0.5);
+    eprintln!("PUBACK delay p50 at most {p50:?} ms: {delays}");
+    // A commit takes a few ms here; the poll it used to wait for, 50.
+    assert!(
+        p50.is_some_and(|ms| ms <= 20),
+        "half the PUBACKs took over 20 ms: {delays}"
+    );
+}
+
 /// Whether `path` is on a tmpfs (the filesystem mounted at the longest matching mount point).
 fn on_tmpfs(path: &std::path::Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();

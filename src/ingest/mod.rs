@@ -2,7 +2,8 @@
 //!
 //! Two threads, so that a slow disk never stalls the MQTT connection (a stalled poll loop misses
 //! keep-alives and the broker evicts the client):
-//! - `mqtt` owns the connection: polls it with a short timeout, re-subscribes on every CONNACK,
+//! - `mqtt` owns the connection: polls it with a short timeout (1 ms while messages wait for a
+//!   commit: the writer cannot wake a thread blocked in rumqttc), re-subscribes on every CONNACK,
 //!   backs off on errors, hands each PUBLISH to the writer in arrival order, and sends the PUBACKs
 //!   for everything the writer reports durable, in the same order.
 //! - `journal-writer` (`writer.rs`) appends whatever has queued up as one batch, syncs once (group
@@ -57,8 +58,12 @@ mod writer;
 pub use publisher::{CommandPublisher, Publication};
 use writer::run_writer;
 
-/// Poll timeout of a connected session: how quickly the loop sees shutdown and the writer's progress.
+/// Poll timeout of a connected session with nothing waiting for a commit: how quickly the loop
+/// sees shutdown.
 const POLL: Duration = Duration::from_millis(50);
+/// Poll timeout while taken messages wait for the writer's commit: a bound on how late their
+/// PUBACKs go out once the commit is done (the writer cannot wake a thread blocked in rumqttc).
+const ACK_POLL: Duration = Duration::from_millis(1);
 /// rumqttc's deadline for TCP connect plus CONNACK, in seconds.
 const CONNECT_TIMEOUT_SECS: u64 = 5;
 /// Poll timeout while connecting. rumqttc's `recv_timeout` drops the whole poll, including a
@@ -259,7 +264,13 @@ impl MqttLoop {
         );
         while !self.shutdown.is_set() {
             let connected = self.stats.mqtt_connected.load(Ordering::Relaxed);
-            let poll = if connected { POLL } else { CONNECT_POLL };
+            // rumqttc wakes this thread for the connection and its request queue only, not for
+            // the writer: while messages wait for their commit, look for it every ACK_POLL.
+            let poll = match (connected, self.unacked.is_empty()) {
+                (false, _) => CONNECT_POLL,
+                (true, false) => ACK_POLL,
+                (true, true) => POLL,
+            };
             match self.connection.recv_timeout(poll) {
                 Ok(Ok(event)) => self.on_event(event),
                 Ok(Err(e)) => self.on_error(e),
