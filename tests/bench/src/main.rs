@@ -26,7 +26,7 @@ use store::{Layout, PAYLOAD, Result};
 const USAGE: &str =
     "usage: ferry-bench [--quick] [--only SECTION] [--doc FILE] [--work DIR] [--target-dir DIR]
   --quick           a smaller run (about a tenth of the records)
-  --only SECTION    run one section: size, append, churn, backlog, ingest or wear (no --doc then)
+  --only SECTION    run one section: size, append, churn, backlog, ingest, wear or e2e (no --doc then)
   --doc FILE        write the numbers into FILE between the bench markers
   --work DIR        where the bench's files go (default target/bench-work; removed after)
   --target-dir DIR  where the release binaries are (default target)";
@@ -72,7 +72,9 @@ const ACK_STEP: usize = 500;
 const INFLIGHT: u32 = 100;
 
 /// The sections' names for `--only`, in the order they run.
-const SECTIONS: [&str; 6] = ["size", "append", "churn", "backlog", "ingest", "wear"];
+const SECTIONS: [&str; 7] = [
+    "size", "append", "churn", "backlog", "ingest", "wear", "e2e",
+];
 
 /// One section of the run: pushes its rows.
 type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
@@ -148,7 +150,7 @@ fn main() {
     let started = Instant::now();
 
     let mut rows = Vec::new();
-    let sections: [(&str, &Section<'_>); 6] = [
+    let sections: [(&str, &Section<'_>); 7] = [
         ("binary size", &|r| binary_sizes(&args, r)),
         ("durable append", &|r| append(&args, &sizes, r)),
         ("disk use after churn", &|r| churn(&args, &sizes, r)),
@@ -159,6 +161,13 @@ fn main() {
                 &args.target.join("release"),
                 &args.work.join("wear"),
                 sizes.wear_secs,
+                r,
+            )
+        }),
+        (wear::E2E_SECTION, &|r| {
+            wear::end_to_end(
+                &args.target.join("release"),
+                &args.work.join("e2e"),
                 sizes.ingest,
                 r,
             )
@@ -224,6 +233,7 @@ fn section_of(name: &str) -> &'static str {
         "disk use after churn" => "disk use after churn",
         "backlog: open, RSS, drain" => "backlog: open, RSS, drain",
         wear::SECTION => wear::SECTION,
+        wear::E2E_SECTION => wear::E2E_SECTION,
         _ => "MQTT ingest",
     }
 }

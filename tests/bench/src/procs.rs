@@ -550,8 +550,13 @@ impl Drop for Subscriber {
     }
 }
 
+/// How often `ingest_rate` polls its count: often enough to time a run of seconds to within 1 %,
+/// rarely enough that the probe (for ferry, a `/status` request served on the same two cores)
+/// takes no measurable share of the CPU the run is measuring.
+pub const COUNT_EVERY: Duration = Duration::from_millis(25);
+
 /// Messages per second and the publisher's own rate, for `n` messages from a publisher until the
-/// consumer counted them all (`count` polled every 5 ms).
+/// consumer counted them all (`count` polled every `COUNT_EVERY`).
 pub fn ingest_rate(port: u16, n: usize, count: impl Fn() -> Result<u64>) -> Result<(f64, f64)> {
     let start = count()?;
     let t = Instant::now();
@@ -561,7 +566,7 @@ pub fn ingest_rate(port: u16, n: usize, count: impl Fn() -> Result<u64>) -> Resu
     wait_for(
         "the consumer to count every message",
         Duration::from_secs(300),
-        Duration::from_millis(5),
+        COUNT_EVERY,
         || Ok(count()? >= start + n as u64),
     )?;
     let secs = t.elapsed().as_secs_f64();
