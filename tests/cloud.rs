@@ -231,6 +231,47 @@ fn batches_are_stored_once_and_dedupe_survives_a_restart() {
     );
 }
 
+/// A fleet larger than the receiver's open-file limit. With a records file kept open per device,
+/// the 60th or so device of a receiver limited to 64 descriptors was answered 500 ("Too many open
+/// files"), and every device after it, for good. Files are now open only while a request waits
+/// for its sync.
+#[test]
+fn a_fleet_larger_than_the_open_file_limit_is_received() {
+    const DEVICES: u64 = 300;
+    const LIMIT: u64 = 64;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path(), &[]);
+    let pid = cloud.child.id();
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={LIMIT}:{LIMIT}"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(limited.success(), "prlimit: {limited}");
+
+    for round in 0..2u64 {
+        for d in 0..DEVICES {
+            let seq = round * 3 + 1;
+            let batch = json!({"device_id": format!("gw-{d:05}"),
+                "records": (seq..seq + 3).map(|s| json!({"seq": s, "ts_ms": 1, "topic": "t",
+                "payload": {"n": s}})).collect::<Vec<_>>()});
+            assert_eq!(
+                cloud.post_gzip(&batch),
+                (200, json!({"accepted": 3, "duplicates": 0})),
+                "round {round}, device {d}"
+            );
+        }
+    }
+    let devices = cloud.get_json("/v1/devices");
+    let devices = devices["devices"].as_array().expect("devices");
+    assert_eq!(devices.len() as u64, DEVICES);
+    assert!(devices.iter().all(|d| d["records"] == 6), "{devices:?}");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(open < LIMIT as usize / 2, "{open} descriptors open");
+}
+
 /// Records `seqs` of `gw-x` as the gateway `name` would send them: two gateways sharing the id send
 /// the same seqs with different payloads.
 fn batch_from(name: &str, seqs: std::ops::RangeInclusive<u64>) -> Value {

@@ -20,6 +20,12 @@
 //! whose lines were not durable (they are sent again). Gaps are rare and synced by the request
 //! that writes them, under the lock.
 //!
+//! Open files: a device's records file is open only while a request of that device waits for a
+//! sync; the last one closes it once everything written is durable (not before: a sync through
+//! another descriptor may not see an error the writeback of those lines hit). So the files open are bounded by the
+//! requests in flight (a records and a gaps file per worker thread at most), not by the fleet: a
+//! receiver of 100,000 devices runs under the usual limit of 1,024 descriptors.
+//!
 //! A crash mid-write can leave a last line without its newline; that line was never acknowledged, so
 //! [`Store::open`] drops it (truncating the file) and the device resends it. A failed write is cut
 //! back the same way before the error is returned. Any other malformed line stops the start. Those
@@ -127,7 +133,8 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct Device {
-    /// The records file open for appending, once this start wrote to it.
+    /// The records file open for appending, while a request of this device waits for a sync of
+    /// its lines (it is closed once everything written is durable).
     file: Option<Arc<File>>,
     /// Length of the records file as written, and as known durable (synced, or found at start).
     written: u64,
@@ -450,6 +457,12 @@ impl Store {
             }
         };
         device.waiting -= 1;
+        if device.waiting == 0 && !device.syncing && device.durable == device.written {
+            // Nothing of this device waits for a sync: close its records file, so that the files
+            // open are bounded by the requests in flight, not by the size of the fleet. The next
+            // write opens it again.
+            device.file = None;
+        }
         result
     }
 
