@@ -182,13 +182,21 @@ fn batches_are_stored_once_and_dedupe_survives_a_restart() {
     assert_eq!(status, 400);
     assert_eq!(answer["error"], "records[1].seq: missing");
 
-    let devices = cloud.get_json("/v1/devices");
+    let mut devices = cloud.get_json("/v1/devices");
+    let seen = devices["devices"][0]
+        .as_object_mut()
+        .and_then(|d| d.remove("last_seen_ms"));
+    assert!(seen.and_then(|s| s.as_u64()).is_some_and(|ms| ms > 0));
+    // Without the gateway's account (no `held`), the holes count as waiting on it.
     assert_eq!(
         devices,
         json!({"devices": [{
             "device_id": "gw-01", "records": 3, "highest_seq": 7, "missing": [[3, 4]],
             "gaps": [{"from_seq": 1, "to_seq": 2, "reason": "journal_full"}],
-            "clashes": [], "clashes_total": 0}]})
+            "clashes": [], "clashes_total": 0, "states": ["behind"],
+            "ledger": {"head_seq": 7, "acked_seq": 0, "delivered": 3, "gaps": {"journal_full": 2},
+                       "waiting": 2, "missing": 0, "oldest_unsent_ts_ms": null, "reported": false}}],
+               "total": 1, "offset": 0, "limit": 1000})
     );
 
     let stats = cloud.get_json("/v1/stats");
@@ -229,6 +237,92 @@ fn batches_are_stored_once_and_dedupe_survives_a_restart() {
         devices["devices"][0]["gaps"].as_array().map(Vec::len),
         Some(1)
     );
+}
+
+/// The completeness ledger through the binary: a gateway behind is `behind` (its seqs waiting),
+/// one whose cursor claims seqs the center does not have is `missing` (an alarm), and the
+/// fleet list filters, pages and sorts by it; `/metrics` adds it up.
+#[test]
+fn the_ledger_tells_waiting_from_missing_and_the_fleet_filters_by_state() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path(), &[]);
+    let batch = |device: &str, seqs: std::ops::RangeInclusive<u64>, head: u64, acked: u64| {
+        let records: Vec<Value> = seqs
+            .map(|s| json!({"seq": s, "ts_ms": 1, "topic": "t", "payload": s}))
+            .collect();
+        json!({"device_id": device, "records": records,
+               "held": {"head_seq": head, "acked_seq": acked, "oldest_unsent_ts_ms": 1_000}})
+    };
+    // gw-behind: 1..=100 delivered, the gateway holds up to 250.
+    assert_eq!(cloud.post_gzip(&batch("gw-behind", 1..=100, 250, 0)).0, 200);
+    // gw-done: everything it holds is here.
+    assert_eq!(cloud.post_gzip(&batch("gw-done", 1..=50, 50, 0)).0, 200);
+    assert_eq!(cloud.post_gzip(&batch("gw-done", 51..=60, 60, 50)).0, 200);
+    // gw-hole: its cursor says 1..=40 were stored, but 11..=20 never arrived here.
+    assert_eq!(cloud.post_gzip(&batch("gw-hole", 1..=10, 40, 0)).0, 200);
+    assert_eq!(cloud.post_gzip(&batch("gw-hole", 21..=40, 40, 40)).0, 200);
+    // A resend of an old batch carries an old account: the later one is kept.
+    assert_eq!(cloud.post_gzip(&batch("gw-done", 1..=50, 50, 0)).0, 200);
+
+    let ledger = |id: &str| cloud.get_json(&format!("/v1/devices/{id}/ledger"));
+    let behind = ledger("gw-behind");
+    assert_eq!(
+        (&behind["delivered"], &behind["waiting"], &behind["missing"]),
+        (&json!(100), &json!(150), &json!(0)),
+        "{behind}"
+    );
+    assert_eq!(behind["waiting_ranges"], json!([[101, 250]]));
+    assert_eq!(behind["states"], json!(["behind"]));
+    assert_eq!(behind["oldest_unsent_ts_ms"], 1_000);
+    let done = ledger("gw-done");
+    assert_eq!(
+        (&done["head_seq"], &done["acked_seq"]),
+        (&json!(60), &json!(50))
+    );
+    assert_eq!(done["states"], json!(["healthy"]), "{done}");
+    let hole = ledger("gw-hole");
+    assert_eq!(hole["missing"], 10, "{hole}");
+    assert_eq!(hole["missing_ranges"], json!([[11, 20]]));
+    assert_eq!(hole["states"], json!(["missing"]));
+    for l in [&behind, &done, &hole] {
+        assert_eq!(l["balanced"], true, "{l}");
+    }
+    let (status, _) = cloud.get("/v1/devices/gw-nobody/ledger");
+    assert_eq!(status, 404);
+
+    let ids = |query: &str| -> Vec<String> {
+        let v = cloud.get_json(&format!("/v1/devices?{query}"));
+        v["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| d["device_id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(ids("state=missing"), ["gw-hole"]);
+    assert_eq!(ids("state=behind"), ["gw-behind"]);
+    assert_eq!(ids("state=healthy"), ["gw-done"]);
+    assert_eq!(ids("sort=waiting&limit=1"), ["gw-behind"]);
+    assert_eq!(ids("offset=1&limit=1"), ["gw-done"]);
+    assert_eq!(ids("prefix=gw-h"), ["gw-hole"]);
+    assert_eq!(cloud.get_json("/v1/devices?limit=1")["total"], 3);
+    let (status, answer) = cloud.get("/v1/devices?state=lost");
+    assert_eq!(status, 400);
+    assert!(answer.contains("state: one of"), "{answer}");
+
+    let (status, metrics) = cloud.get("/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "ferry_cloud_devices{state=\"all\"} 3",
+        "ferry_cloud_devices{state=\"missing\"} 1",
+        "ferry_cloud_devices{state=\"behind\"} 1",
+        "ferry_cloud_ledger_delivered_records 190",
+        "ferry_cloud_ledger_waiting_records 150",
+        "ferry_cloud_ledger_missing_records 10",
+        "ferry_cloud_ledger_unbalanced_devices 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
 }
 
 /// A fleet larger than the receiver's open-file limit. With a records file kept open per device,
@@ -370,7 +464,10 @@ fn policy_and_token_refusals_store_nothing() {
         (status, answer),
         (422, json!({"error": "record seq=7 rejected by policy"}))
     );
-    assert_eq!(cloud.get_json("/v1/devices"), json!({"devices": []}));
+    assert_eq!(
+        cloud.get_json("/v1/devices"),
+        json!({"devices": [], "total": 0, "offset": 0, "limit": 1000})
+    );
     assert_eq!(cloud.get("/v1/devices/gw-01/records"), (200, String::new()));
 
     assert_eq!(

@@ -681,3 +681,60 @@ fn bad_certificate_files_are_a_config_error_at_start() {
         "{err}"
     );
 }
+
+/// A gateway whose uplink cannot reach the cloud still gives its account in the downlink hello:
+/// the center's ledger shows it behind, with everything it holds waiting on it.
+#[test]
+fn the_hello_tells_the_center_what_a_gateway_with_a_dead_uplink_holds() {
+    const N: u64 = 50;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let ws_port = free_port();
+    let cloud = cloud_with_ws(&tmp.path().join("cloud"), ws_port, &[]);
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let dead_uplink = format!("http://127.0.0.1:{}/v1/ingest", free_port());
+    let text = agent_config(
+        &dir,
+        broker.port,
+        &dead_uplink,
+        control,
+        "",
+        &downlink_section(&format!("ws://127.0.0.1:{ws_port}/v1/downlink")),
+    );
+    let mut agent = Agent::start(&dir.join("agent"), &text, control);
+    agent.wait_connected();
+    publish(broker.port, "sensors/held", numbered(0..N));
+    wait_until("all journaled", Duration::from_secs(10), || {
+        agent.status()["head_seq"] == N
+    });
+    // The hello goes out at each connection: restart so that the next one carries the backlog.
+    agent.stop();
+    agent.start_again();
+    let ledger = || -> Option<Value> {
+        serde_json::from_str(&cloud.get(&format!("/v1/devices/{DEVICE}/ledger"))).ok()
+    };
+    wait_until(
+        "the center to know the backlog",
+        Duration::from_secs(20),
+        || ledger().is_some_and(|l| l["waiting"] == N),
+    );
+    let l = ledger().unwrap();
+    assert_eq!(
+        (
+            &l["delivered"],
+            &l["missing"],
+            &l["reported"],
+            &l["balanced"]
+        ),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(true),
+            &serde_json::json!(true)
+        ),
+        "{l}"
+    );
+    assert_eq!(l["states"], serde_json::json!(["behind"]), "{l}");
+    assert!(l["oldest_unsent_ts_ms"].as_u64().is_some(), "{l}");
+}

@@ -1208,7 +1208,7 @@ proptest! {
 
     #[test]
     fn every_batch_the_agent_sends_is_accepted_as_sent(entries in entries(), id in "[A-Za-z0-9._-]{1,64}") {
-        let body = uplink::encode_body(&id, &entries);
+        let body = uplink::encode_body(&id, &entries, None);
         let batch = cloud_batch::parse(&body);
         prop_assert!(batch.is_ok(), "refused: {:?}", batch.err());
         let batch = batch.unwrap();
@@ -1234,7 +1234,7 @@ proptest! {
         target in any::<usize>(),
         with in proptest::option::of(json_value()),
     ) {
-        let body = uplink::encode_body("gw-fuzz", &entries);
+        let body = uplink::encode_body("gw-fuzz", &entries, None);
         let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let mut t = target % 64;
         replace_at(&mut v, &mut t, &with);
@@ -1243,7 +1243,7 @@ proptest! {
 
     #[test]
     fn a_damaged_batch_body_is_accepted_or_refused_naming_the_place(entries in entries(), d in damages()) {
-        let body = apply(uplink::encode_body("gw-fuzz", &entries), &d);
+        let body = apply(uplink::encode_body("gw-fuzz", &entries, None), &d);
         check_batch(&body)?;
     }
 }

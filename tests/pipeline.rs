@@ -272,6 +272,67 @@ fn a_refused_device_keeps_its_data_until_the_cloud_accepts_it() {
     assert_exactly_once(&cloud.records(DEVICE), 100);
 }
 
+/// The agent's account in every upload (`held`) feeds the center's ledger: while the agent
+/// drains a backlog (at 200 records/s here) the device is `behind` with seqs waiting on the
+/// gateway, and once it drained the account balances with everything delivered and nothing
+/// missing.
+#[test]
+fn the_center_ledger_follows_a_gateway_behind_until_it_drained() {
+    const N: u64 = 600;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"));
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = edited(
+        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        &[("[uplink]\n", "[uplink]\nmax_records_per_sec = 200\n")],
+    );
+    let agent = Agent::start(&dir, &config, control);
+    agent.wait_connected();
+    publish(broker.port, "sensors/ledger", numbered(0..N));
+    let ledger = || -> Option<serde_json::Value> {
+        serde_json::from_str(&cloud.get(&format!("/v1/devices/{DEVICE}/ledger"))).ok()
+    };
+    let mut seen_behind = None;
+    wait_until(
+        "the center to see the gateway behind",
+        Duration::from_secs(30),
+        || {
+            seen_behind = ledger()
+                .filter(|l| l["reported"] == true && l["waiting"].as_u64().unwrap_or(0) > 0);
+            seen_behind.is_some()
+        },
+    );
+    let behind = seen_behind.unwrap();
+    assert_eq!(behind["states"], serde_json::json!(["behind"]), "{behind}");
+    assert_eq!(behind["missing"], 0, "{behind}");
+    assert_eq!(behind["balanced"], true, "{behind}");
+    assert!(behind["oldest_unsent_ts_ms"].as_u64().is_some(), "{behind}");
+
+    wait_until("all delivered", Duration::from_secs(60), || {
+        ledger().is_some_and(|l| l["delivered"] == N)
+    });
+    let done = ledger().unwrap();
+    assert_eq!(
+        (
+            &done["head_seq"],
+            &done["waiting"],
+            &done["missing"],
+            &done["balanced"]
+        ),
+        (
+            &serde_json::json!(N),
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(true)
+        ),
+        "{done}"
+    );
+    assert_eq!(done["states"], serde_json::json!(["healthy"]), "{done}");
+    assert_exactly_once(&cloud.records(DEVICE), N);
+}
+
 /// The control endpoint: /status for programs, /metrics for Prometheus, `ferry status` for people.
 #[test]
 fn status_metrics_and_the_status_command_report_the_pipeline() {

@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 
 use crate::ingest::Publication;
 use crate::journal::MAX_COMMAND_ID;
+use crate::protocol::Held;
 
 /// A command the cloud sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,8 +180,9 @@ pub fn result(id: &str, outcome: &Result<Value, String>) -> String {
     v.to_string()
 }
 
-/// The `hello` frame sent first on every connection.
-pub fn hello(device_id: &str, head_seq: u64, acked_seq: u64) -> String {
+/// The `hello` frame sent first on every connection: the journal's positions, and `held`, the
+/// account of what the gateway holds that uploads carry too (for the center's ledger).
+pub fn hello(device_id: &str, head_seq: u64, acked_seq: u64, held: Held) -> String {
     json!({
         "type": "hello",
         "protocol": 1,
@@ -188,6 +190,7 @@ pub fn hello(device_id: &str, head_seq: u64, acked_seq: u64) -> String {
         "version": env!("CARGO_PKG_VERSION"),
         "head_seq": head_seq,
         "acked_seq": acked_seq,
+        "held": held,
     })
     .to_string()
 }

@@ -36,6 +36,7 @@ use crate::config::{DownlinkConfig, Secret};
 use crate::journal::Journal;
 use crate::logging::Repeats;
 use crate::operator::Operator;
+use crate::protocol::Held;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::tls::Material;
@@ -284,10 +285,16 @@ impl Downlink {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let held = Held {
+            head_seq: p.durable_seq,
+            acked_seq: p.acked_seq,
+            oldest_unsent_ts_ms: self.deps.journal.oldest_unsent_ts_ms().ok().flatten(),
+        };
         ws.send(Message::text(command::hello(
             &self.deps.device_id,
             p.head_seq,
             p.acked_seq,
+            held,
         )))
         .map_err(Error::Lost)?;
         info!("downlink connected url={} peer={}", self.cfg.url, peer);

@@ -14,7 +14,7 @@ use crate::protocol::{self, Gap, Payload};
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Encodes entries as a protocol v1 batch body.
-pub fn encode_body(device_id: &str, entries: &[Entry]) -> Vec<u8> {
+pub fn encode_body(device_id: &str, entries: &[Entry], held: Option<protocol::Held>) -> Vec<u8> {
     let mut records = Vec::new();
     let mut gaps = Vec::new();
     for e in entries {
@@ -44,6 +44,7 @@ pub fn encode_body(device_id: &str, entries: &[Entry]) -> Vec<u8> {
         device_id,
         records,
         gaps,
+        held,
     };
     // Serializing strings and validated raw JSON into a Vec cannot fail.
     let mut body = Vec::with_capacity(entries.iter().map(wire_size).sum());
@@ -262,7 +263,8 @@ mod tests {
             rec(6, StoredFormat::Raw, &[0, 1, 2]),
             rec(7, StoredFormat::Json, b"null"),
         ];
-        let v: serde_json::Value = serde_json::from_slice(&encode_body("gw-1", &entries)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode_body("gw-1", &entries, None)).unwrap();
         assert_eq!(v["device_id"], "gw-1");
         assert_eq!(v["gaps"][0]["reason"], "journal_full");
         assert_eq!(v["gaps"][0]["to_seq"], 3);
@@ -276,7 +278,7 @@ mod tests {
 
     #[test]
     fn damaged_json_is_sent_as_flagged_base64() {
-        let body = encode_body("gw", &[rec(1, StoredFormat::Json, b"{broken")]);
+        let body = encode_body("gw", &[rec(1, StoredFormat::Json, b"{broken")], None);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["records"][0]["parse_error"], true);
         assert!(v["records"][0]["payload_b64"].is_string());

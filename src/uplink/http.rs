@@ -12,7 +12,7 @@ use super::post::PIPELINE;
 use super::resolve;
 use crate::config::{Compression, UplinkConfig};
 use crate::journal::Entry;
-use crate::protocol::IDEMPOTENCY_HEADER;
+use crate::protocol::{Held, IDEMPOTENCY_HEADER};
 use crate::tls::Material;
 
 /// Largest response body read; the rest of a larger one is dropped with its connection.
@@ -158,7 +158,7 @@ pub fn post(agent: &ureq::Agent, up: &Upload<'_>) -> Answer {
 /// it means.
 pub fn probe(cfg: &UplinkConfig, tls: &Material, device_id: &str) -> Result<Duration, String> {
     let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
-    let body = wire_body(cfg.compression, device_id, &[]);
+    let body = wire_body(cfg.compression, device_id, &[], None);
     let started = Instant::now();
     let answer = post(
         &agent,
@@ -266,8 +266,13 @@ pub(super) fn snippet(body: &str) -> String {
 
 /// The body of an upload of `entries` as it goes on the wire: the JSON batch, gzipped when
 /// `compression` says so.
-pub(super) fn wire_body(compression: Compression, device_id: &str, entries: &[Entry]) -> Vec<u8> {
-    let body = encode_body(device_id, entries);
+pub(super) fn wire_body(
+    compression: Compression,
+    device_id: &str,
+    entries: &[Entry],
+    held: Option<Held>,
+) -> Vec<u8> {
+    let body = encode_body(device_id, entries, held);
     match compression {
         Compression::None => body,
         Compression::Gzip => gzip(&body),

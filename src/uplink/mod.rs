@@ -42,6 +42,7 @@ use crate::backoff::Backoff;
 use crate::config::UplinkConfig;
 use crate::config::live::{Live, LiveSettings};
 use crate::journal::{Entry, Journal};
+use crate::protocol::Held;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::tls::Material;
@@ -314,7 +315,12 @@ impl Uplink {
             let last = span(&entries).1;
             let id = self.next_id;
             self.next_id += 1;
-            if self.posters.send(poster, Job { id, entries }).is_err() {
+            let held = self.held();
+            if self
+                .posters
+                .send(poster, Job { id, entries, held })
+                .is_err()
+            {
                 error!("post thread uplink-post-{poster} is gone; stopping the uplink");
                 return false;
             }
@@ -670,6 +676,17 @@ impl Uplink {
             u.consecutive_failures = failures;
         });
         self.shutdown.sleep(delay);
+    }
+
+    /// What the journal holds now, as the batches report it to the center.
+    fn held(&self) -> Held {
+        let p = self.journal.positions();
+        Held {
+            head_seq: p.durable_seq,
+            acked_seq: p.acked_seq,
+            // Unknown when the journal cannot be read: the center keeps its last report.
+            oldest_unsent_ts_ms: self.journal.oldest_unsent_ts_ms().ok().flatten(),
+        }
     }
 
     fn log_progress(&mut self) {

@@ -16,6 +16,7 @@ use log::debug;
 use super::{Answer, Upload, post, span, wire_body};
 use crate::config::{Compression, Secret, UplinkConfig};
 use crate::journal::Entry;
+use crate::protocol::Held;
 use crate::shutdown::Shutdown;
 
 /// Most uploads in flight at once, each on its own connection. Two are enough to keep the cloud
@@ -30,6 +31,8 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 pub struct Job {
     pub id: u64,
     pub entries: Vec<Entry>,
+    /// What the journal held when the batch was read (sent with it for the center's ledger).
+    pub held: Held,
 }
 
 /// The answer to a [`Job`], with its entries handed back.
@@ -130,7 +133,7 @@ fn run(
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let answer = upload(target, &job.entries);
+        let answer = upload(target, &job.entries, job.held);
         let posted = Posted {
             id: job.id,
             poster: n,
@@ -144,9 +147,9 @@ fn run(
 }
 
 /// Encodes, compresses and POSTs `entries`, and reads the answer.
-fn upload(t: &Target, entries: &[Entry]) -> Answer {
+fn upload(t: &Target, entries: &[Entry], held: Held) -> Answer {
     let (first, last) = span(entries);
-    let body = wire_body(t.compression, &t.device_id, entries);
+    let body = wire_body(t.compression, &t.device_id, entries, Some(held));
     debug!(
         "uploading first_seq={} last_seq={} entries={} bytes={}",
         first,

@@ -9,7 +9,9 @@
 //! harmless. A stored seq that comes again with different content ([`fingerprints`]) means two
 //! gateways share a device id: that batch is answered `409` and stored not at all.
 //!
-//! Endpoints: `POST /v1/ingest`, `GET /v1/devices`, `GET /v1/devices/<id>/records`, `GET /v1/stats`;
+//! Endpoints: `POST /v1/ingest`, `GET /v1/devices` (paged, sorted, filtered: [`fleet`]),
+//! `GET /v1/devices/<id>/ledger` (the completeness account: [`ledger`]), `GET /metrics` (fleet
+//! totals), `GET /v1/devices/<id>/records`, `GET /v1/stats`;
 //! for the downlink ([`commands`], [`ws`]): `POST /v1/devices/<id>/commands` (queue a command,
 //! answers its id), `GET /v1/devices/<id>/commands/<cmd id>` (pending or its result),
 //! `GET /v1/devices/<id>/downlink` (connection state), and for tests `POST /v1/devices/<id>/raw`
@@ -27,6 +29,8 @@
 pub mod batch;
 pub mod commands;
 pub mod fingerprints;
+pub mod fleet;
+pub mod ledger;
 pub mod ranges;
 pub mod store;
 pub mod ws;
@@ -59,6 +63,8 @@ pub const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
 /// `Content-Length` of a terabyte aborts the process. A request declaring more than this is leaked
 /// instead, unanswered: one connection and one tiny_http thread, rather than the whole receiver.
 const MAX_DRAINABLE_BYTES: usize = 1 << 30;
+/// `--silent-after` unless given: an hour without a batch.
+pub const DEFAULT_SILENT_AFTER: Duration = Duration::from_secs(3600);
 /// How long a worker waits for a request before it looks at the shutdown flag again.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -75,6 +81,8 @@ pub struct Config {
     /// When set, batches that would take the records accepted in the current second past this
     /// are answered 429 with `Retry-After: 1` (a cloud protecting its database).
     pub max_records_per_sec: Option<u64>,
+    /// A device that sent no batch for this long is `silent` (see [`fleet`]).
+    pub silent_after: Duration,
     pub workers: usize,
     /// `host:port` of the downlink WebSocket endpoint ([`ws`]); `None`: no downlink.
     pub ws_listen: Option<String>,
@@ -154,6 +162,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
             .map(|limit| Mutex::new(RateWindow::new(limit))),
         stats: Mutex::new(Stats::default()),
         commands: Arc::new(Commands::default()),
+        silent_after_ms: u64::try_from(config.silent_after.as_millis()).unwrap_or(u64::MAX),
     });
 
     let mut workers = Vec::new();
@@ -178,9 +187,13 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
     }
     let mut ws_addr = None;
     if let Some(listen) = &config.ws_listen {
+        let reporting = Arc::clone(&shared);
         let options = ws::Options {
             token: shared.token.clone(),
             tls: config.ws_tls.clone(),
+            on_held: Some(Arc::new(move |device_id: &str, held| {
+                reporting.store.report(device_id, held, now_ms());
+            })),
         };
         match ws::start(
             listen,
@@ -228,6 +241,7 @@ struct Shared {
     rate: Option<Mutex<RateWindow>>,
     stats: Mutex<Stats>,
     commands: Arc<Commands>,
+    silent_after_ms: u64,
 }
 
 /// Records accepted in the current one-second window.
@@ -299,6 +313,8 @@ struct Reply {
 
 enum Body {
     Json(Value),
+    /// Prometheus text exposition.
+    Text(String),
     /// NDJSON: the first `len` bytes of a file, or nothing.
     Records(Option<(File, u64)>),
 }
@@ -335,12 +351,11 @@ fn serve(shared: &Shared, mut request: Request) {
         std::mem::forget(request);
         return;
     }
-    let path = request
-        .url()
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let (path, query) = {
+        let mut parts = request.url().splitn(2, '?');
+        let path = parts.next().unwrap_or_default().to_owned();
+        (path, parts.next().unwrap_or_default().to_owned())
+    };
     let method = request.method().clone();
     let is_get = matches!(method, Method::Get | Method::Head);
     let is_ingest = path == "/v1/ingest" && method == Method::Post;
@@ -357,9 +372,20 @@ fn serve(shared: &Shared, mut request: Request) {
             }
         }
         "/v1/ingest" => not_allowed("POST"),
-        "/v1/devices" if is_get => devices(shared),
+        "/v1/devices" if is_get => devices(shared, &query),
         "/v1/stats" if is_get => stats(shared),
-        "/v1/devices" | "/v1/stats" => not_allowed("GET, HEAD"),
+        "/metrics" if is_get => metrics(shared),
+        "/v1/devices" | "/v1/stats" | "/metrics" => not_allowed("GET, HEAD"),
+        _ if path.starts_with("/v1/devices/") && path.ends_with("/ledger") => {
+            match path
+                .strip_prefix("/v1/devices/")
+                .and_then(|rest| rest.strip_suffix("/ledger"))
+            {
+                Some(_) if !is_get => not_allowed("GET, HEAD"),
+                Some(id) if batch::is_valid_device_id(id) => ledger(shared, id),
+                _ => Reply::error(404, "no such device"),
+            }
+        }
         _ if path.starts_with("/v1/devices/")
             && !path.ends_with("/records")
             && path.split('/').count() >= 5 =>
@@ -425,6 +451,17 @@ fn respond(request: Request, reply: Reply) {
                 status,
                 headers,
                 io::Cursor::new(bytes),
+                Some(len),
+                None,
+            ))
+        }
+        Body::Text(text) => {
+            headers.extend(Header::from_bytes("Content-Type", "text/plain; version=0.0.4").ok());
+            let len = text.len();
+            request.respond(Response::new(
+                status,
+                headers,
+                io::Cursor::new(text.into_bytes()),
                 Some(len),
                 None,
             ))
@@ -631,29 +668,40 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn devices(shared: &Shared) -> Reply {
-    let devices: Vec<Value> = shared
-        .store
-        .devices()
-        .into_iter()
-        .map(|d| {
-            json!({
-                "device_id": d.device_id,
-                "records": d.records,
-                "highest_seq": d.highest_seq,
-                "missing": d.missing.iter().map(|&(from, to)| json!([from, to])).collect::<Vec<_>>(),
-                "gaps": d.gaps.iter().map(|g| json!({
-                    "from_seq": g.from_seq, "to_seq": g.to_seq, "reason": g.reason.as_str()
-                })).collect::<Vec<_>>(),
-                "clashes": d.clashes.iter().map(|c| json!({
-                    "seq": c.seq, "first_seen_ms": c.first_seen_ms,
-                    "last_seen_ms": c.last_seen_ms, "count": c.count
-                })).collect::<Vec<_>>(),
-                "clashes_total": d.clashes_total,
-            })
-        })
-        .collect();
-    Reply::json(200, json!({ "devices": devices }))
+fn devices(shared: &Shared, query: &str) -> Reply {
+    match fleet::parse_query(query) {
+        Ok(q) => Reply::json(
+            200,
+            fleet::list(shared.store.devices(), &q, now_ms(), shared.silent_after_ms),
+        ),
+        Err(e) => Reply::error(400, e),
+    }
+}
+
+fn ledger(shared: &Shared, device_id: &str) -> Reply {
+    match shared.store.device_summary(device_id) {
+        Some(d) => Reply::json(
+            200,
+            fleet::ledger_json(&d, now_ms(), shared.silent_after_ms),
+        ),
+        None => Reply::error(404, "no such device"),
+    }
+}
+
+fn metrics(shared: &Shared) -> Reply {
+    let text = fleet::metrics(&shared.store.devices(), now_ms(), shared.silent_after_ms);
+    Reply {
+        status: 200,
+        body: Body::Text(text),
+        headers: Vec::new(),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn records(shared: &Shared, device_id: &str) -> Reply {

@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
 usage: ferry-cloud --listen HOST:PORT --data DIR [--reject-marker STR] [--token TOKEN]
-                   [--max-records-per-sec N]
+                   [--max-records-per-sec N] [--silent-after SECS]
                    [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
 
 Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
@@ -25,6 +25,8 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
   --reject-marker STR    answer 422 to any batch with a record whose payload contains STR
   --max-records-per-sec N
                          answer 429 (Retry-After: 1) to batches over N records per second
+  --silent-after SECS    a device that sent no batch for this long is 'silent' in
+                         GET /v1/devices and /metrics (default 3600)
   --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads and on the
                          downlink
   --ws-listen HOST:PORT  serve the downlink WebSocket (/v1/downlink) there; prints
@@ -96,6 +98,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut tls_cert = None;
     let mut tls_key = None;
     let mut client_ca = None;
+    let mut silent_after = None;
     while let Some(arg) = args.next() {
         let text = arg.to_string_lossy();
         let (flag, inline) = match text.split_once('=') {
@@ -115,6 +118,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--tls-cert" => &mut tls_cert,
             "--tls-key" => &mut tls_key,
             "--client-ca" => &mut client_ca,
+            "--silent-after" => &mut silent_after,
             _ => return Err(format!("unknown argument {flag}")),
         };
         let value = match inline.or_else(|| args.next()) {
@@ -163,6 +167,15 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
                     .ok_or_else(|| "--max-records-per-sec needs a positive integer".to_string())
             })
             .transpose()?,
+        silent_after: match silent_after {
+            None => cloud::DEFAULT_SILENT_AFTER,
+            Some(v) => text("--silent-after", v)?
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(std::time::Duration::from_secs)
+                .ok_or("--silent-after needs a positive number of seconds")?,
+        },
         workers: WORKERS,
         ws_listen: ws_listen.map(|v| text("--ws-listen", v)).transpose()?,
         ws_tls,

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use ferry_protocol::Held;
 use log::{debug, info, warn};
 use serde_json::Value;
 use tungstenite::handshake::HandshakeError;
@@ -42,11 +43,15 @@ pub const PATH: &str = "/v1/downlink";
 
 type ServerStream = Stream<rustls::ServerConnection>;
 
+/// Where the account of what a gateway holds, from its hello, goes (the store's ledger).
+pub type OnHeld = Arc<dyn Fn(&str, Held) + Send + Sync>;
+
 /// Settings of the endpoint.
 #[derive(Clone)]
 pub struct Options {
     pub token: Option<String>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub on_held: Option<OnHeld>,
 }
 
 /// Binds `addr` and starts the `cloud-ws` accept thread; returns the bound address.
@@ -184,7 +189,15 @@ fn serve(
     };
     let mut device: Option<String> = None;
     let mut sent_here = HashSet::new();
-    let outcome = run(&mut ws, commands, shutdown, &mut device, &mut sent_here);
+    let on_held = options.on_held.as_ref();
+    let outcome = run(
+        &mut ws,
+        commands,
+        on_held,
+        shutdown,
+        &mut device,
+        &mut sent_here,
+    );
     if let Some(d) = &device {
         commands.disconnected(d);
         info!("downlink disconnected device={d}");
@@ -195,6 +208,7 @@ fn serve(
 fn run(
     ws: &mut WebSocket<ServerStream>,
     commands: &Commands,
+    on_held: Option<&OnHeld>,
     shutdown: &AtomicBool,
     device: &mut Option<String>,
     sent_here: &mut HashSet<String>,
@@ -214,7 +228,7 @@ fn run(
             last_frame = Instant::now();
         }
         match read {
-            Ok(Message::Text(text)) => on_text(text.as_str(), commands, device)?,
+            Ok(Message::Text(text)) => on_text(text.as_str(), commands, on_held, device)?,
             Ok(Message::Binary(b)) => warn!("downlink: binary frame of {} bytes ignored", b.len()),
             Ok(Message::Close(frame)) => {
                 // 1009: the device could not take a frame; it answers commands in order, so the
@@ -254,7 +268,12 @@ fn run(
     }
 }
 
-fn on_text(text: &str, commands: &Commands, device: &mut Option<String>) -> Result<(), String> {
+fn on_text(
+    text: &str,
+    commands: &Commands,
+    on_held: Option<&OnHeld>,
+    device: &mut Option<String>,
+) -> Result<(), String> {
     let v: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
@@ -276,6 +295,16 @@ fn on_text(text: &str, commands: &Commands, device: &mut Option<String>) -> Resu
                 .ok_or("hello without a valid device_id")?
                 .to_owned();
             info!("downlink connected device={id} hello={v}");
+            // An agent before the ledger sends no `held`; a malformed one is said and ignored.
+            match v.get("held").cloned().map(super::batch::parse_held) {
+                Some(Ok(held)) => {
+                    if let Some(report) = on_held {
+                        report(&id, held);
+                    }
+                }
+                Some(Err(e)) => warn!("downlink: hello of device={id}: {e}"),
+                None => {}
+            }
             commands.connected(&id, v);
             *device = Some(id);
         }
@@ -302,8 +331,8 @@ mod tests {
         let commands = Commands::default();
         let mut device = None;
         let hello = |id: &str| format!(r#"{{"type":"hello","device_id":"{id}"}}"#);
-        on_text(&hello("gw-a"), &commands, &mut device).unwrap();
-        assert!(on_text(&hello("gw-b"), &commands, &mut device).is_err());
+        on_text(&hello("gw-a"), &commands, None, &mut device).unwrap();
+        assert!(on_text(&hello("gw-b"), &commands, None, &mut device).is_err());
         assert_eq!(device.as_deref(), Some("gw-a"));
         assert_eq!(commands.device("gw-b")["connected"], false);
         // What `serve` does when the connection ends.

@@ -31,6 +31,24 @@ pub struct Batch<'a> {
     pub device_id: &'a str,
     pub records: Vec<Record<'a>>,
     pub gaps: Vec<Gap>,
+    /// What the gateway held when it built the batch (additive in v1: older agents omit it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+}
+
+/// The gateway's account of what it holds, for the center's completeness ledger: every seq up
+/// to `head_seq` is the gateway's to deliver (or declare a gap), and every seq up to `acked_seq`
+/// was answered 2xx by a receiver, so the center must have it (or its gap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// Highest seq durable in the gateway's journal.
+    pub head_seq: u64,
+    /// The gateway's cursor: every seq up to here was acknowledged by a receiver.
+    pub acked_seq: u64,
+    /// When the gateway received its oldest record not yet acknowledged, milliseconds since the
+    /// Unix epoch; absent when it holds none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unsent_ts_ms: Option<u64>,
 }
 
 /// One journaled MQTT message. Exactly one of `payload`, `payload_text`, `payload_b64` is set.

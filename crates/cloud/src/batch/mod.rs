@@ -24,7 +24,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value};
 
-use ferry_protocol::{Gap, GapReason};
+use ferry_protocol::{Gap, GapReason, Held};
 
 mod usual;
 use usual::parse_usual;
@@ -38,6 +38,8 @@ pub struct Batch {
     pub device_id: String,
     pub records: Vec<Record>,
     pub gaps: Vec<Gap>,
+    /// The gateway's account of what it holds (`held`; older agents do not send it).
+    pub held: Option<Held>,
 }
 
 /// One validated record.
@@ -159,10 +161,49 @@ pub fn parse_general(body: &[u8]) -> Result<Batch, Invalid> {
         Some(_) => return Err(invalid("gaps", "not an array")),
     };
 
+    let held = match top.remove("held") {
+        None => None,
+        Some(value) => Some(parse_held(value)?),
+    };
+
     Ok(Batch {
         device_id,
         records: parsed,
         gaps,
+        held,
+    })
+}
+
+/// Validates the `held` object: `head_seq` and `acked_seq` (at most `head_seq`), and
+/// `oldest_unsent_ts_ms` (a number, `null` or absent). Other keys are ignored (later additions).
+pub(crate) fn parse_held(value: Value) -> Result<Held, Invalid> {
+    let Value::Object(fields) = value else {
+        return Err(invalid("held", "not a json object"));
+    };
+    let number = |key: &str| match fields.get(key) {
+        None => Err(invalid(format!("held.{key}"), "missing")),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| invalid(format!("held.{key}"), "not a non-negative integer")),
+    };
+    let head_seq = number("head_seq")?;
+    let acked_seq = number("acked_seq")?;
+    if acked_seq > head_seq {
+        return Err(invalid("held.acked_seq", "greater than held.head_seq"));
+    }
+    let oldest_unsent_ts_ms = match fields.get("oldest_unsent_ts_ms") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            invalid(
+                "held.oldest_unsent_ts_ms",
+                "not a non-negative integer or null",
+            )
+        })?),
+    };
+    Ok(Held {
+        head_seq,
+        acked_seq,
+        oldest_unsent_ts_ms,
     })
 }
 

@@ -11,8 +11,8 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::Value;
 
 use super::{
-    Batch, Form, PayloadView, Record, fingerprint, is_valid_device_id, parse_gap, payload_bytes,
-    write_json,
+    Batch, Form, PayloadView, Record, fingerprint, is_valid_device_id, parse_gap, parse_held,
+    payload_bytes, write_json,
 };
 
 /// A record in the shape agents send: the known fields only, each at most once. Fields are
@@ -45,6 +45,8 @@ struct UsualBatch<'a> {
     records: Vec<UsualRecord<'a>>,
     #[serde(default, deserialize_with = "present")]
     gaps: Option<Vec<Value>>,
+    #[serde(default, deserialize_with = "present")]
+    held: Option<Value>,
 }
 
 /// A field that is there, whatever its value (`null` included): `Some`; absent: `None` (by
@@ -81,10 +83,15 @@ pub(super) fn parse_usual(body: &[u8]) -> Option<Batch> {
         .enumerate()
         .map(|(i, item)| parse_gap(i, item).ok())
         .collect::<Option<Vec<_>>>()?;
+    let held = match usual.held {
+        None => None,
+        Some(value) => Some(parse_held(value).ok()?),
+    };
     Some(Batch {
         device_id: usual.device_id.into_owned(),
         records,
         gaps,
+        held,
     })
 }
 

@@ -55,8 +55,9 @@ use log::{error, info};
 use self::files::{SyncFn, append, append_synced, for_each_line, open_append};
 use super::batch::{self, Batch};
 use super::fingerprints::Fingerprints;
+use super::ledger::{self, Ledger};
 use super::ranges::RangeSet;
-use ferry_protocol::Gap;
+use ferry_protocol::{Gap, Held};
 
 mod files;
 
@@ -162,6 +163,11 @@ struct Device {
     /// `(from_seq, to_seq, reason)` of every stored gap, to store each gap once.
     gap_keys: BTreeSet<(u64, u64, &'static str)>,
     gap_seqs: RangeSet,
+    /// The gateway's latest account of what it holds (see [`ledger::later`]), since this start.
+    held: Option<Held>,
+    /// When the device last sent a batch, milliseconds since the Unix epoch; at start, when its
+    /// files were last written.
+    last_seen_ms: u64,
 }
 
 /// What [`Store::ingest`] did with a batch.
@@ -190,6 +196,11 @@ pub struct DeviceSummary {
     pub clashes: Vec<Clash>,
     /// Clashing records refused since this start, including those no longer in `clashes`.
     pub clashes_total: u64,
+    /// The completeness ledger, by the gateway's last account of what it holds.
+    pub ledger: Ledger,
+    /// When the device last sent a batch (at start: when its files were last written),
+    /// milliseconds since the Unix epoch.
+    pub last_seen_ms: u64,
 }
 
 /// A seq that arrived with content other than the stored one, since this start.
@@ -241,6 +252,7 @@ impl Store {
                 return Err(Error::UnexpectedFile { path });
             }
             let device = devices.entry(device_id.to_owned()).or_default();
+            device.last_seen_ms = device.last_seen_ms.max(modified_ms(&path));
             if is_gaps {
                 for_each_line(&path, |line| {
                     let gap: Gap = serde_json::from_slice(line).map_err(|e| e.to_string())?;
@@ -363,7 +375,13 @@ impl Store {
                 device.add_gap(*gap);
             }
         }
+        device.last_seen_ms = device.last_seen_ms.max(now_ms);
         self.wait_durable(&slot, device, &batch.device_id, durable_at, failed_syncs)?;
+        if let Some(held) = batch.held {
+            // Only once the batch is stored: a report claims the batch's records delivered.
+            let mut device = lock(&slot.device);
+            device.held = Some(ledger::later(device.held, held));
+        }
 
         Ok(Outcome {
             accepted,
@@ -500,7 +518,7 @@ impl Store {
         }
     }
 
-    /// Every device that has stored records or gaps, ordered by id.
+    /// Every device that has stored records or gaps or reported what it holds, ordered by id.
     pub fn devices(&self) -> Vec<DeviceSummary> {
         let handles: Vec<(String, Arc<Slot>)> = lock(&self.devices)
             .iter()
@@ -508,30 +526,25 @@ impl Store {
             .collect();
         handles
             .into_iter()
-            .filter_map(|(device_id, handle)| {
-                let device = lock(&handle.device);
-                // A device with clashes has records: a clash is with a stored record.
-                if device.records.is_empty() && device.gaps.is_empty() {
-                    return None;
-                }
-                let mut covered = device.records.clone();
-                covered.extend(&device.gap_seqs);
-                let upper = covered.max().unwrap_or(0);
-                Some(DeviceSummary {
-                    device_id,
-                    records: device.records.len(),
-                    highest_seq: device.records.max().unwrap_or(0),
-                    missing: covered.complement(1, upper),
-                    gaps: device.gaps.clone(),
-                    clashes: {
-                        let mut clashes = device.clashes.clone();
-                        clashes.sort_by_key(|c| c.seq);
-                        clashes
-                    },
-                    clashes_total: device.clashes_total,
-                })
-            })
+            .filter_map(|(device_id, slot)| summarize(device_id, &lock(&slot.device)))
             .collect()
+    }
+
+    /// Takes a gateway's account of what it holds from outside a batch (its downlink hello).
+    pub fn report(&self, device_id: &str, held: Held, now_ms: u64) {
+        if is_reserved(device_id) {
+            return;
+        }
+        let slot = self.device(device_id);
+        let mut device = lock(&slot.device);
+        device.held = Some(ledger::later(device.held, held));
+        device.last_seen_ms = device.last_seen_ms.max(now_ms);
+    }
+
+    /// One device, if it stored records or gaps or reported what it holds.
+    pub fn device_summary(&self, device_id: &str) -> Option<DeviceSummary> {
+        let slot = lock(&self.devices).get(device_id).cloned()?;
+        summarize(device_id.to_owned(), &lock(&slot.device))
     }
 
     /// The device's records file opened for reading and its durable length at the time of the
@@ -650,6 +663,39 @@ impl Device {
 
 fn is_reserved(device_id: &str) -> bool {
     device_id.ends_with(".gaps")
+}
+
+/// What `GET /v1/devices` reports of a device; `None` if it stored nothing.
+fn summarize(device_id: String, device: &Device) -> Option<DeviceSummary> {
+    // A device with clashes has records: a clash is with a stored record.
+    if device.records.is_empty() && device.gaps.is_empty() && device.held.is_none() {
+        return None;
+    }
+    let mut covered = device.records.clone();
+    covered.extend(&device.gap_seqs);
+    let upper = covered.max().unwrap_or(0);
+    let mut clashes = device.clashes.clone();
+    clashes.sort_by_key(|c| c.seq);
+    Some(DeviceSummary {
+        device_id,
+        records: device.records.len(),
+        highest_seq: device.records.max().unwrap_or(0),
+        missing: covered.complement(1, upper),
+        gaps: device.gaps.clone(),
+        clashes,
+        clashes_total: device.clashes_total,
+        ledger: Ledger::account(&device.records, &device.gaps, device.held),
+        last_seen_ms: device.last_seen_ms,
+    })
+}
+
+/// When `path` was last written, milliseconds since the Unix epoch (0 if unknown).
+fn modified_ms(path: &Path) -> u64 {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn gap_key(gap: &Gap) -> (u64, u64, &'static str) {

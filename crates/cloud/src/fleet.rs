@@ -1,0 +1,313 @@
+//! The fleet as an operator reads it: `GET /v1/devices` (paged, sorted, filtered by state and id
+//! prefix), `GET /v1/devices/<id>/ledger` (one device's account, see [`ledger`](crate::ledger)) and
+//! `GET /metrics` (fleet totals in Prometheus text). Pure: the HTTP layer hands it the store's
+//! summaries and the time.
+//!
+//! A device's states, any of which it may be in at once:
+//! - `clash`: another gateway sent its seqs with other content since this start (a cloned image);
+//! - `missing`: its ledger has seqs the gateway was told were stored that are not here (an alarm);
+//! - `behind`: its gateway holds seqs not delivered yet (`waiting` > 0);
+//! - `silent`: no batch for longer than `--silent-after` (at start, the age of its files counts);
+//! - `healthy`: none of these.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::store::DeviceSummary;
+
+/// Devices per page unless `limit` says otherwise, and the most `limit` may ask for.
+pub const DEFAULT_LIMIT: usize = 1000;
+pub const MAX_LIMIT: usize = 10_000;
+
+const STATES: [&str; 5] = ["clash", "missing", "behind", "silent", "healthy"];
+
+/// How the list is ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sort {
+    /// By device id, ascending.
+    Id,
+    /// Most seqs waiting on the gateway first.
+    Waiting,
+    /// Most missing seqs first.
+    Missing,
+    /// Longest silent first.
+    LastSeen,
+}
+
+/// A parsed `GET /v1/devices` query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    state: Option<&'static str>,
+    prefix: Option<String>,
+    sort: Sort,
+    offset: usize,
+    limit: usize,
+}
+
+/// Parses `state=..&prefix=..&sort=..&offset=..&limit=..`; a clear error names the parameter.
+pub fn parse_query(query: &str) -> Result<Query, String> {
+    let mut q = Query {
+        state: None,
+        prefix: None,
+        sort: Sort::Id,
+        offset: 0,
+        limit: DEFAULT_LIMIT,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = |what: &str| {
+            value
+                .parse::<usize>()
+                .map_err(|_| format!("{what}: not a non-negative integer: {value:?}"))
+        };
+        match key {
+            "state" => {
+                q.state = Some(
+                    STATES
+                        .iter()
+                        .find(|s| **s == value)
+                        .copied()
+                        .ok_or_else(|| {
+                            format!(
+                                "state: one of {} expected, not {value:?}",
+                                STATES.join(", ")
+                            )
+                        })?,
+                )
+            }
+            "prefix" => {
+                if !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+                {
+                    return Err(format!(
+                        "prefix: only A-Z a-z 0-9 . _ - (as in device ids), not {value:?}"
+                    ));
+                }
+                q.prefix = Some(value.to_owned());
+            }
+            "sort" => {
+                q.sort = match value {
+                    "id" => Sort::Id,
+                    "waiting" => Sort::Waiting,
+                    "missing" => Sort::Missing,
+                    "last_seen" => Sort::LastSeen,
+                    _ => {
+                        return Err(format!(
+                            "sort: one of id, waiting, missing, last_seen expected, not {value:?}"
+                        ));
+                    }
+                }
+            }
+            "offset" => q.offset = number("offset")?,
+            "limit" => {
+                q.limit = number("limit")?;
+                if q.limit == 0 || q.limit > MAX_LIMIT {
+                    return Err(format!("limit: 1 to {MAX_LIMIT}, not {}", q.limit));
+                }
+            }
+            other => return Err(format!("unknown parameter {other:?}")),
+        }
+    }
+    Ok(q)
+}
+
+/// The states of a device at `now_ms` (see the module header); `healthy` alone when none applies.
+pub fn states(d: &DeviceSummary, now_ms: u64, silent_after_ms: u64) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if d.clashes_total > 0 {
+        out.push("clash");
+    }
+    if d.ledger.missing > 0 {
+        out.push("missing");
+    }
+    if d.ledger.waiting > 0 {
+        out.push("behind");
+    }
+    if now_ms.saturating_sub(d.last_seen_ms) > silent_after_ms {
+        out.push("silent");
+    }
+    if out.is_empty() {
+        out.push("healthy");
+    }
+    out
+}
+
+/// The page of `devices` (ordered by id) that `q` asks for, with the number that matched.
+pub fn list(devices: Vec<DeviceSummary>, q: &Query, now_ms: u64, silent_after_ms: u64) -> Value {
+    let mut matching: Vec<(DeviceSummary, Vec<&'static str>)> = devices
+        .into_iter()
+        .filter(|d| q.prefix.as_ref().is_none_or(|p| d.device_id.starts_with(p)))
+        .map(|d| {
+            let s = states(&d, now_ms, silent_after_ms);
+            (d, s)
+        })
+        .filter(|(_, s)| q.state.is_none_or(|want| s.contains(&want)))
+        .collect();
+    match q.sort {
+        Sort::Id => {}
+        Sort::Waiting => matching.sort_by_key(|(d, _)| std::cmp::Reverse(d.ledger.waiting)),
+        Sort::Missing => matching.sort_by_key(|(d, _)| std::cmp::Reverse(d.ledger.missing)),
+        Sort::LastSeen => matching.sort_by_key(|(d, _)| d.last_seen_ms),
+    }
+    let total = matching.len();
+    let page: Vec<Value> = matching
+        .into_iter()
+        .skip(q.offset)
+        .take(q.limit)
+        .map(|(d, s)| device_json(&d, &s))
+        .collect();
+    json!({ "devices": page, "total": total, "offset": q.offset, "limit": q.limit })
+}
+
+/// One device as `GET /v1/devices` lists it.
+pub fn device_json(d: &DeviceSummary, states: &[&str]) -> Value {
+    json!({
+        "device_id": d.device_id,
+        "records": d.records,
+        "highest_seq": d.highest_seq,
+        "missing": ranges(&d.missing),
+        "gaps": d.gaps.iter().map(|g| json!({
+            "from_seq": g.from_seq, "to_seq": g.to_seq, "reason": g.reason.as_str()
+        })).collect::<Vec<_>>(),
+        "clashes": d.clashes.iter().map(|c| json!({
+            "seq": c.seq, "first_seen_ms": c.first_seen_ms,
+            "last_seen_ms": c.last_seen_ms, "count": c.count
+        })).collect::<Vec<_>>(),
+        "clashes_total": d.clashes_total,
+        "states": states,
+        "last_seen_ms": d.last_seen_ms,
+        "ledger": ledger_summary(d),
+    })
+}
+
+/// The counts of a device's ledger (`GET /v1/devices`).
+fn ledger_summary(d: &DeviceSummary) -> Value {
+    let l = &d.ledger;
+    json!({
+        "head_seq": l.head_seq,
+        "acked_seq": l.acked_seq,
+        "delivered": l.delivered,
+        "gaps": l.gaps,
+        "waiting": l.waiting,
+        "missing": l.missing,
+        "oldest_unsent_ts_ms": l.oldest_unsent_ts_ms,
+        "reported": l.reported,
+    })
+}
+
+/// `GET /v1/devices/<id>/ledger`: the counts, the lowest waiting and missing ranges, the states.
+pub fn ledger_json(d: &DeviceSummary, now_ms: u64, silent_after_ms: u64) -> Value {
+    let mut v = ledger_summary(d);
+    v["device_id"] = json!(d.device_id);
+    v["waiting_ranges"] = ranges(&d.ledger.waiting_ranges);
+    v["missing_ranges"] = ranges(&d.ledger.missing_ranges);
+    v["balanced"] = json!(d.ledger.balances());
+    v["states"] = json!(states(d, now_ms, silent_after_ms));
+    v["last_seen_ms"] = json!(d.last_seen_ms);
+    v
+}
+
+fn ranges(r: &[(u64, u64)]) -> Value {
+    Value::Array(r.iter().map(|&(a, b)| json!([a, b])).collect())
+}
+
+/// Fleet totals in the Prometheus text format.
+pub fn metrics(devices: &[DeviceSummary], now_ms: u64, silent_after_ms: u64) -> String {
+    let mut by_state = [0u64; STATES.len()];
+    let (mut delivered, mut gaps, mut waiting, mut missing, mut unbalanced) = (0, 0, 0, 0, 0);
+    let mut oldest: Option<u64> = None;
+    for d in devices {
+        for s in states(d, now_ms, silent_after_ms) {
+            if let Some(i) = STATES.iter().position(|x| *x == s) {
+                by_state[i] += 1;
+            }
+        }
+        let l = &d.ledger;
+        delivered += l.delivered;
+        gaps += l.gap_total();
+        waiting += l.waiting;
+        missing += l.missing;
+        unbalanced += u64::from(!l.balances());
+        if let Some(ts) = l.oldest_unsent_ts_ms.filter(|_| l.waiting > 0) {
+            oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP ferry_cloud_devices Devices with stored records or gaps, by state (a device may be in several).\n# TYPE ferry_cloud_devices gauge"
+    );
+    let _ = writeln!(
+        out,
+        "ferry_cloud_devices{{state=\"all\"}} {}",
+        devices.len()
+    );
+    for (s, n) in STATES.iter().zip(by_state) {
+        let _ = writeln!(out, "ferry_cloud_devices{{state=\"{s}\"}} {n}");
+    }
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    };
+    gauge(
+        "ferry_cloud_ledger_delivered_records",
+        "Seqs stored, over the fleet.",
+        delivered,
+    );
+    gauge(
+        "ferry_cloud_ledger_gap_records",
+        "Seqs declared as gaps by the gateways and not stored, over the fleet.",
+        gaps,
+    );
+    gauge(
+        "ferry_cloud_ledger_waiting_records",
+        "Seqs the gateways hold and have not delivered yet, over the fleet.",
+        waiting,
+    );
+    gauge(
+        "ferry_cloud_ledger_missing_records",
+        "Seqs the gateways were told were stored that are not here (an alarm), over the fleet.",
+        missing,
+    );
+    gauge(
+        "ferry_cloud_ledger_unbalanced_devices",
+        "Devices whose account does not balance (a bug: always 0).",
+        unbalanced,
+    );
+    gauge(
+        "ferry_cloud_oldest_unsent_age_seconds",
+        "Age of the oldest record a gateway holds undelivered, as reported (0 when none).",
+        oldest.map_or(0, |ts| now_ms.saturating_sub(ts) / 1000),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_queries_name_the_parameter() {
+        for (query, says) in [
+            ("state=lost", "state: one of"),
+            ("limit=0", "limit: 1 to"),
+            ("limit=20000", "limit: 1 to"),
+            ("offset=-1", "offset: not"),
+            ("sort=size", "sort: one of"),
+            ("prefix=a/b", "prefix: only"),
+            ("colour=red", "unknown parameter"),
+        ] {
+            let e = parse_query(query).expect_err(query);
+            assert!(e.contains(says), "{query}: {e}");
+        }
+        let q = parse_query("state=behind&prefix=gw-1&sort=waiting&offset=5&limit=7").unwrap();
+        assert_eq!(
+            (q.state, q.prefix.as_deref(), q.sort, q.offset, q.limit),
+            (Some("behind"), Some("gw-1"), Sort::Waiting, 5, 7)
+        );
+    }
+}
