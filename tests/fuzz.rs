@@ -1038,6 +1038,21 @@ proptest! {
     }
 }
 
+/// Found by `odd_responses_are_read_bounded_and_a_cut_2xx_is_never_an_ack`: a chunked body in an
+/// HTTP/1.0 answer, cut short, was read up to the close and taken for an ack.
+#[test]
+fn an_http_1_0_answer_with_transfer_encoding_is_never_an_ack() {
+    for cut in [true, false] {
+        let mut bytes = b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n32\r\n".to_vec();
+        bytes.extend_from_slice(&[b'x'; 50]);
+        if !cut {
+            bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+        }
+        let answer = answer_to(&bytes).unwrap();
+        assert!(matches!(answer, Answer::Failed(_)), "cut={cut}: {answer:?}");
+    }
+}
+
 proptest! {
     #![proptest_config(config(1))]
 
