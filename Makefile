@@ -3,7 +3,7 @@ CARGO ?= cargo
 # Debian's cargo/rustc 1.85 (rustc-web), the toolchain that builds the ARM release binaries.
 MSRV_CARGO ?= /usr/bin/cargo
 
-.PHONY: all build test lint unit msrv demo deps bench clean fuzz torture torture-ci torture-build \
+.PHONY: bench-fleet all build test lint unit msrv demo deps bench clean fuzz torture torture-ci torture-build \
 	cross test-arm test-arm-ci footprint
 
 all: build
@@ -70,6 +70,12 @@ bench:
 	$(CARGO) build --release -p ferry -p ferry-cloud
 	$(CARGO) build --release -p ferry-bench
 	target/release/ferry-bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY),--doc docs/BENCHMARKS.md)
+
+## The center under simulated fleets (2,000 to 100,000 gateways) on the files store; prints its table.
+bench-fleet:
+	@scripts/ensure-deps.sh --bench
+	$(CARGO) build --release -p ferry-cloud -p ferry-bench
+	target/release/ferry-bench --only fleet
 
 ## Power-cut torture (README "Power-cut torture"): ferry's journal on ferry-crashfs, the journal
 ## regression tests on it, the slow-fsync, crash-then-cut, eio and overlap scenarios, then CUTS power cuts

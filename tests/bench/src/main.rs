@@ -11,6 +11,7 @@
 //!
 //! Timing never decides a test: nothing here fails a build, a missed target is reported.
 
+mod fleet;
 mod machine;
 mod procs;
 mod report;
@@ -26,7 +27,8 @@ use store::{Layout, PAYLOAD, Result};
 const USAGE: &str =
     "usage: ferry-bench [--quick] [--only SECTION] [--doc FILE] [--work DIR] [--target-dir DIR]
   --quick           a smaller run (about a tenth of the records)
-  --only SECTION    run one section: size, append, churn, backlog, ingest, wear or e2e (no --doc then)
+  --only SECTION    run one section: size, append, churn, backlog, ingest, wear, e2e
+                    or fleet (only run by name: make bench-fleet); no --doc then
   --doc FILE        write the numbers into FILE between the bench markers
   --work DIR        where the bench's files go (default target/bench-work; removed after)
   --target-dir DIR  where the release binaries are (default target)";
@@ -72,8 +74,28 @@ const ACK_STEP: usize = 500;
 const INFLIGHT: u32 = 100;
 
 /// The sections' names for `--only`, in the order they run.
-const SECTIONS: [&str; 7] = [
-    "size", "append", "churn", "backlog", "ingest", "wear", "e2e",
+const SECTIONS: [&str; 8] = [
+    "size", "append", "churn", "backlog", "ingest", "wear", "e2e", "fleet",
+];
+/// Sections that run only when asked for by name (`--only`): `make bench-fleet`.
+const ON_REQUEST: [&str; 1] = ["fleet"];
+/// The fleet section's runs: the issue's two shapes of a fleet, then 100,000 gateways.
+const FLEET: [fleet::Shape; 3] = [
+    fleet::Shape {
+        devices: 2_000,
+        per_device: 500,
+        batch: 250,
+    },
+    fleet::Shape {
+        devices: 20_000,
+        per_device: 50,
+        batch: 25,
+    },
+    fleet::Shape {
+        devices: 100_000,
+        per_device: 50,
+        batch: 25,
+    },
 ];
 
 /// One section of the run: pushes its rows.
@@ -150,7 +172,7 @@ fn main() {
     let started = Instant::now();
 
     let mut rows = Vec::new();
-    let sections: [(&str, &Section<'_>); 7] = [
+    let sections: [(&str, &Section<'_>); 8] = [
         ("binary size", &|r| binary_sizes(&args, r)),
         ("durable append", &|r| append(&args, &sizes, r)),
         ("disk use after churn", &|r| churn(&args, &sizes, r)),
@@ -172,9 +194,19 @@ fn main() {
                 r,
             )
         }),
+        (fleet::SECTION, &|r| {
+            fleet::run(
+                &args.target.join("release"),
+                &args.work.join("fleet"),
+                &FLEET,
+                r,
+            )
+        }),
     ];
     for ((name, run), key) in sections.into_iter().zip(SECTIONS) {
-        if args.only.as_ref().is_some_and(|only| only != key) {
+        if args.only.as_ref().is_some_and(|only| only != key)
+            || (args.only.is_none() && ON_REQUEST.contains(&key))
+        {
             continue;
         }
         println!("== {name}");
@@ -234,6 +266,7 @@ fn section_of(name: &str) -> &'static str {
         "backlog: open, RSS, drain" => "backlog: open, RSS, drain",
         wear::SECTION => wear::SECTION,
         wear::E2E_SECTION => wear::E2E_SECTION,
+        fleet::SECTION => fleet::SECTION,
         _ => "MQTT ingest",
     }
 }
