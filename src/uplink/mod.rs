@@ -117,7 +117,13 @@ struct Uplink {
     live: Live,
     /// The generation of `live` last applied.
     live_seen: u64,
+    /// `Journal::oldest_unsent_ts_ms` and when it was read: it reads a frame under the journal's
+    /// lock, so batches reuse it for up to `OLDEST_UNSENT_EVERY`.
+    oldest_unsent: Option<(Instant, Option<u64>)>,
 }
+
+/// How stale the oldest unsent record's time in a batch's `held` may be.
+const OLDEST_UNSENT_EVERY: Duration = Duration::from_secs(1);
 
 impl Uplink {
     fn new(
@@ -157,6 +163,7 @@ impl Uplink {
             meter: Meter::default(),
             live,
             live_seen: 0,
+            oldest_unsent: None,
         }
     }
 
@@ -678,14 +685,24 @@ impl Uplink {
         self.shutdown.sleep(delay);
     }
 
-    /// What the journal holds now, as the batches report it to the center.
-    fn held(&self) -> Held {
+    /// What the journal holds now, as the batches report it to the center; the oldest unsent
+    /// record's time as of at most `OLDEST_UNSENT_EVERY` ago.
+    fn held(&mut self) -> Held {
         let p = self.journal.positions();
+        let now = Instant::now();
+        let oldest = match self.oldest_unsent {
+            Some((at, ts)) if now.duration_since(at) < OLDEST_UNSENT_EVERY => ts,
+            _ => {
+                // Unknown when the journal cannot be read: the center keeps its last report.
+                let ts = self.journal.oldest_unsent_ts_ms().ok().flatten();
+                self.oldest_unsent = Some((now, ts));
+                ts
+            }
+        };
         Held {
             head_seq: p.durable_seq,
             acked_seq: p.acked_seq,
-            // Unknown when the journal cannot be read: the center keeps its last report.
-            oldest_unsent_ts_ms: self.journal.oldest_unsent_ts_ms().ok().flatten(),
+            oldest_unsent_ts_ms: oldest,
         }
     }
 

@@ -98,8 +98,8 @@ impl Row {
 
     fn target_text(&self) -> String {
         match self.target {
-            Target::RatioAtLeast(t) => format!(">= {t}x"),
-            Target::RatioAtMost(t) => format!("<= {t}x"),
+            Target::RatioAtLeast(t) => format!(">= {}x", ratio_text(t)),
+            Target::RatioAtMost(t) => format!("<= {}x", ratio_text(t)),
             Target::AtMost(t) => format!("<= {} {}", num(t), self.unit),
             Target::AtLeast(t) => format!(">= {} {}", num(t), self.unit),
             Target::None => "-".into(),
@@ -231,4 +231,10 @@ pub fn write_doc(path: &Path, numbers: &str) -> std::io::Result<()> {
         _ => format!("{old}\n{block}\n"),
     };
     std::fs::write(path, new)
+}
+
+/// A target ratio as people write it: `0.8`, `1.1`, `1.13` (at most two decimals).
+fn ratio_text(t: f64) -> String {
+    let s = format!("{t:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
