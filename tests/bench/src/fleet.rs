@@ -7,7 +7,9 @@
 //! keeps two in flight); a transient answer (transport error, 5xx, 429) is retried with
 //! backoff. Some devices add adversity: every 100th declares a gap and resends its first batch
 //! after the second (a lost answer), every 1,000th is cloned (a second gateway sends its seqs
-//! with other content, which must be answered 409). After the run the fleet's account must
+//! with other content, which must be answered 409). Each fleet runs two rounds on one receiver:
+//! first contact (every device new, its files created) and steady state (every device's next
+//! records, its files there). After the run the fleet's account must
 //! balance: every record delivered, no seq missing (`/metrics`). The PostgreSQL rows of issue 12
 //! are not built yet.
 
@@ -55,52 +57,74 @@ pub fn run(bin_dir: &Path, work: &Path, shapes: &[Shape], rows: &mut Vec<Row>) -
             "{} devices x {} records, batches of {}",
             shape.devices, shape.per_device, shape.batch
         );
+        for (phase, p) in [("first contact", &r.first), ("steady state", &r.steady)] {
+            println!(
+                "   {what}, {phase}: {:.0} records/s, {} requests, p99 {:.1} ms, ferry-cloud cpu {:.1} s, {} retries, {} clashes refused",
+                records as f64 / p.secs,
+                p.requests,
+                p.p99_ms,
+                p.cloud_cpu,
+                p.retries,
+                p.clashes
+            );
+            rows.push(
+                Row::new(
+                    S,
+                    format!("{what}, {phase}: records/s"),
+                    records as f64 / p.secs,
+                    "rec/s",
+                )
+                .note(format!(
+                    "{}; ferry-cloud cpu {:.1} s; p99 latency {:.1} ms; {} retries, {} clashing \
+                     batches refused",
+                    if p.clashes > 0 || phase == "first contact" {
+                        "every device new: its files are created"
+                    } else {
+                        "the devices' files exist"
+                    },
+                    p.cloud_cpu,
+                    p.p99_ms,
+                    p.retries,
+                    p.clashes
+                )),
+            );
+        }
         println!(
-            "   {what}: {:.0} records/s, {} requests, p99 {:.1} ms, ferry-cloud cpu {:.1} s, {:.0} B on disk per record, {} clashes refused",
-            records as f64 / r.secs,
-            r.requests,
-            r.p99_ms,
-            r.cloud_cpu,
-            r.disk_bytes as f64 / records as f64,
-            r.clashes
+            "   {what}: {:.0} B on disk per record; account balanced, nothing missing",
+            r.disk_bytes as f64 / (2 * records) as f64
         );
         rows.push(
             Row::new(
                 S,
-                format!("{what}: records/s"),
-                records as f64 / r.secs,
-                "rec/s",
+                format!("{what}: bytes on disk per record"),
+                r.disk_bytes as f64 / (2 * records) as f64,
+                "B",
             )
             .note(format!(
                 "{CLIENTS} client threads, two batches of a device at once, gzip; ferry-cloud \
-                     under a limit of {NOFILE} open files, cpu {:.1} s; {} retries; account \
-                     balanced, nothing missing, {} clashing batches refused",
-                r.cloud_cpu, r.retries, r.clashes
+                 under a limit of {NOFILE} open files; afterwards the account balanced, nothing \
+                 missing or waiting"
             )),
         );
-        rows.push(Row::new(
-            S,
-            format!("{what}: request latency p99"),
-            r.p99_ms,
-            "ms",
-        ));
-        rows.push(Row::new(
-            S,
-            format!("{what}: bytes on disk per record"),
-            r.disk_bytes as f64 / records as f64,
-            "B",
-        ));
     }
     Ok(())
 }
 
-struct RunResult {
+/// One phase of a run: a round of every device's batches.
+struct Phase {
     secs: f64,
     requests: usize,
     retries: usize,
     clashes: usize,
     p99_ms: f64,
     cloud_cpu: f64,
+}
+
+struct RunResult {
+    /// Every device sends for the first time: its files are created.
+    first: Phase,
+    /// Every device sends its next records: its files exist.
+    steady: Phase,
     disk_bytes: u64,
 }
 
@@ -115,20 +139,31 @@ fn one_run(bin_dir: &Path, dir: &Path, shape: Shape) -> Result<RunResult> {
     if !limited.success() {
         return Err(format!("prlimit: {limited}").into());
     }
-    let posts = encode(shape);
+    let first = drive(&cloud, &encode(shape, 0))?;
+    let steady = drive(&cloud, &encode(shape, 1))?;
+    check_account(&cloud, shape)?;
+    Ok(RunResult {
+        first,
+        steady,
+        disk_bytes: dir_bytes(&data),
+    })
+}
+
+/// Sends `posts` from [`CLIENTS`] threads, each taking the next one when done with its last.
+fn drive(cloud: &Cloud, posts: &[Post]) -> Result<Phase> {
+    let pid = cloud.proc.pid().to_string();
     let url = cloud.url();
     let next = AtomicUsize::new(0);
     let latencies = Mutex::new(Vec::with_capacity(posts.len()));
     let retries = AtomicUsize::new(0);
     let clashes = AtomicUsize::new(0);
     let failure: Mutex<Option<String>> = Mutex::new(None);
-    let cpu0 = procs::cpu_secs(&pid.to_string());
+    let cpu0 = procs::cpu_secs(&pid);
     let started = Instant::now();
     std::thread::scope(|scope| {
         for n in 0..CLIENTS {
-            let (posts, url, next, latencies, retries, clashes, failure) = (
-                &posts, &url, &next, &latencies, &retries, &clashes, &failure,
-            );
+            let (url, next, latencies, retries, clashes, failure) =
+                (&url, &next, &latencies, &retries, &clashes, &failure);
             let spawned = std::thread::Builder::new()
                 .name(format!("fleet-client-{n}"))
                 .spawn_scoped(scope, move || {
@@ -164,25 +199,23 @@ fn one_run(bin_dir: &Path, dir: &Path, shape: Shape) -> Result<RunResult> {
         }
     });
     let secs = started.elapsed().as_secs_f64();
-    let cloud_cpu = procs::cpu_secs(&pid.to_string()) - cpu0;
+    let cloud_cpu = procs::cpu_secs(&pid) - cpu0;
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e.into());
     }
-    check_account(&cloud, shape)?;
     let mut lat = latencies.into_inner().unwrap_or_else(|p| p.into_inner());
     lat.sort_unstable();
     let p99 = lat
         .get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1)))
         .copied()
         .unwrap_or_default();
-    Ok(RunResult {
+    Ok(Phase {
         secs,
         requests: posts.len(),
         retries: retries.into_inner(),
         clashes: clashes.into_inner(),
         p99_ms: p99.as_secs_f64() * 1000.0,
         cloud_cpu,
-        disk_bytes: dir_bytes(&data),
     })
 }
 
@@ -231,60 +264,64 @@ fn send(
     Err(format!("{}: no final answer after 20 tries", post.key))
 }
 
-/// The requests of the run, in the order they go out: both batches of a device next to each
-/// other, so that two client threads send them at once; the clones last.
-fn encode(shape: Shape) -> Vec<Post> {
+/// The requests of round `round` (0: each device's first `per_device` records, 1: its next
+/// ones), in the order they go out: both batches of a device next to each other, so that two
+/// client threads send them at once. In round 0 the adversity, the clones last.
+fn encode(shape: Shape, round: u64) -> Vec<Post> {
     let mut posts = Vec::new();
     let mut clones = Vec::new();
     let batches = shape.per_device.div_ceil(shape.batch);
+    let base = round * shape.per_device;
+    let head = base + shape.per_device;
+    const GAP: &str = r#","gaps":[{"from_seq":1,"to_seq":2,"reason":"journal_full"}]"#;
     for d in 0..shape.devices {
         let id = format!("gw-{d:06}");
-        let mut device_posts = Vec::new();
+        // Every 100th device declares seqs 1..=2 a gap (its first two records were dropped
+        // when its journal was full) instead of sending them, and resends its first batch.
+        let gappy = round == 0 && d % 100 == 7;
         for b in 0..batches {
-            let first = b * shape.batch + 1;
-            let last = ((b + 1) * shape.batch).min(shape.per_device);
-            // Every 100th device declares seqs 1..=2 a gap (its first two records were dropped
-            // when its journal was full) instead of sending them.
-            let gappy = d % 100 == 7;
-            let from = if gappy && first == 1 { 3 } else { first };
-            let gaps = if gappy && first == 1 {
-                r#","gaps":[{"from_seq":1,"to_seq":2,"reason":"journal_full"}]"#
+            let first = base + b * shape.batch + 1;
+            let last = (base + (b + 1) * shape.batch).min(head);
+            // The gateway's cursor is below both batches in flight.
+            let acked = (base + b * shape.batch).saturating_sub(shape.batch);
+            let (from, gaps) = if gappy && b == 0 {
+                (3, GAP)
             } else {
-                ""
+                (first, "")
             };
-            device_posts.push(post(&id, from..=last, gaps, "", shape, b, false));
+            posts.push(post(&id, from..=last, gaps, "", head, acked, false));
         }
-        if d % 100 == 7 && device_posts.len() > 1 {
+        if gappy && batches > 1 {
             // A lost answer: the first batch comes again after the last.
-            let again = post(
+            posts.push(post(
                 &id,
-                3..=shape.batch.min(shape.per_device),
-                r#","gaps":[{"from_seq":1,"to_seq":2,"reason":"journal_full"}]"#,
+                3..=shape.batch.min(head),
+                GAP,
                 "",
-                shape,
+                head,
                 0,
                 false,
-            );
-            device_posts.push(again);
+            ));
         }
-        if d % 1000 == 500 {
+        if round == 0 && d % 1000 == 500 {
             // A cloned image: another gateway with this id sends seq 1 with its own content, at
-            // the end of the run (the device's own batches are long stored by then).
-            clones.push(post(&id, 1..=1, "", "clone", shape, 0, true));
+            // the end of the round (the device's own batches are long stored by then).
+            clones.push(post(&id, 1..=1, "", "clone", head, 0, true));
         }
-        posts.extend(device_posts);
     }
     posts.extend(clones);
     posts
 }
 
+/// One gzipped batch of `seqs` of device `id` with `gaps` (JSON to append after the records)
+/// and the account `held` = (`head`, `acked`); `salt` makes a clone's content differ.
 fn post(
     id: &str,
     seqs: std::ops::RangeInclusive<u64>,
     gaps: &str,
     salt: &str,
-    shape: Shape,
-    batch_index: u64,
+    head: u64,
+    acked: u64,
     clash: bool,
 ) -> Post {
     let (first, last) = (*seqs.start(), *seqs.end());
@@ -303,11 +340,8 @@ fn post(
     }
     json.push(']');
     json.push_str(gaps);
-    // The account a gateway sends: it holds everything; its cursor is below this batch.
     json.push_str(&format!(
-        r#","held":{{"head_seq":{},"acked_seq":{},"oldest_unsent_ts_ms":1763700000000}}}}"#,
-        shape.per_device,
-        (batch_index * shape.batch).saturating_sub(shape.batch),
+        r#","held":{{"head_seq":{head},"acked_seq":{acked},"oldest_unsent_ts_ms":1763700000000}}}}"#
     ));
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let _ = enc.write_all(json.as_bytes());
@@ -332,7 +366,7 @@ fn check_account(cloud: &Cloud, shape: Shape) -> Result<()> {
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     };
     let gappy = (0..shape.devices).filter(|d| d % 100 == 7).count() as u64;
-    let want_delivered = shape.devices as u64 * shape.per_device - 2 * gappy;
+    let want_delivered = 2 * shape.devices as u64 * shape.per_device - 2 * gappy;
     let checks = [
         ("ferry_cloud_devices{state=\"all\"} ", shape.devices as u64),
         ("ferry_cloud_ledger_delivered_records ", want_delivered),
