@@ -36,7 +36,6 @@ use crate::config::{DownlinkConfig, Secret};
 use crate::journal::Journal;
 use crate::logging::Repeats;
 use crate::operator::Operator;
-use crate::protocol::Held;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::tls::Material;
@@ -285,11 +284,7 @@ impl Downlink {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let held = Held {
-            head_seq: p.durable_seq,
-            acked_seq: p.acked_seq,
-            oldest_unsent_ts_ms: self.deps.journal.oldest_unsent_ts_ms().ok().flatten(),
-        };
+        let held = crate::uplink::held(&p, self.deps.journal.oldest_unsent_ts_ms().ok().flatten());
         ws.send(Message::text(command::hello(
             &self.deps.device_id,
             p.head_seq,

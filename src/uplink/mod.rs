@@ -699,11 +699,7 @@ impl Uplink {
                 ts
             }
         };
-        Held {
-            head_seq: p.durable_seq,
-            acked_seq: p.acked_seq,
-            oldest_unsent_ts_ms: oldest,
-        }
+        held(&p, oldest)
     }
 
     fn log_progress(&mut self) {
@@ -718,6 +714,17 @@ impl Uplink {
                 p.acked_seq, p.head_seq, p.backlog_records, p.backlog_bytes
             );
         }
+    }
+}
+
+/// The account of what the gateway holds that uploads and the downlink hello carry (protocol
+/// `held`): every durable seq is the gateway's to deliver, every seq up to the cursor was
+/// acknowledged.
+pub(crate) fn held(p: &crate::journal::Positions, oldest_unsent_ts_ms: Option<u64>) -> Held {
+    Held {
+        head_seq: p.durable_seq,
+        acked_seq: p.acked_seq,
+        oldest_unsent_ts_ms,
     }
 }
 

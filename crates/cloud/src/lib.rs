@@ -699,9 +699,7 @@ fn metrics(shared: &Shared) -> Reply {
 
 /// Milliseconds since the Unix epoch.
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    ferry_util::epoch_ms(std::time::SystemTime::now())
 }
 
 fn records(shared: &Shared, device_id: &str) -> Reply {

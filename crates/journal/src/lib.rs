@@ -679,10 +679,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    ferry_util::epoch_ms(std::time::SystemTime::now())
 }
 
 /// fsync of a directory, so that files created or renamed in it survive a power cut.

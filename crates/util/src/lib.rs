@@ -1,6 +1,6 @@
 //! What every ferry crate shares, and nothing else: an error said on one line
-//! ([`error_chain`]), a log rate limit for retry loops ([`Repeats`]), and the one pseudo-random
-//! generator ([`rng`]). No dependencies.
+//! ([`error_chain`]), a log rate limit for retry loops ([`Repeats`]), the one pseudo-random
+//! generator ([`rng`]) and wall-clock milliseconds ([`epoch_ms`]). No dependencies.
 
 mod repeats;
 pub mod rng;
@@ -18,4 +18,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = cause.source();
     }
     s
+}
+
+/// `t` in milliseconds since the Unix epoch: 0 before it, `u64::MAX` past what fits.
+pub fn epoch_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

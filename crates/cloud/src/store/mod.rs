@@ -48,7 +48,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info};
 
@@ -302,10 +302,7 @@ impl Store {
     /// with the same content is a duplicate; with other content the whole batch is refused with
     /// [`Error::Clash`] before anything is written.
     pub fn ingest(&self, batch: &Batch) -> Result<Outcome, Error> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.ingest_at(batch, now_ms)
+        self.ingest_at(batch, ferry_util::epoch_ms(SystemTime::now()))
     }
 
     fn ingest_at(&self, batch: &Batch, now_ms: u64) -> Result<Outcome, Error> {
@@ -693,9 +690,7 @@ fn summarize(device_id: String, device: &Device) -> Option<DeviceSummary> {
 fn modified_ms(path: &Path) -> u64 {
     fs::metadata(path)
         .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, ferry_util::epoch_ms)
 }
 
 fn gap_key(gap: &Gap) -> (u64, u64, &'static str) {
