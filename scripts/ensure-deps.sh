@@ -3,7 +3,7 @@
 # mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo), nginx-light (the reverse
 # proxy in front of ferry-cloud in tests/faults_net.rs), openssl (the CLI that makes the test CA and
 # certificates of tests/downlink.rs at run time) and fuse3 (fusermount3, for the crash-test
-# filesystem of `make torture`).
+# filesystem of `make torture`) and postgresql with psql (the center's store, in tests).
 # Usage: scripts/ensure-deps.sh [--msrv] [--bench]
 #   --msrv   also installs Debian's Rust 1.85 (rustc-web)
 #   --bench  also installs what `make bench` needs: libsqlite3-dev and pkg-config (the SQLite
@@ -16,6 +16,11 @@ command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+# PostgreSQL: the center's store in tests/cloud.rs and tests/center.rs (each test starts its own
+# server in a temp dir; as root it runs as the package's `postgres` user).
+has_postgres() { ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; }
+has_postgres || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 
 msrv=0; bench=0
 for arg in "$@"; do
@@ -56,6 +61,8 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
 fi
 command -v openssl >/dev/null 2>&1 || { echo "ensure-deps: openssl is still missing" >&2; missing=1; }
 command -v fusermount3 >/dev/null 2>&1 || { echo "ensure-deps: fusermount3 (fuse3) is still missing" >&2; missing=1; }
+has_postgres || { echo "ensure-deps: postgresql is still missing" >&2; missing=1; }
+command -v psql >/dev/null 2>&1 || { echo "ensure-deps: psql (postgresql-client) is still missing" >&2; missing=1; }
 if [ $bench -eq 1 ] && ! has_sqlite_dev; then
     echo "ensure-deps: libsqlite3-dev (with pkg-config) is still missing" >&2; missing=1
 fi

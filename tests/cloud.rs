@@ -1,9 +1,11 @@
 //! Drives the real `ferry-cloud` binary over HTTP: ingest with gzip, dedupe of resends, validation
 //! errors, the completeness report, the policy and token refusals, dedupe across a restart, and
-//! identity clashes (the same seq with different content) before and after a restart.
+//! identity clashes (the same seq with different content) before and after a restart. The tests of
+//! the store's promises run twice, on the files store and on a PostgreSQL server of their own.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -27,11 +29,42 @@ struct Cloud {
     http: ureq::Agent,
 }
 
+/// Where a test's ferry-cloud keeps its data: the files store in a directory, or a PostgreSQL
+/// server of the test's own (the same test run against both shows the two stores keep the same
+/// promises).
+enum Backend {
+    Files(PathBuf),
+    Postgres(ferry_testkit::Postgres),
+}
+
+impl Backend {
+    fn files(dir: &Path) -> Backend {
+        Backend::Files(dir.to_path_buf())
+    }
+
+    fn postgres(dir: &Path) -> Backend {
+        let pg = ferry_testkit::Postgres::start(&dir.join("pg"), util::free_port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        Backend::Postgres(pg)
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        match self {
+            Backend::Files(dir) => vec!["--data".into(), dir.into()],
+            Backend::Postgres(pg) => vec!["--store".into(), pg.url().into()],
+        }
+    }
+}
+
 impl Cloud {
     fn start(dir: &Path, extra: &[&str]) -> Cloud {
+        Cloud::start_on(&Backend::files(dir), extra)
+    }
+
+    fn start_on(backend: &Backend, extra: &[&str]) -> Cloud {
         let mut child = util::command(util::ferry_cloud())
-            .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(backend.args())
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -161,7 +194,17 @@ fn example_batch() -> Value {
 #[test]
 fn batches_are_stored_once_and_dedupe_survives_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cloud = Cloud::start(dir.path(), &[]);
+    stored_once_and_deduped_across_a_restart(&Backend::files(dir.path()));
+}
+
+#[test]
+fn batches_are_stored_once_and_dedupe_survives_a_restart_on_postgres() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    stored_once_and_deduped_across_a_restart(&Backend::postgres(dir.path()));
+}
+
+fn stored_once_and_deduped_across_a_restart(backend: &Backend) {
+    let mut cloud = Cloud::start_on(backend, &[]);
 
     let batch = example_batch();
     assert_eq!(
@@ -220,7 +263,7 @@ fn batches_are_stored_once_and_dedupe_survives_a_restart() {
     assert!(cloud.terminate().success(), "exit status after SIGTERM");
     drop(cloud);
 
-    let cloud = Cloud::start(dir.path(), &[]);
+    let cloud = Cloud::start_on(backend, &[]);
     // Seq 8 is new; seqs 5 to 7 were stored before the restart.
     let mut more = example_batch();
     if let Some(records) = more["records"].as_array_mut() {
@@ -245,7 +288,17 @@ fn batches_are_stored_once_and_dedupe_survives_a_restart() {
 #[test]
 fn the_ledger_tells_waiting_from_missing_and_the_fleet_filters_by_state() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cloud = Cloud::start(dir.path(), &[]);
+    ledger_and_fleet_states(&Backend::files(dir.path()));
+}
+
+#[test]
+fn the_ledger_tells_waiting_from_missing_and_the_fleet_filters_by_state_on_postgres() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    ledger_and_fleet_states(&Backend::postgres(dir.path()));
+}
+
+fn ledger_and_fleet_states(backend: &Backend) {
+    let cloud = Cloud::start_on(backend, &[]);
     let batch = |device: &str, seqs: std::ops::RangeInclusive<u64>, head: u64, acked: u64| {
         let records: Vec<Value> = seqs
             .map(|s| json!({"seq": s, "ts_ms": 1, "topic": "t", "payload": s}))
@@ -381,7 +434,17 @@ fn batch_from(name: &str, seqs: std::ops::RangeInclusive<u64>) -> Value {
 #[test]
 fn a_seq_resent_with_other_content_is_an_identity_clash_across_restarts() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cloud = Cloud::start(dir.path(), &[]);
+    identity_clash_across_restarts(&Backend::files(dir.path()));
+}
+
+#[test]
+fn a_seq_resent_with_other_content_is_an_identity_clash_across_restarts_on_postgres() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    identity_clash_across_restarts(&Backend::postgres(dir.path()));
+}
+
+fn identity_clash_across_restarts(backend: &Backend) {
+    let mut cloud = Cloud::start_on(backend, &[]);
     let clash_error = json!({"error": "device_id gw-x: seq 2 already stored with different content; \
                                        two gateways share this device id (cloned image?)"});
 
@@ -427,7 +490,7 @@ fn a_seq_resent_with_other_content_is_an_identity_clash_across_restarts() {
     drop(cloud);
 
     // The fingerprints are rebuilt from the stored lines: no false clash, and still a clash.
-    let cloud = Cloud::start(dir.path(), &[]);
+    let cloud = Cloud::start_on(backend, &[]);
     assert_eq!(
         cloud.post_gzip(&original),
         (200, json!({"accepted": 0, "duplicates": 3}))
@@ -436,10 +499,12 @@ fn a_seq_resent_with_other_content_is_an_identity_clash_across_restarts() {
     assert_eq!(cloud.get("/v1/devices/gw-x/records"), (200, stored));
     let device = &cloud.get_json("/v1/devices")["devices"][0];
     assert_eq!(device["records"], 3);
-    assert_eq!(
-        device["clashes_total"], 2,
-        "clashes are counted since the start"
-    );
+    // The files store counts clashes since its start; PostgreSQL keeps them.
+    let clashes = match backend {
+        Backend::Files(_) => 2,
+        Backend::Postgres(_) => 4,
+    };
+    assert_eq!(device["clashes_total"], clashes, "{device}");
 }
 
 #[test]
@@ -515,7 +580,10 @@ fn bad_arguments_exit_with_status_2() {
         .output()
         .expect("run ferry-cloud");
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--data is required"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("--data DIR or --store postgres://... is required")
+    );
 }
 
 /// Regression: a refused chunked upload was answered without reading its body, so the rest of the

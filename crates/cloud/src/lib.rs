@@ -3,9 +3,10 @@
 //!
 //! Layout: one `tiny_http::Server` owned by this module and a pool of named worker threads that all
 //! take requests from it with `recv_timeout` and check the shutdown flag between requests. Batches
-//! are validated by [`batch`] (pure), stored by [`store`] (the owner of the data directory), and seqs
-//! are tracked in [`ranges`]. Durability: `200` is answered only after the new records and gaps are
-//! fsynced, so everything acknowledged survives a crash; dedupe by `(device_id, seq)` makes resends
+//! are validated by [`batch`] (pure), stored by [`store`] (files in a data directory, or
+//! PostgreSQL shared by replicas), and seqs are tracked in [`ranges`]. Durability: `200` is answered
+//! only after the new records and gaps are durable (fsynced, or committed), so everything
+//! acknowledged survives a crash; dedupe by `(device_id, seq)` makes resends
 //! harmless. A stored seq that comes again with different content ([`fingerprints`]) means two
 //! gateways share a device id: that batch is answered `409` and stored not at all.
 //!
@@ -36,11 +37,9 @@ pub mod store;
 pub mod ws;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -73,7 +72,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub struct Config {
     /// `host:port`; port 0 picks a free port (see [`Cloud::local_addr`]).
     pub listen: String,
-    pub data_dir: PathBuf,
+    /// Where the records, gaps and ledger are kept.
+    pub store: store::Location,
     /// A batch with a record whose payload contains this string is refused with 422.
     pub reject_marker: Option<String>,
     /// When set, `POST /v1/ingest` requires `Authorization: Bearer <token>`.
@@ -144,7 +144,7 @@ impl Cloud {
 /// Rebuilds the state from the data directory, binds, and starts the workers. Returns once the
 /// receiver is accepting connections. Setting `shutdown` stops it; then call [`Cloud::join`].
 pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> {
-    let store = Store::open(&config.data_dir)?;
+    let store = Store::open(&config.store)?;
     let server = tiny_http::Server::http(config.listen.as_str()).map_err(|source| Error::Bind {
         addr: config.listen.clone(),
         source,
@@ -192,7 +192,12 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
             token: shared.token.clone(),
             tls: config.ws_tls.clone(),
             on_held: Some(Arc::new(move |device_id: &str, held| {
-                reporting.store.report(device_id, held, now_ms());
+                if let Err(e) = reporting.store.report(device_id, held, now_ms()) {
+                    warn!(
+                        "hello's account not kept device={device_id} error={}",
+                        ferry_util::error_chain(&e)
+                    );
+                }
             })),
         };
         match ws::start(
@@ -218,9 +223,9 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
         }
     }
     info!(
-        "listening addr={} data={} workers={} token={} reject_marker={}",
+        "listening addr={} store={} workers={} token={} reject_marker={}",
         addr,
-        config.data_dir.display(),
+        shared.store,
         workers.len(),
         shared.token.is_some(),
         shared.reject_marker.is_some()
@@ -315,8 +320,8 @@ enum Body {
     Json(Value),
     /// Prometheus text exposition.
     Text(String),
-    /// NDJSON: the first `len` bytes of a file, or nothing.
-    Records(Option<(File, u64)>),
+    /// NDJSON, or nothing.
+    Records(Option<store::Records>),
 }
 
 impl Reply {
@@ -469,12 +474,12 @@ fn respond(request: Request, reply: Reply) {
         Body::Records(file) => {
             headers.extend(Header::from_bytes("Content-Type", "application/x-ndjson").ok());
             match file {
-                Some((file, len)) => {
+                Some(store::Records { reader, len }) => {
                     // With a known length tiny_http would still switch to chunked past 32 KiB; a
                     // plain Content-Length is easier on simple clients. (A length past usize, which
                     // cannot occur on 64-bit targets, is sent chunked.)
                     let known = usize::try_from(len).ok();
-                    let response = Response::new(status, headers, file.take(len), known, None)
+                    let response = Response::new(status, headers, reader, known, None)
                         .with_chunked_threshold(usize::MAX);
                     request.respond(response)
                 }
@@ -586,6 +591,18 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
             Err(Reply::error(503, "the disk is slow; send the batch again")
                 .with_header("Retry-After", "1"))
         }
+        Err(e @ store::Error::SeqTooLarge { .. }) => Err(Reply::error(422, e.to_string())),
+        Err(e @ store::Error::Database { .. }) => {
+            warn!(
+                "batch not acknowledged device={} error={}",
+                batch.device_id,
+                ferry_util::error_chain(&e)
+            );
+            Err(
+                Reply::error(503, "the database is unavailable; send the batch again")
+                    .with_header("Retry-After", "1"),
+            )
+        }
         Err(e) => {
             error!(
                 "batch not stored device={} error={}",
@@ -594,6 +611,19 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
             );
             Err(Reply::error(500, "cannot store the batch"))
         }
+    }
+}
+
+/// The answer when the store cannot be read: the database may be back in a moment.
+fn unreadable(what: &str, e: &store::Error) -> Reply {
+    warn!("{what} not readable error={}", ferry_util::error_chain(e));
+    match e {
+        store::Error::Database { .. } => Reply::error(
+            503,
+            format!("cannot read {what}: the database is unavailable"),
+        )
+        .with_header("Retry-After", "1"),
+        _ => Reply::error(500, format!("cannot read {what}")),
     }
 }
 
@@ -669,27 +699,36 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn devices(shared: &Shared, query: &str) -> Reply {
-    match fleet::parse_query(query) {
-        Ok(q) => Reply::json(
+    let q = match fleet::parse_query(query) {
+        Ok(q) => q,
+        Err(e) => return Reply::error(400, e),
+    };
+    match shared.store.devices() {
+        Ok(devices) => Reply::json(
             200,
-            fleet::list(shared.store.devices(), &q, now_ms(), shared.silent_after_ms),
+            fleet::list(devices, &q, now_ms(), shared.silent_after_ms),
         ),
-        Err(e) => Reply::error(400, e),
+        Err(e) => unreadable("the devices", &e),
     }
 }
 
 fn ledger(shared: &Shared, device_id: &str) -> Reply {
     match shared.store.device_summary(device_id) {
-        Some(d) => Reply::json(
+        Ok(Some(d)) => Reply::json(
             200,
             fleet::ledger_json(&d, now_ms(), shared.silent_after_ms),
         ),
-        None => Reply::error(404, "no such device"),
+        Ok(None) => Reply::error(404, "no such device"),
+        Err(e) => unreadable("the device", &e),
     }
 }
 
 fn metrics(shared: &Shared) -> Reply {
-    let text = fleet::metrics(&shared.store.devices(), now_ms(), shared.silent_after_ms);
+    let devices = match shared.store.devices() {
+        Ok(devices) => devices,
+        Err(e) => return unreadable("the devices", &e),
+    };
+    let text = fleet::metrics(&devices, now_ms(), shared.silent_after_ms);
     Reply {
         status: 200,
         body: Body::Text(text),
@@ -703,19 +742,13 @@ fn now_ms() -> u64 {
 }
 
 fn records(shared: &Shared, device_id: &str) -> Reply {
-    match shared.store.records_file(device_id) {
-        Ok(file) => Reply {
+    match shared.store.records(device_id) {
+        Ok(records) => Reply {
             status: 200,
-            body: Body::Records(file),
+            body: Body::Records(records),
             headers: Vec::new(),
         },
-        Err(e) => {
-            error!(
-                "records not readable device={device_id} error={}",
-                ferry_util::error_chain(&e)
-            );
-            Reply::error(500, "cannot read the records")
-        }
+        Err(e) => unreadable("the records", &e),
     }
 }
 

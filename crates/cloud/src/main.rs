@@ -13,7 +13,8 @@ use ferry_cloud as cloud;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
-usage: ferry-cloud --listen HOST:PORT --data DIR [--reject-marker STR] [--token TOKEN]
+usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://...)
+                   [--reject-marker STR] [--token TOKEN]
                    [--max-records-per-sec N] [--silent-after SECS]
                    [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
 
@@ -21,7 +22,13 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
 
   --listen HOST:PORT     address to listen on; port 0 picks a free port. Prints
                          'listening on <addr>' on stdout once accepting.
-  --data DIR             directory of the stored records and gaps (created if missing)
+  --data DIR             keep the records, gaps and ledger as files in DIR (created if
+                         missing); one ferry-cloud per DIR
+  --store postgres://USER@HOST:PORT/DB
+                         keep them in PostgreSQL instead (any libpq connection string;
+                         schema created or migrated at start); replicas may share one.
+                         A password is better given as PGPASSWORD-free .pgpass or
+                         in a key=value string passed from a file than on the command line
   --reject-marker STR    answer 422 to any batch with a record whose payload contains STR
   --max-records-per-sec N
                          answer 429 (Retry-After: 1) to batches over N records per second
@@ -91,6 +98,7 @@ fn run(config: cloud::Config) -> Result<(), Box<dyn std::error::Error>> {
 fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::Config>, String> {
     let mut listen = None;
     let mut data = None;
+    let mut store = None;
     let mut reject_marker = None;
     let mut token = None;
     let mut max_rate = None;
@@ -111,6 +119,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "-h" | "--help" => return Ok(None),
             "--listen" => &mut listen,
             "--data" => &mut data,
+            "--store" => &mut store,
             "--reject-marker" => &mut reject_marker,
             "--token" => &mut token,
             "--max-records-per-sec" => &mut max_rate,
@@ -153,7 +162,12 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     }
     Ok(Some(cloud::Config {
         listen: text("--listen", listen.ok_or("--listen is required")?)?,
-        data_dir: PathBuf::from(data.ok_or("--data is required")?),
+        store: match (data, store) {
+            (Some(dir), None) => cloud::store::Location::Files(PathBuf::from(dir)),
+            (None, Some(url)) => cloud::store::Location::Postgres(text("--store", url)?),
+            (None, None) => return Err("--data DIR or --store postgres://... is required".into()),
+            (Some(_), Some(_)) => return Err("--data and --store exclude each other".into()),
+        },
         reject_marker: reject_marker
             .map(|v| text("--reject-marker", v))
             .transpose()?,

@@ -184,3 +184,230 @@ impl Drop for Mosquitto {
         }
     }
 }
+
+/// The newest PostgreSQL server installed the Debian way (`/usr/lib/postgresql/<major>/bin`).
+pub fn postgres_bin_dir() -> Result<PathBuf> {
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
+        .map_err(|e| {
+            format!(
+                "{}: {e}; PostgreSQL is not installed (scripts/ensure-deps.sh installs it)",
+                root.display()
+            )
+        })?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").exists().then_some((major, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| format!("no PostgreSQL server under {}", root.display()))
+}
+
+/// A real PostgreSQL server in its own directory on 127.0.0.1, with fsync on (the default),
+/// trusting local connections as user `ferry`, stopped when dropped. PostgreSQL refuses to run
+/// as root: as root it runs as Debian's `postgres` user (made by the package), through `setpriv`
+/// so that the process the test holds is the server itself.
+pub struct Postgres {
+    pub port: u16,
+    /// Its log file (the server's stderr).
+    pub log: PathBuf,
+    bin: PathBuf,
+    data: PathBuf,
+    sockets: PathBuf,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    /// `initdb` in `dir/pgdata` and starts the server on `port`; returns once it answers a query.
+    pub fn start(dir: &Path, port: u16) -> Result<Postgres> {
+        let bin = postgres_bin_dir()?;
+        let data = dir.join("pgdata");
+        let sockets = dir.join("pgsock");
+        for d in [dir, &sockets] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        if is_root() {
+            // The server's user must own its directories and reach them.
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(dir)
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !status.success() {
+                return Err(format!(
+                    "cannot give {} to the postgres user (is the postgresql package installed?)",
+                    dir.display()
+                ));
+            }
+        }
+        let pg = Postgres {
+            port,
+            log: dir.join("postgres.log"),
+            bin,
+            data,
+            sockets,
+            child: None,
+        };
+        let out = pg
+            .as_server_user(&pg.bin.join("initdb"))
+            .arg("-D")
+            .arg(&pg.data)
+            .args(["-U", "ferry", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let mut pg = pg;
+        pg.spawn()?;
+        Ok(pg)
+    }
+
+    /// A command that runs `program` as the server's user.
+    fn as_server_user(&self, program: &Path) -> Command {
+        if is_root() {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--reset-env",
+                "--",
+            ])
+            .arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let child = self
+            .as_server_user(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(&self.sockets)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "shared_buffers=32MB",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=on",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start postgres: {e}"))?;
+        self.child = Some(child);
+        poll_every(
+            "postgres to answer a query",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || self.psql("SELECT 1").is_ok_and(|out| out.trim() == "1"),
+        )
+        .map_err(|e| format!("{e}; its log:\n{}", self.log_text()))
+    }
+
+    /// The connection string of the `postgres` database as user `ferry`.
+    pub fn url(&self) -> String {
+        format!("postgres://ferry@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs `sql` with psql (unaligned, tuples only); its output, or its error.
+    pub fn psql(&self, sql: &str) -> Result<String> {
+        let out = Command::new("psql")
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(format!("{} connect_timeout=5", self.url_kv()))
+            .arg("-c")
+            .arg(sql)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn url_kv(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=ferry dbname=postgres",
+            self.port
+        )
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server with SIGKILL (a crash: it recovers from its WAL at the next start), and
+    /// the backends it leaves behind.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            // Backends notice their postmaster died and exit; wait for the last one so that the
+            // next start finds its shared memory free.
+            let data = std::fs::canonicalize(&self.data).unwrap_or_else(|_| self.data.clone());
+            let _ = poll_until("postgres backends to exit", Duration::from_secs(20), || {
+                !runs_in(&data)
+            });
+        }
+    }
+
+    /// Starts it again after [`Postgres::kill`].
+    pub fn start_again(&mut self) -> Result<()> {
+        self.spawn()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Whether any process still runs in `dir` (a server's backends run in its data directory, and
+/// outlive a killed postmaster for a moment, reparented).
+fn runs_in(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .any(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd == dir))
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // SIGQUIT: immediate shutdown, backends included.
+            signal_pid(c.id(), "QUIT");
+        }
+        let _ = terminate(&mut self.child, "postgres", Duration::from_secs(10));
+    }
+}

@@ -1,6 +1,7 @@
 //! Tests of the store against real files in a temporary directory.
 
 use super::*;
+use crate::store::MAX_CLASHES;
 use ferry_protocol::GapReason;
 
 fn batch(device_id: &str, seqs: &[u64], gaps: &[(u64, u64, &str)]) -> Batch {
@@ -48,7 +49,7 @@ fn outcome(accepted: u64, duplicates: u64, new_gaps: u64) -> Outcome {
 #[test]
 fn a_resent_batch_is_counted_as_duplicates_and_stored_once() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     let b = batch("gw-01", &[1, 2, 3], &[]);
     assert_eq!(store.ingest(&b).expect("ingest"), outcome(3, 0, 0));
     assert_eq!(store.ingest(&b).expect("ingest"), outcome(0, 3, 0));
@@ -60,12 +61,12 @@ fn a_resent_batch_is_counted_as_duplicates_and_stored_once() {
 fn dedupe_survives_reopening_the_directory() {
     let dir = tempfile::tempdir().expect("temp dir");
     {
-        let store = Store::open(dir.path()).expect("open");
+        let store = FilesStore::open(dir.path()).expect("open");
         store
             .ingest(&batch("gw-01", &[1, 2], &[(3, 4, "journal_full")]))
             .expect("ingest");
     }
-    let store = Store::open(dir.path()).expect("reopen");
+    let store = FilesStore::open(dir.path()).expect("reopen");
     assert_eq!(
         store
             .ingest(&batch("gw-01", &[2, 5], &[(3, 4, "journal_full")]))
@@ -82,7 +83,7 @@ fn dedupe_survives_reopening_the_directory() {
 #[test]
 fn missing_lists_seqs_covered_by_neither_records_nor_gaps() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     store
         .ingest(&batch("d", &[3, 4, 9], &[(12, 15, "rejected")]))
         .expect("ingest");
@@ -107,7 +108,7 @@ fn a_torn_last_line_is_dropped_and_the_file_truncated() {
     let good = "{\"payload_text\":\"r1\",\"seq\":1,\"topic\":\"t\",\"ts_ms\":1}\n";
     fs::write(&path, format!("{good}{{\"seq\":2,\"ts_m")).expect("write");
 
-    let store = Store::open(dir.path()).expect("open despite the torn line");
+    let store = FilesStore::open(dir.path()).expect("open despite the torn line");
     assert_eq!(fs::read_to_string(&path).expect("read"), good);
     // Seq 2 was never acknowledged, so its resend is stored.
     assert_eq!(
@@ -125,7 +126,7 @@ fn a_malformed_line_before_the_end_names_file_and_line() {
     let path = dir.path().join("gw-01.ndjson");
     let record = |seq| format!(r#"{{"seq":{seq},"ts_ms":1,"topic":"t","payload":1}}"#);
     fs::write(&path, format!("{}\nnot json\n{}\n", record(1), record(3))).expect("write");
-    match Store::open(dir.path()) {
+    match FilesStore::open(dir.path()) {
         Err(Error::Malformed { path: p, line, .. }) => {
             assert_eq!(p, path);
             assert_eq!(line, 2);
@@ -142,7 +143,7 @@ fn a_stored_line_that_is_not_a_valid_record_stops_the_start() {
         "{\"seq\":1,\"ts_ms\":1,\"payload\":1}\n",
     )
     .expect("write");
-    let error = Store::open(dir.path()).expect_err("must refuse");
+    let error = FilesStore::open(dir.path()).expect_err("must refuse");
     assert!(
         error
             .to_string()
@@ -159,7 +160,7 @@ fn a_gap_line_with_an_unknown_reason_stops_the_start() {
         "{\"from_seq\":1,\"to_seq\":2,\"reason\":\"eaten\"}\n",
     )
     .expect("write");
-    let error = Store::open(dir.path()).expect_err("must refuse");
+    let error = FilesStore::open(dir.path()).expect_err("must refuse");
     assert!(error.to_string().contains("d.gaps.ndjson:1: "), "{error}");
 }
 
@@ -168,7 +169,7 @@ fn a_file_named_for_no_valid_device_stops_the_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     fs::write(dir.path().join("bad name.ndjson"), "").expect("write");
     assert!(matches!(
-        Store::open(dir.path()),
+        FilesStore::open(dir.path()),
         Err(Error::UnexpectedFile { .. })
     ));
 }
@@ -177,14 +178,14 @@ fn a_file_named_for_no_valid_device_stops_the_start() {
 fn other_files_in_the_directory_are_ignored() {
     let dir = tempfile::tempdir().expect("temp dir");
     fs::write(dir.path().join("README.txt"), "hello").expect("write");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     assert!(store.devices().is_empty());
 }
 
 #[test]
 fn gaps_are_stored_once_and_in_their_own_file() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     let b = batch(
         "d",
         &[10],
@@ -203,7 +204,7 @@ fn gaps_are_stored_once_and_in_their_own_file() {
          {\"from_seq\":5,\"to_seq\":9,\"reason\":\"journal_lost\"}\n"
     );
     drop(store);
-    let store = Store::open(dir.path()).expect("reopen");
+    let store = FilesStore::open(dir.path()).expect("reopen");
     assert_eq!(store.devices()[0].gaps.len(), 2);
     assert_eq!(store.devices()[0].missing, vec![]);
 }
@@ -211,7 +212,7 @@ fn gaps_are_stored_once_and_in_their_own_file() {
 #[test]
 fn a_device_id_ending_in_gaps_is_refused_rather_than_sharing_a_file() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     assert!(matches!(
         store.ingest(&batch("x.gaps", &[1], &[])),
         Err(Error::ReservedDeviceId { .. })
@@ -221,7 +222,7 @@ fn a_device_id_ending_in_gaps_is_refused_rather_than_sharing_a_file() {
 #[test]
 fn the_records_file_length_covers_only_complete_lines() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     assert!(store.records_file("d").expect("lookup").is_none());
     store.ingest(&batch("d", &[1, 2], &[])).expect("ingest");
     let (_, len) = store.records_file("d").expect("lookup").expect("file");
@@ -232,7 +233,7 @@ fn the_records_file_length_covers_only_complete_lines() {
 #[test]
 fn a_stored_seq_with_other_content_refuses_the_whole_batch() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     store
         .ingest(&batch("gw-01", &[1, 2, 3], &[]))
         .expect("ingest");
@@ -277,7 +278,7 @@ fn a_stored_seq_with_other_content_refuses_the_whole_batch() {
 #[test]
 fn clashes_are_counted_per_seq_with_first_and_last_time() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     store.ingest(&batch("gw-01", &[1, 2], &[])).expect("ingest");
     let other = |seqs: &[u64]| {
         let records: Vec<String> = seqs
@@ -312,7 +313,7 @@ fn clashes_are_counted_per_seq_with_first_and_last_time() {
 #[test]
 fn only_the_most_recently_clashing_seqs_are_listed() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
+    let store = FilesStore::open(dir.path()).expect("open");
     let seqs: Vec<u64> = (1..=250).collect();
     store.ingest(&batch("gw-01", &seqs, &[])).expect("ingest");
     let other = |seqs: &[u64]| {
@@ -350,10 +351,10 @@ fn after_a_restart_a_resend_is_a_duplicate_and_other_content_still_clashes() {
     ];
     let original = batch_of(&records, &[]);
     {
-        let store = Store::open(dir.path()).expect("open");
+        let store = FilesStore::open(dir.path()).expect("open");
         assert_eq!(store.ingest(&original).expect("ingest"), outcome(6, 0, 0));
     }
-    let store = Store::open(dir.path()).expect("reopen");
+    let store = FilesStore::open(dir.path()).expect("reopen");
     assert_eq!(store.ingest(&original).expect("resend"), outcome(0, 6, 0));
     let changed = batch_of(
         &[r#"{"seq":4,"ts_ms":4,"topic":"bad","payload_b64":"e30="}"#],
@@ -378,8 +379,8 @@ struct GateState {
 }
 
 impl Gate {
-    fn store(self: &Arc<Self>, dir: &Path) -> Store {
-        Store::open_with(dir, self.sync_fn(), SYNC_WAIT).expect("open")
+    fn store(self: &Arc<Self>, dir: &Path) -> FilesStore {
+        FilesStore::open_with(dir, self.sync_fn(), SYNC_WAIT).expect("open")
     }
 
     fn sync_fn(self: &Arc<Self>) -> SyncFn {
@@ -474,7 +475,7 @@ fn a_failed_sync_refuses_every_request_waiting_for_it_and_the_resend_is_stored()
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("gw-01.ndjson");
     {
-        let store = Store::open(dir.path()).expect("open");
+        let store = FilesStore::open(dir.path()).expect("open");
         store.ingest(&batch("gw-01", &[1], &[])).expect("ingest");
     }
     let durable = fs::read_to_string(&path).expect("read");
@@ -518,7 +519,8 @@ fn requests_waiting_for_a_hung_sync_give_up_at_the_deadline() {
     let gate = Arc::new(Gate::default());
     let sync = gate.sync_fn();
     let store = Arc::new(
-        Store::open_with(dir.path(), sync, std::time::Duration::from_millis(200)).expect("open"),
+        FilesStore::open_with(dir.path(), sync, std::time::Duration::from_millis(200))
+            .expect("open"),
     );
     let ingest = |seqs: &'static [u64]| {
         let store = Arc::clone(&store);

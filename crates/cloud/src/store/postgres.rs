@@ -1,0 +1,706 @@
+//! The PostgreSQL store (`--store postgres://...`): what a fleet's center runs, shared by any
+//! number of `ferry-cloud` replicas. Schema and migrations: `docs/CENTER-POSTGRES.md`.
+//!
+//! Tables (prefixed `ferry_`, so that they can live in a database shared with other things):
+//! - `ferry_devices`: one row per device, the owner of its per-device state: the seqs stored (as
+//!   ranges, `delivered`), the gateway's last account of what it holds (`held`), when it was
+//!   last seen, its clash total. Every change to a device's records, gaps or ledger happens in a
+//!   transaction that first locks this row (`SELECT ... FOR UPDATE`), so two batches of one
+//!   device, on one replica or on two, are applied one after the other and see each other's
+//!   records: no duplicate, no lost record, no false clash.
+//! - `ferry_records`: `(device_id, seq)` primary key, the record's JSON line as the device sent it.
+//! - `ferry_gaps`: declared gaps, unique by `(device_id, from_seq, to_seq, reason)`.
+//! - `ferry_clashes`: the [`MAX_CLASHES`](super::MAX_CLASHES) most recently clashing seqs per device.
+//! - `ferry_schema`: the schema version ([`MIGRATIONS`]).
+//!
+//! Durability: every connection runs with `synchronous_commit = on`, and [`PgStore::ingest`]
+//! returns `Ok` only after its COMMIT was answered. A COMMIT whose answer is lost (the connection
+//! broke) is an error: the batch may be stored, the sender resends, and the resend is deduplicated.
+//!
+//! Clashes: a stored seq's content is compared by re-reading its stored line and fingerprinting it
+//! with this build ([`batch::stored_record`]), never by a stored hash, so replicas of different
+//! builds agree. Only seqs the device row says are stored are read back: a first delivery costs no
+//! read.
+//!
+//! Deadlines: connecting has `connect_timeout` (5 s unless the connection string says otherwise);
+//! every statement has `statement_timeout`, waits for a lock `lock_timeout`, and an idle
+//! transaction is ended by the server after `idle_in_transaction_session_timeout`; TCP
+//! connections have keepalives and `tcp_user_timeout`, so a dead peer is noticed.
+//!
+//! Not done: TLS to the database (`sslmode=require` is refused at start; run the center's
+//! database on a Unix socket or a private link); a `GET /v1/devices` reads every device row.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use log::{info, warn};
+use postgres::config::{Host, SslMode};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Config, NoTls, Transaction};
+
+use super::{Clash, DeviceSummary, Error, Outcome, Records, is_reserved, note_clashes};
+use crate::batch::{self, Batch};
+use crate::ledger;
+use crate::ranges::RangeSet;
+use ferry_protocol::{Gap, GapReason, Held};
+
+/// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
+/// Never edit a released entry; add one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: records, gaps, devices (the ledger), clashes.
+    "CREATE TABLE ferry_devices (
+        device_id text PRIMARY KEY,
+        delivered int8[] NOT NULL DEFAULT '{}',
+        records int8 NOT NULL DEFAULT 0,
+        head_seq int8,
+        acked_seq int8,
+        oldest_unsent_ts_ms int8,
+        last_seen_ms int8 NOT NULL DEFAULT 0,
+        clashes_total int8 NOT NULL DEFAULT 0
+    );
+    CREATE TABLE ferry_records (
+        device_id text NOT NULL,
+        seq int8 NOT NULL,
+        line text NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE TABLE ferry_gaps (
+        id bigserial PRIMARY KEY,
+        device_id text NOT NULL,
+        from_seq int8 NOT NULL,
+        to_seq int8 NOT NULL,
+        reason text NOT NULL,
+        UNIQUE (device_id, from_seq, to_seq, reason)
+    );
+    CREATE TABLE ferry_clashes (
+        device_id text NOT NULL,
+        seq int8 NOT NULL,
+        first_seen_ms int8 NOT NULL,
+        last_seen_ms int8 NOT NULL,
+        count int8 NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );",
+];
+
+/// Statement, lock and connect deadlines (see the module's "Deadlines").
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest answer of `GET /v1/devices/<id>/records` read from the database.
+pub const MAX_RECORDS_READ: u64 = 256 * 1024 * 1024;
+/// Key of the advisory lock that makes replicas starting at once migrate one at a time.
+const MIGRATION_LOCK: i64 = 0x6665_7272_7931; // "ferry1"
+
+/// The store; connections are pooled (one per thread that is using one at a time).
+pub struct PgStore {
+    config: Config,
+    /// Where the database is, for logs and errors (no password).
+    target: String,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// The device row as read under its lock.
+struct DeviceRow {
+    delivered: RangeSet,
+    held: Option<Held>,
+}
+
+impl PgStore {
+    /// Parses the connection string, connects, and creates or migrates the schema.
+    pub fn open(url: &str) -> Result<PgStore, Error> {
+        let mut config = Config::from_str(url).map_err(|source| Error::Database {
+            what: "cannot read the connection string",
+            source,
+        })?;
+        if matches!(config.get_ssl_mode(), SslMode::Require) {
+            return Err(Error::Unsupported {
+                what: "TLS to PostgreSQL (sslmode=require); connect over a Unix socket or a private link with sslmode=disable",
+            });
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let ms = STATEMENT_TIMEOUT.as_millis();
+        config
+            .application_name("ferry-cloud")
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .tcp_user_timeout(TCP_USER_TIMEOUT)
+            .options(&format!(
+                "-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms} \
+                 -c idle_in_transaction_session_timeout={}",
+                2 * ms
+            ));
+        let store = PgStore {
+            target: describe(&config),
+            config,
+            idle: Mutex::new(Vec::new()),
+        };
+        let version = store.migrate()?;
+        info!("database ready target={} schema={version}", store.target);
+        Ok(store)
+    }
+
+    /// Brings the schema to the newest version this build knows, one replica at a time.
+    fn migrate(&self) -> Result<i32, Error> {
+        let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+        let mut client = self.client()?;
+        let mut tx = client.transaction().map_err(db("cannot begin"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .map_err(db("cannot take the migration lock"))?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS ferry_schema (version int4 NOT NULL)")
+            .map_err(db("cannot create ferry_schema"))?;
+        let found: i32 = tx
+            .query_opt("SELECT max(version) FROM ferry_schema", &[])
+            .map_err(db("cannot read the schema version"))?
+            .and_then(|row| row.get::<_, Option<i32>>(0))
+            .unwrap_or(0);
+        if found > known {
+            return Err(Error::SchemaTooNew { found, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            tx.batch_execute(sql)
+                .map_err(db("cannot migrate the schema"))?;
+            info!("schema migrated target={} version={}", self.target, i + 1);
+        }
+        tx.execute("DELETE FROM ferry_schema", &[])
+            .map_err(db("cannot record the schema version"))?;
+        tx.execute("INSERT INTO ferry_schema (version) VALUES ($1)", &[&known])
+            .map_err(db("cannot record the schema version"))?;
+        tx.commit().map_err(db("cannot commit the migration"))?;
+        self.give_back(client);
+        Ok(known)
+    }
+
+    /// `user@host:port/dbname`, without the password.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// See [`super::Store::ingest`].
+    pub fn ingest(&self, batch: &Batch) -> Result<Outcome, Error> {
+        let device_id = &batch.device_id;
+        if is_reserved(device_id) {
+            return Err(Error::ReservedDeviceId {
+                device_id: device_id.clone(),
+            });
+        }
+        let too_large = batch
+            .records
+            .iter()
+            .map(|r| r.seq)
+            .chain(batch.gaps.iter().map(|g| g.to_seq))
+            .chain(batch.held.map(|h| h.head_seq.max(h.acked_seq)))
+            .find(|&seq| i64::try_from(seq).is_err());
+        if let Some(seq) = too_large {
+            return Err(Error::SeqTooLarge {
+                device_id: device_id.clone(),
+                seq,
+            });
+        }
+        let now_ms = ferry_util::epoch_ms(SystemTime::now());
+        let mut client = self.client()?;
+        let result = ingest_in(&mut client, batch, now_ms);
+        let result = match result {
+            Err(Error::Clash { device_id, seq }) => {
+                // The batch's transaction was rolled back; remember the clash in a new one.
+                let clashing = clashing_seqs(&mut client, batch)?;
+                note_clash_rows(&mut client, &device_id, &clashing, now_ms)?;
+                Err(Error::Clash { device_id, seq })
+            }
+            other => other,
+        };
+        self.give_back(client);
+        result
+    }
+
+    /// See [`super::Store::report`].
+    pub fn report(&self, device_id: &str, held: Held, now_ms: u64) -> Result<(), Error> {
+        if is_reserved(device_id) || i64::try_from(held.head_seq.max(held.acked_seq)).is_err() {
+            return Ok(());
+        }
+        let mut client = self.client()?;
+        let mut tx = client.transaction().map_err(db("cannot begin"))?;
+        let row = lock_device(&mut tx, device_id)?;
+        let held = ledger::later(row.held, held);
+        tx.execute(
+            "UPDATE ferry_devices SET head_seq = $2, acked_seq = $3, oldest_unsent_ts_ms = $4,
+                 last_seen_ms = GREATEST(last_seen_ms, $5)
+             WHERE device_id = $1",
+            &[
+                &device_id,
+                &to_i64(held.head_seq),
+                &to_i64(held.acked_seq),
+                &held.oldest_unsent_ts_ms.map(to_i64),
+                &to_i64(now_ms),
+            ],
+        )
+        .map_err(db("cannot update the device"))?;
+        tx.commit().map_err(db("cannot commit"))?;
+        self.give_back(client);
+        Ok(())
+    }
+
+    /// See [`super::Store::devices`].
+    pub fn devices(&self) -> Result<Vec<DeviceSummary>, Error> {
+        self.summaries(None)
+    }
+
+    /// See [`super::Store::device_summary`].
+    pub fn device_summary(&self, device_id: &str) -> Result<Option<DeviceSummary>, Error> {
+        Ok(self.summaries(Some(device_id))?.pop())
+    }
+
+    /// The summaries of every device, or of one.
+    fn summaries(&self, only: Option<&str>) -> Result<Vec<DeviceSummary>, Error> {
+        let mut client = self.client()?;
+        // One snapshot for the three reads, so that a batch committed between them is seen in
+        // all or none.
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(db("cannot begin"))?;
+        let filter = "($1::text IS NULL OR device_id = $1)";
+        let mut gaps: BTreeMap<String, Vec<Gap>> = BTreeMap::new();
+        for row in tx
+            .query(
+                &format!(
+                    "SELECT device_id, from_seq, to_seq, reason FROM ferry_gaps
+                     WHERE {filter} ORDER BY id"
+                ),
+                &[&only],
+            )
+            .map_err(db("cannot read the gaps"))?
+        {
+            let device_id: String = row.get(0);
+            let reason = gap_reason(&device_id, row.get(3))?;
+            gaps.entry(device_id).or_default().push(Gap {
+                from_seq: to_u64(row.get(1)),
+                to_seq: to_u64(row.get(2)),
+                reason,
+            });
+        }
+        let mut clashes: BTreeMap<String, Vec<Clash>> = BTreeMap::new();
+        for row in tx
+            .query(
+                &format!(
+                    "SELECT device_id, seq, first_seen_ms, last_seen_ms, count FROM ferry_clashes
+                     WHERE {filter}"
+                ),
+                &[&only],
+            )
+            .map_err(db("cannot read the clashes"))?
+        {
+            clashes
+                .entry(row.get(0))
+                .or_default()
+                .push(clash_of(&row, 1));
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms,
+                         last_seen_ms, clashes_total
+                     FROM ferry_devices WHERE {filter} ORDER BY device_id"
+                ),
+                &[&only],
+            )
+            .map_err(db("cannot read the devices"))?;
+        tx.commit().map_err(db("cannot end the read"))?;
+        self.give_back(client);
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let device_id: String = row.get(0);
+            let delivered = ranges_of(&row.get::<_, Vec<i64>>(1));
+            let held = held_of(&row, 2);
+            let summary = DeviceSummary::from_parts(
+                device_id.clone(),
+                &delivered,
+                gaps.remove(&device_id).unwrap_or_default(),
+                clashes.remove(&device_id).unwrap_or_default(),
+                to_u64(row.get(6)),
+                held,
+                to_u64(row.get(5)),
+            );
+            out.extend(summary);
+        }
+        Ok(out)
+    }
+
+    /// See [`super::Store::records`]: by seq, at most [`MAX_RECORDS_READ`] bytes.
+    pub fn records(&self, device_id: &str) -> Result<Option<Records>, Error> {
+        let mut client = self.client()?;
+        let mut body = Vec::new();
+        {
+            let mut rows = client
+                .query_raw(
+                    "SELECT line FROM ferry_records WHERE device_id = $1 ORDER BY seq",
+                    [device_id],
+                )
+                .map_err(db("cannot read the records"))?;
+            while let Some(row) = rows.next().map_err(db("cannot read the records"))? {
+                let line: &str = row.get(0);
+                if body.len() as u64 + line.len() as u64 + 1 > MAX_RECORDS_READ {
+                    // Dropping the iterator mid-way leaves the connection in the middle of an
+                    // answer: do not pool it.
+                    drop(rows);
+                    drop(client);
+                    return Err(Error::TooManyToRead {
+                        device_id: device_id.to_owned(),
+                        limit: MAX_RECORDS_READ,
+                    });
+                }
+                body.extend_from_slice(line.as_bytes());
+                body.push(b'\n');
+            }
+        }
+        self.give_back(client);
+        if body.is_empty() {
+            return Ok(None);
+        }
+        let len = body.len() as u64;
+        Ok(Some(Records {
+            reader: Box::new(Cursor::new(body)),
+            len,
+        }))
+    }
+
+    /// An idle pooled connection, or a new one.
+    fn client(&self) -> Result<Client, Error> {
+        loop {
+            let idle = lock(&self.idle).pop();
+            match idle {
+                Some(client) if client.is_closed() => {}
+                Some(client) => return Ok(client),
+                None => break,
+            }
+        }
+        self.config.connect(NoTls).map_err(|source| {
+            warn!(
+                "cannot connect to the database target={} error={}",
+                self.target,
+                ferry_util::error_chain(&source)
+            );
+            Error::Database {
+                what: "cannot connect",
+                source,
+            }
+        })
+    }
+
+    /// Returns a connection to the pool after a use that ended cleanly (an error that broke the
+    /// connection leaves it closed, and it is dropped at the next take).
+    fn give_back(&self, client: Client) {
+        lock(&self.idle).push(client);
+    }
+}
+
+/// The batch's transaction: lock the device, check clashes, insert, update the ledger, commit.
+fn ingest_in(client: &mut Client, batch: &Batch, now_ms: u64) -> Result<Outcome, Error> {
+    let device_id = batch.device_id.as_str();
+    let mut tx = client.transaction().map_err(db("cannot begin"))?;
+    let row = lock_device(&mut tx, device_id)?;
+
+    // Seqs the device row says are stored: read their lines back and compare content.
+    let maybe_stored: Vec<i64> = batch
+        .records
+        .iter()
+        .filter(|r| row.delivered.contains(r.seq))
+        .map(|r| to_i64(r.seq))
+        .collect();
+    let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
+    if !maybe_stored.is_empty() {
+        for found in tx
+            .query(
+                "SELECT seq, line FROM ferry_records WHERE device_id = $1 AND seq = ANY($2)",
+                &[&device_id, &maybe_stored],
+            )
+            .map_err(db("cannot read stored records"))?
+        {
+            let line: &str = found.get(1);
+            let (seq, fingerprint) =
+                batch::stored_record(line.as_bytes()).map_err(|invalid| Error::Corrupt {
+                    device_id: device_id.to_owned(),
+                    seq: to_u64(found.get(0)),
+                    problem: invalid.to_string(),
+                })?;
+            stored.insert(seq, fingerprint);
+        }
+    }
+    let mut seqs = Vec::new();
+    let mut lines = Vec::new();
+    let mut delivered = row.delivered;
+    for record in &batch.records {
+        match stored.get(&record.seq) {
+            None if !delivered.contains(record.seq) => {
+                seqs.push(to_i64(record.seq));
+                lines.push(record.line.as_str());
+                delivered.insert(record.seq);
+            }
+            Some(&fingerprint) if fingerprint != record.fingerprint => {
+                // Rolled back when `tx` drops; the caller notes the clash.
+                return Err(Error::Clash {
+                    device_id: device_id.to_owned(),
+                    seq: record.seq,
+                });
+            }
+            // Stored with the same content, or a repeat within this batch.
+            _ => {}
+        }
+    }
+    if !seqs.is_empty() {
+        let inserted = tx
+            .execute(
+                "INSERT INTO ferry_records (device_id, seq, line)
+                 SELECT $1, s, l FROM unnest($2::int8[], $3::text[]) AS t(s, l)
+                 ON CONFLICT DO NOTHING",
+                &[&device_id, &seqs, &lines],
+            )
+            .map_err(db("cannot insert the records"))?;
+        if inserted != seqs.len() as u64 {
+            // The device row said they were not stored; a row there anyway was not written by
+            // this store's rules. Store nothing and say so.
+            return Err(Error::Inconsistent {
+                device_id: device_id.to_owned(),
+                what: format!(
+                    "{} of {} new records were already in ferry_records but not in the device's delivered ranges",
+                    seqs.len() as u64 - inserted,
+                    seqs.len()
+                ),
+            });
+        }
+    }
+    let mut new_gaps = 0;
+    if !batch.gaps.is_empty() {
+        let from: Vec<i64> = batch.gaps.iter().map(|g| to_i64(g.from_seq)).collect();
+        let to: Vec<i64> = batch.gaps.iter().map(|g| to_i64(g.to_seq)).collect();
+        let reason: Vec<&str> = batch.gaps.iter().map(|g| g.reason.as_str()).collect();
+        new_gaps = tx
+            .execute(
+                "INSERT INTO ferry_gaps (device_id, from_seq, to_seq, reason)
+                 SELECT $1, f, t, r FROM unnest($2::int8[], $3::int8[], $4::text[])
+                     WITH ORDINALITY AS g(f, t, r, n)
+                 ORDER BY n
+                 ON CONFLICT DO NOTHING",
+                &[&device_id, &from, &to, &reason],
+            )
+            .map_err(db("cannot insert the gaps"))?;
+    }
+    let held = match batch.held {
+        Some(new) => Some(ledger::later(row.held, new)),
+        None => row.held,
+    };
+    tx.execute(
+        "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4, acked_seq = $5,
+             oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7)
+         WHERE device_id = $1",
+        &[
+            &device_id,
+            &flat_ranges(&delivered),
+            &to_i64(delivered.len()),
+            &held.map(|h| to_i64(h.head_seq)),
+            &held.map(|h| to_i64(h.acked_seq)),
+            &held.and_then(|h| h.oldest_unsent_ts_ms).map(to_i64),
+            &to_i64(now_ms),
+        ],
+    )
+    .map_err(db("cannot update the device"))?;
+    tx.commit().map_err(db("cannot commit the batch"))?;
+    let accepted = seqs.len() as u64;
+    Ok(Outcome {
+        accepted,
+        duplicates: batch.records.len() as u64 - accepted,
+        new_gaps,
+    })
+}
+
+/// Creates the device's row if it has none and locks it until the transaction ends.
+fn lock_device(tx: &mut Transaction<'_>, device_id: &str) -> Result<DeviceRow, Error> {
+    tx.execute(
+        "INSERT INTO ferry_devices (device_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&device_id],
+    )
+    .map_err(db("cannot add the device"))?;
+    let row = tx
+        .query_one(
+            "SELECT delivered, head_seq, acked_seq, oldest_unsent_ts_ms FROM ferry_devices
+             WHERE device_id = $1 FOR UPDATE",
+            &[&device_id],
+        )
+        .map_err(db("cannot lock the device"))?;
+    Ok(DeviceRow {
+        delivered: ranges_of(&row.get::<_, Vec<i64>>(0)),
+        held: held_of(&row, 1),
+    })
+}
+
+/// The seqs of `batch` stored with other content (read outside the refused transaction).
+fn clashing_seqs(client: &mut Client, batch: &Batch) -> Result<Vec<u64>, Error> {
+    let seqs: Vec<i64> = batch.records.iter().map(|r| to_i64(r.seq)).collect();
+    let rows = client
+        .query(
+            "SELECT seq, line FROM ferry_records WHERE device_id = $1 AND seq = ANY($2)",
+            &[&batch.device_id, &seqs],
+        )
+        .map_err(db("cannot read stored records"))?;
+    let stored: BTreeMap<u64, u64> = rows
+        .iter()
+        .filter_map(|row| batch::stored_record(row.get::<_, &str>(1).as_bytes()).ok())
+        .collect();
+    Ok(batch
+        .records
+        .iter()
+        .filter(|r| stored.get(&r.seq).is_some_and(|&f| f != r.fingerprint))
+        .map(|r| r.seq)
+        .collect())
+}
+
+/// Adds one refusal of each of `seqs` to the device's clashes, keeping the most recent ones.
+fn note_clash_rows(
+    client: &mut Client,
+    device_id: &str,
+    seqs: &[u64],
+    now_ms: u64,
+) -> Result<(), Error> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let mut tx = client.transaction().map_err(db("cannot begin"))?;
+    lock_device(&mut tx, device_id)?;
+    let mut clashes: Vec<Clash> = tx
+        .query(
+            "SELECT seq, first_seen_ms, last_seen_ms, count FROM ferry_clashes WHERE device_id = $1",
+            &[&device_id],
+        )
+        .map_err(db("cannot read the clashes"))?
+        .iter()
+        .map(|row| clash_of(row, 0))
+        .collect();
+    let added = note_clashes(&mut clashes, seqs, now_ms);
+    tx.execute(
+        "DELETE FROM ferry_clashes WHERE device_id = $1",
+        &[&device_id],
+    )
+    .map_err(db("cannot write the clashes"))?;
+    let column = |f: fn(&Clash) -> u64| clashes.iter().map(|c| to_i64(f(c))).collect::<Vec<_>>();
+    tx.execute(
+        "INSERT INTO ferry_clashes (device_id, seq, first_seen_ms, last_seen_ms, count)
+         SELECT $1, s, f, l, c FROM unnest($2::int8[], $3::int8[], $4::int8[], $5::int8[])
+             AS t(s, f, l, c)",
+        &[
+            &device_id,
+            &column(|c| c.seq),
+            &column(|c| c.first_seen_ms),
+            &column(|c| c.last_seen_ms),
+            &column(|c| c.count),
+        ],
+    )
+    .map_err(db("cannot write the clashes"))?;
+    tx.execute(
+        "UPDATE ferry_devices SET clashes_total = clashes_total + $2 WHERE device_id = $1",
+        &[&device_id, &to_i64(added)],
+    )
+    .map_err(db("cannot write the clashes"))?;
+    tx.commit().map_err(db("cannot commit the clashes"))
+}
+
+fn clash_of(row: &postgres::Row, at: usize) -> Clash {
+    Clash {
+        seq: to_u64(row.get(at)),
+        first_seen_ms: to_u64(row.get(at + 1)),
+        last_seen_ms: to_u64(row.get(at + 2)),
+        count: to_u64(row.get(at + 3)),
+    }
+}
+
+/// `held` from the columns `head_seq, acked_seq, oldest_unsent_ts_ms` starting at `at`.
+fn held_of(row: &postgres::Row, at: usize) -> Option<Held> {
+    let head: Option<i64> = row.get(at);
+    let acked: Option<i64> = row.get(at + 1);
+    let oldest: Option<i64> = row.get(at + 2);
+    Some(Held {
+        head_seq: to_u64(head?),
+        acked_seq: to_u64(acked?),
+        oldest_unsent_ts_ms: oldest.map(to_u64),
+    })
+}
+
+/// `[from1, to1, from2, to2, ...]` as stored in `ferry_devices.delivered`.
+fn flat_ranges(set: &RangeSet) -> Vec<i64> {
+    set.iter()
+        .flat_map(|(from, to)| [to_i64(from), to_i64(to)])
+        .collect()
+}
+
+fn ranges_of(flat: &[i64]) -> RangeSet {
+    let mut set = RangeSet::new();
+    for pair in flat.chunks_exact(2) {
+        let (from, to) = (to_u64(pair[0]), to_u64(pair[1]));
+        if from >= 1 && from <= to {
+            set.insert_range(from, to);
+        }
+    }
+    set
+}
+
+fn gap_reason(device_id: &str, text: &str) -> Result<GapReason, Error> {
+    match text {
+        "journal_full" => Ok(GapReason::JournalFull),
+        "journal_lost" => Ok(GapReason::JournalLost),
+        "rejected" => Ok(GapReason::Rejected),
+        other => Err(Error::Inconsistent {
+            device_id: device_id.to_owned(),
+            what: format!("ferry_gaps has a gap of reason {other:?}, which no agent sends"),
+        }),
+    }
+}
+
+/// Seqs and times are checked below 2^63 before they are written; a negative value read back
+/// (written by something else) counts as 0.
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn db(what: &'static str) -> impl Fn(postgres::Error) -> Error {
+    move |source| Error::Database { what, source }
+}
+
+/// `user@host:port/dbname`: where the database is, without the password.
+fn describe(config: &Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{host}:{port}/{}",
+        config.get_user().unwrap_or("-"),
+        config.get_dbname().unwrap_or("-")
+    )
+}
+
+/// The pool holds only idle connections: a poisoned lock cannot leave it inconsistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
