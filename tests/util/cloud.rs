@@ -4,6 +4,8 @@ use super::*;
 pub struct Cloud {
     pub port: u16,
     pub dir: PathBuf,
+    /// `--store` (a PostgreSQL URL); `None`: the files store in `dir`.
+    store: Option<String>,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -14,9 +16,19 @@ impl Cloud {
     }
 
     pub fn start_with(dir: &Path, port: u16, args: &[&str]) -> Cloud {
+        Self::start_store(dir, port, None, args)
+    }
+
+    /// A replica on the PostgreSQL database at `url` (its log in `dir`).
+    pub fn start_postgres(dir: &Path, url: &str, args: &[&str]) -> Cloud {
+        Self::start_store(dir, free_port(), Some(url), args)
+    }
+
+    fn start_store(dir: &Path, port: u16, store: Option<&str>, args: &[&str]) -> Cloud {
         let mut c = Cloud {
             port,
             dir: dir.to_path_buf(),
+            store: store.map(str::to_owned),
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -26,11 +38,15 @@ impl Cloud {
 
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
-        let mut child = command(ferry_cloud())
+        let mut command = command(ferry_cloud());
+        command
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--data")
-            .arg(&self.dir)
+            .arg(format!("127.0.0.1:{}", self.port));
+        match &self.store {
+            Some(url) => command.arg("--store").arg(url),
+            None => command.arg("--data").arg(&self.dir),
+        };
+        let mut child = command
             .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.dir.join("cloud.log")).unwrap())
@@ -55,6 +71,14 @@ impl Cloud {
         if let Some(mut c) = self.child.take() {
             signal(&c, "TERM");
             wait_exit(&mut c, "ferry-cloud", Duration::from_secs(10));
+        }
+    }
+
+    /// SIGKILL: a replica that dies mid-request.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 

@@ -11,6 +11,12 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(dir: &Path, upstream_port: u16) -> Nginx {
+        Self::start_many(dir, &[upstream_port])
+    }
+
+    /// Round robin over several upstreams (replicas of ferry-cloud). A request that fails on one
+    /// is not tried on another (`proxy_next_upstream off`): the agent's retry is the one retry.
+    pub fn start_many(dir: &Path, upstream_ports: &[u16]) -> Nginx {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let d = dir.display();
@@ -30,7 +36,7 @@ impl Nginx {
                scgi_temp_path {d}/scgi;\n\
                client_max_body_size 16m;\n\
                upstream cloud {{\n\
-                 server 127.0.0.1:{upstream_port} max_fails=0;\n\
+                 {servers}\
                  keepalive 8;\n\
                }}\n\
                server {{\n\
@@ -45,6 +51,10 @@ impl Nginx {
                  }}\n\
                }}\n\
              }}\n",
+            servers = upstream_ports
+                .iter()
+                .map(|p| format!("server 127.0.0.1:{p} max_fails=0;\n"))
+                .collect::<String>(),
             user = if ferry_testkit::is_root() {
                 "user root;\n"
             } else {

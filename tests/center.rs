@@ -1,0 +1,257 @@
+//! The center at fleet scale (issue 12): `ferry-cloud` replicas sharing one real PostgreSQL,
+//! behind a real nginx. Any replica takes any batch of any device: one device's batches raced
+//! across two replicas are stored once, with no false clash; real agents lose nothing when a
+//! replica is killed mid-stream, and when the database is killed and started again (the replicas
+//! answer 503 while it is down, and the agents' journals hold the data).
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ferry_testkit::Postgres;
+use serde_json::json;
+use util::*;
+
+fn postgres(dir: &Path) -> Postgres {
+    Postgres::start(&dir.join("pg"), free_port()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// POSTs `body` to `port`'s `/v1/ingest` until it is answered other than 503 (the database busy
+/// or away), within a deadline; the status and body of that answer.
+fn post_batch(http: &ureq::Agent, port: u16, body: &Value) -> (u16, Value) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut response = http
+            .post(format!("http://127.0.0.1:{port}/v1/ingest"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_bytes())
+            .expect("post reaches ferry-cloud");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        if status != 503 || Instant::now() > end {
+            return (status, serde_json::from_str(&text).unwrap_or(Value::Null));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn ledger(cloud: &Cloud, device: &str) -> Option<Value> {
+    serde_json::from_str(&cloud.get(&format!("/v1/devices/{device}/ledger"))).ok()
+}
+
+/// The agent keeps two uploads in flight and retries on any replica; a load balancer may send a
+/// device's batches, and a resend of an old one, to different replicas at once. Here every batch
+/// of each device goes to both replicas at the same time (one sender in order, the other in
+/// reverse): each record must be accepted exactly once in all, every other copy counted a
+/// duplicate, never a clash, and both replicas must give the same account.
+#[test]
+fn one_devices_batches_raced_across_two_replicas_are_stored_once_without_false_clash() {
+    const DEVICES: u64 = 3;
+    const N: u64 = 600;
+    const BATCH: u64 = 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = postgres(tmp.path());
+    let a = Cloud::start_postgres(&tmp.path().join("a"), &pg.url(), &[]);
+    let b = Cloud::start_postgres(&tmp.path().join("b"), &pg.url(), &[]);
+
+    let batches = |device: u64| -> Vec<Value> {
+        (0..N / BATCH)
+            .map(|i| {
+                let from = i * BATCH + 1;
+                let records: Vec<Value> = (from..from + BATCH)
+                    .map(|seq| {
+                        json!({"seq": seq, "ts_ms": 1_763_700_000_000u64 + seq,
+                               "topic": "site/t", "payload": {"n": seq - 1, "device": device}})
+                    })
+                    .collect();
+                json!({"device_id": format!("gw-{device}"), "records": records,
+                       "held": {"head_seq": N, "acked_seq": from - 1}})
+            })
+            .collect()
+    };
+    let mut senders = Vec::new();
+    for device in 0..DEVICES {
+        for (port, reverse) in [(a.port, false), (b.port, true)] {
+            let mut list = batches(device);
+            if reverse {
+                list.reverse();
+            }
+            senders.push(thread::spawn(move || {
+                let http = http();
+                let (mut accepted, mut duplicates) = (0, 0);
+                for batch in &list {
+                    let (status, answer) = post_batch(&http, port, batch);
+                    assert_eq!(status, 200, "gw-{device} to {port}: {answer}");
+                    accepted += answer["accepted"].as_u64().unwrap();
+                    duplicates += answer["duplicates"].as_u64().unwrap();
+                }
+                (device, accepted, duplicates)
+            }));
+        }
+    }
+    let mut accepted = vec![0; DEVICES as usize];
+    let mut duplicates = vec![0; DEVICES as usize];
+    for sender in senders {
+        let (device, a, d) = sender.join().expect("sender thread");
+        accepted[device as usize] += a;
+        duplicates[device as usize] += d;
+    }
+    assert_eq!(accepted, vec![N; DEVICES as usize], "accepted once in all");
+    assert_eq!(
+        duplicates,
+        vec![N; DEVICES as usize],
+        "every copy a duplicate"
+    );
+
+    for device in 0..DEVICES {
+        let id = format!("gw-{device}");
+        for cloud in [&a, &b] {
+            assert_exactly_once(&cloud.records(&id), N);
+            let l = ledger(cloud, &id).unwrap();
+            assert_eq!(
+                (
+                    &l["delivered"],
+                    &l["waiting"],
+                    &l["missing"],
+                    &l["balanced"]
+                ),
+                (&json!(N), &json!(0), &json!(0), &json!(true)),
+                "{l}"
+            );
+            assert_eq!(l["states"], json!(["healthy"]), "{l}");
+        }
+        let summary = a.device(&id).unwrap();
+        assert_eq!(summary["clashes_total"], 0, "{summary}");
+    }
+
+    // A true clash is still one, whichever replica stored the original.
+    let mut clone = batches(0).remove(0);
+    clone["records"][3]["payload"]["n"] = json!(999);
+    let (status, answer) = post_batch(&http(), b.port, &clone);
+    assert_eq!(status, 409, "{answer}");
+    let seen_by_a = a.device("gw-0").unwrap();
+    assert_eq!(seen_by_a["clashes_total"], 1, "{seen_by_a}");
+    assert_eq!(seen_by_a["clashes"][0]["seq"], 4, "{seen_by_a}");
+}
+
+/// Real agents upload through nginx to two replicas while the center fails around them: one
+/// replica is SIGKILLed mid-stream (nginx keeps sending it half the requests: 502s the agents
+/// retry), then the database is SIGKILLed (both replicas answer 503 and the agents hold their
+/// records) and started again, and the killed replica comes back. Every message arrives exactly
+/// once, and the ledger of each gateway balances with nothing missing.
+#[test]
+fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
+    const N: u64 = 1500;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let mut pg = postgres(tmp.path());
+    let mut a = Cloud::start_postgres(&tmp.path().join("a"), &pg.url(), &[]);
+    let b = Cloud::start_postgres(&tmp.path().join("b"), &pg.url(), &[]);
+    let nginx = Nginx::start_many(&tmp.path().join("nginx"), &[a.port, b.port]);
+
+    let devices = ["gw-north", "gw-south"];
+    let agents: Vec<Agent> = devices
+        .iter()
+        .map(|id| {
+            let dir = tmp.path().join(id);
+            let control = free_port();
+            let config = edited(
+                agent_config(&dir, broker.port, &nginx.url(), control, "", ""),
+                &[
+                    ("id = \"gw-test\"", &format!("id = \"{id}\"")),
+                    (
+                        "topics = [\"sensors/#\"]",
+                        &format!("topics = [\"{id}/#\"]"),
+                    ),
+                    ("batch_max_records = 100", "batch_max_records = 25"),
+                ],
+            );
+            let agent = Agent::start(&dir, &config, control);
+            agent.wait_connected();
+            agent
+        })
+        .collect();
+    let publish_all = |range: std::ops::Range<u64>| {
+        for id in devices {
+            publish(broker.port, &format!("{id}/t"), numbered(range.clone()));
+        }
+    };
+    let delivered = |cloud: &Cloud, id: &str| {
+        ledger(cloud, id).map_or(0, |l| l["delivered"].as_u64().unwrap_or(0))
+    };
+
+    publish_all(0..N / 3);
+    wait_until(
+        "the first records at the center",
+        Duration::from_secs(60),
+        || devices.iter().all(|id| delivered(&b, id) > 0),
+    );
+    a.kill();
+    publish_all(N / 3..2 * N / 3);
+    wait_until(
+        "the second third through the surviving replica",
+        Duration::from_secs(90),
+        || devices.iter().all(|id| delivered(&b, id) >= 2 * N / 3),
+    );
+
+    pg.kill();
+    // The surviving replica cannot read the database: a 503, not a 500 or a hang.
+    let (status, _) = http_status(b.port, "GET", "/v1/devices", None);
+    assert_eq!(status, 503);
+    publish_all(2 * N / 3..N);
+    // The agents hold the last third while the database is away.
+    wait_until(
+        "the agents to journal the last third",
+        Duration::from_secs(60),
+        || {
+            agents.iter().all(|agent| {
+                agent
+                    .try_status()
+                    .is_some_and(|s| s["head_seq"].as_u64().unwrap_or(0) >= N)
+            })
+        },
+    );
+    pg.start_again().unwrap_or_else(|e| panic!("{e}"));
+    a.start_again();
+
+    wait_until(
+        "every record at the center",
+        Duration::from_secs(120),
+        || devices.iter().all(|id| delivered(&a, id) >= N),
+    );
+    for id in devices {
+        for cloud in [&a, &b] {
+            assert_exactly_once(&cloud.records(id), N);
+        }
+        wait_until(
+            "the gateway's account to catch up",
+            Duration::from_secs(30),
+            || ledger(&b, id).is_some_and(|l| l["states"] == json!(["healthy"])),
+        );
+        let l = ledger(&a, id).unwrap();
+        assert_eq!(
+            (&l["delivered"], &l["missing"], &l["balanced"]),
+            (&json!(N), &json!(0), &json!(true)),
+            "{l}"
+        );
+    }
+    let errors = nginx.access_log();
+    assert!(
+        errors
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("502")),
+        "nginx saw the killed replica: {errors}"
+    );
+    drop(agents);
+}
