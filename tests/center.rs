@@ -255,3 +255,103 @@ fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
     );
     drop(agents);
 }
+
+/// The downlink with replicas: a gateway's WebSocket lands on replica A, a command is posted to
+/// replica B, queued in the database, and A sends it (told by B's NOTIFY); the result, written by
+/// A, is read through B. A command posted while A is down waits in the database and goes out
+/// when the gateway's connection comes back to A.
+#[test]
+fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let pg = postgres(tmp.path());
+    let ws_port = free_port();
+    let ws_a = format!("127.0.0.1:{ws_port}");
+    let mut a = Cloud::start_postgres(&tmp.path().join("a"), &pg.url(), &["--ws-listen", &ws_a]);
+    let b = Cloud::start_postgres(
+        &tmp.path().join("b"),
+        &pg.url(),
+        &["--ws-listen", &format!("127.0.0.1:{}", free_port())],
+    );
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = agent_config(
+        &dir,
+        broker.port,
+        &b.url(),
+        control,
+        "",
+        &format!(
+            "\n[downlink]\nurl = \"ws://{ws_a}/v1/downlink\"\nping_interval = \"500ms\"\n\
+             dead_after = \"2s\"\nconnect_timeout = \"2s\"\nmax_backoff = \"500ms\"\n"
+        ),
+    );
+    let _agent = Agent::start(&dir, &config, control);
+    let downlink = |cloud: &Cloud| -> Value {
+        serde_json::from_str(&cloud.get("/v1/devices/gw-test/downlink")).unwrap()
+    };
+    wait_until(
+        "B to see the gateway connected to A",
+        Duration::from_secs(20),
+        || downlink(&b)["connected"] == true,
+    );
+    assert_eq!(downlink(&b)["hello"]["device_id"], "gw-test");
+
+    let send = |cloud: &Cloud, text: &str| -> String {
+        let body =
+            json!({"action": "publish", "topic": "sensors/from-center", "payload_text": text});
+        let (code, answer) = http_post_body(
+            cloud.port,
+            "/v1/devices/gw-test/commands",
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(code, 202, "{answer}");
+        serde_json::from_str::<Value>(&answer).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let done = |cloud: &Cloud, id: &str| -> Value {
+        let path = format!("/v1/devices/gw-test/commands/{id}");
+        let mut out = Value::Null;
+        wait_until(
+            &format!("the result of {id}"),
+            Duration::from_secs(30),
+            || {
+                out = serde_json::from_str(&cloud.get(&path)).unwrap();
+                out["state"] == "done"
+            },
+        );
+        out
+    };
+    let id = send(&b, "one");
+    let answer = done(&b, &id);
+    assert_eq!(answer["result"]["ok"], true, "{answer}");
+    assert_eq!(answer["sent"], 1, "sent once: {answer}");
+
+    // A is down: the command waits in the database, and B says so.
+    a.kill();
+    let id = send(&b, "two");
+    assert_eq!(
+        serde_json::from_str::<Value>(&b.get(&format!("/v1/devices/gw-test/commands/{id}")))
+            .unwrap()["state"],
+        "pending"
+    );
+    a.start_again();
+    let answer = done(&b, &id);
+    assert_eq!(answer["result"]["ok"], true, "{answer}");
+
+    // The agent subscribes to sensors/#: both published messages came back up as records.
+    wait_until(
+        "both commands' messages at the center",
+        Duration::from_secs(30),
+        || {
+            let texts: Vec<String> = b
+                .records("gw-test")
+                .iter()
+                .filter_map(|r| r["payload_text"].as_str().map(str::to_owned))
+                .collect();
+            texts.contains(&"one".to_owned()) && texts.contains(&"two".to_owned())
+        },
+    );
+}

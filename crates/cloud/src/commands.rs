@@ -1,7 +1,13 @@
 //! The reference cloud's side of downlink protocol v1: commands queued per device until the device
-//! answers them, their results, and the devices' connections. In memory (a reference receiver for
-//! tests and demos: queued commands do not survive a restart of `ferry-cloud`). No sockets here:
-//! `ws` carries frames, the HTTP workers call [`Commands::queue`] and [`Commands::result`].
+//! answers them, their results, and the devices' connections. No sockets here: `ws` carries
+//! frames, the HTTP workers call [`Commands::queue`] and [`Commands::result`].
+//!
+//! Where they live: with the files store, in memory (queued commands do not survive a restart of
+//! `ferry-cloud`); with PostgreSQL ([`Commands::with_database`]), in the database, so that a
+//! command posted to any replica reaches the device on whichever replica holds its connection.
+//! Then the in-memory queue of a device is a copy, read again from the database when a replica
+//! says a command was queued (LISTEN/NOTIFY, see `store::postgres::commands`) and at least every
+//! [`REFRESH_EVERY`]; results and connection counts are written through.
 //!
 //! Delivery: every connection of a device is sent each queued command it has not been sent yet, so
 //! a command queued while the device is offline goes out when it connects, and one that was sent
@@ -9,9 +15,15 @@
 //! its store without executing it twice). A command leaves the queue when its result arrives.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use log::warn;
 use serde_json::{Value, json};
+
+use crate::store::postgres::commands::PgCommands;
 
 /// Largest command frame queued (the agent's default frame limit is 256 KiB).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -21,10 +33,27 @@ pub const MAX_QUEUED: usize = 1000;
 pub const MAX_RAW_QUEUED: usize = 16;
 /// Results kept per device (oldest dropped).
 pub const MAX_RESULTS: usize = 10_000;
+/// With the database, how often a connection reads its device's commands again even without
+/// a notification (one lost while the listener reconnected).
+pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 pub struct Commands {
     inner: Mutex<Inner>,
+    db: Option<PgCommands>,
+}
+
+/// Why a command request was not done: the request's fault, or the database's.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    Bad(String),
+    Unavailable(String),
+}
+
+impl From<crate::store::Error> for Refused {
+    fn from(e: crate::store::Error) -> Refused {
+        Refused::Unavailable(ferry_util::error_chain(&e))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +75,9 @@ struct Device {
     hello: Option<Value>,
     /// How often each command id was sent; kept while the id is queued or its result is kept.
     sent: HashMap<String, u64>,
+    /// With the database: when `queue` was last read from it (`None`: read it at the next
+    /// chance, a command was queued somewhere).
+    read_at: Option<Instant>,
 }
 
 /// What to send on one connection now.
@@ -56,6 +88,43 @@ pub struct Outgoing {
 }
 
 impl Commands {
+    /// Commands kept in PostgreSQL, shared with other replicas.
+    pub fn with_database(db: PgCommands) -> Commands {
+        Commands {
+            inner: Mutex::default(),
+            db: Some(db),
+        }
+    }
+
+    /// A command was queued for `device` (`None`: maybe for any device) on some replica: read
+    /// the queue from the database again before sending.
+    pub fn queued_elsewhere(&self, device: Option<&str>) {
+        let mut inner = self.lock();
+        match device {
+            Some(d) => {
+                if let Some(d) = inner.devices.get_mut(d) {
+                    d.read_at = None;
+                }
+            }
+            None => inner.devices.values_mut().for_each(|d| d.read_at = None),
+        }
+    }
+
+    /// With the database, starts the thread that hears of commands queued on any replica
+    /// (`cloud-pg-listen`); `None` without one.
+    pub fn listen(
+        self: &Arc<Self>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Option<std::io::Result<JoinHandle<()>>> {
+        let db = self.db.as_ref()?;
+        let commands = Arc::downgrade(self);
+        Some(db.listen(shutdown, move |device| {
+            if let Some(commands) = commands.upgrade() {
+                commands.queued_elsewhere(device);
+            }
+        }))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Plain maps: a panic elsewhere cannot leave them half-updated in a harmful way.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
@@ -63,17 +132,18 @@ impl Commands {
 
     /// Queues `body` (a JSON object with at least `action`) for `device`; returns its id (the one in
     /// `body`, or a new one).
-    pub fn queue(&self, device: &str, mut body: Value) -> Result<String, String> {
+    pub fn queue(&self, device: &str, mut body: Value) -> Result<String, Refused> {
+        let bad = |m: &str| Err(Refused::Bad(m.to_owned()));
         let Some(obj) = body.as_object_mut() else {
-            return Err("a command is a json object".to_owned());
+            return bad("a command is a json object");
         };
         if !obj.get("action").is_some_and(Value::is_string) {
-            return Err("a command needs a string \"action\"".to_owned());
+            return bad("a command needs a string \"action\"");
         }
         let mut inner = self.lock();
         let id = match obj.get("id") {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 128 => s.clone(),
-            Some(_) => return Err("\"id\" must be a string of 1 to 128 bytes".to_owned()),
+            Some(_) => return bad("\"id\" must be a string of 1 to 128 bytes"),
             None => {
                 inner.next_id += 1;
                 format!("cmd-{}-{}", std::process::id(), inner.next_id)
@@ -83,16 +153,22 @@ impl Commands {
         obj.insert("type".into(), Value::String("command".into()));
         let frame = body.to_string();
         if frame.len() > MAX_COMMAND_BYTES {
-            return Err(format!(
+            return Err(Refused::Bad(format!(
                 "command of {} bytes is over {MAX_COMMAND_BYTES}",
                 frame.len()
-            ));
+            )));
+        }
+        if let Some(db) = &self.db {
+            drop(inner);
+            db.queue(device, &id, &frame, MAX_QUEUED)?
+                .map_err(Refused::Bad)?;
+            return Ok(id);
         }
         let d = inner.devices.entry(device.to_owned()).or_default();
         if d.queue.len() >= MAX_QUEUED {
-            return Err(format!(
+            return Err(Refused::Bad(format!(
                 "{MAX_QUEUED} commands already queued for this device"
-            ));
+            )));
         }
         if !d.queue.iter().any(|(q, _)| *q == id) {
             d.queue.push_back((id.clone(), frame));
@@ -116,22 +192,32 @@ impl Commands {
 
     /// The result of command `id`: `{"state":"pending"}`, `{"state":"done","result":..}`, or `None`
     /// when the id is unknown.
-    pub fn result(&self, device: &str, id: &str) -> Option<Value> {
-        let inner = self.lock();
-        let d = inner.devices.get(device)?;
-        if let Some(r) = d.results.get(id) {
-            return Some(json!({"state": "done", "sent": d.sent.get(id), "result": r}));
+    pub fn result(&self, device: &str, id: &str) -> Result<Option<Value>, Refused> {
+        if let Some(db) = &self.db {
+            return Ok(db.result(device, id)?);
         }
-        d.queue
+        let inner = self.lock();
+        let Some(d) = inner.devices.get(device) else {
+            return Ok(None);
+        };
+        if let Some(r) = d.results.get(id) {
+            return Ok(Some(
+                json!({"state": "done", "sent": d.sent.get(id), "result": r}),
+            ));
+        }
+        Ok(d.queue
             .iter()
             .any(|(q, _)| q == id)
-            .then(|| json!({"state": "pending", "sent": d.sent.get(id).copied().unwrap_or(0)}))
+            .then(|| json!({"state": "pending", "sent": d.sent.get(id).copied().unwrap_or(0)})))
     }
 
     /// The device's downlink state, for `GET /v1/devices/<id>/downlink`.
-    pub fn device(&self, device: &str) -> Value {
+    pub fn device(&self, device: &str) -> Result<Value, Refused> {
+        if let Some(db) = &self.db {
+            return Ok(db.downlink(device)?);
+        }
         let inner = self.lock();
-        match inner.devices.get(device) {
+        Ok(match inner.devices.get(device) {
             None => json!({"connected": false, "connections": 0, "queued": 0}),
             Some(d) => json!({
                 "connected": d.connected > 0,
@@ -139,10 +225,18 @@ impl Commands {
                 "queued": d.queue.len(),
                 "hello": d.hello,
             }),
-        }
+        })
     }
 
     pub fn connected(&self, device: &str, hello: Value) {
+        if let Some(db) = &self.db {
+            if let Err(e) = db.connection(device, Some(&hello)) {
+                warn!(
+                    "downlink: connection of device={device} not counted: {}",
+                    ferry_util::error_chain(&e)
+                );
+            }
+        }
         let mut inner = self.lock();
         let d = inner.devices.entry(device.to_owned()).or_default();
         d.connections += 1;
@@ -151,6 +245,14 @@ impl Commands {
     }
 
     pub fn disconnected(&self, device: &str) {
+        if let Some(db) = &self.db {
+            if let Err(e) = db.connection(device, None) {
+                warn!(
+                    "downlink: end of a connection of device={device} not counted: {}",
+                    ferry_util::error_chain(&e)
+                );
+            }
+        }
         if let Some(d) = self.lock().devices.get_mut(device) {
             d.connected = d.connected.saturating_sub(1);
         }
@@ -158,6 +260,7 @@ impl Commands {
 
     /// Frames for a connection that has already been sent the ids in `sent_here`.
     pub fn outgoing(&self, device: &str, sent_here: &mut HashSet<String>) -> Outgoing {
+        self.read_from_database(device);
         let mut inner = self.lock();
         let Some(d) = inner.devices.get_mut(device) else {
             return Outgoing::default();
@@ -178,7 +281,46 @@ impl Commands {
             let queued: HashSet<&str> = d.queue.iter().map(|(id, _)| id.as_str()).collect();
             sent_here.retain(|id| queued.contains(id.as_str()));
         }
+        drop(inner);
+        if let (Some(db), false) = (&self.db, out.commands.is_empty()) {
+            let ids: Vec<String> = out.commands.iter().map(|(id, _)| id.clone()).collect();
+            if let Err(e) = db.sent(device, &ids) {
+                warn!(
+                    "downlink: sends to device={device} not counted: {}",
+                    ferry_util::error_chain(&e)
+                );
+            }
+        }
         out
+    }
+
+    /// With the database, the device's queue read again when a command was queued or it is
+    /// [`REFRESH_EVERY`] old. A failed read keeps the copy (and tries again at the next poll).
+    fn read_from_database(&self, device: &str) {
+        let Some(db) = &self.db else { return };
+        let stale = self
+            .lock()
+            .devices
+            .get(device)
+            .and_then(|d| d.read_at)
+            .is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
+        if !stale {
+            return;
+        }
+        let started = Instant::now();
+        match db.pending(device) {
+            Ok(pending) => {
+                let mut inner = self.lock();
+                let d = inner.devices.entry(device.to_owned()).or_default();
+                d.queue = pending.into();
+                // A notification that came during the read leaves `read_at` None.
+                d.read_at = Some(started);
+            }
+            Err(e) => warn!(
+                "downlink: commands of device={device} not read: {}",
+                ferry_util::error_chain(&e)
+            ),
+        }
     }
 
     /// Answers, on the device's behalf, the oldest queued command among `sent` (the ids sent on a
@@ -207,6 +349,10 @@ impl Commands {
             .and_then(Value::as_str)
             .ok_or("a result needs an \"id\"")?
             .to_owned();
+        if let Some(db) = &self.db {
+            db.record_result(device, &id, &result)
+                .map_err(|e| ferry_util::error_chain(&e))?;
+        }
         let mut inner = self.lock();
         let d = inner.devices.entry(device.to_owned()).or_default();
         d.queue.retain(|(q, _)| *q != id);
@@ -237,10 +383,10 @@ mod tests {
         // A new connection gets it again while unanswered.
         let mut second = HashSet::new();
         assert_eq!(c.outgoing("gw", &mut second).commands.len(), 1);
-        assert_eq!(c.result("gw", &id).unwrap()["state"], "pending");
+        assert_eq!(c.result("gw", &id).unwrap().unwrap()["state"], "pending");
         c.on_result("gw", json!({"type": "result", "id": id, "ok": true}))
             .unwrap();
-        assert_eq!(c.result("gw", &id).unwrap()["state"], "done");
+        assert_eq!(c.result("gw", &id).unwrap().unwrap()["state"], "done");
         assert_eq!(c.outgoing("gw", &mut HashSet::new()).commands.len(), 0);
     }
 
@@ -289,6 +435,6 @@ mod tests {
             c.queue("gw", json!({"action": "publish", "payload_text": big}))
                 .is_err()
         );
-        assert!(c.result("gw", "nope").is_none());
+        assert!(c.result("gw", "nope").unwrap().is_none());
     }
 }

@@ -52,6 +52,7 @@ use tiny_http::{Header, Method, Request, Response, StatusCode};
 
 use self::commands::Commands;
 use self::store::Store;
+use self::store::postgres::commands::PgCommands;
 
 /// Largest request body accepted as sent (compressed or not).
 pub const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
@@ -145,6 +146,10 @@ impl Cloud {
 /// receiver is accepting connections. Setting `shutdown` stops it; then call [`Cloud::join`].
 pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> {
     let store = Store::open(&config.store)?;
+    let commands = Arc::new(match &store {
+        Store::Postgres(pg) => Commands::with_database(PgCommands::new(pg.pool())),
+        Store::Files(_) => Commands::default(),
+    });
     let server = tiny_http::Server::http(config.listen.as_str()).map_err(|source| Error::Bind {
         addr: config.listen.clone(),
         source,
@@ -161,7 +166,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
             .max_records_per_sec
             .map(|limit| Mutex::new(RateWindow::new(limit))),
         stats: Mutex::new(Stats::default()),
-        commands: Arc::new(Commands::default()),
+        commands: Arc::clone(&commands),
         silent_after_ms: u64::try_from(config.silent_after.as_millis()).unwrap_or(u64::MAX),
     });
 
@@ -218,6 +223,22 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
                 return Err(Error::Bind {
                     addr: listen.clone(),
                     source: Box::new(source),
+                });
+            }
+        }
+    }
+    if ws_addr.is_some() {
+        match shared.commands.listen(Arc::clone(&shutdown)) {
+            None => {}
+            Some(Ok(handle)) => workers.push(handle),
+            Some(Err(source)) => {
+                shutdown.store(true, Ordering::SeqCst);
+                for handle in workers {
+                    let _ = handle.join();
+                }
+                return Err(Error::Spawn {
+                    name: "cloud-pg-listen".into(),
+                    source,
                 });
             }
         }
@@ -799,16 +820,20 @@ fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bo
                     info!("command queued device={device} id={id}");
                     Reply::json(202, json!({ "id": id }))
                 }
-                Err(e) => Reply::error(400, e),
+                Err(e) => refused(e),
             }
         }
         ("commands", None) => not_allowed("POST"),
         ("commands", Some(id)) if is_get => match shared.commands.result(device, id) {
-            Some(v) => Reply::json(200, v),
-            None => Reply::error(404, "no such command"),
+            Ok(Some(v)) => Reply::json(200, v),
+            Ok(None) => Reply::error(404, "no such command"),
+            Err(e) => refused(e),
         },
         ("commands", Some(_)) => not_allowed("GET, HEAD"),
-        ("downlink", None) if is_get => Reply::json(200, shared.commands.device(device)),
+        ("downlink", None) if is_get => match shared.commands.device(device) {
+            Ok(v) => Reply::json(200, v),
+            Err(e) => refused(e),
+        },
         ("downlink", None) => not_allowed("GET, HEAD"),
         ("raw", None) if is_post => {
             let binary = request.url().ends_with("?binary=1");
@@ -826,6 +851,17 @@ fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bo
 }
 
 /// The request body, refused with 413 past `max` bytes.
+fn refused(e: commands::Refused) -> Reply {
+    match e {
+        commands::Refused::Bad(message) => Reply::error(400, message),
+        commands::Refused::Unavailable(message) => {
+            warn!("downlink request not done: {message}");
+            Reply::error(503, "the database is unavailable; try again")
+                .with_header("Retry-After", "1")
+        }
+    }
+}
+
 fn read_small_body(request: &mut Request, max: usize) -> Result<Vec<u8>, Reply> {
     let mut body = Vec::new();
     request

@@ -334,9 +334,9 @@ mod tests {
         on_text(&hello("gw-a"), &commands, None, &mut device).unwrap();
         assert!(on_text(&hello("gw-b"), &commands, None, &mut device).is_err());
         assert_eq!(device.as_deref(), Some("gw-a"));
-        assert_eq!(commands.device("gw-b")["connected"], false);
+        assert_eq!(commands.device("gw-b").unwrap()["connected"], false);
         // What `serve` does when the connection ends.
         commands.disconnected("gw-a");
-        assert_eq!(commands.device("gw-a")["connected"], false);
+        assert_eq!(commands.device("gw-a").unwrap()["connected"], false);
     }
 }

@@ -11,6 +11,7 @@
 //! - `ferry_records`: `(device_id, seq)` primary key, the record's JSON line as the device sent it.
 //! - `ferry_gaps`: declared gaps, unique by `(device_id, from_seq, to_seq, reason)`.
 //! - `ferry_clashes`: the [`MAX_CLASHES`](super::MAX_CLASHES) most recently clashing seqs per device.
+//! - `ferry_commands`, `ferry_downlink`: the downlink's commands and connections ([`commands`]).
 //! - `ferry_schema`: the schema version ([`MIGRATIONS`]).
 //!
 //! Durability: every connection runs with `synchronous_commit = on`, and [`PgStore::ingest`]
@@ -33,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use log::{info, warn};
@@ -46,6 +47,8 @@ use crate::batch::{self, Batch};
 use crate::ledger;
 use crate::ranges::RangeSet;
 use ferry_protocol::{Gap, GapReason, Held};
+
+pub mod commands;
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
 /// Never edit a released entry; add one.
@@ -83,6 +86,25 @@ pub const MIGRATIONS: &[&str] = &[
         count int8 NOT NULL,
         PRIMARY KEY (device_id, seq)
     );",
+    // 2: the downlink's commands and connections, shared by replicas (commands.rs).
+    "CREATE TABLE ferry_commands (
+        device_id text NOT NULL,
+        id text NOT NULL,
+        frame text NOT NULL,
+        queued_ms int8 NOT NULL,
+        sent int8 NOT NULL DEFAULT 0,
+        result text,
+        done_ms int8,
+        n bigserial,
+        PRIMARY KEY (device_id, id)
+    );
+    CREATE INDEX ferry_commands_pending ON ferry_commands (device_id, n) WHERE result IS NULL;
+    CREATE TABLE ferry_downlink (
+        device_id text PRIMARY KEY,
+        connected int8 NOT NULL DEFAULT 0,
+        connections int8 NOT NULL DEFAULT 0,
+        hello text
+    );",
 ];
 
 /// Statement, lock and connect deadlines (see the module's "Deadlines").
@@ -94,8 +116,14 @@ pub const MAX_RECORDS_READ: u64 = 256 * 1024 * 1024;
 /// Key of the advisory lock that makes replicas starting at once migrate one at a time.
 const MIGRATION_LOCK: i64 = 0x6665_7272_7931; // "ferry1"
 
-/// The store; connections are pooled (one per thread that is using one at a time).
+/// The store.
 pub struct PgStore {
+    pool: Arc<Pool>,
+}
+
+/// Connections to the database, pooled (one per thread that is using one at a time); shared by
+/// the store and the downlink's commands ([`commands`]).
+pub struct Pool {
     config: Config,
     /// Where the database is, for logs and errors (no password).
     target: String,
@@ -105,7 +133,7 @@ pub struct PgStore {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("target", &self.target)
+            .field("target", &self.pool.target)
             .finish()
     }
 }
@@ -143,13 +171,20 @@ impl PgStore {
                 2 * ms
             ));
         let store = PgStore {
-            target: describe(&config),
-            config,
-            idle: Mutex::new(Vec::new()),
+            pool: Arc::new(Pool {
+                target: describe(&config),
+                config,
+                idle: Mutex::new(Vec::new()),
+            }),
         };
         let version = store.migrate()?;
-        info!("database ready target={} schema={version}", store.target);
+        info!("database ready target={} schema={version}", store.target());
         Ok(store)
+    }
+
+    /// The connections, for the downlink's commands.
+    pub fn pool(&self) -> Arc<Pool> {
+        Arc::clone(&self.pool)
     }
 
     /// Brings the schema to the newest version this build knows, one replica at a time.
@@ -172,7 +207,7 @@ impl PgStore {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             tx.batch_execute(sql)
                 .map_err(db("cannot migrate the schema"))?;
-            info!("schema migrated target={} version={}", self.target, i + 1);
+            info!("schema migrated target={} version={}", self.target(), i + 1);
         }
         tx.execute("DELETE FROM ferry_schema", &[])
             .map_err(db("cannot record the schema version"))?;
@@ -185,7 +220,7 @@ impl PgStore {
 
     /// `user@host:port/dbname`, without the password.
     pub fn target(&self) -> &str {
-        &self.target
+        &self.pool.target
     }
 
     /// See [`super::Store::ingest`].
@@ -378,8 +413,18 @@ impl PgStore {
         }))
     }
 
-    /// An idle pooled connection, or a new one.
     fn client(&self) -> Result<Client, Error> {
+        self.pool.client()
+    }
+
+    fn give_back(&self, client: Client) {
+        self.pool.give_back(client);
+    }
+}
+
+impl Pool {
+    /// An idle pooled connection, or a new one.
+    pub fn client(&self) -> Result<Client, Error> {
         loop {
             let idle = lock(&self.idle).pop();
             match idle {
@@ -403,7 +448,7 @@ impl PgStore {
 
     /// Returns a connection to the pool after a use that ended cleanly (an error that broke the
     /// connection leaves it closed, and it is dropped at the next take).
-    fn give_back(&self, client: Client) {
+    pub fn give_back(&self, client: Client) {
         lock(&self.idle).push(client);
     }
 }
