@@ -3,7 +3,7 @@ CARGO ?= cargo
 # Debian's cargo/rustc 1.85 (rustc-web), the toolchain that builds the ARM release binaries.
 MSRV_CARGO ?= /usr/bin/cargo
 
-.PHONY: bench-fleet all build test lint unit msrv demo deps bench clean fuzz torture torture-ci torture-build \
+.PHONY: bench-fleet bench-fleet-pg all build test lint unit msrv demo deps bench clean fuzz torture torture-ci torture-build \
 	cross test-arm test-arm-ci footprint
 
 all: build
@@ -76,6 +76,12 @@ bench-fleet:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release -p ferry-cloud -p ferry-bench
 	target/release/ferry-bench --only fleet
+
+## The same fleets on PostgreSQL (one replica, then two), against a COPY of the same rows.
+bench-fleet-pg:
+	@scripts/ensure-deps.sh --bench
+	$(CARGO) build --release -p ferry-cloud -p ferry-bench
+	target/release/ferry-bench --only fleet-pg
 
 ## Power-cut torture (README "Power-cut torture"): ferry's journal on ferry-crashfs, the journal
 ## regression tests on it, the slow-fsync, crash-then-cut, eio and overlap scenarios, then CUTS power cuts

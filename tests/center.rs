@@ -355,3 +355,44 @@ fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
         },
     );
 }
+
+/// The schema is the service's: replicas started at once on an empty database migrate it once
+/// (under an advisory lock) and all serve; a database migrated by a newer `ferry-cloud` is
+/// refused at start with a message that says so, and nothing is written to it.
+#[test]
+fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = postgres(tmp.path());
+    let starting: Vec<_> = (0..3)
+        .map(|i| {
+            let (dir, url) = (tmp.path().join(format!("r{i}")), pg.url());
+            thread::spawn(move || Cloud::start_postgres(&dir, &url, &[]))
+        })
+        .collect();
+    let replicas: Vec<Cloud> = starting.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
+        "2"
+    );
+    for cloud in &replicas {
+        assert!(cloud.get("/v1/devices").contains("\"total\":0"));
+    }
+    drop(replicas);
+
+    pg.psql("UPDATE ferry_schema SET version = 99").unwrap();
+    let out = command(ferry_cloud())
+        .args(["--listen", "127.0.0.1:0", "--store", &pg.url()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("database schema is at version 99, newer than this ferry-cloud knows (2)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
+        "99"
+    );
+}

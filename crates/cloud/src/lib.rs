@@ -24,8 +24,9 @@
 //! the answer is written; and a request declaring an absurd body is abandoned unanswered (see
 //! [`MAX_DRAINABLE_BYTES`]).
 //!
-//! Why one file of this length: the receiver's HTTP service; it moves into a crate of its own,
-//! and is split there, with the center issue (PostgreSQL, stores behind one interface).
+//! Why one file of this length: the receiver's whole HTTP surface (routing, ingest's checks, the
+//! answers) in one place; the stores and the downlink are modules of their own. The routes split
+//! off (`http/`) when the console (issue 13) adds its pages.
 
 pub mod batch;
 pub mod commands;

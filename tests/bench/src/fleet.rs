@@ -10,8 +10,13 @@
 //! with other content, which must be answered 409). Each fleet runs two rounds on one receiver:
 //! first contact (every device new, its files created) and steady state (every device's next
 //! records, its files there). After the run the fleet's account must
-//! balance: every record delivered, no seq missing (`/metrics`). The PostgreSQL rows of issue 12
-//! are not built yet.
+//! balance: every record delivered, no seq missing (`/metrics`).
+//!
+//! `--only fleet-pg` (`make bench-fleet-pg`) runs the same fleets against `ferry-cloud --store
+//! postgres://` on a PostgreSQL the bench starts (fsync and `synchronous_commit` on), with one
+//! replica and with two (the client threads alternate between them, as a round-robin balancer
+//! would), and measures the baseline in the same run: the same rows loaded with one `COPY`
+//! into a table of the same key (the fastest way into PostgreSQL, with no per-batch work).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -24,7 +29,17 @@ use crate::report::Row;
 use crate::store::{Result, dir_bytes};
 
 pub const SECTION: &str = "fleet: ferry-cloud under many gateways (files store)";
-const S: &str = SECTION;
+pub const SECTION_PG: &str = "fleet-pg: ferry-cloud replicas on PostgreSQL under many gateways";
+
+/// Where the center under test keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Center {
+    Files,
+    /// `--store postgres://` with this many replicas.
+    Postgres {
+        replicas: usize,
+    },
+}
 
 /// Client threads posting batches.
 const CLIENTS: usize = 8;
@@ -47,14 +62,31 @@ struct Post {
     clash: bool,
 }
 
-pub fn run(bin_dir: &Path, work: &Path, shapes: &[Shape], rows: &mut Vec<Row>) -> Result<()> {
+pub fn run(
+    bin_dir: &Path,
+    work: &Path,
+    shapes: &[Shape],
+    center: Center,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let s = match center {
+        Center::Files => SECTION,
+        Center::Postgres { .. } => SECTION_PG,
+    };
     for shape in shapes {
         let dir = work.join(format!("fleet-{}", shape.devices));
-        let r = one_run(bin_dir, &dir, *shape)?;
+        let r = one_run(bin_dir, &dir, *shape, center)?;
         let _ = std::fs::remove_dir_all(&dir);
         let records = shape.devices as u64 * shape.per_device;
+        let replicas = match center {
+            Center::Files => String::new(),
+            Center::Postgres { replicas } => format!(
+                "{replicas} replica{}, ",
+                if replicas > 1 { "s" } else { "" }
+            ),
+        };
         let what = format!(
-            "{} devices x {} records, batches of {}",
+            "{replicas}{} devices x {} records, batches of {}",
             shape.devices, shape.per_device, shape.batch
         );
         for (phase, p) in [("first contact", &r.first), ("steady state", &r.steady)] {
@@ -69,7 +101,7 @@ pub fn run(bin_dir: &Path, work: &Path, shapes: &[Shape], rows: &mut Vec<Row>) -
             );
             rows.push(
                 Row::new(
-                    S,
+                    s,
                     format!("{what}, {phase}: records/s"),
                     records as f64 / p.secs,
                     "rec/s",
@@ -77,10 +109,12 @@ pub fn run(bin_dir: &Path, work: &Path, shapes: &[Shape], rows: &mut Vec<Row>) -
                 .note(format!(
                     "{}; ferry-cloud cpu {:.1} s; p99 latency {:.1} ms; {} retries, {} clashing \
                      batches refused",
-                    if p.clashes > 0 || phase == "first contact" {
-                        "every device new: its files are created"
-                    } else {
-                        "the devices' files exist"
+                    match (center, phase) {
+                        (Center::Files, "first contact") =>
+                            "every device new: its files are created",
+                        (Center::Files, _) => "the devices' files exist",
+                        (_, "first contact") => "every device new: its row is created",
+                        _ => "every device known",
                     },
                     p.cloud_cpu,
                     p.p99_ms,
@@ -89,13 +123,29 @@ pub fn run(bin_dir: &Path, work: &Path, shapes: &[Shape], rows: &mut Vec<Row>) -
                 )),
             );
         }
+        if let Some(copy) = r.copy_rate {
+            let best = (2 * records) as f64 / (r.first.secs + r.steady.secs);
+            println!(
+                "   {what}: COPY of the same rows {copy:.0} records/s; ferry-cloud {:.2}x of it",
+                best / copy
+            );
+            rows.push(
+                Row::new(s, format!("{what}: both rounds vs COPY"), best / copy, "x").note(
+                    format!(
+                        "baseline: the same {} rows loaded by one COPY into a table keyed \
+                         (device_id, seq), {copy:.0} records/s, same server, same run",
+                        2 * records
+                    ),
+                ),
+            );
+        }
         println!(
             "   {what}: {:.0} B on disk per record; account balanced, nothing missing",
             r.disk_bytes as f64 / (2 * records) as f64
         );
         rows.push(
             Row::new(
-                S,
+                s,
                 format!("{what}: bytes on disk per record"),
                 r.disk_bytes as f64 / (2 * records) as f64,
                 "B",
@@ -103,7 +153,12 @@ pub fn run(bin_dir: &Path, work: &Path, shapes: &[Shape], rows: &mut Vec<Row>) -
             .note(format!(
                 "{CLIENTS} client threads, two batches of a device at once, gzip; ferry-cloud \
                  under a limit of {NOFILE} open files; afterwards the account balanced, nothing \
-                 missing or waiting"
+                 missing or waiting{}",
+                if center == Center::Files {
+                    ""
+                } else {
+                    "; bytes: the database's directory"
+                }
             )),
         );
     }
@@ -126,44 +181,100 @@ struct RunResult {
     /// Every device sends its next records: its files exist.
     steady: Phase,
     disk_bytes: u64,
+    /// PostgreSQL: the same rows by one COPY, records/s.
+    copy_rate: Option<f64>,
 }
 
-fn one_run(bin_dir: &Path, dir: &Path, shape: Shape) -> Result<RunResult> {
+fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<RunResult> {
     let data = dir.join("data");
-    let cloud = Cloud::start(&bin_dir.join("ferry-cloud"), &data)?;
-    let pid = cloud.proc.pid();
-    let limited = std::process::Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={NOFILE}:{NOFILE}"))
-        .status()?;
-    if !limited.success() {
-        return Err(format!("prlimit: {limited}").into());
+    let bin = bin_dir.join("ferry-cloud");
+    let (pg, clouds) = match center {
+        Center::Files => (None, vec![Cloud::start(&bin, &data)?]),
+        Center::Postgres { replicas } => {
+            let pg = ferry_testkit::Postgres::start(&dir.join("pg"), procs::free_port()?)?;
+            let clouds = (0..replicas.max(1))
+                .map(|i| Cloud::start_on(&bin, &dir.join(format!("replica-{i}")), Some(&pg.url())))
+                .collect::<Result<Vec<_>>>()?;
+            (Some(pg), clouds)
+        }
+    };
+    for cloud in &clouds {
+        let limited = std::process::Command::new("prlimit")
+            .arg(format!("--pid={}", cloud.proc.pid()))
+            .arg(format!("--nofile={NOFILE}:{NOFILE}"))
+            .status()?;
+        if !limited.success() {
+            return Err(format!("prlimit: {limited}").into());
+        }
     }
-    let first = drive(&cloud, &encode(shape, 0))?;
-    let steady = drive(&cloud, &encode(shape, 1))?;
-    check_account(&cloud, shape)?;
+    let first = drive(&clouds, &encode(shape, 0))?;
+    let steady = drive(&clouds, &encode(shape, 1))?;
+    check_account(&clouds[0], shape)?;
+    let copy_rate = match &pg {
+        Some(pg) => Some(copy_baseline(pg, dir, shape)?),
+        None => None,
+    };
     Ok(RunResult {
         first,
         steady,
-        disk_bytes: dir_bytes(&data),
+        disk_bytes: dir_bytes(&if pg.is_some() { dir.join("pg") } else { data }),
+        copy_rate,
     })
 }
 
-/// Sends `posts` from [`CLIENTS`] threads, each taking the next one when done with its last.
-fn drive(cloud: &Cloud, posts: &[Post]) -> Result<Phase> {
-    let pid = cloud.proc.pid().to_string();
-    let url = cloud.url();
+/// The same rows as both rounds (every device's `2 * per_device` records as the store keeps
+/// them: device, seq, the record's JSON line), loaded by one `COPY` into a table keyed like
+/// `ferry_records`; records/s.
+fn copy_baseline(pg: &ferry_testkit::Postgres, dir: &Path, shape: Shape) -> Result<f64> {
+    let file = dir.join("copy.tsv");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+    let records = 2 * shape.per_device;
+    for d in 0..shape.devices {
+        for seq in 1..=records {
+            // The record line as the simulator sends it; COPY's text format doubles backslashes
+            // (the lines have none) and needs no quoting of JSON's quotes.
+            writeln!(
+                out,
+                "gw-{d:06}\t{seq}\t{{\"seq\":{seq},\"ts_ms\":{},\"topic\":\"site/line-{}/temp\",\"payload\":{{\"t\":{}.{},\"src\":\"\"}}}}",
+                1_763_700_000_000u64 + seq * 1000,
+                seq % 8,
+                20 + seq % 10,
+                seq % 100
+            )?;
+        }
+    }
+    out.flush()?;
+    drop(out);
+    pg.psql(
+        "CREATE TABLE copy_baseline (device_id text NOT NULL, seq int8 NOT NULL, \
+         line text NOT NULL, PRIMARY KEY (device_id, seq))",
+    )?;
+    let started = Instant::now();
+    // psql takes one meta-command alone; the server runs with synchronous_commit on.
+    pg.psql(&format!("\\copy copy_baseline FROM '{}'", file.display()))?;
+    let secs = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&file);
+    Ok((shape.devices as u64 * records) as f64 / secs)
+}
+
+/// Sends `posts` from [`CLIENTS`] threads, each taking the next one when done with its last;
+/// client `n` posts to replica `n % replicas`.
+fn drive(clouds: &[Cloud], posts: &[Post]) -> Result<Phase> {
+    let pids: Vec<String> = clouds.iter().map(|c| c.proc.pid().to_string()).collect();
+    let urls: Vec<String> = clouds.iter().map(Cloud::url).collect();
+    let cpu = || pids.iter().map(|p| procs::cpu_secs(p)).sum::<f64>();
     let next = AtomicUsize::new(0);
     let latencies = Mutex::new(Vec::with_capacity(posts.len()));
     let retries = AtomicUsize::new(0);
     let clashes = AtomicUsize::new(0);
     let failure: Mutex<Option<String>> = Mutex::new(None);
-    let cpu0 = procs::cpu_secs(&pid);
+    let cpu0 = cpu();
     let started = Instant::now();
     std::thread::scope(|scope| {
         for n in 0..CLIENTS {
-            let (url, next, latencies, retries, clashes, failure) =
-                (&url, &next, &latencies, &retries, &clashes, &failure);
+            let url = &urls[n % urls.len()];
+            let (next, latencies, retries, clashes, failure) =
+                (&next, &latencies, &retries, &clashes, &failure);
             let spawned = std::thread::Builder::new()
                 .name(format!("fleet-client-{n}"))
                 .spawn_scoped(scope, move || {
@@ -199,7 +310,7 @@ fn drive(cloud: &Cloud, posts: &[Post]) -> Result<Phase> {
         }
     });
     let secs = started.elapsed().as_secs_f64();
-    let cloud_cpu = procs::cpu_secs(&pid) - cpu0;
+    let cloud_cpu = cpu() - cpu0;
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e.into());
     }

@@ -74,11 +74,12 @@ const ACK_STEP: usize = 500;
 const INFLIGHT: u32 = 100;
 
 /// The sections' names for `--only`, in the order they run.
-const SECTIONS: [&str; 8] = [
-    "size", "append", "churn", "backlog", "ingest", "wear", "e2e", "fleet",
+const SECTIONS: [&str; 9] = [
+    "size", "append", "churn", "backlog", "ingest", "wear", "e2e", "fleet", "fleet-pg",
 ];
-/// Sections that run only when asked for by name (`--only`): `make bench-fleet`.
-const ON_REQUEST: [&str; 1] = ["fleet"];
+/// Sections that run only when asked for by name (`--only`): `make bench-fleet`,
+/// `make bench-fleet-pg`.
+const ON_REQUEST: [&str; 2] = ["fleet", "fleet-pg"];
 /// The fleet section's runs: the two shapes of a fleet, then 100,000 gateways.
 const FLEET: [fleet::Shape; 3] = [
     fleet::Shape {
@@ -172,7 +173,7 @@ fn main() {
     let started = Instant::now();
 
     let mut rows = Vec::new();
-    let sections: [(&str, &Section<'_>); 8] = [
+    let sections: [(&str, &Section<'_>); 9] = [
         ("binary size", &|r| binary_sizes(&args, r)),
         ("durable append", &|r| append(&args, &sizes, r)),
         ("disk use after churn", &|r| churn(&args, &sizes, r)),
@@ -199,8 +200,21 @@ fn main() {
                 &args.target.join("release"),
                 &args.work.join("fleet"),
                 &FLEET,
+                fleet::Center::Files,
                 r,
             )
+        }),
+        (fleet::SECTION_PG, &|r| {
+            for replicas in [1, 2] {
+                fleet::run(
+                    &args.target.join("release"),
+                    &args.work.join("fleet-pg"),
+                    &FLEET[..2],
+                    fleet::Center::Postgres { replicas },
+                    r,
+                )?;
+            }
+            Ok(())
         }),
     ];
     for ((name, run), key) in sections.into_iter().zip(SECTIONS) {

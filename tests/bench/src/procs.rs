@@ -129,13 +129,20 @@ pub struct Cloud {
 
 impl Cloud {
     pub fn start(bin: &Path, dir: &Path) -> Result<Cloud> {
+        Self::start_on(bin, dir, None)
+    }
+
+    /// With `store` (a PostgreSQL URL) the data goes there; `dir` holds the log either way.
+    pub fn start_on(bin: &Path, dir: &Path, store: Option<&str>) -> Result<Cloud> {
         std::fs::create_dir_all(dir)?;
         let port = free_port()?;
-        let mut child = Command::new(bin)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data")
-            .arg(dir)
+        let mut command = Command::new(bin);
+        command.arg("--listen").arg(format!("127.0.0.1:{port}"));
+        match store {
+            Some(url) => command.arg("--store").arg(url),
+            None => command.arg("--data").arg(dir),
+        };
+        let mut child = command
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("cloud.log"))?)
