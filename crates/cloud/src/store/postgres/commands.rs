@@ -19,6 +19,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime};
 
 use log::{info, warn};
+use postgres::GenericClient;
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::{Value, json};
 
@@ -69,13 +70,7 @@ impl PgCommands {
                 &[&device],
             )
             .map_err(db("cannot lock the device's commands"))?;
-            let pending: i64 = tx
-                .query_one(
-                    "SELECT count(*) FROM ferry_commands WHERE device_id = $1 AND result IS NULL",
-                    &[&device],
-                )
-                .map_err(db("cannot count the commands"))?
-                .get(0);
+            let pending = pending_count(&mut tx, device)?;
             if pending >= to_i64(max_queued as u64) {
                 return Ok(Err(format!(
                     "{max_queued} commands already queued for this device"
@@ -189,13 +184,7 @@ impl PgCommands {
     /// The device's downlink state over all replicas, for `GET /v1/devices/<id>/downlink`.
     pub fn downlink(&self, device: &str) -> Result<Value, Error> {
         self.with(|client| {
-            let queued: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM ferry_commands WHERE device_id = $1 AND result IS NULL",
-                    &[&device],
-                )
-                .map_err(db("cannot count the commands"))?
-                .get(0);
+            let queued = pending_count(client, device)?;
             let row = client
                 .query_opt(
                     "SELECT connected, connections, hello FROM ferry_downlink WHERE device_id = $1",
@@ -259,6 +248,17 @@ impl PgCommands {
         self.pool.give_back(client);
         out
     }
+}
+
+/// Commands of `device` without a result.
+fn pending_count(client: &mut impl GenericClient, device: &str) -> Result<i64, Error> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM ferry_commands WHERE device_id = $1 AND result IS NULL",
+            &[&device],
+        )
+        .map_err(db("cannot count the commands"))?
+        .get(0))
 }
 
 /// One listening connection, until shutdown (`Ok`) or an error.
