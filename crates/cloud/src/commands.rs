@@ -37,10 +37,19 @@ pub const MAX_RESULTS: usize = 10_000;
 /// a notification (one lost while the listener reconnected).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Commands {
     inner: Mutex<Inner>,
     db: Option<PgCommands>,
+    /// Drawn at start: the ids this instance makes up are `cmd-<instance>-<n>`, distinct from
+    /// those of other replicas on the same database (a process id is not: containers reuse them).
+    instance: u64,
+}
+
+impl Default for Commands {
+    fn default() -> Commands {
+        Commands::new(None)
+    }
 }
 
 /// Why a command request was not done: the request's fault, or the database's.
@@ -90,9 +99,14 @@ pub struct Outgoing {
 impl Commands {
     /// Commands kept in PostgreSQL, shared with other replicas.
     pub fn with_database(db: PgCommands) -> Commands {
+        Commands::new(Some(db))
+    }
+
+    fn new(db: Option<PgCommands>) -> Commands {
         Commands {
             inner: Mutex::default(),
-            db: Some(db),
+            db,
+            instance: ferry_util::rng::Rng::from_time().next_u64(),
         }
     }
 
@@ -146,7 +160,7 @@ impl Commands {
             Some(_) => return bad("\"id\" must be a string of 1 to 128 bytes"),
             None => {
                 inner.next_id += 1;
-                format!("cmd-{}-{}", std::process::id(), inner.next_id)
+                format!("cmd-{:016x}-{}", self.instance, inner.next_id)
             }
         };
         obj.insert("id".into(), Value::String(id.clone()));
@@ -408,6 +422,19 @@ mod tests {
         let d = &inner.devices["gw"];
         assert_eq!(d.results.len(), MAX_RESULTS);
         assert_eq!(d.sent.len(), MAX_RESULTS);
+    }
+
+    #[test]
+    fn ids_made_up_by_two_instances_differ() {
+        // Regression: ids were `cmd-<process id>-<n>`, and replicas in containers share process
+        // ids: a second replica's first command took the first's id, and on the shared database
+        // it was dropped as already queued while its poster was told it was queued.
+        let (a, b) = (Commands::default(), Commands::default());
+        let command = || json!({"action": "status"});
+        assert_ne!(
+            a.queue("gw", command()).unwrap(),
+            b.queue("gw", command()).unwrap()
+        );
     }
 
     #[test]
