@@ -246,15 +246,17 @@ impl PgStore {
         }
         let now_ms = ferry_util::epoch_ms(SystemTime::now());
         let mut client = self.client()?;
-        let result = ingest_in(&mut client, batch, now_ms);
-        let result = match result {
-            Err(Error::Clash { device_id, seq }) => {
+        let result = match ingest_in(&mut client, batch, now_ms) {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(clashing)) => {
                 // The batch's transaction was rolled back; remember the clash in a new one.
-                let clashing = clashing_seqs(&mut client, batch)?;
-                note_clash_rows(&mut client, &device_id, &clashing, now_ms)?;
-                Err(Error::Clash { device_id, seq })
+                note_clash_rows(&mut client, device_id, &clashing, now_ms)?;
+                Err(Error::Clash {
+                    device_id: device_id.clone(),
+                    seq: clashing[0],
+                })
             }
-            other => other,
+            Err(e) => Err(e),
         };
         self.give_back(client);
         result
@@ -454,7 +456,12 @@ impl Pool {
 }
 
 /// The batch's transaction: lock the device, check clashes, insert, update the ledger, commit.
-fn ingest_in(client: &mut Client, batch: &Batch, now_ms: u64) -> Result<Outcome, Error> {
+/// `Ok(Err(seqs))`: the batch clashes at `seqs` (ascending, at least one) and was rolled back.
+fn ingest_in(
+    client: &mut Client,
+    batch: &Batch,
+    now_ms: u64,
+) -> Result<Result<Outcome, Vec<u64>>, Error> {
     let device_id = batch.device_id.as_str();
     let mut tx = client.transaction().map_err(db("cannot begin"))?;
     let row = lock_device(&mut tx, device_id)?;
@@ -485,25 +492,25 @@ fn ingest_in(client: &mut Client, batch: &Batch, now_ms: u64) -> Result<Outcome,
             stored.insert(seq, fingerprint);
         }
     }
+    let clashing: Vec<u64> = batch
+        .records
+        .iter()
+        .filter(|r| stored.get(&r.seq).is_some_and(|&f| f != r.fingerprint))
+        .map(|r| r.seq)
+        .collect();
+    if !clashing.is_empty() {
+        // Rolled back when `tx` drops; the caller notes the clash.
+        return Ok(Err(clashing));
+    }
     let mut seqs = Vec::new();
     let mut lines = Vec::new();
     let mut delivered = row.delivered;
     for record in &batch.records {
-        match stored.get(&record.seq) {
-            None if !delivered.contains(record.seq) => {
-                seqs.push(to_i64(record.seq));
-                lines.push(record.line.as_str());
-                delivered.insert(record.seq);
-            }
-            Some(&fingerprint) if fingerprint != record.fingerprint => {
-                // Rolled back when `tx` drops; the caller notes the clash.
-                return Err(Error::Clash {
-                    device_id: device_id.to_owned(),
-                    seq: record.seq,
-                });
-            }
-            // Stored with the same content, or a repeat within this batch.
-            _ => {}
+        // Not stored before, and not a repeat within this batch.
+        if !delivered.contains(record.seq) {
+            seqs.push(to_i64(record.seq));
+            lines.push(record.line.as_str());
+            delivered.insert(record.seq);
         }
     }
     if !seqs.is_empty() {
@@ -565,11 +572,11 @@ fn ingest_in(client: &mut Client, batch: &Batch, now_ms: u64) -> Result<Outcome,
     .map_err(db("cannot update the device"))?;
     tx.commit().map_err(db("cannot commit the batch"))?;
     let accepted = seqs.len() as u64;
-    Ok(Outcome {
+    Ok(Ok(Outcome {
         accepted,
         duplicates: batch.records.len() as u64 - accepted,
         new_gaps,
-    })
+    }))
 }
 
 /// Creates the device's row if it has none and locks it until the transaction ends.
@@ -590,27 +597,6 @@ fn lock_device(tx: &mut Transaction<'_>, device_id: &str) -> Result<DeviceRow, E
         delivered: ranges_of(&row.get::<_, Vec<i64>>(0)),
         held: held_of(&row, 1),
     })
-}
-
-/// The seqs of `batch` stored with other content (read outside the refused transaction).
-fn clashing_seqs(client: &mut Client, batch: &Batch) -> Result<Vec<u64>, Error> {
-    let seqs: Vec<i64> = batch.records.iter().map(|r| to_i64(r.seq)).collect();
-    let rows = client
-        .query(
-            "SELECT seq, line FROM ferry_records WHERE device_id = $1 AND seq = ANY($2)",
-            &[&batch.device_id, &seqs],
-        )
-        .map_err(db("cannot read stored records"))?;
-    let stored: BTreeMap<u64, u64> = rows
-        .iter()
-        .filter_map(|row| batch::stored_record(row.get::<_, &str>(1).as_bytes()).ok())
-        .collect();
-    Ok(batch
-        .records
-        .iter()
-        .filter(|r| stored.get(&r.seq).is_some_and(|&f| f != r.fingerprint))
-        .map(|r| r.seq)
-        .collect())
 }
 
 /// Adds one refusal of each of `seqs` to the device's clashes, keeping the most recent ones.
