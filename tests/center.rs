@@ -328,6 +328,13 @@ fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
     let answer = done(&b, &id);
     assert_eq!(answer["result"]["ok"], true, "{answer}");
     assert_eq!(answer["sent"], 1, "sent once: {answer}");
+    // A heard of it from B (NOTIFY), not only from its periodic read.
+    assert!(
+        a.log_text()
+            .contains("commands queued on a replica device=gw-test"),
+        "{}",
+        a.log_text()
+    );
 
     // A is down: the command waits in the database, and B says so.
     a.kill();
@@ -380,11 +387,12 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     drop(replicas);
 
     pg.psql("UPDATE ferry_schema SET version = 99").unwrap();
-    let out = command(ferry_cloud())
-        .args(["--listen", "127.0.0.1:0", "--store", &pg.url()])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    let out = ferry_testkit::output_within(
+        command(ferry_cloud()).args(["--listen", "127.0.0.1:0", "--store", &pg.url()]),
+        "ferry-cloud on a newer schema",
+        Duration::from_secs(30),
+    )
+    .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -48,6 +48,8 @@ impl Cloud {
         };
         let mut child = command
             .args(&self.args)
+            // What tests look for in the log beyond `info`.
+            .env("RUST_LOG", "info,ferry_cloud::commands=debug")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.dir.join("cloud.log")).unwrap())
             .spawn()
@@ -80,6 +82,11 @@ impl Cloud {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// What it logged since it was last started.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cloud.log")).unwrap_or_default()
     }
 
     pub fn start_again(&mut self) {

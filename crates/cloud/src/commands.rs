@@ -113,6 +113,10 @@ impl Commands {
     /// A command was queued for `device` (`None`: maybe for any device) on some replica: read
     /// the queue from the database again before sending.
     pub fn queued_elsewhere(&self, device: Option<&str>) {
+        log::debug!(
+            "commands queued on a replica device={}",
+            device.unwrap_or("(any)")
+        );
         let mut inner = self.lock();
         match device {
             Some(d) => {

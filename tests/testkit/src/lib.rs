@@ -78,6 +78,35 @@ pub fn terminate(
     }
 }
 
+/// Runs `command` to its end within `timeout` (killed past it: an error naming `what`); its
+/// output. For commands that print little: the pipes are read once it has exited.
+pub fn output_within(
+    command: &mut Command,
+    what: &str,
+    timeout: Duration,
+) -> Result<std::process::Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let end = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => {
+                return child.wait_with_output().map_err(|e| format!("{what}: {e}"));
+            }
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} did not finish within {timeout:?}"));
+            }
+        }
+    }
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -209,6 +238,9 @@ pub fn postgres_bin_dir() -> Result<PathBuf> {
         .ok_or_else(|| format!("no PostgreSQL server under {}", root.display()))
 }
 
+/// How long one [`Postgres::psql`] may take (the bench's `COPY` of millions of rows included).
+pub const PSQL_DEADLINE: Duration = Duration::from_secs(300);
+
 /// A real PostgreSQL server in its own directory on 127.0.0.1, with fsync on (the default),
 /// trusting local connections as user `ferry`, stopped when dropped. PostgreSQL refuses to run
 /// as root: as root it runs as Debian's `postgres` user (made by the package), through `setpriv`
@@ -255,14 +287,14 @@ impl Postgres {
             sockets,
             child: None,
         };
-        let out = pg
-            .as_server_user(&pg.bin.join("initdb"))
-            .arg("-D")
-            .arg(&pg.data)
-            .args(["-U", "ferry", "-A", "trust", "-E", "UTF8", "--no-sync"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run initdb: {e}"))?;
+        let out = output_within(
+            pg.as_server_user(&pg.bin.join("initdb"))
+                .arg("-D")
+                .arg(&pg.data)
+                .args(["-U", "ferry", "-A", "trust", "-E", "UTF8", "--no-sync"]),
+            "initdb",
+            Duration::from_secs(60),
+        )?;
         if !out.status.success() {
             return Err(format!(
                 "initdb failed: {}{}",
@@ -337,16 +369,18 @@ impl Postgres {
         format!("postgres://ferry@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// Runs `sql` with psql (unaligned, tuples only); its output, or its error.
+    /// Runs `sql` with psql (unaligned, tuples only) within [`PSQL_DEADLINE`]; its output, or
+    /// its error.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        let out = Command::new("psql")
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
-            .arg(format!("{} connect_timeout=5", self.url_kv()))
-            .arg("-c")
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run psql: {e}"))?;
+        let out = output_within(
+            Command::new("psql")
+                .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
+                .arg(format!("{} connect_timeout=5", self.url_kv()))
+                .arg("-c")
+                .arg(sql),
+            "psql",
+            PSQL_DEADLINE,
+        )?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
