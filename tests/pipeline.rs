@@ -659,6 +659,53 @@ fn pubacks_go_out_when_the_commit_is_done_not_at_the_next_poll() {
     );
 }
 
+/// While a commit is slow (a card taking seconds), the `mqtt` thread looked for it every
+/// millisecond: some 1,400 wake-ups for one 3-second commit. Its poll now grows with the wait.
+#[test]
+fn a_slow_commit_does_not_keep_the_mqtt_thread_waking_every_millisecond() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let broker = Mosquitto::start(&tmp.join("mqtt"));
+    let cloud = Cloud::start(&tmp.join("cloud"));
+    let dir = tmp.join("agent");
+    let control = free_port();
+    let agent = Agent::start_with_env(
+        &dir,
+        &agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        control,
+        &[("FERRY_FAILPOINT", "slow_sync_ms=3000")],
+    );
+    agent.wait_connected();
+    let before = thread_wakeups(agent.pid(), "mqtt");
+    let started = Instant::now();
+    publish(broker.port, "sensors/slow-card", numbered(0..1));
+    let pubacks = || -> u64 {
+        let status = agent.status();
+        let counts = status["puback_delay"]["counts"].as_array().cloned();
+        counts
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| n.as_u64())
+            .sum()
+    };
+    wait_until(
+        "the PUBACK after the slow commit",
+        Duration::from_secs(30),
+        || pubacks() == 1,
+    );
+    let (wakeups, took) = (
+        thread_wakeups(agent.pid(), "mqtt") - before,
+        started.elapsed(),
+    );
+    eprintln!("{wakeups} wake-ups of the mqtt thread in {took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "the commit was not slow: {took:?}"
+    );
+    // Measured here: about 120 now (idle it polls every 50 ms), about 1,360 at one poll per ms.
+    assert!(wakeups < 400, "{wakeups} wake-ups in {took:?}");
+}
+
 /// Whether `path` is on a tmpfs (the filesystem mounted at the longest matching mount point).
 fn on_tmpfs(path: &std::path::Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();

@@ -2,8 +2,9 @@
 //!
 //! Two threads, so that a slow disk never stalls the MQTT connection (a stalled poll loop misses
 //! keep-alives and the broker evicts the client):
-//! - `mqtt` owns the connection: polls it with a short timeout (1 ms while messages wait for a
-//!   commit: the writer cannot wake a thread blocked in rumqttc), re-subscribes on every CONNACK,
+//! - `mqtt` owns the connection: polls it with a short timeout while messages wait for a commit
+//!   (the writer cannot wake a thread blocked in rumqttc: from 1 ms, growing with the wait, see
+//!   `MqttLoop::ack_poll`), re-subscribes on every CONNACK,
 //!   backs off on errors, hands each PUBLISH to the writer in arrival order, and sends the PUBACKs
 //!   for everything the writer reports durable, in the same order.
 //! - `journal-writer` (`writer.rs`) appends whatever has queued up as one batch, syncs once (group
@@ -61,8 +62,8 @@ use writer::run_writer;
 /// Poll timeout of a connected session with nothing waiting for a commit: how quickly the loop
 /// sees shutdown.
 const POLL: Duration = Duration::from_millis(50);
-/// Poll timeout while taken messages wait for the writer's commit: a bound on how late their
-/// PUBACKs go out once the commit is done (the writer cannot wake a thread blocked in rumqttc).
+/// Shortest poll timeout while taken messages wait for the writer's commit (the writer cannot
+/// wake a thread blocked in rumqttc); see `MqttLoop::ack_poll`.
 const ACK_POLL: Duration = Duration::from_millis(1);
 /// rumqttc's deadline for TCP connect plus CONNACK, in seconds.
 const CONNECT_TIMEOUT_SECS: u64 = 5;
@@ -201,6 +202,9 @@ struct MqttLoop {
     errors_log: Repeats,
     /// The journal staying behind is said once a minute, not per reconnect to catch up.
     behind_log: Repeats,
+    /// The durable watermark as last seen, and when it was seen to move (see `ack_poll`).
+    durable_seen: u64,
+    durable_moved: Instant,
     /// Test failpoint `FERRY_FAILPOINT=hold_pubacks`: no PUBACK is ever sent, so the broker holds
     /// every message it delivered in flight (a PUBACK backlog that never drains).
     hold_pubacks: bool,
@@ -253,6 +257,8 @@ impl MqttLoop {
             connected_at: None,
             errors_log: Repeats::new(REPEAT_LOG),
             behind_log: Repeats::new(REPEAT_LOG),
+            durable_seen: 0,
+            durable_moved: Instant::now(),
             hold_pubacks: failpoint::is_set("hold_pubacks"),
         }
     }
@@ -265,10 +271,10 @@ impl MqttLoop {
         while !self.shutdown.is_set() {
             let connected = self.stats.mqtt_connected.load(Ordering::Relaxed);
             // rumqttc wakes this thread for the connection and its request queue only, not for
-            // the writer: while messages wait for their commit, look for it every ACK_POLL.
+            // the writer: while messages wait for their commit, look for it often.
             let poll = match (connected, self.unacked.is_empty()) {
                 (false, _) => CONNECT_POLL,
-                (true, false) => ACK_POLL,
+                (true, false) => self.ack_poll(),
                 (true, true) => POLL,
             };
             match self.connection.recv_timeout(poll) {
@@ -282,6 +288,26 @@ impl MqttLoop {
             self.retake_left_messages();
         }
         self.finish();
+    }
+
+    /// The poll timeout while messages wait for their commit: a quarter of how long the current
+    /// wait has lasted (since the durable watermark last moved or the oldest waiting message
+    /// arrived, whichever is later), between `ACK_POLL` and `POLL`. So a PUBACK goes out at most
+    /// about a quarter of its commit's time after the commit (1 ms after a fast one), and a commit
+    /// the disk takes seconds over wakes this thread a few dozen times, not every millisecond.
+    fn ack_poll(&mut self) -> Duration {
+        let durable = self.durable.load(Ordering::Acquire);
+        if durable != self.durable_seen {
+            self.durable_seen = durable;
+            self.durable_moved = Instant::now();
+        }
+        let since = self
+            .unacked
+            .front()
+            .map_or(self.durable_moved, |&(_, _, _, arrived)| {
+                arrived.max(self.durable_moved)
+            });
+        (since.elapsed() / 4).clamp(ACK_POLL, POLL)
     }
 
     fn on_event(&mut self, event: Event) {

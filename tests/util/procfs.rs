@@ -59,3 +59,21 @@ pub fn thread_names(pid: u32) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Context switches (voluntary and not) of the process's thread named `name` so far: how often
+/// it woke up.
+pub fn thread_wakeups(pid: u32, name: &str) -> u64 {
+    let task = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"));
+    let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+    status
+        .lines()
+        .filter(|l| {
+            l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
