@@ -704,6 +704,7 @@ fn the_hello_tells_the_center_what_a_gateway_with_a_dead_uplink_holds() {
     );
     let mut agent = Agent::start(&dir.join("agent"), &text, control);
     agent.wait_connected();
+    let published_ms = now_ms();
     publish(broker.port, "sensors/held", numbered(0..N));
     wait_until("all journaled", Duration::from_secs(10), || {
         agent.status()["head_seq"] == N
@@ -736,5 +737,16 @@ fn the_hello_tells_the_center_what_a_gateway_with_a_dead_uplink_holds() {
         "{l}"
     );
     assert_eq!(l["states"], serde_json::json!(["behind"]), "{l}");
-    assert!(l["oldest_unsent_ts_ms"].as_u64().is_some(), "{l}");
+    // The oldest unsent record is the first one published (times in ms; 1 s of clock slack).
+    let oldest = l["oldest_unsent_ts_ms"]
+        .as_u64()
+        .expect("oldest_unsent_ts_ms");
+    assert!(
+        oldest + 1000 >= published_ms && oldest <= now_ms(),
+        "{oldest} vs published at {published_ms}: {l}"
+    );
+}
+
+fn now_ms() -> u64 {
+    ferry_util::epoch_ms(std::time::SystemTime::now())
 }

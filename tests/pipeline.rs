@@ -330,6 +330,11 @@ fn the_center_ledger_follows_a_gateway_behind_until_it_drained() {
         "{done}"
     );
     assert_eq!(done["states"], serde_json::json!(["healthy"]), "{done}");
+    // The gateway's cursor as its last batch carried it: past all but the batches in flight.
+    assert!(
+        done["acked_seq"].as_u64().is_some_and(|a| a >= N / 2),
+        "{done}"
+    );
     assert_exactly_once(&cloud.records(DEVICE), N);
 }
 

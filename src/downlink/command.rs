@@ -9,8 +9,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
 use crate::ingest::Publication;
-use crate::journal::MAX_COMMAND_ID;
-use crate::protocol::Held;
+use crate::journal::{MAX_COMMAND_ID, Positions};
 
 /// A command the cloud sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,17 +179,18 @@ pub fn result(id: &str, outcome: &Result<Value, String>) -> String {
     v.to_string()
 }
 
-/// The `hello` frame sent first on every connection: the journal's positions, and `held`, the
-/// account of what the gateway holds that uploads carry too (for the center's ledger).
-pub fn hello(device_id: &str, head_seq: u64, acked_seq: u64, held: Held) -> String {
+/// The `hello` frame sent first on every connection: the journal's positions (`head_seq`: the
+/// highest seq assigned; `held.head_seq`: the highest durable), and `held`, the account of what
+/// the gateway holds that uploads carry too (for the center's ledger).
+pub fn hello(device_id: &str, p: &Positions, oldest_unsent_ts_ms: Option<u64>) -> String {
     json!({
         "type": "hello",
         "protocol": 1,
         "device_id": device_id,
         "version": env!("CARGO_PKG_VERSION"),
-        "head_seq": head_seq,
-        "acked_seq": acked_seq,
-        "held": held,
+        "head_seq": p.head_seq,
+        "acked_seq": p.acked_seq,
+        "held": crate::uplink::held(p, oldest_unsent_ts_ms),
     })
     .to_string()
 }

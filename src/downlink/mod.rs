@@ -284,12 +284,11 @@ impl Downlink {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let held = crate::uplink::held(&p, self.deps.journal.oldest_unsent_ts_ms().ok().flatten());
+        let oldest = self.deps.journal.oldest_unsent_ts_ms().ok().flatten();
         ws.send(Message::text(command::hello(
             &self.deps.device_id,
-            p.head_seq,
-            p.acked_seq,
-            held,
+            &p,
+            oldest,
         )))
         .map_err(Error::Lost)?;
         info!("downlink connected url={} peer={}", self.cfg.url, peer);

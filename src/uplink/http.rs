@@ -122,6 +122,18 @@ pub fn post(agent: &ureq::Agent, up: &Upload<'_>) -> Answer {
         Err(e) => return Answer::Failed(e),
     };
     let code = resp.status().as_u16();
+    if (200..300).contains(&code)
+        && resp.version() == ureq::http::Version::HTTP_10
+        && resp.headers().contains_key("transfer-encoding")
+    {
+        // RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing. ureq reads
+        // such a body up to the connection's close, so a body cut short would look whole. Said
+        // before the body is read: nothing in it can change the verdict.
+        return Answer::Failed(ureq::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "an HTTP/1.0 answer with Transfer-Encoding (faulty framing, RFC 9112 6.1)",
+        )));
+    }
     let retry_after = resp
         .headers()
         .get("retry-after")
@@ -145,17 +157,6 @@ pub fn post(agent: &ureq::Agent, up: &Upload<'_>) -> Answer {
         }
         Err(_) => String::new(),
     };
-    if (200..300).contains(&code)
-        && resp.version() == ureq::http::Version::HTTP_10
-        && resp.headers().contains_key("transfer-encoding")
-    {
-        // RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing. ureq reads
-        // such a body up to the connection's close, so a body cut short would look whole.
-        return Answer::Failed(ureq::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "an HTTP/1.0 answer with Transfer-Encoding (faulty framing, RFC 9112 6.1)",
-        )));
-    }
     Answer::Status {
         code,
         retry_after,

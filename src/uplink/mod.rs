@@ -686,9 +686,12 @@ impl Uplink {
     }
 
     /// What the journal holds now, as the batches report it to the center; the oldest unsent
-    /// record's time as of at most `OLDEST_UNSENT_EVERY` ago.
+    /// record's time as of at most `OLDEST_UNSENT_EVERY` ago, none when nothing is unsent.
     fn held(&mut self) -> Held {
         let p = self.journal.positions();
+        if p.acked_seq >= p.durable_seq {
+            return held(&p, None);
+        }
         let now = Instant::now();
         let oldest = match self.oldest_unsent {
             Some((at, ts)) if now.duration_since(at) < OLDEST_UNSENT_EVERY => ts,

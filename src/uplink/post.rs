@@ -31,7 +31,8 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 pub struct Job {
     pub id: u64,
     pub entries: Vec<Entry>,
-    /// What the journal held when the batch was read (sent with it for the center's ledger).
+    /// What the journal held when the batch was handed to the post thread (sent with it for the
+    /// center's ledger).
     pub held: Held,
 }
 

@@ -1,7 +1,8 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// A real nginx (master and one worker) on a free port, proxying `/v1/` to `upstream_port` over a
+/// A real nginx (master and one worker) on a free port, proxying `/v1/` to one upstream (or round
+/// robin over several: `start_many`) over a
 /// keepalive upstream, with everything it writes (pid, logs, temp files) in its own directory.
 pub struct Nginx {
     pub port: u16,
