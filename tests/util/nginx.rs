@@ -1,9 +1,9 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// A real nginx (master and one worker) on a free port, proxying `/v1/` to one upstream (or round
-/// robin over several: `start_many`) over a
-/// keepalive upstream, with everything it writes (pid, logs, temp files) in its own directory.
+/// A real nginx (master and one worker) on a free port, proxying `/v1/` over keepalive
+/// connections to one upstream (or round robin over several: `start_many`), with everything it
+/// writes (pid, logs, temp files) in its own directory.
 pub struct Nginx {
     pub port: u16,
     pub dir: PathBuf,
