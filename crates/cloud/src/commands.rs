@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::warn;
 use serde_json::{Value, json};
 
+use crate::store::FailureLog;
 use crate::store::postgres::commands::PgCommands;
 
 /// Largest command frame queued (the agent's default frame limit is 256 KiB).
@@ -44,7 +44,11 @@ pub struct Commands {
     /// Drawn at start: the ids this instance makes up are `cmd-<instance>-<n>`, distinct from
     /// those of other replicas on the same database (a process id is not: containers reuse them).
     instance: u64,
+    db_errors: FailureLog,
 }
+
+/// How soon a connection tries again to read its device's commands after a failed read.
+const READ_RETRY: Duration = Duration::from_secs(1);
 
 impl Default for Commands {
     fn default() -> Commands {
@@ -84,9 +88,12 @@ struct Device {
     hello: Option<Value>,
     /// How often each command id was sent; kept while the id is queued or its result is kept.
     sent: HashMap<String, u64>,
-    /// With the database: when `queue` was last read from it (`None`: read it at the next
+    /// With the database: when `queue` is to be read from it again (`None`: at the next
     /// chance, a command was queued somewhere).
-    read_at: Option<Instant>,
+    read_next: Option<Instant>,
+    /// With the database: notifications of commands queued for this device, so far (a read
+    /// that one overtook is not taken as up to date).
+    notified: u64,
 }
 
 /// What to send on one connection now.
@@ -107,6 +114,7 @@ impl Commands {
             inner: Mutex::default(),
             db,
             instance: ferry_util::rng::Rng::from_time().next_u64(),
+            db_errors: FailureLog::default(),
         }
     }
 
@@ -121,10 +129,14 @@ impl Commands {
         match device {
             Some(d) => {
                 if let Some(d) = inner.devices.get_mut(d) {
-                    d.read_at = None;
+                    d.read_next = None;
+                    d.notified += 1;
                 }
             }
-            None => inner.devices.values_mut().for_each(|d| d.read_at = None),
+            None => inner.devices.values_mut().for_each(|d| {
+                d.read_next = None;
+                d.notified += 1;
+            }),
         }
     }
 
@@ -249,11 +261,13 @@ impl Commands {
     pub fn connected(&self, device: &str, hello: Value) {
         if let Some(db) = &self.db {
             if let Err(e) = db.connection(device, Some(&hello)) {
-                warn!(
-                    "downlink: connection of device={device} not counted: {}",
-                    ferry_util::error_chain(&e)
+                self.db_errors.say(
+                    &format!("downlink: connection of device={device} not counted"),
+                    &e,
                 );
             }
+            // The database counts connections; the copy here would be read by nothing.
+            return;
         }
         let mut inner = self.lock();
         let d = inner.devices.entry(device.to_owned()).or_default();
@@ -265,11 +279,10 @@ impl Commands {
     pub fn disconnected(&self, device: &str) {
         if let Some(db) = &self.db {
             if let Err(e) = db.connection(device, None) {
-                warn!(
-                    "downlink: end of a connection of device={device} not counted: {}",
-                    ferry_util::error_chain(&e)
-                );
+                let what = format!("downlink: end of a connection of device={device} not counted");
+                self.db_errors.say(&what, &e);
             }
+            return;
         }
         if let Some(d) = self.lock().devices.get_mut(device) {
             d.connected = d.connected.saturating_sub(1);
@@ -289,7 +302,10 @@ impl Commands {
         };
         for (id, frame) in &d.queue {
             if sent_here.insert(id.clone()) {
-                *d.sent.entry(id.clone()).or_default() += 1;
+                if self.db.is_none() {
+                    // With the database, `sent` is counted there (below).
+                    *d.sent.entry(id.clone()).or_default() += 1;
+                }
                 out.commands.push((id.clone(), frame.clone()));
             }
         }
@@ -303,9 +319,9 @@ impl Commands {
         if let (Some(db), false) = (&self.db, out.commands.is_empty()) {
             let ids: Vec<String> = out.commands.iter().map(|(id, _)| id.clone()).collect();
             if let Err(e) = db.sent(device, &ids) {
-                warn!(
-                    "downlink: sends to device={device} not counted: {}",
-                    ferry_util::error_chain(&e)
+                self.db_errors.say(
+                    &format!("downlink: sends to device={device} not counted"),
+                    &e,
                 );
             }
         }
@@ -313,31 +329,37 @@ impl Commands {
     }
 
     /// With the database, the device's queue read again when a command was queued or it is
-    /// [`REFRESH_EVERY`] old. A failed read keeps the copy (and tries again at the next poll).
+    /// [`REFRESH_EVERY`] old. A failed read keeps the copy and is tried again after
+    /// [`READ_RETRY`], not at every poll of every connection.
     fn read_from_database(&self, device: &str) {
         let Some(db) = &self.db else { return };
-        let stale = self
-            .lock()
-            .devices
-            .get(device)
-            .and_then(|d| d.read_at)
-            .is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
-        if !stale {
-            return;
-        }
-        let started = Instant::now();
-        match db.pending(device) {
-            Ok(pending) => {
-                let mut inner = self.lock();
-                let d = inner.devices.entry(device.to_owned()).or_default();
-                d.queue = pending.into();
-                // A notification that came during the read leaves `read_at` None.
-                d.read_at = Some(started);
+        let notified = {
+            let inner = self.lock();
+            let d = inner.devices.get(device);
+            if d.and_then(|d| d.read_next)
+                .is_some_and(|at| Instant::now() < at)
+            {
+                return;
             }
-            Err(e) => warn!(
-                "downlink: commands of device={device} not read: {}",
-                ferry_util::error_chain(&e)
-            ),
+            d.map_or(0, |d| d.notified)
+        };
+        let read = db.pending(device);
+        let mut inner = self.lock();
+        let d = inner.devices.entry(device.to_owned()).or_default();
+        match read {
+            Ok(pending) => {
+                d.queue = pending.into();
+                // A notification that came during the read may not be in it: read again.
+                d.read_next = (d.notified == notified).then(|| Instant::now() + REFRESH_EVERY);
+            }
+            Err(e) => {
+                d.read_next = Some(Instant::now() + READ_RETRY);
+                drop(inner);
+                self.db_errors.say(
+                    &format!("downlink: commands of device={device} not read"),
+                    &e,
+                );
+            }
         }
     }
 
@@ -370,6 +392,11 @@ impl Commands {
         if let Some(db) = &self.db {
             db.record_result(device, &id, &result)
                 .map_err(|e| ferry_util::error_chain(&e))?;
+            // The result is read from the database; only the copy of the queue changes here.
+            if let Some(d) = self.lock().devices.get_mut(device) {
+                d.queue.retain(|(q, _)| *q != id);
+            }
+            return Ok(());
         }
         let mut inner = self.lock();
         let d = inner.devices.entry(device.to_owned()).or_default();

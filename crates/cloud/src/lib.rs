@@ -169,6 +169,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
         stats: Mutex::new(Stats::default()),
         commands: Arc::clone(&commands),
         silent_after_ms: u64::try_from(config.silent_after.as_millis()).unwrap_or(u64::MAX),
+        db_errors: store::FailureLog::default(),
     });
 
     let mut workers = Vec::new();
@@ -269,6 +270,7 @@ struct Shared {
     stats: Mutex<Stats>,
     commands: Arc<Commands>,
     silent_after_ms: u64,
+    db_errors: store::FailureLog,
 }
 
 /// Records accepted in the current one-second window.
@@ -615,11 +617,8 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
         }
         Err(e @ store::Error::SeqTooLarge { .. }) => Err(Reply::error(422, e.to_string())),
         Err(e @ store::Error::Database { .. }) => {
-            warn!(
-                "batch not acknowledged device={} error={}",
-                batch.device_id,
-                ferry_util::error_chain(&e)
-            );
+            let what = format!("batch not acknowledged device={}", batch.device_id);
+            shared.db_errors.say(&what, &e);
             Err(
                 Reply::error(503, "the database is unavailable; send the batch again")
                     .with_header("Retry-After", "1"),
@@ -637,15 +636,20 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
 }
 
 /// The answer when the store cannot be read: the database may be back in a moment.
-fn unreadable(what: &str, e: &store::Error) -> Reply {
-    warn!("{what} not readable error={}", ferry_util::error_chain(e));
+fn unreadable(shared: &Shared, what: &str, e: &store::Error) -> Reply {
     match e {
-        store::Error::Database { .. } => Reply::error(
-            503,
-            format!("cannot read {what}: the database is unavailable"),
-        )
-        .with_header("Retry-After", "1"),
-        _ => Reply::error(500, format!("cannot read {what}")),
+        store::Error::Database { .. } => {
+            shared.db_errors.say(&format!("{what} not readable"), e);
+            Reply::error(
+                503,
+                format!("cannot read {what}: the database is unavailable"),
+            )
+            .with_header("Retry-After", "1")
+        }
+        _ => {
+            error!("{what} not readable error={}", ferry_util::error_chain(e));
+            Reply::error(500, format!("cannot read {what}"))
+        }
     }
 }
 
@@ -730,7 +734,7 @@ fn devices(shared: &Shared, query: &str) -> Reply {
             200,
             fleet::list(devices, &q, now_ms(), shared.silent_after_ms),
         ),
-        Err(e) => unreadable("the devices", &e),
+        Err(e) => unreadable(shared, "the devices", &e),
     }
 }
 
@@ -741,14 +745,14 @@ fn ledger(shared: &Shared, device_id: &str) -> Reply {
             fleet::ledger_json(&d, now_ms(), shared.silent_after_ms),
         ),
         Ok(None) => Reply::error(404, "no such device"),
-        Err(e) => unreadable("the device", &e),
+        Err(e) => unreadable(shared, "the device", &e),
     }
 }
 
 fn metrics(shared: &Shared) -> Reply {
     let devices = match shared.store.devices() {
         Ok(devices) => devices,
-        Err(e) => return unreadable("the devices", &e),
+        Err(e) => return unreadable(shared, "the devices", &e),
     };
     let text = fleet::metrics(&devices, now_ms(), shared.silent_after_ms);
     Reply {
@@ -770,7 +774,7 @@ fn records(shared: &Shared, device_id: &str) -> Reply {
             body: Body::Records(records),
             headers: Vec::new(),
         },
-        Err(e) => unreadable("the records", &e),
+        Err(e) => unreadable(shared, "the records", &e),
     }
 }
 

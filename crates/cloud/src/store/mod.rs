@@ -18,7 +18,10 @@
 
 use std::io::{self, Read};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use ferry_util::Repeats;
 
 use ferry_protocol::{Gap, Held};
 
@@ -145,6 +148,33 @@ pub struct Clash {
     pub last_seen_ms: u64,
     /// How many times a record with this seq was refused as a clash.
     pub count: u64,
+}
+
+/// Says the store's failures: each error at WARN once a minute, at DEBUG in between (a database
+/// that is away fails every request of every worker and connection).
+#[derive(Debug)]
+pub struct FailureLog(Mutex<Repeats>);
+
+impl Default for FailureLog {
+    fn default() -> FailureLog {
+        FailureLog(Mutex::new(Repeats::new(Duration::from_secs(60))))
+    }
+}
+
+impl FailureLog {
+    pub fn say(&self, what: &str, e: &Error) {
+        let error = ferry_util::error_chain(e);
+        let due = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_due(&error, Instant::now());
+        if due {
+            log::warn!("{what} error={error}");
+        } else {
+            log::debug!("{what} error={error}");
+        }
+    }
 }
 
 /// Which store `ferry-cloud` keeps its data in.

@@ -16,9 +16,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use log::{info, warn};
+use ferry_util::Repeats;
+use log::{debug, info, warn};
 use postgres::GenericClient;
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::{Value, json};
@@ -220,17 +221,16 @@ impl PgCommands {
         thread::Builder::new()
             .name("cloud-pg-listen".into())
             .spawn(move || {
-                let mut failures = 0u32;
+                let mut errors = Repeats::new(Duration::from_secs(60));
                 while !shutdown.load(Ordering::SeqCst) {
-                    match listen_once(&pool, &shutdown, &on_queued) {
+                    match listen_once(&pool, &shutdown, &on_queued, &mut errors) {
                         Ok(()) => break,
                         Err(e) => {
-                            failures += 1;
-                            if failures == 1 || failures % 60 == 0 {
-                                warn!(
-                                    "command notifications lost, listening again error={} failures={failures}",
-                                    ferry_util::error_chain(&e)
-                                );
+                            let error = ferry_util::error_chain(&e);
+                            if errors.is_due(&error, Instant::now()) {
+                                warn!("command notifications lost, listening again error={error}");
+                            } else {
+                                debug!("command notifications lost, listening again error={error}");
                             }
                             sleep_unless(&shutdown, LISTEN_RETRY);
                         }
@@ -266,12 +266,15 @@ fn listen_once(
     pool: &Pool,
     shutdown: &AtomicBool,
     on_queued: &impl Fn(Option<&str>),
+    errors: &mut Repeats,
 ) -> Result<(), Error> {
     let mut client = pool.client()?;
     client
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .map_err(db("cannot listen"))?;
     info!("listening for commands queued on any replica");
+    // Listening again: the next failure is said in full.
+    errors.clear();
     on_queued(None);
     while !shutdown.load(Ordering::SeqCst) {
         let mut notifications = client.notifications();

@@ -37,7 +37,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use log::{info, warn};
+use log::{debug, info};
 use postgres::config::{Host, SslMode};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls, Transaction};
@@ -435,8 +435,9 @@ impl Pool {
                 None => break,
             }
         }
+        // The callers say the error (each at its own rate); this is for a closer look.
         self.config.connect(NoTls).map_err(|source| {
-            warn!(
+            debug!(
                 "cannot connect to the database target={} error={}",
                 self.target,
                 ferry_util::error_chain(&source)
