@@ -4,7 +4,8 @@
 //! summaries and the time.
 //!
 //! A device's states, any of which it may be in at once:
-//! - `clash`: another gateway sent its seqs with other content since this start (a cloned image);
+//! - `clash`: another gateway sent its seqs with other content (a cloned image; the files store
+//!   counts since its start, PostgreSQL keeps them);
 //! - `missing`: its ledger has seqs the gateway was told were stored that are not here (an alarm);
 //! - `behind`: its gateway holds seqs not delivered yet (`waiting` > 0);
 //! - `silent`: no batch for longer than `--silent-after` (at start, the age of its files counts);
@@ -237,7 +238,7 @@ pub fn metrics(devices: &[DeviceSummary], now_ms: u64, silent_after_ms: u64) -> 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# HELP ferry_cloud_devices Devices with stored records or gaps, by state (a device may be in several).\n# TYPE ferry_cloud_devices gauge"
+        "# HELP ferry_cloud_devices Devices with stored records or gaps or a reported account, by state (a device may be in several).\n# TYPE ferry_cloud_devices gauge"
     );
     let _ = writeln!(
         out,

@@ -14,7 +14,7 @@
 //!   an alarm, never expected.
 //!
 //! `head_seq` is the gateway's reported head, or the highest seq stored or declared when that is
-//! higher (a report older than the data, or no report: an older agent, or none since this start).
+//! higher (a report older than the data, or no report: an older agent, or, with the files store, none since its start).
 //! Without a report every uncovered seq counts as waiting: nothing says it was delivered.
 
 use std::collections::BTreeMap;
@@ -42,7 +42,7 @@ pub struct Ledger {
     pub missing_ranges: Vec<(u64, u64)>,
     /// When the gateway received its oldest record not yet delivered, as it last reported.
     pub oldest_unsent_ts_ms: Option<u64>,
-    /// Whether the gateway reported what it holds since this start.
+    /// Whether the gateway reported what it holds (with the files store: since its start).
     pub reported: bool,
 }
 

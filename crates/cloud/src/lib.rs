@@ -143,7 +143,8 @@ impl Cloud {
     }
 }
 
-/// Rebuilds the state from the data directory, binds, and starts the workers. Returns once the
+/// Opens the store (rebuilding the state from the data directory, or connecting to the database
+/// and migrating its schema), binds, and starts the workers. Returns once the
 /// receiver is accepting connections. Setting `shutdown` stops it; then call [`Cloud::join`].
 pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> {
     let store = Store::open(&config.store)?;
@@ -855,7 +856,7 @@ fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bo
     }
 }
 
-/// The request body, refused with 413 past `max` bytes.
+/// The answer to a command request that was not done: 400, or 503 when the database is away.
 fn refused(e: commands::Refused) -> Reply {
     match e {
         commands::Refused::Bad(message) => Reply::error(400, message),
@@ -867,6 +868,7 @@ fn refused(e: commands::Refused) -> Reply {
     }
 }
 
+/// The request body, refused with 413 past `max` bytes.
 fn read_small_body(request: &mut Request, max: usize) -> Result<Vec<u8>, Reply> {
     let mut body = Vec::new();
     request

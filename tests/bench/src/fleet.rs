@@ -233,14 +233,7 @@ fn copy_baseline(pg: &ferry_testkit::Postgres, dir: &Path, shape: Shape) -> Resu
         for seq in 1..=records {
             // The record line as the simulator sends it; COPY's text format doubles backslashes
             // (the lines have none) and needs no quoting of JSON's quotes.
-            writeln!(
-                out,
-                "gw-{d:06}\t{seq}\t{{\"seq\":{seq},\"ts_ms\":{},\"topic\":\"site/line-{}/temp\",\"payload\":{{\"t\":{}.{},\"src\":\"\"}}}}",
-                1_763_700_000_000u64 + seq * 1000,
-                seq % 8,
-                20 + seq % 10,
-                seq % 100
-            )?;
+            writeln!(out, "gw-{d:06}\t{seq}\t{}", record_line(seq, ""))?;
         }
     }
     out.flush()?;
@@ -441,13 +434,7 @@ fn post(
         if seq > first {
             json.push(',');
         }
-        json.push_str(&format!(
-            r#"{{"seq":{seq},"ts_ms":{},"topic":"site/line-{}/temp","payload":{{"t":{}.{},"src":"{salt}"}}}}"#,
-            1_763_700_000_000u64 + seq * 1000,
-            seq % 8,
-            20 + seq % 10,
-            seq % 100
-        ));
+        json.push_str(&record_line(seq, salt));
     }
     json.push(']');
     json.push_str(gaps);
@@ -461,6 +448,17 @@ fn post(
         key: format!("{id}:{first}-{last}"),
         clash,
     }
+}
+
+/// Record `seq` of a simulated gateway, as one line of JSON; `salt` makes a clone's differ.
+fn record_line(seq: u64, salt: &str) -> String {
+    format!(
+        r#"{{"seq":{seq},"ts_ms":{},"topic":"site/line-{}/temp","payload":{{"t":{}.{},"src":"{salt}"}}}}"#,
+        1_763_700_000_000u64 + seq * 1000,
+        seq % 8,
+        20 + seq % 10,
+        seq % 100
+    )
 }
 
 /// After the run: every device listed, every record delivered, nothing missing, the account

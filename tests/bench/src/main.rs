@@ -173,7 +173,7 @@ fn main() {
     let started = Instant::now();
 
     let mut rows = Vec::new();
-    let sections: [(&str, &Section<'_>); 9] = [
+    let sections: [(&'static str, &Section<'_>); 9] = [
         ("binary size", &|r| binary_sizes(&args, r)),
         ("durable append", &|r| append(&args, &sizes, r)),
         ("disk use after churn", &|r| churn(&args, &sizes, r)),
@@ -228,11 +228,7 @@ fn main() {
         let before = rows.len();
         if let Err(e) = run(&mut rows) {
             eprintln!("   {name} failed: {e}");
-            rows.push(Row::missing(
-                section_of(name),
-                format!("{name}: failed"),
-                e.to_string(),
-            ));
+            rows.push(Row::missing(name, format!("{name}: failed"), e.to_string()));
         }
         for r in &rows[before..] {
             println!(
@@ -276,19 +272,6 @@ fn main() {
 /// limit: a token bucket of one second lets `limit` through at once, the rest at the limit.
 fn burst_bound(backlog: f64, limit: f64) -> f64 {
     backlog / (backlog - limit).max(limit) * 1.03
-}
-
-fn section_of(name: &str) -> &'static str {
-    match name {
-        "binary size" => "binary size",
-        "durable append" => "durable append",
-        "disk use after churn" => "disk use after churn",
-        "backlog: open, RSS, drain" => "backlog: open, RSS, drain",
-        wear::SECTION => wear::SECTION,
-        wear::E2E_SECTION => wear::E2E_SECTION,
-        fleet::SECTION => fleet::SECTION,
-        _ => "MQTT ingest",
-    }
 }
 
 fn sizes_text(s: &Sizes) -> String {

@@ -130,7 +130,8 @@ pub struct DeviceSummary {
     pub gaps: Vec<Gap>,
     /// The most recently clashing seqs (at most [`MAX_CLASHES`]), ascending by seq.
     pub clashes: Vec<Clash>,
-    /// Clashing records refused since this start, including those no longer in `clashes`.
+    /// Clashing records refused (the files store: since its start), including those no longer in
+    /// `clashes`.
     pub clashes_total: u64,
     /// The completeness ledger, by the gateway's last account of what it holds.
     pub ledger: Ledger,
@@ -139,7 +140,7 @@ pub struct DeviceSummary {
     pub last_seen_ms: u64,
 }
 
-/// A seq that arrived with content other than the stored one, since this start.
+/// A seq that arrived with content other than the stored one (the files store: since its start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Clash {
     pub seq: u64,

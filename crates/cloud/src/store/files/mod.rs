@@ -310,7 +310,8 @@ impl FilesStore {
     }
 
     /// Appends `lines` to the device's records file (opened, or created and its directory synced,
-    /// at the first write of this start), without syncing it. A failed write is cut back.
+    /// when it is not open: it is closed whenever nothing waits for a sync), without syncing it.
+    /// A failed write is cut back.
     fn write_records(
         &self,
         device: &mut Device,

@@ -29,7 +29,10 @@
 //! connections have keepalives and `tcp_user_timeout`, so a dead peer is noticed.
 //!
 //! Not done: TLS to the database (`sslmode=require` is refused at start; run the center's
-//! database on a Unix socket or a private link); a `GET /v1/devices` reads every device row.
+//! database on a Unix socket or a private link); `GET /v1/devices` and `/metrics` read every
+//! device row, gap and clash per request; every batch rewrites its device's `delivered` ranges
+//! (a cost that grows with the device's holes, not its records); `GET .../records` holds up to
+//! [`MAX_RECORDS_READ`] per request in memory.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
