@@ -14,7 +14,8 @@
 //!   an alarm, never expected.
 //!
 //! `head_seq` is the gateway's reported head, or the highest seq stored or declared when that is
-//! higher (a report older than the data, or no report: an older agent, or, with the files store, none since its start).
+//! higher (a report older than the data, or no report: an older agent, or, with the files store,
+//! none since its start).
 //! Without a report every uncovered seq counts as waiting: nothing says it was delivered.
 
 use std::collections::BTreeMap;
@@ -50,6 +51,15 @@ impl Ledger {
     /// The account of a device with `records` stored, `gaps` declared (in the order stored) and
     /// `held` its last report.
     pub fn account(records: &RangeSet, gaps: &[Gap], held: Option<Held>) -> Ledger {
+        Self::account_and_covered(records, gaps, held).0
+    }
+
+    /// The account, and the seqs stored or declared (which the account is built from).
+    pub fn account_and_covered(
+        records: &RangeSet,
+        gaps: &[Gap],
+        held: Option<Held>,
+    ) -> (Ledger, RangeSet) {
         let mut covered = records.clone();
         let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
         for gap in gaps {
@@ -68,7 +78,7 @@ impl Ledger {
             ranges.truncate(MAX_RANGES);
             ranges
         };
-        Ledger {
+        let ledger = Ledger {
             head_seq,
             acked_seq,
             delivered: records.len(),
@@ -79,7 +89,8 @@ impl Ledger {
             missing_ranges: capped(missing_ranges),
             oldest_unsent_ts_ms: held.and_then(|h| h.oldest_unsent_ts_ms),
             reported: held.is_some(),
-        }
+        };
+        (ledger, covered)
     }
 
     /// Seqs in declared gaps, all reasons.

@@ -125,7 +125,8 @@ pub struct DeviceSummary {
     pub records: u64,
     /// Highest stored record seq, 0 when none.
     pub highest_seq: u64,
-    /// Ranges of `1..=max(highest record seq, highest gap seq)` covered by neither a record nor a gap.
+    /// The lowest [`MAX_RANGES`](crate::ledger::MAX_RANGES) ranges of
+    /// `1..=max(highest record seq, highest gap seq)` covered by neither a record nor a gap.
     pub missing: Vec<(u64, u64)>,
     pub gaps: Vec<Gap>,
     /// The most recently clashing seqs (at most [`MAX_CLASHES`]), ascending by seq.
@@ -284,18 +285,16 @@ impl DeviceSummary {
         if records.is_empty() && gaps.is_empty() && held.is_none() {
             return None;
         }
-        let mut covered = records.clone();
-        for gap in &gaps {
-            covered.insert_range(gap.from_seq, gap.to_seq);
-        }
-        let upper = covered.max().unwrap_or(0);
+        let (ledger, covered) = Ledger::account_and_covered(records, &gaps, held);
+        let mut missing = covered.complement(1, covered.max().unwrap_or(0));
+        missing.truncate(crate::ledger::MAX_RANGES);
         clashes.sort_by_key(|c| c.seq);
         Some(DeviceSummary {
             device_id,
             records: records.len(),
             highest_seq: records.max().unwrap_or(0),
-            missing: covered.complement(1, upper),
-            ledger: Ledger::account(records, &gaps, held),
+            missing,
+            ledger,
             gaps,
             clashes,
             clashes_total,
@@ -342,4 +341,25 @@ fn note_clashes(clashes: &mut Vec<Clash>, seqs: &[u64], now_ms: u64) -> u64 {
 /// both stores refuse the same ids, so that a fleet can move from one to the other.
 fn is_reserved(device_id: &str) -> bool {
     device_id.ends_with(".gaps")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_with_many_holes_lists_the_lowest_of_them_and_counts_them_all() {
+        // Regression: the summary's `missing` listed every uncovered range, without bound.
+        let mut records = RangeSet::new();
+        for seq in (1..=401).step_by(2) {
+            records.insert(seq);
+        }
+        let summary =
+            DeviceSummary::from_parts("gw".into(), &records, Vec::new(), Vec::new(), 0, None, 0)
+                .expect("a device with records");
+        assert_eq!(summary.missing.len(), crate::ledger::MAX_RANGES);
+        assert_eq!(summary.missing[0], (2, 2));
+        assert_eq!(summary.ledger.waiting, 200);
+        assert!(summary.ledger.balances());
+    }
 }
