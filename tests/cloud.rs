@@ -306,8 +306,11 @@ fn ledger_and_fleet_states(backend: &Backend) {
         json!({"device_id": device, "records": records,
                "held": {"head_seq": head, "acked_seq": acked, "oldest_unsent_ts_ms": 1_000}})
     };
-    // gw-behind: 1..=100 delivered, the gateway holds up to 250.
-    assert_eq!(cloud.post_gzip(&batch("gw-behind", 1..=100, 250, 0)).0, 200);
+    // gw-lagging: 1..=100 delivered, the gateway holds up to 250.
+    assert_eq!(
+        cloud.post_gzip(&batch("gw-lagging", 1..=100, 250, 0)).0,
+        200
+    );
     // gw-done: everything it holds is here.
     assert_eq!(cloud.post_gzip(&batch("gw-done", 1..=50, 50, 0)).0, 200);
     assert_eq!(cloud.post_gzip(&batch("gw-done", 51..=60, 60, 50)).0, 200);
@@ -318,7 +321,7 @@ fn ledger_and_fleet_states(backend: &Backend) {
     assert_eq!(cloud.post_gzip(&batch("gw-done", 1..=50, 50, 0)).0, 200);
 
     let ledger = |id: &str| cloud.get_json(&format!("/v1/devices/{id}/ledger"));
-    let behind = ledger("gw-behind");
+    let behind = ledger("gw-lagging");
     assert_eq!(
         (&behind["delivered"], &behind["waiting"], &behind["missing"]),
         (&json!(100), &json!(150), &json!(0)),
@@ -353,10 +356,13 @@ fn ledger_and_fleet_states(backend: &Backend) {
             .collect()
     };
     assert_eq!(ids("state=missing"), ["gw-hole"]);
-    assert_eq!(ids("state=behind"), ["gw-behind"]);
+    assert_eq!(ids("state=behind"), ["gw-lagging"]);
     assert_eq!(ids("state=healthy"), ["gw-done"]);
-    assert_eq!(ids("sort=waiting&limit=1"), ["gw-behind"]);
-    assert_eq!(ids("offset=1&limit=1"), ["gw-done"]);
+    // Sorted by id the lagging one is last; by waiting (or missing) seqs, first.
+    assert_eq!(ids(""), ["gw-done", "gw-hole", "gw-lagging"]);
+    assert_eq!(ids("sort=waiting&limit=1"), ["gw-lagging"]);
+    assert_eq!(ids("sort=missing&limit=1"), ["gw-hole"]);
+    assert_eq!(ids("offset=1&limit=1"), ["gw-hole"]);
     assert_eq!(ids("prefix=gw-h"), ["gw-hole"]);
     assert_eq!(cloud.get_json("/v1/devices?limit=1")["total"], 3);
     let (status, answer) = cloud.get("/v1/devices?state=lost");
@@ -376,6 +382,43 @@ fn ledger_and_fleet_states(backend: &Backend) {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
     }
+}
+
+/// `--silent-after`: a device that sent nothing for that long is `silent`, and `sort=last_seen`
+/// puts the longest silent first.
+#[test]
+fn a_device_that_stops_sending_turns_silent_and_sorts_first_by_last_seen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path(), &["--silent-after", "2"]);
+    let batch = |device: &str| {
+        json!({"device_id": device, "records": [{"seq": 1, "ts_ms": 1, "topic": "t", "payload": 1}],
+               "held": {"head_seq": 1, "acked_seq": 0}})
+    };
+    let ids = |query: &str| -> Vec<String> {
+        let v = cloud.get_json(&format!("/v1/devices?{query}"));
+        v["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| d["device_id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(cloud.post_gzip(&batch("gw-old")).0, 200);
+    assert_eq!(ids("state=silent"), Vec::<String>::new());
+    util::wait_until("gw-old to turn silent", Duration::from_secs(20), || {
+        ids("state=silent") == ["gw-old"]
+    });
+    assert_eq!(cloud.post_gzip(&batch("gw-new")).0, 200);
+    assert_eq!(ids(""), ["gw-new", "gw-old"]);
+    assert_eq!(ids("sort=last_seen"), ["gw-old", "gw-new"]);
+    assert_eq!(ids("state=silent"), ["gw-old"]);
+    let (_, metrics) = cloud.get("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "ferry_cloud_devices{state=\"silent\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// A fleet larger than the receiver's open-file limit. With a records file kept open per device,
