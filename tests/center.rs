@@ -39,11 +39,7 @@ fn post_batch(http: &ureq::Agent, port: u16, body: &Value) -> (u16, Value) {
 }
 
 fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+    http_client(Duration::from_secs(30))
 }
 
 fn ledger(cloud: &Cloud, device: &str) -> Option<Value> {
@@ -165,9 +161,10 @@ fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
         .iter()
         .map(|id| {
             let dir = tmp.path().join(id);
-            let control = free_port();
-            let config = edited(
-                agent_config(&dir, broker.port, &nginx.url(), control, "", ""),
+            let agent = Agent::standard_edited(
+                &dir,
+                broker.port,
+                &nginx.url(),
                 &[
                     ("id = \"gw-test\"", &format!("id = \"{id}\"")),
                     (
@@ -177,7 +174,6 @@ fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
                     ("batch_max_records = 100", "batch_max_records = 25"),
                 ],
             );
-            let agent = Agent::start(&dir, &config, control);
             agent.wait_connected();
             agent
         })

@@ -103,11 +103,7 @@ impl Cloud {
             child,
             base: String::new(),
             stderr,
-            http: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .build()
-                .into(),
+            http: util::http_client(Duration::from_secs(10)),
         };
         let line = line.expect("ferry-cloud printed its address");
         let addr = line

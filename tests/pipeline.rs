@@ -283,12 +283,12 @@ fn the_center_ledger_follows_a_gateway_behind_until_it_drained() {
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let dir = tmp.path().join("agent");
-    let control = free_port();
-    let config = edited(
-        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+    let agent = Agent::standard_edited(
+        &dir,
+        broker.port,
+        &cloud.url(),
         &[("[uplink]\n", "[uplink]\nmax_records_per_sec = 200\n")],
     );
-    let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
     publish(broker.port, "sensors/ledger", numbered(0..N));
     let ledger = || -> Option<serde_json::Value> {
@@ -730,15 +730,15 @@ fn with_commit_wait(tmp: &std::path::Path, wait: &str) -> (Mosquitto, Cloud, Age
     let broker = Mosquitto::start(&tmp.join("mqtt"));
     let cloud = Cloud::start(&tmp.join("cloud"));
     let dir = tmp.join("agent");
-    let control = free_port();
-    let config = edited(
-        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+    let agent = Agent::standard_edited(
+        &dir,
+        broker.port,
+        &cloud.url(),
         &[(
             "max_bytes = \"64MiB\"",
             &format!("max_bytes = \"64MiB\"\ncommit_wait = \"{wait}\""),
         )],
     );
-    let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
     (broker, cloud, agent)
 }

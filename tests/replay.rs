@@ -24,9 +24,10 @@ fn a_backlog_drains_at_the_configured_rate() {
     let mut cloud = Cloud::start(&tmp.path().join("cloud"));
     cloud.stop();
     let dir = tmp.path().join("agent");
-    let control = free_port();
-    let config = edited(
-        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+    let agent = Agent::standard_edited(
+        &dir,
+        broker.port,
+        &cloud.url(),
         &[
             (
                 "batch_max_records = 100",
@@ -35,7 +36,6 @@ fn a_backlog_drains_at_the_configured_rate() {
             ("max_bytes = \"64MiB\"", "max_bytes = \"1GiB\""),
         ],
     );
-    let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
 
     let t = Instant::now();
@@ -120,12 +120,12 @@ fn pushback_from_the_cloud_slows_the_drain_by_itself() {
     );
     cloud.stop();
     let dir = tmp.path().join("agent");
-    let control = free_port();
-    let config = edited(
-        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+    let agent = Agent::standard_edited(
+        &dir,
+        broker.port,
+        &cloud.url(),
         &[("batch_max_records = 100", "batch_max_records = 500")],
     );
-    let agent = Agent::start(&dir, &config, control);
     agent.wait_connected();
     publish(broker.port, "sensors/storm", numbered(0..TOTAL));
     wait_until("backlog journaled", Duration::from_secs(60), || {

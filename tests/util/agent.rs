@@ -89,12 +89,22 @@ impl Agent {
 
     /// A standard agent against `mqtt_port` and `uplink_url`.
     pub fn standard(dir: &Path, mqtt_port: u16, uplink_url: &str) -> Agent {
+        Self::standard_edited(dir, mqtt_port, uplink_url, &[])
+    }
+
+    /// A standard agent with `edits` made to its config (see [`edited`]).
+    pub fn standard_edited(
+        dir: &Path,
+        mqtt_port: u16,
+        uplink_url: &str,
+        edits: &[(&str, &str)],
+    ) -> Agent {
         let control = free_port();
-        Self::start(
-            dir,
-            &agent_config(dir, mqtt_port, uplink_url, control, "", ""),
-            control,
-        )
+        let config = edited(
+            agent_config(dir, mqtt_port, uplink_url, control, "", ""),
+            edits,
+        );
+        Self::start(dir, &config, control)
     }
 
     fn spawn(&mut self) {

@@ -95,3 +95,12 @@ pub fn content_length(head: &[u8]) -> Option<usize> {
         }
     })
 }
+
+/// A ureq client for tests: statuses as answers (not errors), and a deadline on every request.
+pub fn http_client(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
