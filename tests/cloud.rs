@@ -37,6 +37,23 @@ enum Backend {
     Postgres(ferry_testkit::Postgres),
 }
 
+/// Two tests of one body, taking a [`Backend`]: on the files store, and on PostgreSQL.
+macro_rules! on_both_stores {
+    ($files:ident, $postgres:ident, $body:ident) => {
+        #[test]
+        fn $files() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            $body(&Backend::files(dir.path()));
+        }
+
+        #[test]
+        fn $postgres() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            $body(&Backend::postgres(dir.path()));
+        }
+    };
+}
+
 impl Backend {
     fn files(dir: &Path) -> Backend {
         Backend::Files(dir.to_path_buf())
@@ -141,6 +158,17 @@ impl Cloud {
         (status, response.body_mut().read_to_string().expect("body"))
     }
 
+    /// The ids `GET /v1/devices?<query>` lists, in its order.
+    fn device_ids(&self, query: &str) -> Vec<String> {
+        let v = self.get_json(&format!("/v1/devices?{query}"));
+        v["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| d["device_id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     fn get_json(&self, path: &str) -> Value {
         let (status, text) = self.get(path);
         assert_eq!(status, 200, "GET {path}: {text}");
@@ -187,17 +215,11 @@ fn example_batch() -> Value {
            "gaps": [{"from_seq": 1, "to_seq": 2, "reason": "journal_full"}]})
 }
 
-#[test]
-fn batches_are_stored_once_and_dedupe_survives_a_restart() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    stored_once_and_deduped_across_a_restart(&Backend::files(dir.path()));
-}
-
-#[test]
-fn batches_are_stored_once_and_dedupe_survives_a_restart_on_postgres() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    stored_once_and_deduped_across_a_restart(&Backend::postgres(dir.path()));
-}
+on_both_stores!(
+    batches_are_stored_once_and_dedupe_survives_a_restart,
+    batches_are_stored_once_and_dedupe_survives_a_restart_on_postgres,
+    stored_once_and_deduped_across_a_restart
+);
 
 fn stored_once_and_deduped_across_a_restart(backend: &Backend) {
     let mut cloud = Cloud::start_on(backend, &[]);
@@ -278,21 +300,15 @@ fn stored_once_and_deduped_across_a_restart(backend: &Backend) {
     );
 }
 
+on_both_stores!(
+    the_ledger_tells_waiting_from_missing_and_the_fleet_filters_by_state,
+    the_ledger_tells_waiting_from_missing_and_the_fleet_filters_by_state_on_postgres,
+    ledger_and_fleet_states
+);
+
 /// The completeness ledger through the binary: a gateway behind is `behind` (its seqs waiting),
 /// one whose cursor claims seqs the center does not have is `missing` (an alarm), and the
 /// fleet list filters, pages and sorts by it; `/metrics` adds it up.
-#[test]
-fn the_ledger_tells_waiting_from_missing_and_the_fleet_filters_by_state() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    ledger_and_fleet_states(&Backend::files(dir.path()));
-}
-
-#[test]
-fn the_ledger_tells_waiting_from_missing_and_the_fleet_filters_by_state_on_postgres() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    ledger_and_fleet_states(&Backend::postgres(dir.path()));
-}
-
 fn ledger_and_fleet_states(backend: &Backend) {
     let cloud = Cloud::start_on(backend, &[]);
     let batch = |device: &str, seqs: std::ops::RangeInclusive<u64>, head: u64, acked: u64| {
@@ -342,15 +358,7 @@ fn ledger_and_fleet_states(backend: &Backend) {
     let (status, _) = cloud.get("/v1/devices/gw-nobody/ledger");
     assert_eq!(status, 404);
 
-    let ids = |query: &str| -> Vec<String> {
-        let v = cloud.get_json(&format!("/v1/devices?{query}"));
-        v["devices"]
-            .as_array()
-            .expect("devices")
-            .iter()
-            .map(|d| d["device_id"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    };
+    let ids = |query: &str| cloud.device_ids(query);
     assert_eq!(ids("state=missing"), ["gw-hole"]);
     assert_eq!(ids("state=behind"), ["gw-lagging"]);
     assert_eq!(ids("state=healthy"), ["gw-done"]);
@@ -390,15 +398,7 @@ fn a_device_that_stops_sending_turns_silent_and_sorts_first_by_last_seen() {
         json!({"device_id": device, "records": [{"seq": 1, "ts_ms": 1, "topic": "t", "payload": 1}],
                "held": {"head_seq": 1, "acked_seq": 0}})
     };
-    let ids = |query: &str| -> Vec<String> {
-        let v = cloud.get_json(&format!("/v1/devices?{query}"));
-        v["devices"]
-            .as_array()
-            .expect("devices")
-            .iter()
-            .map(|d| d["device_id"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    };
+    let ids = |query: &str| cloud.device_ids(query);
     assert_eq!(cloud.post_gzip(&batch("gw-old")).0, 200);
     assert_eq!(ids("state=silent"), Vec::<String>::new());
     util::wait_until("gw-old to turn silent", Duration::from_secs(20), || {
@@ -470,17 +470,11 @@ fn batch_from(name: &str, seqs: std::ops::RangeInclusive<u64>) -> Value {
     json!({"device_id": "gw-x", "records": records})
 }
 
-#[test]
-fn a_seq_resent_with_other_content_is_an_identity_clash_across_restarts() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    identity_clash_across_restarts(&Backend::files(dir.path()));
-}
-
-#[test]
-fn a_seq_resent_with_other_content_is_an_identity_clash_across_restarts_on_postgres() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    identity_clash_across_restarts(&Backend::postgres(dir.path()));
-}
+on_both_stores!(
+    a_seq_resent_with_other_content_is_an_identity_clash_across_restarts,
+    a_seq_resent_with_other_content_is_an_identity_clash_across_restarts_on_postgres,
+    identity_clash_across_restarts
+);
 
 fn identity_clash_across_restarts(backend: &Backend) {
     let mut cloud = Cloud::start_on(backend, &[]);
