@@ -359,6 +359,39 @@ fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
     );
 }
 
+/// After the database restarts, a replica's pooled connections are all broken. The first request
+/// on each was answered 503 (the agent retried); each request now runs again, once, on a new
+/// connection: the first batch after the restart is stored at once, and so is the first read.
+#[test]
+fn the_first_requests_after_a_database_restart_are_served_not_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pg = postgres(tmp.path());
+    let cloud = Cloud::start_postgres(&tmp.path().join("a"), &pg.url(), &[]);
+    let batch = |seq: u64| {
+        json!({"device_id": "gw-1", "records": [
+            {"seq": seq, "ts_ms": 1, "topic": "t", "payload": {"n": seq - 1}}]})
+    };
+    // Several requests at once, so that the pool holds several connections.
+    let posts: Vec<_> = (1..=4)
+        .map(|seq| {
+            let (port, body) = (cloud.port, batch(seq));
+            thread::spawn(move || post_batch(&http(), port, &body).0)
+        })
+        .collect();
+    for post in posts {
+        assert_eq!(post.join().unwrap(), 200);
+    }
+    pg.kill();
+    pg.start_again().unwrap_or_else(|e| panic!("{e}"));
+
+    let body = batch(5).to_string();
+    let (status, answer) = http_post_body(cloud.port, "/v1/ingest", body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = http_status(cloud.port, "GET", "/v1/devices", None);
+    assert_eq!(status, 200, "{answer}");
+    assert_exactly_once(&cloud.records("gw-1"), 5);
+}
+
 /// The schema is the service's: replicas started at once on an empty database migrate it once
 /// (under an advisory lock) and all serve; a database migrated by a newer `ferry-cloud` is
 /// refused at start with a message that says so, and nothing is written to it.

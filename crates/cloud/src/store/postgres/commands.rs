@@ -239,14 +239,14 @@ impl PgCommands {
             })
     }
 
+    /// See [`Pool::run`]: each use here is one transaction or one statement, and runs again
+    /// harmlessly, except that a count (`sent`, `connections`) whose answer was lost with its
+    /// connection may be counted once more.
     fn with<T>(
         &self,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, Error>,
+        f: impl FnMut(&mut postgres::Client) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let mut client = self.pool.client()?;
-        let out = f(&mut client);
-        self.pool.give_back(client);
-        out
+        self.pool.run(f)
     }
 }
 

@@ -248,21 +248,20 @@ impl PgStore {
             });
         }
         let now_ms = ferry_util::epoch_ms(SystemTime::now());
-        let mut client = self.client()?;
-        let result = match ingest_in(&mut client, batch, now_ms) {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(clashing)) => {
-                // The batch's transaction was rolled back; remember the clash in a new one.
-                note_clash_rows(&mut client, device_id, &clashing, now_ms)?;
-                Err(Error::Clash {
-                    device_id: device_id.clone(),
-                    seq: clashing[0],
-                })
-            }
-            Err(e) => Err(e),
-        };
-        self.give_back(client);
-        result
+        // Run again on a fresh connection after a broken one is safe: a batch whose COMMIT did
+        // go through is found stored (duplicates), never stored twice.
+        self.pool
+            .run(|client| match ingest_in(client, batch, now_ms)? {
+                Ok(outcome) => Ok(outcome),
+                Err(clashing) => {
+                    // The batch's transaction was rolled back; remember the clash in a new one.
+                    note_clash_rows(client, device_id, &clashing, now_ms)?;
+                    Err(Error::Clash {
+                        device_id: device_id.clone(),
+                        seq: clashing[0],
+                    })
+                }
+            })
     }
 
     /// See [`super::Store::report`].
@@ -270,26 +269,25 @@ impl PgStore {
         if is_reserved(device_id) || i64::try_from(held.head_seq.max(held.acked_seq)).is_err() {
             return Ok(());
         }
-        let mut client = self.client()?;
-        let mut tx = client.transaction().map_err(db("cannot begin"))?;
-        let row = lock_device(&mut tx, device_id)?;
-        let held = ledger::later(row.held, held);
-        tx.execute(
-            "UPDATE ferry_devices SET head_seq = $2, acked_seq = $3, oldest_unsent_ts_ms = $4,
+        self.pool.run(|client| {
+            let mut tx = client.transaction().map_err(db("cannot begin"))?;
+            let row = lock_device(&mut tx, device_id)?;
+            let held = ledger::later(row.held, held);
+            tx.execute(
+                "UPDATE ferry_devices SET head_seq = $2, acked_seq = $3, oldest_unsent_ts_ms = $4,
                  last_seen_ms = GREATEST(last_seen_ms, $5)
              WHERE device_id = $1",
-            &[
-                &device_id,
-                &to_i64(held.head_seq),
-                &to_i64(held.acked_seq),
-                &held.oldest_unsent_ts_ms.map(to_i64),
-                &to_i64(now_ms),
-            ],
-        )
-        .map_err(db("cannot update the device"))?;
-        tx.commit().map_err(db("cannot commit"))?;
-        self.give_back(client);
-        Ok(())
+                &[
+                    &device_id,
+                    &to_i64(held.head_seq),
+                    &to_i64(held.acked_seq),
+                    &held.oldest_unsent_ts_ms.map(to_i64),
+                    &to_i64(now_ms),
+                ],
+            )
+            .map_err(db("cannot update the device"))?;
+            tx.commit().map_err(db("cannot commit"))
+        })
     }
 
     /// See [`super::Store::devices`].
@@ -304,63 +302,7 @@ impl PgStore {
 
     /// The summaries of every device, or of one.
     fn summaries(&self, only: Option<&str>) -> Result<Vec<DeviceSummary>, Error> {
-        let mut client = self.client()?;
-        // One snapshot for the three reads, so that a batch committed between them is seen in
-        // all or none.
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(db("cannot begin"))?;
-        let filter = "($1::text IS NULL OR device_id = $1)";
-        let mut gaps: BTreeMap<String, Vec<Gap>> = BTreeMap::new();
-        for row in tx
-            .query(
-                &format!(
-                    "SELECT device_id, from_seq, to_seq, reason FROM ferry_gaps
-                     WHERE {filter} ORDER BY id"
-                ),
-                &[&only],
-            )
-            .map_err(db("cannot read the gaps"))?
-        {
-            let device_id: String = row.get(0);
-            let reason = gap_reason(&device_id, row.get(3))?;
-            gaps.entry(device_id).or_default().push(Gap {
-                from_seq: to_u64(row.get(1)),
-                to_seq: to_u64(row.get(2)),
-                reason,
-            });
-        }
-        let mut clashes: BTreeMap<String, Vec<Clash>> = BTreeMap::new();
-        for row in tx
-            .query(
-                &format!(
-                    "SELECT device_id, seq, first_seen_ms, last_seen_ms, count FROM ferry_clashes
-                     WHERE {filter}"
-                ),
-                &[&only],
-            )
-            .map_err(db("cannot read the clashes"))?
-        {
-            clashes
-                .entry(row.get(0))
-                .or_default()
-                .push(clash_of(&row, 1));
-        }
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms,
-                         last_seen_ms, clashes_total
-                     FROM ferry_devices WHERE {filter} ORDER BY device_id"
-                ),
-                &[&only],
-            )
-            .map_err(db("cannot read the devices"))?;
-        tx.commit().map_err(db("cannot end the read"))?;
-        self.give_back(client);
+        let (mut gaps, mut clashes, rows) = self.pool.run(|client| read_summaries(client, only))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let device_id: String = row.get(0);
@@ -430,14 +372,22 @@ impl PgStore {
 impl Pool {
     /// An idle pooled connection, or a new one.
     pub fn client(&self) -> Result<Client, Error> {
+        self.take().map(|(client, _)| client)
+    }
+
+    /// An idle pooled connection (`true`), or a new one (`false`).
+    fn take(&self) -> Result<(Client, bool), Error> {
         loop {
             let idle = lock(&self.idle).pop();
             match idle {
                 Some(client) if client.is_closed() => {}
-                Some(client) => return Ok(client),
-                None => break,
+                Some(client) => return Ok((client, true)),
+                None => return Ok((self.connect()?, false)),
             }
         }
+    }
+
+    fn connect(&self) -> Result<Client, Error> {
         // The callers say the error (each at its own rate); this is for a closer look.
         self.config.connect(NoTls).map_err(|source| {
             debug!(
@@ -452,11 +402,96 @@ impl Pool {
         })
     }
 
+    /// Runs `f` on a pooled connection. A pooled connection can have been broken while idle (the
+    /// database restarted): when `f` fails on one found closed, it runs once more on a new
+    /// connection. So `f` must be safe to run twice (each of its transactions commits whole
+    /// or not at all, and running it again after a commit changes nothing).
+    pub fn run<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T, Error>) -> Result<T, Error> {
+        let (mut client, pooled) = self.take()?;
+        let result = f(&mut client);
+        if pooled && client.is_closed() && matches!(result, Err(Error::Database { .. })) {
+            debug!("a pooled connection was broken; running again on a new one");
+            client = self.connect()?;
+            let again = f(&mut client);
+            self.give_back(client);
+            return again;
+        }
+        self.give_back(client);
+        result
+    }
+
     /// Returns a connection to the pool after a use that ended cleanly (an error that broke the
     /// connection leaves it closed, and it is dropped at the next take).
     pub fn give_back(&self, client: Client) {
         lock(&self.idle).push(client);
     }
+}
+
+/// What the summaries are built from, read in one snapshot: gaps and clashes by device, and the
+/// device rows.
+type SummaryRows = (
+    BTreeMap<String, Vec<Gap>>,
+    BTreeMap<String, Vec<Clash>>,
+    Vec<postgres::Row>,
+);
+
+fn read_summaries(client: &mut Client, only: Option<&str>) -> Result<SummaryRows, Error> {
+    // One snapshot for the three reads, so that a batch committed between them is seen in
+    // all or none.
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(db("cannot begin"))?;
+    let filter = "($1::text IS NULL OR device_id = $1)";
+    let mut gaps: BTreeMap<String, Vec<Gap>> = BTreeMap::new();
+    for row in tx
+        .query(
+            &format!(
+                "SELECT device_id, from_seq, to_seq, reason FROM ferry_gaps
+                     WHERE {filter} ORDER BY id"
+            ),
+            &[&only],
+        )
+        .map_err(db("cannot read the gaps"))?
+    {
+        let device_id: String = row.get(0);
+        let reason = gap_reason(&device_id, row.get(3))?;
+        gaps.entry(device_id).or_default().push(Gap {
+            from_seq: to_u64(row.get(1)),
+            to_seq: to_u64(row.get(2)),
+            reason,
+        });
+    }
+    let mut clashes: BTreeMap<String, Vec<Clash>> = BTreeMap::new();
+    for row in tx
+        .query(
+            &format!(
+                "SELECT device_id, seq, first_seen_ms, last_seen_ms, count FROM ferry_clashes
+                     WHERE {filter}"
+            ),
+            &[&only],
+        )
+        .map_err(db("cannot read the clashes"))?
+    {
+        clashes
+            .entry(row.get(0))
+            .or_default()
+            .push(clash_of(&row, 1));
+    }
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms,
+                         last_seen_ms, clashes_total
+                     FROM ferry_devices WHERE {filter} ORDER BY device_id"
+            ),
+            &[&only],
+        )
+        .map_err(db("cannot read the devices"))?;
+    tx.commit().map_err(db("cannot end the read"))?;
+    Ok((gaps, clashes, rows))
 }
 
 /// The batch's transaction: lock the device, check clashes, insert, update the ledger, commit.
