@@ -434,10 +434,15 @@ fn commit_wait_groups_spaced_messages_and_the_disk_writes_are_reported() {
         std::thread::sleep(Duration::from_millis(25));
     }
     let span = started.elapsed();
+    // The upload can be acknowledged before the mqtt thread has sent (and counted) the last
+    // group's PUBACKs: both are waited for.
     wait_until(
-        "all journaled and delivered",
+        "all journaled, delivered and PUBACKed",
         Duration::from_secs(30),
-        || agent.status()["acked_seq"] == N as u64,
+        || {
+            let st = agent.status();
+            st["acked_seq"] == N as u64 && st["puback_delay"]["count"] == N as u64
+        },
     );
 
     let st = agent.status();
@@ -643,8 +648,9 @@ fn pubacks_go_out_when_the_commit_is_done_not_at_the_next_poll() {
     );
     agent.wait_connected();
     publish(broker.port, "sensors/window-of-one", numbered(0..N));
-    wait_until("all journaled", Duration::from_secs(60), || {
-        agent.status()["head_seq"] == N
+    wait_until("all journaled and PUBACKed", Duration::from_secs(60), || {
+        let st = agent.status();
+        st["head_seq"] == N && st["puback_delay"]["count"] == N
     });
     let delays = &agent.status()["puback_delay"];
     let nums = |v: &serde_json::Value| -> Vec<u64> {
