@@ -648,10 +648,14 @@ fn pubacks_go_out_when_the_commit_is_done_not_at_the_next_poll() {
     );
     agent.wait_connected();
     publish(broker.port, "sensors/window-of-one", numbered(0..N));
-    wait_until("all journaled and PUBACKed", Duration::from_secs(60), || {
-        let st = agent.status();
-        st["head_seq"] == N && st["puback_delay"]["count"] == N
-    });
+    wait_until(
+        "all journaled and PUBACKed",
+        Duration::from_secs(60),
+        || {
+            let st = agent.status();
+            st["head_seq"] == N && st["puback_delay"]["count"] == N
+        },
+    );
     let delays = &agent.status()["puback_delay"];
     let nums = |v: &serde_json::Value| -> Vec<u64> {
         v.as_array()
@@ -747,4 +751,42 @@ fn with_commit_wait(tmp: &std::path::Path, wait: &str) -> (Mosquitto, Cloud, Age
     );
     agent.wait_connected();
     (broker, cloud, agent)
+}
+
+/// With `journal.commit_wait`, the `mqtt` thread used to stretch its poll with the whole wait
+/// (a quarter of it, up to 50 ms), so each group's PUBACKs went out that much after the commit.
+/// It now sleeps towards the expected commit and then looks often: a lone message's PUBACK
+/// delay is the wait plus what it is without a wait (the commit), not a poll more.
+#[test]
+fn commit_wait_pubacks_follow_the_commit_not_a_stretched_poll() {
+    const N: u64 = 8;
+    // Mean PUBACK delay of N lone messages (each a group of its own) with a given commit_wait.
+    let mean_delay_ms = |wait: &str| -> f64 {
+        let tmp = tempfile::tempdir().unwrap();
+        let (broker, _cloud, agent) = with_commit_wait(tmp.path(), wait);
+        for i in 0..N {
+            publish(broker.port, "sensors/lone", numbered(i..i + 1));
+            let want = i + 1;
+            wait_until("the message PUBACKed", Duration::from_secs(10), || {
+                agent.status()["puback_delay"]["count"] == want
+            });
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let st = agent.status();
+        assert_eq!(
+            st["totals"]["journal_commits"], N,
+            "one group per message: {st}"
+        );
+        let mean = st["puback_delay"]["sum_ms"].as_f64().unwrap() / N as f64;
+        eprintln!("commit_wait {wait}: mean PUBACK delay {mean:.1} ms");
+        mean
+    };
+    let without = mean_delay_ms("0ms");
+    let with = mean_delay_ms("200ms");
+    // The stretched poll added some 25 ms on average (measured 19 to 35 ms more than without).
+    assert!(
+        with - 200.0 < without + 10.0,
+        "PUBACKs trail their commit: mean delay {with:.1} ms with a 200 ms commit_wait, \
+         {without:.1} ms without one"
+    );
 }

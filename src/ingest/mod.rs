@@ -146,7 +146,7 @@ pub fn spawn(
         let cfg = cfg.clone();
         thread::Builder::new()
             .name("mqtt".into())
-            .spawn(move || MqttLoop::new(cfg, client_id, tx, shared).run())?
+            .spawn(move || MqttLoop::new(cfg, commit_wait, client_id, tx, shared).run())?
     };
     Ok(Ingest { mqtt, writer })
 }
@@ -205,6 +205,8 @@ struct MqttLoop {
     /// The durable watermark as last seen, and when it was seen to move (see `ack_poll`).
     durable_seen: u64,
     durable_moved: Instant,
+    /// `journal.commit_wait`: how long the writer may hold a group open (see `ack_poll`).
+    commit_wait: Duration,
     /// Test failpoint `FERRY_FAILPOINT=hold_pubacks`: no PUBACK is ever sent, so the broker holds
     /// every message it delivered in flight (a PUBACK backlog that never drains).
     hold_pubacks: bool,
@@ -213,6 +215,7 @@ struct MqttLoop {
 impl MqttLoop {
     fn new(
         cfg: MqttConfig,
+        commit_wait: Duration,
         client_id: String,
         tx: SyncSender<Delivery>,
         shared: Shared,
@@ -259,6 +262,7 @@ impl MqttLoop {
             behind_log: Repeats::new(REPEAT_LOG),
             durable_seen: 0,
             durable_moved: Instant::now(),
+            commit_wait,
             hold_pubacks: failpoint::is_set("hold_pubacks"),
         }
     }
@@ -290,16 +294,20 @@ impl MqttLoop {
         self.finish();
     }
 
-    /// The poll timeout while messages wait for their commit: a quarter of how long the current
-    /// wait has lasted (since the durable watermark last moved or the oldest waiting message
-    /// arrived, whichever is later), between `ACK_POLL` and `POLL`. So a PUBACK goes out at most
-    /// about a quarter of its commit's time after the commit (1 ms after a fast one), and a commit
-    /// the disk takes seconds over wakes this thread a few dozen times, not every millisecond.
+    /// The poll timeout while messages wait for their commit. The commit is expected
+    /// `commit_wait` after the current wait began (when the durable watermark last moved or the
+    /// oldest waiting message arrived, whichever is later; at once while the window is full, as
+    /// the writer then does not wait). Until then the loop sleeps towards that moment; after it,
+    /// the poll is a quarter of how long the commit has been overdue, between `ACK_POLL` and
+    /// `POLL`. So a PUBACK goes out at most about a quarter of its commit's own time after the
+    /// commit (1 ms after a fast one), whatever the `commit_wait`, and a commit the disk takes
+    /// seconds over wakes this thread a few dozen times, not every millisecond.
     fn ack_poll(&mut self) -> Duration {
         let durable = self.durable.load(Ordering::Acquire);
+        let now = Instant::now();
         if durable != self.durable_seen {
             self.durable_seen = durable;
-            self.durable_moved = Instant::now();
+            self.durable_moved = now;
         }
         let since = self
             .unacked
@@ -307,7 +315,16 @@ impl MqttLoop {
             .map_or(self.durable_moved, |&(_, _, _, arrived)| {
                 arrived.max(self.durable_moved)
             });
-        (since.elapsed() / 4).clamp(ACK_POLL, POLL)
+        let wait = if self.window_full.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            self.commit_wait
+        };
+        let expected = since + wait;
+        match expected.checked_duration_since(now) {
+            Some(left) if !left.is_zero() => left.clamp(ACK_POLL, POLL),
+            _ => (now.saturating_duration_since(expected) / 4).clamp(ACK_POLL, POLL),
+        }
     }
 
     fn on_event(&mut self, event: Event) {
