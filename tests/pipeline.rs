@@ -790,3 +790,31 @@ fn commit_wait_pubacks_follow_the_commit_not_a_stretched_poll() {
          {without:.1} ms without one"
     );
 }
+
+/// `/status` (and the console's `journal`, and the `held` the center is told) counted a group
+/// being committed in the backlog but looked for the oldest unsent record only among synced
+/// ones: during a slow commit it said "3 records waiting, nothing waiting". Both now count it.
+#[test]
+fn the_oldest_unsent_record_is_reported_while_its_commit_is_in_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let broker = Mosquitto::start(&tmp.join("mqtt"));
+    let cloud = Cloud::start(&tmp.join("cloud"));
+    let dir = tmp.join("agent");
+    let control = free_port();
+    let agent = Agent::start_with_env(
+        &dir,
+        &agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        control,
+        &[("FERRY_FAILPOINT", "slow_sync_ms=5000")],
+    );
+    agent.wait_connected();
+    publish(broker.port, "sensors/slow-card", numbered(0..3));
+    wait_until("3 records in the backlog", Duration::from_secs(10), || {
+        agent.status()["backlog_records"] == 3
+    });
+    let st = agent.status();
+    // The commit is still sleeping in its failpoint: nothing is durable or uploaded yet.
+    assert_eq!(st["acked_seq"], 0, "{st}");
+    assert!(st["oldest_unsent_age_s"].is_u64(), "{st}");
+}

@@ -221,10 +221,14 @@ impl Journal {
     }
 
     /// When the oldest record not yet acknowledged was received (ms since the epoch); `None` when
-    /// nothing is waiting. Gaps are skipped, and at most 64 entries are looked at.
+    /// nothing is waiting. Gaps are skipped, and at most 64 entries are looked at. Like
+    /// `backlog_records`, it counts records appended and not synced yet (a report, not a promise:
+    /// a group commit in progress must not read as "nothing waiting" beside a backlog).
     pub fn oldest_unsent_ts_ms(&self) -> Result<Option<u64>> {
         let mut st = self.lock();
-        let (from, end) = (st.acked + 1, st.durable);
+        // The log holds whole frames through `next_seq - 1`: an append writes its group's frames
+        // or fails and closes the log (`log_of` then refuses).
+        let (from, end) = (st.acked + 1, st.next_seq.saturating_sub(1));
         let mut ts = None;
         let mut seen = 0;
         let State { log, overlays, .. } = &mut *st;
