@@ -388,32 +388,87 @@ fn ledger_and_fleet_states(backend: &Backend) {
     }
 }
 
+on_both_stores!(
+    a_device_that_stops_sending_turns_silent_and_sorts_first_by_last_seen,
+    a_device_that_stops_sending_turns_silent_and_sorts_first_by_last_seen_on_postgres,
+    silent_and_last_seen
+);
+
 /// `--silent-after`: a device that sent nothing for that long is `silent`, and `sort=last_seen`
-/// puts the longest silent first.
-#[test]
-fn a_device_that_stops_sending_turns_silent_and_sorts_first_by_last_seen() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cloud = Cloud::start(dir.path(), &["--silent-after", "2"]);
+/// puts the longest silent first. Ids sort byte by byte on both stores (`gw-Z` before `gw-a`;
+/// the test's PostgreSQL collates en-US, where it is the other way round).
+fn silent_and_last_seen(backend: &Backend) {
+    let cloud = Cloud::start_on(backend, &["--silent-after", "2"]);
     let batch = |device: &str| {
         json!({"device_id": device, "records": [{"seq": 1, "ts_ms": 1, "topic": "t", "payload": 1}],
                "held": {"head_seq": 1, "acked_seq": 0}})
     };
     let ids = |query: &str| cloud.device_ids(query);
-    assert_eq!(cloud.post_gzip(&batch("gw-old")).0, 200);
+    assert_eq!(cloud.post_gzip(&batch("gw-a-old")).0, 200);
     assert_eq!(ids("state=silent"), Vec::<String>::new());
-    util::wait_until("gw-old to turn silent", Duration::from_secs(20), || {
-        ids("state=silent") == ["gw-old"]
+    util::wait_until("gw-a-old to turn silent", Duration::from_secs(20), || {
+        ids("state=silent") == ["gw-a-old"]
     });
-    assert_eq!(cloud.post_gzip(&batch("gw-new")).0, 200);
-    assert_eq!(ids(""), ["gw-new", "gw-old"]);
-    assert_eq!(ids("sort=last_seen"), ["gw-old", "gw-new"]);
-    assert_eq!(ids("state=silent"), ["gw-old"]);
+    assert_eq!(cloud.post_gzip(&batch("gw-Z-new")).0, 200);
+    assert_eq!(ids(""), ["gw-Z-new", "gw-a-old"]);
+    assert_eq!(ids("sort=last_seen"), ["gw-a-old", "gw-Z-new"]);
+    assert_eq!(ids("state=silent"), ["gw-a-old"]);
+    assert_eq!(ids("state=healthy"), ["gw-Z-new"]);
     let (_, metrics) = cloud.get("/metrics");
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "ferry_cloud_devices{state=\"silent\"} 1"),
-        "{metrics}"
+    for line in [
+        "ferry_cloud_devices{state=\"silent\"} 1",
+        "ferry_cloud_devices{state=\"healthy\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+}
+
+/// Schema version 3 keeps the ledger's counts in the device rows, for the fleet list and
+/// `/metrics` to be answered in SQL. A database written at version 2 has rows without them:
+/// the migration fills them, so that its devices are listed by state as before the upgrade.
+#[test]
+fn an_upgraded_database_lists_its_devices_by_their_ledger() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::postgres(dir.path());
+    let Backend::Postgres(pg) = &backend else {
+        unreachable!()
+    };
+    let batch = |device: &str, seqs: std::ops::RangeInclusive<u64>, head: u64, acked: u64| {
+        let records: Vec<Value> = seqs
+            .map(|s| json!({"seq": s, "ts_ms": 1, "topic": "t", "payload": s}))
+            .collect();
+        json!({"device_id": device, "records": records,
+               "held": {"head_seq": head, "acked_seq": acked}})
+    };
+    {
+        let cloud = Cloud::start_on(&backend, &[]);
+        assert_eq!(cloud.post_gzip(&batch("gw-hole", 1..=10, 40, 0)).0, 200);
+        assert_eq!(cloud.post_gzip(&batch("gw-hole", 21..=40, 40, 40)).0, 200);
+        assert_eq!(cloud.post_gzip(&batch("gw-lagging", 1..=5, 9, 0)).0, 200);
+    }
+    // Back to what version 2 wrote: no ledger columns, no indexes on them.
+    pg.psql(
+        "ALTER TABLE ferry_devices DROP COLUMN listed, DROP COLUMN ledger_delivered,
+             DROP COLUMN ledger_gaps, DROP COLUMN ledger_waiting, DROP COLUMN ledger_missing,
+             DROP COLUMN ledger_balanced;
+         UPDATE ferry_schema SET version = 2;",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cloud = Cloud::start_on(&backend, &[]);
+    assert_eq!(cloud.device_ids(""), ["gw-hole", "gw-lagging"]);
+    assert_eq!(cloud.device_ids("state=missing"), ["gw-hole"]);
+    assert_eq!(cloud.device_ids("state=behind"), ["gw-lagging"]);
+    let (_, metrics) = cloud.get("/metrics");
+    for line in [
+        "ferry_cloud_ledger_missing_records 10",
+        "ferry_cloud_ledger_waiting_records 4",
+        "ferry_cloud_ledger_delivered_records 35",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    assert_eq!(
+        pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
+        "3"
     );
 }
 

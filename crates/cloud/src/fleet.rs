@@ -1,7 +1,8 @@
 //! The fleet as an operator reads it: `GET /v1/devices` (paged, sorted, filtered by state and id
 //! prefix), `GET /v1/devices/<id>/ledger` (one device's account, see [`ledger`](crate::ledger)) and
-//! `GET /metrics` (fleet totals in Prometheus text). Pure: the HTTP layer hands it the store's
-//! summaries and the time.
+//! `GET /metrics` (fleet totals in Prometheus text). Pure: the store selects the page
+//! ([`select`] for a store that holds every summary in memory; PostgreSQL in SQL, by the same
+//! rules) and adds up the [`Totals`]; this module parses the query and writes the answers.
 //!
 //! A device's states, any of which it may be in at once:
 //! - `clash`: another gateway sent its seqs with other content (a cloned image; the files store
@@ -21,11 +22,11 @@ use crate::store::DeviceSummary;
 pub const DEFAULT_LIMIT: usize = 1000;
 pub const MAX_LIMIT: usize = 10_000;
 
-const STATES: [&str; 5] = ["clash", "missing", "behind", "silent", "healthy"];
+pub const STATES: [&str; 5] = ["clash", "missing", "behind", "silent", "healthy"];
 
-/// How the list is ordered.
+/// How the list is ordered; ties (and `Id`) by device id, ascending, byte by byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sort {
+pub enum Sort {
     /// By device id, ascending.
     Id,
     /// Most seqs waiting on the gateway first.
@@ -39,11 +40,62 @@ enum Sort {
 /// A parsed `GET /v1/devices` query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
-    state: Option<&'static str>,
-    prefix: Option<String>,
-    sort: Sort,
-    offset: usize,
-    limit: usize,
+    /// One of [`STATES`].
+    pub state: Option<&'static str>,
+    /// Only ids starting with this (characters of device ids only).
+    pub prefix: Option<String>,
+    pub sort: Sort,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// One page of the fleet list: the devices `Query` asked for, in its order, and how many matched.
+#[derive(Debug)]
+pub struct Page {
+    pub devices: Vec<DeviceSummary>,
+    pub total: u64,
+}
+
+/// The fleet's figures for `/metrics`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Totals {
+    pub devices: u64,
+    /// Devices in each of [`STATES`], in its order (a device may be in several).
+    pub by_state: [u64; STATES.len()],
+    pub delivered: u64,
+    pub gaps: u64,
+    pub waiting: u64,
+    pub missing: u64,
+    pub unbalanced: u64,
+    /// The oldest unsent record over the devices with seqs waiting, as reported.
+    pub oldest_unsent_ts_ms: Option<u64>,
+}
+
+impl Totals {
+    /// The totals of summaries held in memory.
+    pub fn of(devices: &[DeviceSummary], now_ms: u64, silent_after_ms: u64) -> Totals {
+        let mut t = Totals {
+            devices: devices.len() as u64,
+            ..Totals::default()
+        };
+        for d in devices {
+            for s in states(d, now_ms, silent_after_ms) {
+                if let Some(i) = STATES.iter().position(|x| *x == s) {
+                    t.by_state[i] += 1;
+                }
+            }
+            let l = &d.ledger;
+            t.delivered += l.delivered;
+            t.gaps += l.gap_total();
+            t.waiting += l.waiting;
+            t.missing += l.missing;
+            t.unbalanced += u64::from(!l.balances());
+            if let Some(ts) = l.oldest_unsent_ts_ms.filter(|_| l.waiting > 0) {
+                t.oldest_unsent_ts_ms = Some(t.oldest_unsent_ts_ms.map_or(ts, |o| o.min(ts)));
+            }
+        }
+        t
+    }
 }
 
 /// Parses `state=..&prefix=..&sort=..&offset=..&limit=..`; a clear error names the parameter.
@@ -136,30 +188,34 @@ pub fn states(d: &DeviceSummary, now_ms: u64, silent_after_ms: u64) -> Vec<&'sta
 }
 
 /// The page of `devices` (ordered by id) that `q` asks for, with the number that matched.
-pub fn list(devices: Vec<DeviceSummary>, q: &Query, now_ms: u64, silent_after_ms: u64) -> Value {
-    let mut matching: Vec<(DeviceSummary, Vec<&'static str>)> = devices
+pub fn select(devices: Vec<DeviceSummary>, q: &Query, now_ms: u64, silent_after_ms: u64) -> Page {
+    let mut matching: Vec<DeviceSummary> = devices
         .into_iter()
         .filter(|d| q.prefix.as_ref().is_none_or(|p| d.device_id.starts_with(p)))
-        .map(|d| {
-            let s = states(&d, now_ms, silent_after_ms);
-            (d, s)
+        .filter(|d| {
+            q.state
+                .is_none_or(|want| states(d, now_ms, silent_after_ms).contains(&want))
         })
-        .filter(|(_, s)| q.state.is_none_or(|want| s.contains(&want)))
         .collect();
     match q.sort {
         Sort::Id => {}
-        Sort::Waiting => matching.sort_by_key(|(d, _)| std::cmp::Reverse(d.ledger.waiting)),
-        Sort::Missing => matching.sort_by_key(|(d, _)| std::cmp::Reverse(d.ledger.missing)),
-        Sort::LastSeen => matching.sort_by_key(|(d, _)| d.last_seen_ms),
+        Sort::Waiting => matching.sort_by_key(|d| std::cmp::Reverse(d.ledger.waiting)),
+        Sort::Missing => matching.sort_by_key(|d| std::cmp::Reverse(d.ledger.missing)),
+        Sort::LastSeen => matching.sort_by_key(|d| d.last_seen_ms),
     }
-    let total = matching.len();
-    let page: Vec<Value> = matching
-        .into_iter()
-        .skip(q.offset)
-        .take(q.limit)
-        .map(|(d, s)| device_json(&d, &s))
+    let total = matching.len() as u64;
+    let devices = matching.into_iter().skip(q.offset).take(q.limit).collect();
+    Page { devices, total }
+}
+
+/// `GET /v1/devices`: a page as JSON.
+pub fn list(page: &Page, q: &Query, now_ms: u64, silent_after_ms: u64) -> Value {
+    let devices: Vec<Value> = page
+        .devices
+        .iter()
+        .map(|d| device_json(d, &states(d, now_ms, silent_after_ms)))
         .collect();
-    json!({ "devices": page, "total": total, "offset": q.offset, "limit": q.limit })
+    json!({ "devices": devices, "total": page.total, "offset": q.offset, "limit": q.limit })
 }
 
 /// One device as `GET /v1/devices` lists it.
@@ -215,36 +271,23 @@ fn ranges(r: &[(u64, u64)]) -> Value {
 }
 
 /// Fleet totals in the Prometheus text format.
-pub fn metrics(devices: &[DeviceSummary], now_ms: u64, silent_after_ms: u64) -> String {
-    let mut by_state = [0u64; STATES.len()];
-    let (mut delivered, mut gaps, mut waiting, mut missing, mut unbalanced) = (0, 0, 0, 0, 0);
-    let mut oldest: Option<u64> = None;
-    for d in devices {
-        for s in states(d, now_ms, silent_after_ms) {
-            if let Some(i) = STATES.iter().position(|x| *x == s) {
-                by_state[i] += 1;
-            }
-        }
-        let l = &d.ledger;
-        delivered += l.delivered;
-        gaps += l.gap_total();
-        waiting += l.waiting;
-        missing += l.missing;
-        unbalanced += u64::from(!l.balances());
-        if let Some(ts) = l.oldest_unsent_ts_ms.filter(|_| l.waiting > 0) {
-            oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
-        }
-    }
+pub fn metrics(t: &Totals, now_ms: u64) -> String {
+    let Totals {
+        devices,
+        by_state,
+        delivered,
+        gaps,
+        waiting,
+        missing,
+        unbalanced,
+        oldest_unsent_ts_ms: oldest,
+    } = t.clone();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "# HELP ferry_cloud_devices Devices with stored records or gaps or a reported account, by state (a device may be in several).\n# TYPE ferry_cloud_devices gauge"
     );
-    let _ = writeln!(
-        out,
-        "ferry_cloud_devices{{state=\"all\"}} {}",
-        devices.len()
-    );
+    let _ = writeln!(out, "ferry_cloud_devices{{state=\"all\"}} {devices}");
     for (s, n) in STATES.iter().zip(by_state) {
         let _ = writeln!(out, "ferry_cloud_devices{{state=\"{s}\"}} {n}");
     }

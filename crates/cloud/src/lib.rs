@@ -730,11 +730,9 @@ fn devices(shared: &Shared, query: &str) -> Reply {
         Ok(q) => q,
         Err(e) => return Reply::error(400, e),
     };
-    match shared.store.devices() {
-        Ok(devices) => Reply::json(
-            200,
-            fleet::list(devices, &q, now_ms(), shared.silent_after_ms),
-        ),
+    let now = now_ms();
+    match shared.store.fleet_page(&q, now, shared.silent_after_ms) {
+        Ok(page) => Reply::json(200, fleet::list(&page, &q, now, shared.silent_after_ms)),
         Err(e) => unreadable(shared, "the devices", &e),
     }
 }
@@ -751,14 +749,14 @@ fn ledger(shared: &Shared, device_id: &str) -> Reply {
 }
 
 fn metrics(shared: &Shared) -> Reply {
-    let devices = match shared.store.devices() {
-        Ok(devices) => devices,
+    let now = now_ms();
+    let totals = match shared.store.fleet_totals(now, shared.silent_after_ms) {
+        Ok(t) => t,
         Err(e) => return unreadable(shared, "the devices", &e),
     };
-    let text = fleet::metrics(&devices, now_ms(), shared.silent_after_ms);
     Reply {
         status: 200,
-        body: Body::Text(text),
+        body: Body::Text(fleet::metrics(&totals, now)),
         headers: Vec::new(),
     }
 }

@@ -291,7 +291,10 @@ impl Postgres {
             pg.as_server_user(&pg.bin.join("initdb"))
                 .arg("-D")
                 .arg(&pg.data)
-                .args(["-U", "ferry", "-A", "trust", "-E", "UTF8", "--no-sync"]),
+                .args(["-U", "ferry", "-A", "trust", "-E", "UTF8", "--no-sync"])
+                // A collation like most servers' (not byte order), so that what the tests see
+                // of ordering by text is what an operator's database does.
+                .args(["--locale-provider=icu", "--icu-locale=en-US"]),
             "initdb",
             Duration::from_secs(60),
         )?;

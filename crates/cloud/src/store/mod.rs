@@ -26,6 +26,7 @@ use ferry_util::Repeats;
 use ferry_protocol::{Gap, Held};
 
 use super::batch::Batch;
+use super::fleet;
 use super::ledger::Ledger;
 use super::ranges::RangeSet;
 
@@ -240,11 +241,25 @@ impl Store {
         }
     }
 
-    /// Every device that stored records or gaps or reported what it holds, ordered by id.
-    pub fn devices(&self) -> Result<Vec<DeviceSummary>, Error> {
+    /// The page of the fleet `q` asks for, among the devices that stored records or gaps or
+    /// reported what they hold (see [`fleet`] for the states, the order and the paging).
+    pub fn fleet_page(
+        &self,
+        q: &fleet::Query,
+        now_ms: u64,
+        silent_after_ms: u64,
+    ) -> Result<fleet::Page, Error> {
         match self {
-            Store::Files(s) => Ok(s.devices()),
-            Store::Postgres(s) => s.devices(),
+            Store::Files(s) => Ok(fleet::select(s.devices(), q, now_ms, silent_after_ms)),
+            Store::Postgres(s) => s.fleet_page(q, now_ms, silent_after_ms),
+        }
+    }
+
+    /// The fleet's totals, over the same devices.
+    pub fn fleet_totals(&self, now_ms: u64, silent_after_ms: u64) -> Result<fleet::Totals, Error> {
+        match self {
+            Store::Files(s) => Ok(fleet::Totals::of(&s.devices(), now_ms, silent_after_ms)),
+            Store::Postgres(s) => s.fleet_totals(now_ms, silent_after_ms),
         }
     }
 

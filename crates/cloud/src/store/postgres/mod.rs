@@ -4,7 +4,9 @@
 //! Tables (prefixed `ferry_`, so that they can live in a database shared with other things):
 //! - `ferry_devices`: one row per device, the owner of its per-device state: the seqs stored (as
 //!   ranges, `delivered`), the gateway's last account of what it holds (`held`), when it was
-//!   last seen, its clash total. Every change to a device's records, gaps or ledger happens in a
+//!   last seen, its clash total, and the ledger's counts computed from those and its gaps
+//!   ([`update_device`], in the same transaction), by which the fleet list ([`PgStore::fleet_page`])
+//!   and `/metrics` ([`PgStore::fleet_totals`]) filter, sort and add up in SQL. Every change to a device's records, gaps or ledger happens in a
 //!   transaction that first locks this row (`SELECT ... FOR UPDATE`), so two batches of one
 //!   device, on one replica or on two, are applied one after the other and see each other's
 //!   records: no duplicate, no lost record, no false clash.
@@ -29,8 +31,8 @@
 //! connections have keepalives and `tcp_user_timeout`, so a dead peer is noticed.
 //!
 //! Not done: TLS to the database (`sslmode=require` is refused at start; run the center's
-//! database on a Unix socket or a private link); `GET /v1/devices` and `/metrics` read every
-//! device row, gap and clash per request; every batch rewrites its device's `delivered` ranges
+//! database on a Unix socket or a private link); `/metrics` and the list's `total` scan the
+//! device rows (no gap, clash or record rows); every batch rewrites its device's `delivered` ranges
 //! (a cost that grows with the device's holes, not its records); `GET .../records` holds up to
 //! [`MAX_RECORDS_READ`] per request in memory.
 
@@ -43,11 +45,13 @@ use std::time::{Duration, SystemTime};
 use log::{debug, info};
 use postgres::config::{Host, SslMode};
 use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
 use postgres::{Client, Config, NoTls, Transaction};
 
 use super::{Clash, DeviceSummary, Error, Outcome, Records, is_reserved, note_clashes};
 use crate::batch::{self, Batch};
-use crate::ledger;
+use crate::fleet;
+use crate::ledger::{self, Ledger};
 use crate::ranges::RangeSet;
 use ferry_protocol::{Gap, GapReason, Held};
 
@@ -108,7 +112,27 @@ pub const MIGRATIONS: &[&str] = &[
         connections int8 NOT NULL DEFAULT 0,
         hello text
     );",
+    // 3: the ledger's counts as columns of the device row, kept by every batch and report, so
+    // that the fleet list and /metrics are answered in SQL. Filled for the rows already there by
+    // the service as it migrates (`fill_ledger_columns`).
+    "ALTER TABLE ferry_devices
+        ADD COLUMN listed bool NOT NULL DEFAULT false,
+        ADD COLUMN ledger_delivered int8 NOT NULL DEFAULT 0,
+        ADD COLUMN ledger_gaps int8 NOT NULL DEFAULT 0,
+        ADD COLUMN ledger_waiting int8 NOT NULL DEFAULT 0,
+        ADD COLUMN ledger_missing int8 NOT NULL DEFAULT 0,
+        ADD COLUMN ledger_balanced bool NOT NULL DEFAULT true;
+    CREATE INDEX ferry_devices_by_id ON ferry_devices (device_id COLLATE \"C\") WHERE listed;
+    CREATE INDEX ferry_devices_by_waiting
+        ON ferry_devices (ledger_waiting DESC, device_id COLLATE \"C\") WHERE listed;
+    CREATE INDEX ferry_devices_by_missing
+        ON ferry_devices (ledger_missing DESC, device_id COLLATE \"C\") WHERE listed;
+    CREATE INDEX ferry_devices_by_last_seen
+        ON ferry_devices (last_seen_ms, device_id COLLATE \"C\") WHERE listed;",
 ];
+
+/// The schema version that added the ledger columns ([`fill_ledger_columns`]).
+const LEDGER_COLUMNS: usize = 3;
 
 /// Statement, lock and connect deadlines (see the module's "Deadlines").
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -210,6 +234,10 @@ impl PgStore {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             tx.batch_execute(sql)
                 .map_err(db("cannot migrate the schema"))?;
+            if i + 1 == LEDGER_COLUMNS && found > 0 {
+                let n = fill_ledger_columns(&mut tx)?;
+                info!("ledger columns filled target={} devices={n}", self.target());
+            }
             info!("schema migrated target={} version={}", self.target(), i + 1);
         }
         tx.execute("DELETE FROM ferry_schema", &[])
@@ -273,53 +301,125 @@ impl PgStore {
             let mut tx = client.transaction().map_err(db("cannot begin"))?;
             let row = lock_device(&mut tx, device_id)?;
             let held = ledger::later(row.held, held);
-            tx.execute(
-                "UPDATE ferry_devices SET head_seq = $2, acked_seq = $3, oldest_unsent_ts_ms = $4,
-                 last_seen_ms = GREATEST(last_seen_ms, $5)
-             WHERE device_id = $1",
-                &[
-                    &device_id,
-                    &to_i64(held.head_seq),
-                    &to_i64(held.acked_seq),
-                    &held.oldest_unsent_ts_ms.map(to_i64),
-                    &to_i64(now_ms),
-                ],
-            )
-            .map_err(db("cannot update the device"))?;
+            update_device(&mut tx, device_id, &row.delivered, Some(held), Some(now_ms))?;
             tx.commit().map_err(db("cannot commit"))
         })
     }
 
-    /// See [`super::Store::devices`].
-    pub fn devices(&self) -> Result<Vec<DeviceSummary>, Error> {
-        self.summaries(None)
+    /// See [`super::Store::fleet_page`]: selected, ordered and paged in SQL by the ledger
+    /// columns, then the page's summaries read, all in one snapshot.
+    pub fn fleet_page(
+        &self,
+        q: &fleet::Query,
+        now_ms: u64,
+        silent_after_ms: u64,
+    ) -> Result<fleet::Page, Error> {
+        self.pool.run(|client| {
+            let mut tx = snapshot(client)?;
+            let mut args: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+            let mut conditions = vec!["listed".to_owned()];
+            if let Some(prefix) = &q.prefix {
+                args.push(Box::new(prefix.clone()));
+                conditions.push(format!("starts_with(device_id, ${})", args.len()));
+            }
+            if let Some(state) = q.state {
+                // Only `silent` and `healthy` depend on the time (a parameter must be used).
+                if matches!(state, "silent" | "healthy") {
+                    args.push(Box::new(silent_before(now_ms, silent_after_ms)));
+                }
+                conditions.push(state_condition(state, args.len()));
+            }
+            let filter = conditions.join(" AND ");
+            let order = match q.sort {
+                fleet::Sort::Id => "device_id COLLATE \"C\"",
+                fleet::Sort::Waiting => "ledger_waiting DESC, device_id COLLATE \"C\"",
+                fleet::Sort::Missing => "ledger_missing DESC, device_id COLLATE \"C\"",
+                fleet::Sort::LastSeen => "last_seen_ms, device_id COLLATE \"C\"",
+            };
+            let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| &**a as _).collect();
+            let total: i64 = tx
+                .query_one(
+                    &format!("SELECT count(*) FROM ferry_devices WHERE {filter}"),
+                    &params,
+                )
+                .map_err(db("cannot count the devices"))?
+                .get(0);
+            let ids: Vec<String> = tx
+                .query(
+                    &format!(
+                        "SELECT device_id FROM ferry_devices WHERE {filter} ORDER BY {order}
+                         LIMIT {} OFFSET {}",
+                        q.limit, q.offset
+                    ),
+                    &params,
+                )
+                .map_err(db("cannot list the devices"))?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let mut by_id: BTreeMap<String, DeviceSummary> = read_summaries(&mut tx, Some(&ids))?
+                .into_iter()
+                .map(|d| (d.device_id.clone(), d))
+                .collect();
+            tx.commit().map_err(db("cannot end the read"))?;
+            let devices = ids.iter().filter_map(|id| by_id.remove(id)).collect();
+            Ok(fleet::Page {
+                devices,
+                total: to_u64(total),
+            })
+        })
+    }
+
+    /// See [`super::Store::fleet_totals`]: one aggregate over the device rows.
+    pub fn fleet_totals(&self, now_ms: u64, silent_after_ms: u64) -> Result<fleet::Totals, Error> {
+        let silent = silent_before(now_ms, silent_after_ms);
+        let row = self.pool.run(|client| {
+            client
+                .query_one(
+                    &format!(
+                        "SELECT count(*),
+                             count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}),
+                             count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}),
+                             count(*) FILTER (WHERE {}),
+                             COALESCE(sum(ledger_delivered), 0)::int8,
+                             COALESCE(sum(ledger_gaps), 0)::int8,
+                             COALESCE(sum(ledger_waiting), 0)::int8,
+                             COALESCE(sum(ledger_missing), 0)::int8,
+                             count(*) FILTER (WHERE NOT ledger_balanced),
+                             min(oldest_unsent_ts_ms) FILTER (WHERE ledger_waiting > 0)
+                         FROM ferry_devices WHERE listed",
+                        state_condition(fleet::STATES[0], 1),
+                        state_condition(fleet::STATES[1], 1),
+                        state_condition(fleet::STATES[2], 1),
+                        state_condition(fleet::STATES[3], 1),
+                        state_condition(fleet::STATES[4], 1),
+                    ),
+                    &[&silent],
+                )
+                .map_err(db("cannot add up the devices"))
+        })?;
+        let n = |i: usize| to_u64(row.get(i));
+        Ok(fleet::Totals {
+            devices: n(0),
+            by_state: [n(1), n(2), n(3), n(4), n(5)],
+            delivered: n(6),
+            gaps: n(7),
+            waiting: n(8),
+            missing: n(9),
+            unbalanced: n(10),
+            oldest_unsent_ts_ms: row.get::<_, Option<i64>>(11).map(to_u64),
+        })
     }
 
     /// See [`super::Store::device_summary`].
     pub fn device_summary(&self, device_id: &str) -> Result<Option<DeviceSummary>, Error> {
-        Ok(self.summaries(Some(device_id))?.pop())
-    }
-
-    /// The summaries of every device, or of one.
-    fn summaries(&self, only: Option<&str>) -> Result<Vec<DeviceSummary>, Error> {
-        let (mut gaps, mut clashes, rows) = self.pool.run(|client| read_summaries(client, only))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let device_id: String = row.get(0);
-            let delivered = ranges_of(&row.get::<_, Vec<i64>>(1));
-            let held = held_of(&row, 2);
-            let summary = DeviceSummary::from_parts(
-                device_id.clone(),
-                &delivered,
-                gaps.remove(&device_id).unwrap_or_default(),
-                clashes.remove(&device_id).unwrap_or_default(),
-                to_u64(row.get(6)),
-                held,
-                to_u64(row.get(5)),
-            );
-            out.extend(summary);
-        }
-        Ok(out)
+        let ids = [device_id.to_owned()];
+        self.pool.run(|client| {
+            let mut tx = snapshot(client)?;
+            let found = read_summaries(&mut tx, Some(&ids))?.pop();
+            tx.commit().map_err(db("cannot end the read"))?;
+            Ok(found)
+        })
     }
 
     /// See [`super::Store::records`]: by seq, at most [`MAX_RECORDS_READ`] bytes.
@@ -427,24 +527,24 @@ impl Pool {
     }
 }
 
-/// What the summaries are built from, read in one snapshot: gaps and clashes by device, and the
-/// device rows.
-type SummaryRows = (
-    BTreeMap<String, Vec<Gap>>,
-    BTreeMap<String, Vec<Clash>>,
-    Vec<postgres::Row>,
-);
-
-fn read_summaries(client: &mut Client, only: Option<&str>) -> Result<SummaryRows, Error> {
-    // One snapshot for the three reads, so that a batch committed between them is seen in
-    // all or none.
-    let mut tx = client
+/// A read-only transaction that sees one snapshot, so that a batch committed during a read of
+/// several tables is seen in all of them or in none.
+fn snapshot(client: &mut Client) -> Result<Transaction<'_>, Error> {
+    client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
-        .map_err(db("cannot begin"))?;
-    let filter = "($1::text IS NULL OR device_id = $1)";
+        .map_err(db("cannot begin"))
+}
+
+/// The summaries of the devices `ids` (every device when `None`) that stored records or gaps or
+/// reported what they hold, in no particular order.
+fn read_summaries(
+    tx: &mut Transaction<'_>,
+    ids: Option<&[String]>,
+) -> Result<Vec<DeviceSummary>, Error> {
+    let filter = "($1::text[] IS NULL OR device_id = ANY($1))";
     let mut gaps: BTreeMap<String, Vec<Gap>> = BTreeMap::new();
     for row in tx
         .query(
@@ -452,17 +552,13 @@ fn read_summaries(client: &mut Client, only: Option<&str>) -> Result<SummaryRows
                 "SELECT device_id, from_seq, to_seq, reason FROM ferry_gaps
                      WHERE {filter} ORDER BY id"
             ),
-            &[&only],
+            &[&ids],
         )
         .map_err(db("cannot read the gaps"))?
     {
         let device_id: String = row.get(0);
-        let reason = gap_reason(&device_id, row.get(3))?;
-        gaps.entry(device_id).or_default().push(Gap {
-            from_seq: to_u64(row.get(1)),
-            to_seq: to_u64(row.get(2)),
-            reason,
-        });
+        let gap = gap_of(&device_id, &row, 1)?;
+        gaps.entry(device_id).or_default().push(gap);
     }
     let mut clashes: BTreeMap<String, Vec<Clash>> = BTreeMap::new();
     for row in tx
@@ -471,7 +567,7 @@ fn read_summaries(client: &mut Client, only: Option<&str>) -> Result<SummaryRows
                 "SELECT device_id, seq, first_seen_ms, last_seen_ms, count FROM ferry_clashes
                      WHERE {filter}"
             ),
-            &[&only],
+            &[&ids],
         )
         .map_err(db("cannot read the clashes"))?
     {
@@ -485,13 +581,115 @@ fn read_summaries(client: &mut Client, only: Option<&str>) -> Result<SummaryRows
             &format!(
                 "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms,
                          last_seen_ms, clashes_total
-                     FROM ferry_devices WHERE {filter} ORDER BY device_id"
+                     FROM ferry_devices WHERE {filter}"
             ),
-            &[&only],
+            &[&ids],
         )
         .map_err(db("cannot read the devices"))?;
-    tx.commit().map_err(db("cannot end the read"))?;
-    Ok((gaps, clashes, rows))
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let device_id: String = row.get(0);
+        let summary = DeviceSummary::from_parts(
+            device_id.clone(),
+            &ranges_of(&row.get::<_, Vec<i64>>(1)),
+            gaps.remove(&device_id).unwrap_or_default(),
+            clashes.remove(&device_id).unwrap_or_default(),
+            to_u64(row.get(6)),
+            held_of(&row, 2),
+            to_u64(row.get(5)),
+        );
+        out.extend(summary);
+    }
+    Ok(out)
+}
+
+/// The device's declared gaps, in the order stored.
+fn device_gaps(tx: &mut Transaction<'_>, device_id: &str) -> Result<Vec<Gap>, Error> {
+    tx.query(
+        "SELECT from_seq, to_seq, reason FROM ferry_gaps WHERE device_id = $1 ORDER BY id",
+        &[&device_id],
+    )
+    .map_err(db("cannot read the gaps"))?
+    .iter()
+    .map(|row| gap_of(device_id, row, 0))
+    .collect()
+}
+
+/// Writes a locked device's row: its stored seqs, the gateway's account, when it was last seen
+/// (`now_ms`, if it was), and the ledger's counts from those and its gaps (the columns the fleet
+/// list filters and sorts by; see the module header).
+fn update_device(
+    tx: &mut Transaction<'_>,
+    device_id: &str,
+    delivered: &RangeSet,
+    held: Option<Held>,
+    now_ms: Option<u64>,
+) -> Result<(), Error> {
+    let gaps = device_gaps(tx, device_id)?;
+    let ledger = Ledger::account(delivered, &gaps, held);
+    let listed = !delivered.is_empty() || !gaps.is_empty() || held.is_some();
+    tx.execute(
+        "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4, acked_seq = $5,
+             oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7),
+             listed = $8, ledger_delivered = $9, ledger_gaps = $10, ledger_waiting = $11,
+             ledger_missing = $12, ledger_balanced = $13
+         WHERE device_id = $1",
+        &[
+            &device_id,
+            &flat_ranges(delivered),
+            &to_i64(delivered.len()),
+            &held.map(|h| to_i64(h.head_seq)),
+            &held.map(|h| to_i64(h.acked_seq)),
+            &held.and_then(|h| h.oldest_unsent_ts_ms).map(to_i64),
+            &to_i64(now_ms.unwrap_or(0)),
+            &listed,
+            &to_i64(ledger.delivered),
+            &to_i64(ledger.gap_total()),
+            &to_i64(ledger.waiting),
+            &to_i64(ledger.missing),
+            &ledger.balances(),
+        ],
+    )
+    .map_err(db("cannot update the device"))?;
+    Ok(())
+}
+
+/// Fills the ledger columns of every device row (schema version 3 on a database written by an
+/// older version), inside the migration's transaction. Returns the rows filled.
+fn fill_ledger_columns(tx: &mut Transaction<'_>) -> Result<u64, Error> {
+    let rows = tx
+        .query(
+            "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms
+             FROM ferry_devices",
+            &[],
+        )
+        .map_err(db("cannot read the devices"))?;
+    for row in &rows {
+        let device_id: &str = row.get(0);
+        let delivered = ranges_of(&row.get::<_, Vec<i64>>(1));
+        update_device(tx, device_id, &delivered, held_of(row, 2), None)?;
+    }
+    Ok(rows.len() as u64)
+}
+
+/// The SQL condition of a device being in `state` (one of [`fleet::STATES`], as
+/// [`fleet::states`] decides it), with `$silent` the parameter of [`silent_before`].
+fn state_condition(state: &str, silent: usize) -> String {
+    let silent = format!("last_seen_ms < ${silent}");
+    match state {
+        "clash" => "clashes_total > 0".to_owned(),
+        "missing" => "ledger_missing > 0".to_owned(),
+        "behind" => "ledger_waiting > 0".to_owned(),
+        "silent" => silent,
+        _ => format!(
+            "NOT (clashes_total > 0 OR ledger_missing > 0 OR ledger_waiting > 0 OR {silent})"
+        ),
+    }
+}
+
+/// A device last seen before this (ms since the epoch) is silent: `now - last_seen > after`.
+fn silent_before(now_ms: u64, silent_after_ms: u64) -> i64 {
+    to_i64(now_ms).saturating_sub(i64::try_from(silent_after_ms).unwrap_or(i64::MAX))
 }
 
 /// The batch's transaction: lock the device, check clashes, insert, update the ledger, commit.
@@ -594,21 +792,7 @@ fn ingest_in(
         Some(new) => Some(ledger::later(row.held, new)),
         None => row.held,
     };
-    tx.execute(
-        "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4, acked_seq = $5,
-             oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7)
-         WHERE device_id = $1",
-        &[
-            &device_id,
-            &flat_ranges(&delivered),
-            &to_i64(delivered.len()),
-            &held.map(|h| to_i64(h.head_seq)),
-            &held.map(|h| to_i64(h.acked_seq)),
-            &held.and_then(|h| h.oldest_unsent_ts_ms).map(to_i64),
-            &to_i64(now_ms),
-        ],
-    )
-    .map_err(db("cannot update the device"))?;
+    update_device(&mut tx, device_id, &delivered, held, Some(now_ms))?;
     tx.commit().map_err(db("cannot commit the batch"))?;
     let accepted = seqs.len() as u64;
     Ok(Ok(Outcome {
@@ -724,6 +908,15 @@ fn ranges_of(flat: &[i64]) -> RangeSet {
         }
     }
     set
+}
+
+/// A gap from the columns `from_seq, to_seq, reason` starting at `at`.
+fn gap_of(device_id: &str, row: &postgres::Row, at: usize) -> Result<Gap, Error> {
+    Ok(Gap {
+        from_seq: to_u64(row.get(at)),
+        to_seq: to_u64(row.get(at + 1)),
+        reason: gap_reason(device_id, row.get(at + 2))?,
+    })
 }
 
 fn gap_reason(device_id: &str, text: &str) -> Result<GapReason, Error> {
