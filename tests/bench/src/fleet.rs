@@ -139,6 +139,25 @@ pub fn run(
                 ),
             );
         }
+        let (slowest, slowest_ms) = r
+            .views
+            .iter()
+            .copied()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or(("-", 0.0));
+        let each: Vec<String> = r
+            .views
+            .iter()
+            .map(|(path, ms)| format!("{path} {ms:.1} ms"))
+            .collect();
+        println!("   {what}: fleet views {}", each.join(", "));
+        rows.push(
+            Row::new(s, format!("{what}: slowest fleet view"), slowest_ms, "ms").note(format!(
+                "median of 5 GETs of each, after the run: {}; slowest {slowest}; the console's \
+                 bar is a page under 1,000 ms at 100,000 devices",
+                each.join(", ")
+            )),
+        );
         println!(
             "   {what}: {:.0} B on disk per record; account balanced, nothing missing",
             r.disk_bytes as f64 / (2 * records) as f64
@@ -183,6 +202,8 @@ struct RunResult {
     disk_bytes: u64,
     /// PostgreSQL: the same rows by one COPY, records/s.
     copy_rate: Option<f64>,
+    /// [`VIEWS`] and the median ms each took.
+    views: Vec<(&'static str, f64)>,
 }
 
 fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<RunResult> {
@@ -210,6 +231,7 @@ fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<R
     let first = drive(&clouds, &encode(shape, 0))?;
     let steady = drive(&clouds, &encode(shape, 1))?;
     check_account(&clouds[0], shape)?;
+    let views = time_views(&clouds[0])?;
     let copy_rate = match &pg {
         Some(pg) => Some(copy_baseline(pg, dir, shape)?),
         None => None,
@@ -219,7 +241,39 @@ fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<R
         steady,
         disk_bytes: dir_bytes(&if pg.is_some() { dir.join("pg") } else { data }),
         copy_rate,
+        views,
     })
+}
+
+/// The fleet views an operator's console asks for, and what each takes (median of 5, ms).
+const VIEWS: [&str; 4] = [
+    "/v1/devices?limit=100",
+    "/v1/devices?state=behind&sort=waiting&limit=100",
+    "/v1/devices?prefix=gw-00001&limit=100",
+    "/metrics",
+];
+
+fn time_views(cloud: &Cloud) -> Result<Vec<(&'static str, f64)>> {
+    let http = http_agent();
+    let mut out = Vec::new();
+    for path in VIEWS {
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            let mut response = http
+                .get(format!("http://127.0.0.1:{}{path}", cloud.port))
+                .call()?;
+            let status = response.status().as_u16();
+            response.body_mut().read_to_string()?;
+            if status != 200 {
+                return Err(format!("GET {path}: {status}").into());
+            }
+            ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        out.push((path, ms[ms.len() / 2]));
+    }
+    Ok(out)
 }
 
 /// The same rows as both rounds (every device's `2 * per_device` records as the store keeps

@@ -99,6 +99,14 @@ const FLEET: [fleet::Shape; 3] = [
     },
 ];
 
+/// The fleet-pg section's widest run: 100,000 gateways of a few records each (fewer than
+/// `FLEET[2]`, whose 10 million records take PostgreSQL some minutes per round).
+const FLEET_PG_WIDE: fleet::Shape = fleet::Shape {
+    devices: 100_000,
+    per_device: 10,
+    batch: 10,
+};
+
 /// One section of the run: pushes its rows.
 type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
 /// Creates a layout in a directory.
@@ -214,7 +222,14 @@ fn main() {
                     r,
                 )?;
             }
-            Ok(())
+            // The console's shape: 100,000 devices in the database, to time the fleet views.
+            fleet::run(
+                &args.target.join("release"),
+                &args.work.join("fleet-pg"),
+                &[FLEET_PG_WIDE],
+                fleet::Center::Postgres { replicas: 1 },
+                r,
+            )
         }),
     ];
     for ((name, run), key) in sections.into_iter().zip(SECTIONS) {
