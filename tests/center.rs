@@ -254,8 +254,9 @@ fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
 
 /// The downlink with replicas: a gateway's WebSocket lands on replica A, a command is posted to
 /// replica B, queued in the database, and A sends it (told by B's NOTIFY); the result, written by
-/// A, is read through B. A command posted while A is down waits in the database and goes out
-/// when the gateway's connection comes back to A.
+/// A, is read through B. When A dies, B stops counting the gateway connected once A's heartbeat
+/// is stale. A command posted while A is down waits in the database and goes out when the
+/// gateway's connection comes back to A.
 #[test]
 fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
     let tmp = tempfile::tempdir().unwrap();
@@ -332,8 +333,23 @@ fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
         a.log_text()
     );
 
-    // A is down: the command waits in the database, and B says so.
+    // A is down: the gateway's connection no longer counts once A's heartbeat is stale (it
+    // stayed counted for good before), and B forgets A's rows.
     a.kill();
+    wait_until(
+        "B to see the gateway disconnected with A gone",
+        Duration::from_secs(30),
+        || downlink(&b)["connected"] == false,
+    );
+    wait_until(
+        "B to forget A's connections",
+        Duration::from_secs(10),
+        || {
+            b.log_text()
+                .contains("downlink connections of replicas gone")
+        },
+    );
+    // The command waits in the database, and B says so.
     let id = send(&b, "two");
     assert_eq!(
         serde_json::from_str::<Value>(&b.get(&format!("/v1/devices/gw-test/commands/{id}")))
@@ -343,6 +359,7 @@ fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
     a.start_again();
     let answer = done(&b, &id);
     assert_eq!(answer["result"]["ok"], true, "{answer}");
+    assert_eq!(downlink(&b)["connected"], true);
 
     // The agent subscribes to sensors/#: both published messages came back up as records.
     wait_until(
@@ -408,7 +425,7 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     let replicas: Vec<Cloud> = starting.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(
         pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
-        "3"
+        "4"
     );
     for cloud in &replicas {
         assert!(cloud.get("/v1/devices").contains("\"total\":0"));
@@ -425,7 +442,7 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("database schema is at version 99, newer than this ferry-cloud knows (3)"),
+        stderr.contains("database schema is at version 99, newer than this ferry-cloud knows (4)"),
         "{stderr}"
     );
     assert_eq!(

@@ -446,11 +446,14 @@ fn an_upgraded_database_lists_its_devices_by_their_ledger() {
         assert_eq!(cloud.post_gzip(&batch("gw-hole", 21..=40, 40, 40)).0, 200);
         assert_eq!(cloud.post_gzip(&batch("gw-lagging", 1..=5, 9, 0)).0, 200);
     }
-    // Back to what version 2 wrote: no ledger columns, no indexes on them.
+    // Back to what version 2 wrote: no ledger columns, no indexes on them (version 3), no
+    // per-replica connections (version 4).
     pg.psql(
         "ALTER TABLE ferry_devices DROP COLUMN listed, DROP COLUMN ledger_delivered,
              DROP COLUMN ledger_gaps, DROP COLUMN ledger_waiting, DROP COLUMN ledger_missing,
              DROP COLUMN ledger_balanced;
+         DROP TABLE ferry_replicas, ferry_sockets;
+         ALTER TABLE ferry_downlink ADD COLUMN connected int8 NOT NULL DEFAULT 0;
          UPDATE ferry_schema SET version = 2;",
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -468,7 +471,7 @@ fn an_upgraded_database_lists_its_devices_by_their_ledger() {
     }
     assert_eq!(
         pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
-        "3"
+        "4"
     );
 }
 

@@ -52,7 +52,7 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 
 impl Default for Commands {
     fn default() -> Commands {
-        Commands::new(None)
+        Commands::new(None, Commands::draw_instance())
     }
 }
 
@@ -105,15 +105,21 @@ pub struct Outgoing {
 
 impl Commands {
     /// Commands kept in PostgreSQL, shared with other replicas.
-    pub fn with_database(db: PgCommands) -> Commands {
-        Commands::new(Some(db))
+    /// `instance`: the number drawn at start that [`PgCommands::new`] was given too.
+    pub fn with_database(db: PgCommands, instance: u64) -> Commands {
+        Commands::new(Some(db), instance)
     }
 
-    fn new(db: Option<PgCommands>) -> Commands {
+    /// A draw of an instance number (see `instance`).
+    pub fn draw_instance() -> u64 {
+        ferry_util::rng::Rng::from_time().next_u64()
+    }
+
+    fn new(db: Option<PgCommands>, instance: u64) -> Commands {
         Commands {
             inner: Mutex::default(),
             db,
-            instance: ferry_util::rng::Rng::from_time().next_u64(),
+            instance,
             db_errors: FailureLog::default(),
         }
     }

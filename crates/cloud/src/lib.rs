@@ -149,7 +149,10 @@ impl Cloud {
 pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> {
     let store = Store::open(&config.store)?;
     let commands = Arc::new(match &store {
-        Store::Postgres(pg) => Commands::with_database(PgCommands::new(pg.pool())),
+        Store::Postgres(pg) => {
+            let instance = Commands::draw_instance();
+            Commands::with_database(PgCommands::new(pg.pool(), instance), instance)
+        }
         Store::Files(_) => Commands::default(),
     });
     let server = tiny_http::Server::http(config.listen.as_str()).map_err(|source| Error::Bind {

@@ -10,8 +10,11 @@
 //! covered by marking every device, and connections read their device's commands again at
 //! least every [`crate::commands::REFRESH_EVERY`] regardless.
 //!
-//! Limits: a replica killed with connections open leaves `ferry_downlink.connected` counting
-//! them until those devices connect again (the count is a hint, not a liveness check).
+//! Connections: `ferry_sockets` counts each device's open connections per replica instance
+//! (drawn at start), and each replica with a downlink beats in `ferry_replicas` every
+//! [`HEARTBEAT`], stamped with the database's clock. A device is connected while some replica that beat within [`STALE_AFTER`]
+//! counts a connection of it: a replica killed with connections open stops counting once its
+//! heartbeat is that old, and the first replica to notice deletes its rows.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,10 +37,26 @@ const LISTEN_POLL: Duration = Duration::from_millis(200);
 /// Wait before connecting again after the listening connection failed.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 const CHANNEL: &str = "ferry_commands";
+/// How often a replica with a downlink says it is alive (`ferry_replicas.seen_ms`).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A replica not heard of for this long is gone: its connections no longer count.
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// The database's clock in ms since the epoch: heartbeats are written and judged by one clock,
+/// whatever the replicas' clocks say.
+const DB_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::int8";
+
+/// [`STALE_AFTER`] in ms, as a query parameter.
+fn stale_ms() -> i64 {
+    to_i64(STALE_AFTER.as_millis() as u64)
+}
 
 /// The commands' side of the database.
 pub struct PgCommands {
     pool: Arc<Pool>,
+    /// This replica, as `ferry_sockets` and `ferry_replicas` name it: drawn at start, so that a
+    /// replica started again is not taken for the one that died.
+    instance: String,
 }
 
 impl std::fmt::Debug for PgCommands {
@@ -50,8 +69,12 @@ impl std::fmt::Debug for PgCommands {
 pub type Pending = (String, String);
 
 impl PgCommands {
-    pub fn new(pool: Arc<Pool>) -> PgCommands {
-        PgCommands { pool }
+    /// `instance`: this replica's number, drawn at start.
+    pub fn new(pool: Arc<Pool>, instance: u64) -> PgCommands {
+        PgCommands {
+            pool,
+            instance: format!("{instance:016x}"),
+        }
     }
 
     /// Queues `frame` as command `id` of `device` (a command already queued with that id stays
@@ -160,47 +183,82 @@ impl PgCommands {
         })
     }
 
-    /// A connection of `device` opened (`Some(hello)`) or closed (`None`).
+    /// A connection of `device` opened (`Some(hello)`) or closed (`None`) on this replica.
     pub fn connection(&self, device: &str, hello: Option<&Value>) -> Result<(), Error> {
+        let instance = self.instance.as_str();
         self.with(|client| {
+            let mut tx = client.transaction().map_err(db("cannot begin"))?;
             match hello {
-                Some(hello) => client.execute(
-                    "INSERT INTO ferry_downlink (device_id, connected, connections, hello)
-                     VALUES ($1, 1, 1, $2)
-                     ON CONFLICT (device_id) DO UPDATE SET connected = ferry_downlink.connected + 1,
-                         connections = ferry_downlink.connections + 1, hello = $2",
-                    &[&device, &hello.to_string()],
-                ),
-                None => client.execute(
-                    "UPDATE ferry_downlink SET connected = GREATEST(connected - 1, 0)
-                     WHERE device_id = $1",
-                    &[&device],
-                ),
+                Some(hello) => {
+                    // Counted from the first connection, before the first heartbeat.
+                    beat(&mut tx, instance)?;
+                    tx.execute(
+                        "INSERT INTO ferry_sockets (device_id, instance, open) VALUES ($1, $2, 1)
+                         ON CONFLICT (device_id, instance)
+                             DO UPDATE SET open = ferry_sockets.open + 1",
+                        &[&device, &instance],
+                    )
+                    .map_err(db("cannot record the connection"))?;
+                    tx.execute(
+                        "INSERT INTO ferry_downlink (device_id, connections, hello)
+                         VALUES ($1, 1, $2)
+                         ON CONFLICT (device_id) DO UPDATE SET
+                             connections = ferry_downlink.connections + 1, hello = $2",
+                        &[&device, &hello.to_string()],
+                    )
+                    .map_err(db("cannot record the connection"))?;
+                }
+                None => {
+                    tx.execute(
+                        "UPDATE ferry_sockets SET open = open - 1
+                         WHERE device_id = $1 AND instance = $2",
+                        &[&device, &instance],
+                    )
+                    .map_err(db("cannot record the connection"))?;
+                    tx.execute(
+                        "DELETE FROM ferry_sockets
+                         WHERE device_id = $1 AND instance = $2 AND open <= 0",
+                        &[&device, &instance],
+                    )
+                    .map_err(db("cannot record the connection"))?;
+                }
             }
-            .map_err(db("cannot record the connection"))?;
-            Ok(())
+            tx.commit().map_err(db("cannot record the connection"))
         })
     }
 
-    /// The device's downlink state over all replicas, for `GET /v1/devices/<id>/downlink`.
+    /// The device's downlink state over all replicas, for `GET /v1/devices/<id>/downlink`:
+    /// `connected` while a live replica (see the module header) holds a connection of it.
     pub fn downlink(&self, device: &str) -> Result<Value, Error> {
         self.with(|client| {
             let queued = pending_count(client, device)?;
+            let connected: bool = client
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM ferry_sockets s
+                             JOIN ferry_replicas r ON r.instance = s.instance
+                             WHERE s.device_id = $1 AND s.open > 0
+                                 AND r.seen_ms >= {DB_NOW_MS} - $2)"
+                    ),
+                    &[&device, &stale_ms()],
+                )
+                .map_err(db("cannot read the connections"))?
+                .get(0);
             let row = client
                 .query_opt(
-                    "SELECT connected, connections, hello FROM ferry_downlink WHERE device_id = $1",
+                    "SELECT connections, hello FROM ferry_downlink WHERE device_id = $1",
                     &[&device],
                 )
                 .map_err(db("cannot read the connections"))?;
             Ok(match row {
-                None => json!({"connected": false, "connections": 0, "queued": queued}),
+                None => json!({"connected": connected, "connections": 0, "queued": queued}),
                 Some(row) => {
                     let hello = row
-                        .get::<_, Option<&str>>(2)
+                        .get::<_, Option<&str>>(1)
                         .and_then(|h| serde_json::from_str::<Value>(h).ok());
                     json!({
-                        "connected": row.get::<_, i64>(0) > 0,
-                        "connections": to_u64(row.get(1)),
+                        "connected": connected,
+                        "connections": to_u64(row.get(0)),
                         "queued": queued,
                         "hello": hello,
                     })
@@ -211,19 +269,21 @@ impl PgCommands {
 
     /// Starts `cloud-pg-listen`: LISTENs for queued commands on a connection of its own and calls
     /// `on_queued(Some(device))` for each, or `on_queued(None)` after (re)connecting, when any
-    /// notification may have been missed. Ends when `shutdown` is set.
+    /// notification may have been missed; beats this replica's heartbeat on the same connection.
+    /// Ends when `shutdown` is set.
     pub fn listen(
         &self,
         shutdown: Arc<AtomicBool>,
         on_queued: impl Fn(Option<&str>) + Send + 'static,
     ) -> std::io::Result<JoinHandle<()>> {
         let pool = Arc::clone(&self.pool);
+        let instance = self.instance.clone();
         thread::Builder::new()
             .name("cloud-pg-listen".into())
             .spawn(move || {
                 let mut errors = Repeats::new(Duration::from_secs(60));
                 while !shutdown.load(Ordering::SeqCst) {
-                    match listen_once(&pool, &shutdown, &on_queued, &mut errors) {
+                    match listen_once(&pool, &instance, &shutdown, &on_queued, &mut errors) {
                         Ok(()) => break,
                         Err(e) => {
                             let error = ferry_util::error_chain(&e);
@@ -264,6 +324,7 @@ fn pending_count(client: &mut impl GenericClient, device: &str) -> Result<i64, E
 /// One listening connection, until shutdown (`Ok`) or an error.
 fn listen_once(
     pool: &Pool,
+    instance: &str,
     shutdown: &AtomicBool,
     on_queued: &impl Fn(Option<&str>),
     errors: &mut Repeats,
@@ -276,7 +337,13 @@ fn listen_once(
     // Listening again: the next failure is said in full.
     errors.clear();
     on_queued(None);
+    let mut beaten: Option<Instant> = None;
     while !shutdown.load(Ordering::SeqCst) {
+        if beaten.is_none_or(|at| at.elapsed() >= HEARTBEAT) {
+            beat(&mut client, instance)?;
+            forget_gone_replicas(&mut client)?;
+            beaten = Some(Instant::now());
+        }
         let mut notifications = client.notifications();
         let mut iter = notifications.timeout_iter(LISTEN_POLL);
         while let Some(n) = iter.next().map_err(db("notification stream"))? {
@@ -286,6 +353,42 @@ fn listen_once(
     // UNLISTEN before the connection goes back to the pool.
     let _ = client.batch_execute("UNLISTEN *");
     pool.give_back(client);
+    Ok(())
+}
+
+/// Says this replica is alive now.
+fn beat(client: &mut impl GenericClient, instance: &str) -> Result<(), Error> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO ferry_replicas (instance, seen_ms) VALUES ($1, {DB_NOW_MS})
+                 ON CONFLICT (instance) DO UPDATE SET seen_ms = {DB_NOW_MS}"
+            ),
+            &[&instance],
+        )
+        .map_err(db("cannot beat the heartbeat"))?;
+    Ok(())
+}
+
+/// Deletes the connections and the heartbeat of replicas gone for [`STALE_AFTER`] (they no
+/// longer count already; this keeps the tables small).
+fn forget_gone_replicas(client: &mut impl GenericClient) -> Result<(), Error> {
+    let gone = client
+        .execute(
+            &format!(
+                "WITH gone AS (
+                     DELETE FROM ferry_replicas WHERE seen_ms < {DB_NOW_MS} - $1
+                     RETURNING instance)
+                 DELETE FROM ferry_sockets WHERE instance IN (SELECT instance FROM gone)"
+            ),
+            &[&stale_ms()],
+        )
+        .map_err(db("cannot forget gone replicas"))?;
+    if gone > 0 {
+        info!(
+            "downlink connections of replicas gone for {STALE_AFTER:?} forgotten connections={gone}"
+        );
+    }
     Ok(())
 }
 

@@ -13,7 +13,8 @@
 //! - `ferry_records`: `(device_id, seq)` primary key, the record's JSON line as the device sent it.
 //! - `ferry_gaps`: declared gaps, unique by `(device_id, from_seq, to_seq, reason)`.
 //! - `ferry_clashes`: the [`MAX_CLASHES`](super::MAX_CLASHES) most recently clashing seqs per device.
-//! - `ferry_commands`, `ferry_downlink`: the downlink's commands and connections ([`commands`]).
+//! - `ferry_commands`, `ferry_downlink`, `ferry_sockets`, `ferry_replicas`: the downlink's
+//!   commands, connections and the replicas holding them ([`commands`]).
 //! - `ferry_schema`: the schema version ([`MIGRATIONS`]).
 //!
 //! Durability: every connection runs with `synchronous_commit = on`, and [`PgStore::ingest`]
@@ -129,6 +130,20 @@ pub const MIGRATIONS: &[&str] = &[
         ON ferry_devices (ledger_missing DESC, device_id COLLATE \"C\") WHERE listed;
     CREATE INDEX ferry_devices_by_last_seen
         ON ferry_devices (last_seen_ms, device_id COLLATE \"C\") WHERE listed;",
+    // 4: open downlink connections per replica, and each replica's heartbeat, so that the
+    // connections of a replica that died are no longer counted (commands.rs).
+    "CREATE TABLE ferry_replicas (
+        instance text PRIMARY KEY,
+        seen_ms int8 NOT NULL
+    );
+    CREATE TABLE ferry_sockets (
+        device_id text NOT NULL,
+        instance text NOT NULL,
+        open int8 NOT NULL,
+        PRIMARY KEY (device_id, instance)
+    );
+    CREATE INDEX ferry_sockets_by_instance ON ferry_sockets (instance);
+    ALTER TABLE ferry_downlink DROP COLUMN connected;",
 ];
 
 /// The schema version that added the ledger columns ([`fill_ledger_columns`]).
