@@ -450,3 +450,54 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
         "99"
     );
 }
+
+/// `sslmode=require`: every connection to the database is TLS, its certificate verified against
+/// `--store-ca` by the address the connection string names. A certificate the roots do not know
+/// refuses the start, saying why; `--store-ca` without `sslmode=require` is refused too (the
+/// roots would not be used).
+#[test]
+fn tls_to_the_database_is_verified_against_the_given_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    make_certs(&certs);
+    let pg = postgres(tmp.path());
+    pg.enable_tls(&certs.join("server.pem"), &certs.join("server.key"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("{}?sslmode=require", pg.url());
+    let ca = certs.join("ca.pem").display().to_string();
+
+    let cloud = Cloud::start_postgres(&tmp.path().join("a"), &url, &["--store-ca", &ca]);
+    let batch = json!({"device_id": "gw-tls", "records": [
+        {"seq": 1, "ts_ms": 1, "topic": "t", "payload": {"n": 1}}]});
+    assert_eq!(post_batch(&http(), cloud.port, &batch).0, 200);
+    // The server sees ferry-cloud's connections, every one of them TLS.
+    let tls = pg
+        .psql(
+            "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'ferry-cloud'",
+        )
+        .unwrap();
+    let (count, all_tls) = tls.trim().split_once('|').unwrap();
+    assert!(count.parse::<u32>().unwrap() >= 1, "{tls}");
+    assert_eq!(all_tls, "t", "{tls}");
+    drop(cloud);
+
+    let refused = |args: &[&str]| -> String {
+        let out = ferry_testkit::output_within(
+            command(ferry_cloud())
+                .args(["--listen", "127.0.0.1:0"])
+                .args(args),
+            "ferry-cloud refusing its database",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The Mozilla roots do not know the test CA.
+    let stderr = refused(&["--store", &url]);
+    assert!(stderr.contains("certificate"), "{stderr}");
+    let stderr = refused(&["--store", &pg.url(), "--store-ca", &ca]);
+    assert!(stderr.contains("add sslmode=require"), "{stderr}");
+}

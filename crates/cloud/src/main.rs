@@ -13,7 +13,7 @@ use ferry_cloud as cloud;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
-usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://...)
+usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://... [--store-ca PEM])
                    [--reject-marker STR] [--token TOKEN]
                    [--max-records-per-sec N] [--silent-after SECS]
                    [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
@@ -29,6 +29,10 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          schema created or migrated at start); replicas may share one.
                          A password is better given as PGPASSWORD-free .pgpass or
                          in a key=value string passed from a file than on the command line
+  --store-ca PEM         with sslmode=require in the connection string: trust these CA
+                         certificates for the database's (default: the Mozilla roots).
+                         TLS to the database is always verified, by the host name or
+                         address the connection string gives (libpq's verify-full)
   --reject-marker STR    answer 422 to any batch with a record whose payload contains STR
   --max-records-per-sec N
                          answer 429 (Retry-After: 1) to batches over N records per second
@@ -99,6 +103,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut listen = None;
     let mut data = None;
     let mut store = None;
+    let mut store_ca = None;
     let mut reject_marker = None;
     let mut token = None;
     let mut max_rate = None;
@@ -120,6 +125,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--listen" => &mut listen,
             "--data" => &mut data,
             "--store" => &mut store,
+            "--store-ca" => &mut store_ca,
             "--reject-marker" => &mut reject_marker,
             "--token" => &mut token,
             "--max-records-per-sec" => &mut max_rate,
@@ -163,8 +169,12 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     Ok(Some(cloud::Config {
         listen: text("--listen", listen.ok_or("--listen is required")?)?,
         store: match (data, store) {
+            (_, None) if store_ca.is_some() => return Err("--store-ca goes with --store".into()),
             (Some(dir), None) => cloud::store::Location::Files(PathBuf::from(dir)),
-            (None, Some(url)) => cloud::store::Location::Postgres(text("--store", url)?),
+            (None, Some(url)) => cloud::store::Location::Postgres {
+                url: text("--store", url)?,
+                ca_file: store_ca.map(PathBuf::from),
+            },
             (None, None) => return Err("--data DIR or --store postgres://... is required".into()),
             (Some(_), Some(_)) => return Err("--data and --store exclude each other".into()),
         },

@@ -108,6 +108,15 @@ impl Material {
         Ok(material)
     }
 
+    /// A client config trusting the certificates of `ca_file` (named `what` in errors), or the
+    /// Mozilla roots without one; no client certificate.
+    pub fn roots_only(what: &'static str, ca_file: Option<&Path>) -> Result<Material, Error> {
+        Ok(Material {
+            roots: ca_file.map(|p| read_certs(what, p)).transpose()?,
+            client: None,
+        })
+    }
+
     /// A rustls client config from ring, these roots and this identity.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
         let mut store = RootCertStore::empty();

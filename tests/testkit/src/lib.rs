@@ -367,6 +367,38 @@ impl Postgres {
         .map_err(|e| format!("{e}; its log:\n{}", self.log_text()))
     }
 
+    /// Turns TLS on with this certificate and key (PEM), as a reload, and waits until the
+    /// server says so. Plain connections are still accepted.
+    pub fn enable_tls(&self, cert: &Path, key: &Path) -> Result<()> {
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = self.data.join(name);
+            std::fs::copy(from, &to).map_err(|e| format!("{}: {e}", from.display()))?;
+            // The server refuses a key others can read.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: {e}", to.display()))?;
+            if is_root() {
+                let chown = output_within(
+                    Command::new("chown").arg("postgres:postgres").arg(&to),
+                    "chown",
+                    Duration::from_secs(10),
+                )?;
+                if !chown.status.success() {
+                    return Err(format!("cannot give {} to postgres", to.display()));
+                }
+            }
+        }
+        self.psql("ALTER SYSTEM SET ssl = on")?;
+        self.psql("SELECT pg_reload_conf()")?;
+        poll_every(
+            "postgres to turn TLS on",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || self.psql("SHOW ssl").is_ok_and(|out| out.trim() == "on"),
+        )
+        .map_err(|e| format!("{e}; its log:\n{}", self.log_text()))
+    }
+
     /// The connection string of the `postgres` database as user `ferry`.
     pub fn url(&self) -> String {
         format!("postgres://ferry@127.0.0.1:{}/postgres", self.port)

@@ -89,8 +89,11 @@ pub enum Error {
         "device_id {device_id}: seq {seq} is beyond the largest seq the database holds (2^63 - 1)"
     )]
     SeqTooLarge { device_id: String, seq: u64 },
-    #[error("{what} is not supported")]
-    Unsupported { what: &'static str },
+    #[error("TLS to the database")]
+    Tls(#[from] ferry_tls::Error),
+    /// `--store-ca` without `sslmode=require`: the roots would not be used.
+    #[error("--store-ca is for TLS to the database: add sslmode=require to the connection string")]
+    CaWithoutTls,
     /// A row in the database that this store could not have written.
     #[error("device_id {device_id}: stored seq {seq} cannot be read: {problem}")]
     Corrupt {
@@ -185,8 +188,13 @@ impl FailureLog {
 pub enum Location {
     /// A data directory of NDJSON files ([`files`]).
     Files(PathBuf),
-    /// A PostgreSQL connection string (URL or `key=value` form, [`postgres`]).
-    Postgres(String),
+    /// A PostgreSQL connection string (URL or `key=value` form, [`postgres`]), and the trust
+    /// roots for its certificate with `sslmode=require` (`--store-ca`; the Mozilla roots when
+    /// `None`).
+    Postgres {
+        url: String,
+        ca_file: Option<PathBuf>,
+    },
 }
 
 /// The records of one device as `GET /v1/devices/<id>/records` sends them: NDJSON, one stored
@@ -218,7 +226,9 @@ impl Store {
     pub fn open(location: &Location) -> Result<Store, Error> {
         Ok(match location {
             Location::Files(dir) => Store::Files(files::FilesStore::open(dir)?),
-            Location::Postgres(url) => Store::Postgres(Box::new(postgres::PgStore::open(url)?)),
+            Location::Postgres { url, ca_file } => {
+                Store::Postgres(Box::new(postgres::PgStore::open(url, ca_file.as_deref())?))
+            }
         })
     }
 

@@ -31,14 +31,17 @@
 //! transaction is ended by the server after `idle_in_transaction_session_timeout`; TCP
 //! connections have keepalives and `tcp_user_timeout`, so a dead peer is noticed.
 //!
-//! Not done: TLS to the database (`sslmode=require` is refused at start; run the center's
-//! database on a Unix socket or a private link); `/metrics` and the list's `total` scan the
+//! TLS: with `sslmode=require` in the connection string, every connection is TLS and the server's
+//! certificate is verified ([`tls`]); without it connections are plain.
+//!
+//! Not done: `/metrics` and the list's `total` scan the
 //! device rows (no gap, clash or record rows); every batch rewrites its device's `delivered` ranges
 //! (a cost that grows with the device's holes, not its records); `GET .../records` holds up to
 //! [`MAX_RECORDS_READ`] per request in memory.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -57,6 +60,7 @@ use crate::ranges::RangeSet;
 use ferry_protocol::{Gap, GapReason, Held};
 
 pub mod commands;
+mod tls;
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
 /// Never edit a released entry; add one.
@@ -169,6 +173,8 @@ pub struct Pool {
     config: Config,
     /// Where the database is, for logs and errors (no password).
     target: String,
+    /// With `sslmode=require`: how connections are made TLS.
+    tls: Option<tls::RustlsConnect>,
     idle: Mutex<Vec<Client>>,
 }
 
@@ -188,16 +194,22 @@ struct DeviceRow {
 
 impl PgStore {
     /// Parses the connection string, connects, and creates or migrates the schema.
-    pub fn open(url: &str) -> Result<PgStore, Error> {
+    /// With `sslmode=require`, connections are TLS verified against the roots of `ca_file` (or
+    /// the Mozilla roots) by [`tls`]; otherwise they are plain (`prefer`, the default, does not
+    /// try TLS).
+    pub fn open(url: &str, ca_file: Option<&Path>) -> Result<PgStore, Error> {
         let mut config = Config::from_str(url).map_err(|source| Error::Database {
             what: "cannot read the connection string",
             source,
         })?;
-        if matches!(config.get_ssl_mode(), SslMode::Require) {
-            return Err(Error::Unsupported {
-                what: "TLS to PostgreSQL (sslmode=require); connect over a Unix socket or a private link with sslmode=disable",
-            });
-        }
+        let tls = match config.get_ssl_mode() {
+            SslMode::Require => {
+                let roots = ferry_tls::Material::roots_only("--store-ca", ca_file)?;
+                Some(tls::RustlsConnect::new(roots.client_config()?))
+            }
+            _ if ca_file.is_some() => return Err(Error::CaWithoutTls),
+            _ => None,
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -216,6 +228,7 @@ impl PgStore {
             pool: Arc::new(Pool {
                 target: describe(&config),
                 config,
+                tls,
                 idle: Mutex::new(Vec::new()),
             }),
         };
@@ -372,7 +385,7 @@ impl PgStore {
                 .iter()
                 .map(|row| row.get(0))
                 .collect();
-            let mut by_id: BTreeMap<String, DeviceSummary> = read_summaries(&mut tx, Some(&ids))?
+            let mut by_id: BTreeMap<String, DeviceSummary> = read_summaries(&mut tx, &ids)?
                 .into_iter()
                 .map(|d| (d.device_id.clone(), d))
                 .collect();
@@ -431,7 +444,7 @@ impl PgStore {
         let ids = [device_id.to_owned()];
         self.pool.run(|client| {
             let mut tx = snapshot(client)?;
-            let found = read_summaries(&mut tx, Some(&ids))?.pop();
+            let found = read_summaries(&mut tx, &ids)?.pop();
             tx.commit().map_err(db("cannot end the read"))?;
             Ok(found)
         })
@@ -504,7 +517,11 @@ impl Pool {
 
     fn connect(&self) -> Result<Client, Error> {
         // The callers say the error (each at its own rate); this is for a closer look.
-        self.config.connect(NoTls).map_err(|source| {
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        connected.map_err(|source| {
             debug!(
                 "cannot connect to the database target={} error={}",
                 self.target,
@@ -553,13 +570,10 @@ fn snapshot(client: &mut Client) -> Result<Transaction<'_>, Error> {
         .map_err(db("cannot begin"))
 }
 
-/// The summaries of the devices `ids` (every device when `None`) that stored records or gaps or
-/// reported what they hold, in no particular order.
-fn read_summaries(
-    tx: &mut Transaction<'_>,
-    ids: Option<&[String]>,
-) -> Result<Vec<DeviceSummary>, Error> {
-    let filter = "($1::text[] IS NULL OR device_id = ANY($1))";
+/// The summaries of the devices `ids` that stored records or gaps or reported what they hold,
+/// in no particular order.
+fn read_summaries(tx: &mut Transaction<'_>, ids: &[String]) -> Result<Vec<DeviceSummary>, Error> {
+    let filter = "device_id = ANY($1)";
     let mut gaps: BTreeMap<String, Vec<Gap>> = BTreeMap::new();
     for row in tx
         .query(
