@@ -719,3 +719,33 @@ fn a_refused_chunked_upload_leaves_the_connection_usable() {
         "{seen}"
     );
 }
+
+/// Answers longer than tiny_http's 1 KiB write buffer leave in several segments. On a kept-alive
+/// connection, Nagle's algorithm held the last until the client's delayed ACK: every `/metrics`
+/// (1.5 KiB) or page of devices took 40 ms or more after the first. The listener now sets
+/// `TCP_NODELAY`, which its connections inherit.
+#[test]
+fn long_answers_on_a_kept_alive_connection_do_not_wait_for_a_delayed_ack() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path(), &[]);
+    // One kept-alive connection (the test client's pool holds it between requests).
+    let mut quick = 0;
+    let mut took = Vec::new();
+    for _ in 0..10 {
+        let started = Instant::now();
+        let (status, text) = cloud.get("/metrics");
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(status, 200);
+        assert!(
+            text.len() > 1024,
+            "{} bytes: not longer than the buffer",
+            text.len()
+        );
+        took.push(format!("{ms:.1}"));
+        // A delayed ACK is at least 40 ms on Linux.
+        if ms < 25.0 {
+            quick += 1;
+        }
+    }
+    assert!(quick >= 5, "answers took {took:?} ms");
+}
