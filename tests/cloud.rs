@@ -749,3 +749,165 @@ fn long_answers_on_a_kept_alive_connection_do_not_wait_for_a_delayed_ack() {
     }
     assert!(quick >= 5, "answers took {took:?} ms");
 }
+
+const DEVICE_TOKEN: &str = "device-token-0123456789";
+const ALICE_TOKEN: &str = "alice-token-0123456789";
+
+/// An operators file naming alice.
+fn operators_file(dir: &Path) -> String {
+    let path = dir.join("operators");
+    std::fs::write(&path, format!("# on call\nalice {ALICE_TOKEN}\n")).expect("write operators");
+    path.display().to_string()
+}
+
+/// With `--operators`, the fleet API and the commands need an operator's token: none, a wrong
+/// one and the device token are refused with 401; alice's is served, and the command she sends is
+/// logged with her name. Uploads still take the device token only; `/metrics` stays open.
+#[test]
+fn operator_endpoints_need_an_operators_token_and_say_who_sent_a_command() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ops = operators_file(dir.path());
+    let cloud = Cloud::start(
+        &dir.path().join("data"),
+        &["--token", DEVICE_TOKEN, "--operators", &ops],
+    );
+    let call = |method: &str, path: &str, token: Option<&str>| -> u16 {
+        let url = format!("{}{path}", cloud.base);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut response = if method == "GET" {
+            let mut r = cloud.http.get(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        } else {
+            let mut r = cloud
+                .http
+                .post(&url)
+                .header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            let body = json!({"action": "publish", "topic": "t", "payload_text": "hi"});
+            r.send(body.to_string().as_bytes())
+        }
+        .expect("request reaches ferry-cloud");
+        let _ = response.body_mut().read_to_string();
+        response.status().as_u16()
+    };
+    for path in [
+        "/v1/devices",
+        "/v1/devices/gw-1/ledger",
+        "/v1/devices/gw-1/records",
+        "/v1/devices/gw-1/downlink",
+        "/v1/stats",
+    ] {
+        assert_eq!(call("GET", path, None), 401, "{path}");
+        assert_eq!(call("GET", path, Some(DEVICE_TOKEN)), 401, "{path}");
+        assert_eq!(
+            call("GET", path, Some("alice-token-012345678X")),
+            401,
+            "{path}"
+        );
+    }
+    let commands = "/v1/devices/gw-1/commands";
+    assert_eq!(call("POST", commands, None), 401);
+    assert_eq!(call("POST", commands, Some(DEVICE_TOKEN)), 401);
+    assert_eq!(call("GET", "/v1/devices", Some(ALICE_TOKEN)), 200);
+    assert_eq!(call("GET", "/metrics", None), 200);
+    assert_eq!(call("POST", commands, Some(ALICE_TOKEN)), 202);
+    let log = cloud.stderr.lock().expect("log").clone();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("command queued device=gw-1") && l.contains("by=alice")),
+        "{log}"
+    );
+    assert!(!log.contains(ALICE_TOKEN), "a token in the log: {log}");
+
+    // Uploads: the device token, not an operator's.
+    let batch = gzip(&example_batch());
+    let (status, _) = cloud.post(
+        &batch,
+        &[
+            ("Content-Encoding", "gzip"),
+            ("Authorization", &format!("Bearer {ALICE_TOKEN}")),
+        ],
+    );
+    assert_eq!(status, 401);
+    let (status, _) = cloud.post(
+        &batch,
+        &[
+            ("Content-Encoding", "gzip"),
+            ("Authorization", &format!("Bearer {DEVICE_TOKEN}")),
+        ],
+    );
+    assert_eq!(status, 200);
+}
+
+/// Listening beyond loopback with the fleet API or the uploads open is refused at start: both
+/// tokens are needed there. With both, it starts.
+#[test]
+fn listening_beyond_loopback_needs_a_device_token_and_operators() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ops = operators_file(dir.path());
+    let data = dir.path().join("data").display().to_string();
+    let run = |args: &[&str]| {
+        ferry_testkit::output_within(
+            util::command(util::ferry_cloud())
+                .args(["--data", &data])
+                .args(args),
+            "ferry-cloud refusing to start",
+            Duration::from_secs(20),
+        )
+        .expect("run ferry-cloud")
+    };
+    for args in [
+        &["--listen", "0.0.0.0:0"][..],
+        &["--listen", "0.0.0.0:0", "--token", DEVICE_TOKEN],
+        &["--listen", "0.0.0.0:0", "--operators", &ops],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ws-listen",
+            "0.0.0.0:0",
+            "--operators",
+            &ops,
+        ],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("reachable beyond this host"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Both given: it serves, and the fleet API wants alice's token.
+    let mut child = util::command(util::ferry_cloud())
+        .args([
+            "--data",
+            &data,
+            "--listen",
+            "0.0.0.0:0",
+            "--token",
+            DEVICE_TOKEN,
+        ])
+        .args(["--operators", &ops])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ferry-cloud");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(START_DEADLINE)
+        .expect("ferry-cloud started");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("listening on 0.0.0.0:"), "{line}");
+}

@@ -17,7 +17,8 @@
 //! answers its id), `GET /v1/devices/<id>/commands/<cmd id>` (pending or its result),
 //! `GET /v1/devices/<id>/downlink` (connection state), and for tests `POST /v1/devices/<id>/raw`
 //! (the body sent once as a text frame, or `?binary=1` as a binary frame). Every error answer has a
-//! JSON body `{"error": "..."}`.
+//! JSON body `{"error": "..."}`. Credentials: uploads and the downlink take the device token,
+//! `/v1/devices...` and `/v1/stats` an operator's ([`operators`]); `/metrics` is open.
 //!
 //! Limits inherited from tiny_http 0.12: sockets have no read timeout, so a client that stops sending
 //! mid-body holds its worker until it disconnects; a body the receiver does not read is drained after
@@ -33,6 +34,7 @@ pub mod commands;
 pub mod fingerprints;
 pub mod fleet;
 pub mod ledger;
+pub mod operators;
 pub mod ranges;
 pub mod store;
 pub mod ws;
@@ -90,6 +92,8 @@ pub struct Config {
     pub ws_listen: Option<String>,
     /// TLS for the downlink endpoint (wss).
     pub ws_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Who may use the operator endpoints ([`operators`]); empty: open (loopback only).
+    pub operators: operators::Operators,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +171,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
         store,
         reject_marker: config.reject_marker,
         token: config.token,
+        operators: config.operators,
         rate: config
             .max_records_per_sec
             .map(|limit| Mutex::new(RateWindow::new(limit))),
@@ -270,6 +275,7 @@ struct Shared {
     store: Store,
     reject_marker: Option<String>,
     token: Option<String>,
+    operators: operators::Operators,
     rate: Option<Mutex<RateWindow>>,
     stats: Mutex<Stats>,
     commands: Arc<Commands>,
@@ -392,6 +398,26 @@ fn serve(shared: &Shared, mut request: Request) {
     let method = request.method().clone();
     let is_get = matches!(method, Method::Get | Method::Head);
     let is_ingest = path == "/v1/ingest" && method == Method::Post;
+    // The operator endpoints (see `operators`): who is asking, or the refusal.
+    let operator = if path == "/v1/stats" || path.starts_with("/v1/devices") {
+        match shared.operators.identify(header(&request, "Authorization")) {
+            Ok(name) => Some(name.unwrap_or("(open)").to_owned()),
+            Err(refusal) => {
+                warn!(
+                    "operator endpoint refused remote={} path={path} error={}",
+                    remote(&request),
+                    refusal.message()
+                );
+                discard_chunked_body(&mut request);
+                let reply =
+                    Reply::error(401, refusal.message()).with_header("WWW-Authenticate", "Bearer");
+                respond(request, reply);
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let reply = match path.as_str() {
         "/v1/ingest" if is_ingest => {
             let outcome = ingest(shared, &mut request);
@@ -423,7 +449,8 @@ fn serve(shared: &Shared, mut request: Request) {
             && !path.ends_with("/records")
             && path.split('/').count() >= 5 =>
         {
-            downlink_route(shared, &mut request, &path, is_get)
+            let by = operator.as_deref().unwrap_or_default();
+            downlink_route(shared, &mut request, &path, is_get, by)
         }
         _ => match path
             .strip_prefix("/v1/devices/")
@@ -809,8 +836,15 @@ fn stats(shared: &Shared) -> Reply {
     )
 }
 
-/// `/v1/devices/<id>/commands[/<cmd id>]`, `/v1/devices/<id>/downlink`, `/v1/devices/<id>/raw`.
-fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bool) -> Reply {
+/// `/v1/devices/<id>/commands[/<cmd id>]`, `/v1/devices/<id>/downlink`, `/v1/devices/<id>/raw`;
+/// `by`: the operator asking (logged with what they send).
+fn downlink_route(
+    shared: &Shared,
+    request: &mut Request,
+    path: &str,
+    is_get: bool,
+    by: &str,
+) -> Reply {
     let rest = path.strip_prefix("/v1/devices/").unwrap_or_default();
     let mut parts = rest.splitn(3, '/');
     let (device, what, cmd) = (
@@ -834,7 +868,7 @@ fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bo
             };
             match shared.commands.queue(device, value) {
                 Ok(id) => {
-                    info!("command queued device={device} id={id}");
+                    info!("command queued device={device} id={id} by={by}");
                     Reply::json(202, json!({ "id": id }))
                 }
                 Err(e) => refused(e),
@@ -856,7 +890,10 @@ fn downlink_route(shared: &Shared, request: &mut Request, path: &str, is_get: bo
             let binary = request.url().ends_with("?binary=1");
             match read_small_body(request, 32 << 20) {
                 Ok(body) => match shared.commands.queue_raw(device, binary, body) {
-                    Ok(()) => Reply::json(202, json!({})),
+                    Ok(()) => {
+                        info!("raw frame queued device={device} binary={binary} by={by}");
+                        Reply::json(202, json!({}))
+                    }
                     Err(e) => Reply::error(400, e),
                 },
                 Err(r) => r,

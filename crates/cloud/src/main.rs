@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
 usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://... [--store-ca PEM])
-                   [--reject-marker STR] [--token TOKEN]
+                   [--reject-marker STR] [--token TOKEN] [--operators FILE]
                    [--max-records-per-sec N] [--silent-after SECS]
                    [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
 
@@ -40,6 +40,12 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          GET /v1/devices and /metrics (default 3600)
   --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads and on the
                          downlink
+  --operators FILE       the operators, one 'NAME TOKEN' per line: the fleet API
+                         (/v1/devices..., commands, /v1/stats) then needs
+                         'Authorization: Bearer TOKEN' of one of them (16+ characters,
+                         not the device token). Without it that API is open, which is
+                         allowed on loopback only: listening beyond loopback needs
+                         both --token and --operators
   --ws-listen HOST:PORT  serve the downlink WebSocket (/v1/downlink) there; prints
                          'downlink listening on <addr>' as the second line
   --tls-cert PEM, --tls-key PEM
@@ -97,6 +103,19 @@ fn run(config: cloud::Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Whether every address `addr` (`host:port`) names is a loopback one.
+fn is_loopback(addr: &str) -> Result<bool, String> {
+    use std::net::ToSocketAddrs as _;
+    let mut addrs = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr}: not an address to listen on: {e}"))?
+        .peekable();
+    if addrs.peek().is_none() {
+        return Err(format!("{addr}: names no address"));
+    }
+    Ok(addrs.all(|a| a.ip().is_loopback()))
+}
+
 /// `Ok(None)` means help was asked for. Values stay `OsString` until they must be text, so a data
 /// directory whose name is not UTF-8 still works.
 fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::Config>, String> {
@@ -106,6 +125,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut store_ca = None;
     let mut reject_marker = None;
     let mut token = None;
+    let mut operators = None;
     let mut max_rate = None;
     let mut ws_listen = None;
     let mut tls_cert = None;
@@ -128,6 +148,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--store-ca" => &mut store_ca,
             "--reject-marker" => &mut reject_marker,
             "--token" => &mut token,
+            "--operators" => &mut operators,
             "--max-records-per-sec" => &mut max_rate,
             "--ws-listen" => &mut ws_listen,
             "--tls-cert" => &mut tls_cert,
@@ -166,8 +187,23 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     if ws_tls.is_some() && ws_listen.is_none() {
         return Err("--tls-cert applies to the downlink: give --ws-listen too".into());
     }
+    let listen = text("--listen", listen.ok_or("--listen is required")?)?;
+    let ws_listen = ws_listen.map(|v| text("--ws-listen", v)).transpose()?;
+    let token = token.map(|v| text("--token", v)).transpose()?;
+    let operators = match operators {
+        Some(path) => cloud::operators::Operators::load(&PathBuf::from(path), token.as_deref())?,
+        None => cloud::operators::Operators::default(),
+    };
+    for addr in std::iter::once(&listen).chain(&ws_listen) {
+        if !is_loopback(addr)? && (token.is_none() || operators.is_open()) {
+            return Err(format!(
+                "{addr} is reachable beyond this host: give --token (for the devices) and \
+                 --operators (for the fleet API and commands), or listen on loopback"
+            ));
+        }
+    }
     Ok(Some(cloud::Config {
-        listen: text("--listen", listen.ok_or("--listen is required")?)?,
+        listen,
         store: match (data, store) {
             (_, None) if store_ca.is_some() => return Err("--store-ca goes with --store".into()),
             (Some(dir), None) => cloud::store::Location::Files(PathBuf::from(dir)),
@@ -181,7 +217,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
         reject_marker: reject_marker
             .map(|v| text("--reject-marker", v))
             .transpose()?,
-        token: token.map(|v| text("--token", v)).transpose()?,
+        token,
+        operators,
         max_records_per_sec: max_rate
             .map(|v| {
                 text("--max-records-per-sec", v)?
@@ -201,7 +238,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
                 .ok_or("--silent-after needs a positive number of seconds")?,
         },
         workers: WORKERS,
-        ws_listen: ws_listen.map(|v| text("--ws-listen", v)).transpose()?,
+        ws_listen,
         ws_tls,
     }))
 }
