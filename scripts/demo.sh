@@ -150,3 +150,8 @@ wait "$SUB" 2>/dev/null || true
 echo "  the device received: $(cat "$DATA/device.out")"
 grep -q '"open":true' "$DATA/device.out" || { echo "DEMO FAILED: the device got no command"; exit 1; }
 say "demo passed: nothing was lost across the outage, and the cloud reached a device"
+say "the operators' console: http://127.0.0.1:$CLOUD_PORT/console (open on loopback: no token)"
+if [ -t 0 ]; then
+    echo "  the demo keeps running for it; press Ctrl-C to stop everything"
+    wait "$CLOUD_PID" 2>/dev/null || true
+fi

@@ -3,7 +3,8 @@
 # mosquitto (broker), mosquitto-clients (mosquitto_pub, for the demo), nginx-light (the reverse
 # proxy in front of ferry-cloud in tests/faults_net.rs), openssl (the CLI that makes the test CA and
 # certificates of tests/downlink.rs at run time) and fuse3 (fusermount3, for the crash-test
-# filesystem of `make torture`) and postgresql with psql (the center's store, in tests).
+# filesystem of `make torture`), postgresql with psql (the center's store, in tests) and chromium
+# (the console's browser tests).
 # Usage: scripts/ensure-deps.sh [--msrv] [--bench]
 #   --msrv   also installs Debian's Rust 1.85 (rustc-web)
 #   --bench  also installs what `make bench` needs: libsqlite3-dev and pkg-config (the SQLite
@@ -21,6 +22,8 @@ command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 has_postgres() { ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; }
 has_postgres || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# Chromium: the browser tests of the operators' console (tests/web_console.rs), headless.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 msrv=0; bench=0
 for arg in "$@"; do
@@ -63,6 +66,7 @@ command -v openssl >/dev/null 2>&1 || { echo "ensure-deps: openssl is still miss
 command -v fusermount3 >/dev/null 2>&1 || { echo "ensure-deps: fusermount3 (fuse3) is still missing" >&2; missing=1; }
 has_postgres || { echo "ensure-deps: postgresql is still missing" >&2; missing=1; }
 command -v psql >/dev/null 2>&1 || { echo "ensure-deps: psql (postgresql-client) is still missing" >&2; missing=1; }
+command -v chromium >/dev/null 2>&1 || { echo "ensure-deps: chromium is still missing" >&2; missing=1; }
 if [ $bench -eq 1 ] && ! has_sqlite_dev; then
     echo "ensure-deps: libsqlite3-dev (with pkg-config) is still missing" >&2; missing=1
 fi

@@ -5,7 +5,8 @@
 //! By peer: `broker.rs` (mosquitto, publishers), `cloud.rs` (ferry-cloud), `agent.rs` (the ferry
 //! agent and its config), `nginx.rs`, `proxy.rs` (a fault-injecting TCP proxy), with `http.rs`
 //! (a small HTTP client), `procfs.rs` (what a process holds), `certs.rs` (a test CA and
-//! certificates) and `records.rs` (exactly-once checks). Shared with the torture runner and the benchmarks: `ferry-testkit`.
+//! certificates), `browser.rs` (headless Chromium over DevTools) and `records.rs` (exactly-once
+//! checks). Shared with the torture runner and the benchmarks: `ferry-testkit`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -112,6 +113,7 @@ pub fn wait_exit(child: &mut Child, name: &str, timeout: Duration) -> ExitStatus
 
 mod agent;
 mod broker;
+mod browser;
 mod certs;
 mod cloud;
 mod http;
@@ -123,6 +125,8 @@ mod records;
 pub use agent::*;
 #[allow(unused_imports)]
 pub use broker::*;
+#[allow(unused_imports)]
+pub use browser::*;
 #[allow(unused_imports)]
 pub use certs::*;
 #[allow(unused_imports)]

@@ -69,6 +69,29 @@ pub struct Totals {
     pub unbalanced: u64,
     /// The oldest unsent record over the devices with seqs waiting, as reported.
     pub oldest_unsent_ts_ms: Option<u64>,
+    /// Devices with seqs waiting, by the age of their oldest unsent record: `[i]` counts ages up
+    /// to [`BACKLOG_AGE_S`]`[i]` (and above the one before), the last one those above them all
+    /// and those that did not report an age.
+    pub backlog_age: [u64; BACKLOG_AGE_S.len() + 1],
+}
+
+/// Upper bounds (seconds) of the backlog age buckets of [`Totals::backlog_age`]: a minute, ten
+/// minutes, an hour, six hours, a day, a week.
+pub const BACKLOG_AGE_S: [u64; 6] = [60, 600, 3_600, 21_600, 86_400, 604_800];
+
+/// The bucket of [`Totals::backlog_age`] for a device whose oldest unsent record was received at
+/// `oldest_ts_ms` (`None`: not reported).
+pub fn backlog_age_bucket(oldest_ts_ms: Option<u64>, now_ms: u64) -> usize {
+    match oldest_ts_ms {
+        Some(ts) => {
+            let age_s = now_ms.saturating_sub(ts) / 1000;
+            BACKLOG_AGE_S
+                .iter()
+                .position(|&bound| age_s <= bound)
+                .unwrap_or(BACKLOG_AGE_S.len())
+        }
+        None => BACKLOG_AGE_S.len(),
+    }
 }
 
 impl Totals {
@@ -92,6 +115,9 @@ impl Totals {
             t.unbalanced += u64::from(!l.balances());
             if let Some(ts) = l.oldest_unsent_ts_ms.filter(|_| l.waiting > 0) {
                 t.oldest_unsent_ts_ms = Some(t.oldest_unsent_ts_ms.map_or(ts, |o| o.min(ts)));
+            }
+            if l.waiting > 0 {
+                t.backlog_age[backlog_age_bucket(l.oldest_unsent_ts_ms, now_ms)] += 1;
             }
         }
         t
@@ -281,6 +307,7 @@ pub fn metrics(t: &Totals, now_ms: u64) -> String {
         missing,
         unbalanced,
         oldest_unsent_ts_ms: oldest,
+        ..
     } = t.clone();
     let mut out = String::new();
     let _ = writeln!(
@@ -330,9 +357,108 @@ pub fn metrics(t: &Totals, now_ms: u64) -> String {
     out
 }
 
+/// `GET /v1/fleet`: the totals as JSON, with the records accepted per second over the last
+/// minutes (`rate`, from the oldest; this replica's, see [`RateHistory`]).
+pub fn fleet_json(t: &Totals, now_ms: u64, rate: &RateHistory) -> Value {
+    let by_state: serde_json::Map<String, Value> = STATES
+        .iter()
+        .zip(t.by_state)
+        .map(|(s, n)| ((*s).to_owned(), json!(n)))
+        .collect();
+    json!({
+        "devices": t.devices,
+        "by_state": by_state,
+        "delivered": t.delivered,
+        "gaps": t.gaps,
+        "waiting": t.waiting,
+        "missing": t.missing,
+        "unbalanced": t.unbalanced,
+        "oldest_unsent_age_s": t.oldest_unsent_ts_ms.map(|ts| now_ms.saturating_sub(ts) / 1000),
+        "backlog_age": {"le_s": BACKLOG_AGE_S, "devices": t.backlog_age},
+        "rate": rate.per_second(now_ms),
+        "rate_slot_s": RATE_SLOT_MS / 1000,
+    })
+}
+
+/// Length of one slot of [`RateHistory`].
+pub const RATE_SLOT_MS: u64 = 10_000;
+/// Slots kept: ten minutes.
+const RATE_SLOTS: u64 = 60;
+
+/// Records accepted by this process, per [`RATE_SLOT_MS`] slot, over the last [`RATE_SLOTS`]
+/// slots (replicas each count their own).
+#[derive(Debug, Default)]
+pub struct RateHistory {
+    /// `(slot number, records)`, oldest first, only slots that accepted something.
+    slots: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl RateHistory {
+    pub fn add(&mut self, now_ms: u64, records: u64) {
+        let slot = now_ms / RATE_SLOT_MS;
+        match self.slots.back_mut() {
+            Some((s, n)) if *s == slot => *n += records,
+            _ => self.slots.push_back((slot, records)),
+        }
+        while self
+            .slots
+            .front()
+            .is_some_and(|(s, _)| *s + RATE_SLOTS <= slot)
+        {
+            self.slots.pop_front();
+        }
+    }
+
+    /// Records per second in each of the last [`RATE_SLOTS`] slots, oldest first, the current
+    /// (partial) one last and counted over the part gone by.
+    pub fn per_second(&self, now_ms: u64) -> Vec<f64> {
+        let current = now_ms / RATE_SLOT_MS;
+        let first = (current + 1).saturating_sub(RATE_SLOTS);
+        (first..=current)
+            .map(|slot| {
+                let n = self
+                    .slots
+                    .iter()
+                    .find(|(s, _)| *s == slot)
+                    .map_or(0, |(_, n)| *n);
+                let span_ms = if slot == current {
+                    (now_ms % RATE_SLOT_MS).max(1000)
+                } else {
+                    RATE_SLOT_MS
+                };
+                n as f64 * 1000.0 / span_ms as f64
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_history_keeps_ten_minutes_of_ten_second_slots() {
+        let mut h = RateHistory::default();
+        let t0 = 1_000_000_000;
+        h.add(t0, 500);
+        h.add(t0 + 5_000, 500);
+        h.add(t0 + 20_000, 100);
+        let rates = h.per_second(t0 + 25_000);
+        assert_eq!(rates.len(), 60);
+        // The slot of t0 + 20 s is current: 100 records over the 5 s gone by.
+        assert_eq!(&rates[57..], &[100.0, 0.0, 20.0]);
+        h.add(t0 + 700_000, 1);
+        assert_eq!(h.slots.len(), 1, "slots older than ten minutes are dropped");
+    }
+
+    #[test]
+    fn backlog_ages_fall_in_their_buckets() {
+        let now = 10_000_000_000;
+        assert_eq!(backlog_age_bucket(Some(now - 59_000), now), 0);
+        assert_eq!(backlog_age_bucket(Some(now - 61_000), now), 1);
+        assert_eq!(backlog_age_bucket(Some(now - 700_000_000), now), 6);
+        assert_eq!(backlog_age_bucket(None, now), 6);
+    }
 
     #[test]
     fn bad_queries_name_the_parameter() {

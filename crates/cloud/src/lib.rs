@@ -31,6 +31,7 @@
 
 pub mod batch;
 pub mod commands;
+pub mod console;
 pub mod fingerprints;
 pub mod fleet;
 pub mod ledger;
@@ -176,6 +177,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
             .max_records_per_sec
             .map(|limit| Mutex::new(RateWindow::new(limit))),
         stats: Mutex::new(Stats::default()),
+        history: Mutex::new(fleet::RateHistory::default()),
         commands: Arc::clone(&commands),
         silent_after_ms: u64::try_from(config.silent_after.as_millis()).unwrap_or(u64::MAX),
         db_errors: store::FailureLog::default(),
@@ -278,6 +280,8 @@ struct Shared {
     operators: operators::Operators,
     rate: Option<Mutex<RateWindow>>,
     stats: Mutex<Stats>,
+    /// Records accepted per ten seconds, for the console's chart.
+    history: Mutex<fleet::RateHistory>,
     commands: Arc<Commands>,
     silent_after_ms: u64,
     db_errors: store::FailureLog,
@@ -356,6 +360,8 @@ enum Body {
     Text(String),
     /// NDJSON, or nothing.
     Records(Option<store::Records>),
+    /// An embedded console asset.
+    Asset(console::Asset),
 }
 
 impl Reply {
@@ -399,7 +405,8 @@ fn serve(shared: &Shared, mut request: Request) {
     let is_get = matches!(method, Method::Get | Method::Head);
     let is_ingest = path == "/v1/ingest" && method == Method::Post;
     // The operator endpoints (see `operators`): who is asking, or the refusal.
-    let operator = if path == "/v1/stats" || path.starts_with("/v1/devices") {
+    let operator = if path == "/v1/stats" || path == "/v1/fleet" || path.starts_with("/v1/devices")
+    {
         match shared.operators.identify(header(&request, "Authorization")) {
             Ok(name) => Some(name.unwrap_or("(open)").to_owned()),
             Err(refusal) => {
@@ -433,6 +440,23 @@ fn serve(shared: &Shared, mut request: Request) {
         "/v1/ingest" => not_allowed("POST"),
         "/v1/devices" if is_get => devices(shared, &query),
         "/v1/stats" if is_get => stats(shared),
+        "/v1/fleet" if is_get => fleet_overview(shared),
+        "/v1/fleet" => not_allowed("GET, HEAD"),
+        _ if path == "/console" || path.starts_with("/console/") => match console::asset(&path) {
+            Some(_) if !is_get => not_allowed("GET, HEAD"),
+            Some(asset) => {
+                let mut reply = Reply {
+                    status: 200,
+                    body: Body::Asset(asset),
+                    headers: Vec::new(),
+                };
+                for (name, value) in console::SECURITY_HEADERS {
+                    reply = reply.with_header(name, value);
+                }
+                reply
+            }
+            None => Reply::error(404, format!("no such path {path}")),
+        },
         "/metrics" if is_get => metrics(shared),
         "/v1/devices" | "/v1/stats" | "/metrics" => not_allowed("GET, HEAD"),
         _ if path.starts_with("/v1/devices/") && path.ends_with("/ledger") => {
@@ -515,6 +539,17 @@ fn respond(request: Request, reply: Reply) {
                 None,
             ))
         }
+        Body::Asset(asset) => {
+            headers.extend(Header::from_bytes("Content-Type", asset.content_type).ok());
+            headers.extend(Header::from_bytes("Cache-Control", "no-cache").ok());
+            request.respond(Response::new(
+                status,
+                headers,
+                asset.body,
+                Some(asset.body.len()),
+                None,
+            ))
+        }
         Body::Text(text) => {
             headers.extend(Header::from_bytes("Content-Type", "text/plain; version=0.0.4").ok());
             let len = text.len();
@@ -553,6 +588,12 @@ impl Shared {
         stats.requests += 1;
         let status = match outcome {
             Ok(o) => {
+                if o.accepted > 0 {
+                    self.history
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .add(now_ms(), o.accepted);
+                }
                 stats.accepted += o.accepted;
                 stats.duplicates += o.duplicates;
                 200
@@ -814,6 +855,21 @@ fn records(shared: &Shared, device_id: &str) -> Reply {
             headers: Vec::new(),
         },
         Err(e) => unreadable(shared, "the records", &e),
+    }
+}
+
+/// `GET /v1/fleet`: the fleet's totals and this replica's recent records/s, for the console.
+fn fleet_overview(shared: &Shared) -> Reply {
+    let now = now_ms();
+    match shared.store.fleet_totals(now, shared.silent_after_ms) {
+        Ok(totals) => {
+            let history = shared
+                .history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            Reply::json(200, fleet::fleet_json(&totals, now, &history))
+        }
+        Err(e) => unreadable(shared, "the devices", &e),
     }
 }
 

@@ -401,6 +401,24 @@ impl PgStore {
     /// See [`super::Store::fleet_totals`]: one aggregate over the device rows.
     pub fn fleet_totals(&self, now_ms: u64, silent_after_ms: u64) -> Result<fleet::Totals, Error> {
         let silent = silent_before(now_ms, silent_after_ms);
+        let now = to_i64(now_ms);
+        // The backlog age buckets, as fleet::backlog_age_bucket sorts them ($2: now).
+        let age = "GREATEST($2 - oldest_unsent_ts_ms, 0) / 1000";
+        let mut ages = Vec::new();
+        let mut above = None;
+        for bound in fleet::BACKLOG_AGE_S {
+            let lower = above.map_or(String::new(), |b| format!(" AND {age} > {b}"));
+            ages.push(format!(
+                "count(*) FILTER (WHERE ledger_waiting > 0 AND oldest_unsent_ts_ms IS NOT NULL
+                     AND {age} <= {bound}{lower})"
+            ));
+            above = Some(bound);
+        }
+        ages.push(format!(
+            "count(*) FILTER (WHERE ledger_waiting > 0
+                 AND (oldest_unsent_ts_ms IS NULL OR {age} > {}))",
+            above.unwrap_or(0)
+        ));
         let row = self.pool.run(|client| {
             client
                 .query_one(
@@ -414,19 +432,25 @@ impl PgStore {
                              COALESCE(sum(ledger_waiting), 0)::int8,
                              COALESCE(sum(ledger_missing), 0)::int8,
                              count(*) FILTER (WHERE NOT ledger_balanced),
-                             min(oldest_unsent_ts_ms) FILTER (WHERE ledger_waiting > 0)
+                             min(oldest_unsent_ts_ms) FILTER (WHERE ledger_waiting > 0),
+                             {}
                          FROM ferry_devices WHERE listed",
                         state_condition(fleet::STATES[0], 1),
                         state_condition(fleet::STATES[1], 1),
                         state_condition(fleet::STATES[2], 1),
                         state_condition(fleet::STATES[3], 1),
                         state_condition(fleet::STATES[4], 1),
+                        ages.join(", "),
                     ),
-                    &[&silent],
+                    &[&silent, &now],
                 )
                 .map_err(db("cannot add up the devices"))
         })?;
         let n = |i: usize| to_u64(row.get(i));
+        let mut backlog_age = [0; fleet::BACKLOG_AGE_S.len() + 1];
+        for (i, bucket) in backlog_age.iter_mut().enumerate() {
+            *bucket = n(12 + i);
+        }
         Ok(fleet::Totals {
             devices: n(0),
             by_state: [n(1), n(2), n(3), n(4), n(5)],
@@ -436,6 +460,7 @@ impl PgStore {
             missing: n(9),
             unbalanced: n(10),
             oldest_unsent_ts_ms: row.get::<_, Option<i64>>(11).map(to_u64),
+            backlog_age,
         })
     }
 

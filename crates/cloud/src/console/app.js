@@ -1,0 +1,372 @@
+// ferry's operator console: plain JavaScript over the operator API. Every value from the API is
+// written with textContent (never as HTML). The operator's token lives in this tab's
+// sessionStorage only and goes out as a bearer token.
+"use strict";
+
+const PAGE = 50;
+const REFRESH_MS = 5000;
+const STATES = ["clash", "missing", "behind", "silent", "healthy"];
+const $ = (id) => document.getElementById(id);
+
+let token = sessionStorage.getItem("ferry-operator-token") || "";
+let offset = 0;
+let timer = null;
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401) throw new Unauthorized("the operator token was refused");
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(path + ": " + response.status + " " + (body.error || ""));
+  return body;
+}
+
+function show(section) {
+  for (const id of ["login", "fleet", "device"]) $(id).hidden = id !== section;
+  $("sign-out").hidden = section === "login" || !token;
+}
+
+function fail(e) {
+  if (e instanceof Unauthorized) {
+    $("login-error").textContent = token ? "That token was refused." : "";
+    show("login");
+    return;
+  }
+  $("error").textContent = String(e.message || e);
+}
+
+// Ages and amounts, with units.
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return "-";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 120) return s + " s";
+  if (s < 7200) return Math.round(s / 60) + " min";
+  if (s < 172800) return (s / 3600).toFixed(1) + " h";
+  return (s / 86400).toFixed(1) + " d";
+}
+const count = (n) => (n === null || n === undefined ? "-" : Number(n).toLocaleString("en-US"));
+const nowS = () => Date.now() / 1000;
+
+function el(tag, attrs = {}, text) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function svg(tag, attrs) {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+function badges(states) {
+  const span = el("span");
+  for (const s of states) span.appendChild(el("span", { class: "badge " + s }, s));
+  return span;
+}
+
+// --- the fleet -----------------------------------------------------------------------------
+
+function query() {
+  const q = new URLSearchParams(location.hash.split("?")[1] || "");
+  return { state: q.get("state") || "", prefix: q.get("prefix") || "", sort: q.get("sort") || "id" };
+}
+
+function setQuery(q) {
+  const p = new URLSearchParams();
+  if (q.state) p.set("state", q.state);
+  if (q.prefix) p.set("prefix", q.prefix);
+  if (q.sort && q.sort !== "id") p.set("sort", q.sort);
+  const text = p.toString();
+  offset = 0;
+  location.hash = "#/" + (text ? "?" + text : "");
+}
+
+async function loadFleet() {
+  const q = query();
+  $("f-state").value = q.state;
+  $("f-prefix").value = q.prefix;
+  $("f-sort").value = q.sort;
+  for (const t of document.querySelectorAll(".tile")) {
+    t.classList.toggle("selected", t.dataset.state === q.state);
+  }
+  const params = new URLSearchParams({ sort: q.sort, offset: String(offset), limit: String(PAGE) });
+  if (q.state) params.set("state", q.state);
+  if (q.prefix) params.set("prefix", q.prefix);
+  const [fleet, page] = await Promise.all([api("/v1/fleet"), api("/v1/devices?" + params)]);
+  drawOverview(fleet);
+  drawTable(page);
+  $("updated").textContent = "updated " + new Date().toLocaleTimeString("en-GB");
+  $("error").textContent = "";
+}
+
+function drawOverview(f) {
+  document.querySelector('[data-count="all"]').textContent = count(f.devices);
+  for (const s of STATES) document.querySelector(`[data-count="${s}"]`).textContent = count(f.by_state[s]);
+  $("backlog").textContent = count(f.waiting) + " records";
+  $("oldest").textContent = f.oldest_unsent_age_s === null ? "none" : age(f.oldest_unsent_age_s) + " old";
+
+  const rates = f.rate || [];
+  $("rate-now").textContent = count(Math.round(rates.length ? rates[rates.length - 1] : 0)) + " records/s";
+  const chart = $("rate-chart");
+  chart.replaceChildren();
+  const top = Math.max(1, ...rates);
+  const points = rates.map((r, i) => `${(i / Math.max(1, rates.length - 1)) * 600},${115 - (r / top) * 105}`);
+  chart.appendChild(svg("polyline", { points: points.join(" "), fill: "none", stroke: "#1d2329", "stroke-width": "2" }));
+  const label = svg("text", { x: "4", y: "14", "font-size": "12", fill: "#66717c" });
+  label.textContent = "peak " + count(Math.round(top)) + " records/s";
+  chart.appendChild(label);
+
+  const ages = f.backlog_age.devices;
+  const bounds = f.backlog_age.le_s;
+  const ageChart = $("age-chart");
+  ageChart.replaceChildren();
+  const most = Math.max(1, ...ages);
+  const w = 600 / ages.length;
+  ages.forEach((n, i) => {
+    const h = (n / most) * 100;
+    ageChart.appendChild(svg("rect", { x: String(i * w + 4), y: String(115 - h), width: String(w - 8), height: String(h), fill: i >= 4 ? "#c62828" : "#b26a00" }));
+    const t = svg("text", { x: String(i * w + w / 2), y: String(110 - h), "font-size": "12", "text-anchor": "middle" });
+    t.textContent = count(n);
+    ageChart.appendChild(t);
+  });
+  const axis = $("age-axis");
+  axis.replaceChildren();
+  bounds.forEach((b) => axis.appendChild(el("span", {}, "≤ " + age(b))));
+  axis.appendChild(el("span", {}, "older"));
+}
+
+function drawTable(page) {
+  const body = document.querySelector("#devices tbody");
+  body.replaceChildren();
+  for (const d of page.devices) {
+    const l = d.ledger;
+    const tr = el("tr", { "data-device": d.device_id, class: d.states.join(" ") });
+    const link = el("a", { href: "#/device/" + encodeURIComponent(d.device_id) }, d.device_id);
+    const first = el("td");
+    first.appendChild(link);
+    tr.appendChild(first);
+    const states = el("td");
+    states.appendChild(badges(d.states));
+    tr.appendChild(states);
+    tr.appendChild(el("td", {}, d.last_seen_ms ? age(nowS() - d.last_seen_ms / 1000) + " ago" : "-"));
+    tr.appendChild(el("td", { class: "num" }, count(l.waiting)));
+    tr.appendChild(el("td", {}, l.waiting > 0 && l.oldest_unsent_ts_ms ? age(nowS() - l.oldest_unsent_ts_ms / 1000) : "-"));
+    const pct = l.head_seq ? ((100 * l.delivered) / l.head_seq).toFixed(l.delivered === l.head_seq ? 0 : 1) : "100";
+    tr.appendChild(el("td", { class: "num" }, `${count(l.delivered)} / ${count(l.head_seq)} (${pct} %)`));
+    const gaps = Object.entries(l.gaps).map(([r, n]) => `${count(n)} ${r}`).join(", ");
+    tr.appendChild(el("td", { class: "num" }, gaps || "0"));
+    tr.appendChild(el("td", { class: "num" }, count(l.missing)));
+    body.appendChild(tr);
+  }
+  const last = Math.min(page.total, offset + page.devices.length);
+  $("page-info").textContent = page.total ? `${count(offset + 1)}-${count(last)} of ${count(page.total)} devices` : "no device";
+  $("prev").disabled = offset === 0;
+  $("next").disabled = last >= page.total;
+}
+
+// --- one device ----------------------------------------------------------------------------
+
+let device = "";
+
+async function loadDevice(id) {
+  device = id;
+  $("d-id").textContent = id;
+  const [ledger, listed, downlink] = await Promise.all([
+    api(`/v1/devices/${encodeURIComponent(id)}/ledger`),
+    api(`/v1/devices?prefix=${encodeURIComponent(id)}&limit=1`),
+    api(`/v1/devices/${encodeURIComponent(id)}/downlink`).catch(() => null),
+  ]);
+  const summary = listed.devices.find((d) => d.device_id === id);
+  $("d-states").replaceChildren(badges(ledger.states));
+  const dl = $("d-downlink");
+  if (downlink && downlink.connected) {
+    dl.className = "badge connected";
+    dl.textContent = "downlink connected";
+  } else {
+    dl.className = "badge";
+    dl.textContent = "downlink not connected";
+  }
+  $("d-head").textContent = count(ledger.head_seq);
+  drawLedger(ledger, summary ? summary.gaps : []);
+  const facts = $("d-facts");
+  facts.replaceChildren();
+  const gapText = Object.entries(ledger.gaps).map(([r, n]) => `${count(n)} ${r}`).join(", ") || "none";
+  for (const [k, v] of [
+    ["delivered", count(ledger.delivered) + " records"],
+    ["declared gaps", gapText],
+    ["waiting on the gateway", count(ledger.waiting) + " records" + (ledger.waiting ? ", oldest " + age(nowS() - (ledger.oldest_unsent_ts_ms || 0) / 1000) + " old" : "")],
+    ["missing", count(ledger.missing) + " records" + (ledger.missing ? " (an alarm)" : "")],
+    ["gateway's cursor", "seq " + count(ledger.acked_seq)],
+    ["last seen", ledger.last_seen_ms ? age(nowS() - ledger.last_seen_ms / 1000) + " ago" : "-"],
+    ["account", ledger.balanced ? "balanced" : "NOT balanced"],
+  ]) {
+    const tr = el("tr");
+    tr.appendChild(el("td", { class: "dim" }, k));
+    tr.appendChild(el("td", {}, v));
+    facts.appendChild(tr);
+  }
+  $("updated").textContent = "updated " + new Date().toLocaleTimeString("en-GB");
+  $("error").textContent = "";
+}
+
+function drawLedger(ledger, gaps) {
+  const pic = $("d-ledger");
+  pic.replaceChildren();
+  const head = Math.max(1, ledger.head_seq);
+  const x = (seq) => ((seq - 1) / head) * 1000;
+  const band = (from, to, colour, what) => {
+    const r = svg("rect", { x: String(x(from)), y: "0", width: String(Math.max(1, x(to + 1) - x(from))), height: "40", fill: colour });
+    r.setAttribute("data-kind", what);
+    const title = svg("title", {});
+    title.textContent = `${what}: ${from}..${to}`;
+    r.appendChild(title);
+    pic.appendChild(r);
+  };
+  if (ledger.head_seq > 0) band(1, ledger.head_seq, "#2e7d32", "delivered");
+  for (const g of gaps) band(g.from_seq, g.to_seq, "#90a4ae", "gap " + g.reason);
+  for (const [a, b] of ledger.waiting_ranges) band(a, b, "#b26a00", "waiting");
+  for (const [a, b] of ledger.missing_ranges) band(a, b, "#c62828", "missing");
+}
+
+function commandBody() {
+  const action = $("c-action").value;
+  switch (action) {
+    case "publish":
+      return { action, topic: $("c-topic").value, payload_text: $("c-payload").value };
+    case "set_config": {
+      const raw = $("c-value").value;
+      const value = raw !== "" && !isNaN(Number(raw)) ? Number(raw) : raw;
+      return { action, key: $("c-key").value, value };
+    }
+    case "replay_from":
+      return { action, seq: Number($("c-seq").value) };
+    default:
+      return { action };
+  }
+}
+
+// What a command will do, said before it is sent; `null` for one that changes nothing.
+function consequence(body) {
+  switch (body.action) {
+    case "publish":
+      return `Publish ${body.payload_text.length} bytes to topic "${body.topic}" on ${device}'s broker?`;
+    case "set_config":
+      return `Set ${body.key} to ${body.value} on ${device} (written to its config file)?`;
+    case "replay_from":
+      return $("c-preview").textContent + " Go ahead?";
+    default:
+      return null;
+  }
+}
+
+async function previewReplay() {
+  if ($("c-action").value !== "replay_from") {
+    $("c-preview").textContent = "";
+    return;
+  }
+  const seq = Number($("c-seq").value);
+  const ledger = await api(`/v1/devices/${encodeURIComponent(device)}/ledger`);
+  if (!seq || seq > ledger.acked_seq) {
+    $("c-preview").textContent = `Nothing to re-send: the gateway's cursor is at seq ${ledger.acked_seq}.`;
+  } else {
+    const n = ledger.acked_seq - seq + 1;
+    $("c-preview").textContent = `Re-sends seqs ${seq}..${ledger.acked_seq} (${count(n)} records) from the gateway's journal, if it still holds them; the center counts them as duplicates.`;
+  }
+}
+
+async function sendCommand(ev) {
+  ev.preventDefault();
+  const body = commandBody();
+  const question = consequence(body);
+  if (question !== null && !window.confirm(question)) return;
+  $("command-result").textContent = "";
+  $("command-state").textContent = "sending...";
+  const path = `/v1/devices/${encodeURIComponent(device)}/commands`;
+  const queued = await api(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  $("command-state").textContent = `command ${queued.id}: pending`;
+  const deadline = Date.now() + 120000;
+  while (Date.now() < deadline) {
+    const state = await api(`${path}/${encodeURIComponent(queued.id)}`);
+    if (state.state === "done") {
+      $("command-state").textContent = `command ${queued.id}: done`;
+      $("command-result").textContent = JSON.stringify(state.result, null, 2);
+      return;
+    }
+    $("command-state").textContent = `command ${queued.id}: pending (sent ${state.sent} times)`;
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  $("command-state").textContent = `command ${queued.id}: no result after 2 minutes; it stays queued`;
+}
+
+// --- routing -------------------------------------------------------------------------------
+
+async function route() {
+  clearTimeout(timer);
+  if (!token && !(await openWithoutToken())) {
+    show("login");
+    return;
+  }
+  const hash = location.hash || "#/";
+  try {
+    if (hash.startsWith("#/device/")) {
+      const id = decodeURIComponent(hash.slice("#/device/".length));
+      show("device");
+      $("where").textContent = "device";
+      await loadDevice(id);
+    } else {
+      show("fleet");
+      $("where").textContent = "fleet";
+      await loadFleet();
+    }
+    timer = setTimeout(route, REFRESH_MS);
+  } catch (e) {
+    fail(e);
+  }
+}
+
+// A console on loopback without operators needs no token.
+async function openWithoutToken() {
+  try {
+    await api("/v1/fleet");
+    return true;
+  } catch (e) {
+    return false;
+  }
+}
+
+$("login-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  token = $("token").value.trim();
+  sessionStorage.setItem("ferry-operator-token", token);
+  $("token").value = "";
+  route();
+});
+$("sign-out").addEventListener("click", () => {
+  token = "";
+  sessionStorage.removeItem("ferry-operator-token");
+  show("login");
+});
+$("f-state").addEventListener("change", () => setQuery(Object.assign(query(), { state: $("f-state").value })));
+$("f-sort").addEventListener("change", () => setQuery(Object.assign(query(), { sort: $("f-sort").value })));
+$("f-prefix").addEventListener("change", () => setQuery(Object.assign(query(), { prefix: $("f-prefix").value })));
+$("filters").addEventListener("submit", (ev) => ev.preventDefault());
+$("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); route(); });
+$("next").addEventListener("click", () => { offset += PAGE; route(); });
+$("c-action").addEventListener("change", () => {
+  $("command-form").dataset.action = $("c-action").value;
+  previewReplay().catch(fail);
+});
+$("c-seq").addEventListener("input", () => previewReplay().catch(fail));
+$("command-form").addEventListener("submit", (ev) => sendCommand(ev).catch(fail));
+window.addEventListener("hashchange", () => { offset = 0; route(); });
+$("command-form").dataset.action = $("c-action").value;
+route();

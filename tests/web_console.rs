@@ -1,0 +1,230 @@
+//! The operators' console (`/console`) in a real browser: Debian's Chromium, headless, driven
+//! over the DevTools protocol (`util/browser.rs`), against the real `ferry-cloud` on a real
+//! PostgreSQL, filled with simulated gateways and one real `ferry` agent with its downlink.
+//! Screenshots of each view go to `target/tmp/artifacts/console/` (never committed).
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_testkit::Postgres;
+use serde_json::json;
+use util::*;
+
+const DEVICE_TOKEN: &str = "device-token-0123456789";
+const ALICE_TOKEN: &str = "alice-token-0123456789";
+
+fn artifacts() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts/console")
+}
+
+/// Posts a batch of `seqs` for `device` with its account `held` (head, acked); the status.
+fn post(
+    port: u16,
+    device: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+    salt: &str,
+    held: (u64, u64),
+) -> u16 {
+    let records: Vec<Value> = seqs
+        .map(|s| json!({"seq": s, "ts_ms": 1_000 * s, "topic": "t", "payload": format!("{salt}{s}")}))
+        .collect();
+    // The oldest unsent record was received three hours ago.
+    let oldest = ferry_util::epoch_ms(std::time::SystemTime::now()) - 3 * 3_600_000;
+    let body = json!({"device_id": device, "records": records,
+        "held": {"head_seq": held.0, "acked_seq": held.1, "oldest_unsent_ts_ms": oldest}});
+    let mut response = http_client(Duration::from_secs(30))
+        .post(format!("http://127.0.0.1:{port}/v1/ingest"))
+        .header("Content-Type", "application/json")
+        .header("Authorization", format!("Bearer {DEVICE_TOKEN}"))
+        .send(body.to_string().as_bytes())
+        .expect("post reaches ferry-cloud");
+    let _ = response.body_mut().read_to_string();
+    response.status().as_u16()
+}
+
+/// The operator signs in; the overview counts the simulated fleet's states; the "missing" filter
+/// shows exactly the device that lost data; a cloned identity is flagged; on the real agent's
+/// page its downlink shows connected, and a `publish` sent from the page (confirmed in a dialog
+/// that says what it will do) comes back with its result, logged with the operator's name.
+#[test]
+fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(&tmp.path().join("pg"), free_port()).unwrap_or_else(|e| panic!("{e}"));
+    let operators = tmp.path().join("operators");
+    std::fs::write(&operators, format!("alice {ALICE_TOKEN}\n")).unwrap();
+    let ws_port = free_port();
+    let ws = format!("127.0.0.1:{ws_port}");
+    let ops = operators.display().to_string();
+    let cloud = Cloud::start_postgres(
+        &tmp.path().join("cloud"),
+        &pg.url(),
+        &[
+            "--token",
+            DEVICE_TOKEN,
+            "--operators",
+            &ops,
+            "--ws-listen",
+            &ws,
+        ],
+    );
+
+    // The simulated fleet: healthy, behind, a hole, a clone.
+    assert_eq!(post(cloud.port, "gw-done", 1..=50, "", (50, 50)), 200);
+    assert_eq!(post(cloud.port, "gw-lagging", 1..=100, "", (250, 100)), 200);
+    assert_eq!(post(cloud.port, "gw-hole", 1..=10, "", (40, 0)), 200);
+    assert_eq!(post(cloud.port, "gw-hole", 21..=40, "", (40, 40)), 200);
+    assert_eq!(post(cloud.port, "gw-clone", 1..=5, "", (5, 5)), 200);
+    assert_eq!(post(cloud.port, "gw-clone", 1..=5, "other-", (5, 5)), 409);
+
+    // A real gateway with its downlink.
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = agent_config(
+        &dir,
+        broker.port,
+        &cloud.url(),
+        control,
+        "",
+        &format!(
+            "\n[downlink]\nurl = \"ws://{ws}/v1/downlink\"\nping_interval = \"500ms\"\n\
+             dead_after = \"2s\"\nconnect_timeout = \"2s\"\nmax_backoff = \"500ms\"\n"
+        ),
+    );
+    let config = edited(
+        config,
+        &[(
+            "batch_max_records = 100",
+            &format!("batch_max_records = 100\ntoken = \"{DEVICE_TOKEN}\""),
+        )],
+    );
+    let agent = Agent::start(&dir, &config, control);
+    agent.wait_connected();
+    publish(broker.port, "sensors/a", numbered(0..20));
+    wait_until(
+        "the gateway's records at the center",
+        Duration::from_secs(30),
+        || agent.status()["acked_seq"] == 20,
+    );
+
+    let mut browser = Browser::start(&tmp.path().join("chromium"));
+    let base = format!("http://127.0.0.1:{}", cloud.port);
+    browser.open(&format!("{base}/console"));
+    let visible = |id: &str| format!("!document.getElementById('{id}').hidden");
+    let wait = Duration::from_secs(20);
+    assert_eq!(
+        browser.wait_for(&visible("login"), &json!(true), wait),
+        json!(true),
+        "no sign-in asked"
+    );
+    browser.screenshot(&artifacts().join("sign-in.png"));
+    browser.eval(&format!(
+        "document.getElementById('token').value = '{ALICE_TOKEN}';
+         document.getElementById('login-form').requestSubmit(); true"
+    ));
+    assert_eq!(
+        browser.wait_for(&visible("fleet"), &json!(true), wait),
+        json!(true)
+    );
+
+    let tile =
+        |state: &str| format!("document.querySelector('[data-count=\"{state}\"]').textContent");
+    for (state, want) in [
+        ("all", "5"),
+        ("missing", "1"),
+        ("clash", "1"),
+        ("behind", "1"),
+        ("healthy", "2"),
+    ] {
+        assert_eq!(
+            browser.wait_for(&tile(state), &json!(want), wait),
+            json!(want),
+            "{state}"
+        );
+    }
+    // The lagging gateway's backlog is three hours old: one device in the "up to 6 h" bar.
+    assert_eq!(
+        browser.eval("document.getElementById('oldest').textContent"),
+        json!("3.0 h old")
+    );
+    browser.screenshot(&artifacts().join("overview.png"));
+
+    let rows =
+        "[...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.device).join(',')";
+    browser.eval(
+        "const s = document.getElementById('f-state'); s.value = 'missing';
+         s.dispatchEvent(new Event('change')); true",
+    );
+    assert_eq!(
+        browser.wait_for(rows, &json!("gw-hole"), wait),
+        json!("gw-hole")
+    );
+    browser.screenshot(&artifacts().join("filter-missing.png"));
+    browser.eval("location.hash = '#/'; true");
+    let clash_row = "document.querySelector('tr[data-device=\"gw-clone\"]')?.classList.contains('clash') ?? false";
+    assert_eq!(browser.wait_for(clash_row, &json!(true), wait), json!(true));
+
+    // The real gateway's page: connected, then a publish sent from it.
+    browser.eval("location.hash = '#/device/gw-test'; true");
+    let downlink = "document.getElementById('d-downlink').textContent";
+    assert_eq!(
+        browser.wait_for(downlink, &json!("downlink connected"), wait),
+        json!("downlink connected")
+    );
+    browser.eval(
+        "const a = document.getElementById('c-action'); a.value = 'publish';
+         a.dispatchEvent(new Event('change'));
+         document.getElementById('c-topic').value = 'sensors/from-console';
+         document.getElementById('c-payload').value = 'hello from alice';
+         document.getElementById('command-form').requestSubmit(); true",
+    );
+    let result = "document.getElementById('command-result').textContent.includes('\"ok\": true')";
+    assert_eq!(
+        browser.wait_for(result, &json!(true), Duration::from_secs(30)),
+        json!(true)
+    );
+    browser.screenshot(&artifacts().join("device.png"));
+    assert_eq!(browser.dialogs.len(), 1, "{:?}", browser.dialogs);
+    assert!(
+        browser.dialogs[0]
+            .contains("Publish 16 bytes to topic \"sensors/from-console\" on gw-test"),
+        "{:?}",
+        browser.dialogs
+    );
+    assert!(
+        cloud.log_text().contains("by=alice"),
+        "{}",
+        cloud.log_text()
+    );
+    // The message went to the gateway's broker, and (the agent subscribes to sensors/#) back up.
+    wait_until(
+        "the published message at the center",
+        Duration::from_secs(30),
+        || {
+            cloud_records(&cloud, "gw-test")
+                .iter()
+                .any(|r| r["payload_text"] == "hello from alice")
+        },
+    );
+}
+
+/// The device's records through the operator API.
+fn cloud_records(cloud: &Cloud, device: &str) -> Vec<Value> {
+    let mut response = http_client(Duration::from_secs(10))
+        .get(format!(
+            "http://127.0.0.1:{}/v1/devices/{device}/records",
+            cloud.port
+        ))
+        .header("Authorization", format!("Bearer {ALICE_TOKEN}"))
+        .call()
+        .expect("records");
+    response
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
