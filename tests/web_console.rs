@@ -47,7 +47,9 @@ fn post(
 /// The operator signs in; the overview counts the simulated fleet's states; the "missing" filter
 /// shows exactly the device that lost data; a cloned identity is flagged; on the real agent's
 /// page its downlink shows connected, and a `publish` sent from the page (confirmed in a dialog
-/// that says what it will do) comes back with its result, logged with the operator's name.
+/// that says what it will do) comes back with its result, logged with the operator's name; with
+/// its cloud link cut while it takes 1,000 messages, its row turns "behind" once the link is
+/// back, and "healthy" when the backlog drained.
 #[test]
 fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
     let tmp = tempfile::tempdir().unwrap();
@@ -82,10 +84,12 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let dir = tmp.path().join("agent");
     let control = free_port();
+    // Its uplink through a proxy that can cut it; its downlink direct.
+    let link = FaultProxy::start(cloud.port, ProxyMode::Pass);
     let config = agent_config(
         &dir,
         broker.port,
-        &cloud.url(),
+        &link.url(),
         control,
         "",
         &format!(
@@ -97,7 +101,9 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
         config,
         &[(
             "batch_max_records = 100",
-            &format!("batch_max_records = 100\ntoken = \"{DEVICE_TOKEN}\""),
+            &format!(
+                "batch_max_records = 100\ntoken = \"{DEVICE_TOKEN}\"\nmax_records_per_sec = 50"
+            ),
         )],
     );
     let agent = Agent::start(&dir, &config, control);
@@ -208,6 +214,37 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
                 .any(|r| r["payload_text"] == "hello from alice")
         },
     );
+
+    // The gateway's cloud link is cut while its devices publish 1,000 messages; when it is back,
+    // the first upload tells the center what the gateway holds: its row turns "behind", and
+    // "healthy" again once the backlog drained (at 50 records/s).
+    wait_until("the gateway drained", Duration::from_secs(30), || {
+        let st = agent.status();
+        st["backlog_records"] == 0
+    });
+    let before = agent.status()["head_seq"].as_u64().unwrap();
+    link.set_mode(ProxyMode::Reset);
+    publish(broker.port, "sensors/a", numbered(100..1100));
+    wait_until("1,000 messages journaled", Duration::from_secs(30), || {
+        agent.status()["head_seq"] == before + 1000
+    });
+    browser.eval("location.hash = '#/?prefix=gw-test'; true");
+    let row_states = "document.querySelector('tr[data-device=\"gw-test\"]')?.className ?? ''";
+    assert_eq!(
+        browser.wait_for(row_states, &json!("healthy"), wait),
+        json!("healthy")
+    );
+    link.set_mode(ProxyMode::Pass);
+    assert_eq!(
+        browser.wait_for(row_states, &json!("behind"), Duration::from_secs(30)),
+        json!("behind")
+    );
+    browser.screenshot(&artifacts().join("behind.png"));
+    assert_eq!(
+        browser.wait_for(row_states, &json!("healthy"), Duration::from_secs(90)),
+        json!("healthy")
+    );
+    assert_eq!(agent.status()["acked_seq"], before + 1000);
 }
 
 /// The device's records through the operator API.
