@@ -911,3 +911,35 @@ fn listening_beyond_loopback_needs_a_device_token_and_operators() {
     let _ = child.wait();
     assert!(line.starts_with("listening on 0.0.0.0:"), "{line}");
 }
+
+on_both_stores!(
+    the_last_records_of_a_device_are_read_alone,
+    the_last_records_of_a_device_are_read_alone_on_postgres,
+    last_records
+);
+
+/// `GET .../records?last=N`: the device's last N records (what the console's device page shows),
+/// without the rest; a bad N is a 400 naming it.
+fn last_records(backend: &Backend) {
+    let cloud = Cloud::start_on(backend, &[]);
+    assert_eq!(cloud.post_gzip(&batch_from("tail", 1..=30)).0, 200);
+    let seqs = |query: &str| -> Vec<u64> {
+        let (status, text) = cloud.get(&format!("/v1/devices/gw-x/records{query}"));
+        assert_eq!(status, 200, "{query}: {text}");
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).expect("a record")["seq"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    assert_eq!(seqs("?last=5"), (26..=30).collect::<Vec<_>>());
+    assert_eq!(seqs("?last=1000"), (1..=30).collect::<Vec<_>>());
+    assert_eq!(seqs("").len(), 30);
+    for bad in ["?last=0", "?last=1001", "?last=x", "?first=3"] {
+        let (status, text) = cloud.get(&format!("/v1/devices/gw-x/records{bad}"));
+        assert_eq!(status, 400, "{bad}");
+        assert!(text.contains("last: 1 to 1000"), "{bad}: {text}");
+    }
+}

@@ -49,7 +49,7 @@ fn post(
 /// page its downlink shows connected, and a `publish` sent from the page (confirmed in a dialog
 /// that says what it will do) comes back with its result, logged with the operator's name; with
 /// its cloud link cut while it takes 1,000 messages, its row turns "behind" once the link is
-/// back, and "healthy" when the backlog drained.
+/// back, shows its drain rate, and turns "healthy" when the backlog drained.
 #[test]
 fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
     let tmp = tempfile::tempdir().unwrap();
@@ -171,6 +171,14 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
     browser.eval("location.hash = '#/'; true");
     let clash_row = "document.querySelector('tr[data-device=\"gw-clone\"]')?.classList.contains('clash') ?? false";
     assert_eq!(browser.wait_for(clash_row, &json!(true), wait), json!(true));
+    let downlink_cell = |id: &str| {
+        format!("document.querySelector('tr[data-device=\"{id}\"] td.downlink')?.textContent")
+    };
+    assert_eq!(
+        browser.wait_for(&downlink_cell("gw-test"), &json!("connected"), wait),
+        json!("connected")
+    );
+    assert_eq!(browser.eval(&downlink_cell("gw-done")), json!("-"));
 
     // The real gateway's page: connected, then a publish sent from it.
     browser.eval("location.hash = '#/device/gw-test'; true");
@@ -214,6 +222,12 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
                 .any(|r| r["payload_text"] == "hello from alice")
         },
     );
+    // ... and it is the newest record on the gateway's page.
+    let newest = "document.querySelector('#d-records tbody tr td.payload')?.textContent";
+    assert_eq!(
+        browser.wait_for(newest, &json!("hello from alice"), Duration::from_secs(30)),
+        json!("hello from alice")
+    );
 
     // The gateway's cloud link is cut while its devices publish 1,000 messages; when it is back,
     // the first upload tells the center what the gateway holds: its row turns "behind", and
@@ -238,6 +252,12 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
     assert_eq!(
         browser.wait_for(row_states, &json!("behind"), Duration::from_secs(30)),
         json!("behind")
+    );
+    // Two readings of its backlog give its drain rate and when it will be empty.
+    let drain = "document.querySelector('tr[data-device=\"gw-test\"] td.drain')?.textContent.includes('records/s') ?? false";
+    assert_eq!(
+        browser.wait_for(drain, &json!(true), Duration::from_secs(30)),
+        json!(true)
     );
     browser.screenshot(&artifacts().join("behind.png"));
     assert_eq!(

@@ -264,6 +264,22 @@ impl Commands {
         })
     }
 
+    /// Which of `devices` have a downlink connection open (on any replica).
+    pub fn connected_of(
+        &self,
+        devices: &[String],
+    ) -> Result<std::collections::HashSet<String>, Refused> {
+        if let Some(db) = &self.db {
+            return Ok(db.connected_of(devices)?);
+        }
+        let inner = self.lock();
+        Ok(devices
+            .iter()
+            .filter(|d| inner.devices.get(*d).is_some_and(|d| d.connected > 0))
+            .cloned()
+            .collect())
+    }
+
     pub fn connected(&self, device: &str, hello: Value) {
         if let Some(db) = &self.db {
             if let Err(e) = db.connection(device, Some(&hello)) {

@@ -234,12 +234,23 @@ pub fn select(devices: Vec<DeviceSummary>, q: &Query, now_ms: u64, silent_after_
     Page { devices, total }
 }
 
-/// `GET /v1/devices`: a page as JSON.
-pub fn list(page: &Page, q: &Query, now_ms: u64, silent_after_ms: u64) -> Value {
+/// `GET /v1/devices`: a page as JSON; `connected`: the page's devices with a downlink open
+/// (`None`: not known, the field is `null`).
+pub fn list(
+    page: &Page,
+    q: &Query,
+    now_ms: u64,
+    silent_after_ms: u64,
+    connected: Option<&std::collections::HashSet<String>>,
+) -> Value {
     let devices: Vec<Value> = page
         .devices
         .iter()
-        .map(|d| device_json(d, &states(d, now_ms, silent_after_ms)))
+        .map(|d| {
+            let mut v = device_json(d, &states(d, now_ms, silent_after_ms));
+            v["downlink_connected"] = json!(connected.map(|c| c.contains(&d.device_id)));
+            v
+        })
         .collect();
     json!({ "devices": devices, "total": page.total, "offset": q.offset, "limit": q.limit })
 }

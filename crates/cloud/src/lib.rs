@@ -481,7 +481,7 @@ fn serve(shared: &Shared, mut request: Request) {
             .and_then(|rest| rest.strip_suffix("/records"))
         {
             Some(_) if !is_get => not_allowed("GET, HEAD"),
-            Some(id) if batch::is_valid_device_id(id) => records(shared, id),
+            Some(id) if batch::is_valid_device_id(id) => records(shared, id, &query),
             Some(_) => Reply::error(404, "no such device"),
             None => Reply::error(404, format!("no such path {path}")),
         },
@@ -803,7 +803,15 @@ fn devices(shared: &Shared, query: &str) -> Reply {
     };
     let now = now_ms();
     match shared.store.fleet_page(&q, now, shared.silent_after_ms) {
-        Ok(page) => Reply::json(200, fleet::list(&page, &q, now, shared.silent_after_ms)),
+        Ok(page) => {
+            let ids: Vec<String> = page.devices.iter().map(|d| d.device_id.clone()).collect();
+            // The list stands without it: a downlink state that cannot be read is null.
+            let connected = shared.commands.connected_of(&ids).ok();
+            Reply::json(
+                200,
+                fleet::list(&page, &q, now, shared.silent_after_ms, connected.as_ref()),
+            )
+        }
         Err(e) => unreadable(shared, "the devices", &e),
     }
 }
@@ -847,8 +855,24 @@ fn now_ms() -> u64 {
     ferry_util::epoch_ms(std::time::SystemTime::now())
 }
 
-fn records(shared: &Shared, device_id: &str) -> Reply {
-    match shared.store.records(device_id) {
+/// Most records `?last=N` asks for.
+const MAX_LAST_RECORDS: u64 = 1000;
+
+/// `GET /v1/devices/<id>/records[?last=N]`: all of them, or the last `N` (1 to 1000).
+fn records(shared: &Shared, device_id: &str, query: &str) -> Reply {
+    let last = match query {
+        "" => None,
+        q => match q.strip_prefix("last=").and_then(|n| n.parse::<u64>().ok()) {
+            Some(n) if (1..=MAX_LAST_RECORDS).contains(&n) => Some(n),
+            _ => {
+                return Reply::error(
+                    400,
+                    format!("last: 1 to {MAX_LAST_RECORDS} expected, not {q:?}"),
+                );
+            }
+        },
+    };
+    match shared.store.records(device_id, last) {
         Ok(records) => Reply {
             status: 200,
             body: Body::Records(records),

@@ -9,10 +9,21 @@ const STATES = ["clash", "missing", "behind", "silent", "healthy"];
 const $ = (id) => document.getElementById(id);
 
 let token = sessionStorage.getItem("ferry-operator-token") || "";
+// Each device's backlog as last seen by this page, for its drain rate: id -> [time s, waiting].
+const seen = new Map();
 let offset = 0;
 let timer = null;
 
 class Unauthorized extends Error {}
+
+// The NDJSON lines of `path`, parsed.
+async function apiLines(path) {
+  const response = await fetch(path, { headers: token ? { Authorization: "Bearer " + token } : {} });
+  if (response.status === 401) throw new Unauthorized("the operator token was refused");
+  if (!response.ok) throw new Error(path + ": " + response.status);
+  const text = await response.text();
+  return text.split("\n").filter((l) => l.trim()).map((l) => JSON.parse(l));
+}
 
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
@@ -140,6 +151,19 @@ function drawOverview(f) {
   axis.appendChild(el("span", {}, "older"));
 }
 
+// How fast a device's backlog drains, from the waiting counts this page saw of it, and when it
+// will be empty at that rate: "120 records/s, 2 min" (or "-" before two readings or while it grows).
+function drain(id, waiting) {
+  const now = nowS();
+  const before = seen.get(id);
+  if (!before || before[1] !== waiting) seen.set(id, [now, waiting]);
+  if (waiting === 0) return "-";
+  if (!before || now - before[0] < 1) return "measuring";
+  const rate = (before[1] - waiting) / (now - before[0]);
+  if (rate <= 0) return before[1] === waiting ? "stalled" : "growing";
+  return `${count(Math.round(rate))} records/s, ${age(waiting / rate)}`;
+}
+
 function drawTable(page) {
   const body = document.querySelector("#devices tbody");
   body.replaceChildren();
@@ -156,11 +180,16 @@ function drawTable(page) {
     tr.appendChild(el("td", {}, d.last_seen_ms ? age(nowS() - d.last_seen_ms / 1000) + " ago" : "-"));
     tr.appendChild(el("td", { class: "num" }, count(l.waiting)));
     tr.appendChild(el("td", {}, l.waiting > 0 && l.oldest_unsent_ts_ms ? age(nowS() - l.oldest_unsent_ts_ms / 1000) : "-"));
+    tr.appendChild(el("td", { class: "num drain" }, drain(d.device_id, l.waiting)));
     const pct = l.head_seq ? ((100 * l.delivered) / l.head_seq).toFixed(l.delivered === l.head_seq ? 0 : 1) : "100";
     tr.appendChild(el("td", { class: "num" }, `${count(l.delivered)} / ${count(l.head_seq)} (${pct} %)`));
     const gaps = Object.entries(l.gaps).map(([r, n]) => `${count(n)} ${r}`).join(", ");
     tr.appendChild(el("td", { class: "num" }, gaps || "0"));
     tr.appendChild(el("td", { class: "num" }, count(l.missing)));
+    const downlink = el("td", { class: "downlink" });
+    if (d.downlink_connected === true) downlink.appendChild(el("span", { class: "badge connected" }, "connected"));
+    else downlink.textContent = d.downlink_connected === false ? "-" : "unknown";
+    tr.appendChild(downlink);
     body.appendChild(tr);
   }
   const last = Math.min(page.total, offset + page.devices.length);
@@ -176,11 +205,13 @@ let device = "";
 async function loadDevice(id) {
   device = id;
   $("d-id").textContent = id;
-  const [ledger, listed, downlink] = await Promise.all([
+  const [ledger, listed, downlink, records] = await Promise.all([
     api(`/v1/devices/${encodeURIComponent(id)}/ledger`),
     api(`/v1/devices?prefix=${encodeURIComponent(id)}&limit=1`),
     api(`/v1/devices/${encodeURIComponent(id)}/downlink`).catch(() => null),
+    apiLines(`/v1/devices/${encodeURIComponent(id)}/records?last=20`),
   ]);
+  drawRecords(records);
   const summary = listed.devices.find((d) => d.device_id === id);
   $("d-states").replaceChildren(badges(ledger.states));
   const dl = $("d-downlink");
@@ -212,6 +243,23 @@ async function loadDevice(id) {
   }
   $("updated").textContent = "updated " + new Date().toLocaleTimeString("en-GB");
   $("error").textContent = "";
+}
+
+function drawRecords(records) {
+  const body = document.querySelector("#d-records tbody");
+  body.replaceChildren();
+  for (const r of records.slice().reverse()) {
+    const tr = el("tr");
+    tr.appendChild(el("td", { class: "num" }, count(r.seq)));
+    tr.appendChild(el("td", {}, r.ts_ms ? new Date(r.ts_ms).toISOString().replace("T", " ").slice(0, 23) + " UTC" : "-"));
+    tr.appendChild(el("td", {}, r.topic || ""));
+    let payload = "";
+    if (r.payload_text !== undefined) payload = r.payload_text;
+    else if (r.payload !== undefined) payload = JSON.stringify(r.payload);
+    else if (r.payload_b64 !== undefined) payload = "base64 " + r.payload_b64;
+    tr.appendChild(el("td", { class: "payload" }, payload.length > 200 ? payload.slice(0, 200) + "..." : payload));
+    body.appendChild(tr);
+  }
 }
 
 function drawLedger(ledger, gaps) {

@@ -281,15 +281,12 @@ impl Store {
         }
     }
 
-    /// The device's stored records, in the order they were stored (files) or by seq (PostgreSQL);
-    /// `None` if it stored none.
-    pub fn records(&self, device_id: &str) -> Result<Option<Records>, Error> {
+    /// The device's stored records, in the order they were stored (files) or by seq (PostgreSQL),
+    /// or only the last `last` of them; `None` if it stored none.
+    pub fn records(&self, device_id: &str, last: Option<u64>) -> Result<Option<Records>, Error> {
         match self {
-            Store::Files(s) => Ok(s.records_file(device_id)?.map(|(file, len)| Records {
-                reader: Box::new(file.take(len)),
-                len,
-            })),
-            Store::Postgres(s) => s.records(device_id),
+            Store::Files(s) => s.records_tail(device_id, last),
+            Store::Postgres(s) => s.records(device_id, last),
         }
     }
 }

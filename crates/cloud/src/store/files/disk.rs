@@ -2,7 +2,7 @@
 //! torn last line), and appending lines, synced or not (cut back on a failed write).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -160,4 +160,61 @@ pub(super) fn append_synced(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(),
         sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// The most of a records file a tail read looks through for its lines.
+pub(super) const MAX_TAIL_SCAN: u64 = 64 * 1024 * 1024;
+
+/// Where the last `lines` lines of the first `len` bytes of `file` start (`len` ends a line),
+/// found by reading backwards in blocks; `None` when they start more than [`MAX_TAIL_SCAN`]
+/// bytes before `len`.
+pub(super) fn tail_start(file: &mut File, len: u64, lines: u64) -> io::Result<Option<u64>> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut block = vec![0u8; BLOCK as usize];
+    // The newline that ends the file ends the last line; the `lines`-th one before it ends the
+    // line before the first wanted.
+    let mut seen = 0u64;
+    let mut end = len.saturating_sub(1);
+    while end > 0 {
+        if len - end > MAX_TAIL_SCAN {
+            return Ok(None);
+        }
+        let start = end.saturating_sub(BLOCK);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block[..n])?;
+        for i in (0..n).rev() {
+            if block[i] == b'\n' {
+                seen += 1;
+                if seen == lines {
+                    return Ok(Some(start + i as u64 + 1));
+                }
+            }
+        }
+        end = start;
+    }
+    Ok(Some(0))
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_starts_at_the_first_of_the_last_lines() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("r.ndjson");
+        // Lines long enough to cross the 64 KiB blocks.
+        let lines: Vec<String> = (0..300).map(|i| format!("{i:0>1000}")).collect();
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write");
+        let len = std::fs::metadata(&path).expect("metadata").len();
+        let mut file = File::open(&path).expect("open");
+        for (want, from_line) in [(1, 299), (3, 297), (70, 230), (300, 0), (1000, 0)] {
+            let start = tail_start(&mut file, len, want)
+                .expect("read")
+                .expect("found");
+            assert_eq!(start, from_line * 1001, "last {want}");
+        }
+        assert_eq!(tail_start(&mut file, 0, 5).expect("read"), Some(0));
+    }
 }

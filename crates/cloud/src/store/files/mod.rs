@@ -45,7 +45,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Seek as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -53,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{error, info};
 
 use self::disk::{SyncFn, append, append_synced, for_each_line, open_append};
-use super::{Clash, DeviceSummary, Error, Outcome, is_reserved, note_clashes};
+use super::{Clash, DeviceSummary, Error, Outcome, Records, is_reserved, note_clashes};
 use crate::batch::{self, Batch};
 use crate::fingerprints::Fingerprints;
 use crate::ledger;
@@ -481,6 +481,37 @@ impl FilesStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(Error::Open { path, source }),
         }
+    }
+
+    /// The device's records file from the start of its last `last` lines (all with `None`), and
+    /// the length to send; `None` if it stored nothing.
+    pub fn records_tail(
+        &self,
+        device_id: &str,
+        last: Option<u64>,
+    ) -> Result<Option<Records>, Error> {
+        let Some((mut file, len)) = self.records_file(device_id)? else {
+            return Ok(None);
+        };
+        let path = self.records_path(device_id);
+        let start = match last {
+            None => 0,
+            Some(n) => disk::tail_start(&mut file, len, n)
+                .map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .ok_or_else(|| Error::TooManyToRead {
+                    device_id: device_id.to_owned(),
+                    limit: disk::MAX_TAIL_SCAN,
+                })?,
+        };
+        file.seek(io::SeekFrom::Start(start))
+            .map_err(|source| Error::Read { path, source })?;
+        Ok(Some(Records {
+            reader: Box::new(io::Read::take(file, len - start)),
+            len: len - start,
+        }))
     }
 
     /// Requests of `device_id` waiting for their records to become durable.

@@ -16,6 +16,7 @@
 //! counts a connection of it: a replica killed with connections open stops counting once its
 //! heartbeat is that old, and the first replica to notice deletes its rows.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -224,6 +225,26 @@ impl PgCommands {
                 }
             }
             tx.commit().map_err(db("cannot record the connection"))
+        })
+    }
+
+    /// Which of `devices` a live replica holds a connection of.
+    pub fn connected_of(&self, devices: &[String]) -> Result<HashSet<String>, Error> {
+        self.with(|client| {
+            Ok(client
+                .query(
+                    &format!(
+                        "SELECT DISTINCT s.device_id FROM ferry_sockets s
+                             JOIN ferry_replicas r ON r.instance = s.instance
+                             WHERE s.device_id = ANY($1) AND s.open > 0
+                                 AND r.seen_ms >= {DB_NOW_MS} - $2"
+                    ),
+                    &[&devices, &stale_ms()],
+                )
+                .map_err(db("cannot read the connections"))?
+                .iter()
+                .map(|row| row.get(0))
+                .collect())
         })
     }
 

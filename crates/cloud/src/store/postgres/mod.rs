@@ -476,14 +476,16 @@ impl PgStore {
     }
 
     /// See [`super::Store::records`]: by seq, at most [`MAX_RECORDS_READ`] bytes.
-    pub fn records(&self, device_id: &str) -> Result<Option<Records>, Error> {
+    pub fn records(&self, device_id: &str, last: Option<u64>) -> Result<Option<Records>, Error> {
         let mut client = self.client()?;
         let mut body = Vec::new();
         {
+            let limit = last.map_or(i64::MAX, to_i64);
             let mut rows = client
                 .query_raw(
-                    "SELECT line FROM ferry_records WHERE device_id = $1 ORDER BY seq",
-                    [device_id],
+                    "SELECT line FROM (SELECT seq, line FROM ferry_records WHERE device_id = $1
+                         ORDER BY seq DESC LIMIT $2) AS t ORDER BY seq",
+                    [&device_id as &(dyn ToSql + Sync), &limit],
                 )
                 .map_err(db("cannot read the records"))?;
             while let Some(row) = rows.next().map_err(db("cannot read the records"))? {
