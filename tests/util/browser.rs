@@ -196,11 +196,22 @@ impl Browser {
     pub fn open(&mut self, url: &str) {
         self.loaded = false;
         self.call("Page.navigate", json!({"url": url}));
+        self.wait_loaded(url);
+    }
+
+    /// Loads the page again and waits for its load event.
+    pub fn reload(&mut self) {
+        self.loaded = false;
+        self.call("Page.reload", json!({}));
+        self.wait_loaded("the page");
+    }
+
+    fn wait_loaded(&mut self, what: &str) {
         let end = Instant::now() + CALL_DEADLINE;
         while !self.loaded {
             assert!(
                 Instant::now() < end,
-                "{url} did not load within {CALL_DEADLINE:?}"
+                "{what} did not load within {CALL_DEADLINE:?}"
             );
             self.read();
         }
