@@ -425,7 +425,7 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     let replicas: Vec<Cloud> = starting.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(
         pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
-        "4"
+        "5"
     );
     for cloud in &replicas {
         assert!(cloud.get("/v1/devices").contains("\"total\":0"));
@@ -442,7 +442,7 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("database schema is at version 99, newer than this ferry-cloud knows (4)"),
+        stderr.contains("database schema is at version 99, newer than this ferry-cloud knows (5)"),
         "{stderr}"
     );
     assert_eq!(

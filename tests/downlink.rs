@@ -195,6 +195,29 @@ fn a_publish_command_reaches_the_device_and_shutdown_is_prompt_while_connected()
     assert!(status["data"]["head_seq"].is_u64());
     assert_eq!(status["data"]["downlink"]["state"], "connected", "{status}");
     assert_eq!(agent.status()["downlink"]["commands"], 3);
+    // The device's commands, newest first, with who sent them (no operators here: "(open)").
+    let listed: Value =
+        serde_json::from_str(&cloud.get(&format!("/v1/devices/{DEVICE}/commands"))).unwrap();
+    let summary: Vec<String> = listed["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {} {}",
+                c["action"], c["state"], c["by"], c["result"]["ok"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            r#""status" "done" "(open)" true"#,
+            r#""publish" "done" "(open)" true"#,
+            r#""publish" "done" "(open)" true"#
+        ],
+        "{listed}"
+    );
 
     let waited = agent.stop();
     assert!(waited < Duration::from_secs(10), "{waited:?}");

@@ -241,6 +241,13 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
                 .any(|r| r["payload_text"] == "hello from alice")
         },
     );
+    // The page lists it among the gateway's commands, with who sent it and its outcome.
+    let command_row = "[...document.querySelectorAll('#d-commands tbody tr')].map(r => \
+        [...r.children].slice(1, 4).map(c => c.textContent).join(' ')).join(',')";
+    assert_eq!(
+        browser.wait_for(command_row, &json!("alice publish done"), wait),
+        json!("alice publish done")
+    );
     // ... and it is the newest record on the gateway's page.
     let newest = "document.querySelector('#d-records tbody tr td.payload')?.textContent";
     assert_eq!(

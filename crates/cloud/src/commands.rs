@@ -33,6 +33,8 @@ pub const MAX_QUEUED: usize = 1000;
 pub const MAX_RAW_QUEUED: usize = 16;
 /// Results kept per device (oldest dropped).
 pub const MAX_RESULTS: usize = 10_000;
+/// Commands listed per device by [`Commands::recent`], at most.
+pub const MAX_RECENT: usize = 100;
 /// With the database, how often a connection reads its device's commands again even without
 /// a notification (one lost while the listener reconnected).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
@@ -94,6 +96,17 @@ struct Device {
     /// With the database: notifications of commands queued for this device, so far (a read
     /// that one overtook is not taken as up to date).
     notified: u64,
+    /// Without the database: the last [`MAX_RECENT`] commands queued, oldest first.
+    log: VecDeque<Sent>,
+}
+
+/// A command as [`Commands::recent`] lists it.
+#[derive(Debug, Clone)]
+struct Sent {
+    id: String,
+    action: String,
+    by: String,
+    queued_ms: u64,
 }
 
 /// What to send on one connection now.
@@ -166,9 +179,9 @@ impl Commands {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `body` (a JSON object with at least `action`) for `device`; returns its id (the one in
-    /// `body`, or a new one).
-    pub fn queue(&self, device: &str, mut body: Value) -> Result<String, Refused> {
+    /// Queues `body` (a JSON object with at least `action`) for `device`, sent by operator `by`;
+    /// returns its id (the one in `body`, or a new one).
+    pub fn queue(&self, device: &str, mut body: Value, by: &str) -> Result<String, Refused> {
         let bad = |m: &str| Err(Refused::Bad(m.to_owned()));
         let Some(obj) = body.as_object_mut() else {
             return bad("a command is a json object");
@@ -196,7 +209,7 @@ impl Commands {
         }
         if let Some(db) = &self.db {
             drop(inner);
-            db.queue(device, &id, &frame, MAX_QUEUED)?
+            db.queue(device, &id, &frame, by, MAX_QUEUED)?
                 .map_err(Refused::Bad)?;
             return Ok(id);
         }
@@ -208,8 +221,52 @@ impl Commands {
         }
         if !d.queue.iter().any(|(q, _)| *q == id) {
             d.queue.push_back((id.clone(), frame));
+            if d.log.len() >= MAX_RECENT {
+                d.log.pop_front();
+            }
+            d.log.push_back(Sent {
+                id: id.clone(),
+                action: body["action"].as_str().unwrap_or_default().to_owned(),
+                by: by.to_owned(),
+                queued_ms: ferry_util::epoch_ms(std::time::SystemTime::now()),
+            });
         }
         Ok(id)
+    }
+
+    /// The device's last `n` commands (at most [`MAX_RECENT`]), newest first: id, action, who
+    /// sent it, when it was queued, its state (`pending`, `done` with its result, or `gone`: its
+    /// result was dropped), how often it was sent.
+    pub fn recent(&self, device: &str, n: usize) -> Result<Vec<Value>, Refused> {
+        let n = n.min(MAX_RECENT);
+        if let Some(db) = &self.db {
+            return Ok(db.recent(device, n)?);
+        }
+        let inner = self.lock();
+        let Some(d) = inner.devices.get(device) else {
+            return Ok(Vec::new());
+        };
+        Ok(d.log
+            .iter()
+            .rev()
+            .take(n)
+            .map(|c| {
+                let sent = d.sent.get(&c.id).copied().unwrap_or(0);
+                let mut v = json!({"id": c.id, "action": c.action, "by": c.by,
+                    "queued_ms": c.queued_ms, "sent": sent});
+                match d.results.get(&c.id) {
+                    Some(r) => {
+                        v["state"] = json!("done");
+                        v["result"] = r.clone();
+                    }
+                    None if d.queue.iter().any(|(q, _)| *q == c.id) => {
+                        v["state"] = json!("pending")
+                    }
+                    None => v["state"] = json!("gone"),
+                }
+                v
+            })
+            .collect())
     }
 
     /// Queues a frame to be sent once, verbatim, on the device's next connection round; refused when
@@ -443,7 +500,7 @@ mod tests {
     #[test]
     fn a_command_is_sent_once_per_connection_until_answered() {
         let c = Commands::default();
-        let id = c.queue("gw", json!({"action": "status"})).unwrap();
+        let id = c.queue("gw", json!({"action": "status"}), "test").unwrap();
         let mut first = HashSet::new();
         assert_eq!(c.outgoing("gw", &mut first).commands.len(), 1);
         assert_eq!(c.outgoing("gw", &mut first).commands.len(), 0);
@@ -464,7 +521,7 @@ mod tests {
         let c = Commands::default();
         let mut conn = HashSet::new();
         for n in 0..MAX_RESULTS + 10 {
-            let id = c.queue("gw", json!({"action": "status"})).unwrap();
+            let id = c.queue("gw", json!({"action": "status"}), "test").unwrap();
             assert_eq!(c.outgoing("gw", &mut conn).commands.len(), 1, "command {n}");
             c.on_result("gw", json!({"type": "result", "id": id, "ok": true}))
                 .unwrap();
@@ -485,8 +542,8 @@ mod tests {
         let (a, b) = (Commands::default(), Commands::default());
         let command = || json!({"action": "status"});
         assert_ne!(
-            a.queue("gw", command()).unwrap(),
-            b.queue("gw", command()).unwrap()
+            a.queue("gw", command(), "test").unwrap(),
+            b.queue("gw", command(), "test").unwrap()
         );
     }
 
@@ -508,12 +565,16 @@ mod tests {
     #[test]
     fn bad_commands_are_refused() {
         let c = Commands::default();
-        assert!(c.queue("gw", json!([1])).is_err());
-        assert!(c.queue("gw", json!({"x": 1})).is_err());
+        assert!(c.queue("gw", json!([1]), "test").is_err());
+        assert!(c.queue("gw", json!({"x": 1}), "test").is_err());
         let big = "x".repeat(MAX_COMMAND_BYTES);
         assert!(
-            c.queue("gw", json!({"action": "publish", "payload_text": big}))
-                .is_err()
+            c.queue(
+                "gw",
+                json!({"action": "publish", "payload_text": big}),
+                "test"
+            )
+            .is_err()
         );
         assert!(c.result("gw", "nope").unwrap().is_none());
     }

@@ -946,7 +946,7 @@ fn downlink_route(
                 Ok(v) => v,
                 Err(e) => return Reply::error(400, format!("malformed json: {e}")),
             };
-            match shared.commands.queue(device, value) {
+            match shared.commands.queue(device, value, by) {
                 Ok(id) => {
                     info!("command queued device={device} id={id} by={by}");
                     Reply::json(202, json!({ "id": id }))
@@ -954,7 +954,11 @@ fn downlink_route(
                 Err(e) => refused(e),
             }
         }
-        ("commands", None) => not_allowed("POST"),
+        ("commands", None) if is_get => match shared.commands.recent(device, 20) {
+            Ok(list) => Reply::json(200, json!({ "commands": list })),
+            Err(e) => refused(e),
+        },
+        ("commands", None) => not_allowed("GET, HEAD, POST"),
         ("commands", Some(id)) if is_get => match shared.commands.result(device, id) {
             Ok(Some(v)) => Reply::json(200, v),
             Ok(None) => Reply::error(404, "no such command"),

@@ -205,13 +205,15 @@ let device = "";
 async function loadDevice(id) {
   device = id;
   $("d-id").textContent = id;
-  const [ledger, listed, downlink, records] = await Promise.all([
+  const [ledger, listed, downlink, records, commands] = await Promise.all([
     api(`/v1/devices/${encodeURIComponent(id)}/ledger`),
     api(`/v1/devices?prefix=${encodeURIComponent(id)}&limit=1`),
     api(`/v1/devices/${encodeURIComponent(id)}/downlink`).catch(() => null),
     apiLines(`/v1/devices/${encodeURIComponent(id)}/records?last=20`),
+    api(`/v1/devices/${encodeURIComponent(id)}/commands`).catch(() => ({ commands: [] })),
   ]);
   drawRecords(records);
+  drawCommands(commands.commands);
   const summary = listed.devices.find((d) => d.device_id === id);
   $("d-states").replaceChildren(badges(ledger.states));
   const dl = $("d-downlink");
@@ -243,6 +245,23 @@ async function loadDevice(id) {
   }
   $("updated").textContent = "updated " + new Date().toLocaleTimeString("en-GB");
   $("error").textContent = "";
+}
+
+function drawCommands(commands) {
+  const body = document.querySelector("#d-commands tbody");
+  body.replaceChildren();
+  for (const c of commands) {
+    const tr = el("tr", { "data-command": c.id });
+    tr.appendChild(el("td", {}, c.queued_ms ? age(nowS() - c.queued_ms / 1000) + " ago" : "-"));
+    tr.appendChild(el("td", { class: "by" }, c.by || "-"));
+    tr.appendChild(el("td", { class: "action" }, c.action || "?"));
+    tr.appendChild(el("td", { class: "state" }, c.state));
+    tr.appendChild(el("td", { class: "num" }, count(c.sent)));
+    let outcome = "";
+    if (c.result) outcome = c.result.ok ? "ok" : "refused: " + (c.result.error || "");
+    tr.appendChild(el("td", {}, outcome));
+    body.appendChild(tr);
+  }
 }
 
 function drawRecords(records) {

@@ -85,6 +85,7 @@ impl PgCommands {
         device: &str,
         id: &str,
         frame: &str,
+        by: &str,
         max_queued: usize,
     ) -> Result<Result<(), String>, Error> {
         self.with(|client| {
@@ -102,15 +103,51 @@ impl PgCommands {
                 )));
             }
             tx.execute(
-                "INSERT INTO ferry_commands (device_id, id, frame, queued_ms)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[&device, &id, &frame, &now_ms()],
+                "INSERT INTO ferry_commands (device_id, id, frame, queued_ms, sent_by)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&device, &id, &frame, &now_ms(), &by],
             )
             .map_err(db("cannot queue the command"))?;
             tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &device])
                 .map_err(db("cannot notify the replicas"))?;
             tx.commit().map_err(db("cannot commit the command"))?;
             Ok(Ok(()))
+        })
+    }
+
+    /// See [`crate::commands::Commands::recent`].
+    pub fn recent(&self, device: &str, n: usize) -> Result<Vec<Value>, Error> {
+        let limit = to_i64(n as u64);
+        self.with(|client| {
+            let rows = client
+                .query(
+                    "SELECT id, frame, queued_ms, sent, result, sent_by FROM ferry_commands
+                     WHERE device_id = $1 ORDER BY n DESC LIMIT $2",
+                    &[&device, &limit],
+                )
+                .map_err(db("cannot read the commands"))?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let frame: Value =
+                        serde_json::from_str(row.get::<_, &str>(1)).unwrap_or(Value::Null);
+                    let mut v = json!({
+                        "id": row.get::<_, &str>(0),
+                        "action": frame["action"],
+                        "by": row.get::<_, Option<&str>>(5),
+                        "queued_ms": to_u64(row.get(2)),
+                        "sent": to_u64(row.get(3)),
+                    });
+                    match row.get::<_, Option<&str>>(4) {
+                        Some(text) => {
+                            v["state"] = json!("done");
+                            v["result"] = serde_json::from_str(text).unwrap_or(Value::Null);
+                        }
+                        None => v["state"] = json!("pending"),
+                    }
+                    v
+                })
+                .collect())
         })
     }
 

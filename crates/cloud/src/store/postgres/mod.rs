@@ -148,6 +148,8 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX ferry_sockets_by_instance ON ferry_sockets (instance);
     ALTER TABLE ferry_downlink DROP COLUMN connected;",
+    // 5: who queued each command (the operator's name; commands.rs).
+    "ALTER TABLE ferry_commands ADD COLUMN sent_by text;",
 ];
 
 /// The schema version that added the ledger columns ([`fill_ledger_columns`]).
