@@ -25,10 +25,11 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
   --data DIR             keep the records, gaps and ledger as files in DIR (created if
                          missing); one ferry-cloud per DIR
   --store postgres://USER@HOST:PORT/DB
-                         keep them in PostgreSQL instead (any libpq connection string;
+                         keep them in PostgreSQL instead (a URL or key=value string as
+                         rust-postgres reads it: no .pgpass, PGPASSWORD or sslrootcert;
                          schema created or migrated at start); replicas may share one.
-                         A password is better given as PGPASSWORD-free .pgpass or
-                         in a key=value string passed from a file than on the command line
+                         A password in it shows in the process list: prefer a Unix
+                         socket (host=/run/postgresql) with peer authentication
   --store-ca PEM         with sslmode=require in the connection string: trust these CA
                          certificates for the database's (default: the Mozilla roots).
                          TLS to the database is always verified, by the host name or
