@@ -72,13 +72,13 @@ start_cloud() {
 cloud_count() { curl_get "/v1/devices" | sed -n 's/.*"records":\([0-9]*\).*/\1/p' | head -1; }
 curl_get() { # GET from the cloud without curl: bash /dev/tcp
     exec 5<>"/dev/tcp/127.0.0.1/$CLOUD_PORT"
-    printf 'GET %s HTTP/1.0\r\nHost: x\r\n\r\n' "$1" >&5
+    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$1" >&5
     sed '1,/^\r$/d' <&5; exec 5<&-
 }
 downlink_up() { curl_get /v1/devices/gw-demo/downlink | grep -q '"connected":true'; }
 curl_post() { # path body
     exec 5<>"/dev/tcp/127.0.0.1/$CLOUD_PORT"
-    printf 'POST %s HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s' "$1" "${#2}" "$2" >&5
+    printf 'POST %s HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s' "$1" "${#2}" "$2" >&5
     sed '1,/^\r$/d' <&5; exec 5<&-
 }
 status_line() {

@@ -369,6 +369,8 @@ fn ledger_and_fleet_states(backend: &Backend) {
     assert_eq!(ids("sort=missing&limit=1"), ["gw-hole"]);
     assert_eq!(ids("offset=1&limit=1"), ["gw-hole"]);
     assert_eq!(ids("prefix=gw-h"), ["gw-hole"]);
+    // An offset past every row (past PostgreSQL's bigint too) is an empty page.
+    assert_eq!(ids("offset=9223372036854775808"), Vec::<String>::new());
     assert_eq!(cloud.get_json("/v1/devices?limit=1")["total"], 3);
     let (status, answer) = cloud.get("/v1/devices?state=lost");
     assert_eq!(status, 400);
@@ -695,7 +697,7 @@ fn a_refused_chunked_upload_leaves_the_connection_usable() {
         stream,
         "POST /v1/ingest HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
          {:x}\r\n{body}\r\n0\r\n\r\n\
-         GET /v1/stats HTTP/1.1\r\nHost: t\r\n\r\n",
+         GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         body.len()
     )
     .expect("send two requests");
@@ -944,4 +946,54 @@ fn last_records(backend: &Backend) {
         assert_eq!(status, 400, "{bad}");
         assert!(text.contains("last: 1 to 1000"), "{bad}: {text}");
     }
+}
+
+/// A web page can make a browser send simple requests to loopback: a POST of a form or plain
+/// text, and, with its own name pointed at 127.0.0.1, reads under another `Host`. Without
+/// `--operators` those reached the open operator endpoints (a command queued, the fleet read).
+/// POSTs of those types are refused, and, while the endpoints are open, hosts other than
+/// loopback names.
+#[test]
+fn the_open_operator_endpoints_refuse_what_a_web_page_can_send() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path(), &[]);
+    let addr = cloud.base.trim_start_matches("http://").to_owned();
+    let raw = |head: &str, body: &str| -> u16 {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    };
+    let command = r#"{"action":"status"}"#;
+    let post = |kind: &str| {
+        raw(
+            &format!("POST /v1/devices/gw-1/commands HTTP/1.1\r\nHost: 127.0.0.1\r\n{kind}"),
+            command,
+        )
+    };
+    assert_eq!(post(""), 403);
+    assert_eq!(post("Content-Type: text/plain\r\n"), 403);
+    assert_eq!(
+        post("Content-Type: application/x-www-form-urlencoded\r\n"),
+        403
+    );
+    assert_eq!(post("Content-Type: application/json\r\n"), 202);
+    let get = |host: &str| raw(&format!("GET /v1/devices HTTP/1.1\r\nHost: {host}\r\n"), "");
+    assert_eq!(get("evil.example"), 403);
+    assert_eq!(get("evil.example:8080"), 403);
+    assert_eq!(get("127.0.0.1"), 200);
+    assert_eq!(get("localhost:1234"), 200);
+    assert_eq!(get("[::1]:1234"), 200);
 }

@@ -67,8 +67,15 @@ fn http_request_headers(
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len(),
+        // What ferry-cloud takes on a POST (its operator endpoints refuse the types a web page
+        // can send without asking).
+        kind = if method == "POST" && !headers.contains("Content-Type") {
+            "Content-Type: application/json\r\n"
+        } else {
+            ""
+        }
     )
     .unwrap();
     s.write_all(body).unwrap();

@@ -408,7 +408,8 @@ impl RateHistory {
     pub fn add(&mut self, now_ms: u64, records: u64) {
         let slot = now_ms / RATE_SLOT_MS;
         match self.slots.back_mut() {
-            Some((s, n)) if *s == slot => *n += records,
+            // A clock that stepped back counts into the newest slot: slots stay in order.
+            Some((s, n)) if *s >= slot => *n += records,
             _ => self.slots.push_back((slot, records)),
         }
         while self
@@ -458,6 +459,10 @@ mod tests {
         assert_eq!(rates.len(), 60);
         // The slot of t0 + 20 s is current: 100 records over the 5 s gone by.
         assert_eq!(&rates[57..], &[100.0, 0.0, 20.0]);
+        // A clock stepped back a minute: counted in the newest slot, the order kept.
+        h.add(t0 - 60_000, 50);
+        assert_eq!(h.per_second(t0 + 25_000)[59], 30.0);
+        assert_eq!(h.slots.len(), 2);
         h.add(t0 + 700_000, 1);
         assert_eq!(h.slots.len(), 1, "slots older than ten minutes are dropped");
     }

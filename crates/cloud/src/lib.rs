@@ -407,6 +407,15 @@ fn serve(shared: &Shared, mut request: Request) {
     // The operator endpoints (see `operators`): who is asking, or the refusal.
     let operator = if path == "/v1/stats" || path == "/v1/fleet" || path.starts_with("/v1/devices")
     {
+        if let Some(refusal) = cross_site(shared, &request) {
+            warn!(
+                "operator endpoint refused remote={} path={path} error={refusal}",
+                remote(&request)
+            );
+            discard_chunked_body(&mut request);
+            respond(request, Reply::error(403, refusal));
+            return;
+        }
         match shared.operators.identify(header(&request, "Authorization")) {
             Ok(name) => Some(name.unwrap_or("(open)").to_owned()),
             Err(refusal) => {
@@ -506,6 +515,44 @@ fn serve(shared: &Shared, mut request: Request) {
     }
     discard_chunked_body(&mut request);
     respond(request, reply);
+}
+
+/// Why an operator request may come from a web page rather than an operator: a POST whose
+/// type a page can send without asking the server first (none, a form, plain text), or, while the
+/// operator endpoints are open (loopback, no `--operators`), a `Host` other than a loopback one
+/// (a page whose name was pointed at this host). `None`: it may go on.
+fn cross_site(shared: &Shared, request: &Request) -> Option<&'static str> {
+    if *request.method() == Method::Post {
+        let kind = header(request, "Content-Type")
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase());
+        match kind.as_deref() {
+            None
+            | Some("text/plain")
+            | Some("application/x-www-form-urlencoded")
+            | Some("multipart/form-data") => {
+                return Some("content-type: application/json (or another non-form type) expected");
+            }
+            Some(_) => {}
+        }
+    }
+    if shared.operators.is_open() {
+        let host = header(request, "Host").unwrap_or_default();
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+        };
+        let loopback = name.eq_ignore_ascii_case("localhost")
+            || name
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Some(
+                "host: without --operators the operator endpoints answer loopback names only",
+            );
+        }
+    }
+    None
 }
 
 fn not_allowed(allow: &str) -> Reply {

@@ -3,7 +3,8 @@
 //! use `/v1/ingest` and the downlink with the device token (`--token`); `/metrics` (fleet totals)
 //! is open to a scraper.
 //!
-//! `--operators FILE` names the operators, one per line: `NAME TOKEN` (`#` starts a comment).
+//! `--operators FILE` names the operators, one per line: `NAME TOKEN` (`#` at the start of a line
+//! or after a space starts a comment).
 //! A request presents `Authorization: Bearer TOKEN`; the name is what the log says sent a
 //! command. The device token is never an operator's, so a gateway's token opens no operator
 //! endpoint. Without the file the operator endpoints are open, which `ferry-cloud` allows only
@@ -57,7 +58,16 @@ impl Operators {
     fn parse(text: &str, device_token: Option<&str>) -> Result<Operators, String> {
         let mut known: Vec<(String, String)> = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or_default().trim();
+            // `#` starts a comment at the start of a line or after a space, so that a token may
+            // hold one.
+            let line = match line.find(" #").or_else(|| line.find("\t#")) {
+                Some(at) => &line[..at],
+                None => line,
+            }
+            .trim();
+            if line.starts_with('#') {
+                continue;
+            }
             if line.is_empty() {
                 continue;
             }
@@ -151,6 +161,23 @@ mod tests {
                 "{text:?}: {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_may_hold_a_hash_and_comments_follow_a_space() {
+        let ops = Operators::parse(
+            "# on call\nalice 0123456789abcdef#moreentropy # alice's\n",
+            None,
+        )
+        .unwrap_or_default();
+        assert_eq!(
+            ops.identify(Some("Bearer 0123456789abcdef#moreentropy")),
+            Ok(Some("alice"))
+        );
+        assert_eq!(
+            ops.identify(Some("Bearer 0123456789abcdef")),
+            Err(Refusal::Wrong)
+        );
     }
 
     #[test]

@@ -394,10 +394,12 @@ async function route() {
       $("where").textContent = "fleet";
       await loadFleet();
     }
-    timer = setTimeout(route, REFRESH_MS);
   } catch (e) {
     fail(e);
+    if (e instanceof Unauthorized) return;
   }
+  // Refreshed whatever this round's outcome: a database away for a moment is seen coming back.
+  timer = setTimeout(route, REFRESH_MS);
 }
 
 // A console on loopback without operators needs no token.

@@ -91,6 +91,11 @@ pub enum Error {
     SeqTooLarge { device_id: String, seq: u64 },
     #[error("TLS to the database")]
     Tls(#[from] ferry_tls::Error),
+    /// `sslmode=require` with a Unix socket, where TLS does not apply.
+    #[error(
+        "sslmode=require names a Unix socket host: TLS does not apply there; drop sslmode=require or connect over TCP"
+    )]
+    TlsOnSocket,
     /// `--store-ca` without `sslmode=require`: the roots would not be used.
     #[error("--store-ca is for TLS to the database: add sslmode=require to the connection string")]
     CaWithoutTls,

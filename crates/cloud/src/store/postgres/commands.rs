@@ -12,9 +12,11 @@
 //!
 //! Connections: `ferry_sockets` counts each device's open connections per replica instance
 //! (drawn at start), and each replica with a downlink beats in `ferry_replicas` every
-//! [`HEARTBEAT`], stamped with the database's clock. A device is connected while some replica that beat within [`STALE_AFTER`]
-//! counts a connection of it: a replica killed with connections open stops counting once its
-//! heartbeat is that old, and the first replica to notice deletes its rows.
+//! [`HEARTBEAT`], stamped with the database's clock. A device is connected while some replica
+//! that beat within [`STALE_AFTER`] counts a connection of it: a replica killed with connections
+//! open stops counting once its heartbeat is that old; its rows are deleted after
+//! [`FORGET_AFTER`] (not sooner: a replica that only paused, or a database away for a while,
+//! must find its open connections still counted when it beats again).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -42,6 +44,10 @@ const CHANNEL: &str = "ferry_commands";
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A replica not heard of for this long is gone: its connections no longer count.
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
+/// A replica not heard of for this long has its rows deleted. Much longer than
+/// [`STALE_AFTER`]: a replica that only paused (a database outage, a stopped process) beats
+/// again with its connections still open, and their rows must still be there.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 /// The database's clock in ms since the epoch: heartbeats are written and judged by one clock,
 /// whatever the replicas' clocks say.
@@ -58,6 +64,9 @@ pub struct PgCommands {
     /// This replica, as `ferry_sockets` and `ferry_replicas` name it: drawn at start, so that a
     /// replica started again is not taken for the one that died.
     instance: String,
+    /// Set once the listener has beaten: from then on opening a connection does not beat too
+    /// (a reconnect storm would queue every open on this replica's row).
+    beating: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for PgCommands {
@@ -75,6 +84,7 @@ impl PgCommands {
         PgCommands {
             pool,
             instance: format!("{instance:016x}"),
+            beating: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -228,8 +238,10 @@ impl PgCommands {
             let mut tx = client.transaction().map_err(db("cannot begin"))?;
             match hello {
                 Some(hello) => {
-                    // Counted from the first connection, before the first heartbeat.
-                    beat(&mut tx, instance)?;
+                    // Counted from the first connection, before the listener's first beat.
+                    if !self.beating.load(Ordering::Acquire) {
+                        beat(&mut tx, instance)?;
+                    }
                     tx.execute(
                         "INSERT INTO ferry_sockets (device_id, instance, open) VALUES ($1, $2, 1)
                          ON CONFLICT (device_id, instance)
@@ -336,12 +348,20 @@ impl PgCommands {
     ) -> std::io::Result<JoinHandle<()>> {
         let pool = Arc::clone(&self.pool);
         let instance = self.instance.clone();
+        let beating = Arc::clone(&self.beating);
         thread::Builder::new()
             .name("cloud-pg-listen".into())
             .spawn(move || {
                 let mut errors = Repeats::new(Duration::from_secs(60));
                 while !shutdown.load(Ordering::SeqCst) {
-                    match listen_once(&pool, &instance, &shutdown, &on_queued, &mut errors) {
+                    match listen_once(
+                        &pool,
+                        &instance,
+                        &beating,
+                        &shutdown,
+                        &on_queued,
+                        &mut errors,
+                    ) {
                         Ok(()) => break,
                         Err(e) => {
                             let error = ferry_util::error_chain(&e);
@@ -383,6 +403,7 @@ fn pending_count(client: &mut impl GenericClient, device: &str) -> Result<i64, E
 fn listen_once(
     pool: &Pool,
     instance: &str,
+    beating: &AtomicBool,
     shutdown: &AtomicBool,
     on_queued: &impl Fn(Option<&str>),
     errors: &mut Repeats,
@@ -399,13 +420,20 @@ fn listen_once(
     while !shutdown.load(Ordering::SeqCst) {
         if beaten.is_none_or(|at| at.elapsed() >= HEARTBEAT) {
             beat(&mut client, instance)?;
+            beating.store(true, Ordering::Release);
             forget_gone_replicas(&mut client)?;
             beaten = Some(Instant::now());
         }
         let mut notifications = client.notifications();
         let mut iter = notifications.timeout_iter(LISTEN_POLL);
+        // The timeout restarts at each notification: a steady stream of them must not keep
+        // the heartbeat (and shutdown) waiting.
         while let Some(n) = iter.next().map_err(db("notification stream"))? {
             on_queued(Some(n.payload()));
+            if beaten.is_none_or(|at| at.elapsed() >= HEARTBEAT) || shutdown.load(Ordering::SeqCst)
+            {
+                break;
+            }
         }
     }
     // UNLISTEN before the connection goes back to the pool.
@@ -428,7 +456,7 @@ fn beat(client: &mut impl GenericClient, instance: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Deletes the connections and the heartbeat of replicas gone for [`STALE_AFTER`] (they no
+/// Deletes the connections and the heartbeat of replicas gone for [`FORGET_AFTER`] (they no
 /// longer count already; this keeps the tables small).
 fn forget_gone_replicas(client: &mut impl GenericClient) -> Result<(), Error> {
     let gone = client
@@ -439,12 +467,12 @@ fn forget_gone_replicas(client: &mut impl GenericClient) -> Result<(), Error> {
                      RETURNING instance)
                  DELETE FROM ferry_sockets WHERE instance IN (SELECT instance FROM gone)"
             ),
-            &[&stale_ms()],
+            &[&to_i64(FORGET_AFTER.as_millis() as u64)],
         )
         .map_err(db("cannot forget gone replicas"))?;
     if gone > 0 {
         info!(
-            "downlink connections of replicas gone for {STALE_AFTER:?} forgotten connections={gone}"
+            "downlink connections of replicas gone for {FORGET_AFTER:?} forgotten connections={gone}"
         );
     }
     Ok(())

@@ -205,6 +205,14 @@ impl PgStore {
             source,
         })?;
         let tls = match config.get_ssl_mode() {
+            SslMode::Require
+                if config
+                    .get_hosts()
+                    .iter()
+                    .any(|h| !matches!(h, Host::Tcp(_))) =>
+            {
+                return Err(Error::TlsOnSocket);
+            }
             SslMode::Require => {
                 let roots = ferry_tls::Material::roots_only("--store-ca", ca_file)?;
                 Some(tls::RustlsConnect::new(roots.client_config()?))
@@ -379,7 +387,9 @@ impl PgStore {
                     &format!(
                         "SELECT device_id FROM ferry_devices WHERE {filter} ORDER BY {order}
                          LIMIT {} OFFSET {}",
-                        q.limit, q.offset
+                        q.limit,
+                        // An offset past bigint is past every row too.
+                        to_i64(q.offset as u64)
                     ),
                     &params,
                 )
