@@ -997,3 +997,48 @@ fn the_open_operator_endpoints_refuse_what_a_web_page_can_send() {
     assert_eq!(get("localhost:1234"), 200);
     assert_eq!(get("[::1]:1234"), 200);
 }
+
+/// `--token-file`: the device token read from a file (out of the process list), the same as
+/// `--token`; a file without a token, or both flags, is refused at start.
+#[test]
+fn the_device_token_can_come_from_a_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{DEVICE_TOKEN}\n")).expect("write the token");
+    let path = file.display().to_string();
+    let cloud = Cloud::start(&dir.path().join("data"), &["--token-file", &path]);
+    let batch = gzip(&example_batch());
+    let with = |token: &str| {
+        cloud
+            .post(
+                &batch,
+                &[
+                    ("Content-Encoding", "gzip"),
+                    ("Authorization", &format!("Bearer {token}")),
+                ],
+            )
+            .0
+    };
+    assert_eq!(with("wrong-token-0123456789"), 401);
+    assert_eq!(with(DEVICE_TOKEN), 200);
+    drop(cloud);
+
+    std::fs::write(&file, "\n").expect("empty the file");
+    let data = dir.path().join("data").display().to_string();
+    for args in [
+        vec!["--token-file", path.as_str()],
+        vec!["--token-file", path.as_str(), "--token", DEVICE_TOKEN],
+    ] {
+        let out = ferry_testkit::output_within(
+            util::command(util::ferry_cloud())
+                .args(["--listen", "127.0.0.1:0", "--data", &data])
+                .args(&args),
+            "ferry-cloud refusing its token",
+            Duration::from_secs(20),
+        )
+        .expect("run ferry-cloud");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--token"), "{args:?}: {stderr}");
+    }
+}

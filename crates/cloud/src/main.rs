@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
 usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://... [--store-ca PEM])
-                   [--reject-marker STR] [--token TOKEN] [--operators FILE]
+                   [--reject-marker STR] [--token TOKEN | --token-file FILE] [--operators FILE]
                    [--max-records-per-sec N] [--silent-after SECS]
                    [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
 
@@ -41,6 +41,8 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          GET /v1/devices and /metrics (default 3600)
   --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads and on the
                          downlink
+  --token-file FILE      the same, the token read from FILE's first line (kept out of
+                         the process list, where --token shows)
   --operators FILE       the operators, one 'NAME TOKEN' per line: the fleet API
                          (/v1/devices..., commands, /v1/stats) then needs
                          'Authorization: Bearer TOKEN' of one of them (16+ characters,
@@ -104,6 +106,21 @@ fn run(config: cloud::Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The device token in `path`: its first line, trimmed (so that it stays out of the process
+/// list, where `--token` shows).
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() || token.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "--token-file {}: its first line must be the token, without spaces",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
+}
+
 /// Whether every address `addr` (`host:port`) names is a loopback one.
 fn is_loopback(addr: &str) -> Result<bool, String> {
     use std::net::ToSocketAddrs as _;
@@ -126,6 +143,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut store_ca = None;
     let mut reject_marker = None;
     let mut token = None;
+    let mut token_file = None;
     let mut operators = None;
     let mut max_rate = None;
     let mut ws_listen = None;
@@ -149,6 +167,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--store-ca" => &mut store_ca,
             "--reject-marker" => &mut reject_marker,
             "--token" => &mut token,
+            "--token-file" => &mut token_file,
             "--operators" => &mut operators,
             "--max-records-per-sec" => &mut max_rate,
             "--ws-listen" => &mut ws_listen,
@@ -190,7 +209,12 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     }
     let listen = text("--listen", listen.ok_or("--listen is required")?)?;
     let ws_listen = ws_listen.map(|v| text("--ws-listen", v)).transpose()?;
-    let token = token.map(|v| text("--token", v)).transpose()?;
+    let token = match (token, token_file) {
+        (Some(_), Some(_)) => return Err("--token and --token-file exclude each other".into()),
+        (Some(v), None) => Some(text("--token", v)?),
+        (None, Some(path)) => Some(read_token(&PathBuf::from(path))?),
+        (None, None) => None,
+    };
     let operators = match operators {
         Some(path) => cloud::operators::Operators::load(&PathBuf::from(path), token.as_deref())?,
         None => cloud::operators::Operators::default(),
