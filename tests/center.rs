@@ -278,10 +278,7 @@ fn a_command_posted_to_one_replica_reaches_the_gateway_connected_to_another() {
         &b.url(),
         control,
         "",
-        &format!(
-            "\n[downlink]\nurl = \"ws://{ws_a}/v1/downlink\"\nping_interval = \"500ms\"\n\
-             dead_after = \"2s\"\nconnect_timeout = \"2s\"\nmax_backoff = \"500ms\"\n"
-        ),
+        &downlink_section(&format!("ws://{ws_a}/v1/downlink")),
     );
     let _agent = Agent::start(&dir, &config, control);
     let downlink = |cloud: &Cloud| -> Value {

@@ -20,12 +20,6 @@ fn cloud_with_ws(dir: &std::path::Path, ws_port: u16, extra: &[&str]) -> Cloud {
     Cloud::start_with(dir, free_port(), &args)
 }
 
-fn downlink_section(url: &str) -> String {
-    format!(
-        "\n[downlink]\nurl = \"{url}\"\nping_interval = \"500ms\"\ndead_after = \"2s\"\nconnect_timeout = \"2s\"\nmax_backoff = \"500ms\"\n"
-    )
-}
-
 /// An agent whose downlink goes to `ws_url`; `extra` is appended to the config.
 fn agent(dir: &std::path::Path, mqtt: u16, cloud: &Cloud, ws_url: &str, extra: &str) -> Agent {
     let control = free_port();

@@ -679,18 +679,7 @@ fn pubacks_go_out_when_the_commit_is_done_not_at_the_next_poll() {
 #[test]
 fn a_slow_commit_does_not_keep_the_mqtt_thread_waking_every_millisecond() {
     let tmp = tempfile::tempdir().unwrap();
-    let tmp = tmp.path();
-    let broker = Mosquitto::start(&tmp.join("mqtt"));
-    let cloud = Cloud::start(&tmp.join("cloud"));
-    let dir = tmp.join("agent");
-    let control = free_port();
-    let agent = Agent::start_with_env(
-        &dir,
-        &agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
-        control,
-        &[("FERRY_FAILPOINT", "slow_sync_ms=3000")],
-    );
-    agent.wait_connected();
+    let (broker, _cloud, agent) = with_slow_commits(tmp.path(), 3000);
     let before = thread_wakeups(agent.pid(), "mqtt");
     let started = Instant::now();
     publish(broker.port, "sensors/slow-card", numbered(0..1));
@@ -736,6 +725,23 @@ fn on_tmpfs(path: &std::path::Path) -> bool {
 }
 
 /// A broker, a cloud and a connected agent whose journal has `commit_wait = wait`.
+/// A broker, a cloud and an agent whose every group commit takes `ms` longer (a slow card:
+/// the `slow_sync_ms` failpoint).
+fn with_slow_commits(tmp: &std::path::Path, ms: u64) -> (Mosquitto, Cloud, Agent) {
+    let broker = Mosquitto::start(&tmp.join("mqtt"));
+    let cloud = Cloud::start(&tmp.join("cloud"));
+    let dir = tmp.join("agent");
+    let control = free_port();
+    let agent = Agent::start_with_env(
+        &dir,
+        &agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        control,
+        &[("FERRY_FAILPOINT", &format!("slow_sync_ms={ms}"))],
+    );
+    agent.wait_connected();
+    (broker, cloud, agent)
+}
+
 fn with_commit_wait(tmp: &std::path::Path, wait: &str) -> (Mosquitto, Cloud, Agent) {
     let broker = Mosquitto::start(&tmp.join("mqtt"));
     let cloud = Cloud::start(&tmp.join("cloud"));
@@ -797,18 +803,7 @@ fn commit_wait_pubacks_follow_the_commit_not_a_stretched_poll() {
 #[test]
 fn the_oldest_unsent_record_is_reported_while_its_commit_is_in_progress() {
     let tmp = tempfile::tempdir().unwrap();
-    let tmp = tmp.path();
-    let broker = Mosquitto::start(&tmp.join("mqtt"));
-    let cloud = Cloud::start(&tmp.join("cloud"));
-    let dir = tmp.join("agent");
-    let control = free_port();
-    let agent = Agent::start_with_env(
-        &dir,
-        &agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
-        control,
-        &[("FERRY_FAILPOINT", "slow_sync_ms=5000")],
-    );
-    agent.wait_connected();
+    let (broker, _cloud, agent) = with_slow_commits(tmp.path(), 5000);
     publish(broker.port, "sensors/slow-card", numbered(0..3));
     wait_until("3 records in the backlog", Duration::from_secs(10), || {
         agent.status()["backlog_records"] == 3

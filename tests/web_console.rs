@@ -111,10 +111,7 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
         &link.url(),
         control,
         "",
-        &format!(
-            "\n[downlink]\nurl = \"ws://{ws}/v1/downlink\"\nping_interval = \"500ms\"\n\
-             dead_after = \"2s\"\nconnect_timeout = \"2s\"\nmax_backoff = \"500ms\"\n"
-        ),
+        &downlink_section(&format!("ws://{ws}/v1/downlink")),
     );
     let config = edited(
         config,

@@ -50,6 +50,14 @@ listen = "127.0.0.1:{control_port}"
     )
 }
 
+/// A `[downlink]` section to `url` with the tests' short timings (pings every 500 ms, dead after
+/// 2 s, reconnecting within 500 ms).
+pub fn downlink_section(url: &str) -> String {
+    format!(
+        "\n[downlink]\nurl = \"{url}\"\nping_interval = \"500ms\"\ndead_after = \"2s\"\nconnect_timeout = \"2s\"\nmax_backoff = \"500ms\"\n"
+    )
+}
+
 /// `text` with each `(from, to)` replaced; panics if a `from` is not there (a silent no-op would
 /// leave the test running with the harness defaults, and passing without the setting it is about).
 pub fn edited(text: String, edits: &[(&str, &str)]) -> String {
