@@ -820,13 +820,22 @@ fn operator_endpoints_need_an_operators_token_and_say_who_sent_a_command() {
     assert_eq!(call("GET", "/v1/devices", Some(ALICE_TOKEN)), 200);
     assert_eq!(call("GET", "/metrics", None), 200);
     assert_eq!(call("POST", commands, Some(ALICE_TOKEN)), 202);
-    let log = cloud.stderr.lock().expect("log").clone();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("command queued device=gw-1") && l.contains("by=alice")),
-        "{log}"
+    // The log line is written before the answer, and read from the pipe by a thread of ours.
+    let log = || cloud.stderr.lock().expect("log").clone();
+    util::wait_until(
+        "the command logged with alice's name",
+        Duration::from_secs(10),
+        || {
+            log()
+                .lines()
+                .any(|l| l.contains("command queued device=gw-1") && l.contains("by=alice"))
+        },
     );
-    assert!(!log.contains(ALICE_TOKEN), "a token in the log: {log}");
+    assert!(
+        !log().contains(ALICE_TOKEN),
+        "a token in the log: {}",
+        log()
+    );
 
     // Uploads: the device token, not an operator's.
     let batch = gzip(&example_batch());
