@@ -42,8 +42,20 @@ fn http() -> ureq::Agent {
     http_client(Duration::from_secs(30))
 }
 
+/// The device's ledger through `cloud`; `None` while it is unknown there (404) or the answer is
+/// not a ledger.
 fn ledger(cloud: &Cloud, device: &str) -> Option<Value> {
-    serde_json::from_str(&cloud.get(&format!("/v1/devices/{device}/ledger"))).ok()
+    let mut response = http()
+        .get(format!(
+            "http://127.0.0.1:{}/v1/devices/{device}/ledger",
+            cloud.port
+        ))
+        .call()
+        .ok()?;
+    if response.status().as_u16() != 200 {
+        return None;
+    }
+    serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()
 }
 
 /// The agent keeps two uploads in flight and retries on any replica; a load balancer may send a
