@@ -171,6 +171,11 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
         browser.eval("document.getElementById('oldest').textContent"),
         json!("3.0 h old")
     );
+    // The histogram's buckets, as PostgreSQL counted them (fleet_totals' SQL buckets).
+    let ages = "fetch('/v1/fleet', {headers: {Authorization: 'Bearer ' + \
+        sessionStorage.getItem('ferry-operator-token')}}) \
+        .then(r => r.json()).then(f => f.backlog_age.devices.join(','))";
+    assert_eq!(browser.eval(ages), json!("0,0,0,1,0,0,0"));
     browser.screenshot(&artifacts().join("overview.png"));
 
     let rows =

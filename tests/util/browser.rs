@@ -111,7 +111,15 @@ impl Browser {
             page_url.is_some()
         });
         let page_url = page_url.unwrap_or_default();
-        let (page, _) = tungstenite::connect(page_url.as_str()).expect("connect to the page");
+        // Connected and shaken hands with deadlines, then read in short slices.
+        let addr: std::net::SocketAddr = host.parse().expect("an ip:port DevTools address");
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        tcp.set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("write timeout");
+        let (page, _) = tungstenite::client(page_url.as_str(), MaybeTlsStream::Plain(tcp))
+            .expect("the page's WebSocket handshake");
         if let MaybeTlsStream::Plain(tcp) = page.get_ref() {
             tcp.set_read_timeout(Some(Duration::from_millis(200)))
                 .expect("read timeout");
