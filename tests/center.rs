@@ -42,22 +42,6 @@ fn http() -> ureq::Agent {
     http_client(Duration::from_secs(30))
 }
 
-/// The device's ledger through `cloud`; `None` while it is unknown there (404) or the answer is
-/// not a ledger.
-fn ledger(cloud: &Cloud, device: &str) -> Option<Value> {
-    let mut response = http()
-        .get(format!(
-            "http://127.0.0.1:{}/v1/devices/{device}/ledger",
-            cloud.port
-        ))
-        .call()
-        .ok()?;
-    if response.status().as_u16() != 200 {
-        return None;
-    }
-    serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()
-}
-
 /// The agent keeps two uploads in flight and retries on any replica; a load balancer may send a
 /// device's batches, and a resend of an old one, to different replicas at once. Here every batch
 /// of each device goes to both replicas at the same time (one sender in order, the other in
@@ -126,7 +110,7 @@ fn one_devices_batches_raced_across_two_replicas_are_stored_once_without_false_c
         let id = format!("gw-{device}");
         for cloud in [&a, &b] {
             assert_exactly_once(&cloud.records(&id), N);
-            let l = ledger(cloud, &id).unwrap();
+            let l = cloud.ledger(&id).unwrap();
             assert_eq!(
                 (
                     &l["delivered"],
@@ -196,7 +180,9 @@ fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
         }
     };
     let delivered = |cloud: &Cloud, id: &str| {
-        ledger(cloud, id).map_or(0, |l| l["delivered"].as_u64().unwrap_or(0))
+        cloud
+            .ledger(id)
+            .map_or(0, |l| l["delivered"].as_u64().unwrap_or(0))
     };
 
     publish_all(0..N / 3);
@@ -245,9 +231,12 @@ fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
         wait_until(
             "the gateway's account to catch up",
             Duration::from_secs(30),
-            || ledger(&b, id).is_some_and(|l| l["states"] == json!(["healthy"])),
+            || {
+                b.ledger(id)
+                    .is_some_and(|l| l["states"] == json!(["healthy"]))
+            },
         );
-        let l = ledger(&a, id).unwrap();
+        let l = a.ledger(id).unwrap();
         assert_eq!(
             (&l["delivered"], &l["missing"], &l["balanced"]),
             (&json!(N), &json!(0), &json!(true)),

@@ -291,9 +291,8 @@ fn the_center_ledger_follows_a_gateway_behind_until_it_drained() {
     );
     agent.wait_connected();
     publish(broker.port, "sensors/ledger", numbered(0..N));
-    let ledger = || -> Option<serde_json::Value> {
-        serde_json::from_str(&cloud.get(&format!("/v1/devices/{DEVICE}/ledger"))).ok()
-    };
+    // None until the gateway's first upload (404), so the wait can poll it.
+    let ledger = || cloud.ledger(DEVICE);
     let mut seen_behind = None;
     wait_until(
         "the center to see the gateway behind",

@@ -98,6 +98,22 @@ impl Cloud {
         http_get(self.port, path)
     }
 
+    /// The device's ledger; `None` while the device is unknown here (404: no upload yet) or the
+    /// answer is not one, so that a wait can poll it.
+    pub fn ledger(&self, device: &str) -> Option<Value> {
+        let mut response = http_client(Duration::from_secs(30))
+            .get(format!(
+                "http://127.0.0.1:{}/v1/devices/{device}/ledger",
+                self.port
+            ))
+            .call()
+            .ok()?;
+        if response.status().as_u16() != 200 {
+            return None;
+        }
+        serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()
+    }
+
     /// The records stored for `device`, in file order.
     pub fn records(&self, device: &str) -> Vec<Value> {
         self.get(&format!("/v1/devices/{device}/records"))
