@@ -732,10 +732,11 @@ fn a_refused_chunked_upload_leaves_the_connection_usable() {
 fn long_answers_on_a_kept_alive_connection_do_not_wait_for_a_delayed_ack() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cloud = Cloud::start(dir.path(), &[]);
-    // One kept-alive connection (the test client's pool holds it between requests).
-    let mut quick = 0;
+    // One kept-alive connection (the test client's pool holds it between requests). A delayed
+    // ACK is at least 40 ms on Linux, so without the fix no answer after the first comes sooner;
+    // with it, a loaded machine may make many answers slow, but not all twenty.
     let mut took = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..20 {
         let started = Instant::now();
         let (status, text) = cloud.get("/metrics");
         let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -745,13 +746,11 @@ fn long_answers_on_a_kept_alive_connection_do_not_wait_for_a_delayed_ack() {
             "{} bytes: not longer than the buffer",
             text.len()
         );
-        took.push(format!("{ms:.1}"));
-        // A delayed ACK is at least 40 ms on Linux.
-        if ms < 25.0 {
-            quick += 1;
-        }
+        took.push(ms);
     }
-    assert!(quick >= 5, "answers took {took:?} ms");
+    let fastest = took[1..].iter().cloned().fold(f64::INFINITY, f64::min);
+    let shown: Vec<String> = took.iter().map(|ms| format!("{ms:.1}")).collect();
+    assert!(fastest < 30.0, "answers took {shown:?} ms");
 }
 
 const DEVICE_TOKEN: &str = "device-token-0123456789";
