@@ -4,7 +4,7 @@
 # proxy in front of ferry-cloud in tests/faults_net.rs), openssl (the CLI that makes the test CA and
 # certificates of tests/downlink.rs at run time) and fuse3 (fusermount3, for the crash-test
 # filesystem of `make torture`), postgresql with psql (the center's store, in tests) and chromium
-# (the console's browser tests).
+# (the console's browser tests), faketime (libfaketime: the agent's clock tests).
 # Usage: scripts/ensure-deps.sh [--msrv] [--bench]
 #   --msrv   also installs Debian's Rust 1.85 (rustc-web)
 #   --bench  also installs what `make bench` needs: libsqlite3-dev and pkg-config (the SQLite
@@ -24,6 +24,9 @@ has_postgres || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 # Chromium: the browser tests of the operators' console (tests/web_console.rs), headless.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# libfaketime: tests/clock.rs starts the agent with a faked wall clock (LD_PRELOAD).
+has_faketime() { ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; }
+has_faketime || need+=(faketime)
 
 msrv=0; bench=0
 for arg in "$@"; do
@@ -67,6 +70,7 @@ command -v fusermount3 >/dev/null 2>&1 || { echo "ensure-deps: fusermount3 (fuse
 has_postgres || { echo "ensure-deps: postgresql is still missing" >&2; missing=1; }
 command -v psql >/dev/null 2>&1 || { echo "ensure-deps: psql (postgresql-client) is still missing" >&2; missing=1; }
 command -v chromium >/dev/null 2>&1 || { echo "ensure-deps: chromium is still missing" >&2; missing=1; }
+has_faketime || { echo "ensure-deps: libfaketime (faketime) is still missing" >&2; missing=1; }
 if [ $bench -eq 1 ] && ! has_sqlite_dev; then
     echo "ensure-deps: libsqlite3-dev (with pkg-config) is still missing" >&2; missing=1
 fi

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::config::edit::{self, Plan};
 use crate::config::live::{Live, LiveSettings};
@@ -90,10 +91,13 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         .unwrap_or_else(|| format!("ferry-{device_id}"));
     let stats = Arc::new(Stats::default());
     stats.journal_accepting.store(true, Ordering::Relaxed);
+    let clock = Clock::new(cfg.clock.clone(), journal.clone());
+    let clock_thread = clock.spawn(shutdown.clone()).map_err(Error::Spawn)?;
 
     let status = status::Source {
         device_id: device_id.clone(),
         journal: journal.clone(),
+        clock: clock.clone(),
         stats: Arc::clone(&stats),
         started: Instant::now(),
         written_at_start: status::written_bytes(),
@@ -132,6 +136,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         cfg.journal.commit_wait,
         client_id.clone(),
         journal.clone(),
+        clock.clone(),
         Arc::clone(&stats),
         shutdown.clone(),
     )
@@ -139,11 +144,14 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     let uplink = uplink::spawn(
         cfg.uplink.clone(),
         &cfg.tls.material,
-        live.clone(),
         device_id.clone(),
-        journal.clone(),
-        Arc::clone(&stats),
-        shutdown.clone(),
+        uplink::Deps {
+            live: live.clone(),
+            journal: journal.clone(),
+            clock: clock.clone(),
+            stats: Arc::clone(&stats),
+            shutdown: shutdown.clone(),
+        },
     )
     .map_err(Error::Spawn)?;
     // Without a [downlink] section the agent runs uplink-only.
@@ -157,6 +165,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
                     device_id: device_id.clone(),
                     journal: journal.clone(),
                     stats: Arc::clone(&stats),
+                    clock: clock.clone(),
                     operator,
                 },
                 shutdown.clone(),
@@ -218,6 +227,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         started + cfg.uplink.shutdown_grace.max(Duration::from_millis(500)),
     );
     join_by(control, started + Duration::from_secs(2));
+    join_by(clock_thread, started + Duration::from_secs(2));
     if let Some(console) = console {
         join_by(console, started + Duration::from_secs(2));
     }

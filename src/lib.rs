@@ -19,6 +19,8 @@
 //!   answers handled in seq order.
 //! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
 //!   commands; command results and the audited rewind of the cursor live in the journal.
+//! - `clock` decides whether the wall clock is trusted (the kernel's NTP status, the build time),
+//!   stamps records with the monotonic clock while it is not, and corrects their time at upload.
 //! - `tls` holds the one rustls crypto provider and the `[tls]` material of both links.
 //! - `operator` carries out the operator's commands (status, apply or set config, restart,
 //!   publish, replay_from, a new identity) for the three ways they arrive: `control` (the HTTP
@@ -50,6 +52,7 @@ pub mod agent;
 pub(crate) mod atomic_file;
 pub(crate) mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod console;
 pub mod control;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::clock::{Clock, ClockStatus};
 use crate::journal::{Journal, Positions};
 use crate::stats::{DownlinkState, Stats, UplinkState};
 
@@ -37,6 +38,8 @@ pub struct Status {
     /// How long QoS1 messages waited for ferry's PUBACK since start: the group commit that makes
     /// them durable, and `journal.commit_wait`.
     pub puback_delay: crate::stats::Delays,
+    /// Whether the wall clock is trusted, what the kernel says, jumps seen (`clock`).
+    pub clock: ClockStatus,
     pub totals: Totals,
 }
 
@@ -72,6 +75,7 @@ pub struct Totals {
 pub struct Source {
     pub device_id: String,
     pub journal: Journal,
+    pub clock: Clock,
     pub stats: Arc<Stats>,
     pub started: Instant,
     /// [`written_bytes`] when this run started (a restart in place keeps the process).
@@ -120,8 +124,10 @@ impl Source {
                 .load(std::sync::atomic::Ordering::Relaxed),
             positions,
             journal_disk_bytes: self.journal.disk_bytes(),
-            oldest_unsent_age_s: match self.journal.oldest_unsent_ts_ms() {
-                Ok(Some(ts)) => Some(crate::journal::now_ms().saturating_sub(ts) / 1000),
+            oldest_unsent_age_s: match self.journal.oldest_unsent() {
+                Ok(Some(r)) => {
+                    Some(crate::journal::now_ms().saturating_sub(self.clock.taken_at_ms(&r)) / 1000)
+                }
                 _ => None,
             },
             backlog_eta_s,
@@ -138,6 +144,7 @@ impl Source {
                 }
             },
             puback_delay: s.puback_delay.read(),
+            clock: self.clock.status(),
             uplink,
             downlink: s.downlink(),
             totals: Totals {
@@ -230,6 +237,18 @@ pub fn metrics(s: &Status) -> String {
         "gauge",
         "1 while the journal accepts new records.",
         u64::from(s.journal_accepting),
+    );
+    metric(
+        "clock_trusted",
+        "gauge",
+        "1 while the wall clock is trusted (synchronised, later than the build).",
+        u64::from(s.clock.trusted),
+    );
+    metric(
+        "clock_jumps_total",
+        "counter",
+        "Jumps of the wall clock against the monotonic clock, over 1 s, since start.",
+        s.clock.jumps,
     );
     metric(
         "ingested_total",

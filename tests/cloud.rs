@@ -520,6 +520,39 @@ fn a_fleet_larger_than_the_open_file_limit_is_received() {
     assert!(open < LIMIT as usize / 2, "{open} descriptors open");
 }
 
+on_both_stores!(
+    a_record_resent_with_its_time_corrected_is_a_duplicate,
+    a_record_resent_with_its_time_corrected_is_a_duplicate_on_postgres,
+    resent_with_time_corrected
+);
+
+/// A gateway whose clock was not trusted may send a record `unsynced` and, after a crash before
+/// the answer, send it again corrected once its clock is: copies are compared by the time as
+/// stamped (`ts_ms_original`), so the resend is a duplicate, before and after a restart, while
+/// another stamped time is still a clash.
+fn resent_with_time_corrected(backend: &Backend) {
+    let record = |ts: u64, clock: &str, original: u64| {
+        json!({"device_id": "gw-c", "records": [{"seq": 1, "ts_ms": ts, "topic": "t",
+            "payload": {"v": 1}, "clock": clock, "ts_ms_original": original}]})
+    };
+    let mut cloud = Cloud::start_on(backend, &[]);
+    let ok = |accepted: u64, duplicates: u64| {
+        (200, json!({"accepted": accepted, "duplicates": duplicates}))
+    };
+    assert_eq!(cloud.post_gzip(&record(5_000, "unsynced", 5_000)), ok(1, 0));
+    let corrected = record(1_763_700_000_000, "corrected", 5_000);
+    assert_eq!(cloud.post_gzip(&corrected), ok(0, 1));
+    assert!(cloud.terminate().success(), "exit status after SIGTERM");
+    drop(cloud);
+    let cloud = Cloud::start_on(backend, &[]);
+    assert_eq!(cloud.post_gzip(&corrected), ok(0, 1));
+    let other = record(1_763_700_000_000, "corrected", 5_001);
+    assert_eq!(cloud.post_gzip(&other).0, 409);
+    // The first copy is the one kept.
+    let (_, stored) = cloud.get("/v1/devices/gw-c/records");
+    assert!(stored.contains("\"clock\":\"unsynced\""), "{stored}");
+}
+
 /// Records `seqs` of `gw-x` as the gateway `name` would send them: two gateways sharing the id send
 /// the same seqs with different payloads.
 fn batch_from(name: &str, seqs: std::ops::RangeInclusive<u64>) -> Value {

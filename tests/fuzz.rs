@@ -250,6 +250,7 @@ fn new_record() -> impl Strategy<Value = NewRecord> {
             payload,
             format,
             parse_error,
+            mono: None,
             too_large: None,
             mqtt: None,
         })
@@ -573,6 +574,7 @@ fn record_of(seq: u64, r: &NewRecord) -> Record {
         payload: r.payload.clone(),
         format: r.format,
         parse_error: r.parse_error,
+        mono: None,
     }
 }
 
@@ -1223,7 +1225,7 @@ proptest! {
 
     #[test]
     fn every_batch_the_agent_sends_is_accepted_as_sent(entries in entries(), id in "[A-Za-z0-9._-]{1,64}") {
-        let body = uplink::encode_body(&id, &entries, None);
+        let body = uplink::encode_body(&id, &entries, None, &ferry::clock::WireTime::stamped);
         let batch = cloud_batch::parse(&body);
         prop_assert!(batch.is_ok(), "refused: {:?}", batch.err());
         let batch = batch.unwrap();
@@ -1249,7 +1251,7 @@ proptest! {
         target in any::<usize>(),
         with in proptest::option::of(json_value()),
     ) {
-        let body = uplink::encode_body("gw-fuzz", &entries, None);
+        let body = uplink::encode_body("gw-fuzz", &entries, None, &ferry::clock::WireTime::stamped);
         let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let mut t = target % 64;
         replace_at(&mut v, &mut t, &with);
@@ -1258,7 +1260,7 @@ proptest! {
 
     #[test]
     fn a_damaged_batch_body_is_accepted_or_refused_naming_the_place(entries in entries(), d in damages()) {
-        let body = apply(uplink::encode_body("gw-fuzz", &entries, None), &d);
+        let body = apply(uplink::encode_body("gw-fuzz", &entries, None, &ferry::clock::WireTime::stamped), &d);
         check_batch(&body)?;
     }
 }

@@ -52,6 +52,7 @@ impl Config {
                 cache_bytes: format_size(self.journal.cache_bytes),
                 replay_window: format_size(self.journal.replay_window),
                 commit_wait: format_duration(self.journal.commit_wait),
+                max_age: format_duration(self.journal.max_age.unwrap_or_default()),
             },
             uplink: EffectiveUplink {
                 url: &self.uplink.url,
@@ -87,6 +88,10 @@ impl Config {
                 .as_ref()
                 .map(|d| net::EffectiveDownlink::of(d, secret(&d.token))),
             tls: net::EffectiveTls::of(&self.tls),
+            clock: EffectiveClock {
+                require_sync: self.clock.require_sync,
+                hold: format_duration(self.clock.hold),
+            },
         };
         // Only strings, integers, enums and arrays of tables: serialization has nothing that can fail,
         // but a printout is not worth a panic if it ever does.
@@ -107,6 +112,13 @@ struct Effective<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     downlink: Option<net::EffectiveDownlink<'a>>,
     tls: net::EffectiveTls,
+    clock: EffectiveClock,
+}
+
+#[derive(Serialize)]
+struct EffectiveClock {
+    require_sync: bool,
+    hold: String,
 }
 
 #[derive(Serialize)]
@@ -141,6 +153,7 @@ struct EffectiveJournal {
     cache_bytes: String,
     replay_window: String,
     commit_wait: String,
+    max_age: String,
 }
 
 #[derive(Serialize)]

@@ -50,6 +50,19 @@ pub struct Config {
     pub downlink: Option<DownlinkConfig>,
     /// Trust roots and client certificate shared by the uplink and the downlink.
     pub tls: TlsConfig,
+    pub clock: ClockConfig,
+}
+
+/// When the wall clock is trusted (`[clock]`, the `clock` module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockConfig {
+    /// Trust the wall clock only once the kernel says it is synchronised (NTP, chrony,
+    /// systemd-timesyncd). `false` for a gateway with a battery-backed real-time clock and no
+    /// time service: then only a clock earlier than the binary's build is distrusted.
+    pub require_sync: bool,
+    /// How long the uplink holds back records taken under an untrusted clock of this boot,
+    /// waiting to correct their time; after that they are sent flagged `unsynced` (0: never held).
+    pub hold: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +116,9 @@ pub struct JournalConfig {
     /// PUBACK comes up to this much later. A broker that enforces `max_inflight_messages` M sends
     /// at most M per commit, so throughput is capped at M per `commit_wait`.
     pub commit_wait: Duration,
+    /// Unsent records older than this are replaced by an `expired` gap (`None`: kept however
+    /// old, the default).
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]

@@ -26,6 +26,15 @@ pub(super) struct RawConfig {
     pub(super) downlink: Option<net::RawDownlink>,
     #[serde(default)]
     pub(super) tls: net::RawTls,
+    #[serde(default)]
+    pub(super) clock: RawClock,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [clock]")]
+pub(super) struct RawClock {
+    pub(super) require_sync: Option<bool>,
+    pub(super) hold: Option<HumanDuration>,
 }
 
 #[derive(Default, Deserialize)]
@@ -67,6 +76,7 @@ pub(super) struct RawJournal {
     pub(super) cache_bytes: Option<ByteSize>,
     pub(super) replay_window: Option<ByteSize>,
     pub(super) commit_wait: Option<HumanDuration>,
+    pub(super) max_age: Option<HumanDuration>,
 }
 
 #[derive(Default, Deserialize)]

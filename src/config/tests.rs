@@ -86,6 +86,7 @@ fn edit(section: &str, key: &str, line: Option<&str>) -> String {
         ("journal", vec![r#"dir = "/var/lib/ferry""#]),
         ("uplink", vec![r#"url = "http://127.0.0.1:8080/v1/ingest""#]),
         ("control", vec![]),
+        ("clock", vec![]),
     ];
     let mut text = String::new();
     for (name, lines) in &mut sections {
@@ -273,6 +274,43 @@ fn the_commit_wait_is_a_duration_up_to_a_second() {
     );
     let e = error(&with("journal", "commit_wait = \"2s\""));
     assert_names(&e, &["journal.commit_wait", "2s", "0s..=1s"]);
+}
+
+#[test]
+fn the_clock_is_trusted_once_synchronised_and_records_wait_ten_minutes_by_default() {
+    let c = parse(&without("clock", "hold"));
+    assert_eq!(
+        c.clock,
+        ClockConfig {
+            require_sync: true,
+            hold: Duration::from_secs(600)
+        }
+    );
+    let c = parse(&with("clock", "require_sync = false"));
+    assert!(!c.clock.require_sync);
+    assert_eq!(
+        parse(&with("clock", "hold = \"0s\"")).clock.hold,
+        Duration::ZERO
+    );
+    let e = error(&with("clock", "hold = \"200h\""));
+    assert_names(&e, &["clock.hold", "200h", "0s..=168h"]);
+    let e = error(&with("clock", "require_sync = \"yes\""));
+    assert_names(&e, &["require_sync", "yes"]);
+}
+
+#[test]
+fn records_expire_only_when_a_max_age_of_a_minute_or_more_is_set() {
+    assert_eq!(parse(&without("journal", "max_age")).journal.max_age, None);
+    assert_eq!(
+        parse(&with("journal", "max_age = \"0s\"")).journal.max_age,
+        None
+    );
+    assert_eq!(
+        parse(&with("journal", "max_age = \"2h\"")).journal.max_age,
+        Some(Duration::from_secs(7200))
+    );
+    let e = error(&with("journal", "max_age = \"30s\""));
+    assert_names(&e, &["journal.max_age", "30s", "1m..="]);
 }
 
 #[test]

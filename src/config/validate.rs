@@ -15,6 +15,19 @@ pub(super) fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> 
         downlink: net::validate_downlink(raw.downlink)?,
         tls: net::validate_tls(raw.tls, source)?,
         console: validate_console(raw.console)?,
+        clock: validate_clock(raw.clock)?,
+    })
+}
+
+pub(super) fn validate_clock(raw: RawClock) -> Result<ClockConfig, String> {
+    Ok(ClockConfig {
+        require_sync: raw.require_sync.unwrap_or(true),
+        hold: duration_in(
+            "clock.hold",
+            raw.hold,
+            Duration::from_secs(600),
+            Duration::ZERO..=Duration::from_secs(7 * 86_400),
+        )?,
     })
 }
 
@@ -214,6 +227,17 @@ pub(super) fn validate_journal(raw: RawJournal, source: &Path) -> Result<Journal
             Duration::ZERO,
             Duration::ZERO..=Duration::from_secs(1),
         )?,
+        max_age: match raw.max_age {
+            // "0s" says "off" as plainly as leaving the key out.
+            Some(age) if age.0.is_zero() => None,
+            age @ Some(_) => Some(duration_in(
+                "journal.max_age",
+                age,
+                Duration::ZERO,
+                Duration::from_secs(60)..=Duration::from_secs(3650 * 86_400),
+            )?),
+            None => None,
+        },
     })
 }
 

@@ -32,6 +32,7 @@ use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::backoff::Backoff;
+use crate::clock::Clock;
 use crate::config::{DownlinkConfig, Secret};
 use crate::journal::Journal;
 use crate::logging::Repeats;
@@ -85,6 +86,8 @@ pub struct Deps {
     pub journal: Journal,
     /// The downlink's state and command count, for `/status`.
     pub stats: Arc<Stats>,
+    /// Dates the oldest record waiting, in the hello frame.
+    pub clock: Clock,
     /// Carries out the commands.
     pub operator: Operator,
 }
@@ -284,7 +287,13 @@ impl Downlink {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let oldest = self.deps.journal.oldest_unsent_ts_ms().ok().flatten();
+        let oldest = self
+            .deps
+            .journal
+            .oldest_unsent()
+            .ok()
+            .flatten()
+            .map(|r| self.deps.clock.taken_at_ms(&r));
         ws.send(Message::text(command::hello(
             &self.deps.device_id,
             &p,

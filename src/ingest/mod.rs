@@ -45,6 +45,7 @@ use rumqttc::{
 };
 
 use crate::backoff::Backoff;
+use crate::clock::Clock;
 use crate::config::MqttConfig;
 use crate::failpoint;
 use crate::journal::{self, Journal, MqttDelivery, NewRecord, StoredFormat};
@@ -124,12 +125,14 @@ pub fn spawn(
     commit_wait: Duration,
     client_id: String,
     journal: Journal,
+    clock: Clock,
     stats: Arc<Stats>,
     shutdown: Shutdown,
 ) -> std::io::Result<Ingest> {
     let (tx, rx) = mpsc::sync_channel(CHANNEL);
     let shared = Shared {
         journal,
+        clock,
         stats,
         shutdown,
         durable: Arc::new(AtomicU64::new(0)),
@@ -155,6 +158,8 @@ pub fn spawn(
 #[derive(Clone)]
 struct Shared {
     journal: Journal,
+    /// Stamps each message with the time it arrived (`clock`).
+    clock: Clock,
     stats: Arc<Stats>,
     shutdown: Shutdown,
     /// Arrival index of the last message the writer made durable.
@@ -170,6 +175,7 @@ struct Shared {
 
 struct MqttLoop {
     cfg: MqttConfig,
+    clock: Clock,
     client: Client,
     connection: Connection,
     tx: SyncSender<Delivery>,
@@ -221,6 +227,7 @@ impl MqttLoop {
         shared: Shared,
     ) -> MqttLoop {
         let Shared {
+            clock,
             stats,
             shutdown,
             durable,
@@ -240,6 +247,7 @@ impl MqttLoop {
         let backoff = Backoff::new(Duration::from_millis(200), cfg.max_backoff);
         MqttLoop {
             cfg,
+            clock,
             client,
             connection,
             tx,
@@ -469,13 +477,15 @@ impl MqttLoop {
                 dup: p.dup,
             }),
         };
+        let (ts_ms, mono) = self.clock.stamp();
         if p.payload.len() as u64 > self.cfg.max_packet_size {
             return NewRecord {
-                ts_ms: journal::now_ms(),
+                ts_ms,
                 topic: p.topic.clone(),
                 payload: Vec::new(),
                 format: StoredFormat::Raw,
                 parse_error: false,
+                mono,
                 too_large: Some(p.payload.len() as u64),
                 mqtt,
             };
@@ -483,11 +493,12 @@ impl MqttLoop {
         let wanted = payload::format_for(&self.cfg.parse, &p.topic);
         let c = payload::classify(wanted, &p.payload);
         NewRecord {
-            ts_ms: journal::now_ms(),
+            ts_ms,
             topic: p.topic.clone(),
             payload: p.payload.to_vec(),
             format: c.format,
             parse_error: c.parse_error,
+            mono,
             too_large: None,
             mqtt,
         }

@@ -20,6 +20,7 @@ pub(super) fn run_writer(rx: Receiver<Delivery>, shared: Shared, commit_wait: Du
         durable,
         queued,
         window_full,
+        ..
     } = shared;
     // Test failpoints: `crash_after_sync` aborts right after the first durable append, before any
     // PUBACK (the window the DUP check covers); `slow_sync_ms=N` makes every group commit slower.

@@ -6,24 +6,34 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use serde_json::value::RawValue;
 
-use crate::journal::{Entry, StoredFormat};
+use crate::clock::WireTime;
+use crate::journal::{Entry, Record, StoredFormat};
 use crate::protocol::{self, Gap, Payload};
 
 /// Longest `Retry-After` honoured; a larger value is clamped (a typo on the server must not park
 /// the gateway for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// Encodes entries as a protocol v1 batch body.
-pub fn encode_body(device_id: &str, entries: &[Entry], held: Option<protocol::Held>) -> Vec<u8> {
+/// Encodes entries as a protocol v1 batch body; `time` says each record's time on the wire
+/// (`Clock::wire_time`).
+pub fn encode_body(
+    device_id: &str,
+    entries: &[Entry],
+    held: Option<protocol::Held>,
+    time: &dyn Fn(&Record) -> WireTime,
+) -> Vec<u8> {
     let mut records = Vec::new();
     let mut gaps = Vec::new();
     for e in entries {
         match e {
             Entry::Record(r) => {
                 let (payload, parse_error) = wire_payload(r.format, &r.payload, r.parse_error);
+                let t = time(r);
                 records.push(protocol::Record {
                     seq: r.seq,
-                    ts_ms: r.ts_ms,
+                    ts_ms: t.ts_ms,
+                    clock: t.note,
+                    ts_ms_original: t.original,
                     topic: &r.topic,
                     payload,
                     parse_error,
@@ -243,6 +253,7 @@ mod tests {
             payload: payload.to_vec(),
             format,
             parse_error: false,
+            mono: None,
         })
     }
 
@@ -264,7 +275,8 @@ mod tests {
             rec(7, StoredFormat::Json, b"null"),
         ];
         let v: serde_json::Value =
-            serde_json::from_slice(&encode_body("gw-1", &entries, None)).unwrap();
+            serde_json::from_slice(&encode_body("gw-1", &entries, None, &WireTime::stamped))
+                .unwrap();
         assert_eq!(v["device_id"], "gw-1");
         assert_eq!(v["gaps"][0]["reason"], "journal_full");
         assert_eq!(v["gaps"][0]["to_seq"], 3);
@@ -278,7 +290,12 @@ mod tests {
 
     #[test]
     fn damaged_json_is_sent_as_flagged_base64() {
-        let body = encode_body("gw", &[rec(1, StoredFormat::Json, b"{broken")], None);
+        let body = encode_body(
+            "gw",
+            &[rec(1, StoredFormat::Json, b"{broken")],
+            None,
+            &WireTime::stamped,
+        );
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["records"][0]["parse_error"], true);
         assert!(v["records"][0]["payload_b64"].is_string());

@@ -39,6 +39,7 @@ pub use post::PIPELINE;
 pub use rate::{Limiter, Meter};
 
 use crate::backoff::Backoff;
+use crate::clock::Clock;
 use crate::config::UplinkConfig;
 use crate::config::live::{Live, LiveSettings};
 use crate::journal::{Entry, Journal};
@@ -53,21 +54,29 @@ const REPEAT_LOG: Duration = Duration::from_secs(60);
 /// While a backlog exists, one INFO progress line per this period.
 const PROGRESS_LOG: Duration = Duration::from_secs(60);
 
+/// What the uplink shares with the rest of the agent.
+pub struct Deps {
+    /// Rate limits and batch sizes changed at runtime.
+    pub live: Live,
+    pub journal: Journal,
+    /// Whether records wait for a trusted clock, and the time they are sent with.
+    pub clock: Clock,
+    pub stats: Arc<Stats>,
+    pub shutdown: Shutdown,
+}
+
 /// Starts the `uplink` thread. Rate limits and batch sizes follow `live` from then on.
 pub fn spawn(
     cfg: UplinkConfig,
     tls: &Material,
-    live: Live,
     device_id: String,
-    journal: Journal,
-    stats: Arc<Stats>,
-    shutdown: Shutdown,
+    deps: Deps,
 ) -> std::io::Result<JoinHandle<()>> {
     let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
-    let posters = Posters::start(&cfg, &agent, &device_id, &shutdown)?;
+    let posters = Posters::start(&cfg, &agent, &device_id, &deps.clock, &deps.shutdown)?;
     thread::Builder::new()
         .name("uplink".into())
-        .spawn(move || Uplink::new(cfg, posters, live, device_id, journal, stats, shutdown).run())
+        .spawn(move || Uplink::new(cfg, posters, device_id, deps).run())
 }
 
 /// An upload handed to a post thread, until its answer is handled.
@@ -94,6 +103,7 @@ struct Uplink {
     cfg: UplinkConfig,
     device_id: String,
     journal: Journal,
+    clock: Clock,
     stats: Arc<Stats>,
     shutdown: Shutdown,
     posters: Posters,
@@ -120,21 +130,22 @@ struct Uplink {
     /// `Journal::oldest_unsent_ts_ms` and when it was read: it reads a frame under the journal's
     /// lock, so batches reuse it for up to `OLDEST_UNSENT_EVERY`.
     oldest_unsent: Option<(Instant, Option<u64>)>,
+    /// Waiting for a trusted clock to send the next record (said once).
+    clock_wait: bool,
 }
 
 /// How stale the oldest unsent record's time in a batch's `held` may be.
 const OLDEST_UNSENT_EVERY: Duration = Duration::from_secs(1);
 
 impl Uplink {
-    fn new(
-        cfg: UplinkConfig,
-        posters: Posters,
-        live: Live,
-        device_id: String,
-        journal: Journal,
-        stats: Arc<Stats>,
-        shutdown: Shutdown,
-    ) -> Uplink {
+    fn new(cfg: UplinkConfig, posters: Posters, device_id: String, deps: Deps) -> Uplink {
+        let Deps {
+            live,
+            journal,
+            clock,
+            stats,
+            shutdown,
+        } = deps;
         let backoff = Backoff::new(Duration::from_millis(100), cfg.max_backoff);
         let limiter = Limiter::new(
             cfg.max_records_per_sec,
@@ -145,6 +156,7 @@ impl Uplink {
             cfg,
             device_id,
             journal,
+            clock,
             stats,
             shutdown,
             posters,
@@ -164,6 +176,7 @@ impl Uplink {
             live,
             live_seen: 0,
             oldest_unsent: None,
+            clock_wait: false,
         }
     }
 
@@ -301,7 +314,7 @@ impl Uplink {
                 info!("journal readable again");
                 self.journal_failing = false;
             }
-            let entries = match read {
+            let mut entries = match read {
                 Ok(e) if e.is_empty() => break,
                 Ok(e) => e,
                 Err(e) => {
@@ -316,6 +329,29 @@ impl Uplink {
                     break;
                 }
             };
+            // Records of this boot taken under an untrusted clock wait for it (`clock`).
+            if let Some(held) = entries
+                .iter()
+                .position(|e| matches!(e, Entry::Record(r) if self.clock.holds(r)))
+            {
+                if held == 0 {
+                    if !self.clock_wait {
+                        info!(
+                            "uplink waiting for a trusted wall clock to send seq={} on (at most \
+                             clock.hold after start)",
+                            entries[0].first_seq()
+                        );
+                        self.clock_wait = true;
+                        self.stats.set_uplink(|u| u.state = "waiting for the clock");
+                    }
+                    if self.flight.is_empty() {
+                        self.shutdown.sleep(Duration::from_millis(200));
+                    }
+                    break;
+                }
+                entries.truncate(held);
+            }
+            self.clock_wait = false;
             if !self.pace(&entries) {
                 return false;
             }
@@ -697,7 +733,12 @@ impl Uplink {
             Some((at, ts)) if now.duration_since(at) < OLDEST_UNSENT_EVERY => ts,
             _ => {
                 // Unknown when the journal cannot be read: the center keeps its last report.
-                let ts = self.journal.oldest_unsent_ts_ms().ok().flatten();
+                let ts = self
+                    .journal
+                    .oldest_unsent()
+                    .ok()
+                    .flatten()
+                    .map(|r| self.clock.taken_at_ms(&r));
                 self.oldest_unsent = Some((now, ts));
                 ts
             }

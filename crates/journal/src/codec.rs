@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, Error, NewRecord, Record, Result, StoredFormat};
+use super::{Entry, Error, Monotonic, NewRecord, Record, Result, StoredFormat};
 use ferry_protocol::GapReason;
 
 pub(super) const P_ENTRY: u8 = b'E';
@@ -34,6 +34,8 @@ pub(super) const M_DURABLE: &[u8] = b"Mdurable";
 
 pub(super) const KIND_RECORD: u8 = 1;
 pub(super) const KIND_GAP: u8 = 2;
+/// A record with its [`Monotonic`] stamp after the header (taken under an untrusted wall clock).
+pub(super) const KIND_RECORD_MONO: u8 = 3;
 
 /// A record's header: decoded with an owned topic, encoded from a borrowed one (same bytes).
 #[derive(Serialize, Deserialize)]
@@ -74,9 +76,18 @@ pub(super) fn encode_record_into(rec: &NewRecord, out: &mut Vec<u8>) {
         format: rec.format,
         parse_error: rec.parse_error,
     };
-    out.push(KIND_RECORD);
-    // Serializing a plain struct into a Vec cannot fail.
-    let _ = postcard::to_io(&header, &mut *out);
+    // Serializing plain structs into a Vec cannot fail.
+    match &rec.mono {
+        None => {
+            out.push(KIND_RECORD);
+            let _ = postcard::to_io(&header, &mut *out);
+        }
+        Some(mono) => {
+            out.push(KIND_RECORD_MONO);
+            let _ = postcard::to_io(&header, &mut *out);
+            let _ = postcard::to_io(mono, &mut *out);
+        }
+    }
     out.extend_from_slice(&rec.payload);
 }
 
@@ -92,9 +103,16 @@ pub fn encode_gap(to_seq: u64, reason: GapReason) -> Vec<u8> {
 pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
     let corrupt = |reason: String| Error::Corrupt { seq, reason };
     match value.split_first() {
-        Some((&KIND_RECORD, rest)) => {
-            let (h, payload): (RecordHeader<String>, &[u8]) = postcard::take_from_bytes(rest)
+        Some((&kind @ (KIND_RECORD | KIND_RECORD_MONO), rest)) => {
+            let (h, rest): (RecordHeader<String>, &[u8]) = postcard::take_from_bytes(rest)
                 .map_err(|e| corrupt(format!("record header: {e}")))?;
+            let (mono, payload) = if kind == KIND_RECORD_MONO {
+                let (mono, rest): (Monotonic, &[u8]) = postcard::take_from_bytes(rest)
+                    .map_err(|e| corrupt(format!("record's monotonic stamp: {e}")))?;
+                (Some(mono), rest)
+            } else {
+                (None, rest)
+            };
             Ok(Entry::Record(Record {
                 seq,
                 ts_ms: h.ts_ms,
@@ -102,6 +120,7 @@ pub fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry> {
                 payload: payload.to_vec(),
                 format: h.format,
                 parse_error: h.parse_error,
+                mono,
             }))
         }
         Some((&KIND_GAP, rest)) => {
@@ -245,6 +264,33 @@ mod tests {
                 let _ = decode_entry(1, &bad);
             }
         }
+    }
+
+    /// A record taken under an untrusted clock keeps its monotonic stamp through the codec; its
+    /// truncations and corruptions decode or error, never panic.
+    #[test]
+    fn monotonic_stamps_round_trip() {
+        let mut r = rec("sensors/a", b"{\"t\":1}");
+        let mono = Monotonic {
+            boot: [7; 16],
+            ms: 123_456_789,
+        };
+        r.mono = Some(mono);
+        let value = encode_record(&r);
+        assert_eq!(value[0], KIND_RECORD_MONO);
+        match decode_entry(4, &value).unwrap() {
+            Entry::Record(d) => assert_eq!(
+                (d.mono, d.payload.as_slice()),
+                (Some(mono), &b"{\"t\":1}"[..])
+            ),
+            other => panic!("{other:?}"),
+        }
+        for n in 0..value.len() {
+            let _ = decode_entry(1, &value[..n]);
+        }
+        // Without one, the frame is the older kind, byte for byte.
+        r.mono = None;
+        assert_eq!(encode_record(&r)[0], KIND_RECORD);
     }
 
     #[test]

@@ -31,9 +31,12 @@
 //! | `W` | the redelivery window (`redelivery.rs`): the seq it is complete below, then (seq, MQTT packet id, hash of topic+payload) of the newest QoS1 messages journaled |
 //! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes` (written together, one snapshot), `durable` (the seq the log was synced through at that snapshot), `retain_from`, `retained_bytes`, all u64 |
 //! | `C`, `O` | downlink command results (`commands.rs`) |
+//! | `K` boot id | the wall clock of a boot, as an offset from its monotonic clock (`clock.rs`) |
 //!
 //! An entry value is `[1] postcard(header) payload` for a record (the payload as the raw MQTT
-//! bytes, turned into its wire form only at upload) or `[2] postcard(to_seq, reason)` for a gap.
+//! bytes, turned into its wire form only at upload), `[3] postcard(header) postcard(monotonic)
+//! payload` for a record taken while the wall clock was not trusted ([`Monotonic`]), or
+//! `[2] postcard(to_seq, reason)` for a gap.
 //! The older layouts are converted at open: every entry an `E` key in sled (moved into the log),
 //! a redelivery mark an `I` key per packet id (read into the window, then removed).
 //!
@@ -189,6 +192,7 @@ const SNAPSHOT_SEGMENTS: u64 = 4;
 const EIO: i32 = 5;
 
 mod budget;
+mod clock;
 mod codec;
 mod commands;
 mod dead;
@@ -209,6 +213,7 @@ mod store;
 mod sync;
 mod write;
 
+pub use clock::MAX_ANCHORS;
 pub use commands::{MAX_COMMAND_ID, MAX_COMMANDS};
 pub use replay::{Rewind, default_replay_window};
 
@@ -334,6 +339,8 @@ pub struct NewRecord {
     pub payload: Vec<u8>,
     pub format: StoredFormat,
     pub parse_error: bool,
+    /// Set when the wall clock was not trusted at ingest (`ts_ms` may be 1970 or a stale save).
+    pub mono: Option<Monotonic>,
     /// Set (to the payload's size) for a message over `mqtt.max_packet_size`: its seq is reported
     /// to the cloud as a `rejected` gap instead of being stored.
     pub too_large: Option<u64>,
@@ -350,6 +357,7 @@ impl From<Record> for NewRecord {
             payload: r.payload,
             format: r.format,
             parse_error: r.parse_error,
+            mono: r.mono,
             too_large: None,
             mqtt: None,
         }
@@ -371,6 +379,20 @@ pub struct Record {
     pub payload: Vec<u8>,
     pub format: StoredFormat,
     pub parse_error: bool,
+    /// The monotonic clock at ingest, kept when the wall clock was not trusted then.
+    pub mono: Option<Monotonic>,
+}
+
+/// When a record was taken by the clock that does not jump: milliseconds since boot
+/// (`CLOCK_BOOTTIME`) of the boot `boot` (the kernel's boot id). Kept with a record taken while
+/// the wall clock was not trusted (a gateway without a real-time clock, before NTP), so that its
+/// `ts_ms` can be corrected once the wall clock of that boot is known (the agent's `clock`
+/// module, and [`Journal::clock_anchor`]). It costs a record 17 to 27 bytes more on disk; records
+/// taken under a trusted clock carry none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Monotonic {
+    pub boot: [u8; 16],
+    pub ms: u64,
 }
 
 /// One unacknowledged entry, in seq order.

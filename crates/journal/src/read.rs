@@ -220,11 +220,11 @@ impl Journal {
         log + self.sled_bytes()
     }
 
-    /// When the oldest record not yet acknowledged was received (ms since the epoch); `None` when
-    /// nothing is waiting. Gaps are skipped, and at most 64 entries are looked at. Like
+    /// The oldest record not yet acknowledged (for when it was received); `None` when nothing is
+    /// waiting. Gaps are skipped, and at most 64 entries are looked at. Like
     /// `backlog_records`, it counts records appended and not synced yet (a report, not a promise:
     /// a group commit in progress must not read as "nothing waiting" beside a backlog).
-    pub fn oldest_unsent_ts_ms(&self) -> Result<Option<u64>> {
+    pub fn oldest_unsent(&self) -> Result<Option<Record>> {
         let mut st = self.lock();
         // The log holds whole frames through `next_seq - 1`: an append writes its group's frames
         // or fails and closes the log (`log_of` then refuses).
@@ -236,7 +236,7 @@ impl Journal {
             .read(from, end, overlays, false, |item| {
                 seen += 1;
                 if let Item::Frame(Entry::Record(r), ..) = item {
-                    ts = Some(r.ts_ms);
+                    ts = Some(r);
                     return Flow::Stop;
                 }
                 if seen >= 64 { Flow::Stop } else { Flow::Next }

@@ -251,6 +251,7 @@ pub(crate) mod tests {
                 payload: format!("{{\"i\":{i}}}").into_bytes(),
                 format: StoredFormat::Json,
                 parse_error: false,
+                mono: None,
                 too_large: None,
                 mqtt: None,
             })

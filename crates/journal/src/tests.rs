@@ -25,6 +25,7 @@ pub(super) fn rec(topic: &str, payload: &[u8]) -> NewRecord {
         payload: payload.to_vec(),
         format: StoredFormat::Text,
         parse_error: false,
+        mono: None,
         too_large: None,
         mqtt: None,
     }

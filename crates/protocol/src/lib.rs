@@ -63,6 +63,26 @@ pub struct Record<'a> {
     /// Set when the payload failed the parser its topic asked for; the payload is then `payload_b64`.
     #[serde(skip_serializing_if = "is_false")]
     pub parse_error: bool,
+    /// Set when the gateway's wall clock was not trusted when it took the record (additive in
+    /// v1): `ts_ms` is then corrected, or could not be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockNote>,
+    /// `ts_ms` as the gateway stamped it, when `clock` is set. The same on every send of the
+    /// record, unlike a corrected `ts_ms`: a receiver comparing two copies compares this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts_ms_original: Option<u64>,
+}
+
+/// How `ts_ms` was arrived at when the gateway's wall clock was not trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockNote {
+    /// Corrected from the monotonic clock of the boot it was taken in, once that boot's wall
+    /// clock was known.
+    Corrected,
+    /// Not correctable (the gateway rebooted before its clock was synchronised, or waited
+    /// `clock.hold` for it in vain): `ts_ms` is as stamped and may be far off.
+    Unsynced,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,15 +114,31 @@ pub enum GapReason {
     Rejected,
     /// Lost with a journal that could not be opened or was found inconsistent at start.
     JournalLost,
+    /// Older than `journal.max_age` while still unsent: dropped on purpose (additive in v1).
+    Expired,
 }
 
 impl GapReason {
+    /// Every reason, in the order the protocol document lists them.
+    pub const ALL: [GapReason; 4] = [
+        GapReason::JournalFull,
+        GapReason::Rejected,
+        GapReason::JournalLost,
+        GapReason::Expired,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             GapReason::JournalFull => "journal_full",
             GapReason::Rejected => "rejected",
             GapReason::JournalLost => "journal_lost",
+            GapReason::Expired => "expired",
         }
+    }
+
+    /// The reason named `name` on the wire.
+    pub fn parse(name: &str) -> Option<GapReason> {
+        GapReason::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
 

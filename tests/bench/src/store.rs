@@ -51,6 +51,7 @@ pub fn records(from: u64, n: usize) -> Vec<NewRecord> {
             payload: payload(i),
             format: StoredFormat::Json,
             parse_error: false,
+            mono: None,
             too_large: None,
             mqtt: None,
         })

@@ -79,6 +79,7 @@ fn rec(i: u32) -> NewRecord {
         payload: format!("record {i}").into_bytes(),
         format: StoredFormat::Text,
         parse_error: false,
+        mono: None,
         too_large: None,
         mqtt: None,
     }

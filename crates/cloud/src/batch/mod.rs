@@ -269,6 +269,7 @@ enum Form<'a> {
 /// The fields of a record object that passed the checks.
 struct Checked<'a> {
     seq: u64,
+    /// `ts_ms_original` when present, else `ts_ms`: what the fingerprint covers.
     ts_ms: u64,
     topic: &'a str,
     parse_error: bool,
@@ -283,6 +284,16 @@ fn check_record<'a>(
     let at = |field: &str| format!("{}.{field}", place());
     let seq = require_seq(fields, "seq", &at)?;
     let ts_ms = require_u64(fields, "ts_ms", &at)?;
+    // A gateway whose clock was not trusted sends `ts_ms` corrected, and may correct a resend
+    // differently than the first send: copies are compared by the time as it was stamped.
+    let stamped_ms = match fields.get("ts_ms_original") {
+        None => ts_ms,
+        Some(_) => require_u64(fields, "ts_ms_original", &at)?,
+    };
+    match fields.get("clock") {
+        None | Some(Value::String(_)) => {}
+        Some(_) => return Err(invalid(at("clock"), "not a string")),
+    }
     let topic = match fields.get("topic") {
         None => return Err(invalid(at("topic"), "missing")),
         Some(Value::String(topic)) => topic,
@@ -328,7 +339,7 @@ fn check_record<'a>(
     };
     Ok(Checked {
         seq,
-        ts_ms,
+        ts_ms: stamped_ms,
         topic,
         parse_error,
         payload,
@@ -486,14 +497,13 @@ fn parse_gap(i: usize, item: Value) -> Result<Gap, Invalid> {
     }
     let reason = match fields.get("reason") {
         None => return Err(invalid(at("reason"), "missing")),
-        Some(Value::String(reason)) => match reason.as_str() {
-            "journal_full" => GapReason::JournalFull,
-            "rejected" => GapReason::Rejected,
-            "journal_lost" => GapReason::JournalLost,
-            _ => {
+        Some(Value::String(reason)) => match GapReason::parse(reason) {
+            Some(reason) => reason,
+            None => {
+                let all: Vec<&str> = GapReason::ALL.iter().map(|r| r.as_str()).collect();
                 return Err(invalid(
                     at("reason"),
-                    "not one of journal_full, rejected, journal_lost",
+                    format!("not one of {}", all.join(", ")),
                 ));
             }
         },
@@ -770,7 +780,7 @@ mod tests {
         v["gaps"][0]["reason"] = json!("lost");
         assert_eq!(
             error_of(v),
-            "gaps[0].reason: not one of journal_full, rejected, journal_lost"
+            "gaps[0].reason: not one of journal_full, rejected, journal_lost, expired"
         );
 
         let mut v = example();

@@ -28,6 +28,7 @@ pub fn records(n: u32) -> Vec<NewRecord> {
             payload: i.to_string().into_bytes(),
             format: StoredFormat::Text,
             parse_error: false,
+            mono: None,
             too_large: None,
             mqtt: None,
         })

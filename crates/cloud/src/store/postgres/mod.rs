@@ -988,15 +988,10 @@ fn gap_of(device_id: &str, row: &postgres::Row, at: usize) -> Result<Gap, Error>
 }
 
 fn gap_reason(device_id: &str, text: &str) -> Result<GapReason, Error> {
-    match text {
-        "journal_full" => Ok(GapReason::JournalFull),
-        "journal_lost" => Ok(GapReason::JournalLost),
-        "rejected" => Ok(GapReason::Rejected),
-        other => Err(Error::Inconsistent {
-            device_id: device_id.to_owned(),
-            what: format!("ferry_gaps has a gap of reason {other:?}, which no agent sends"),
-        }),
-    }
+    GapReason::parse(text).ok_or_else(|| Error::Inconsistent {
+        device_id: device_id.to_owned(),
+        what: format!("ferry_gaps has a gap of reason {text:?}, which no agent sends"),
+    })
 }
 
 /// Seqs and times are checked below 2^63 before they are written; a negative value read back
