@@ -54,6 +54,9 @@ url = "http://127.0.0.1:$CLOUD_PORT/v1/ingest"
 max_backoff = "2s"
 [control]
 listen = "127.0.0.1:$CONTROL_PORT"
+[clock]
+# A laptop or container may report an unsynchronised clock: trust it (see README, Timestamps).
+require_sync = false
 [downlink]
 url = "ws://127.0.0.1:$WS_PORT/v1/downlink"
 max_backoff = "2s"

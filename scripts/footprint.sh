@@ -108,6 +108,8 @@ url = "http://127.0.0.1:$cport/v1/ingest"
 max_backoff = "1s"
 [control]
 listen = "127.0.0.1:$ctl"
+[clock]
+require_sync = false
 EOF
     "$@" "$bin" run -c "$dir/ferry.toml" 2>"$dir/ferry.log" & local fpid=$!
     PIDS+=($fpid)

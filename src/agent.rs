@@ -92,7 +92,9 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     let stats = Arc::new(Stats::default());
     stats.journal_accepting.store(true, Ordering::Relaxed);
     let clock = Clock::new(cfg.clock.clone(), journal.clone());
-    let clock_thread = clock.spawn(shutdown.clone()).map_err(Error::Spawn)?;
+    let clock_thread = clock
+        .spawn(cfg.journal.max_age, shutdown.clone())
+        .map_err(Error::Spawn)?;
 
     let status = status::Source {
         device_id: device_id.clone(),

@@ -22,6 +22,11 @@
 //! never got an anchor (rebooted before sync) is sent flagged `"unsynced"` with its original
 //! `ts_ms`, as is one of this boot still untrusted after the hold.
 //!
+//! **Expiry.** With `journal.max_age`, the same thread replaces unsent records older than that by
+//! `expired` gaps every [`EXPIRE_EVERY`] ([`Journal::expire`]), dating each record as
+//! [`Clock::age_ms`] does: a record it cannot date (taken in a boot with no anchor, or while the
+//! clock is not trusted now) does not expire.
+//!
 //! **Jumps.** The thread also watches the wall clock against the monotonic one: a step of more
 //! than [`JUMP`] is logged (WARN) and counted (`/metrics`). A jump while untrusted is what NTP's
 //! first sync looks like. A jump after the clock was trusted is not corrected for: the records
@@ -48,6 +53,9 @@ use crate::shutdown::Shutdown;
 pub const JUMP: Duration = Duration::from_secs(1);
 /// How often the `clock` thread checks the kernel's synchronisation and the offset.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often it looks for records older than `journal.max_age`: they expire within this (and a
+/// sync) of their deadline.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 
 /// The time of a record as it goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,19 +138,66 @@ impl Clock {
         clock
     }
 
-    /// Starts the `clock` thread: a check every second until shutdown.
-    pub fn spawn(&self, shutdown: Shutdown) -> std::io::Result<JoinHandle<()>> {
+    /// Starts the `clock` thread: a check every second until shutdown, and with `max_age`
+    /// (`journal.max_age`) the expiry of unsent records older than that every
+    /// [`EXPIRE_EVERY`].
+    pub fn spawn(
+        &self,
+        max_age: Option<Duration>,
+        shutdown: Shutdown,
+    ) -> std::io::Result<JoinHandle<()>> {
         let clock = self.clone();
         std::thread::Builder::new()
             .name("clock".into())
             .spawn(move || {
                 let (wall, mono) = now();
                 let mut last = wall as i64 - mono as i64;
+                let mut expired_at = Instant::now();
                 while shutdown.sleep(CHECK_EVERY) {
                     let (wall, mono) = now();
                     last = clock.check(wall, mono, Some(last));
+                    if let Some(max_age) = max_age {
+                        if expired_at.elapsed() >= EXPIRE_EVERY {
+                            expired_at = Instant::now();
+                            clock.expire(max_age);
+                        }
+                    }
                 }
             })
+    }
+
+    /// Replaces the unsent records older than `max_age` by `expired` gaps (the journal says
+    /// which at WARN). A record whose age is unknown is kept.
+    fn expire(&self, max_age: Duration) {
+        let max_ms = max_age.as_millis() as u64;
+        if let Err(e) = self
+            .inner
+            .journal
+            .expire(|r| self.age_ms(r).map(|age| age > max_ms))
+        {
+            // The writer reopens a failed journal; the next round tries again.
+            warn!("cannot expire old records: {}", crate::error_chain(&e));
+        }
+    }
+
+    /// How old `r` is, by the clock it can be dated with: the monotonic clock for a record of
+    /// this boot, else the wall clock if it is trusted now (through the record's boot anchor
+    /// if it was taken under an untrusted clock). `None` when it cannot be told.
+    pub fn age_ms(&self, r: &Record) -> Option<u64> {
+        let (wall, mono) = now();
+        match r.mono {
+            Some(m) if m.boot == self.inner.boot => Some(mono.saturating_sub(m.ms)),
+            _ if !self.is_trusted() => None,
+            None => Some(wall.saturating_sub(r.ts_ms)),
+            Some(_) => match self.wire_time(r) {
+                WireTime {
+                    ts_ms,
+                    note: Some(ClockNote::Corrected),
+                    ..
+                } => Some(wall.saturating_sub(ts_ms)),
+                _ => None,
+            },
+        }
     }
 
     pub fn is_trusted(&self) -> bool {

@@ -289,6 +289,12 @@ pub fn metrics(s: &Status) -> String {
         t.dropped,
     );
     metric(
+        "expired_total",
+        "counter",
+        "Unsent records replaced by expired gaps (journal.max_age) since start.",
+        p.expired,
+    );
+    metric(
         "dead_lettered_total",
         "counter",
         "Records refused by the cloud.",

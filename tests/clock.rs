@@ -1,5 +1,7 @@
-//! Timestamps that survive a wrong clock: the real agent under Debian's libfaketime (its wall clock
-//! faked through `LD_PRELOAD`, its monotonic clock left alone), a real mosquitto and ferry-cloud.
+//! Time on the gateway: timestamps that survive a wrong clock, and data that expires on purpose
+//! (`journal.max_age`, a cloud that refuses old records). The real agent, under Debian's
+//! libfaketime where its wall clock must move (faked through `LD_PRELOAD`, its monotonic clock
+//! left alone), a real mosquitto and ferry-cloud.
 #![allow(clippy::unwrap_used)]
 
 mod util;
@@ -72,16 +74,9 @@ fn records_taken_before_the_clock_is_set_arrive_with_their_time_corrected() {
     let cloud = Cloud::start(&tmp.path().join("cloud"));
     let dir = tmp.path().join("agent");
     let control = free_port();
-    // require_sync = false: this machine's kernel may say its clock is unsynchronised whatever
-    // libfaketime shows; the build-time floor is what distrusts 1970 here.
-    let config = agent_config(
-        &dir,
-        broker.port,
-        &cloud.url(),
-        control,
-        "",
-        "\n[clock]\nrequire_sync = false\n",
-    );
+    // The harness's require_sync = false: this machine's kernel may say its clock is
+    // unsynchronised whatever libfaketime shows; the build-time floor is what distrusts 1970 here.
+    let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "");
     let env = faked_env(&lib, &offset);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let agent = Agent::start_with_env(&dir, &config, control, &env);
@@ -186,7 +181,10 @@ fn records_of_earlier_boots_are_corrected_by_their_anchor_or_flagged_unsynced() 
         &dir,
         broker.port,
         &cloud.url(),
-        &[("[control]", "[clock]\nhold = \"24h\"\n\n[control]")],
+        &[(
+            "require_sync = false",
+            "require_sync = true\nhold = \"24h\"",
+        )],
     );
     wait_until("both at the cloud", Duration::from_secs(20), || {
         cloud.records(DEVICE).len() == 2
@@ -215,7 +213,7 @@ fn with_require_sync_records_wait_at_most_clock_hold() {
         &tmp.path().join("agent"),
         broker.port,
         &cloud.url(),
-        &[("[control]", "[clock]\nhold = \"3s\"\n\n[control]")],
+        &[("require_sync = false", "require_sync = true\nhold = \"3s\"")],
     );
     agent.wait_connected();
     let status = agent.status();
@@ -242,4 +240,131 @@ fn with_require_sync_records_wait_at_most_clock_hold() {
             agent.log_text()
         );
     }
+}
+
+/// `journal.max_age = "1h"`: the cloud is down while five messages are journaled, then the
+/// gateway's clock moves two hours on. The five become one `expired` gap within a minute, logged
+/// and counted; when the cloud is back it receives the gap and the records taken since, and its
+/// ledger shows the five as expired, not missing.
+#[test]
+fn unsent_records_older_than_max_age_expire_into_a_gap_the_center_shows() {
+    let Some(lib) = libfaketime() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let offset = tmp.path().join("faketime");
+    std::fs::write(&offset, "+0s\n").unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let mut cloud = Cloud::start(&tmp.path().join("cloud"));
+    let dir = tmp.path().join("agent");
+    let control = free_port();
+    let config = edited(
+        agent_config(&dir, broker.port, &cloud.url(), control, "", ""),
+        &[(
+            "max_bytes = \"64MiB\"",
+            "max_bytes = \"64MiB\"\nmax_age = \"1h\"",
+        )],
+    );
+    let env = faked_env(&lib, &offset);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let agent = Agent::start_with_env(&dir, &config, control, &env);
+    agent.wait_connected();
+    wait_until("the clock trusted", Duration::from_secs(10), || {
+        agent.status()["clock"]["trusted"] == true
+    });
+    cloud.stop();
+    publish(broker.port, "sensors/a", numbered(0..5));
+    wait_until("five journaled", Duration::from_secs(20), || {
+        agent.status()["head_seq"] == 5
+    });
+    assert_eq!(agent.status()["expired"], 0);
+
+    std::fs::write(&offset, "+7200s\n").unwrap();
+    wait_until("the five expired", Duration::from_secs(60), || {
+        agent.status()["expired"] == 5
+    });
+    let metrics = http_get(control, "/metrics");
+    assert!(metrics.contains("ferry_expired_total 5"), "{metrics}");
+    assert!(
+        agent.log_text().contains("expired records 1..=5"),
+        "{}",
+        agent.log_text()
+    );
+    publish(broker.port, "sensors/a", numbered(5..8));
+    cloud.start_again();
+    wait_until(
+        "the three taken since at the cloud",
+        Duration::from_secs(30),
+        || cloud.records(DEVICE).len() == 3,
+    );
+    assert_eq!(numbers(&cloud.records(DEVICE)), vec![5, 6, 7]);
+    wait_until("the ledger balanced", Duration::from_secs(20), || {
+        cloud
+            .ledger(DEVICE)
+            .is_some_and(|l| l["gaps"]["expired"] == 5 && l["missing"] == 0)
+    });
+}
+
+/// A cloud that keeps a time window (`ferry-cloud --max-record-age`, as Loki refuses entries
+/// older than its window) refuses a record from two days ago with a 422: the agent isolates it
+/// into its dead letters after a few refusals, never retries it for good, and delivers the rest.
+#[test]
+fn a_record_the_cloud_refuses_as_too_old_goes_to_the_dead_letters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("mqtt"));
+    let cloud = Cloud::start_with(
+        &tmp.path().join("cloud"),
+        free_port(),
+        &["--max-record-age", "86400"],
+    );
+    let dir = tmp.path().join("agent");
+    {
+        // Left by an earlier run that could not upload for two days.
+        let j = Journal::open(&journal::Options {
+            dir: dir.join("journal"),
+            max_bytes: 64 << 20,
+            on_full: journal::OnFull::RejectNew,
+            cache_bytes: 1 << 20,
+            replay_window: 0,
+            fixed_budget: None,
+        })
+        .unwrap();
+        let old = NewRecord {
+            ts_ms: now_ms() - 2 * 86_400_000,
+            topic: "sensors/a".into(),
+            payload: b"{\"n\":0}".to_vec(),
+            format: StoredFormat::Json,
+            parse_error: false,
+            mono: None,
+            too_large: None,
+            mqtt: None,
+        };
+        j.append(&[old]).unwrap();
+        j.sync().unwrap();
+    }
+    let agent = Agent::standard(&dir, broker.port, &cloud.url());
+    agent.wait_connected();
+    publish(broker.port, "sensors/a", numbered(1..20));
+    wait_until(
+        "the fresh ones at the cloud",
+        Duration::from_secs(30),
+        || cloud.records(DEVICE).len() == 19,
+    );
+    wait_until("the old one dead-lettered", Duration::from_secs(20), || {
+        agent.status()["dead_letters"] == 1
+    });
+    let dl: Value = serde_json::from_str(&http_get(agent.control_port, "/dead-letters")).unwrap();
+    assert_eq!(dl["dead_letters"][0]["seq"], 1);
+    assert_eq!(dl["dead_letters"][0]["status"], 422);
+    assert!(
+        dl["dead_letters"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("too old")),
+        "{dl}"
+    );
+    let refused = cloud.stats()["rejected"].as_u64().unwrap();
+    assert!((1..=8).contains(&refused), "refused {refused} times");
+    wait_until("the ledger balanced", Duration::from_secs(20), || {
+        cloud
+            .ledger(DEVICE)
+            .is_some_and(|l| l["gaps"]["rejected"] == 1 && l["missing"] == 0)
+    });
 }

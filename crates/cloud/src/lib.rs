@@ -90,6 +90,8 @@ pub struct Config {
     pub max_records_per_sec: Option<u64>,
     /// A device that sent no batch for this long is `silent` (see [`fleet`]).
     pub silent_after: Duration,
+    /// Refuse records whose `ts_ms` is older than this (422), as clouds that keep a window do.
+    pub max_record_age: Option<Duration>,
     pub workers: usize,
     /// `host:port` of the downlink WebSocket endpoint ([`ws`]); `None`: no downlink.
     pub ws_listen: Option<String>,
@@ -182,6 +184,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
         history: Mutex::new(fleet::RateHistory::default()),
         commands: Arc::clone(&commands),
         silent_after_ms: u64::try_from(config.silent_after.as_millis()).unwrap_or(u64::MAX),
+        max_record_age: config.max_record_age,
         db_errors: store::FailureLog::default(),
     });
 
@@ -286,6 +289,7 @@ struct Shared {
     history: Mutex<fleet::RateHistory>,
     commands: Arc<Commands>,
     silent_after_ms: u64,
+    max_record_age: Option<Duration>,
     db_errors: store::FailureLog,
 }
 
@@ -709,6 +713,19 @@ fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Outcome, Repl
     if let Some(marker) = &shared.reject_marker {
         if let Some(record) = batch.records.iter().find(|r| r.payload_contains(marker)) {
             let message = format!("record seq={} rejected by policy", record.seq);
+            return Err(Reply::error(422, message));
+        }
+    }
+    if let Some(max_age) = shared.max_record_age {
+        let oldest =
+            now_ms().saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
+        if let Some(record) = batch.records.iter().find(|r| r.ts_ms < oldest) {
+            let message = format!(
+                "record seq={} is too old: ts_ms {} is more than {} s ago (--max-record-age)",
+                record.seq,
+                record.ts_ms,
+                max_age.as_secs()
+            );
             return Err(Reply::error(422, message));
         }
     }

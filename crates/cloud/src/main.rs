@@ -15,7 +15,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 const USAGE: &str = "\
 usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://... [--store-ca PEM])
                    [--reject-marker STR] [--token TOKEN | --token-file FILE] [--operators FILE]
-                   [--max-records-per-sec N] [--silent-after SECS]
+                   [--max-records-per-sec N] [--silent-after SECS] [--max-record-age SECS]
                    [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
 
 Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
@@ -39,6 +39,8 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          answer 429 (Retry-After: 1) to batches over N records per second
   --silent-after SECS    a device that sent no batch for this long is 'silent' in
                          GET /v1/devices and /metrics (default 3600)
+  --max-record-age SECS  answer 422 to any batch with a record whose ts_ms is older than
+                         this, as clouds that keep a time window do (default: any age)
   --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads and on the
                          downlink
   --token-file FILE      the same, the token read from FILE's first line (kept out of
@@ -151,6 +153,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut tls_key = None;
     let mut client_ca = None;
     let mut silent_after = None;
+    let mut max_record_age = None;
     while let Some(arg) = args.next() {
         let text = arg.to_string_lossy();
         let (flag, inline) = match text.split_once('=') {
@@ -175,6 +178,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--tls-key" => &mut tls_key,
             "--client-ca" => &mut client_ca,
             "--silent-after" => &mut silent_after,
+            "--max-record-age" => &mut max_record_age,
             _ => return Err(format!("unknown argument {flag}")),
         };
         let value = match inline.or_else(|| args.next()) {
@@ -262,6 +266,18 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
                 .map(std::time::Duration::from_secs)
                 .ok_or("--silent-after needs a positive number of seconds")?,
         },
+        max_record_age: max_record_age
+            .map(|v| {
+                text("--max-record-age", v)?
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .map(std::time::Duration::from_secs)
+                    .ok_or_else(|| {
+                        "--max-record-age needs a positive number of seconds".to_string()
+                    })
+            })
+            .transpose()?,
         workers: WORKERS,
         ws_listen,
         ws_tls,

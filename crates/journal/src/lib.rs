@@ -460,6 +460,8 @@ pub struct Positions {
     pub budget_bytes: u64,
     /// Records replaced by `journal_full` gaps since start.
     pub dropped: u64,
+    /// Records replaced by `expired` gaps (`journal.max_age`) since start.
+    pub expired: u64,
     /// The oldest acknowledged seq kept for the downlink's `replay_from` (`journal.replay_window`):
     /// `replay_from` accepts `replay_oldest_seq..=head_seq`. `None` while nothing is retained.
     pub replay_oldest_seq: Option<u64>,
@@ -537,6 +539,8 @@ struct State {
     lease: u64,
     /// Records replaced by `journal_full` gaps since start.
     dropped: u64,
+    /// Records replaced by `expired` gaps since start.
+    expired: u64,
     /// A `journal_full` gap that keeps growing is said at WARN once a minute (see `budget.rs`),
     /// with the records dropped since the last time.
     drop_log: ferry_util::Repeats,

@@ -167,6 +167,7 @@ impl Journal {
             protected_through: 0,
             lease: 0,
             dropped: 0,
+            expired: 0,
             drop_log: ferry_util::Repeats::new(std::time::Duration::from_secs(60)),
             drop_unsaid: 0,
             marks: Marks::default(),

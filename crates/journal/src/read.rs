@@ -210,6 +210,7 @@ impl Journal {
             logical_bytes: st.backlog_bytes + st.dead_bytes,
             budget_bytes: st.budget,
             dropped: st.dropped,
+            expired: st.expired,
             replay_oldest_seq: replay::replay_oldest(&st),
         }
     }

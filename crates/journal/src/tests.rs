@@ -208,6 +208,56 @@ fn drop_oldest_replaces_unsent_records_with_an_exact_gap() {
     assert!(j.positions().logical_bytes <= j.positions().budget_bytes);
 }
 
+/// `journal.max_age`: the oldest unsent records the caller says are too old become `expired`
+/// gaps; a record of unknown age is kept and passed, the first young one ends the scan, a record
+/// in flight is never touched, and the gaps survive a reopen (they were synced).
+#[test]
+fn expiry_covers_the_oldest_unsent_records_with_expired_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = Journal::open(&opts(dir.path())).unwrap();
+        let recs: Vec<NewRecord> = (1..=8)
+            .map(|ts| NewRecord {
+                ts_ms: ts,
+                ..rec("t", b"x")
+            })
+            .collect();
+        append_synced(&j, &recs);
+        // Seq 1 is in flight; seq 4's age is unknown; seqs 7 and 8 are young; nothing after the
+        // first young one is looked at (8 would say "expired").
+        assert_eq!(seqs(&j.read_batch(None, 1, 1 << 20).unwrap()), vec![1]);
+        let mut asked = Vec::new();
+        let n = j
+            .expire(|r| {
+                asked.push(r.seq);
+                match r.ts_ms {
+                    4 => None,
+                    7 => Some(false),
+                    _ => Some(true),
+                }
+            })
+            .unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(asked, vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(j.positions().expired, 4);
+        assert_eq!(j.positions().dropped, 0);
+        j.release();
+    }
+    let j = Journal::open(&opts(dir.path())).unwrap();
+    let all = j.read_batch(None, 100, 1 << 30).unwrap();
+    let gap = |from_seq, to_seq| Entry::Gap {
+        from_seq,
+        to_seq,
+        reason: GapReason::Expired,
+    };
+    assert_eq!(seqs(&all[..1]), vec![1]);
+    assert_eq!(all[1], gap(2, 3));
+    assert_eq!(seqs(&all[2..3]), vec![4]);
+    assert_eq!(all[3], gap(5, 6));
+    assert_eq!(seqs(&all[4..]), vec![7, 8]);
+    assert_eq!(j.positions().backlog_records, 6);
+}
+
 /// The uplink acks the first of two batches in flight: the second stays protected from
 /// `drop_oldest` until it is acknowledged or released.
 #[test]

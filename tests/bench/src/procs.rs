@@ -335,7 +335,8 @@ pub fn agent_config_with(
     format!(
         "[device]\nid = \"gw-bench\"\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n\
          topics = [\"bench/#\"]\n\n[journal]\ndir = \"{}\"\nmax_bytes = \"8GiB\"\n{journal_extra}\n\n\
-         [uplink]\nurl = \"{url}\"\n{uplink_extra}\n\n[control]\nlisten = \"127.0.0.1:{control}\"\n",
+         [uplink]\nurl = \"{url}\"\n{uplink_extra}\n\n[control]\nlisten = \"127.0.0.1:{control}\"\n\n\
+         [clock]\nrequire_sync = false\n",
         journal.display()
     )
 }

@@ -50,6 +50,8 @@ pub struct Record {
     pub line: String,
     /// Hash of the record's content, see [`fingerprint`]. Equal content gives an equal fingerprint.
     pub fingerprint: u64,
+    /// `ts_ms` as sent (corrected, for a gateway whose clock was not trusted).
+    pub ts_ms: u64,
     payload: PayloadView,
 }
 
@@ -221,7 +223,7 @@ fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
     };
     let fingerprint = fingerprint(
         checked.topic,
-        checked.ts_ms,
+        checked.stamped_ms,
         &payload_bytes(&payload, &line),
         checked.parse_error,
     );
@@ -229,6 +231,7 @@ fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
         seq: checked.seq,
         line,
         fingerprint,
+        ts_ms: checked.ts_ms,
         payload,
     })
 }
@@ -254,7 +257,12 @@ pub fn stored_record(line: &[u8]) -> Result<(u64, u64), Invalid> {
         Form::Text(text) => Payload::Borrowed(form::TEXT, text.as_bytes()),
         Form::Bytes(bytes) => Payload::Bytes(form::BYTES, bytes),
     };
-    let fingerprint = fingerprint(checked.topic, checked.ts_ms, &payload, checked.parse_error);
+    let fingerprint = fingerprint(
+        checked.topic,
+        checked.stamped_ms,
+        &payload,
+        checked.parse_error,
+    );
     Ok((checked.seq, fingerprint))
 }
 
@@ -269,8 +277,9 @@ enum Form<'a> {
 /// The fields of a record object that passed the checks.
 struct Checked<'a> {
     seq: u64,
-    /// `ts_ms_original` when present, else `ts_ms`: what the fingerprint covers.
     ts_ms: u64,
+    /// `ts_ms_original` when present, else `ts_ms`: what the fingerprint covers.
+    stamped_ms: u64,
     topic: &'a str,
     parse_error: bool,
     payload: Form<'a>,
@@ -339,7 +348,8 @@ fn check_record<'a>(
     };
     Ok(Checked {
         seq,
-        ts_ms: stamped_ms,
+        ts_ms,
+        stamped_ms,
         topic,
         parse_error,
         payload,
@@ -411,7 +421,7 @@ fn payload_bytes<'a>(payload: &'a PayloadView, line: &'a str) -> Payload<'a> {
 }
 
 /// The content fingerprint of a record: a 64-bit hash ([`Fingerprint`]) of its canonical form,
-/// which is, in order, the topic, `ts_ms`, the payload form, the payload and `parse_error`. The
+/// which is, in order, the topic, the time stamped (`ts_ms_original`, else `ts_ms`), the payload form, the payload and `parse_error`. The
 /// payload is the JSON text serde_json writes for the value (object keys sorted), the text, or the
 /// decoded bytes, so re-encodings of the same content (key order, whitespace,
 /// `"parse_error": false` against no `parse_error`, fields this receiver does not know) hash the

@@ -150,6 +150,7 @@ fn usual_record(mut r: UsualRecord<'_>) -> Option<Record> {
         seq: r.seq,
         line,
         fingerprint,
+        ts_ms: r.ts_ms,
         payload,
     })
 }

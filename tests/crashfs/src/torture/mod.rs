@@ -349,6 +349,9 @@ request_timeout = "5s"
 
 [control]
 listen = "127.0.0.1:{control}"
+
+[clock]
+require_sync = false
 "#,
         mqtt = broker.port,
         journal = fs.mountpoint.join("journal").display(),
