@@ -4,7 +4,8 @@
 # proxy in front of ferry-cloud in tests/faults_net.rs), openssl (the CLI that makes the test CA and
 # certificates of tests/downlink.rs at run time) and fuse3 (fusermount3, for the crash-test
 # filesystem of `make torture`), postgresql with psql (the center's store, in tests) and chromium
-# (the console's browser tests), faketime (libfaketime: the agent's clock tests).
+# (the console's browser tests), faketime (libfaketime: the agent's clock tests), and pysparkplug
+# from PyPI in target/pyvenv (the Sparkplug B edge node of tests/sparkplug.rs).
 # Usage: scripts/ensure-deps.sh [--msrv] [--bench]
 #   --msrv   also installs Debian's Rust 1.85 (rustc-web)
 #   --bench  also installs what `make bench` needs: libsqlite3-dev and pkg-config (the SQLite
@@ -47,7 +48,26 @@ if [ $msrv -eq 1 ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1
     need+=("rustc-web=$MSRV_VERSION" "cargo-web=$MSRV_VERSION" "libstd-rust-web-dev=$MSRV_VERSION")
 fi
 
-[ ${#need[@]} -eq 0 ] && exit 0
+# pysparkplug (PyPI): the Sparkplug B edge node of tests/sparkplug.rs, in a venv under target/.
+PYSPARKPLUG="pysparkplug==0.6.1"
+VENV="$(dirname "$0")/../target/pyvenv"
+has_pysparkplug() { "$VENV/bin/python3" -c "import pysparkplug" >/dev/null 2>&1; }
+if ! has_pysparkplug; then
+    command -v python3 >/dev/null 2>&1 || need+=(python3)
+    python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
+fi
+
+install_pysparkplug() {
+    has_pysparkplug && return 0
+    echo "ensure-deps: installing $PYSPARKPLUG into target/pyvenv"
+    python3 -m venv "$VENV" >/dev/null 2>&1 && "$VENV/bin/pip" install -q "$PYSPARKPLUG" >/dev/null 2>&1
+    has_pysparkplug || { echo "ensure-deps: $PYSPARKPLUG is still missing (target/pyvenv)" >&2; return 1; }
+}
+
+if [ ${#need[@]} -eq 0 ]; then
+    install_pysparkplug || exit 1
+    exit 0
+fi
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -77,6 +97,7 @@ fi
 if [ $msrv -eq 1 ] && ! /usr/bin/rustc --version 2>/dev/null | grep -q "^rustc 1.85"; then
     echo "ensure-deps: Debian's rustc 1.85 (rustc-web $MSRV_VERSION) is still missing" >&2; missing=1
 fi
+install_pysparkplug || missing=1
 # The mosquitto and nginx packages start system services (1883, 80); ferry's tests and demo start
 # their own on free ports.
 exit $missing

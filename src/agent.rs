@@ -27,6 +27,7 @@ use crate::notify::{Notifier, Tick, WatchdogPolicy};
 use crate::operator::{self, Operator};
 use crate::reload;
 use crate::shutdown::Shutdown;
+use crate::sparkplug::{Aliases, Tracker};
 use crate::stats::Stats;
 use crate::status;
 use crate::uplink;
@@ -92,6 +93,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
     let stats = Arc::new(Stats::default());
     stats.journal_accepting.store(true, Ordering::Relaxed);
     let clock = Clock::new(cfg.clock.clone(), journal.clone());
+    let aliases = Aliases::default();
     let clock_thread = clock
         .spawn(cfg.journal.max_age, shutdown.clone())
         .map_err(Error::Spawn)?;
@@ -137,10 +139,18 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         &cfg.mqtt,
         cfg.journal.commit_wait,
         client_id.clone(),
-        journal.clone(),
-        clock.clone(),
-        Arc::clone(&stats),
-        shutdown.clone(),
+        Tracker::new(
+            aliases.clone(),
+            cfg.sparkplug
+                .rebirth
+                .then_some(cfg.sparkplug.rebirth_period),
+        ),
+        ingest::Parts {
+            journal: journal.clone(),
+            clock: clock.clone(),
+            stats: Arc::clone(&stats),
+            shutdown: shutdown.clone(),
+        },
     )
     .map_err(Error::Spawn)?;
     let uplink = uplink::spawn(
@@ -151,6 +161,7 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
             live: live.clone(),
             journal: journal.clone(),
             clock: clock.clone(),
+            aliases,
             stats: Arc::clone(&stats),
             shutdown: shutdown.clone(),
         },

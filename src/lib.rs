@@ -67,6 +67,7 @@ pub(crate) mod operator;
 pub(crate) mod payload;
 pub(crate) mod reload;
 pub(crate) mod shutdown;
+pub mod sparkplug;
 pub(crate) mod stats;
 pub mod status;
 pub(crate) mod uplink;
@@ -79,13 +80,13 @@ pub use ferry_util::error_chain;
 pub mod fuzzing {
     /// Payload classification (`payload`).
     pub mod payload {
-        pub use crate::payload::{classify, is_json, topic_matches};
+        pub use crate::payload::{classify, is_json, is_sparkplug, topic_matches};
     }
     /// The uplink's encoding and its reading of the cloud's answers (`uplink`).
     pub mod uplink {
         pub use crate::uplink::{
-            Answer, MAX_RESPONSE_BODY, MAX_RETRY_AFTER, Upload, Verdict, describe, encode_body,
-            http_agent, parse_retry_after, post, verdict,
+            Annotator, Answer, MAX_RESPONSE_BODY, MAX_RETRY_AFTER, Upload, Verdict, describe,
+            encode_body, http_agent, parse_retry_after, post, verdict,
         };
     }
     /// The downlink's command frames (`downlink::command`).

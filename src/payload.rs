@@ -24,8 +24,9 @@ pub fn format_for(rules: &[ParseRule], topic: &str) -> PayloadFormat {
         .unwrap_or(PayloadFormat::Auto)
 }
 
-/// Decides how `payload` is stored and sent, given the format its topic asks for.
-pub fn classify(wanted: PayloadFormat, payload: &[u8]) -> Classified {
+/// Decides how `payload`, published on `topic`, is stored and sent, given the format its topic
+/// asks for. `auto` takes a payload in the Sparkplug B namespace that decodes for Sparkplug B.
+pub fn classify(wanted: PayloadFormat, topic: &str, payload: &[u8]) -> Classified {
     let ok = |format| Classified {
         format,
         parse_error: false,
@@ -40,10 +41,22 @@ pub fn classify(wanted: PayloadFormat, payload: &[u8]) -> Classified {
         PayloadFormat::Text if std::str::from_utf8(payload).is_ok() => ok(StoredFormat::Text),
         PayloadFormat::Text => failed,
         PayloadFormat::Raw => ok(StoredFormat::Raw),
+        PayloadFormat::SparkplugB if is_sparkplug(payload) => ok(StoredFormat::SparkplugB),
+        PayloadFormat::SparkplugB => failed,
+        PayloadFormat::Auto
+            if crate::sparkplug::is_sparkplug_topic(topic) && is_sparkplug(payload) =>
+        {
+            ok(StoredFormat::SparkplugB)
+        }
         PayloadFormat::Auto if is_json(payload) => ok(StoredFormat::Json),
         PayloadFormat::Auto if std::str::from_utf8(payload).is_ok() => ok(StoredFormat::Text),
         PayloadFormat::Auto => ok(StoredFormat::Raw),
     }
+}
+
+/// Whether `payload` decodes as a Sparkplug B payload.
+pub fn is_sparkplug(payload: &[u8]) -> bool {
+    crate::sparkplug::decode::payload(payload).is_ok()
 }
 
 /// Whether `payload` is one complete JSON value (serde_json bounds nesting depth, so hostile input
@@ -95,10 +108,10 @@ mod tests {
 
     #[test]
     fn a_payload_that_fails_its_parser_is_kept_as_flagged_raw() {
-        let c = classify(PayloadFormat::Json, b"not json");
+        let c = classify(PayloadFormat::Json, "t", b"not json");
         assert_eq!(c.format, StoredFormat::Raw);
         assert!(c.parse_error);
-        let c = classify(PayloadFormat::Text, &[0xff, 0xfe]);
+        let c = classify(PayloadFormat::Text, "t", &[0xff, 0xfe]);
         assert_eq!(c.format, StoredFormat::Raw);
         assert!(c.parse_error);
     }
@@ -106,22 +119,22 @@ mod tests {
     #[test]
     fn auto_picks_json_then_text_then_raw_and_never_flags() {
         assert_eq!(
-            classify(PayloadFormat::Auto, br#"{"t":1}"#).format,
+            classify(PayloadFormat::Auto, "t", br#"{"t":1}"#).format,
             StoredFormat::Json
         );
         assert_eq!(
-            classify(PayloadFormat::Auto, b"21.5").format,
+            classify(PayloadFormat::Auto, "t", b"21.5").format,
             StoredFormat::Json
         );
         assert_eq!(
-            classify(PayloadFormat::Auto, b"hello").format,
+            classify(PayloadFormat::Auto, "t", b"hello").format,
             StoredFormat::Text
         );
         assert_eq!(
-            classify(PayloadFormat::Auto, b"").format,
+            classify(PayloadFormat::Auto, "t", b"").format,
             StoredFormat::Text
         );
-        let c = classify(PayloadFormat::Auto, &[0, 159, 146, 150]);
+        let c = classify(PayloadFormat::Auto, "t", &[0, 159, 146, 150]);
         assert_eq!(c.format, StoredFormat::Raw);
         assert!(!c.parse_error);
     }

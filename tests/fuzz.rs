@@ -502,7 +502,8 @@ fn payload_format() -> impl Strategy<Value = PayloadFormat> {
         Just(PayloadFormat::Auto),
         Just(PayloadFormat::Json),
         Just(PayloadFormat::Text),
-        Just(PayloadFormat::Raw)
+        Just(PayloadFormat::Raw),
+        Just(PayloadFormat::SparkplugB)
     ]
 }
 
@@ -529,19 +530,24 @@ proptest! {
     #[test]
     fn any_payload_is_classified_and_flagged_only_when_it_fails_its_format(
         wanted in payload_format(),
+        sparkplug_topic in any::<bool>(),
         bytes in mqtt_payload(),
     ) {
-        let c = bounded(bytes.len(), || payload::classify(wanted, &bytes))?;
+        let topic = if sparkplug_topic { "spBv1.0/g/NDATA/n" } else { "sensors/a" };
+        let c = bounded(bytes.len(), || payload::classify(wanted, topic, &bytes))?;
         let json = payload::is_json(&bytes);
         let text = std::str::from_utf8(&bytes).is_ok();
+        let sparkplug = payload::is_sparkplug(&bytes);
         match c.format {
             StoredFormat::Json => prop_assert!(json),
             StoredFormat::Text => prop_assert!(text),
+            StoredFormat::SparkplugB => prop_assert!(sparkplug),
             StoredFormat::Raw => {}
         }
         let fails = match wanted {
             PayloadFormat::Json => !json,
             PayloadFormat::Text => !text,
+            PayloadFormat::SparkplugB => !sparkplug,
             PayloadFormat::Auto | PayloadFormat::Raw => false,
         };
         prop_assert_eq!(c.parse_error, fails);
@@ -1225,7 +1231,7 @@ proptest! {
 
     #[test]
     fn every_batch_the_agent_sends_is_accepted_as_sent(entries in entries(), id in "[A-Za-z0-9._-]{1,64}") {
-        let body = uplink::encode_body(&id, &entries, None, &ferry::clock::WireTime::stamped);
+        let body = uplink::encode_body(&id, &entries, None, &uplink::Annotator::default());
         let batch = cloud_batch::parse(&body);
         prop_assert!(batch.is_ok(), "refused: {:?}", batch.err());
         let batch = batch.unwrap();
@@ -1251,7 +1257,7 @@ proptest! {
         target in any::<usize>(),
         with in proptest::option::of(json_value()),
     ) {
-        let body = uplink::encode_body("gw-fuzz", &entries, None, &ferry::clock::WireTime::stamped);
+        let body = uplink::encode_body("gw-fuzz", &entries, None, &uplink::Annotator::default());
         let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let mut t = target % 64;
         replace_at(&mut v, &mut t, &with);
@@ -1260,7 +1266,7 @@ proptest! {
 
     #[test]
     fn a_damaged_batch_body_is_accepted_or_refused_naming_the_place(entries in entries(), d in damages()) {
-        let body = apply(uplink::encode_body("gw-fuzz", &entries, None, &ferry::clock::WireTime::stamped), &d);
+        let body = apply(uplink::encode_body("gw-fuzz", &entries, None, &uplink::Annotator::default()), &d);
         check_batch(&body)?;
     }
 }

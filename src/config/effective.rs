@@ -92,6 +92,10 @@ impl Config {
                 require_sync: self.clock.require_sync,
                 hold: format_duration(self.clock.hold),
             },
+            sparkplug: EffectiveSparkplug {
+                rebirth: self.sparkplug.rebirth,
+                rebirth_period: format_duration(self.sparkplug.rebirth_period),
+            },
         };
         // Only strings, integers, enums and arrays of tables: serialization has nothing that can fail,
         // but a printout is not worth a panic if it ever does.
@@ -113,6 +117,13 @@ struct Effective<'a> {
     downlink: Option<net::EffectiveDownlink<'a>>,
     tls: net::EffectiveTls,
     clock: EffectiveClock,
+    sparkplug: EffectiveSparkplug,
+}
+
+#[derive(Serialize)]
+struct EffectiveSparkplug {
+    rebirth: bool,
+    rebirth_period: String,
 }
 
 #[derive(Serialize)]

@@ -51,6 +51,16 @@ pub struct Config {
     /// Trust roots and client certificate shared by the uplink and the downlink.
     pub tls: TlsConfig,
     pub clock: ClockConfig,
+    pub sparkplug: SparkplugConfig,
+}
+
+/// Sparkplug B (`[sparkplug]`, the `sparkplug` module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparkplugConfig {
+    /// On an upstream gap, ask the edge node to rebirth (an NCMD `Node Control/Rebirth`).
+    pub rebirth: bool,
+    /// At most one rebirth request per edge node per this period.
+    pub rebirth_period: Duration,
 }
 
 /// When the wall clock is trusted (`[clock]`, the `clock` module).
@@ -99,6 +109,9 @@ pub enum PayloadFormat {
     Json,
     Text,
     Raw,
+    /// Sparkplug B protobuf (`sparkplug` module): journaled raw, decoded to JSON on upload.
+    #[serde(rename = "sparkplug_b")]
+    SparkplugB,
     Auto,
 }
 

@@ -28,6 +28,15 @@ pub(super) struct RawConfig {
     pub(super) tls: net::RawTls,
     #[serde(default)]
     pub(super) clock: RawClock,
+    #[serde(default)]
+    pub(super) sparkplug: RawSparkplug,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table, as in [sparkplug]")]
+pub(super) struct RawSparkplug {
+    pub(super) rebirth: Option<bool>,
+    pub(super) rebirth_period: Option<HumanDuration>,
 }
 
 #[derive(Default, Deserialize)]

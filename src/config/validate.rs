@@ -16,6 +16,15 @@ pub(super) fn validate(raw: RawConfig, source: &Path) -> Result<Config, String> 
         tls: net::validate_tls(raw.tls, source)?,
         console: validate_console(raw.console)?,
         clock: validate_clock(raw.clock)?,
+        sparkplug: SparkplugConfig {
+            rebirth: raw.sparkplug.rebirth.unwrap_or(false),
+            rebirth_period: duration_in(
+                "sparkplug.rebirth_period",
+                raw.sparkplug.rebirth_period,
+                Duration::from_secs(60),
+                Duration::from_secs(1)..=Duration::from_secs(86_400),
+            )?,
+        },
     })
 }
 

@@ -52,6 +52,7 @@ use crate::journal::{self, Journal, MqttDelivery, NewRecord, StoredFormat};
 use crate::logging::Repeats;
 use crate::payload;
 use crate::shutdown::Shutdown;
+use crate::sparkplug::Tracker;
 use crate::stats::Stats;
 
 mod publisher;
@@ -124,11 +125,15 @@ pub fn spawn(
     cfg: &MqttConfig,
     commit_wait: Duration,
     client_id: String,
-    journal: Journal,
-    clock: Clock,
-    stats: Arc<Stats>,
-    shutdown: Shutdown,
+    tracker: Tracker,
+    shared: Parts,
 ) -> std::io::Result<Ingest> {
+    let Parts {
+        journal,
+        clock,
+        stats,
+        shutdown,
+    } = shared;
     let (tx, rx) = mpsc::sync_channel(CHANNEL);
     let shared = Shared {
         journal,
@@ -149,9 +154,18 @@ pub fn spawn(
         let cfg = cfg.clone();
         thread::Builder::new()
             .name("mqtt".into())
-            .spawn(move || MqttLoop::new(cfg, commit_wait, client_id, tx, shared).run())?
+            .spawn(move || MqttLoop::new(cfg, commit_wait, client_id, tx, shared, tracker).run())?
     };
     Ok(Ingest { mqtt, writer })
+}
+
+/// What the ingest threads take from the agent.
+pub struct Parts {
+    pub journal: Journal,
+    /// Stamps each message with the time it arrived (`clock`).
+    pub clock: Clock,
+    pub stats: Arc<Stats>,
+    pub shutdown: Shutdown,
 }
 
 /// What the two ingest threads share.
@@ -176,6 +190,8 @@ struct Shared {
 struct MqttLoop {
     cfg: MqttConfig,
     clock: Clock,
+    /// Follows Sparkplug B edge nodes for upstream gaps (`sparkplug`).
+    tracker: Tracker,
     client: Client,
     connection: Connection,
     tx: SyncSender<Delivery>,
@@ -225,6 +241,7 @@ impl MqttLoop {
         client_id: String,
         tx: SyncSender<Delivery>,
         shared: Shared,
+        tracker: Tracker,
     ) -> MqttLoop {
         let Shared {
             clock,
@@ -248,6 +265,7 @@ impl MqttLoop {
         MqttLoop {
             cfg,
             clock,
+            tracker,
             client,
             connection,
             tx,
@@ -421,6 +439,7 @@ impl MqttLoop {
             );
             return;
         }
+        self.observe_sparkplug(&p);
         let index = self.next_index;
         self.next_index += 1;
         let record = self.to_record(&p);
@@ -469,6 +488,43 @@ impl MqttLoop {
         }
     }
 
+    /// An upstream gap the Sparkplug tracker finds in `p` is journaled just before it (a record
+    /// of its own, not an MQTT delivery); a rebirth request goes to the edge node.
+    fn observe_sparkplug(&mut self, p: &Publish) {
+        if !crate::sparkplug::is_sparkplug_topic(&p.topic) {
+            return;
+        }
+        let seen = self.tracker.observe(&p.topic, &p.payload, Instant::now());
+        if let Some(gap) = seen.gap {
+            warn!("sparkplug upstream gap: {gap}");
+            let (ts_ms, mono) = self.clock.stamp();
+            let record = NewRecord {
+                ts_ms,
+                topic: crate::sparkplug::UPSTREAM_GAP_TOPIC.into(),
+                payload: gap.to_string().into_bytes(),
+                format: StoredFormat::Json,
+                parse_error: false,
+                mono,
+                too_large: None,
+                mqtt: None,
+            };
+            let index = self.next_index;
+            self.next_index += 1;
+            self.queued
+                .fetch_add(record.payload.len(), Ordering::Relaxed);
+            self.overflow.push_back(Delivery { index, record });
+        }
+        if let Some((topic, payload)) = seen.rebirth {
+            match self
+                .client
+                .try_publish(&topic, QoS::AtLeastOnce, false, payload)
+            {
+                Ok(()) => info!("sparkplug: asked {topic} for a rebirth"),
+                Err(e) => warn!("sparkplug: cannot ask {topic} for a rebirth: {e}"),
+            }
+        }
+    }
+
     fn to_record(&self, p: &Publish) -> NewRecord {
         let mqtt = match p.qos {
             QoS::AtMostOnce => None,
@@ -491,7 +547,7 @@ impl MqttLoop {
             };
         }
         let wanted = payload::format_for(&self.cfg.parse, &p.topic);
-        let c = payload::classify(wanted, &p.payload);
+        let c = payload::classify(wanted, &p.topic, &p.payload);
         NewRecord {
             ts_ms,
             topic: p.topic.clone(),

@@ -6,34 +6,64 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use serde_json::value::RawValue;
 
-use crate::clock::WireTime;
+use crate::clock::{Clock, WireTime};
 use crate::journal::{Entry, Record, StoredFormat};
 use crate::protocol::{self, Gap, Payload};
+use crate::sparkplug::Aliases;
 
 /// Longest `Retry-After` honoured; a larger value is clamped (a typo on the server must not park
 /// the gateway for days).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// Encodes entries as a protocol v1 batch body; `time` says each record's time on the wire
-/// (`Clock::wire_time`).
+/// What a record carries on the wire beyond the journal's bytes: its time as the clock corrects
+/// it (`Clock::wire_time`; as stamped without a clock), and the decoded form of a Sparkplug B
+/// payload, metric names from the latest births (`sparkplug::Aliases`).
+#[derive(Clone, Default)]
+pub struct Annotator {
+    pub clock: Option<Clock>,
+    pub aliases: Aliases,
+}
+
+impl Annotator {
+    fn time(&self, r: &Record) -> WireTime {
+        match &self.clock {
+            Some(c) => c.wire_time(r),
+            None => WireTime::stamped(r),
+        }
+    }
+}
+
+/// Encodes entries as a protocol v1 batch body.
 pub fn encode_body(
     device_id: &str,
     entries: &[Entry],
     held: Option<protocol::Held>,
-    time: &dyn Fn(&Record) -> WireTime,
+    ann: &Annotator,
 ) -> Vec<u8> {
     let mut records = Vec::new();
     let mut gaps = Vec::new();
     for e in entries {
         match e {
             Entry::Record(r) => {
-                let (payload, parse_error) = wire_payload(r.format, &r.payload, r.parse_error);
-                let t = time(r);
+                let (payload, mut parse_error) = wire_payload(r.format, &r.payload, r.parse_error);
+                let sparkplug = match r.format {
+                    StoredFormat::SparkplugB => match ann.aliases.decode(&r.topic, &r.payload) {
+                        Ok(v) => Some(v),
+                        // It decoded at ingest: the journal's bytes changed. Sent raw, flagged.
+                        Err(_) => {
+                            parse_error = true;
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let t = ann.time(r);
                 records.push(protocol::Record {
                     seq: r.seq,
                     ts_ms: t.ts_ms,
                     clock: t.note,
                     ts_ms_original: t.original,
+                    sparkplug,
                     topic: &r.topic,
                     payload,
                     parse_error,
@@ -87,7 +117,8 @@ fn wire_payload(format: StoredFormat, bytes: &[u8], parse_error: bool) -> (Paylo
             Ok(s) => (Payload::Text(s), parse_error),
             Err(_) => (b64(), true),
         },
-        StoredFormat::Raw => (b64(), parse_error),
+        // The raw bytes are the record; the decoded form goes beside them (`encode_body`).
+        StoredFormat::Raw | StoredFormat::SparkplugB => (b64(), parse_error),
     }
 }
 
@@ -275,7 +306,7 @@ mod tests {
             rec(7, StoredFormat::Json, b"null"),
         ];
         let v: serde_json::Value =
-            serde_json::from_slice(&encode_body("gw-1", &entries, None, &WireTime::stamped))
+            serde_json::from_slice(&encode_body("gw-1", &entries, None, &Annotator::default()))
                 .unwrap();
         assert_eq!(v["device_id"], "gw-1");
         assert_eq!(v["gaps"][0]["reason"], "journal_full");
@@ -294,7 +325,7 @@ mod tests {
             "gw",
             &[rec(1, StoredFormat::Json, b"{broken")],
             None,
-            &WireTime::stamped,
+            &Annotator::default(),
         );
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["records"][0]["parse_error"], true);

@@ -7,12 +7,11 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::batch::{encode_body, parse_retry_after};
+use super::batch::{Annotator, encode_body, parse_retry_after};
 use super::post::PIPELINE;
 use super::resolve;
-use crate::clock::WireTime;
 use crate::config::{Compression, UplinkConfig};
-use crate::journal::{Entry, Record};
+use crate::journal::Entry;
 use crate::protocol::{Held, IDEMPOTENCY_HEADER};
 use crate::tls::Material;
 
@@ -171,7 +170,7 @@ pub fn post(agent: &ureq::Agent, up: &Upload<'_>) -> Answer {
 /// it means.
 pub fn probe(cfg: &UplinkConfig, tls: &Material, device_id: &str) -> Result<Duration, String> {
     let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
-    let body = wire_body(cfg.compression, device_id, &[], None, &WireTime::stamped);
+    let body = wire_body(cfg.compression, device_id, &[], None, &Annotator::default());
     let started = Instant::now();
     let answer = post(
         &agent,
@@ -284,9 +283,9 @@ pub(super) fn wire_body(
     device_id: &str,
     entries: &[Entry],
     held: Option<Held>,
-    time: &dyn Fn(&Record) -> WireTime,
+    ann: &Annotator,
 ) -> Vec<u8> {
-    let body = encode_body(device_id, entries, held, time);
+    let body = encode_body(device_id, entries, held, ann);
     match compression {
         Compression::None => body,
         Compression::Gzip => gzip(&body),

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 pub use batch::{
-    MAX_RETRY_AFTER, OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after, verdict,
+    Annotator, MAX_RETRY_AFTER, OnRefusal, SplitPlan, Verdict, encode_body, parse_retry_after,
+    verdict,
 };
 pub use http::{
     Answer, LocalError, MAX_RESPONSE_BODY, Upload, describe, http_agent, local_request, post, probe,
@@ -45,6 +46,7 @@ use crate::config::live::{Live, LiveSettings};
 use crate::journal::{Entry, Journal};
 use crate::protocol::Held;
 use crate::shutdown::Shutdown;
+use crate::sparkplug::Aliases;
 use crate::stats::Stats;
 use crate::tls::Material;
 use post::{Job, Posted, Posters};
@@ -61,6 +63,8 @@ pub struct Deps {
     pub journal: Journal,
     /// Whether records wait for a trusted clock, and the time they are sent with.
     pub clock: Clock,
+    /// Sparkplug B metric names by alias, from the births the `mqtt` thread saw.
+    pub aliases: Aliases,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
 }
@@ -73,7 +77,11 @@ pub fn spawn(
     deps: Deps,
 ) -> std::io::Result<JoinHandle<()>> {
     let agent = http_agent(cfg.connect_timeout, cfg.request_timeout, tls);
-    let posters = Posters::start(&cfg, &agent, &device_id, &deps.clock, &deps.shutdown)?;
+    let annotator = Annotator {
+        clock: Some(deps.clock.clone()),
+        aliases: deps.aliases.clone(),
+    };
+    let posters = Posters::start(&cfg, &agent, &device_id, &annotator, &deps.shutdown)?;
     thread::Builder::new()
         .name("uplink".into())
         .spawn(move || Uplink::new(cfg, posters, device_id, deps).run())
@@ -145,6 +153,7 @@ impl Uplink {
             clock,
             stats,
             shutdown,
+            ..
         } = deps;
         let backoff = Backoff::new(Duration::from_millis(100), cfg.max_backoff);
         let limiter = Limiter::new(

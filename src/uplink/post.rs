@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use log::debug;
 
-use super::{Answer, Upload, post, span, wire_body};
-use crate::clock::Clock;
+use super::{Annotator, Answer, Upload, post, span, wire_body};
 use crate::config::{Compression, Secret, UplinkConfig};
 use crate::journal::Entry;
 use crate::protocol::Held;
@@ -53,7 +52,7 @@ struct Target {
     device_id: String,
     token: Option<Secret>,
     compression: Compression,
-    clock: Clock,
+    annotator: Annotator,
 }
 
 /// The post threads and their channels; owned by the `uplink` thread.
@@ -69,7 +68,7 @@ impl Posters {
         cfg: &UplinkConfig,
         agent: &ureq::Agent,
         device_id: &str,
-        clock: &Clock,
+        annotator: &Annotator,
         shutdown: &Shutdown,
     ) -> std::io::Result<Posters> {
         let target = Target {
@@ -78,7 +77,7 @@ impl Posters {
             device_id: device_id.to_string(),
             token: cfg.token.clone(),
             compression: cfg.compression,
-            clock: clock.clone(),
+            annotator: annotator.clone(),
         };
         let (answer_tx, answers) = mpsc::sync_channel(PIPELINE);
         let mut posters = Posters {
@@ -154,9 +153,13 @@ fn run(
 /// Encodes, compresses and POSTs `entries`, and reads the answer.
 fn upload(t: &Target, entries: &[Entry], held: Held) -> Answer {
     let (first, last) = span(entries);
-    let body = wire_body(t.compression, &t.device_id, entries, Some(held), &|r| {
-        t.clock.wire_time(r)
-    });
+    let body = wire_body(
+        t.compression,
+        &t.device_id,
+        entries,
+        Some(held),
+        &t.annotator,
+    );
     debug!(
         "uploading first_seq={} last_seq={} entries={} bytes={}",
         first,

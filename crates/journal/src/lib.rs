@@ -329,6 +329,8 @@ pub enum StoredFormat {
     Json,
     Text,
     Raw,
+    /// A Sparkplug B payload that decoded at ingest (raw bytes; decoded at upload).
+    SparkplugB,
 }
 
 /// A message to append, as the ingest side hands it over.

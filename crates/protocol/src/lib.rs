@@ -71,6 +71,10 @@ pub struct Record<'a> {
     /// record, unlike a corrected `ts_ms`: a receiver comparing two copies compares this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ts_ms_original: Option<u64>,
+    /// A Sparkplug B payload decoded (additive in v1): beside `payload_b64`, which stays the
+    /// record; a receiver that compares copies ignores it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparkplug: Option<serde_json::Value>,
 }
 
 /// How `ts_ms` was arrived at when the gateway's wall clock was not trusted.

@@ -1,0 +1,337 @@
+//! Sparkplug B, the industrial MQTT payload: protobuf payloads on
+//! `spBv1.0/<group>/<type>/<edge node>[/<device>]`, metrics named in the births (NBIRTH, DBIRTH)
+//! and referred to by alias after them, a per-edge-node `seq` (0..=255, wrapping) on every
+//! message but the death, and a `bdSeq` tying each NBIRTH to its NDEATH.
+//!
+//! - `decode.rs` turns a payload into JSON (pure). The journal keeps the raw bytes; the uplink
+//!   sends them as `payload_b64` with the decoded form beside them (`"sparkplug"`), metric names
+//!   resolved from the latest births this process saw ([`Aliases`]).
+//! - [`Tracker`] (owned by the `mqtt` thread, which sees messages in arrival order) follows each
+//!   edge node: its births, aliases, `seq` and `bdSeq`. A `seq` that skips, a DBIRTH/NDATA/DDATA/
+//!   DDEATH before any NBIRTH, or an NDEATH whose `bdSeq` is not the NBIRTH's is an **upstream
+//!   gap**: the tracker returns an event that the `mqtt` thread journals, just before the message
+//!   that revealed it, as a record on topic [`UPSTREAM_GAP_TOPIC`] (JSON: which node, which seqs,
+//!   which message). So the gap travels the same durable path as the data, is never lost, and
+//!   the cloud sees exactly where in the stream it was found. With `[sparkplug] rebirth = true`
+//!   the `mqtt` thread also asks the edge node to rebirth (NCMD `Node Control/Rebirth`), at most
+//!   once per `rebirth_period` per node.
+//!
+//! What holds and what does not: a `seq` seen again (a QoS1 redelivery, a broker resending after
+//! a reconnect) is a repeat, not a gap: a `seq` up to 127 behind the expected one is taken for a
+//! repeat, up to 128 ahead for a gap of that many (the 0..=255 wrap cannot tell more). The
+//! tracker's state lives in memory: after ferry restarts, the first message of a node that is not
+//! a birth is reported (`"no_birth_seen"`, with `"since_start": true`) and, with `rebirth`, makes
+//! the node rebirth; until then its aliases stay unresolved in the decoded form (the raw bytes are
+//! always there).
+
+pub mod decode;
+pub mod encode;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The topic namespace of Sparkplug B.
+pub const NAMESPACE: &str = "spBv1.0/";
+/// Topic of the records ferry journals for an upstream gap.
+pub const UPSTREAM_GAP_TOPIC: &str = "$ferry/upstream_gap";
+
+/// A Sparkplug B topic, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic<'a> {
+    pub group: &'a str,
+    pub kind: &'a str,
+    pub node: &'a str,
+    pub device: Option<&'a str>,
+}
+
+/// `spBv1.0/<group>/<type>/<edge node>[/<device>]`; `None` for anything else (the `STATE`
+/// topics of host applications included).
+pub fn topic(t: &str) -> Option<Topic<'_>> {
+    let rest = t.strip_prefix(NAMESPACE)?;
+    let mut parts = rest.split('/');
+    let (group, kind, node) = (parts.next()?, parts.next()?, parts.next()?);
+    let device = parts.next();
+    if parts.next().is_some() || [group, kind, node].iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    Some(Topic {
+        group,
+        kind,
+        node,
+        device,
+    })
+}
+
+/// Whether `t` is in the Sparkplug B namespace (what `format = "auto"` recognises).
+pub fn is_sparkplug_topic(t: &str) -> bool {
+    t.starts_with(NAMESPACE)
+}
+
+/// `(group, edge node)`.
+type NodeKey = (String, String);
+/// Metric names by alias, per `(edge node, device)`.
+type AliasMaps = HashMap<(NodeKey, Option<String>), HashMap<u64, String>>;
+
+/// Metric names by alias, per edge node and device (`None`: the node's own), from the latest
+/// births. Shared by the `mqtt` thread (which writes it) and the uplink's post threads (which
+/// resolve aliases when they decode).
+#[derive(Clone, Default)]
+pub struct Aliases {
+    inner: Arc<RwLock<AliasMaps>>,
+}
+
+/// Aliases remembered at most, over all nodes and devices (a birth beyond this is not
+/// remembered: its data decodes with aliases unresolved).
+const MAX_ALIASES: usize = 1_000_000;
+
+impl Aliases {
+    fn replace(&self, key: (NodeKey, Option<String>), map: HashMap<u64, String>) {
+        let mut all = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let held: usize = all
+            .iter()
+            .filter(|(k, _)| **k != key)
+            .map(|(_, m)| m.len())
+            .sum();
+        if held + map.len() > MAX_ALIASES {
+            log::warn!(
+                "sparkplug: not remembering the aliases of {}/{} ({} of them): over {MAX_ALIASES}",
+                key.0.0,
+                key.0.1,
+                map.len()
+            );
+            return;
+        }
+        all.insert(key, map);
+    }
+
+    /// Forgets a node and its devices (a new NBIRTH).
+    fn forget_node(&self, node: &NodeKey) {
+        let mut all = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        all.retain(|(n, _), _| n != node);
+    }
+
+    /// The decoded form of the payload published on `topic`, metric names resolved from the
+    /// aliases: each metric with an alias and no name gets `"name"` if the alias is known, else
+    /// `"alias_unresolved": true`.
+    pub fn decode(&self, topic_name: &str, payload: &[u8]) -> Result<Value, decode::Invalid> {
+        let mut v = decode::payload(payload)?;
+        let Some(t) = topic(topic_name) else {
+            return Ok(v);
+        };
+        let key = (
+            (t.group.to_owned(), t.node.to_owned()),
+            t.device.map(str::to_owned),
+        );
+        let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let names = all.get(&key);
+        if let Some(metrics) = v.get_mut("metrics").and_then(Value::as_array_mut) {
+            for m in metrics {
+                let Some(obj) = m.as_object_mut() else {
+                    continue;
+                };
+                if obj.contains_key("name") {
+                    continue;
+                }
+                let Some(alias) = obj.get("alias").and_then(Value::as_u64) else {
+                    continue;
+                };
+                match names.and_then(|n| n.get(&alias)) {
+                    Some(name) => {
+                        obj.insert("name".into(), json!(name));
+                    }
+                    None => {
+                        obj.insert("alias_unresolved".into(), json!(true));
+                    }
+                }
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// What the tracker knows of an edge node.
+#[derive(Debug, Default)]
+struct Node {
+    /// The `bdSeq` of its current NBIRTH.
+    bd_seq: Option<u64>,
+    /// The last `seq` it sent; `None` before its NBIRTH (or after its NDEATH).
+    last_seq: Option<u8>,
+    /// When ferry last asked it to rebirth.
+    rebirth_asked: Option<Instant>,
+}
+
+/// Follows every edge node's births, `seq` and `bdSeq` (see the module header). Owned by the
+/// `mqtt` thread.
+pub struct Tracker {
+    nodes: HashMap<NodeKey, Node>,
+    aliases: Aliases,
+    rebirth: Option<Duration>,
+}
+
+/// What the tracker found in one message.
+#[derive(Debug, Default, PartialEq)]
+pub struct Observed {
+    /// An upstream gap to journal before the message (JSON).
+    pub gap: Option<Value>,
+    /// Ask this node to rebirth: the NCMD's topic and payload.
+    pub rebirth: Option<(String, Vec<u8>)>,
+}
+
+/// Edge nodes followed at most; more are followed only once an old one dies.
+const MAX_NODES: usize = 100_000;
+
+impl Tracker {
+    /// `rebirth`: ask a node with a gap to rebirth, at most once per this period.
+    pub fn new(aliases: Aliases, rebirth: Option<Duration>) -> Tracker {
+        Tracker {
+            nodes: HashMap::new(),
+            aliases,
+            rebirth,
+        }
+    }
+
+    /// Looks at one message as it arrives. Messages outside the namespace, commands, host
+    /// STATE and payloads that do not decode are not followed.
+    pub fn observe(&mut self, topic_name: &str, payload: &[u8], now: Instant) -> Observed {
+        let Some(t) = topic(topic_name) else {
+            return Observed::default();
+        };
+        if !matches!(
+            t.kind,
+            "NBIRTH" | "NDEATH" | "DBIRTH" | "DDEATH" | "NDATA" | "DDATA"
+        ) {
+            return Observed::default();
+        }
+        let Ok(decoded) = decode::payload(payload) else {
+            return Observed::default();
+        };
+        let key: NodeKey = (t.group.to_owned(), t.node.to_owned());
+        if !self.nodes.contains_key(&key) && self.nodes.len() >= MAX_NODES {
+            self.nodes.retain(|_, n| n.last_seq.is_some());
+            if self.nodes.len() >= MAX_NODES {
+                return Observed::default();
+            }
+        }
+        let first_since_start = !self.nodes.contains_key(&key);
+        let node = self.nodes.entry(key.clone()).or_default();
+        let seq = decoded
+            .get("seq")
+            .and_then(Value::as_u64)
+            .map(|s| (s & 0xff) as u8);
+        let bd_seq = metric_value(&decoded, "bdSeq");
+        let base = json!({
+            "group": t.group,
+            "edge_node": t.node,
+            "device": t.device,
+            "topic": topic_name,
+        });
+        let gap = |kind: &str, extra: Value| {
+            let mut v = base.clone();
+            if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+                obj.insert("kind".into(), json!(kind));
+                obj.extend(more.clone());
+            }
+            v
+        };
+        let mut out = Observed::default();
+        match t.kind {
+            "NBIRTH" => {
+                node.bd_seq = bd_seq;
+                node.last_seq = seq;
+                self.aliases.forget_node(&key);
+                self.aliases.replace((key.clone(), None), names(&decoded));
+            }
+            "NDEATH" => {
+                if bd_seq.is_some() && node.bd_seq.is_some() && bd_seq != node.bd_seq {
+                    out.gap = Some(gap(
+                        "bd_seq_mismatch",
+                        json!({"birth_bd_seq": node.bd_seq, "death_bd_seq": bd_seq}),
+                    ));
+                } else {
+                    node.last_seq = None;
+                }
+            }
+            _ => match (node.last_seq, seq) {
+                (None, _) => {
+                    out.gap = Some(gap(
+                        "no_birth_seen",
+                        json!({"received_seq": seq, "since_start": first_since_start}),
+                    ));
+                    // From here on, follow it: one report, not one per message.
+                    node.last_seq = seq;
+                }
+                (Some(last), Some(got)) => {
+                    let expected = last.wrapping_add(1);
+                    let ahead = got.wrapping_sub(expected);
+                    if ahead == 0 {
+                        node.last_seq = Some(got);
+                    } else if ahead < 128 {
+                        let last_missing = got.wrapping_sub(1);
+                        out.gap = Some(gap(
+                            "seq",
+                            json!({"expected_seq": expected, "received_seq": got,
+                                   "missing": ahead, "missing_seqs": format!("{expected}..={last_missing}")}),
+                        ));
+                        node.last_seq = Some(got);
+                    }
+                    // Else a repeat (a redelivery): no gap, and the position stays.
+                }
+                (Some(_), None) => {
+                    out.gap = Some(gap("no_seq", json!({})));
+                }
+            },
+        }
+        if t.kind == "DBIRTH" {
+            if let Some(device) = t.device {
+                self.aliases
+                    .replace((key.clone(), Some(device.to_owned())), names(&decoded));
+            }
+        }
+        if out.gap.is_some() {
+            if let Some(period) = self.rebirth {
+                if node
+                    .rebirth_asked
+                    .is_none_or(|at| now.duration_since(at) >= period)
+                {
+                    node.rebirth_asked = Some(now);
+                    out.rebirth = Some((
+                        format!("{NAMESPACE}{}/NCMD/{}", t.group, t.node),
+                        encode::rebirth_request(crate::journal::now_ms()),
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The value of the payload's metric named `name`, as an integer.
+fn metric_value(decoded: &Value, name: &str) -> Option<u64> {
+    decoded["metrics"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| {
+            m["value"]
+                .as_u64()
+                .or_else(|| m["value"].as_i64().map(|v| v as u64))
+        })
+}
+
+/// The `alias -> name` map a birth declares.
+fn names(decoded: &Value) -> HashMap<u64, String> {
+    decoded["metrics"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| Some((m["alias"].as_u64()?, m["name"].as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;
