@@ -553,6 +553,36 @@ fn resent_with_time_corrected(backend: &Backend) {
     assert!(stored.contains("\"clock\":\"unsynced\""), "{stored}");
 }
 
+on_both_stores!(
+    upstream_gaps_are_counted_in_the_ledger,
+    upstream_gaps_are_counted_in_the_ledger_on_postgres,
+    upstream_gaps_counted
+);
+
+/// A gateway's `$ferry/upstream_gap` records (a Sparkplug B edge node's lost message) are counted
+/// in the device's ledger once each: not again for a resend, and the same after a restart.
+fn upstream_gaps_counted(backend: &Backend) {
+    let batch = json!({"device_id": "gw-u", "records": [
+        {"seq": 1, "ts_ms": 1, "topic": "spBv1.0/g/NDATA/n", "payload_b64": "CAE="},
+        {"seq": 2, "ts_ms": 2, "topic": "$ferry/upstream_gap",
+         "payload": {"kind": "seq", "edge_node": "n", "missing": 1}},
+        {"seq": 3, "ts_ms": 3, "topic": "spBv1.0/g/NDATA/n", "payload_b64": "CAM="}]});
+    let mut cloud = Cloud::start_on(backend, &[]);
+    assert_eq!(cloud.post_gzip(&batch).0, 200);
+    assert_eq!(cloud.post_gzip(&batch).0, 200);
+    let count = |cloud: &Cloud| cloud.get_json("/v1/devices/gw-u/ledger")["upstream_gaps"].clone();
+    assert_eq!(count(&cloud), json!(1));
+    assert!(cloud.terminate().success(), "exit status after SIGTERM");
+    drop(cloud);
+    let cloud = Cloud::start_on(backend, &[]);
+    assert_eq!(count(&cloud), json!(1));
+    let listed = cloud.get_json("/v1/devices");
+    assert_eq!(
+        listed["devices"][0]["ledger"]["upstream_gaps"], 1,
+        "{listed}"
+    );
+}
+
 /// Records `seqs` of `gw-x` as the gateway `name` would send them: two gateways sharing the id send
 /// the same seqs with different payloads.
 fn batch_from(name: &str, seqs: std::ops::RangeInclusive<u64>) -> Value {

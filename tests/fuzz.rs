@@ -1144,11 +1144,15 @@ fn check_batch(body: &[u8]) -> Result<(), TestCaseError> {
             for pair in batch.records.windows(2) {
                 prop_assert!(pair[0].seq < pair[1].seq);
             }
-            // What the cloud stores reads back with the same seq and fingerprint.
+            // What the cloud stores reads back with the same seq, fingerprint and topic.
             for r in &batch.records {
                 prop_assert_eq!(
                     cloud_batch::stored_record(r.line.as_bytes()),
-                    Ok((r.seq, r.fingerprint))
+                    Ok(cloud_batch::Stored {
+                        seq: r.seq,
+                        fingerprint: r.fingerprint,
+                        upstream_gap: r.upstream_gap,
+                    })
                 );
             }
         }

@@ -288,6 +288,7 @@ fn ledger_summary(d: &DeviceSummary) -> Value {
         "missing": l.missing,
         "oldest_unsent_ts_ms": l.oldest_unsent_ts_ms,
         "reported": l.reported,
+        "upstream_gaps": d.upstream_gaps,
     })
 }
 

@@ -52,8 +52,14 @@ pub struct Record {
     pub fingerprint: u64,
     /// `ts_ms` as sent (corrected, for a gateway whose clock was not trusted).
     pub ts_ms: u64,
+    /// On topic [`UPSTREAM_GAP_TOPIC`]: the gateway's report of a gap upstream of it.
+    pub upstream_gap: bool,
     payload: PayloadView,
 }
+
+/// Topic of the records a gateway journals for a gap upstream of it (a Sparkplug B edge node's
+/// lost message): the ledger counts them (`docs/PROTOCOL.md`).
+pub const UPSTREAM_GAP_TOPIC: &str = "$ferry/upstream_gap";
 
 /// The payload in the form the reject marker is matched against.
 #[derive(Debug, PartialEq)]
@@ -232,14 +238,23 @@ fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
         line,
         fingerprint,
         ts_ms: checked.ts_ms,
+        upstream_gap: checked.topic == UPSTREAM_GAP_TOPIC,
         payload,
     })
 }
 
-/// Reads back a line of a records file: its seq and content fingerprint. The line goes through the
-/// same checks and the same [`fingerprint`] as an incoming record, so a resend of a stored record
-/// matches it after a restart.
-pub fn stored_record(line: &[u8]) -> Result<(u64, u64), Invalid> {
+/// A stored record read back: its seq, content fingerprint, and whether it reports an upstream gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: u64,
+    pub fingerprint: u64,
+    pub upstream_gap: bool,
+}
+
+/// Reads back a line of a records file. The line goes through the same checks and the same
+/// [`fingerprint`] as an incoming record, so a resend of a stored record matches it after a
+/// restart.
+pub fn stored_record(line: &[u8]) -> Result<Stored, Invalid> {
     let value: Value = serde_json::from_slice(line)
         .map_err(|e| invalid("record", format!("invalid json: {e}")))?;
     let Value::Object(fields) = value else {
@@ -263,7 +278,11 @@ pub fn stored_record(line: &[u8]) -> Result<(u64, u64), Invalid> {
         &payload,
         checked.parse_error,
     );
-    Ok((checked.seq, fingerprint))
+    Ok(Stored {
+        seq: checked.seq,
+        fingerprint,
+        upstream_gap: checked.topic == UPSTREAM_GAP_TOPIC,
+    })
 }
 
 /// The payload form (`payload`, `payload_text`, `payload_b64`) of a checked record.
@@ -866,7 +885,11 @@ mod tests {
         for record in &batch.records {
             assert_eq!(
                 stored_record(record.line.as_bytes()),
-                Ok((record.seq, record.fingerprint)),
+                Ok(Stored {
+                    seq: record.seq,
+                    fingerprint: record.fingerprint,
+                    upstream_gap: false,
+                }),
                 "{}",
                 record.line
             );

@@ -234,6 +234,7 @@ async function loadDevice(id) {
     ["declared gaps", gapText],
     ["waiting on the gateway", count(ledger.waiting) + " records" + (ledger.waiting ? ", oldest " + age(nowS() - (ledger.oldest_unsent_ts_ms || 0) / 1000) + " old" : "")],
     ["missing", count(ledger.missing) + " records" + (ledger.missing ? " (an alarm)" : "")],
+    ["upstream gaps", ledger.upstream_gaps ? count(ledger.upstream_gaps) + " reported by the gateway (records on $ferry/upstream_gap)" : "none reported"],
     ["gateway's cursor", "seq " + count(ledger.acked_seq)],
     ["last seen", ledger.last_seen_ms ? age(nowS() - ledger.last_seen_ms / 1000) + " ago" : "-"],
     ["account", ledger.balanced ? "balanced" : "NOT balanced"],

@@ -148,6 +148,8 @@ pub struct DeviceSummary {
     /// When the device last sent a batch (at start: when its files were last written),
     /// milliseconds since the Unix epoch.
     pub last_seen_ms: u64,
+    /// Stored records that report a gap upstream of the gateway ([`crate::batch::UPSTREAM_GAP_TOPIC`]).
+    pub upstream_gaps: u64,
 }
 
 /// A seq that arrived with content other than the stored one (the files store: since its start).
@@ -326,6 +328,7 @@ impl DeviceSummary {
             clashes,
             clashes_total,
             last_seen_ms,
+            upstream_gaps: 0,
         })
     }
 }

@@ -121,6 +121,8 @@ struct Device {
     clashes: Vec<Clash>,
     /// Clashing records refused since this start, each time one was sent.
     clashes_total: u64,
+    /// Records written that report an upstream gap.
+    upstream_gaps: u64,
     /// In the order they were stored.
     gaps: Vec<Gap>,
     /// `(from_seq, to_seq, reason)` of every stored gap, to store each gap once.
@@ -244,7 +246,7 @@ impl FilesStore {
                 None => {
                     lines.push_str(&record.line);
                     lines.push('\n');
-                    new_records.push((record.seq, record.fingerprint));
+                    new_records.push((record.seq, record.fingerprint, record.upstream_gap));
                 }
                 Some(stored) if stored != record.fingerprint => clashing.push(record.seq),
                 Some(_) => {}
@@ -261,9 +263,10 @@ impl FilesStore {
         if !new_records.is_empty() {
             self.write_records(&mut device, &batch.device_id, lines.as_bytes())?;
             let mut seqs = Vec::with_capacity(new_records.len());
-            for (seq, fingerprint) in new_records {
+            for (seq, fingerprint, upstream_gap) in new_records {
                 seqs.push(seq);
                 device.fingerprints.insert(seq, fingerprint);
+                device.upstream_gaps += u64::from(upstream_gap);
             }
             let end = device.written;
             device.unsynced.push_back((end, seqs));
@@ -541,11 +544,13 @@ impl Device {
     fn load_records(&mut self, path: &Path) -> Result<(), Error> {
         let mut len = 0u64;
         for_each_line(path, |line| {
-            let (seq, fingerprint) = batch::stored_record(line).map_err(|e| e.to_string())?;
+            let stored = batch::stored_record(line).map_err(|e| e.to_string())?;
             // A repeated seq cannot be written by this store; if one is there anyway the first
             // copy is the stored one, as at ingest.
-            self.records.insert(seq);
-            self.fingerprints.insert(seq, fingerprint);
+            if self.records.insert(stored.seq) {
+                self.upstream_gaps += u64::from(stored.upstream_gap);
+            }
+            self.fingerprints.insert(stored.seq, stored.fingerprint);
             len += line.len() as u64 + 1;
             Ok(())
         })?;
@@ -591,6 +596,10 @@ fn summarize(device_id: String, device: &Device) -> Option<DeviceSummary> {
         device.held,
         device.last_seen_ms,
     )
+    .map(|s| DeviceSummary {
+        upstream_gaps: device.upstream_gaps,
+        ..s
+    })
 }
 
 /// When `path` was last written, milliseconds since the Unix epoch (0 if unknown).

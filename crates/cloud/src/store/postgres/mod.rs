@@ -150,6 +150,12 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE ferry_downlink DROP COLUMN connected;",
     // 5: who queued each command (the operator's name; commands.rs).
     "ALTER TABLE ferry_commands ADD COLUMN sent_by text;",
+    // 6: records that report a gap upstream of the gateway, per device (counted at insert; the
+    // lines are canonical JSON, keys sorted and compact, so the topic reads the same in each).
+    "ALTER TABLE ferry_devices ADD COLUMN upstream_gaps int8 NOT NULL DEFAULT 0;
+    UPDATE ferry_devices d SET upstream_gaps = (
+        SELECT count(*) FROM ferry_records r
+        WHERE r.device_id = d.device_id AND r.line LIKE '%\"topic\":\"$ferry/upstream_gap\"%');",
 ];
 
 /// The schema version that added the ledger columns ([`fill_ledger_columns`]).
@@ -648,7 +654,7 @@ fn read_summaries(tx: &mut Transaction<'_>, ids: &[String]) -> Result<Vec<Device
         .query(
             &format!(
                 "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms,
-                         last_seen_ms, clashes_total
+                         last_seen_ms, clashes_total, upstream_gaps
                      FROM ferry_devices WHERE {filter}"
             ),
             &[&ids],
@@ -665,7 +671,11 @@ fn read_summaries(tx: &mut Transaction<'_>, ids: &[String]) -> Result<Vec<Device
             to_u64(row.get(6)),
             held_of(&row, 2),
             to_u64(row.get(5)),
-        );
+        )
+        .map(|s| DeviceSummary {
+            upstream_gaps: to_u64(row.get(7)),
+            ..s
+        });
         out.extend(summary);
     }
     Ok(out)
@@ -788,13 +798,13 @@ fn ingest_in(
             .map_err(db("cannot read stored records"))?
         {
             let line: &str = found.get(1);
-            let (seq, fingerprint) =
+            let record =
                 batch::stored_record(line.as_bytes()).map_err(|invalid| Error::Corrupt {
                     device_id: device_id.to_owned(),
                     seq: to_u64(found.get(0)),
                     problem: invalid.to_string(),
                 })?;
-            stored.insert(seq, fingerprint);
+            stored.insert(record.seq, record.fingerprint);
         }
     }
     let clashing: Vec<u64> = batch
@@ -810,13 +820,22 @@ fn ingest_in(
     let mut seqs = Vec::new();
     let mut lines = Vec::new();
     let mut delivered = row.delivered;
+    let mut upstream_gaps = 0i64;
     for record in &batch.records {
         // Not stored before, and not a repeat within this batch.
         if !delivered.contains(record.seq) {
             seqs.push(to_i64(record.seq));
             lines.push(record.line.as_str());
             delivered.insert(record.seq);
+            upstream_gaps += i64::from(record.upstream_gap);
         }
+    }
+    if upstream_gaps > 0 {
+        tx.execute(
+            "UPDATE ferry_devices SET upstream_gaps = upstream_gaps + $2 WHERE device_id = $1",
+            &[&device_id, &upstream_gaps],
+        )
+        .map_err(db("cannot count the upstream gaps"))?;
     }
     if !seqs.is_empty() {
         let inserted = tx
