@@ -47,7 +47,7 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
         .map_err(what)?;
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
     )
     .map_err(what)?;
     let mut raw = Vec::new();
