@@ -56,6 +56,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How often it looks for records older than `journal.max_age`: they expire within this (and a
 /// sync) of their deadline.
 pub const EXPIRE_EVERY: Duration = Duration::from_secs(10);
+/// Records looked at per expiry round, under the journal's lock.
+const EXPIRE_ROUND: u64 = 20_000;
 
 /// The time of a record as it goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +161,7 @@ impl Clock {
                     if let Some(max_age) = max_age {
                         if expired_at.elapsed() >= EXPIRE_EVERY {
                             expired_at = Instant::now();
-                            clock.expire(max_age);
+                            clock.expire(max_age, &shutdown);
                         }
                     }
                 }
@@ -167,16 +169,29 @@ impl Clock {
     }
 
     /// Replaces the unsent records older than `max_age` by `expired` gaps (the journal says
-    /// which at WARN). A record whose age is unknown is kept.
-    fn expire(&self, max_age: Duration) {
+    /// which at WARN). A record whose age is unknown is kept. Each round looks at no more than
+    /// [`EXPIRE_ROUND`] records under the journal's lock; rounds follow each other while they
+    /// find expired records up to their limit.
+    fn expire(&self, max_age: Duration, shutdown: &Shutdown) {
         let max_ms = max_age.as_millis() as u64;
-        if let Err(e) = self
-            .inner
-            .journal
-            .expire(|r| self.age_ms(r).map(|age| age > max_ms))
-        {
-            // The writer reopens a failed journal; the next round tries again.
-            warn!("cannot expire old records: {}", crate::error_chain(&e));
+        loop {
+            let mut looked = 0;
+            let round = self.inner.journal.expire(|r| {
+                looked += 1;
+                if looked > EXPIRE_ROUND {
+                    return Some(false);
+                }
+                self.age_ms(r).map(|age| age > max_ms)
+            });
+            match round {
+                Ok(n) if n > 0 && looked > EXPIRE_ROUND && !shutdown.is_set() => continue,
+                Ok(_) => return,
+                Err(e) => {
+                    // The writer reopens a failed journal; the next round tries again.
+                    warn!("cannot expire old records: {}", crate::error_chain(&e));
+                    return;
+                }
+            }
         }
     }
 

@@ -494,7 +494,10 @@ impl MqttLoop {
         if !crate::sparkplug::is_sparkplug_topic(&p.topic) {
             return;
         }
-        let seen = self.tracker.observe(&p.topic, &p.payload, Instant::now());
+        // Stamped before the message's own record is: no later than it.
+        let seen = self
+            .tracker
+            .observe(&p.topic, &p.payload, journal::now_ms(), Instant::now());
         if let Some(gap) = seen.gap {
             warn!("sparkplug upstream gap: {gap}");
             let (ts_ms, mono) = self.clock.stamp();
@@ -515,9 +518,10 @@ impl MqttLoop {
             self.overflow.push_back(Delivery { index, record });
         }
         if let Some((topic, payload)) = seen.rebirth {
+            // Sparkplug B 3.0: commands (NCMD) are published at QoS 0.
             match self
                 .client
-                .try_publish(&topic, QoS::AtLeastOnce, false, payload)
+                .try_publish(&topic, QoS::AtMostOnce, false, payload)
             {
                 Ok(()) => info!("sparkplug: asked {topic} for a rebirth"),
                 Err(e) => warn!("sparkplug: cannot ask {topic} for a rebirth: {e}"),

@@ -1,6 +1,10 @@
 //! Sparkplug B payloads (Eclipse Sparkplug 3.0, `sparkplug_b.proto`) decoded to JSON: a small
-//! protobuf reader, no generated code. Pure; bytes from the network never panic it, never make it
-//! allocate more than their own length, and never recurse deeper than [`MAX_DEPTH`].
+//! protobuf reader, no generated code. Pure; bytes from the network never panic it and never make
+//! it recurse deeper than [`MAX_DEPTH`]. The JSON it builds is larger than the bytes (a few hundred
+//! bytes of `Value` per field, 8 elements per byte of a boolean array): it decodes payloads of at
+//! most [`MAX_PAYLOAD`] bytes (larger ones are an error: `classify` journals them raw), and an
+//! array of more than [`MAX_ARRAY`] elements goes as base64, so one payload decodes to tens of MiB
+//! at most, for as long as its upload is encoded.
 //!
 //! Everything the payload carries is kept: every metric with its name or alias, timestamp,
 //! datatype, flags, metadata and properties, values of every datatype (datasets, templates and
@@ -14,6 +18,10 @@ use serde_json::{Map, Value, json};
 
 /// Deepest nesting of templates, datasets and property sets accepted.
 pub const MAX_DEPTH: usize = 16;
+/// Largest payload decoded.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// Most elements of an array value decoded (more: the value goes as `value_b64`).
+pub const MAX_ARRAY: usize = 65_536;
 
 /// Why bytes are not a Sparkplug B payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -240,6 +248,10 @@ fn long_value(v: u64, datatype: Option<u64>) -> Value {
 /// An array datatype's `bytes_value` (little-endian packed, Sparkplug 3.0 6.4.17) as a JSON
 /// array; `None` when the bytes do not fit the type.
 fn array_value(t: u64, b: &[u8]) -> Option<Value> {
+    // At most 8 elements per byte (a boolean array).
+    if b.len() > MAX_ARRAY / 8 && t == 32 || b.len() > MAX_ARRAY {
+        return None;
+    }
     fn each<const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> Value) -> Option<Value> {
         if b.len() % N != 0 {
             return None;
@@ -289,6 +301,12 @@ fn array_value(t: u64, b: &[u8]) -> Option<Value> {
 
 /// Decodes a whole payload.
 pub fn payload(b: &[u8]) -> Result<Value, Invalid> {
+    if b.len() > MAX_PAYLOAD {
+        return Err(invalid(format!(
+            "{} bytes, more than the {MAX_PAYLOAD} decoded",
+            b.len()
+        )));
+    }
     let mut out = Map::new();
     let mut metrics = Vec::new();
     for f in Fields::new(b) {

@@ -17,8 +17,11 @@
 //!   once per `rebirth_period` per node.
 //!
 //! What holds and what does not: a `seq` seen again (a QoS1 redelivery, a broker resending after
-//! a reconnect) is a repeat, not a gap: a `seq` up to 127 behind the expected one is taken for a
-//! repeat, up to 128 ahead for a gap of that many (the 0..=255 wrap cannot tell more). The
+//! a reconnect) is a repeat, not a gap: a `seq` 1 to 127 ahead of the expected one is a gap of
+//! that many, one 128 or more ahead (that is, up to 128 behind) is taken for a repeat. The
+//! 0..=255 wrap cannot tell more: a loss of 128 messages or more in a row is not reported (the
+//! next birth resynchronises). An NDEATH whose `bdSeq` is not the birth's is reported (Sparkplug
+//! hosts ignore such a stale death) but asks for no rebirth. The
 //! tracker's state lives in memory: after ferry restarts, the first message of a node that is not
 //! a birth is reported (`"no_birth_seen"`, with `"since_start": true`) and, with `rebirth`, makes
 //! the node rebirth; until then its aliases stay unresolved in the decoded form (the raw bytes are
@@ -72,12 +75,21 @@ pub fn is_sparkplug_topic(t: &str) -> bool {
 
 /// `(group, edge node)`.
 type NodeKey = (String, String);
-/// Metric names by alias, per `(edge node, device)`.
-type AliasMaps = HashMap<(NodeKey, Option<String>), HashMap<u64, String>>;
+/// Metric names by alias, per `(edge node, device)`: the maps of its last births, each with the
+/// time the birth was stamped, oldest first.
+type AliasMaps = HashMap<(NodeKey, Option<String>), Vec<(u64, Arc<HashMap<u64, String>>)>>;
 
-/// Metric names by alias, per edge node and device (`None`: the node's own), from the latest
+/// Births remembered per edge node or device: a backlog uploaded after a rebirth that renumbered
+/// the aliases still resolves by the birth before it, unless it spans more births than this.
+const BIRTHS_KEPT: usize = 4;
+
+/// Metric names by alias, per edge node and device (`None`: the node's own), from their last
 /// births. Shared by the `mqtt` thread (which writes it) and the uplink's post threads (which
-/// resolve aliases when they decode).
+/// resolve aliases when they decode): a record is resolved by the latest birth stamped no later
+/// than the record (so data journaled before a rebirth that renumbered the aliases keeps the old
+/// names). Records and births are stamped by the same clock, in milliseconds: data stamped in
+/// the same millisecond as a later birth, or across a backward step of the clock, may resolve by
+/// the wrong one.
 #[derive(Clone, Default)]
 pub struct Aliases {
     inner: Arc<RwLock<AliasMaps>>,
@@ -88,12 +100,12 @@ pub struct Aliases {
 const MAX_ALIASES: usize = 1_000_000;
 
 impl Aliases {
-    fn replace(&self, key: (NodeKey, Option<String>), map: HashMap<u64, String>) {
+    /// A birth of `key` stamped `ts_ms` declared `map`.
+    fn born(&self, key: (NodeKey, Option<String>), ts_ms: u64, map: HashMap<u64, String>) {
         let mut all = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let held: usize = all
-            .iter()
-            .filter(|(k, _)| **k != key)
-            .map(|(_, m)| m.len())
+            .values()
+            .flat_map(|births| births.iter().map(|(_, m)| m.len()))
             .sum();
         if held + map.len() > MAX_ALIASES {
             log::warn!(
@@ -104,19 +116,37 @@ impl Aliases {
             );
             return;
         }
-        all.insert(key, map);
+        let births = all.entry(key).or_default();
+        births.push((ts_ms, Arc::new(map)));
+        if births.len() > BIRTHS_KEPT {
+            births.remove(0);
+        }
     }
 
-    /// Forgets a node and its devices (a new NBIRTH).
-    fn forget_node(&self, node: &NodeKey) {
-        let mut all = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        all.retain(|(n, _), _| n != node);
+    /// A new NBIRTH of `node` stamped `ts_ms`: its devices' aliases are unknown from then on
+    /// until their DBIRTHs.
+    fn node_born(&self, node: &NodeKey, ts_ms: u64) {
+        let devices: Vec<_> = {
+            let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            all.keys()
+                .filter(|(n, d)| n == node && d.is_some())
+                .cloned()
+                .collect()
+        };
+        for key in devices {
+            self.born(key, ts_ms, HashMap::new());
+        }
     }
 
-    /// The decoded form of the payload published on `topic`, metric names resolved from the
-    /// aliases: each metric with an alias and no name gets `"name"` if the alias is known, else
-    /// `"alias_unresolved": true`.
-    pub fn decode(&self, topic_name: &str, payload: &[u8]) -> Result<Value, decode::Invalid> {
+    /// The decoded form of the payload published on `topic` and stamped `ts_ms`, metric names
+    /// resolved from the aliases of the latest birth stamped no later: each metric with an alias
+    /// and no name gets `"name"` if the alias is known, else `"alias_unresolved": true`.
+    pub fn decode(
+        &self,
+        topic_name: &str,
+        payload: &[u8],
+        ts_ms: u64,
+    ) -> Result<Value, decode::Invalid> {
         let mut v = decode::payload(payload)?;
         let Some(t) = topic(topic_name) else {
             return Ok(v);
@@ -126,7 +156,13 @@ impl Aliases {
             t.device.map(str::to_owned),
         );
         let all = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let names = all.get(&key);
+        let names = all.get(&key).and_then(|births| {
+            births
+                .iter()
+                .rev()
+                .find(|(born, _)| *born <= ts_ms)
+                .map(|(_, map)| map)
+        });
         if let Some(metrics) = v.get_mut("metrics").and_then(Value::as_array_mut) {
             for m in metrics {
                 let Some(obj) = m.as_object_mut() else {
@@ -193,9 +229,16 @@ impl Tracker {
         }
     }
 
-    /// Looks at one message as it arrives. Messages outside the namespace, commands, host
-    /// STATE and payloads that do not decode are not followed.
-    pub fn observe(&mut self, topic_name: &str, payload: &[u8], now: Instant) -> Observed {
+    /// Looks at one message as it arrives (`ts_ms`: the time its record is stamped with, or a
+    /// little earlier). Messages outside the namespace, commands, host STATE and payloads that do
+    /// not decode are not followed.
+    pub fn observe(
+        &mut self,
+        topic_name: &str,
+        payload: &[u8],
+        ts_ms: u64,
+        now: Instant,
+    ) -> Observed {
         let Some(t) = topic(topic_name) else {
             return Observed::default();
         };
@@ -241,8 +284,9 @@ impl Tracker {
             "NBIRTH" => {
                 node.bd_seq = bd_seq;
                 node.last_seq = seq;
-                self.aliases.forget_node(&key);
-                self.aliases.replace((key.clone(), None), names(&decoded));
+                self.aliases.node_born(&key, ts_ms);
+                self.aliases
+                    .born((key.clone(), None), ts_ms, names(&decoded));
             }
             "NDEATH" => {
                 if bd_seq.is_some() && node.bd_seq.is_some() && bd_seq != node.bd_seq {
@@ -286,11 +330,19 @@ impl Tracker {
         }
         if t.kind == "DBIRTH" {
             if let Some(device) = t.device {
-                self.aliases
-                    .replace((key.clone(), Some(device.to_owned())), names(&decoded));
+                self.aliases.born(
+                    (key.clone(), Some(device.to_owned())),
+                    ts_ms,
+                    names(&decoded),
+                );
             }
         }
-        if out.gap.is_some() {
+        // A stale NDEATH (another session's) is reported, but is no reason for a rebirth.
+        let resync = out
+            .gap
+            .as_ref()
+            .is_some_and(|g| g["kind"] != "bd_seq_mismatch");
+        if resync {
             if let Some(period) = self.rebirth {
                 if node
                     .rebirth_asked

@@ -174,11 +174,39 @@ fn aliases_resolve_from_the_latest_birth() {
     let aliases = Aliases::default();
     let mut t = Tracker::new(aliases.clone(), None);
     let now = Instant::now();
-    t.observe("spBv1.0/g/NBIRTH/n", &birth(0, 1), now);
-    let v = aliases.decode("spBv1.0/g/NDATA/n", &data(1)).unwrap();
+    t.observe("spBv1.0/g/NBIRTH/n", &birth(0, 1), 1_000, now);
+    let v = aliases
+        .decode("spBv1.0/g/NDATA/n", &data(1), 1_000)
+        .unwrap();
     assert_eq!(v["metrics"][0]["name"], "Temperature");
-    let v = aliases.decode("spBv1.0/g/NDATA/other", &data(1)).unwrap();
+    let v = aliases
+        .decode("spBv1.0/g/NDATA/other", &data(1), 1_000)
+        .unwrap();
     assert_eq!(v["metrics"][0]["alias_unresolved"], true);
+    // Data stamped before the first birth known: unresolved.
+    let v = aliases.decode("spBv1.0/g/NDATA/n", &data(1), 999).unwrap();
+    assert_eq!(v["metrics"][0]["alias_unresolved"], true);
+}
+
+/// A rebirth that renumbers the aliases: data journaled before it resolves by the birth before.
+#[test]
+fn data_resolves_by_the_birth_before_it() {
+    let aliases = Aliases::default();
+    let mut t = Tracker::new(aliases.clone(), None);
+    let now = Instant::now();
+    t.observe("spBv1.0/g/NBIRTH/n", &birth(0, 1), 100, now);
+    let renumbered = payload(
+        Some(0),
+        &[metric(Some("Pressure"), Some(5), 3, |m| {
+            m.uint(10, 7);
+        })],
+    );
+    t.observe("spBv1.0/g/NBIRTH/n", &renumbered, 200, now);
+    let name = |ts| {
+        aliases.decode("spBv1.0/g/NDATA/n", &data(1), ts).unwrap()["metrics"][0]["name"].clone()
+    };
+    assert_eq!(name(150), "Temperature");
+    assert_eq!(name(250), "Pressure");
 }
 
 #[test]
@@ -187,27 +215,30 @@ fn upstream_gaps_are_found_and_repeats_are_not() {
     let now = Instant::now();
     let n = "spBv1.0/g/NDATA/n";
     assert_eq!(
-        t.observe("spBv1.0/g/NBIRTH/n", &birth(254, 7), now),
+        t.observe("spBv1.0/g/NBIRTH/n", &birth(254, 7), 1_000, now),
         Observed::default()
     );
-    assert!(t.observe(n, &data(255), now).gap.is_none());
+    assert!(t.observe(n, &data(255), 1_000, now).gap.is_none());
     // Wraps to 0.
-    assert!(t.observe(n, &data(0), now).gap.is_none());
-    let gap = t.observe(n, &data(3), now).gap.unwrap();
+    assert!(t.observe(n, &data(0), 1_000, now).gap.is_none());
+    let gap = t.observe(n, &data(3), 1_000, now).gap.unwrap();
     assert_eq!(gap["kind"], "seq");
     assert_eq!(gap["missing"], 2);
     assert_eq!(gap["missing_seqs"], "1..=2");
     assert_eq!(gap["edge_node"], "n");
     // A redelivery of seq 3, or of an older one: not a gap.
-    assert!(t.observe(n, &data(3), now).gap.is_none());
-    assert!(t.observe(n, &data(0), now).gap.is_none());
-    assert!(t.observe(n, &data(4), now).gap.is_none());
+    assert!(t.observe(n, &data(3), 1_000, now).gap.is_none());
+    assert!(t.observe(n, &data(0), 1_000, now).gap.is_none());
+    assert!(t.observe(n, &data(4), 1_000, now).gap.is_none());
     // Data from a node never seen born.
-    let gap = t.observe("spBv1.0/g/DDATA/m/d", &data(9), now).gap.unwrap();
+    let gap = t
+        .observe("spBv1.0/g/DDATA/m/d", &data(9), 1_000, now)
+        .gap
+        .unwrap();
     assert_eq!(gap["kind"], "no_birth_seen");
     assert_eq!(gap["since_start"], true);
     assert!(
-        t.observe("spBv1.0/g/DDATA/m/d", &data(10), now)
+        t.observe("spBv1.0/g/DDATA/m/d", &data(10), 1_000, now)
             .gap
             .is_none()
     );
@@ -220,7 +251,7 @@ fn upstream_gaps_are_found_and_repeats_are_not() {
         }),
     );
     let gap = t
-        .observe("spBv1.0/g/NDEATH/n", &death.buf, now)
+        .observe("spBv1.0/g/NDEATH/n", &death.buf, 1_000, now)
         .gap
         .unwrap();
     assert_eq!(gap["kind"], "bd_seq_mismatch");
@@ -234,36 +265,45 @@ fn upstream_gaps_are_found_and_repeats_are_not() {
         }),
     );
     assert!(
-        t.observe("spBv1.0/g/NDEATH/n", &death.buf, now)
+        t.observe("spBv1.0/g/NDEATH/n", &death.buf, 1_000, now)
             .gap
             .is_none()
     );
-    let gap = t.observe(n, &data(5), now).gap.unwrap();
+    let gap = t.observe(n, &data(5), 1_000, now).gap.unwrap();
     assert_eq!(
         (gap["kind"].as_str(), gap["since_start"].as_bool()),
         (Some("no_birth_seen"), Some(false))
     );
     // Not Sparkplug, or not decodable: not followed.
-    assert_eq!(t.observe("sensors/a", b"{}", now), Observed::default());
-    assert_eq!(t.observe(n, &[0xff; 3], now), Observed::default());
+    assert_eq!(
+        t.observe("sensors/a", b"{}", 1_000, now),
+        Observed::default()
+    );
+    assert_eq!(t.observe(n, &[0xff; 3], 1_000, now), Observed::default());
 }
 
 #[test]
 fn a_rebirth_is_asked_at_most_once_per_period() {
     let mut t = Tracker::new(Aliases::default(), Some(Duration::from_secs(60)));
     let now = Instant::now();
-    t.observe("spBv1.0/g/NBIRTH/n", &birth(0, 1), now);
-    let first = t.observe("spBv1.0/g/NDATA/n", &data(5), now);
+    t.observe("spBv1.0/g/NBIRTH/n", &birth(0, 1), 1_000, now);
+    let first = t.observe("spBv1.0/g/NDATA/n", &data(5), 1_000, now);
     let (topic_name, body) = first.rebirth.unwrap();
     assert_eq!(topic_name, "spBv1.0/g/NCMD/n");
     let v = decode::payload(&body).unwrap();
     assert_eq!(v["metrics"][0]["name"], "Node Control/Rebirth");
     assert_eq!(v["metrics"][0]["value"], true);
-    let second = t.observe("spBv1.0/g/NDATA/n", &data(9), now + Duration::from_secs(10));
+    let second = t.observe(
+        "spBv1.0/g/NDATA/n",
+        &data(9),
+        1_000,
+        now + Duration::from_secs(10),
+    );
     assert!(second.gap.is_some() && second.rebirth.is_none());
     let third = t.observe(
         "spBv1.0/g/NDATA/n",
         &data(20),
+        1_000,
         now + Duration::from_secs(61),
     );
     assert!(third.rebirth.is_some());

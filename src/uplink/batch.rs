@@ -47,14 +47,16 @@ pub fn encode_body(
             Entry::Record(r) => {
                 let (payload, mut parse_error) = wire_payload(r.format, &r.payload, r.parse_error);
                 let sparkplug = match r.format {
-                    StoredFormat::SparkplugB => match ann.aliases.decode(&r.topic, &r.payload) {
-                        Ok(v) => Some(v),
-                        // It decoded at ingest: the journal's bytes changed. Sent raw, flagged.
-                        Err(_) => {
-                            parse_error = true;
-                            None
+                    StoredFormat::SparkplugB => {
+                        match ann.aliases.decode(&r.topic, &r.payload, r.ts_ms) {
+                            Ok(v) => Some(v),
+                            // It decoded at ingest: the journal's bytes changed. Sent raw, flagged.
+                            Err(_) => {
+                                parse_error = true;
+                                None
+                            }
                         }
-                    },
+                    }
                     _ => None,
                 };
                 let t = ann.time(r);

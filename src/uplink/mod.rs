@@ -353,14 +353,15 @@ impl Uplink {
                         self.clock_wait = true;
                         self.stats.set_uplink(|u| u.state = "waiting for the clock");
                     }
+                    // Nothing of this read goes out now: it protects nothing from trimming.
+                    self.journal.unread_after(after);
                     if self.flight.is_empty() {
-                        // Nothing of this read goes out: it protects nothing from trimming.
-                        self.journal.release();
                         self.shutdown.sleep(Duration::from_millis(200));
                     }
                     break;
                 }
                 entries.truncate(held);
+                self.journal.unread_after(span(&entries).1);
             }
             self.clock_wait = false;
             if !self.pace(&entries) {

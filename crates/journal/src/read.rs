@@ -113,6 +113,14 @@ impl Journal {
         Ok(out)
     }
 
+    /// Entries read past `seq` are not going to be uploaded now (the uplink held them back):
+    /// they lose their protection from `drop_oldest` and expiry, and are read again later.
+    pub fn unread_after(&self, seq: u64) {
+        let mut st = self.lock();
+        st.protected_through = st.protected_through.min(seq).max(st.acked);
+        st.inflight.retain(|e| e.1 <= seq);
+    }
+
     /// Drops the protection of entries read for an upload that will not be acknowledged.
     pub fn release(&self) {
         let mut st = self.lock();

@@ -258,6 +258,32 @@ fn expiry_covers_the_oldest_unsent_records_with_expired_gaps() {
     assert_eq!(j.positions().backlog_records, 6);
 }
 
+/// Entries read and then held back by the uplink (`unread_after`) lose their protection:
+/// `drop_oldest` may trim them, while those still in the upload stay protected.
+#[test]
+fn entries_read_and_held_back_are_no_longer_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = drop_oldest_with_three_records(dir.path());
+    assert_eq!(
+        seqs(&j.read_batch(None, 3, 1 << 20).unwrap()),
+        vec![1, 2, 3]
+    );
+    // Only seq 1 goes out; 2 and 3 are held back.
+    j.unread_after(1);
+    let a = append_synced(&j, &[rec("t", &[b'x'; 10_000]), rec("t", &[b'x'; 10_000])]);
+    assert_eq!(a.dropped, 2);
+    assert!(j.ack(1).unwrap());
+    let rest = j.read_batch(None, 100, 1 << 30).unwrap();
+    assert_eq!(
+        rest[0],
+        Entry::Gap {
+            from_seq: 2,
+            to_seq: 3,
+            reason: GapReason::JournalFull
+        }
+    );
+}
+
 /// The uplink acks the first of two batches in flight: the second stays protected from
 /// `drop_oldest` until it is acknowledged or released.
 #[test]

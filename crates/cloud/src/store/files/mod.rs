@@ -428,6 +428,7 @@ impl FilesStore {
         device.records = RangeSet::new();
         device.unsynced.clear();
         device.fingerprints = Fingerprints::new();
+        device.upstream_gaps = 0;
         device.written = 0;
         device.durable = 0;
         if durable > 0 {

@@ -510,6 +510,41 @@ fn a_failed_sync_refuses_every_request_waiting_for_it_and_the_resend_is_stored()
     assert_eq!(fs::read_to_string(&path).expect("read").lines().count(), 3);
 }
 
+/// Upstream-gap records are counted once each: at write, and again from the file after a failed
+/// sync reloads the durable ones (not on top of the count before it).
+#[test]
+fn upstream_gaps_are_counted_once_across_a_failed_sync() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gap = |seq: u64| {
+        format!(
+            r#"{{"seq":{seq},"ts_ms":1,"topic":"$ferry/upstream_gap","payload":{{"kind":"seq"}}}}"#
+        )
+    };
+    {
+        let store = FilesStore::open(dir.path()).expect("open");
+        store.ingest(&batch_of(&[&gap(1)], &[])).expect("ingest");
+        assert_eq!(store.devices()[0].upstream_gaps, 1);
+    }
+    let gate = Arc::new(Gate::default());
+    let store = Arc::new(gate.store(dir.path()));
+    assert_eq!(store.devices()[0].upstream_gaps, 1, "counted at load");
+    let failing = {
+        let store = Arc::clone(&store);
+        let line = gap(2);
+        std::thread::spawn(move || store.ingest(&batch_of(&[&line], &[])))
+    };
+    wait_for("the sync to start", || gate.calls() == 1);
+    gate.open(true);
+    assert!(matches!(
+        failing.join().expect("thread"),
+        Err(Error::Sync { .. })
+    ));
+    assert_eq!(store.devices()[0].upstream_gaps, 1, "after the failed sync");
+    gate.open(false);
+    store.ingest(&batch_of(&[&gap(2)], &[])).expect("ingest");
+    assert_eq!(store.devices()[0].upstream_gaps, 2);
+}
+
 /// A sync that does not end (a hung disk) holds the request that runs it, but the others waiting
 /// for it are answered within the store's wait with `SyncSlow` (503 to the sender), and their
 /// lines are stored once a sync does end.
