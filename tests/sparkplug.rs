@@ -98,7 +98,7 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let cloud = Cloud::start(&tmp.path().join("cloud"));
-    let agent = Agent::standard_edited(
+    let mut agent = Agent::standard_edited(
         &tmp.path().join("agent"),
         broker.port,
         &cloud.url(),
@@ -120,9 +120,29 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
     node.run("data 1");
     node.run("crash");
     node.run("data 1");
+    // ferry restarts: it has not seen the node's birth since, so its next data is reported as
+    // unknown (not a gap), and ferry asks for a rebirth. (QoS 0 messages still on their way when
+    // it stops would be lost: it stops once the last DDATA is at the cloud.)
+    wait_until(
+        "the data before the restart at the cloud",
+        Duration::from_secs(30),
+        || {
+            cloud
+                .records(DEVICE)
+                .iter()
+                .filter(|r| kind(r) == "DDATA")
+                .count()
+                == 4
+        },
+    );
+    agent.stop();
+    agent.start_again();
+    agent.wait_connected();
+    node.run("data 1");
+    node.run("wait_rebirth 20");
     node.run("quit");
 
-    // The last message: the NDEATH of the second session (the first is the broker's will).
+    // The last message: the NDEATH of the last session (the first is the broker's will).
     // Two uploads may be in flight: wait for the cursor too, so that every batch is stored.
     wait_until(
         "the last death at the cloud",
@@ -148,19 +168,35 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
             count("NDATA"),
             count("DDATA")
         ),
-        (3, 3, 6, 4),
+        (4, 4, 7, 5),
         "{records:#?}"
     );
 
+    // The data after ferry's restart and before the rebirth it asked for comes before any birth
+    // it saw: its aliases cannot be resolved, and say so. Every other alias is.
+    let unknown_at = records
+        .iter()
+        .find(|r| r["topic"] == "$ferry/upstream_unknown")
+        .and_then(|r| r["seq"].as_u64())
+        .unwrap();
+    let reborn_at = records
+        .iter()
+        .find(|r| kind(r) == "NBIRTH" && r["seq"].as_u64() > Some(unknown_at))
+        .and_then(|r| r["seq"].as_u64())
+        .unwrap();
     for r in records
         .iter()
-        .filter(|r| kind(r) != "NCMD" && r["topic"] != "$ferry/upstream_gap")
+        .filter(|r| kind(r) != "NCMD" && !r["topic"].as_str().unwrap().starts_with("$ferry/"))
     {
         assert!(r["payload_b64"].is_string(), "{r}");
         let sp = &r["sparkplug"];
         assert!(sp["metrics"].is_array(), "{r}");
         for m in sp["metrics"].as_array().unwrap() {
-            assert!(m["name"].is_string(), "every alias resolved: {r}");
+            if (unknown_at..reborn_at).contains(&r["seq"].as_u64().unwrap()) {
+                assert_eq!(m["alias_unresolved"], true, "{r}");
+            } else {
+                assert!(m["name"].is_string(), "every alias resolved: {r}");
+            }
         }
     }
     let ndata = records.iter().find(|r| kind(r) == "NDATA").unwrap();
@@ -235,7 +271,20 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
     assert_eq!(kind(after), "NDATA");
     assert_eq!(after["sparkplug"]["seq"], gap["received_seq"]);
 
-    // ferry asked for the rebirth (the node answered it: "ok wait_rebirth" above).
+    // After ferry's restart: one record saying it cannot tell, before the data that showed it.
+    let unknown: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["topic"] == "$ferry/upstream_unknown")
+        .collect();
+    assert_eq!(unknown.len(), 1, "{unknown:#?}");
+    assert_eq!(unknown[0]["payload"]["kind"], "no_birth_seen");
+    assert_eq!(unknown[0]["payload"]["since_start"], true);
+    // The center counts the two gaps, not the unknown.
+    let ledger = cloud.ledger(DEVICE).unwrap();
+    assert_eq!(ledger["upstream_gaps"], 2, "{ledger}");
+
+    // ferry asked for the rebirths (the node answered them: "ok wait_rebirth" above).
+    assert_eq!(records.iter().filter(|r| kind(r) == "NCMD").count(), 2);
     let ncmd = records.iter().find(|r| kind(r) == "NCMD").unwrap();
     assert_eq!(
         ncmd["sparkplug"]["metrics"][0]["name"], "Node Control/Rebirth",

@@ -499,11 +499,17 @@ impl MqttLoop {
             .tracker
             .observe(&p.topic, &p.payload, journal::now_ms(), Instant::now());
         if let Some(gap) = seen.gap {
-            warn!("sparkplug upstream gap: {gap}");
+            if crate::sparkplug::event_topic(&gap) == crate::sparkplug::UPSTREAM_GAP_TOPIC {
+                warn!("sparkplug upstream gap: {gap}");
+            } else {
+                info!(
+                    "sparkplug: first data of a node since ferry started, before its birth: {gap}"
+                );
+            }
             let (ts_ms, mono) = self.clock.stamp();
             let record = NewRecord {
                 ts_ms,
-                topic: crate::sparkplug::UPSTREAM_GAP_TOPIC.into(),
+                topic: crate::sparkplug::event_topic(&gap).into(),
                 payload: gap.to_string().into_bytes(),
                 format: StoredFormat::Json,
                 parse_error: false,

@@ -23,9 +23,10 @@
 //! next birth resynchronises). An NDEATH whose `bdSeq` is not the birth's is reported (Sparkplug
 //! hosts ignore such a stale death) but asks for no rebirth. The
 //! tracker's state lives in memory: after ferry restarts, the first message of a node that is not
-//! a birth is reported (`"no_birth_seen"`, with `"since_start": true`) and, with `rebirth`, makes
-//! the node rebirth; until then its aliases stay unresolved in the decoded form (the raw bytes are
-//! always there).
+//! a birth is journaled on [`UPSTREAM_UNKNOWN_TOPIC`] (`"no_birth_seen"`, `"since_start": true`:
+//! not a gap, since nothing says one happened, and not counted as one by the center) and, with
+//! `rebirth`, makes the node rebirth; until then its aliases stay unresolved in the decoded form
+//! (the raw bytes are always there).
 
 pub mod decode;
 pub mod encode;
@@ -40,6 +41,18 @@ use serde_json::{Value, json};
 pub const NAMESPACE: &str = "spBv1.0/";
 /// Topic of the records ferry journals for an upstream gap.
 pub const UPSTREAM_GAP_TOPIC: &str = "$ferry/upstream_gap";
+/// Topic of the records ferry journals when it cannot tell: the first data of a node after ferry
+/// itself started (it has not seen that node's birth, and does not know what it missed).
+pub const UPSTREAM_UNKNOWN_TOPIC: &str = "$ferry/upstream_unknown";
+
+/// The topic an event of the tracker is journaled on.
+pub fn event_topic(event: &Value) -> &'static str {
+    if event["since_start"] == true {
+        UPSTREAM_UNKNOWN_TOPIC
+    } else {
+        UPSTREAM_GAP_TOPIC
+    }
+}
 
 /// A Sparkplug B topic, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
