@@ -415,7 +415,7 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     let replicas: Vec<Cloud> = starting.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(
         pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
-        "5"
+        ferry_cloud::store::postgres::MIGRATIONS.len().to_string()
     );
     for cloud in &replicas {
         assert!(cloud.get("/v1/devices").contains("\"total\":0"));
@@ -432,7 +432,10 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("database schema is at version 99, newer than this ferry-cloud knows (5)"),
+        stderr.contains(&format!(
+            "database schema is at version 99, newer than this ferry-cloud knows ({})",
+            ferry_cloud::store::postgres::MIGRATIONS.len()
+        )),
         "{stderr}"
     );
     assert_eq!(

@@ -475,7 +475,7 @@ fn an_upgraded_database_lists_its_devices_by_their_ledger() {
     }
     assert_eq!(
         pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
-        "5"
+        ferry_cloud::store::postgres::MIGRATIONS.len().to_string()
     );
 }
 
