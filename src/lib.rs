@@ -19,8 +19,11 @@
 //!   answers handled in seq order.
 //! - `downlink` owns the WebSocket (`tungstenite`) the agent keeps open to the cloud and runs its
 //!   commands; command results and the audited rewind of the cursor live in the journal.
+//! - `sparkplug` decodes Sparkplug B payloads for the upload and follows each edge node's `seq`
+//!   and `bdSeq` in the `mqtt` thread, journaling an upstream gap where one shows.
 //! - `clock` decides whether the wall clock is trusted (the kernel's NTP status, the build time),
-//!   stamps records with the monotonic clock while it is not, and corrects their time at upload.
+//!   stamps records with the monotonic clock while it is not, and corrects their time at upload;
+//!   its thread also expires records older than `journal.max_age`.
 //! - `tls` holds the one rustls crypto provider and the `[tls]` material of both links.
 //! - `operator` carries out the operator's commands (status, apply or set config, restart,
 //!   publish, replay_from, a new identity) for the three ways they arrive: `control` (the HTTP
@@ -37,7 +40,7 @@
 //! nothing the broker considers delivered can be lost by a crash or a power cut. Every record gets
 //! a seq once, strictly increasing and never reused; only durable records are uploaded, and the
 //! cursor moves only after the cloud answered 2xx for every batch up to it. Every seq ends up either delivered or reported
-//! as a gap (`journal_full`, `rejected`, `journal_lost`), so nothing is skipped silently; a record
+//! as a gap (`journal_full`, `rejected`, `journal_lost`, `expired`), so nothing is skipped silently; a record
 //! may be sent twice after a crash, and the cloud deduplicates by `(device_id, seq)`.
 
 // The walls the compiler keeps: the journal (the only crate that depends on sled), the protocol

@@ -257,7 +257,8 @@ fn stored_once_and_deduped_across_a_restart(backend: &Backend) {
             "gaps": [{"from_seq": 1, "to_seq": 2, "reason": "journal_full"}],
             "clashes": [], "clashes_total": 0, "states": ["behind"],
             "ledger": {"head_seq": 7, "acked_seq": 0, "delivered": 3, "gaps": {"journal_full": 2},
-                       "waiting": 2, "missing": 0, "oldest_unsent_ts_ms": null, "reported": false}}],
+                       "waiting": 2, "missing": 0, "oldest_unsent_ts_ms": null, "reported": false,
+                       "upstream_gaps": 0}}],
                "total": 1, "offset": 0, "limit": 1000})
     );
 
@@ -450,11 +451,12 @@ fn an_upgraded_database_lists_its_devices_by_their_ledger() {
         assert_eq!(cloud.post_gzip(&batch("gw-lagging", 1..=5, 9, 0)).0, 200);
     }
     // Back to what version 2 wrote: no ledger columns, no indexes on them (version 3), no
-    // per-replica connections (version 4), no command senders (version 5).
+    // per-replica connections (version 4), no command senders (version 5), no upstream gap
+    // counts (version 6).
     pg.psql(
         "ALTER TABLE ferry_devices DROP COLUMN listed, DROP COLUMN ledger_delivered,
              DROP COLUMN ledger_gaps, DROP COLUMN ledger_waiting, DROP COLUMN ledger_missing,
-             DROP COLUMN ledger_balanced;
+             DROP COLUMN ledger_balanced, DROP COLUMN upstream_gaps;
          DROP TABLE ferry_replicas, ferry_sockets;
          ALTER TABLE ferry_commands DROP COLUMN sent_by;
          ALTER TABLE ferry_downlink ADD COLUMN connected int8 NOT NULL DEFAULT 0;

@@ -26,7 +26,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `X` seq:u64 | an overlay: a gap (`to_seq`, reason) shown in place of the log's entries `seq..=to_seq` — a dead-lettered record (`rejected`), records dropped for room (`journal_full`), unreadable ones (`journal_lost`) |
+//! | `X` seq:u64 | an overlay: a gap (`to_seq`, reason) shown in place of the log's entries `seq..=to_seq` — a dead-lettered record (`rejected`), records dropped for room (`journal_full`), unreadable ones (`journal_lost`), unsent ones too old (`expired`, `budget.rs`) |
 //! | `D` seq:u64 | a dead-lettered record: why the cloud refused it, then the record's entry value (`dead.rs`) |
 //! | `W` | the redelivery window (`redelivery.rs`): the seq it is complete below, then (seq, MQTT packet id, hash of topic+payload) of the newest QoS1 messages journaled |
 //! | `M` name | `next_seq`, `acked`, `backlog_records`, `backlog_bytes`, `dead_bytes` (written together, one snapshot), `durable` (the seq the log was synced through at that snapshot), `retain_from`, `retained_bytes`, all u64 |
