@@ -258,7 +258,7 @@ fn stored_once_and_deduped_across_a_restart(backend: &Backend) {
             "clashes": [], "clashes_total": 0, "states": ["behind"],
             "ledger": {"head_seq": 7, "acked_seq": 0, "delivered": 3, "gaps": {"journal_full": 2},
                        "waiting": 2, "missing": 0, "oldest_unsent_ts_ms": null, "reported": false,
-                       "upstream_gaps": 0}}],
+                       "upstream_gaps": 0, "backlog_bytes": null}}],
                "total": 1, "offset": 0, "limit": 1000})
     );
 
@@ -452,11 +452,11 @@ fn an_upgraded_database_lists_its_devices_by_their_ledger() {
     }
     // Back to what version 2 wrote: no ledger columns, no indexes on them (version 3), no
     // per-replica connections (version 4), no command senders (version 5), no upstream gap
-    // counts (version 6).
+    // counts (version 6), no backlog bytes (version 7).
     pg.psql(
         "ALTER TABLE ferry_devices DROP COLUMN listed, DROP COLUMN ledger_delivered,
              DROP COLUMN ledger_gaps, DROP COLUMN ledger_waiting, DROP COLUMN ledger_missing,
-             DROP COLUMN ledger_balanced, DROP COLUMN upstream_gaps;
+             DROP COLUMN ledger_balanced, DROP COLUMN upstream_gaps, DROP COLUMN backlog_bytes;
          DROP TABLE ferry_replicas, ferry_sockets;
          ALTER TABLE ferry_commands DROP COLUMN sent_by;
          ALTER TABLE ferry_downlink ADD COLUMN connected int8 NOT NULL DEFAULT 0;
@@ -583,6 +583,61 @@ fn upstream_gaps_counted(backend: &Backend) {
         listed["devices"][0]["ledger"]["upstream_gaps"], 1,
         "{listed}"
     );
+}
+
+on_both_stores!(
+    the_backlog_bytes_a_gateway_reports_are_in_its_ledger,
+    the_backlog_bytes_a_gateway_reports_are_in_its_ledger_on_postgres,
+    backlog_bytes_reported
+);
+
+/// `held.backlog_bytes` (newer agents) is kept with the rest of the gateway's report: in the
+/// ledger and the device list; PostgreSQL keeps it across a restart (the files store keeps
+/// reports since its start). An older agent's report has none: `null`.
+fn backlog_bytes_reported(backend: &Backend) {
+    let batch = |held: Value| {
+        json!({"device_id": "gw-b", "held": held, "records": [
+            {"seq": 1, "ts_ms": 1, "topic": "t", "payload": 1}]})
+    };
+    let mut cloud = Cloud::start_on(backend, &[]);
+    let bytes = |cloud: &Cloud| cloud.get_json("/v1/devices/gw-b/ledger")["backlog_bytes"].clone();
+    assert_eq!(
+        cloud
+            .post_gzip(&batch(json!({"head_seq": 3, "acked_seq": 0})))
+            .0,
+        200
+    );
+    assert_eq!(bytes(&cloud), Value::Null);
+    assert_eq!(
+        cloud
+            .post_gzip(&batch(
+                json!({"head_seq": 3, "acked_seq": 1, "backlog_bytes": 4321})
+            ))
+            .0,
+        200
+    );
+    assert_eq!(bytes(&cloud), json!(4321));
+    let listed = cloud.get_json("/v1/devices");
+    assert_eq!(
+        listed["devices"][0]["ledger"]["backlog_bytes"], 4321,
+        "{listed}"
+    );
+    assert_eq!(
+        cloud
+            .post_gzip(&batch(
+                json!({"head_seq": 3, "acked_seq": 1, "backlog_bytes": -1})
+            ))
+            .0,
+        400
+    );
+    assert!(cloud.terminate().success(), "exit status after SIGTERM");
+    drop(cloud);
+    let cloud = Cloud::start_on(backend, &[]);
+    let expected = match backend {
+        Backend::Files(_) => Value::Null,
+        Backend::Postgres(_) => json!(4321),
+    };
+    assert_eq!(bytes(&cloud), expected);
 }
 
 /// Records `seqs` of `gw-x` as the gateway `name` would send them: two gateways sharing the id send

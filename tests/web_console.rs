@@ -287,6 +287,12 @@ fn an_operator_sees_the_fleet_and_sends_a_command_from_the_browser() {
         browser.wait_for(drain, &json!(true), Duration::from_secs(30)),
         json!(true)
     );
+    // And the bytes it holds, as the gateway reported them.
+    let bytes = "/^[0-9.]+ (B|KiB|MiB)$/.test(document.querySelector('tr[data-device=\"gw-test\"] td.bytes')?.textContent ?? '')";
+    assert_eq!(
+        browser.wait_for(bytes, &json!(true), Duration::from_secs(30)),
+        json!(true)
+    );
     browser.screenshot(&artifacts().join("behind.png"));
     assert_eq!(
         browser.wait_for(row_states, &json!("healthy"), Duration::from_secs(90)),

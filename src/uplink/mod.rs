@@ -781,6 +781,7 @@ pub(crate) fn held(p: &crate::journal::Positions, oldest_unsent_ts_ms: Option<u6
         head_seq: p.durable_seq,
         acked_seq: p.acked_seq,
         oldest_unsent_ts_ms,
+        backlog_bytes: Some(p.backlog_bytes),
     }
 }
 

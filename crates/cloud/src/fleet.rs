@@ -287,6 +287,7 @@ fn ledger_summary(d: &DeviceSummary) -> Value {
         "waiting": l.waiting,
         "missing": l.missing,
         "oldest_unsent_ts_ms": l.oldest_unsent_ts_ms,
+        "backlog_bytes": l.backlog_bytes,
         "reported": l.reported,
         "upstream_gaps": d.upstream_gaps,
     })

@@ -43,6 +43,8 @@ pub struct Ledger {
     pub missing_ranges: Vec<(u64, u64)>,
     /// When the gateway received its oldest record not yet delivered, as it last reported.
     pub oldest_unsent_ts_ms: Option<u64>,
+    /// Bytes of the gateway's journal not yet delivered, as it last reported (newer agents).
+    pub backlog_bytes: Option<u64>,
     /// Whether the gateway reported what it holds (with the files store: since its start).
     pub reported: bool,
 }
@@ -88,6 +90,7 @@ impl Ledger {
             waiting_ranges: capped(waiting_ranges),
             missing_ranges: capped(missing_ranges),
             oldest_unsent_ts_ms: held.and_then(|h| h.oldest_unsent_ts_ms),
+            backlog_bytes: held.and_then(|h| h.backlog_bytes),
             reported: held.is_some(),
         };
         (ledger, covered)
@@ -131,6 +134,7 @@ mod tests {
             head_seq,
             acked_seq,
             oldest_unsent_ts_ms: Some(7),
+            backlog_bytes: None,
         })
     }
 
@@ -234,11 +238,13 @@ mod tests {
             head_seq: 10,
             acked_seq: 5,
             oldest_unsent_ts_ms: Some(1),
+            backlog_bytes: None,
         };
         let new = Held {
             head_seq: 20,
             acked_seq: 10,
             oldest_unsent_ts_ms: Some(2),
+            backlog_bytes: Some(9),
         };
         assert_eq!(later(Some(new), old), new);
         assert_eq!(later(Some(old), new), new);

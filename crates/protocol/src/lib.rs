@@ -49,6 +49,9 @@ pub struct Held {
     /// Unix epoch; absent when it holds none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_unsent_ts_ms: Option<u64>,
+    /// Bytes of the journal's entries not yet acknowledged (additive in v1: older agents omit it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_bytes: Option<u64>,
 }
 
 /// One journaled MQTT message. Exactly one of `payload`, `payload_text`, `payload_b64` is set.

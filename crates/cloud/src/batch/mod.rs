@@ -208,10 +208,18 @@ pub(crate) fn parse_held(value: Value) -> Result<Held, Invalid> {
             )
         })?),
     };
+    let backlog_bytes =
+        match fields.get("backlog_bytes") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                invalid("held.backlog_bytes", "not a non-negative integer or null")
+            })?),
+        };
     Ok(Held {
         head_seq,
         acked_seq,
         oldest_unsent_ts_ms,
+        backlog_bytes,
     })
 }
 

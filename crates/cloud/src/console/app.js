@@ -61,6 +61,14 @@ function age(seconds) {
 const count = (n) => (n === null || n === undefined ? "-" : Number(n).toLocaleString("en-US"));
 const nowS = () => Date.now() / 1000;
 
+// A size in bytes, with its unit.
+function size(bytes) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let n = bytes, i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i === 0 ? String(n) : n.toFixed(1)) + " " + units[i];
+}
+
 function el(tag, attrs = {}, text) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
@@ -179,6 +187,7 @@ function drawTable(page) {
     tr.appendChild(states);
     tr.appendChild(el("td", {}, d.last_seen_ms ? age(nowS() - d.last_seen_ms / 1000) + " ago" : "-"));
     tr.appendChild(el("td", { class: "num" }, count(l.waiting)));
+    tr.appendChild(el("td", { class: "num bytes" }, l.waiting > 0 && l.backlog_bytes != null ? size(l.backlog_bytes) : "-"));
     tr.appendChild(el("td", {}, l.waiting > 0 && l.oldest_unsent_ts_ms ? age(nowS() - l.oldest_unsent_ts_ms / 1000) : "-"));
     tr.appendChild(el("td", { class: "num drain" }, drain(d.device_id, l.waiting)));
     const pct = l.head_seq ? ((100 * l.delivered) / l.head_seq).toFixed(l.delivered === l.head_seq ? 0 : 1) : "100";
@@ -232,7 +241,7 @@ async function loadDevice(id) {
   for (const [k, v] of [
     ["delivered", count(ledger.delivered) + " records"],
     ["declared gaps", gapText],
-    ["waiting on the gateway", count(ledger.waiting) + " records" + (ledger.waiting ? ", oldest " + age(nowS() - (ledger.oldest_unsent_ts_ms || 0) / 1000) + " old" : "")],
+    ["waiting on the gateway", count(ledger.waiting) + " records" + (ledger.backlog_bytes != null ? " (" + size(ledger.backlog_bytes) + " in its journal)" : "") + (ledger.waiting ? ", oldest " + age(nowS() - (ledger.oldest_unsent_ts_ms || 0) / 1000) + " old" : "")],
     ["missing", count(ledger.missing) + " records" + (ledger.missing ? " (an alarm)" : "")],
     ["upstream gaps", ledger.upstream_gaps ? count(ledger.upstream_gaps) + " reported by the gateway (records on $ferry/upstream_gap)" : "none reported"],
     ["gateway's cursor", "seq " + count(ledger.acked_seq)],

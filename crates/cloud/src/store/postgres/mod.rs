@@ -154,6 +154,8 @@ pub const MIGRATIONS: &[&str] = &[
     // agent sent them before this version: nothing to count in older rows, and a scan of every
     // record would not fit the migration's statement deadline on a large database).
     "ALTER TABLE ferry_devices ADD COLUMN upstream_gaps int8 NOT NULL DEFAULT 0;",
+    // 7: the bytes the gateway holds unsent, as it last reported them (newer agents).
+    "ALTER TABLE ferry_devices ADD COLUMN backlog_bytes int8;",
 ];
 
 /// The schema version that added the ledger columns ([`fill_ledger_columns`]).
@@ -276,11 +278,12 @@ impl PgStore {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             tx.batch_execute(sql)
                 .map_err(db("cannot migrate the schema"))?;
-            if i + 1 == LEDGER_COLUMNS && found > 0 {
-                let n = fill_ledger_columns(&mut tx)?;
-                info!("ledger columns filled target={} devices={n}", self.target());
-            }
             info!("schema migrated target={} version={}", self.target(), i + 1);
+        }
+        // Once the schema is whole: the fill writes device rows as this build does, every column.
+        if found > 0 && (found as usize) < LEDGER_COLUMNS {
+            let n = fill_ledger_columns(&mut tx)?;
+            info!("ledger columns filled target={} devices={n}", self.target());
         }
         tx.execute("DELETE FROM ferry_schema", &[])
             .map_err(db("cannot record the schema version"))?;
@@ -652,7 +655,7 @@ fn read_summaries(tx: &mut Transaction<'_>, ids: &[String]) -> Result<Vec<Device
         .query(
             &format!(
                 "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms,
-                         last_seen_ms, clashes_total, upstream_gaps
+                         backlog_bytes, last_seen_ms, clashes_total, upstream_gaps
                      FROM ferry_devices WHERE {filter}"
             ),
             &[&ids],
@@ -666,12 +669,12 @@ fn read_summaries(tx: &mut Transaction<'_>, ids: &[String]) -> Result<Vec<Device
             &ranges_of(&row.get::<_, Vec<i64>>(1)),
             gaps.remove(&device_id).unwrap_or_default(),
             clashes.remove(&device_id).unwrap_or_default(),
-            to_u64(row.get(6)),
+            to_u64(row.get(7)),
             held_of(&row, 2),
-            to_u64(row.get(5)),
+            to_u64(row.get(6)),
         )
         .map(|s| DeviceSummary {
-            upstream_gaps: to_u64(row.get(7)),
+            upstream_gaps: to_u64(row.get(8)),
             ..s
         });
         out.extend(summary);
@@ -708,7 +711,7 @@ fn update_device(
         "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4, acked_seq = $5,
              oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7),
              listed = $8, ledger_delivered = $9, ledger_gaps = $10, ledger_waiting = $11,
-             ledger_missing = $12, ledger_balanced = $13
+             ledger_missing = $12, ledger_balanced = $13, backlog_bytes = $14
          WHERE device_id = $1",
         &[
             &device_id,
@@ -724,6 +727,7 @@ fn update_device(
             &to_i64(ledger.waiting),
             &to_i64(ledger.missing),
             &ledger.balances(),
+            &held.and_then(|h| h.backlog_bytes).map(to_i64),
         ],
     )
     .map_err(db("cannot update the device"))?;
@@ -735,7 +739,7 @@ fn update_device(
 fn fill_ledger_columns(tx: &mut Transaction<'_>) -> Result<u64, Error> {
     let rows = tx
         .query(
-            "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms
+            "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes
              FROM ferry_devices",
             &[],
         )
@@ -896,7 +900,7 @@ fn lock_device(tx: &mut Transaction<'_>, device_id: &str) -> Result<DeviceRow, E
     .map_err(db("cannot add the device"))?;
     let row = tx
         .query_one(
-            "SELECT delivered, head_seq, acked_seq, oldest_unsent_ts_ms FROM ferry_devices
+            "SELECT delivered, head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes FROM ferry_devices
              WHERE device_id = $1 FOR UPDATE",
             &[&device_id],
         )
@@ -965,15 +969,18 @@ fn clash_of(row: &postgres::Row, at: usize) -> Clash {
     }
 }
 
-/// `held` from the columns `head_seq, acked_seq, oldest_unsent_ts_ms` starting at `at`.
+/// `held` from the columns `head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes` starting
+/// at `at`.
 fn held_of(row: &postgres::Row, at: usize) -> Option<Held> {
     let head: Option<i64> = row.get(at);
     let acked: Option<i64> = row.get(at + 1);
     let oldest: Option<i64> = row.get(at + 2);
+    let bytes: Option<i64> = row.get(at + 3);
     Some(Held {
         head_seq: to_u64(head?),
         acked_seq: to_u64(acked?),
         oldest_unsent_ts_ms: oldest.map(to_u64),
+        backlog_bytes: bytes.map(to_u64),
     })
 }
 
