@@ -39,6 +39,20 @@ fn libfaketime() -> Option<PathBuf> {
     Some(lib.expect("libfaketime is missing: install Debian's faketime (make deps does)"))
 }
 
+/// The journal of the agent in `dir`, opened by the test to leave records in it before the agent
+/// starts (as an earlier run would have).
+fn journal_of(dir: &Path) -> Journal {
+    Journal::open(&journal::Options {
+        dir: dir.join("journal"),
+        max_bytes: 64 << 20,
+        on_full: journal::OnFull::RejectNew,
+        cache_bytes: 1 << 20,
+        replay_window: 0,
+        fixed_budget: None,
+    })
+    .unwrap()
+}
+
 /// The environment that runs the agent with its wall clock read from the offset in `file`
 /// (`-1796000000s`, `+0s`), read again at every call, and the monotonic clock real.
 fn faked_env(lib: &Path, file: &Path) -> Vec<(String, String)> {
@@ -48,6 +62,13 @@ fn faked_env(lib: &Path, file: &Path) -> Vec<(String, String)> {
         ("FAKETIME_NO_CACHE".into(), "1".into()),
         ("DONT_FAKE_MONOTONIC".into(), "1".into()),
     ]
+}
+
+/// The agent in `dir` with its wall clock faked (see [`faked_env`]).
+fn start_faked(dir: &Path, config: &str, control: u16, lib: &Path, offset: &Path) -> Agent {
+    let env = faked_env(lib, offset);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Agent::start_with_env(dir, config, control, &env)
 }
 
 /// Publishes one message `{"n": n}` and returns the real time it was published at (the middle
@@ -77,9 +98,7 @@ fn records_taken_before_the_clock_is_set_arrive_with_their_time_corrected() {
     // The harness's require_sync = false: this machine's kernel may say its clock is
     // unsynchronised whatever libfaketime shows; the build-time floor is what distrusts 1970 here.
     let config = agent_config(&dir, broker.port, &cloud.url(), control, "", "");
-    let env = faked_env(&lib, &offset);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let agent = Agent::start_with_env(&dir, &config, control, &env);
+    let agent = start_faked(&dir, &config, control, &lib, &offset);
     agent.wait_connected();
     assert_eq!(agent.status()["clock"]["trusted"], false);
 
@@ -150,15 +169,7 @@ fn records_of_earlier_boots_are_corrected_by_their_anchor_or_flagged_unsynced() 
     let lost = [9u8; 16];
     let anchor = 1_796_000_000_000i64;
     {
-        let j = Journal::open(&journal::Options {
-            dir: dir.join("journal"),
-            max_bytes: 64 << 20,
-            on_full: journal::OnFull::RejectNew,
-            cache_bytes: 1 << 20,
-            replay_window: 0,
-            fixed_budget: None,
-        })
-        .unwrap();
+        let j = journal_of(&dir);
         let rec = |n: u64, boot: [u8; 16]| NewRecord {
             ts_ms: 1_000 + n,
             topic: "sensors/a".into(),
@@ -263,9 +274,7 @@ fn unsent_records_older_than_max_age_expire_into_a_gap_the_center_shows() {
             "max_bytes = \"64MiB\"\nmax_age = \"1h\"",
         )],
     );
-    let env = faked_env(&lib, &offset);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let agent = Agent::start_with_env(&dir, &config, control, &env);
+    let agent = start_faked(&dir, &config, control, &lib, &offset);
     agent.wait_connected();
     wait_until("the clock trusted", Duration::from_secs(10), || {
         agent.status()["clock"]["trusted"] == true
@@ -318,15 +327,7 @@ fn a_record_the_cloud_refuses_as_too_old_goes_to_the_dead_letters() {
     let dir = tmp.path().join("agent");
     {
         // Left by an earlier run that could not upload for two days.
-        let j = Journal::open(&journal::Options {
-            dir: dir.join("journal"),
-            max_bytes: 64 << 20,
-            on_full: journal::OnFull::RejectNew,
-            cache_bytes: 1 << 20,
-            replay_window: 0,
-            fixed_budget: None,
-        })
-        .unwrap();
+        let j = journal_of(&dir);
         let old = NewRecord {
             ts_ms: now_ms() - 2 * 86_400_000,
             topic: "sensors/a".into(),

@@ -194,6 +194,15 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             .into_string()
             .map_err(|_| format!("{flag} is not valid UTF-8"))
     };
+    // A flag's value that must be a positive integer (`what` names it in the error).
+    let positive = |flag: &str, value: OsString, what: &str| -> Result<u64, String> {
+        text(flag, value)?
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{flag} needs a positive {what}"))
+    };
+    let secs = std::time::Duration::from_secs;
     let ws_tls = match (tls_cert, tls_key) {
         (Some(cert), Some(key)) => Some(
             ferry_tls::server_config(
@@ -249,34 +258,14 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
         token,
         operators,
         max_records_per_sec: max_rate
-            .map(|v| {
-                text("--max-records-per-sec", v)?
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| "--max-records-per-sec needs a positive integer".to_string())
-            })
+            .map(|v| positive("--max-records-per-sec", v, "integer"))
             .transpose()?,
         silent_after: match silent_after {
             None => cloud::DEFAULT_SILENT_AFTER,
-            Some(v) => text("--silent-after", v)?
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .map(std::time::Duration::from_secs)
-                .ok_or("--silent-after needs a positive number of seconds")?,
+            Some(v) => secs(positive("--silent-after", v, "number of seconds")?),
         },
         max_record_age: max_record_age
-            .map(|v| {
-                text("--max-record-age", v)?
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .map(std::time::Duration::from_secs)
-                    .ok_or_else(|| {
-                        "--max-record-age needs a positive number of seconds".to_string()
-                    })
-            })
+            .map(|v| positive("--max-record-age", v, "number of seconds").map(secs))
             .transpose()?,
         workers: WORKERS,
         ws_listen,

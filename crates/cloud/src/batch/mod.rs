@@ -61,6 +61,10 @@ pub struct Record {
 /// lost message): the ledger counts them (`docs/PROTOCOL.md`).
 pub const UPSTREAM_GAP_TOPIC: &str = "$ferry/upstream_gap";
 
+fn is_upstream_gap(topic: &str) -> bool {
+    topic == UPSTREAM_GAP_TOPIC
+}
+
 /// The payload in the form the reject marker is matched against.
 #[derive(Debug, PartialEq)]
 enum PayloadView {
@@ -246,7 +250,7 @@ fn parse_record(i: usize, item: Value) -> Result<Record, Invalid> {
         line,
         fingerprint,
         ts_ms: checked.ts_ms,
-        upstream_gap: checked.topic == UPSTREAM_GAP_TOPIC,
+        upstream_gap: is_upstream_gap(checked.topic),
         payload,
     })
 }
@@ -289,7 +293,7 @@ pub fn stored_record(line: &[u8]) -> Result<Stored, Invalid> {
     Ok(Stored {
         seq: checked.seq,
         fingerprint,
-        upstream_gap: checked.topic == UPSTREAM_GAP_TOPIC,
+        upstream_gap: is_upstream_gap(checked.topic),
     })
 }
 

@@ -151,7 +151,7 @@ fn usual_record(mut r: UsualRecord<'_>) -> Option<Record> {
         line,
         fingerprint,
         ts_ms: r.ts_ms,
-        upstream_gap: r.topic == super::UPSTREAM_GAP_TOPIC,
+        upstream_gap: super::is_upstream_gap(&r.topic),
         payload,
     })
 }
