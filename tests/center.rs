@@ -497,3 +497,38 @@ fn tls_to_the_database_is_verified_against_the_given_ca() {
     let stderr = refused(&["--store", "host=/run/postgresql user=ferry sslmode=require"]);
     assert!(stderr.contains("Unix socket host"), "{stderr}");
 }
+
+/// The console's records/s chart shows the fleet whichever replica answers: each replica
+/// publishes what it accepted, and `/v1/fleet` adds every other replica's counts to its own.
+/// Here every record goes to replica b; replica a's chart shows them.
+#[test]
+fn the_fleet_rate_on_any_replica_counts_what_every_replica_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = postgres(tmp.path());
+    let a = Cloud::start_postgres(&tmp.path().join("a"), &pg.url(), &[]);
+    let b = Cloud::start_postgres(&tmp.path().join("b"), &pg.url(), &[]);
+    let records: Vec<Value> = (1..=500)
+        .map(|s| json!({"seq": s, "ts_ms": 1, "topic": "t", "payload": s}))
+        .collect();
+    let body = json!({"device_id": "gw-r", "records": records});
+    assert_eq!(post_batch(&http(), b.port, &body).0, 200);
+    // Records per 10-s slot, times 10: at least the records counted (the current slot's rate is
+    // over the part of it gone by).
+    let seen = |cloud: &Cloud| -> f64 {
+        let fleet: Value = serde_json::from_str(&cloud.get("/v1/fleet")).unwrap();
+        let slot_s = fleet["rate_slot_s"].as_f64().unwrap();
+        fleet["rate"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_f64().unwrap() * slot_s)
+            .sum()
+    };
+    assert!(seen(&b) >= 500.0, "b counts its own at once");
+    ferry_testkit::poll_until(
+        "replica a's chart counts b's records",
+        Duration::from_secs(30),
+        || seen(&a) >= 500.0,
+    )
+    .unwrap_or_else(|e| panic!("{e}; a sees {}", seen(&a)));
+}

@@ -452,12 +452,12 @@ fn an_upgraded_database_lists_its_devices_by_their_ledger() {
     }
     // Back to what version 2 wrote: no ledger columns, no indexes on them (version 3), no
     // per-replica connections (version 4), no command senders (version 5), no upstream gap
-    // counts (version 6), no backlog bytes (version 7).
+    // counts (version 6), no backlog bytes (version 7), no history (version 8).
     pg.psql(
         "ALTER TABLE ferry_devices DROP COLUMN listed, DROP COLUMN ledger_delivered,
              DROP COLUMN ledger_gaps, DROP COLUMN ledger_waiting, DROP COLUMN ledger_missing,
              DROP COLUMN ledger_balanced, DROP COLUMN upstream_gaps, DROP COLUMN backlog_bytes;
-         DROP TABLE ferry_replicas, ferry_sockets;
+         DROP TABLE ferry_replicas, ferry_sockets, ferry_history, ferry_rates;
          ALTER TABLE ferry_commands DROP COLUMN sent_by;
          ALTER TABLE ferry_downlink ADD COLUMN connected int8 NOT NULL DEFAULT 0;
          UPDATE ferry_schema SET version = 2;",
@@ -638,6 +638,102 @@ fn backlog_bytes_reported(backend: &Backend) {
         Backend::Postgres(_) => json!(4321),
     };
     assert_eq!(bytes(&cloud), expected);
+}
+
+on_both_stores!(
+    a_devices_history_shows_its_records_and_backlog_per_minute,
+    a_devices_history_shows_its_records_and_backlog_per_minute_on_postgres,
+    history_per_minute
+);
+
+/// `GET /v1/devices/<id>/history`: a point per minute with the records stored in it (a resend
+/// not counted again) and the account the minute's last batch or report left (waiting, backlog
+/// bytes). PostgreSQL keeps it across a restart and drops a device's points older than a day
+/// when the device next sends; the files store forgets it at a restart.
+fn history_per_minute(backend: &Backend) {
+    let batch = |seqs: std::ops::RangeInclusive<u64>, head: u64, acked: u64, bytes: u64| {
+        let records: Vec<Value> = seqs
+            .map(|s| json!({"seq": s, "ts_ms": 1, "topic": "t", "payload": s}))
+            .collect();
+        json!({"device_id": "gw-h", "records": records,
+               "held": {"head_seq": head, "acked_seq": acked, "backlog_bytes": bytes}})
+    };
+    let mut cloud = Cloud::start_on(backend, &[]);
+    assert_eq!(cloud.get("/v1/devices/gw-h/history").0, 404);
+    let first = batch(1..=3, 10, 0, 700);
+    assert_eq!(cloud.post_gzip(&first).0, 200);
+    let history = cloud.get_json("/v1/devices/gw-h/history");
+    let points = history["points"].as_array().expect("points").clone();
+    let last = points.last().expect("a point after a batch");
+    assert_eq!(
+        (&last["waiting"], &last["delivered"], &last["backlog_bytes"]),
+        (&json!(7), &json!(3), &json!(700)),
+        "{history}"
+    );
+    assert_eq!(history["slot_s"], 60);
+    assert_eq!(cloud.post_gzip(&first).0, 200, "a resend");
+    assert_eq!(cloud.post_gzip(&batch(4..=10, 10, 10, 0)).0, 200);
+    let history = cloud.get_json("/v1/devices/gw-h/history");
+    let points = history["points"].as_array().expect("points").clone();
+    let accepted: u64 = points
+        .iter()
+        .map(|p| p["accepted"].as_u64().expect("a history answer"))
+        .sum();
+    assert_eq!(accepted, 10, "each record once: {history}");
+    let peak = points
+        .iter()
+        .map(|p| p["waiting_max"].as_u64().expect("a history answer"))
+        .max();
+    assert_eq!(
+        peak,
+        Some(7),
+        "the backlog of the minute it drained in: {history}"
+    );
+    let last = points.last().expect("a history answer");
+    assert_eq!(
+        (&last["waiting"], &last["delivered"], &last["backlog_bytes"]),
+        (&json!(0), &json!(10), &json!(0)),
+        "{history}"
+    );
+    let minute = last["t_ms"].as_u64().expect("a history answer") / 60_000;
+    assert!(cloud.terminate().success(), "exit status after SIGTERM");
+    drop(cloud);
+    let cloud = Cloud::start_on(backend, &[]);
+    let points = cloud.get_json("/v1/devices/gw-h/history")["points"].clone();
+    match backend {
+        Backend::Files(_) => assert_eq!(points, json!([]), "forgotten at a restart"),
+        Backend::Postgres(pg) => {
+            assert_eq!(
+                points.as_array().expect("a history answer").len(),
+                history["points"]
+                    .as_array()
+                    .expect("a history answer")
+                    .len()
+            );
+            // A point a day and a minute old, and one just inside the day: the next batch drops
+            // the first.
+            pg.psql(&format!(
+                "INSERT INTO ferry_history VALUES
+                     ('gw-h', {}, 1, 1, 0, 0, 0, 0, NULL), ('gw-h', {}, 1, 1, 0, 0, 0, 0, NULL)",
+                minute - 1441,
+                minute - 1438
+            ))
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(cloud.post_gzip(&batch(11..=11, 11, 11, 0)).0, 200);
+            let kept = pg
+                .psql("SELECT count(*) FROM ferry_history WHERE device_id = 'gw-h'")
+                .unwrap_or_else(|e| panic!("{e}"));
+            let fresh = points.as_array().expect("a history answer").len() + 1;
+            // The new batch's minute may be the last one's, or the next.
+            assert!(
+                [fresh, fresh + 1]
+                    .contains(&kept.trim().parse::<usize>().expect("a history answer")),
+                "the day-old point dropped, the other kept: {kept} rows"
+            );
+            let oldest = cloud.get_json("/v1/devices/gw-h/history")["points"][0]["t_ms"].clone();
+            assert_eq!(oldest, json!((minute - 1438) * 60_000));
+        }
+    }
 }
 
 /// Records `seqs` of `gw-x` as the gateway `name` would send them: two gateways sharing the id send

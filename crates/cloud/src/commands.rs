@@ -123,6 +123,11 @@ impl Commands {
         Commands::new(Some(db), instance)
     }
 
+    /// This process's instance number (see `instance`), which names it among replicas.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
     /// A draw of an instance number (see `instance`).
     pub fn draw_instance() -> u64 {
         ferry_util::rng::Rng::from_time().next_u64()

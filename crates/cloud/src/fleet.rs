@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use crate::history::RATE_SLOT_MS;
 use crate::store::DeviceSummary;
 
 /// Devices per page unless `limit` says otherwise, and the most `limit` may ask for.
@@ -371,8 +372,8 @@ pub fn metrics(t: &Totals, now_ms: u64) -> String {
 }
 
 /// `GET /v1/fleet`: the totals as JSON, with the records accepted per second over the last
-/// minutes (`rate`, from the oldest; this replica's, see [`RateHistory`]).
-pub fn fleet_json(t: &Totals, now_ms: u64, rate: &RateHistory) -> Value {
+/// minutes (`rate`, oldest first, one per [`RATE_SLOT_MS`]: see [`crate::history::RateHistory`]).
+pub fn fleet_json(t: &Totals, now_ms: u64, rate: &[f64]) -> Value {
     let by_state: serde_json::Map<String, Value> = STATES
         .iter()
         .zip(t.by_state)
@@ -388,86 +389,14 @@ pub fn fleet_json(t: &Totals, now_ms: u64, rate: &RateHistory) -> Value {
         "unbalanced": t.unbalanced,
         "oldest_unsent_age_s": t.oldest_unsent_ts_ms.map(|ts| now_ms.saturating_sub(ts) / 1000),
         "backlog_age": {"le_s": BACKLOG_AGE_S, "devices": t.backlog_age},
-        "rate": rate.per_second(now_ms),
+        "rate": rate,
         "rate_slot_s": RATE_SLOT_MS / 1000,
     })
-}
-
-/// Length of one slot of [`RateHistory`].
-pub const RATE_SLOT_MS: u64 = 10_000;
-/// Slots kept: ten minutes.
-const RATE_SLOTS: u64 = 60;
-
-/// Records accepted by this process, per [`RATE_SLOT_MS`] slot, over the last [`RATE_SLOTS`]
-/// slots (replicas each count their own).
-#[derive(Debug, Default)]
-pub struct RateHistory {
-    /// `(slot number, records)`, oldest first, only slots that accepted something.
-    slots: std::collections::VecDeque<(u64, u64)>,
-}
-
-impl RateHistory {
-    pub fn add(&mut self, now_ms: u64, records: u64) {
-        let slot = now_ms / RATE_SLOT_MS;
-        match self.slots.back_mut() {
-            // A clock that stepped back counts into the newest slot: slots stay in order.
-            Some((s, n)) if *s >= slot => *n += records,
-            _ => self.slots.push_back((slot, records)),
-        }
-        while self
-            .slots
-            .front()
-            .is_some_and(|(s, _)| *s + RATE_SLOTS <= slot)
-        {
-            self.slots.pop_front();
-        }
-    }
-
-    /// Records per second in each of the last [`RATE_SLOTS`] slots, oldest first, the current
-    /// (partial) one last and counted over the part gone by.
-    pub fn per_second(&self, now_ms: u64) -> Vec<f64> {
-        let current = now_ms / RATE_SLOT_MS;
-        let first = (current + 1).saturating_sub(RATE_SLOTS);
-        (first..=current)
-            .map(|slot| {
-                let n = self
-                    .slots
-                    .iter()
-                    .find(|(s, _)| *s == slot)
-                    .map_or(0, |(_, n)| *n);
-                let span_ms = if slot == current {
-                    (now_ms % RATE_SLOT_MS).max(1000)
-                } else {
-                    RATE_SLOT_MS
-                };
-                n as f64 * 1000.0 / span_ms as f64
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_rate_history_keeps_ten_minutes_of_ten_second_slots() {
-        let mut h = RateHistory::default();
-        let t0 = 1_000_000_000;
-        h.add(t0, 500);
-        h.add(t0 + 5_000, 500);
-        h.add(t0 + 20_000, 100);
-        let rates = h.per_second(t0 + 25_000);
-        assert_eq!(rates.len(), 60);
-        // The slot of t0 + 20 s is current: 100 records over the 5 s gone by.
-        assert_eq!(&rates[57..], &[100.0, 0.0, 20.0]);
-        // A clock stepped back a minute: counted in the newest slot, the order kept.
-        h.add(t0 - 60_000, 50);
-        assert_eq!(h.per_second(t0 + 25_000)[59], 30.0);
-        assert_eq!(h.slots.len(), 2);
-        h.add(t0 + 700_000, 1);
-        assert_eq!(h.slots.len(), 1, "slots older than ten minutes are dropped");
-    }
 
     #[test]
     fn backlog_ages_fall_in_their_buckets() {

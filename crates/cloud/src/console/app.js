@@ -214,14 +214,16 @@ let device = "";
 async function loadDevice(id) {
   device = id;
   $("d-id").textContent = id;
-  const [ledger, listed, downlink, records, commands] = await Promise.all([
+  const [ledger, history, listed, downlink, records, commands] = await Promise.all([
     api(`/v1/devices/${encodeURIComponent(id)}/ledger`),
+    api(`/v1/devices/${encodeURIComponent(id)}/history`),
     api(`/v1/devices?prefix=${encodeURIComponent(id)}&limit=1`),
     api(`/v1/devices/${encodeURIComponent(id)}/downlink`).catch(() => null),
     apiLines(`/v1/devices/${encodeURIComponent(id)}/records?last=20`),
     api(`/v1/devices/${encodeURIComponent(id)}/commands`).catch(() => ({ commands: [] })),
   ]);
   drawRecords(records);
+  drawHistory(history);
   drawCommands(commands.commands);
   const summary = listed.devices.find((d) => d.device_id === id);
   $("d-states").replaceChildren(badges(ledger.states));
@@ -241,7 +243,9 @@ async function loadDevice(id) {
   for (const [k, v] of [
     ["delivered", count(ledger.delivered) + " records"],
     ["declared gaps", gapText],
-    ["waiting on the gateway", count(ledger.waiting) + " records" + (ledger.backlog_bytes != null ? " (" + size(ledger.backlog_bytes) + " in its journal)" : "") + (ledger.waiting ? ", oldest " + age(nowS() - (ledger.oldest_unsent_ts_ms || 0) / 1000) + " old" : "")],
+    // The bytes are the gateway's report, taken with the upload that may have just delivered
+    // them: said only while records wait, as in the table.
+    ["waiting on the gateway", count(ledger.waiting) + " records" + (ledger.waiting && ledger.backlog_bytes != null ? " (" + size(ledger.backlog_bytes) + " in its journal)" : "") + (ledger.waiting ? ", oldest " + age(nowS() - (ledger.oldest_unsent_ts_ms || 0) / 1000) + " old" : "")],
     ["missing", count(ledger.missing) + " records" + (ledger.missing ? " (an alarm)" : "")],
     ["upstream gaps", ledger.upstream_gaps ? count(ledger.upstream_gaps) + " reported by the gateway (records on $ferry/upstream_gap)" : "none reported"],
     ["gateway's cursor", "seq " + count(ledger.acked_seq)],
@@ -255,6 +259,85 @@ async function loadDevice(id) {
   }
   $("updated").textContent = "updated " + new Date().toLocaleTimeString("en-GB");
   $("error").textContent = "";
+}
+
+// The device's account per minute (GET .../history): records stored per second, the backlog,
+// and the ledger's shares, on one time axis from its first point (at least ten minutes back) to
+// now. A minute without a point stored nothing and left the account as it was.
+function drawHistory(h) {
+  const slot = h.slot_s * 1000;
+  const now = Date.now();
+  const points = h.points;
+  const start = Math.min(now - 10 * 60000, points.length ? points[0].t_ms : now);
+  const minutes = Math.max(1, Math.ceil((now - start) / slot));
+  const x = (t) => ((t - start) / (minutes * slot)) * 600;
+  const w = Math.max(1, 600 / minutes - 1);
+  for (const s of document.querySelectorAll(".d-span")) s.textContent = "last " + age((now - start) / 1000);
+  for (const a of document.querySelectorAll(".d-axis")) {
+    a.replaceChildren(el("span", {}, age((now - start) / 1000) + " ago"), el("span", {}, "now"));
+  }
+  const perSecond = (p) => p.accepted / Math.max(1, Math.min(slot, now - p.t_ms) / 1000);
+
+  const rate = $("d-throughput");
+  rate.replaceChildren();
+  const top = Math.max(1, ...points.map(perSecond));
+  for (const p of points) {
+    const r = perSecond(p);
+    const bar = svg("rect", { x: String(x(p.t_ms)), y: String(115 - (r / top) * 100), width: String(w), height: String((r / top) * 100), fill: "#1d2329" });
+    bar.setAttribute("data-accepted", String(p.accepted));
+    const t = svg("title", {});
+    t.textContent = `${new Date(p.t_ms).toISOString().slice(11, 16)} UTC: ${count(p.accepted)} records (${count(Math.round(r))} records/s)`;
+    bar.appendChild(t);
+    rate.appendChild(bar);
+  }
+  const label = svg("text", { x: "4", y: "14", "font-size": "12", fill: "#66717c" });
+  label.textContent = "peak " + count(Math.round(top)) + " records/s";
+  rate.appendChild(label);
+  const last = points.length ? points[points.length - 1] : null;
+  $("d-rate-now").textContent = last && now - last.t_ms < slot ? count(Math.round(perSecond(last))) + " records/s" : "0 records/s";
+
+  // The backlog: per minute a bar of the most records waiting in it, and a step line of what
+  // each minute ended with, held until the next point.
+  const backlog = $("d-backlog");
+  backlog.replaceChildren();
+  const most = Math.max(1, ...points.map((p) => p.waiting_max));
+  const y = (n) => 115 - (n / most) * 100;
+  let path = "";
+  points.forEach((p, i) => {
+    const end = i + 1 < points.length ? points[i + 1].t_ms : now;
+    path += `${i ? "L" : "M"}${x(p.t_ms)},${y(p.waiting)} L${x(end)},${y(p.waiting)} `;
+    const mark = svg("rect", { x: String(x(p.t_ms)), y: String(y(p.waiting_max)), width: String(w), height: String(115 - y(p.waiting_max)), fill: "#b26a00", "fill-opacity": "0.35" });
+    mark.setAttribute("data-waiting", String(p.waiting_max));
+    const t = svg("title", {});
+    t.textContent = `${new Date(p.t_ms).toISOString().slice(11, 16)} UTC: up to ${count(p.waiting_max)} records waiting, ${count(p.waiting)} at the end` + (p.waiting && p.backlog_bytes != null ? ` (${size(p.backlog_bytes)})` : "");
+    mark.appendChild(t);
+    backlog.appendChild(mark);
+  });
+  if (path) backlog.appendChild(svg("path", { d: path, fill: "none", stroke: "#b26a00", "stroke-width": "2" }));
+  const peak = svg("text", { x: "4", y: "14", "font-size": "12", fill: "#66717c" });
+  peak.textContent = "peak " + count(most) + " records";
+  backlog.appendChild(peak);
+  $("d-backlog-now").textContent = last ? count(last.waiting) + " records" + (last.waiting && last.backlog_bytes != null ? ", " + size(last.backlog_bytes) : "") : "-";
+
+  // The ledger's shares per minute, stacked: delivered at the bottom, then gaps, waiting, missing.
+  const shares = $("d-ledger-time");
+  shares.replaceChildren();
+  for (const p of points) {
+    const total = p.delivered + p.gaps + p.waiting + p.missing;
+    if (!total) continue;
+    let top = 120;
+    for (const [n, colour, what] of [[p.delivered, "#2e7d32", "delivered"], [p.gaps, "#90a4ae", "gaps"], [p.waiting, "#b26a00", "waiting"], [p.missing, "#c62828", "missing"]]) {
+      if (!n) continue;
+      const h = (n / total) * 120;
+      top -= h;
+      const r = svg("rect", { x: String(x(p.t_ms)), y: String(top), width: String(w), height: String(h), fill: colour });
+      r.setAttribute("data-kind", what);
+      const t = svg("title", {});
+      t.textContent = `${new Date(p.t_ms).toISOString().slice(11, 16)} UTC: ${count(n)} ${what}`;
+      r.appendChild(t);
+      shares.appendChild(r);
+    }
+  }
 }
 
 function drawCommands(commands) {

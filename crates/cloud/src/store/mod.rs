@@ -26,9 +26,9 @@ use ferry_util::Repeats;
 use ferry_protocol::{Gap, Held};
 
 use super::batch::Batch;
-use super::fleet;
 use super::ledger::Ledger;
 use super::ranges::RangeSet;
+use super::{fleet, history};
 
 pub mod files;
 pub mod postgres;
@@ -285,6 +285,52 @@ impl Store {
         match self {
             Store::Files(s) => Ok(s.device_summary(device_id)),
             Store::Postgres(s) => s.device_summary(device_id),
+        }
+    }
+
+    /// The device's history (see [`crate::history`]) over the minutes its store keeps, oldest
+    /// first, and how many minutes that is; `None` if the device is not listed.
+    pub fn device_history(
+        &self,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<(Vec<history::Point>, u64)>, Error> {
+        let kept = match self {
+            Store::Files(_) => history::FILES_KEPT_MINUTES as u64,
+            Store::Postgres(_) => history::KEPT_MINUTES,
+        };
+        let from = (now_ms / history::MINUTE_MS).saturating_sub(kept - 1);
+        let points = match self {
+            Store::Files(s) => s.device_history(device_id),
+            Store::Postgres(s) => s.device_history(device_id, from)?,
+        };
+        Ok(points.map(|p| (p, kept)))
+    }
+
+    /// Publishes this replica's records per ten seconds for the others (PostgreSQL: see
+    /// [`crate::history`]); `false` for a store that has no others.
+    pub fn shares_rates(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// See [`postgres::PgStore::publish_rates`]; nothing for the files store.
+    pub fn publish_rates(
+        &self,
+        instance: u64,
+        counts: &[(u64, u64)],
+        kept_from: u64,
+    ) -> Result<(), Error> {
+        match self {
+            Store::Files(_) => Ok(()),
+            Store::Postgres(s) => s.publish_rates(instance, counts, kept_from),
+        }
+    }
+
+    /// See [`postgres::PgStore::other_rates`]; none for the files store (one process).
+    pub fn other_rates(&self, instance: u64, from: u64) -> Result<Vec<(u64, u64)>, Error> {
+        match self {
+            Store::Files(_) => Ok(Vec::new()),
+            Store::Postgres(s) => s.other_rates(instance, from),
         }
     }
 

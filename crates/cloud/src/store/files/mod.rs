@@ -56,7 +56,8 @@ use self::disk::{SyncFn, append, append_synced, for_each_line, open_append};
 use super::{Clash, DeviceSummary, Error, Outcome, Records, is_reserved, note_clashes};
 use crate::batch::{self, Batch};
 use crate::fingerprints::Fingerprints;
-use crate::ledger;
+use crate::history;
+use crate::ledger::{self, Ledger};
 use crate::ranges::RangeSet;
 use ferry_protocol::{Gap, Held};
 
@@ -132,6 +133,8 @@ struct Device {
     /// When the device last sent a batch, milliseconds since the Unix epoch; at start, when its
     /// files were last written.
     last_seen_ms: u64,
+    /// Its account per minute, since this start ([`history`]).
+    history: history::Recent,
 }
 
 impl FilesStore {
@@ -299,11 +302,12 @@ impl FilesStore {
         }
         device.last_seen_ms = device.last_seen_ms.max(now_ms);
         self.wait_durable(&slot, device, &batch.device_id, durable_at, failed_syncs)?;
+        let mut device = lock(&slot.device);
         if let Some(held) = batch.held {
             // Only once the batch is stored: a report claims the batch's records delivered.
-            let mut device = lock(&slot.device);
             device.held = Some(ledger::later(device.held, held));
         }
+        device.note_history(now_ms, accepted);
 
         Ok(Outcome {
             accepted,
@@ -463,6 +467,15 @@ impl FilesStore {
         let mut device = lock(&slot.device);
         device.held = Some(ledger::later(device.held, held));
         device.last_seen_ms = device.last_seen_ms.max(now_ms);
+        device.note_history(now_ms, 0);
+    }
+
+    /// The device's history since this start, oldest first; `None` if it is not listed.
+    pub fn device_history(&self, device_id: &str) -> Option<Vec<history::Point>> {
+        let slot = lock(&self.devices).get(device_id).cloned()?;
+        let device = lock(&slot.device);
+        let listed = !device.records.is_empty() || !device.gaps.is_empty() || device.held.is_some();
+        listed.then(|| device.history.points())
     }
 
     /// One device, if it stored records or gaps or reported what it holds.
@@ -574,6 +587,13 @@ impl Device {
                 }
             }
         }
+    }
+
+    /// The history's point of a batch that stored `accepted` records (0: a report) at `now_ms`.
+    fn note_history(&mut self, now_ms: u64, accepted: u64) {
+        let ledger = Ledger::account(&self.records, &self.gaps, self.held);
+        self.history
+            .note(history::Point::of(now_ms, accepted, &ledger));
     }
 
     fn add_gap(&mut self, gap: Gap) {

@@ -15,6 +15,9 @@
 //! - `ferry_clashes`: the [`MAX_CLASHES`](super::MAX_CLASHES) most recently clashing seqs per device.
 //! - `ferry_commands`, `ferry_downlink`, `ferry_sockets`, `ferry_replicas`: the downlink's
 //!   commands, connections and the replicas holding them ([`commands`]).
+//! - `ferry_history`: each device's account per minute, a day of it, written by
+//!   [`update_device`] in the batch's transaction; `ferry_rates`: each replica's records per ten
+//!   seconds, ten minutes of it ([`history`], [`crate::history`]).
 //! - `ferry_schema`: the schema version ([`MIGRATIONS`]).
 //!
 //! Durability: every connection runs with `synchronous_commit = on`, and [`PgStore::ingest`]
@@ -43,123 +46,32 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use log::{debug, info};
+use log::info;
 use postgres::config::{Host, SslMode};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
-use postgres::{Client, Config, NoTls, Transaction};
+use postgres::{Client, Config, Transaction};
 
-use super::{Clash, DeviceSummary, Error, Outcome, Records, is_reserved, note_clashes};
+use super::{Clash, Error, Outcome, Records, is_reserved, note_clashes};
 use crate::batch::{self, Batch};
-use crate::fleet;
+use crate::history::{KEPT_MINUTES, MINUTE_MS};
 use crate::ledger::{self, Ledger};
 use crate::ranges::RangeSet;
 use ferry_protocol::{Gap, GapReason, Held};
 
 pub mod commands;
+mod fleet;
+mod history;
+mod pool;
+mod schema;
 mod tls;
 
-/// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-/// Never edit a released entry; add one.
-pub const MIGRATIONS: &[&str] = &[
-    // 1: records, gaps, devices (the ledger), clashes.
-    "CREATE TABLE ferry_devices (
-        device_id text PRIMARY KEY,
-        delivered int8[] NOT NULL DEFAULT '{}',
-        records int8 NOT NULL DEFAULT 0,
-        head_seq int8,
-        acked_seq int8,
-        oldest_unsent_ts_ms int8,
-        last_seen_ms int8 NOT NULL DEFAULT 0,
-        clashes_total int8 NOT NULL DEFAULT 0
-    );
-    CREATE TABLE ferry_records (
-        device_id text NOT NULL,
-        seq int8 NOT NULL,
-        line text NOT NULL,
-        PRIMARY KEY (device_id, seq)
-    );
-    CREATE TABLE ferry_gaps (
-        id bigserial PRIMARY KEY,
-        device_id text NOT NULL,
-        from_seq int8 NOT NULL,
-        to_seq int8 NOT NULL,
-        reason text NOT NULL,
-        UNIQUE (device_id, from_seq, to_seq, reason)
-    );
-    CREATE TABLE ferry_clashes (
-        device_id text NOT NULL,
-        seq int8 NOT NULL,
-        first_seen_ms int8 NOT NULL,
-        last_seen_ms int8 NOT NULL,
-        count int8 NOT NULL,
-        PRIMARY KEY (device_id, seq)
-    );",
-    // 2: the downlink's commands and connections, shared by replicas (commands.rs).
-    "CREATE TABLE ferry_commands (
-        device_id text NOT NULL,
-        id text NOT NULL,
-        frame text NOT NULL,
-        queued_ms int8 NOT NULL,
-        sent int8 NOT NULL DEFAULT 0,
-        result text,
-        done_ms int8,
-        n bigserial,
-        PRIMARY KEY (device_id, id)
-    );
-    CREATE INDEX ferry_commands_pending ON ferry_commands (device_id, n) WHERE result IS NULL;
-    CREATE TABLE ferry_downlink (
-        device_id text PRIMARY KEY,
-        connected int8 NOT NULL DEFAULT 0,
-        connections int8 NOT NULL DEFAULT 0,
-        hello text
-    );",
-    // 3: the ledger's counts as columns of the device row, kept by every batch and report, so
-    // that the fleet list and /metrics are answered in SQL. Filled for the rows already there by
-    // the service as it migrates (`fill_ledger_columns`).
-    "ALTER TABLE ferry_devices
-        ADD COLUMN listed bool NOT NULL DEFAULT false,
-        ADD COLUMN ledger_delivered int8 NOT NULL DEFAULT 0,
-        ADD COLUMN ledger_gaps int8 NOT NULL DEFAULT 0,
-        ADD COLUMN ledger_waiting int8 NOT NULL DEFAULT 0,
-        ADD COLUMN ledger_missing int8 NOT NULL DEFAULT 0,
-        ADD COLUMN ledger_balanced bool NOT NULL DEFAULT true;
-    CREATE INDEX ferry_devices_by_id ON ferry_devices (device_id COLLATE \"C\") WHERE listed;
-    CREATE INDEX ferry_devices_by_waiting
-        ON ferry_devices (ledger_waiting DESC, device_id COLLATE \"C\") WHERE listed;
-    CREATE INDEX ferry_devices_by_missing
-        ON ferry_devices (ledger_missing DESC, device_id COLLATE \"C\") WHERE listed;
-    CREATE INDEX ferry_devices_by_last_seen
-        ON ferry_devices (last_seen_ms, device_id COLLATE \"C\") WHERE listed;",
-    // 4: open downlink connections per replica, and each replica's heartbeat, so that the
-    // connections of a replica that died are no longer counted (commands.rs).
-    "CREATE TABLE ferry_replicas (
-        instance text PRIMARY KEY,
-        seen_ms int8 NOT NULL
-    );
-    CREATE TABLE ferry_sockets (
-        device_id text NOT NULL,
-        instance text NOT NULL,
-        open int8 NOT NULL,
-        PRIMARY KEY (device_id, instance)
-    );
-    CREATE INDEX ferry_sockets_by_instance ON ferry_sockets (instance);
-    ALTER TABLE ferry_downlink DROP COLUMN connected;",
-    // 5: who queued each command (the operator's name; commands.rs).
-    "ALTER TABLE ferry_commands ADD COLUMN sent_by text;",
-    // 6: records that report a gap upstream of the gateway, per device, counted at insert (no
-    // agent sent them before this version: nothing to count in older rows, and a scan of every
-    // record would not fit the migration's statement deadline on a large database).
-    "ALTER TABLE ferry_devices ADD COLUMN upstream_gaps int8 NOT NULL DEFAULT 0;",
-    // 7: the bytes the gateway holds unsent, as it last reported them (newer agents).
-    "ALTER TABLE ferry_devices ADD COLUMN backlog_bytes int8;",
-];
-
-/// The schema version that added the ledger columns ([`fill_ledger_columns`]).
-const LEDGER_COLUMNS: usize = 3;
+pub use self::pool::Pool;
+use self::pool::describe;
+pub use self::schema::MIGRATIONS;
 
 /// Statement, lock and connect deadlines (see the module's "Deadlines").
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -167,23 +79,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest answer of `GET /v1/devices/<id>/records` read from the database.
 pub const MAX_RECORDS_READ: u64 = 256 * 1024 * 1024;
-/// Key of the advisory lock that makes replicas starting at once migrate one at a time.
-const MIGRATION_LOCK: i64 = 0x6665_7272_7931; // "ferry1"
 
 /// The store.
 pub struct PgStore {
     pool: Arc<Pool>,
-}
-
-/// Connections to the database, pooled (one per thread that is using one at a time); shared by
-/// the store and the downlink's commands ([`commands`]).
-pub struct Pool {
-    config: Config,
-    /// Where the database is, for logs and errors (no password).
-    target: String,
-    /// With `sslmode=require`: how connections are made TLS.
-    tls: Option<tls::RustlsConnect>,
-    idle: Mutex<Vec<Client>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -258,42 +157,6 @@ impl PgStore {
         Arc::clone(&self.pool)
     }
 
-    /// Brings the schema to the newest version this build knows, one replica at a time.
-    fn migrate(&self) -> Result<i32, Error> {
-        let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
-        let mut client = self.client()?;
-        let mut tx = client.transaction().map_err(db("cannot begin"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .map_err(db("cannot take the migration lock"))?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS ferry_schema (version int4 NOT NULL)")
-            .map_err(db("cannot create ferry_schema"))?;
-        let found: i32 = tx
-            .query_opt("SELECT max(version) FROM ferry_schema", &[])
-            .map_err(db("cannot read the schema version"))?
-            .and_then(|row| row.get::<_, Option<i32>>(0))
-            .unwrap_or(0);
-        if found > known {
-            return Err(Error::SchemaTooNew { found, known });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-            tx.batch_execute(sql)
-                .map_err(db("cannot migrate the schema"))?;
-            info!("schema migrated target={} version={}", self.target(), i + 1);
-        }
-        // Once the schema is whole: the fill writes device rows as this build does, every column.
-        if found > 0 && (found as usize) < LEDGER_COLUMNS {
-            let n = fill_ledger_columns(&mut tx)?;
-            info!("ledger columns filled target={} devices={n}", self.target());
-        }
-        tx.execute("DELETE FROM ferry_schema", &[])
-            .map_err(db("cannot record the schema version"))?;
-        tx.execute("INSERT INTO ferry_schema (version) VALUES ($1)", &[&known])
-            .map_err(db("cannot record the schema version"))?;
-        tx.commit().map_err(db("cannot commit the migration"))?;
-        self.give_back(client);
-        Ok(known)
-    }
-
     /// `user@host:port/dbname`, without the password.
     pub fn target(&self) -> &str {
         &self.pool.target
@@ -346,151 +209,17 @@ impl PgStore {
             let mut tx = client.transaction().map_err(db("cannot begin"))?;
             let row = lock_device(&mut tx, device_id)?;
             let held = ledger::later(row.held, held);
-            update_device(&mut tx, device_id, &row.delivered, Some(held), Some(now_ms))?;
+            update_device(
+                &mut tx,
+                device_id,
+                &row.delivered,
+                Some(held),
+                Some(Seen {
+                    now_ms,
+                    accepted: 0,
+                }),
+            )?;
             tx.commit().map_err(db("cannot commit"))
-        })
-    }
-
-    /// See [`super::Store::fleet_page`]: selected, ordered and paged in SQL by the ledger
-    /// columns, then the page's summaries read, all in one snapshot.
-    pub fn fleet_page(
-        &self,
-        q: &fleet::Query,
-        now_ms: u64,
-        silent_after_ms: u64,
-    ) -> Result<fleet::Page, Error> {
-        self.pool.run(|client| {
-            let mut tx = snapshot(client)?;
-            let mut args: Vec<Box<dyn ToSql + Sync>> = Vec::new();
-            let mut conditions = vec!["listed".to_owned()];
-            if let Some(prefix) = &q.prefix {
-                args.push(Box::new(prefix.clone()));
-                conditions.push(format!("starts_with(device_id, ${})", args.len()));
-            }
-            if let Some(state) = q.state {
-                // Only `silent` and `healthy` depend on the time (a parameter must be used).
-                if matches!(state, "silent" | "healthy") {
-                    args.push(Box::new(silent_before(now_ms, silent_after_ms)));
-                }
-                conditions.push(state_condition(state, args.len()));
-            }
-            let filter = conditions.join(" AND ");
-            let order = match q.sort {
-                fleet::Sort::Id => "device_id COLLATE \"C\"",
-                fleet::Sort::Waiting => "ledger_waiting DESC, device_id COLLATE \"C\"",
-                fleet::Sort::Missing => "ledger_missing DESC, device_id COLLATE \"C\"",
-                fleet::Sort::LastSeen => "last_seen_ms, device_id COLLATE \"C\"",
-            };
-            let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| &**a as _).collect();
-            let total: i64 = tx
-                .query_one(
-                    &format!("SELECT count(*) FROM ferry_devices WHERE {filter}"),
-                    &params,
-                )
-                .map_err(db("cannot count the devices"))?
-                .get(0);
-            let ids: Vec<String> = tx
-                .query(
-                    &format!(
-                        "SELECT device_id FROM ferry_devices WHERE {filter} ORDER BY {order}
-                         LIMIT {} OFFSET {}",
-                        q.limit,
-                        // An offset past bigint is past every row too.
-                        to_i64(q.offset as u64)
-                    ),
-                    &params,
-                )
-                .map_err(db("cannot list the devices"))?
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
-            let mut by_id: BTreeMap<String, DeviceSummary> = read_summaries(&mut tx, &ids)?
-                .into_iter()
-                .map(|d| (d.device_id.clone(), d))
-                .collect();
-            tx.commit().map_err(db("cannot end the read"))?;
-            let devices = ids.iter().filter_map(|id| by_id.remove(id)).collect();
-            Ok(fleet::Page {
-                devices,
-                total: to_u64(total),
-            })
-        })
-    }
-
-    /// See [`super::Store::fleet_totals`]: one aggregate over the device rows.
-    pub fn fleet_totals(&self, now_ms: u64, silent_after_ms: u64) -> Result<fleet::Totals, Error> {
-        let silent = silent_before(now_ms, silent_after_ms);
-        let now = to_i64(now_ms);
-        // The backlog age buckets, as fleet::backlog_age_bucket sorts them ($2: now).
-        let age = "GREATEST($2 - oldest_unsent_ts_ms, 0) / 1000";
-        let mut ages = Vec::new();
-        let mut above = None;
-        for bound in fleet::BACKLOG_AGE_S {
-            let lower = above.map_or(String::new(), |b| format!(" AND {age} > {b}"));
-            ages.push(format!(
-                "count(*) FILTER (WHERE ledger_waiting > 0 AND oldest_unsent_ts_ms IS NOT NULL
-                     AND {age} <= {bound}{lower})"
-            ));
-            above = Some(bound);
-        }
-        ages.push(format!(
-            "count(*) FILTER (WHERE ledger_waiting > 0
-                 AND (oldest_unsent_ts_ms IS NULL OR {age} > {}))",
-            above.unwrap_or(0)
-        ));
-        let row = self.pool.run(|client| {
-            client
-                .query_one(
-                    &format!(
-                        "SELECT count(*),
-                             count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}),
-                             count(*) FILTER (WHERE {}), count(*) FILTER (WHERE {}),
-                             count(*) FILTER (WHERE {}),
-                             COALESCE(sum(ledger_delivered), 0)::int8,
-                             COALESCE(sum(ledger_gaps), 0)::int8,
-                             COALESCE(sum(ledger_waiting), 0)::int8,
-                             COALESCE(sum(ledger_missing), 0)::int8,
-                             count(*) FILTER (WHERE NOT ledger_balanced),
-                             min(oldest_unsent_ts_ms) FILTER (WHERE ledger_waiting > 0),
-                             {}
-                         FROM ferry_devices WHERE listed",
-                        state_condition(fleet::STATES[0], 1),
-                        state_condition(fleet::STATES[1], 1),
-                        state_condition(fleet::STATES[2], 1),
-                        state_condition(fleet::STATES[3], 1),
-                        state_condition(fleet::STATES[4], 1),
-                        ages.join(", "),
-                    ),
-                    &[&silent, &now],
-                )
-                .map_err(db("cannot add up the devices"))
-        })?;
-        let n = |i: usize| to_u64(row.get(i));
-        let mut backlog_age = [0; fleet::BACKLOG_AGE_S.len() + 1];
-        for (i, bucket) in backlog_age.iter_mut().enumerate() {
-            *bucket = n(12 + i);
-        }
-        Ok(fleet::Totals {
-            devices: n(0),
-            by_state: [n(1), n(2), n(3), n(4), n(5)],
-            delivered: n(6),
-            gaps: n(7),
-            waiting: n(8),
-            missing: n(9),
-            unbalanced: n(10),
-            oldest_unsent_ts_ms: row.get::<_, Option<i64>>(11).map(to_u64),
-            backlog_age,
-        })
-    }
-
-    /// See [`super::Store::device_summary`].
-    pub fn device_summary(&self, device_id: &str) -> Result<Option<DeviceSummary>, Error> {
-        let ids = [device_id.to_owned()];
-        self.pool.run(|client| {
-            let mut tx = snapshot(client)?;
-            let found = read_summaries(&mut tx, &ids)?.pop();
-            tx.commit().map_err(db("cannot end the read"))?;
-            Ok(found)
         })
     }
 
@@ -543,145 +272,6 @@ impl PgStore {
     }
 }
 
-impl Pool {
-    /// An idle pooled connection, or a new one.
-    pub fn client(&self) -> Result<Client, Error> {
-        self.take().map(|(client, _)| client)
-    }
-
-    /// An idle pooled connection (`true`), or a new one (`false`).
-    fn take(&self) -> Result<(Client, bool), Error> {
-        loop {
-            let idle = lock(&self.idle).pop();
-            match idle {
-                Some(client) if client.is_closed() => {}
-                Some(client) => return Ok((client, true)),
-                None => return Ok((self.connect()?, false)),
-            }
-        }
-    }
-
-    fn connect(&self) -> Result<Client, Error> {
-        // The callers say the error (each at its own rate); this is for a closer look.
-        let connected = match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
-            None => self.config.connect(NoTls),
-        };
-        connected.map_err(|source| {
-            debug!(
-                "cannot connect to the database target={} error={}",
-                self.target,
-                ferry_util::error_chain(&source)
-            );
-            Error::Database {
-                what: "cannot connect",
-                source,
-            }
-        })
-    }
-
-    /// Runs `f` on a pooled connection. A pooled connection can have been broken while idle (the
-    /// database restarted): when `f` fails on one found closed, it runs once more on a new
-    /// connection. So `f` must be safe to run twice (each of its transactions commits whole
-    /// or not at all, and running it again after a commit changes nothing).
-    pub fn run<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T, Error>) -> Result<T, Error> {
-        let (mut client, pooled) = self.take()?;
-        let result = f(&mut client);
-        if pooled && client.is_closed() && matches!(result, Err(Error::Database { .. })) {
-            debug!("a pooled connection was broken; running again on a new one");
-            client = self.connect()?;
-            let again = f(&mut client);
-            self.give_back(client);
-            return again;
-        }
-        self.give_back(client);
-        result
-    }
-
-    /// Returns a connection to the pool after a use that ended cleanly (an error that broke the
-    /// connection leaves it closed, and it is dropped at the next take).
-    pub fn give_back(&self, client: Client) {
-        lock(&self.idle).push(client);
-    }
-}
-
-/// A read-only transaction that sees one snapshot, so that a batch committed during a read of
-/// several tables is seen in all of them or in none.
-fn snapshot(client: &mut Client) -> Result<Transaction<'_>, Error> {
-    client
-        .build_transaction()
-        .isolation_level(postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .map_err(db("cannot begin"))
-}
-
-/// The summaries of the devices `ids` that stored records or gaps or reported what they hold,
-/// in no particular order.
-fn read_summaries(tx: &mut Transaction<'_>, ids: &[String]) -> Result<Vec<DeviceSummary>, Error> {
-    let filter = "device_id = ANY($1)";
-    let mut gaps: BTreeMap<String, Vec<Gap>> = BTreeMap::new();
-    for row in tx
-        .query(
-            &format!(
-                "SELECT device_id, from_seq, to_seq, reason FROM ferry_gaps
-                     WHERE {filter} ORDER BY id"
-            ),
-            &[&ids],
-        )
-        .map_err(db("cannot read the gaps"))?
-    {
-        let device_id: String = row.get(0);
-        let gap = gap_of(&device_id, &row, 1)?;
-        gaps.entry(device_id).or_default().push(gap);
-    }
-    let mut clashes: BTreeMap<String, Vec<Clash>> = BTreeMap::new();
-    for row in tx
-        .query(
-            &format!(
-                "SELECT device_id, seq, first_seen_ms, last_seen_ms, count FROM ferry_clashes
-                     WHERE {filter}"
-            ),
-            &[&ids],
-        )
-        .map_err(db("cannot read the clashes"))?
-    {
-        clashes
-            .entry(row.get(0))
-            .or_default()
-            .push(clash_of(&row, 1));
-    }
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms,
-                         backlog_bytes, last_seen_ms, clashes_total, upstream_gaps
-                     FROM ferry_devices WHERE {filter}"
-            ),
-            &[&ids],
-        )
-        .map_err(db("cannot read the devices"))?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let device_id: String = row.get(0);
-        let summary = DeviceSummary::from_parts(
-            device_id.clone(),
-            &ranges_of(&row.get::<_, Vec<i64>>(1)),
-            gaps.remove(&device_id).unwrap_or_default(),
-            clashes.remove(&device_id).unwrap_or_default(),
-            to_u64(row.get(7)),
-            held_of(&row, 2),
-            to_u64(row.get(6)),
-        )
-        .map(|s| DeviceSummary {
-            upstream_gaps: to_u64(row.get(8)),
-            ..s
-        });
-        out.extend(summary);
-    }
-    Ok(out)
-}
-
 /// The device's declared gaps, in the order stored.
 fn device_gaps(tx: &mut Transaction<'_>, device_id: &str) -> Result<Vec<Gap>, Error> {
     tx.query(
@@ -694,82 +284,79 @@ fn device_gaps(tx: &mut Transaction<'_>, device_id: &str) -> Result<Vec<Gap>, Er
     .collect()
 }
 
-/// Writes a locked device's row: its stored seqs, the gateway's account, when it was last seen
-/// (`now_ms`, if it was), and the ledger's counts from those and its gaps (the columns the fleet
-/// list filters and sorts by; see the module header).
+/// A batch or report that updates a device's row: when (ms since the epoch), and the records it
+/// stored.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    now_ms: u64,
+    accepted: u64,
+}
+
+/// Writes a locked device's row: its stored seqs, the gateway's account, and the ledger's counts
+/// from those and its gaps (the columns the fleet list filters and sorts by; see the module
+/// header). When `seen` (a batch or a report, not a migration), also when it was last seen, and
+/// its history's point of this minute (added up with the minute's earlier batches), dropping
+/// its points older than [`KEPT_MINUTES`]: all in one statement.
 fn update_device(
     tx: &mut Transaction<'_>,
     device_id: &str,
     delivered: &RangeSet,
     held: Option<Held>,
-    now_ms: Option<u64>,
+    seen: Option<Seen>,
 ) -> Result<(), Error> {
     let gaps = device_gaps(tx, device_id)?;
     let ledger = Ledger::account(delivered, &gaps, held);
     let listed = !delivered.is_empty() || !gaps.is_empty() || held.is_some();
-    tx.execute(
-        "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4, acked_seq = $5,
-             oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7),
+    const UPDATE: &str = "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4,
+             acked_seq = $5, oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7),
              listed = $8, ledger_delivered = $9, ledger_gaps = $10, ledger_waiting = $11,
              ledger_missing = $12, ledger_balanced = $13, backlog_bytes = $14
-         WHERE device_id = $1",
-        &[
-            &device_id,
-            &flat_ranges(delivered),
-            &to_i64(delivered.len()),
-            &held.map(|h| to_i64(h.head_seq)),
-            &held.map(|h| to_i64(h.acked_seq)),
-            &held.and_then(|h| h.oldest_unsent_ts_ms).map(to_i64),
-            &to_i64(now_ms.unwrap_or(0)),
-            &listed,
-            &to_i64(ledger.delivered),
-            &to_i64(ledger.gap_total()),
-            &to_i64(ledger.waiting),
-            &to_i64(ledger.missing),
-            &ledger.balances(),
-            &held.and_then(|h| h.backlog_bytes).map(to_i64),
-        ],
-    )
-    .map_err(db("cannot update the device"))?;
+         WHERE device_id = $1";
+    // Data-modifying CTEs run to completion whether or not the UPDATE reads them.
+    const WITH_HISTORY: &str = "WITH point AS (
+             INSERT INTO ferry_history
+                 (device_id, minute, accepted, delivered, gaps, waiting, waiting_max, missing,
+                  backlog_bytes)
+             VALUES ($1, $15, $16, $9, $10, $11, $11, $12, $14)
+             ON CONFLICT (device_id, minute) DO UPDATE SET
+                 accepted = ferry_history.accepted + EXCLUDED.accepted,
+                 delivered = EXCLUDED.delivered, gaps = EXCLUDED.gaps,
+                 waiting = EXCLUDED.waiting,
+                 waiting_max = GREATEST(ferry_history.waiting_max, EXCLUDED.waiting_max),
+                 missing = EXCLUDED.missing,
+                 backlog_bytes = EXCLUDED.backlog_bytes
+         ), expired AS (
+             DELETE FROM ferry_history WHERE device_id = $1 AND minute < $17
+         ) ";
+    let now_ms = seen.map_or(0, |s| s.now_ms);
+    let minute = to_i64(now_ms / MINUTE_MS);
+    let accepted = to_i64(seen.map_or(0, |s| s.accepted));
+    let kept_from = minute.saturating_sub(to_i64(KEPT_MINUTES) - 1);
+    let columns: [&(dyn ToSql + Sync); 14] = [
+        &device_id,
+        &flat_ranges(delivered),
+        &to_i64(delivered.len()),
+        &held.map(|h| to_i64(h.head_seq)),
+        &held.map(|h| to_i64(h.acked_seq)),
+        &held.and_then(|h| h.oldest_unsent_ts_ms).map(to_i64),
+        &to_i64(now_ms),
+        &listed,
+        &to_i64(ledger.delivered),
+        &to_i64(ledger.gap_total()),
+        &to_i64(ledger.waiting),
+        &to_i64(ledger.missing),
+        &ledger.balances(),
+        &held.and_then(|h| h.backlog_bytes).map(to_i64),
+    ];
+    let done = if seen.is_some() {
+        let mut params = columns.to_vec();
+        params.extend([&minute as &(dyn ToSql + Sync), &accepted, &kept_from]);
+        tx.execute(&format!("{WITH_HISTORY}{UPDATE}"), &params)
+    } else {
+        tx.execute(UPDATE, &columns)
+    };
+    done.map_err(db("cannot update the device"))?;
     Ok(())
-}
-
-/// Fills the ledger columns of every device row (schema version 3 on a database written by an
-/// older version), inside the migration's transaction. Returns the rows filled.
-fn fill_ledger_columns(tx: &mut Transaction<'_>) -> Result<u64, Error> {
-    let rows = tx
-        .query(
-            "SELECT device_id, delivered, head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes
-             FROM ferry_devices",
-            &[],
-        )
-        .map_err(db("cannot read the devices"))?;
-    for row in &rows {
-        let device_id: &str = row.get(0);
-        let delivered = ranges_of(&row.get::<_, Vec<i64>>(1));
-        update_device(tx, device_id, &delivered, held_of(row, 2), None)?;
-    }
-    Ok(rows.len() as u64)
-}
-
-/// The SQL condition of a device being in `state` (one of [`fleet::STATES`], as
-/// [`fleet::states`] decides it), with `$silent` the parameter of [`silent_before`].
-fn state_condition(state: &str, silent: usize) -> String {
-    let silent = format!("last_seen_ms < ${silent}");
-    match state {
-        "clash" => "clashes_total > 0".to_owned(),
-        "missing" => "ledger_missing > 0".to_owned(),
-        "behind" => "ledger_waiting > 0".to_owned(),
-        "silent" => silent,
-        _ => format!(
-            "NOT (clashes_total > 0 OR ledger_missing > 0 OR ledger_waiting > 0 OR {silent})"
-        ),
-    }
-}
-
-/// A device last seen before this (ms since the epoch) is silent: `now - last_seen > after`.
-fn silent_before(now_ms: u64, silent_after_ms: u64) -> i64 {
-    to_i64(now_ms).saturating_sub(i64::try_from(silent_after_ms).unwrap_or(i64::MAX))
 }
 
 /// The batch's transaction: lock the device, check clashes, insert, update the ledger, commit.
@@ -881,9 +468,15 @@ fn ingest_in(
         Some(new) => Some(ledger::later(row.held, new)),
         None => row.held,
     };
-    update_device(&mut tx, device_id, &delivered, held, Some(now_ms))?;
-    tx.commit().map_err(db("cannot commit the batch"))?;
     let accepted = seqs.len() as u64;
+    update_device(
+        &mut tx,
+        device_id,
+        &delivered,
+        held,
+        Some(Seen { now_ms, accepted }),
+    )?;
+    tx.commit().map_err(db("cannot commit the batch"))?;
     Ok(Ok(Outcome {
         accepted,
         duplicates: batch.records.len() as u64 - accepted,
@@ -1030,27 +623,4 @@ fn to_i64(value: u64) -> i64 {
 
 fn db(what: &'static str) -> impl Fn(postgres::Error) -> Error {
     move |source| Error::Database { what, source }
-}
-
-/// `user@host:port/dbname`: where the database is, without the password.
-fn describe(config: &Config) -> String {
-    let host = config
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            Host::Tcp(name) => name.clone(),
-            Host::Unix(path) => path.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".to_owned());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{}@{host}:{port}/{}",
-        config.get_user().unwrap_or("-"),
-        config.get_dbname().unwrap_or("-")
-    )
-}
-
-/// The pool holds only idle connections: a poisoned lock cannot leave it inconsistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
