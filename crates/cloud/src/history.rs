@@ -165,12 +165,18 @@ impl RateHistory {
             .collect()
     }
 
+    /// The first of the last [`RATE_SLOTS`] slots at `now_ms` (the one [`RateHistory::per_second`]
+    /// starts with).
+    pub fn first_slot(now_ms: u64) -> u64 {
+        (now_ms / RATE_SLOT_MS + 1).saturating_sub(RATE_SLOTS)
+    }
+
     /// Records per second in each of the last [`RATE_SLOTS`] slots, oldest first, the current
     /// (partial) one last and counted over the part gone by; `others` (`(slot, records)`, other
     /// replicas' published counts) added to this process's own.
     pub fn per_second(&self, now_ms: u64, others: &[(u64, u64)]) -> Vec<f64> {
         let current = now_ms / RATE_SLOT_MS;
-        let first = (current + 1).saturating_sub(RATE_SLOTS);
+        let first = Self::first_slot(now_ms);
         let in_slot = |list: &mut dyn Iterator<Item = (u64, u64)>, slot: u64| {
             list.filter(|(s, _)| *s == slot)
                 .map(|(_, n)| n)

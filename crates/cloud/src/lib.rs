@@ -278,3 +278,19 @@ fn stop_all(workers: &mut Vec<JoinHandle<()>>, shutdown: &AtomicBool) {
         let _ = handle.join();
     }
 }
+
+/// Sleeps `period` in steps of at most 50 ms; `true` as soon as `shutdown` is set (a thread's
+/// wait between rounds that still stops promptly).
+pub(crate) fn sleep_unless(shutdown: &AtomicBool, period: Duration) -> bool {
+    let deadline = std::time::Instant::now() + period;
+    loop {
+        if shutdown.load(Ordering::SeqCst) {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}

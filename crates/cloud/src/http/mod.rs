@@ -103,7 +103,7 @@ pub(crate) fn worker(shared: &Shared, shutdown: &AtomicBool) {
 pub(crate) fn publish_rates(shared: &Shared, shutdown: &AtomicBool) {
     let mut published = Vec::new();
     loop {
-        let stopping = sleep_unless(shutdown, history::PUBLISH_EVERY);
+        let stopping = crate::sleep_unless(shutdown, history::PUBLISH_EVERY);
         let current = now_ms() / history::RATE_SLOT_MS;
         // The slot before the current one too: its last records came after its last publish.
         let counts = shared
@@ -126,18 +126,6 @@ pub(crate) fn publish_rates(shared: &Shared, shutdown: &AtomicBool) {
         }
     }
     debug!("rates publisher stopped");
-}
-
-/// Sleeps `period` in short steps; `true` as soon as `shutdown` is set.
-fn sleep_unless(shutdown: &AtomicBool, period: Duration) -> bool {
-    let deadline = std::time::Instant::now() + period;
-    while std::time::Instant::now() < deadline {
-        if shutdown.load(Ordering::SeqCst) {
-            return true;
-        }
-        std::thread::sleep(POLL_INTERVAL.min(deadline - std::time::Instant::now()));
-    }
-    shutdown.load(Ordering::SeqCst)
 }
 
 /// An answer: status, body, extra headers.

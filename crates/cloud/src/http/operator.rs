@@ -90,7 +90,7 @@ pub(super) fn fleet_overview(shared: &Shared) -> Reply {
         Ok(totals) => totals,
         Err(e) => return unreadable(shared, "the devices", &e),
     };
-    let first = (now / history::RATE_SLOT_MS + 1).saturating_sub(history::RATE_SLOTS);
+    let first = history::RateHistory::first_slot(now);
     let others = match shared.store.other_rates(shared.commands.instance(), first) {
         Ok(others) => others,
         Err(e) => return unreadable(shared, "the records per second", &e),

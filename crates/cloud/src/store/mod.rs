@@ -357,7 +357,7 @@ impl DeviceSummary {
         last_seen_ms: u64,
     ) -> Option<DeviceSummary> {
         // A device with clashes has records: a clash is with a stored record.
-        if records.is_empty() && gaps.is_empty() && held.is_none() {
+        if !is_listed(records, &gaps, held) {
             return None;
         }
         let (ledger, covered) = Ledger::account_and_covered(records, &gaps, held);
@@ -411,6 +411,11 @@ fn note_clashes(clashes: &mut Vec<Clash>, seqs: &[u64], now_ms: u64) -> u64 {
         });
     }
     seqs.len() as u64
+}
+
+/// Whether a device is in the fleet: it stored records or gaps, or reported what it holds.
+fn is_listed(records: &RangeSet, gaps: &[Gap], held: Option<Held>) -> bool {
+    !records.is_empty() || !gaps.is_empty() || held.is_some()
 }
 
 /// Device ids this receiver refuses: `<id>.gaps.ndjson` names the files store's gap files, and

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{error, info};
 
 use self::disk::{SyncFn, append, append_synced, for_each_line, open_append};
-use super::{Clash, DeviceSummary, Error, Outcome, Records, is_reserved, note_clashes};
+use super::{Clash, DeviceSummary, Error, Outcome, Records, is_listed, is_reserved, note_clashes};
 use crate::batch::{self, Batch};
 use crate::fingerprints::Fingerprints;
 use crate::history;
@@ -474,8 +474,7 @@ impl FilesStore {
     pub fn device_history(&self, device_id: &str) -> Option<Vec<history::Point>> {
         let slot = lock(&self.devices).get(device_id).cloned()?;
         let device = lock(&slot.device);
-        let listed = !device.records.is_empty() || !device.gaps.is_empty() || device.held.is_some();
-        listed.then(|| device.history.points())
+        is_listed(&device.records, &device.gaps, device.held).then(|| device.history.points())
     }
 
     /// One device, if it stored records or gaps or reported what it holds.

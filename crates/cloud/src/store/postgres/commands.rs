@@ -83,7 +83,7 @@ impl PgCommands {
     pub fn new(pool: Arc<Pool>, instance: u64) -> PgCommands {
         PgCommands {
             pool,
-            instance: format!("{instance:016x}"),
+            instance: super::instance_name(instance),
             beating: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -370,7 +370,7 @@ impl PgCommands {
                             } else {
                                 debug!("command notifications lost, listening again error={error}");
                             }
-                            sleep_unless(&shutdown, LISTEN_RETRY);
+                            crate::sleep_unless(&shutdown, LISTEN_RETRY);
                         }
                     }
                 }
@@ -476,16 +476,6 @@ fn forget_gone_replicas(client: &mut impl GenericClient) -> Result<(), Error> {
         );
     }
     Ok(())
-}
-
-fn sleep_unless(shutdown: &AtomicBool, total: Duration) {
-    let step = Duration::from_millis(50);
-    let mut left = total;
-    while !left.is_zero() && !shutdown.load(Ordering::SeqCst) {
-        let nap = left.min(step);
-        thread::sleep(nap);
-        left -= nap;
-    }
 }
 
 fn now_ms() -> i64 {

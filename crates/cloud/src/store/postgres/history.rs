@@ -2,7 +2,7 @@
 //! written by [`super::update_device`]), and each replica's records per ten seconds
 //! (`ferry_rates`).
 
-use super::{PgStore, db, to_i64, to_u64};
+use super::{PgStore, db, instance_name, to_i64, to_u64};
 use crate::history::Point;
 use crate::store::Error;
 
@@ -55,7 +55,7 @@ impl PgStore {
         counts: &[(u64, u64)],
         kept_from: u64,
     ) -> Result<(), Error> {
-        let instance = format!("{instance:016x}");
+        let instance = instance_name(instance);
         let slots: Vec<i64> = counts.iter().map(|(s, _)| to_i64(*s)).collect();
         let records: Vec<i64> = counts.iter().map(|(_, n)| to_i64(*n)).collect();
         self.pool.run(|client| {
@@ -75,7 +75,7 @@ impl PgStore {
     /// Every other replica's published counts from slot `from` on: `(slot, records)`, summed
     /// over the replicas, in no particular order.
     pub fn other_rates(&self, instance: u64, from: u64) -> Result<Vec<(u64, u64)>, Error> {
-        let instance = format!("{instance:016x}");
+        let instance = instance_name(instance);
         self.pool.run(|client| {
             let rows = client
                 .query(

@@ -55,7 +55,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Config, Transaction};
 
-use super::{Clash, Error, Outcome, Records, is_reserved, note_clashes};
+use super::{Clash, Error, Outcome, Records, is_listed, is_reserved, note_clashes};
 use crate::batch::{self, Batch};
 use crate::history::{KEPT_MINUTES, MINUTE_MS};
 use crate::ledger::{self, Ledger};
@@ -306,7 +306,7 @@ fn update_device(
 ) -> Result<(), Error> {
     let gaps = device_gaps(tx, device_id)?;
     let ledger = Ledger::account(delivered, &gaps, held);
-    let listed = !delivered.is_empty() || !gaps.is_empty() || held.is_some();
+    let listed = is_listed(delivered, &gaps, held);
     const UPDATE: &str = "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4,
              acked_seq = $5, oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7),
              listed = $8, ledger_delivered = $9, ledger_gaps = $10, ledger_waiting = $11,
@@ -613,6 +613,12 @@ fn gap_reason(device_id: &str, text: &str) -> Result<GapReason, Error> {
 
 /// Seqs and times are checked below 2^63 before they are written; a negative value read back
 /// (written by something else) counts as 0.
+/// A replica's instance number as the tables name it (`ferry_sockets`, `ferry_replicas`,
+/// `ferry_rates`).
+fn instance_name(instance: u64) -> String {
+    format!("{instance:016x}")
+}
+
 fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
