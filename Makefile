@@ -71,17 +71,18 @@ bench:
 	$(CARGO) build --release -p ferry-bench
 	target/release/ferry-bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY),--doc docs/BENCHMARKS.md)
 
-## The center under simulated fleets (2,000 to 100,000 gateways) on the files store; prints its table.
+## The center under simulated fleets (2,000 to 100,000 gateways; QUICK=1: a tenth of the devices) on
+## the files store; prints its table.
 bench-fleet:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release -p ferry-cloud -p ferry-bench
-	target/release/ferry-bench --only fleet
+	target/release/ferry-bench $(if $(QUICK),--quick) --only fleet
 
 ## The same fleets on PostgreSQL (one replica, then two), against a COPY of the same rows.
 bench-fleet-pg:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release -p ferry-cloud -p ferry-bench
-	target/release/ferry-bench --only fleet-pg
+	target/release/ferry-bench $(if $(QUICK),--quick) --only fleet-pg
 
 ## Power-cut torture (README "Power-cut torture"): ferry's journal on ferry-crashfs, the journal
 ## regression tests on it, the slow-fsync, crash-then-cut, eio and overlap scenarios, then CUTS power cuts

@@ -45,6 +45,20 @@ struct Sizes {
     ingest: usize,
     /// Seconds of 1,000 msg/s per setting in the wear measurement.
     wear_secs: u64,
+    /// The fleet sections' runs: the two shapes of a fleet, then 100,000 gateways.
+    fleet: [fleet::Shape; 3],
+    /// The fleet-pg section's widest run: 100,000 gateways of a few records each (fewer than
+    /// `fleet[2]`, whose 10 million records take PostgreSQL some minutes per round).
+    fleet_pg_wide: fleet::Shape,
+}
+
+/// `devices` gateways of `per_device` records each, in batches of `batch`.
+const fn shape(devices: usize, per_device: u64, batch: u64) -> fleet::Shape {
+    fleet::Shape {
+        devices,
+        per_device,
+        batch,
+    }
 }
 
 const FULL: Sizes = Sizes {
@@ -54,6 +68,12 @@ const FULL: Sizes = Sizes {
     backlog: 1_000_000,
     ingest: 200_000,
     wear_secs: 20,
+    fleet: [
+        shape(2_000, 500, 250),
+        shape(20_000, 50, 25),
+        shape(100_000, 50, 25),
+    ],
+    fleet_pg_wide: shape(100_000, 10, 10),
 };
 
 const QUICK: Sizes = Sizes {
@@ -63,6 +83,12 @@ const QUICK: Sizes = Sizes {
     backlog: 100_000,
     ingest: 20_000,
     wear_secs: 5,
+    fleet: [
+        shape(200, 500, 250),
+        shape(2_000, 50, 25),
+        shape(10_000, 50, 25),
+    ],
+    fleet_pg_wide: shape(10_000, 10, 10),
 };
 
 /// The group commit of the headline append row: the broker's in-flight window in the recommended
@@ -80,33 +106,6 @@ const SECTIONS: [&str; 9] = [
 /// Sections that run only when asked for by name (`--only`): `make bench-fleet`,
 /// `make bench-fleet-pg`.
 const ON_REQUEST: [&str; 2] = ["fleet", "fleet-pg"];
-/// The fleet section's runs: the two shapes of a fleet, then 100,000 gateways.
-const FLEET: [fleet::Shape; 3] = [
-    fleet::Shape {
-        devices: 2_000,
-        per_device: 500,
-        batch: 250,
-    },
-    fleet::Shape {
-        devices: 20_000,
-        per_device: 50,
-        batch: 25,
-    },
-    fleet::Shape {
-        devices: 100_000,
-        per_device: 50,
-        batch: 25,
-    },
-];
-
-/// The fleet-pg section's widest run: 100,000 gateways of a few records each (fewer than
-/// `FLEET[2]`, whose 10 million records take PostgreSQL some minutes per round).
-const FLEET_PG_WIDE: fleet::Shape = fleet::Shape {
-    devices: 100_000,
-    per_device: 10,
-    batch: 10,
-};
-
 /// One section of the run: pushes its rows.
 type Section<'a> = dyn Fn(&mut Vec<Row>) -> Result<()> + 'a;
 /// Creates a layout in a directory.
@@ -207,7 +206,7 @@ fn main() {
             fleet::run(
                 &args.target.join("release"),
                 &args.work.join("fleet"),
-                &FLEET,
+                &sizes.fleet,
                 fleet::Center::Files,
                 r,
             )
@@ -217,7 +216,7 @@ fn main() {
                 fleet::run(
                     &args.target.join("release"),
                     &args.work.join("fleet-pg"),
-                    &FLEET[..2],
+                    &sizes.fleet[..2],
                     fleet::Center::Postgres { replicas },
                     r,
                 )?;
@@ -226,7 +225,7 @@ fn main() {
             fleet::run(
                 &args.target.join("release"),
                 &args.work.join("fleet-pg"),
-                &[FLEET_PG_WIDE],
+                &[sizes.fleet_pg_wide],
                 fleet::Center::Postgres { replicas: 1 },
                 r,
             )

@@ -70,7 +70,7 @@ mod schema;
 mod tls;
 
 pub use self::pool::Pool;
-use self::pool::describe;
+use self::pool::{Conn, Statements, describe};
 pub use self::schema::MIGRATIONS;
 
 /// Statement, lock and connect deadlines (see the module's "Deadlines").
@@ -97,6 +97,10 @@ impl std::fmt::Debug for PgStore {
 struct DeviceRow {
     delivered: RangeSet,
     held: Option<Held>,
+    /// Its gaps add seqs to the ledger (`ledger_gaps > 0`). When they add none, every gap of the
+    /// device lies within its delivered seqs, which only grow: its gaps cannot change the
+    /// account, and [`update_device`] need not read them (unless the batch declares new ones).
+    gaps_count: bool,
 }
 
 impl PgStore {
@@ -187,11 +191,11 @@ impl PgStore {
         // Run again on a fresh connection after a broken one is safe: a batch whose COMMIT did
         // go through is found stored (duplicates), never stored twice.
         self.pool
-            .run(|client| match ingest_in(client, batch, now_ms)? {
+            .run_conn(|conn| match ingest_in(conn, batch, now_ms)? {
                 Ok(outcome) => Ok(outcome),
                 Err(clashing) => {
                     // The batch's transaction was rolled back; remember the clash in a new one.
-                    note_clash_rows(client, device_id, &clashing, now_ms)?;
+                    note_clash_rows(conn, device_id, &clashing, now_ms)?;
                     Err(Error::Clash {
                         device_id: device_id.clone(),
                         seq: clashing[0],
@@ -205,14 +209,17 @@ impl PgStore {
         if is_reserved(device_id) || i64::try_from(held.head_seq.max(held.acked_seq)).is_err() {
             return Ok(());
         }
-        self.pool.run(|client| {
-            let mut tx = client.transaction().map_err(db("cannot begin"))?;
-            let row = lock_device(&mut tx, device_id)?;
+        self.pool.run_conn(|conn| {
+            let st = &mut conn.statements;
+            let mut tx = conn.client.transaction().map_err(db("cannot begin"))?;
+            let row = lock_device(&mut tx, st, device_id)?;
             let held = ledger::later(row.held, held);
             update_device(
                 &mut tx,
+                st,
                 device_id,
                 &row.delivered,
+                row.gaps_count,
                 Some(held),
                 Some(Seen {
                     now_ms,
@@ -273,12 +280,20 @@ impl PgStore {
 }
 
 /// The device's declared gaps, in the order stored.
-fn device_gaps(tx: &mut Transaction<'_>, device_id: &str) -> Result<Vec<Gap>, Error> {
-    tx.query(
-        "SELECT from_seq, to_seq, reason FROM ferry_gaps WHERE device_id = $1 ORDER BY id",
-        &[&device_id],
-    )
-    .map_err(db("cannot read the gaps"))?
+fn device_gaps(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    device_id: &str,
+) -> Result<Vec<Gap>, Error> {
+    let read = db("cannot read the gaps");
+    let select = st
+        .get(
+            tx,
+            "SELECT from_seq, to_seq, reason FROM ferry_gaps WHERE device_id = $1 ORDER BY id",
+        )
+        .map_err(&read)?;
+    tx.query(&select, &[&device_id])
+        .map_err(read)?
     .iter()
     .map(|row| gap_of(device_id, row, 0))
     .collect()
@@ -292,42 +307,61 @@ struct Seen {
     accepted: u64,
 }
 
+/// The statement that writes a device's row, for [`update_device`] (a macro, so that
+/// [`UPDATE_SEEN`] can be built from it at compile time).
+macro_rules! update_sql {
+    () => {
+        "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4,
+             acked_seq = $5, oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7),
+             listed = $8, ledger_delivered = $9, ledger_gaps = $10, ledger_waiting = $11,
+             ledger_missing = $12, ledger_balanced = $13, backlog_bytes = $14
+         WHERE device_id = $1"
+    };
+}
+
+/// [`update_sql`] with the device's history point of the minute and the pruning of its old
+/// points. Data-modifying CTEs run to completion whether or not the UPDATE reads them.
+const UPDATE_SEEN: &str = concat!(
+    "WITH point AS (
+         INSERT INTO ferry_history
+             (device_id, minute, accepted, delivered, gaps, waiting, waiting_max, missing,
+              backlog_bytes)
+         VALUES ($1, $15, $16, $9, $10, $11, $11, $12, $14)
+         ON CONFLICT (device_id, minute) DO UPDATE SET
+             accepted = ferry_history.accepted + EXCLUDED.accepted,
+             delivered = EXCLUDED.delivered, gaps = EXCLUDED.gaps,
+             waiting = EXCLUDED.waiting,
+             waiting_max = GREATEST(ferry_history.waiting_max, EXCLUDED.waiting_max),
+             missing = EXCLUDED.missing,
+             backlog_bytes = EXCLUDED.backlog_bytes
+     ), expired AS (
+         DELETE FROM ferry_history WHERE device_id = $1 AND minute < $17
+     ) ",
+    update_sql!()
+);
+
 /// Writes a locked device's row: its stored seqs, the gateway's account, and the ledger's counts
 /// from those and its gaps (the columns the fleet list filters and sorts by; see the module
 /// header). When `seen` (a batch or a report, not a migration), also when it was last seen, and
 /// its history's point of this minute (added up with the minute's earlier batches), dropping
-/// its points older than [`KEPT_MINUTES`]: all in one statement.
+/// its points older than [`KEPT_MINUTES`]: all in one statement. `gaps_count`: the device's gaps
+/// may change its account, so they are read (see [`DeviceRow::gaps_count`]).
 fn update_device(
     tx: &mut Transaction<'_>,
+    st: &mut Statements,
     device_id: &str,
     delivered: &RangeSet,
+    gaps_count: bool,
     held: Option<Held>,
     seen: Option<Seen>,
 ) -> Result<(), Error> {
-    let gaps = device_gaps(tx, device_id)?;
+    let gaps = if gaps_count {
+        device_gaps(tx, st, device_id)?
+    } else {
+        Vec::new()
+    };
     let ledger = Ledger::account(delivered, &gaps, held);
     let listed = is_listed(delivered, &gaps, held);
-    const UPDATE: &str = "UPDATE ferry_devices SET delivered = $2, records = $3, head_seq = $4,
-             acked_seq = $5, oldest_unsent_ts_ms = $6, last_seen_ms = GREATEST(last_seen_ms, $7),
-             listed = $8, ledger_delivered = $9, ledger_gaps = $10, ledger_waiting = $11,
-             ledger_missing = $12, ledger_balanced = $13, backlog_bytes = $14
-         WHERE device_id = $1";
-    // Data-modifying CTEs run to completion whether or not the UPDATE reads them.
-    const WITH_HISTORY: &str = "WITH point AS (
-             INSERT INTO ferry_history
-                 (device_id, minute, accepted, delivered, gaps, waiting, waiting_max, missing,
-                  backlog_bytes)
-             VALUES ($1, $15, $16, $9, $10, $11, $11, $12, $14)
-             ON CONFLICT (device_id, minute) DO UPDATE SET
-                 accepted = ferry_history.accepted + EXCLUDED.accepted,
-                 delivered = EXCLUDED.delivered, gaps = EXCLUDED.gaps,
-                 waiting = EXCLUDED.waiting,
-                 waiting_max = GREATEST(ferry_history.waiting_max, EXCLUDED.waiting_max),
-                 missing = EXCLUDED.missing,
-                 backlog_bytes = EXCLUDED.backlog_bytes
-         ), expired AS (
-             DELETE FROM ferry_history WHERE device_id = $1 AND minute < $17
-         ) ";
     let now_ms = seen.map_or(0, |s| s.now_ms);
     let minute = to_i64(now_ms / MINUTE_MS);
     let accepted = to_i64(seen.map_or(0, |s| s.accepted));
@@ -348,27 +382,31 @@ fn update_device(
         &ledger.balances(),
         &held.and_then(|h| h.backlog_bytes).map(to_i64),
     ];
+    let update = db("cannot update the device");
     let done = if seen.is_some() {
         let mut params = columns.to_vec();
         params.extend([&minute as &(dyn ToSql + Sync), &accepted, &kept_from]);
-        tx.execute(&format!("{WITH_HISTORY}{UPDATE}"), &params)
+        let statement = st.get(tx, UPDATE_SEEN).map_err(&update)?;
+        tx.execute(&statement, &params)
     } else {
-        tx.execute(UPDATE, &columns)
+        let statement = st.get(tx, update_sql!()).map_err(&update)?;
+        tx.execute(&statement, &columns)
     };
-    done.map_err(db("cannot update the device"))?;
+    done.map_err(update)?;
     Ok(())
 }
 
 /// The batch's transaction: lock the device, check clashes, insert, update the ledger, commit.
 /// `Ok(Err(seqs))`: the batch clashes at `seqs` (ascending, at least one) and was rolled back.
 fn ingest_in(
-    client: &mut Client,
+    conn: &mut Conn,
     batch: &Batch,
     now_ms: u64,
 ) -> Result<Result<Outcome, Vec<u64>>, Error> {
     let device_id = batch.device_id.as_str();
-    let mut tx = client.transaction().map_err(db("cannot begin"))?;
-    let row = lock_device(&mut tx, device_id)?;
+    let st = &mut conn.statements;
+    let mut tx = conn.client.transaction().map_err(db("cannot begin"))?;
+    let row = lock_device(&mut tx, st, device_id)?;
 
     // Seqs the device row says are stored: read their lines back and compare content.
     let maybe_stored: Vec<i64> = batch
@@ -379,12 +417,16 @@ fn ingest_in(
         .collect();
     let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
     if !maybe_stored.is_empty() {
-        for found in tx
-            .query(
+        let read = db("cannot read stored records");
+        let select = st
+            .get(
+                &mut tx,
                 "SELECT seq, line FROM ferry_records WHERE device_id = $1 AND seq = ANY($2)",
-                &[&device_id, &maybe_stored],
             )
-            .map_err(db("cannot read stored records"))?
+            .map_err(&read)?;
+        for found in tx
+            .query(&select, &[&device_id, &maybe_stored])
+            .map_err(read)?
         {
             let line: &str = found.get(1);
             let record =
@@ -420,21 +462,29 @@ fn ingest_in(
         }
     }
     if upstream_gaps > 0 {
-        tx.execute(
-            "UPDATE ferry_devices SET upstream_gaps = upstream_gaps + $2 WHERE device_id = $1",
-            &[&device_id, &upstream_gaps],
-        )
-        .map_err(db("cannot count the upstream gaps"))?;
+        let count = db("cannot count the upstream gaps");
+        let update = st
+            .get(
+                &mut tx,
+                "UPDATE ferry_devices SET upstream_gaps = upstream_gaps + $2 WHERE device_id = $1",
+            )
+            .map_err(&count)?;
+        tx.execute(&update, &[&device_id, &upstream_gaps])
+            .map_err(count)?;
     }
     if !seqs.is_empty() {
-        let inserted = tx
-            .execute(
+        let insert_error = db("cannot insert the records");
+        let insert = st
+            .get(
+                &mut tx,
                 "INSERT INTO ferry_records (device_id, seq, line)
                  SELECT $1, s, l FROM unnest($2::int8[], $3::text[]) AS t(s, l)
                  ON CONFLICT DO NOTHING",
-                &[&device_id, &seqs, &lines],
             )
-            .map_err(db("cannot insert the records"))?;
+            .map_err(&insert_error)?;
+        let inserted = tx
+            .execute(&insert, &[&device_id, &seqs, &lines])
+            .map_err(insert_error)?;
         if inserted != seqs.len() as u64 {
             // The device row said they were not stored; a row there anyway was not written by
             // this store's rules. Store nothing and say so.
@@ -453,16 +503,20 @@ fn ingest_in(
         let from: Vec<i64> = batch.gaps.iter().map(|g| to_i64(g.from_seq)).collect();
         let to: Vec<i64> = batch.gaps.iter().map(|g| to_i64(g.to_seq)).collect();
         let reason: Vec<&str> = batch.gaps.iter().map(|g| g.reason.as_str()).collect();
-        new_gaps = tx
-            .execute(
+        let insert_error = db("cannot insert the gaps");
+        let insert = st
+            .get(
+                &mut tx,
                 "INSERT INTO ferry_gaps (device_id, from_seq, to_seq, reason)
                  SELECT $1, f, t, r FROM unnest($2::int8[], $3::int8[], $4::text[])
                      WITH ORDINALITY AS g(f, t, r, n)
                  ORDER BY n
                  ON CONFLICT DO NOTHING",
-                &[&device_id, &from, &to, &reason],
             )
-            .map_err(db("cannot insert the gaps"))?;
+            .map_err(&insert_error)?;
+        new_gaps = tx
+            .execute(&insert, &[&device_id, &from, &to, &reason])
+            .map_err(insert_error)?;
     }
     let held = match batch.held {
         Some(new) => Some(ledger::later(row.held, new)),
@@ -471,8 +525,10 @@ fn ingest_in(
     let accepted = seqs.len() as u64;
     update_device(
         &mut tx,
+        st,
         device_id,
         &delivered,
+        row.gaps_count || !batch.gaps.is_empty(),
         held,
         Some(Seen { now_ms, accepted }),
     )?;
@@ -484,29 +540,48 @@ fn ingest_in(
     }))
 }
 
-/// Creates the device's row if it has none and locks it until the transaction ends.
-fn lock_device(tx: &mut Transaction<'_>, device_id: &str) -> Result<DeviceRow, Error> {
-    tx.execute(
-        "INSERT INTO ferry_devices (device_id) VALUES ($1) ON CONFLICT DO NOTHING",
-        &[&device_id],
-    )
-    .map_err(db("cannot add the device"))?;
-    let row = tx
-        .query_one(
-            "SELECT delivered, head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes FROM ferry_devices
-             WHERE device_id = $1 FOR UPDATE",
-            &[&device_id],
+/// Locks the device's row until the transaction ends, creating it first if it has none (one
+/// statement for a device already known).
+fn lock_device(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    device_id: &str,
+) -> Result<DeviceRow, Error> {
+    let locking = db("cannot lock the device");
+    let lock = st
+        .get(
+            tx,
+            "SELECT delivered, head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes,
+                 ledger_gaps > 0
+             FROM ferry_devices WHERE device_id = $1 FOR UPDATE",
         )
-        .map_err(db("cannot lock the device"))?;
+        .map_err(&locking)?;
+    let row = match tx.query_opt(&lock, &[&device_id]).map_err(&locking)? {
+        Some(row) => row,
+        None => {
+            // Another transaction adding it at once waits here for the other's commit; then
+            // both lock the one row.
+            let adding = db("cannot add the device");
+            let add = st
+                .get(
+                    tx,
+                    "INSERT INTO ferry_devices (device_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                )
+                .map_err(&adding)?;
+            tx.execute(&add, &[&device_id]).map_err(adding)?;
+            tx.query_one(&lock, &[&device_id]).map_err(locking)?
+        }
+    };
     Ok(DeviceRow {
         delivered: ranges_of(&row.get::<_, Vec<i64>>(0)),
         held: held_of(&row, 1),
+        gaps_count: row.get(5),
     })
 }
 
 /// Adds one refusal of each of `seqs` to the device's clashes, keeping the most recent ones.
 fn note_clash_rows(
-    client: &mut Client,
+    conn: &mut Conn,
     device_id: &str,
     seqs: &[u64],
     now_ms: u64,
@@ -514,8 +589,8 @@ fn note_clash_rows(
     if seqs.is_empty() {
         return Ok(());
     }
-    let mut tx = client.transaction().map_err(db("cannot begin"))?;
-    lock_device(&mut tx, device_id)?;
+    let mut tx = conn.client.transaction().map_err(db("cannot begin"))?;
+    lock_device(&mut tx, &mut conn.statements, device_id)?;
     let mut clashes: Vec<Clash> = tx
         .query(
             "SELECT seq, first_seen_ms, last_seen_ms, count FROM ferry_clashes WHERE device_id = $1",

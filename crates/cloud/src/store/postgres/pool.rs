@@ -1,12 +1,15 @@
 //! Connections to the database: one pooled per thread using one at a time, made with the
 //! deadlines of the store's connection settings, and run again once on a fresh connection when
-//! a pooled one turns out broken.
+//! a pooled one turns out broken. Each pooled connection keeps the statements prepared on it
+//! ([`Statements`]), so that a batch's statements are parsed and planned once per connection,
+//! not once per use (each costs a round trip to the server).
 
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use log::debug;
 use postgres::config::Host;
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, Config, GenericClient, NoTls, Statement};
 
 use super::tls;
 use crate::store::Error;
@@ -19,34 +22,63 @@ pub struct Pool {
     pub(super) target: String,
     /// With `sslmode=require`: how connections are made TLS.
     pub(super) tls: Option<tls::RustlsConnect>,
-    pub(super) idle: Mutex<Vec<Client>>,
+    pub(super) idle: Mutex<Vec<Conn>>,
+}
+
+/// A pooled connection and the statements prepared on it.
+pub struct Conn {
+    pub client: Client,
+    pub statements: Statements,
+}
+
+/// Statements prepared on one connection, by their SQL. A prepared statement belongs to the
+/// session, not to the transaction it was prepared in, so it outlives a rollback. After any
+/// database error the connection's statements are forgotten ([`Pool::run_conn`]): a statement
+/// planned before another replica migrated the schema must not be used after it.
+#[derive(Default)]
+pub struct Statements(HashMap<&'static str, Statement>);
+
+impl Statements {
+    /// The statement for `sql`, prepared on `client`'s connection the first time it is asked for.
+    pub fn get(
+        &mut self,
+        client: &mut impl GenericClient,
+        sql: &'static str,
+    ) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.0.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = client.prepare(sql)?;
+        self.0.insert(sql, statement.clone());
+        Ok(statement)
+    }
 }
 
 impl Pool {
     /// An idle pooled connection, or a new one.
     pub fn client(&self) -> Result<Client, Error> {
-        self.take().map(|(client, _)| client)
+        self.take().map(|(conn, _)| conn.client)
     }
 
     /// An idle pooled connection (`true`), or a new one (`false`).
-    fn take(&self) -> Result<(Client, bool), Error> {
+    fn take(&self) -> Result<(Conn, bool), Error> {
         loop {
             let idle = lock(&self.idle).pop();
             match idle {
-                Some(client) if client.is_closed() => {}
-                Some(client) => return Ok((client, true)),
+                Some(conn) if conn.client.is_closed() => {}
+                Some(conn) => return Ok((conn, true)),
                 None => return Ok((self.connect()?, false)),
             }
         }
     }
 
-    fn connect(&self) -> Result<Client, Error> {
+    fn connect(&self) -> Result<Conn, Error> {
         // The callers say the error (each at its own rate); this is for a closer look.
         let connected = match &self.tls {
             Some(tls) => self.config.connect(tls.clone()),
             None => self.config.connect(NoTls),
         };
-        connected.map_err(|source| {
+        let client = connected.map_err(|source| {
             debug!(
                 "cannot connect to the database target={} error={}",
                 self.target,
@@ -56,6 +88,10 @@ impl Pool {
                 what: "cannot connect",
                 source,
             }
+        })?;
+        Ok(Conn {
+            client,
+            statements: Statements::default(),
         })
     }
 
@@ -64,23 +100,35 @@ impl Pool {
     /// connection. So `f` must be safe to run twice (each of its transactions commits whole
     /// or not at all, and running it again after a commit changes nothing).
     pub fn run<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T, Error>) -> Result<T, Error> {
-        let (mut client, pooled) = self.take()?;
-        let result = f(&mut client);
-        if pooled && client.is_closed() && matches!(result, Err(Error::Database { .. })) {
+        self.run_conn(|conn| f(&mut conn.client))
+    }
+
+    /// [`Pool::run`] with the connection's prepared statements.
+    pub fn run_conn<T>(
+        &self,
+        mut f: impl FnMut(&mut Conn) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let (mut conn, pooled) = self.take()?;
+        let mut result = f(&mut conn);
+        if pooled && conn.client.is_closed() && matches!(result, Err(Error::Database { .. })) {
             debug!("a pooled connection was broken; running again on a new one");
-            client = self.connect()?;
-            let again = f(&mut client);
-            self.give_back(client);
-            return again;
+            conn = self.connect()?;
+            result = f(&mut conn);
         }
-        self.give_back(client);
+        if matches!(result, Err(Error::Database { .. })) {
+            conn.statements = Statements::default();
+        }
+        lock(&self.idle).push(conn);
         result
     }
 
     /// Returns a connection to the pool after a use that ended cleanly (an error that broke the
     /// connection leaves it closed, and it is dropped at the next take).
     pub fn give_back(&self, client: Client) {
-        lock(&self.idle).push(client);
+        lock(&self.idle).push(Conn {
+            client,
+            statements: Statements::default(),
+        });
     }
 }
 /// `user@host:port/dbname`: where the database is, without the password.

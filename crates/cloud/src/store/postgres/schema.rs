@@ -4,7 +4,7 @@
 use log::info;
 use postgres::Transaction;
 
-use super::{PgStore, db, held_of, ranges_of, update_device};
+use super::{PgStore, Statements, db, held_of, ranges_of, update_device};
 use crate::store::Error;
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
@@ -180,7 +180,15 @@ fn fill_ledger_columns(tx: &mut Transaction<'_>) -> Result<u64, Error> {
     for row in &rows {
         let device_id: &str = row.get(0);
         let delivered = ranges_of(&row.get::<_, Vec<i64>>(1));
-        update_device(tx, device_id, &delivered, held_of(row, 2), None)?;
+        update_device(
+            tx,
+            &mut Statements::default(),
+            device_id,
+            &delivered,
+            true,
+            held_of(row, 2),
+            None,
+        )?;
     }
     Ok(rows.len() as u64)
 }
