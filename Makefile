@@ -71,14 +71,15 @@ bench:
 	$(CARGO) build --release -p ferry-bench
 	target/release/ferry-bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY),--doc docs/BENCHMARKS.md)
 
-## The center under simulated fleets (2,000 to 100,000 gateways; QUICK=1: a tenth of the devices) on
-## the files store; prints its table.
+## The center under simulated fleets (2,000 to 100,000 gateways; QUICK=1: a tenth of the devices),
+## side by side: a null receiver (the harness's ceiling), the files store, PostgreSQL behind one
+## replica and behind two with nginx (against a COPY of the same rows); prints its table.
 bench-fleet:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release -p ferry-cloud -p ferry-bench
 	target/release/ferry-bench $(if $(QUICK),--quick) --only fleet
 
-## The same fleets on PostgreSQL (one replica, then two), against a COPY of the same rows.
+## The same fleets on PostgreSQL alone (one replica, then two behind nginx), against a COPY.
 bench-fleet-pg:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release -p ferry-cloud -p ferry-bench

@@ -150,7 +150,7 @@ fn real_agents_lose_nothing_when_a_replica_dies_and_the_database_restarts() {
     let mut pg = postgres(tmp.path());
     let mut a = Cloud::start_postgres(&tmp.path().join("a"), &pg.url(), &[]);
     let b = Cloud::start_postgres(&tmp.path().join("b"), &pg.url(), &[]);
-    let nginx = Nginx::start_many(&tmp.path().join("nginx"), &[a.port, b.port]);
+    let nginx = nginx_many(&tmp.path().join("nginx"), &[a.port, b.port]);
 
     let devices = ["gw-north", "gw-south"];
     let agents: Vec<Agent> = devices

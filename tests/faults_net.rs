@@ -86,7 +86,7 @@ fn nginx_502_storm_leaks_nothing_and_delivery_resumes_when_the_cloud_is_back() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&tmp.path().join("mqtt"));
     let mut cloud = Cloud::start(&tmp.path().join("cloud"));
-    let nginx = Nginx::start(&tmp.path().join("nginx"), cloud.port);
+    let nginx = nginx(&tmp.path().join("nginx"), cloud.port);
     let agent = agent_for(&tmp.path().join("agent"), broker.port, &nginx.url(), &[]);
 
     publish(broker.port, "sensors/a", numbered(0..200));

@@ -12,11 +12,14 @@
 //! records, its files there). After the run the fleet's account must
 //! balance: every record delivered, no seq missing (`/metrics`).
 //!
-//! `--only fleet-pg` (`make bench-fleet-pg`) runs the same fleets against `ferry-cloud --store
-//! postgres://` on a PostgreSQL the bench starts (fsync and `synchronous_commit` on), with one
-//! replica and with two (the client threads alternate between them, as a round-robin balancer
-//! would), and measures the baseline in the same run: the same rows loaded with one `COPY`
-//! into a table of the same key (the fastest way into PostgreSQL, with no per-batch work).
+//! Side by side for each fleet, in one run: the harness's own ceiling (the same requests to a
+//! receiver that reads each one and answers 200 at once: what this machine's HTTP and client
+//! threads allow, with no receiver work), the `files` store, and `ferry-cloud --store
+//! postgres://` on a PostgreSQL the bench starts (fsync and `synchronous_commit` on) behind one
+//! replica and behind two replicas with a real nginx balancing round robin; on PostgreSQL the
+//! baseline of the same run is the same rows loaded with one `COPY` into a table of the same key
+//! (the fastest way into PostgreSQL, with no per-batch work). `--only fleet-pg`
+//! (`make bench-fleet-pg`) runs the PostgreSQL centers alone.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -28,17 +31,45 @@ use crate::procs::{self, Cloud};
 use crate::report::Row;
 use crate::store::{Result, dir_bytes};
 
-pub const SECTION: &str = "fleet: ferry-cloud under many gateways (files store)";
+pub const SECTION: &str = "fleet: ferry-cloud under many gateways";
 pub const SECTION_PG: &str = "fleet-pg: ferry-cloud replicas on PostgreSQL under many gateways";
 
-/// Where the center under test keeps its data.
+/// What receives the fleet's batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Center {
+    /// A receiver that reads each request and answers 200 at once (the harness's ceiling).
+    Ceiling,
     Files,
-    /// `--store postgres://` with this many replicas.
+    /// `--store postgres://` with this many replicas (more than one: behind nginx).
     Postgres {
         replicas: usize,
     },
+}
+
+impl Center {
+    /// The centers of `make bench-fleet`, side by side.
+    pub const ALL: [Center; 4] = [
+        Center::Ceiling,
+        Center::Files,
+        Center::Postgres { replicas: 1 },
+        Center::Postgres { replicas: 2 },
+    ];
+    /// The centers of `make bench-fleet-pg`.
+    pub const POSTGRES: [Center; 2] = [
+        Center::Postgres { replicas: 1 },
+        Center::Postgres { replicas: 2 },
+    ];
+
+    fn label(self) -> String {
+        match self {
+            Center::Ceiling => "null receiver (the harness's ceiling)".into(),
+            Center::Files => "files store".into(),
+            Center::Postgres { replicas: 1 } => "PostgreSQL, 1 replica".into(),
+            Center::Postgres { replicas } => {
+                format!("PostgreSQL, {replicas} replicas behind nginx")
+            }
+        }
+    }
 }
 
 /// Client threads posting batches.
@@ -62,125 +93,138 @@ struct Post {
     clash: bool,
 }
 
+/// Runs every shape against every center (for each shape the centers side by side) and
+/// pushes the rows to section `s`.
 pub fn run(
     bin_dir: &Path,
     work: &Path,
     shapes: &[Shape],
-    center: Center,
+    centers: &[Center],
+    s: &'static str,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    let s = match center {
-        Center::Files => SECTION,
-        Center::Postgres { .. } => SECTION_PG,
-    };
     for shape in shapes {
-        let dir = work.join(format!("fleet-{}", shape.devices));
-        let r = one_run(bin_dir, &dir, *shape, center)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        let records = shape.devices as u64 * shape.per_device;
-        let replicas = match center {
-            Center::Files => String::new(),
-            Center::Postgres { replicas } => format!(
-                "{replicas} replica{}, ",
-                if replicas > 1 { "s" } else { "" }
-            ),
-        };
-        let what = format!(
-            "{replicas}{} devices x {} records, batches of {}",
-            shape.devices, shape.per_device, shape.batch
-        );
-        for (phase, p) in [("first contact", &r.first), ("steady state", &r.steady)] {
-            println!(
-                "   {what}, {phase}: {:.0} records/s, {} requests, p99 {:.1} ms, ferry-cloud cpu {:.1} s, {} retries, {} clashes refused",
-                records as f64 / p.secs,
-                p.requests,
-                p.p99_ms,
-                p.cloud_cpu,
-                p.retries,
-                p.clashes
-            );
-            rows.push(
-                Row::new(
-                    s,
-                    format!("{what}, {phase}: records/s"),
-                    records as f64 / p.secs,
-                    "rec/s",
-                )
-                .note(format!(
-                    "{}; ferry-cloud cpu {:.1} s; p99 latency {:.1} ms; {} retries, {} clashing \
-                     batches refused",
-                    match (center, phase) {
-                        (Center::Files, "first contact") =>
-                            "every device new: its files are created",
-                        (Center::Files, _) => "the devices' files exist",
-                        (_, "first contact") => "every device new: its row is created",
-                        _ => "every device known",
-                    },
-                    p.cloud_cpu,
-                    p.p99_ms,
-                    p.retries,
-                    p.clashes
-                )),
-            );
+        for &center in centers {
+            one_center(bin_dir, work, *shape, center, s, rows)?;
         }
-        if let Some(copy) = r.copy_rate {
-            let best = (2 * records) as f64 / (r.first.secs + r.steady.secs);
-            println!(
-                "   {what}: COPY of the same rows {copy:.0} records/s; ferry-cloud {:.2}x of it",
-                best / copy
-            );
-            rows.push(
-                Row::new(s, format!("{what}: both rounds vs COPY"), best / copy, "x").note(
-                    format!(
-                        "baseline: the same {} rows loaded by one COPY into a table keyed \
-                         (device_id, seq), {copy:.0} records/s, same server, same run",
-                        2 * records
-                    ),
-                ),
-            );
-        }
-        let (slowest, slowest_ms) = r
-            .views
-            .iter()
-            .copied()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap_or(("-", 0.0));
-        let each: Vec<String> = r
-            .views
-            .iter()
-            .map(|(path, ms)| format!("{path} {ms:.1} ms"))
-            .collect();
-        println!("   {what}: fleet views {}", each.join(", "));
-        rows.push(
-            Row::new(s, format!("{what}: slowest fleet view"), slowest_ms, "ms").note(format!(
-                "median of 5 GETs of each, after the run: {}; slowest {slowest}; the console's \
-                 bar is a page under 1,000 ms at 100,000 devices",
-                each.join(", ")
-            )),
-        );
+    }
+    Ok(())
+}
+
+fn one_center(
+    bin_dir: &Path,
+    work: &Path,
+    shape: Shape,
+    center: Center,
+    s: &'static str,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let dir = work.join(format!("fleet-{}", shape.devices));
+    let r = one_run(bin_dir, &dir, shape, center)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let records = shape.devices as u64 * shape.per_device;
+    let what = format!(
+        "{} devices x {} records, batches of {}, {}",
+        shape.devices,
+        shape.per_device,
+        shape.batch,
+        center.label()
+    );
+    for (phase, p) in [("first contact", &r.first), ("steady state", &r.steady)] {
         println!(
-            "   {what}: {:.0} B on disk per record; account balanced, nothing missing",
-            r.disk_bytes as f64 / (2 * records) as f64
+            "   {what}, {phase}: {:.0} records/s, {} requests, p99 {:.1} ms, ferry-cloud cpu {:.1} s, {} retries, {} clashes refused",
+            records as f64 / p.secs,
+            p.requests,
+            p.p99_ms,
+            p.cloud_cpu,
+            p.retries,
+            p.clashes
         );
         rows.push(
             Row::new(
                 s,
-                format!("{what}: bytes on disk per record"),
-                r.disk_bytes as f64 / (2 * records) as f64,
-                "B",
+                format!("{what}, {phase}: records/s"),
+                records as f64 / p.secs,
+                "rec/s",
             )
             .note(format!(
-                "{CLIENTS} client threads, two batches of a device at once, gzip; ferry-cloud \
-                 under a limit of {NOFILE} open files; afterwards the account balanced, nothing \
-                 missing or waiting{}",
-                if center == Center::Files {
-                    ""
-                } else {
-                    "; bytes: the database's directory"
-                }
+                "{}; ferry-cloud cpu {:.1} s; p99 latency {:.1} ms; {} retries, {} clashing \
+                 batches refused",
+                match (center, phase) {
+                    (Center::Ceiling, _) => "no parse, no store: HTTP and the clients alone",
+                    (Center::Files, "first contact") =>
+                        "every device new: its files are created",
+                    (Center::Files, _) => "the devices' files exist",
+                    (_, "first contact") => "every device new: its row is created",
+                    _ => "every device known",
+                },
+                p.cloud_cpu,
+                p.p99_ms,
+                p.retries,
+                p.clashes
             )),
         );
     }
+    if let Some(copy) = r.copy_rate {
+        let best = (2 * records) as f64 / (r.first.secs + r.steady.secs);
+        println!(
+            "   {what}: COPY of the same rows {copy:.0} records/s; ferry-cloud {:.2}x of it",
+            best / copy
+        );
+        rows.push(
+            Row::new(s, format!("{what}: both rounds vs COPY"), best / copy, "x").note(
+                format!(
+                    "baseline: the same {} rows loaded by one COPY into a table keyed \
+                     (device_id, seq), {copy:.0} records/s, same server, same run",
+                    2 * records
+                ),
+            ),
+        );
+    }
+    if center == Center::Ceiling {
+        return Ok(());
+    }
+    let (slowest, slowest_ms) = r
+        .views
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or(("-", 0.0));
+    let each: Vec<String> = r
+        .views
+        .iter()
+        .map(|(path, ms)| format!("{path} {ms:.1} ms"))
+        .collect();
+    println!("   {what}: fleet views {}", each.join(", "));
+    rows.push(
+        Row::new(s, format!("{what}: slowest fleet view"), slowest_ms, "ms").note(format!(
+            "median of 5 GETs of each, after the run: {}; slowest {slowest}; the console's \
+             bar is a page under 1,000 ms at 100,000 devices",
+            each.join(", ")
+        )),
+    );
+    println!(
+        "   {what}: {:.0} B on disk per record; account balanced, nothing missing",
+        r.disk_bytes as f64 / (2 * records) as f64
+    );
+    rows.push(
+        Row::new(
+            s,
+            format!("{what}: bytes on disk per record"),
+            r.disk_bytes as f64 / (2 * records) as f64,
+            "B",
+        )
+        .note(format!(
+            "{CLIENTS} client threads, two batches of a device at once, gzip; ferry-cloud \
+             under a limit of {NOFILE} open files; afterwards the account balanced, nothing \
+             missing or waiting{}",
+            if center == Center::Files {
+                ""
+            } else {
+                "; bytes: the database's directory"
+            }
+        )),
+    );
     Ok(())
 }
 
@@ -207,10 +251,21 @@ struct RunResult {
 }
 
 fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<RunResult> {
+    if center == Center::Ceiling {
+        let sink = procs::NullSink::start()?;
+        let urls = [sink.url()];
+        return Ok(RunResult {
+            first: drive(&urls, &[], &encode(shape, 0), true)?,
+            steady: drive(&urls, &[], &encode(shape, 1), true)?,
+            disk_bytes: 0,
+            copy_rate: None,
+            views: Vec::new(),
+        });
+    }
     let data = dir.join("data");
     let bin = bin_dir.join("ferry-cloud");
     let (pg, clouds) = match center {
-        Center::Files => (None, vec![Cloud::start(&bin, &data)?]),
+        Center::Ceiling | Center::Files => (None, vec![Cloud::start(&bin, &data)?]),
         Center::Postgres { replicas } => {
             let pg = ferry_testkit::Postgres::start(&dir.join("pg"), procs::free_port()?)?;
             let clouds = (0..replicas.max(1))
@@ -228,8 +283,24 @@ fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<R
             return Err(format!("prlimit: {limited}").into());
         }
     }
-    let first = drive(&clouds, &encode(shape, 0))?;
-    let steady = drive(&clouds, &encode(shape, 1))?;
+    let nginx = match clouds.len() {
+        1 => None,
+        _ => {
+            let ports: Vec<u16> = clouds.iter().map(|c| c.port).collect();
+            Some(ferry_testkit::Nginx::start(
+                &dir.join("nginx"),
+                procs::free_port()?,
+                &ports,
+            )?)
+        }
+    };
+    let urls = match &nginx {
+        Some(nginx) => vec![nginx.url()],
+        None => clouds.iter().map(Cloud::url).collect(),
+    };
+    let pids: Vec<String> = clouds.iter().map(|c| c.proc.pid().to_string()).collect();
+    let first = drive(&urls, &pids, &encode(shape, 0), false)?;
+    let steady = drive(&urls, &pids, &encode(shape, 1), false)?;
     check_account(&clouds[0], shape)?;
     let views = time_views(&clouds[0])?;
     let copy_rate = match &pg {
@@ -305,10 +376,10 @@ fn copy_baseline(pg: &ferry_testkit::Postgres, dir: &Path, shape: Shape) -> Resu
 }
 
 /// Sends `posts` from [`CLIENTS`] threads, each taking the next one when done with its last;
-/// client `n` posts to replica `n % replicas`.
-fn drive(clouds: &[Cloud], posts: &[Post]) -> Result<Phase> {
-    let pids: Vec<String> = clouds.iter().map(|c| c.proc.pid().to_string()).collect();
-    let urls: Vec<String> = clouds.iter().map(Cloud::url).collect();
+/// client `n` posts to `urls[n % urls.len()]`. The CPU reported is that of the processes
+/// `pids`. `any_200`: a 200 is the final answer of every post (the ceiling's receiver cannot
+/// refuse a clone).
+fn drive(urls: &[String], pids: &[String], posts: &[Post], any_200: bool) -> Result<Phase> {
     let cpu = || pids.iter().map(|p| procs::cpu_secs(p)).sum::<f64>();
     let next = AtomicUsize::new(0);
     let latencies = Mutex::new(Vec::with_capacity(posts.len()));
@@ -330,11 +401,11 @@ fn drive(clouds: &[Cloud], posts: &[Post]) -> Result<Phase> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(post) = posts.get(i) else { break };
-                        match send(&agent, url, post) {
+                        match send(&agent, url, post, any_200) {
                             Ok((took, tries)) => {
                                 mine.push(took);
                                 retries.fetch_add(tries, Ordering::Relaxed);
-                                if post.clash {
+                                if post.clash && !any_200 {
                                     clashes.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
@@ -391,6 +462,7 @@ fn send(
     agent: &ureq::Agent,
     url: &str,
     post: &Post,
+    any_200: bool,
 ) -> std::result::Result<(Duration, usize), String> {
     let mut backoff = Duration::from_millis(10);
     for tries in 0..20 {
@@ -410,7 +482,7 @@ fn send(
             Err(_) => 0,
         };
         match status {
-            200 if !post.clash => return Ok((took, tries)),
+            200 if !post.clash || any_200 => return Ok((took, tries)),
             409 if post.clash => return Ok((took, tries)),
             0 | 429 | 500..=599 => {
                 std::thread::sleep(backoff);

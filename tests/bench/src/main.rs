@@ -47,9 +47,6 @@ struct Sizes {
     wear_secs: u64,
     /// The fleet sections' runs: the two shapes of a fleet, then 100,000 gateways.
     fleet: [fleet::Shape; 3],
-    /// The fleet-pg section's widest run: 100,000 gateways of a few records each (fewer than
-    /// `fleet[2]`, whose 10 million records take PostgreSQL some minutes per round).
-    fleet_pg_wide: fleet::Shape,
 }
 
 /// `devices` gateways of `per_device` records each, in batches of `batch`.
@@ -73,7 +70,6 @@ const FULL: Sizes = Sizes {
         shape(20_000, 50, 25),
         shape(100_000, 50, 25),
     ],
-    fleet_pg_wide: shape(100_000, 10, 10),
 };
 
 const QUICK: Sizes = Sizes {
@@ -88,7 +84,6 @@ const QUICK: Sizes = Sizes {
         shape(2_000, 50, 25),
         shape(10_000, 50, 25),
     ],
-    fleet_pg_wide: shape(10_000, 10, 10),
 };
 
 /// The group commit of the headline append row: the broker's in-flight window in the recommended
@@ -207,26 +202,18 @@ fn main() {
                 &args.target.join("release"),
                 &args.work.join("fleet"),
                 &sizes.fleet,
-                fleet::Center::Files,
+                &fleet::Center::ALL,
+                fleet::SECTION,
                 r,
             )
         }),
         (fleet::SECTION_PG, &|r| {
-            for replicas in [1, 2] {
-                fleet::run(
-                    &args.target.join("release"),
-                    &args.work.join("fleet-pg"),
-                    &sizes.fleet[..2],
-                    fleet::Center::Postgres { replicas },
-                    r,
-                )?;
-            }
-            // The console's shape: 100,000 devices in the database, to time the fleet views.
             fleet::run(
                 &args.target.join("release"),
                 &args.work.join("fleet-pg"),
-                &[sizes.fleet_pg_wide],
-                fleet::Center::Postgres { replicas: 1 },
+                &sizes.fleet,
+                &fleet::Center::POSTGRES,
+                fleet::SECTION_PG,
                 r,
             )
         }),

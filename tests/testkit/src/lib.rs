@@ -1,12 +1,15 @@
 //! What ferry's integration tests (`tests/util`), the torture runner (`tests/crashfs`) and the
-//! benchmarks (`tests/bench`) share: a real mosquitto started the one way all three need, and the
-//! process helpers around it. Errors are strings naming what failed; the integration tests unwrap
-//! them, the runners report them.
+//! benchmarks (`tests/bench`) share: a real mosquitto, PostgreSQL and nginx started the one way
+//! all of them need, and the process helpers around them. Errors are strings naming what
+//! failed; the integration tests unwrap them, the runners report them.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+mod nginx;
+pub use nginx::Nginx;
 
 pub type Result<T> = std::result::Result<T, String>;
 
