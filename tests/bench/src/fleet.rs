@@ -152,8 +152,7 @@ fn one_center(
                  batches refused",
                 match (center, phase) {
                     (Center::Ceiling, _) => "no parse, no store: HTTP and the clients alone",
-                    (Center::Files, "first contact") =>
-                        "every device new: its files are created",
+                    (Center::Files, "first contact") => "every device new: its files are created",
                     (Center::Files, _) => "the devices' files exist",
                     (_, "first contact") => "every device new: its row is created",
                     _ => "every device known",
@@ -172,13 +171,11 @@ fn one_center(
             best / copy
         );
         rows.push(
-            Row::new(s, format!("{what}: both rounds vs COPY"), best / copy, "x").note(
-                format!(
-                    "baseline: the same {} rows loaded by one COPY into a table keyed \
+            Row::new(s, format!("{what}: both rounds vs COPY"), best / copy, "x").note(format!(
+                "baseline: the same {} rows loaded by one COPY into a table keyed \
                      (device_id, seq), {copy:.0} records/s, same server, same run",
-                    2 * records
-                ),
-            ),
+                2 * records
+            )),
         );
     }
     if center == Center::Ceiling {

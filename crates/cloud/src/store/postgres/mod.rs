@@ -50,9 +50,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use log::info;
+use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::config::{Host, SslMode};
+use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 use postgres::{Client, Config, Transaction};
 
 use super::{Clash, Error, Outcome, Records, is_listed, is_reserved, note_clashes};
@@ -294,9 +296,9 @@ fn device_gaps(
         .map_err(&read)?;
     tx.query(&select, &[&device_id])
         .map_err(read)?
-    .iter()
-    .map(|row| gap_of(device_id, row, 0))
-    .collect()
+        .iter()
+        .map(|row| gap_of(device_id, row, 0))
+        .collect()
 }
 
 /// A batch or report that updates a device's row: when (ms since the epoch), and the records it
@@ -473,30 +475,7 @@ fn ingest_in(
             .map_err(count)?;
     }
     if !seqs.is_empty() {
-        let insert_error = db("cannot insert the records");
-        let insert = st
-            .get(
-                &mut tx,
-                "INSERT INTO ferry_records (device_id, seq, line)
-                 SELECT $1, s, l FROM unnest($2::int8[], $3::text[]) AS t(s, l)
-                 ON CONFLICT DO NOTHING",
-            )
-            .map_err(&insert_error)?;
-        let inserted = tx
-            .execute(&insert, &[&device_id, &seqs, &lines])
-            .map_err(insert_error)?;
-        if inserted != seqs.len() as u64 {
-            // The device row said they were not stored; a row there anyway was not written by
-            // this store's rules. Store nothing and say so.
-            return Err(Error::Inconsistent {
-                device_id: device_id.to_owned(),
-                what: format!(
-                    "{} of {} new records were already in ferry_records but not in the device's delivered ranges",
-                    seqs.len() as u64 - inserted,
-                    seqs.len()
-                ),
-            });
-        }
+        insert_records(&mut tx, st, device_id, &seqs, &lines)?;
     }
     let mut new_gaps = 0;
     if !batch.gaps.is_empty() {
@@ -538,6 +517,71 @@ fn ingest_in(
         duplicates: batch.records.len() as u64 - accepted,
         new_gaps,
     }))
+}
+
+/// From this many new records on, a batch's records go in by `COPY`.
+const COPY_FROM: usize = 64;
+
+/// Inserts the device's new records: seqs the device row says are not stored. A row there
+/// anyway was not written by this store's rules: then nothing is stored and the batch fails
+/// with [`Error::Inconsistent`]. Small batches are one `INSERT ... ON CONFLICT DO NOTHING`;
+/// from [`COPY_FROM`] records on, a binary `COPY`, which PostgreSQL writes a page of rows at a
+/// time (one WAL record per page, not per row) at the cost of a second round trip. `COPY`
+/// cannot skip a row already there: the unique violation aborts the transaction.
+fn insert_records(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    device_id: &str,
+    seqs: &[i64],
+    lines: &[&str],
+) -> Result<(), Error> {
+    let inconsistent = |already: String| Error::Inconsistent {
+        device_id: device_id.to_owned(),
+        what: format!(
+            "{already} of {} new records were already in ferry_records but not in the device's \
+             delivered ranges",
+            seqs.len()
+        ),
+    };
+    let insert_error = db("cannot insert the records");
+    if seqs.len() < COPY_FROM {
+        let insert = st
+            .get(
+                tx,
+                "INSERT INTO ferry_records (device_id, seq, line)
+                 SELECT $1, s, l FROM unnest($2::int8[], $3::text[]) AS t(s, l)
+                 ON CONFLICT DO NOTHING",
+            )
+            .map_err(&insert_error)?;
+        let inserted = tx
+            .execute(&insert, &[&device_id, &seqs, &lines])
+            .map_err(insert_error)?;
+        return match seqs.len() as u64 - inserted {
+            0 => Ok(()),
+            already => Err(inconsistent(already.to_string())),
+        };
+    }
+    let copy = st
+        .get(
+            tx,
+            "COPY ferry_records (device_id, seq, line) FROM STDIN (FORMAT binary)",
+        )
+        .map_err(&insert_error)?;
+    let copied = (|| {
+        let mut writer =
+            BinaryCopyInWriter::new(tx.copy_in(&copy)?, &[Type::TEXT, Type::INT8, Type::TEXT]);
+        for (seq, line) in seqs.iter().zip(lines) {
+            writer.write(&[&device_id, seq, line])?;
+        }
+        writer.finish()
+    })();
+    match copied {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            Err(inconsistent("some".to_owned()))
+        }
+        Err(e) => Err(insert_error(e)),
+    }
 }
 
 /// Locks the device's row until the transaction ends, creating it first if it has none (one
