@@ -8,7 +8,7 @@ use std::time::Instant;
 use log::{debug, warn};
 
 use super::codec::*;
-use super::segments::{Flow, Item, Overlay, Segments, gap_size};
+use super::segments::{Flow, Item, Keep, Overlay, Segments, gap_size};
 use super::{Entry, Journal, MEASURE_EVERY, Record, Result, State, log_io, log_of};
 use ferry_protocol::GapReason;
 
@@ -125,7 +125,7 @@ impl Journal {
         {
             let State { log, overlays, .. } = &mut *st;
             log_of(log)?
-                .read(start, end, overlays, false, |item| {
+                .read(start, end, overlays, Keep::Nothing, |item| {
                     match item {
                         Item::Frame(Entry::Record(r), size, _) => {
                             let new_gaps = (runs.len() + usize::from(run.is_some())) as u64;

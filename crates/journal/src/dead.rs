@@ -5,7 +5,7 @@
 use log::info;
 
 use super::codec::*;
-use super::segments::{Flow, Item, Overlay, frame_size};
+use super::segments::{Flow, Item, Keep, Overlay, frame_size};
 use super::{
     DeadLetter, Entry, Error, Journal, NewRecord, Result, State, log_io, log_of, now_ms,
     put_positions, storage, truncate,
@@ -26,7 +26,7 @@ impl Journal {
         if seq > st.acked && seq < st.next_seq {
             let State { log, overlays, .. } = &mut *st;
             log_of(log)?
-                .read(seq, seq, overlays, false, |item| {
+                .read(seq, seq, overlays, Keep::Nothing, |item| {
                     found = Some(item);
                     Flow::Stop
                 })

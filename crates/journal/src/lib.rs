@@ -220,7 +220,7 @@ pub use replay::{Rewind, default_replay_window};
 use codec::*;
 use mark::{LEASE_STEP, Mark, MarkFile};
 use redelivery::Marks;
-use segments::{Flow, Item, Overlay, Overlays, Segments, push_frame};
+use segments::{Flow, Item, Keep, Overlay, Overlays, Segments, push_frame};
 use store::{Store, open_store, sync_blobs};
 
 #[derive(Debug, thiserror::Error)]
@@ -681,7 +681,7 @@ fn count(log: &mut Segments, overlays: &Overlays, from: u64, through: u64) -> Re
     if from > through {
         return Ok((0, 0));
     }
-    log.read(from, through, overlays, false, |item| {
+    log.read(from, through, overlays, Keep::Nothing, |item| {
         n += 1;
         bytes += item.size();
         Flow::Next

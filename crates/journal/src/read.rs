@@ -64,7 +64,7 @@ impl Journal {
             let from = after + 1;
             let State { log, overlays, .. } = &mut *st;
             log_of(log)?
-                .read(from, end, overlays, true, |item| {
+                .read(from, end, overlays, Keep::End, |item| {
                     let size = item.size();
                     if !out.is_empty() && (out.len() >= max_records || bytes + size > max_bytes) {
                         return Flow::Refuse;
@@ -242,7 +242,7 @@ impl Journal {
         let mut seen = 0;
         let State { log, overlays, .. } = &mut *st;
         log_of(log)?
-            .read(from, end, overlays, false, |item| {
+            .read(from, end, overlays, Keep::Start, |item| {
                 seen += 1;
                 if let Item::Frame(Entry::Record(r), ..) = item {
                     ts = Some(r);

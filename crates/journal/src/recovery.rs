@@ -7,7 +7,7 @@ use log::{error, info, warn};
 
 use super::codec::*;
 use super::redelivery::{self, Mark, Marks};
-use super::segments::{Flow, Item, Overlay, Overlays, Segments, frame_size, segment_cap};
+use super::segments::{Flow, Item, Keep, Overlay, Overlays, Segments, frame_size, segment_cap};
 use super::{
     Entry, Error, Journal, LOG_DIR, Result, count, log_io, log_of, put_positions, put_snapshot,
     storage,
@@ -203,7 +203,7 @@ impl Journal {
             let count_from = meta_next.max(marks_from);
             if marks_from < count_from {
                 let to = (count_from - 1).min(next_seq - 1);
-                log.read(marks_from, to, &overlays, false, |item| {
+                log.read(marks_from, to, &overlays, Keep::Nothing, |item| {
                     visit(&item);
                     Flow::Next
                 })
@@ -211,7 +211,7 @@ impl Journal {
             }
             if count_from < next_seq {
                 // Counted as `count` does, from the stored `next_seq`.
-                log.read(count_from, next_seq - 1, &overlays, false, |item| {
+                log.read(count_from, next_seq - 1, &overlays, Keep::Nothing, |item| {
                     tail.0 += 1;
                     tail.1 += item.size();
                     visit(&item);

@@ -17,7 +17,7 @@
 use log::{info, warn};
 
 use super::codec::overlay_key;
-use super::segments::{Flow, Item};
+use super::segments::{Flow, Item, Keep};
 use super::{Error, Journal, Result, State, log_io, log_of, put_positions};
 
 /// Share of `journal.max_bytes` that acknowledged entries keep for replay by default, up to
@@ -148,7 +148,7 @@ impl Journal {
         {
             let State { log, overlays, .. } = &mut *st;
             log_of(log)?
-                .read(from, acked, overlays, false, |item| {
+                .read(from, acked, overlays, Keep::Nothing, |item| {
                     if item.first_seq() != expect || matches!(item, Item::Lost(..)) {
                         whole = false;
                         return Flow::Stop;

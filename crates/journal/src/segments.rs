@@ -188,12 +188,25 @@ pub(super) enum Flow {
     Refuse,
 }
 
-/// Where the sequential reader continues: segment, offset, and the seq expected there.
+/// Where a reader continues: segment, offset, and the seq expected there (a frame starts there).
 #[derive(Debug, Clone, Copy)]
 struct Cursor {
     segment: u64,
     offset: u64,
     next_seq: u64,
+}
+
+/// Which position a [`Segments::read`] keeps, so that the next read near it starts there instead
+/// of at its segment's first frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Neither.
+    Nothing,
+    /// Where the read stopped, after the last item taken: the uplink reading on.
+    End,
+    /// The start of the first frame taken: the oldest unacknowledged entry, read again and
+    /// again (by every `/status` and upload) while the acknowledgements move it forward.
+    Start,
 }
 
 /// The log's files and the one open for appending.
@@ -214,7 +227,9 @@ pub(super) struct Segments {
     /// The segment (first seq) whose `fdatasync` failed: nothing of it past what was synced before
     /// can be trusted, so no append or sync until the reopen rewrites it ([`rewrite`]).
     failed: Option<u64>,
+    /// [`Keep::End`]'s position and [`Keep::Start`]'s.
     cursor: Option<Cursor>,
+    start_cursor: Option<Cursor>,
 }
 
 /// A sync of the log, taken by [`Segments::begin_sync`] and run outside the journal's lock.
@@ -287,6 +302,7 @@ impl Segments {
             broken: false,
             failed: None,
             cursor: None,
+            start_cursor: None,
         };
         let mut opened = Opened::default();
         if let Some((&first, _)) = log.files.iter().next_back() {
@@ -327,6 +343,12 @@ impl Segments {
         self.files.keys().copied()
     }
 
+    /// The seq at [`Keep::Start`]'s kept position, if one is kept.
+    #[cfg(test)]
+    pub fn start_kept(&self) -> Option<u64> {
+        self.start_cursor.map(|c| c.next_seq)
+    }
+
     /// First seq of the oldest segment.
     pub fn first_seq(&self) -> Option<u64> {
         self.files.keys().next().copied()
@@ -336,6 +358,7 @@ impl Segments {
     pub fn remove_all(&mut self) -> io::Result<usize> {
         self.active = None;
         self.cursor = None;
+        self.start_cursor = None;
         let n = self.files.len();
         for first in std::mem::take(&mut self.files).into_keys() {
             std::fs::remove_file(self.path(first))?;
@@ -533,8 +556,10 @@ impl Segments {
                 Err(e) => return Err(e),
             }
             self.files.remove(&w[0]);
-            if self.cursor.is_some_and(|c| c.segment == w[0]) {
-                self.cursor = None;
+            for cursor in [&mut self.cursor, &mut self.start_cursor] {
+                if cursor.is_some_and(|c| c.segment == w[0]) {
+                    *cursor = None;
+                }
             }
             n += 1;
         }
@@ -543,17 +568,19 @@ impl Segments {
 
     /// Visits the entries `from..=end` in seq order: an overlay in place of the entries it
     /// covers, [`Item::Lost`] for seqs that should be there and are not, frames otherwise. An
-    /// entry starting before `from` is skipped. With `remember`, the reader's position after the
-    /// last item taken is kept, so that the next read from there continues without searching.
+    /// entry starting before `from` is skipped. A read starts at the furthest kept position of
+    /// its segment at or before `from` (else at the segment's first frame) and keeps the one
+    /// `keep` says.
     pub fn read(
         &mut self,
         from: u64,
         end: u64,
         overlays: &Overlays,
-        remember: bool,
+        keep: Keep,
         mut visit: impl FnMut(Item) -> Flow,
     ) -> io::Result<()> {
         let mut s = from;
+        let mut kept_start = false;
         let mut open: Option<(u64, BufReader<File>, u64, u64)> = None; // segment, reader, offset, expected seq
         let mut pending: Option<(Entry, u64, Option<u16>, u64)> = None; // a frame read ahead, its size, mark and end offset
         // The seq before the next overlay at or after `s`, to cap a lost range.
@@ -601,10 +628,12 @@ impl Segments {
                 pending = None;
                 let file = File::open(self.path(seg))?;
                 let mut r = BufReader::with_capacity(READ_BUF, file);
-                let (offset, expected) = match self.cursor {
-                    Some(c) if c.segment == seg && c.next_seq <= s => (c.offset, c.next_seq),
-                    _ => (0, seg),
-                };
+                let (offset, expected) = [self.cursor, self.start_cursor]
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c.segment == seg && c.next_seq <= s)
+                    .max_by_key(|c| c.next_seq)
+                    .map_or((0, seg), |c| (c.offset, c.next_seq));
                 r.seek(SeekFrom::Start(offset))?;
                 open = Some((seg, r, offset, expected));
             }
@@ -673,12 +702,20 @@ impl Segments {
                 continue;
             }
             let last = entry.last_seq();
+            if keep == Keep::Start && !kept_start {
+                kept_start = true;
+                self.start_cursor = Some(Cursor {
+                    segment: seg,
+                    offset: after - size,
+                    next_seq: entry.first_seq(),
+                });
+            }
             let flow = visit(Item::Frame(entry, size, pkid));
             if flow == Flow::Refuse {
                 break;
             }
             s = last + 1;
-            if remember {
+            if keep == Keep::End {
                 self.cursor = Some(Cursor {
                     segment: seg,
                     offset: after,

@@ -369,6 +369,51 @@ fn small(dir: &Path) -> Options {
     o
 }
 
+/// `oldest_unsent` (read by every `/status`, upload and downlink hello) finds the record after
+/// the last ack as the acks move through a segment and on to the next, while the uplink reads
+/// ahead, and it starts where it found the oldest record last time, not at its segment's first
+/// frame (a scan of up to a segment under the journal's lock at every `/status`).
+#[test]
+fn the_oldest_unsent_record_follows_the_acks_and_is_found_where_it_was_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(&small(dir.path())).unwrap();
+    let payload = |seq: u64| format!("{seq:>1000}").into_bytes();
+    for first in (1..=1000).step_by(100) {
+        let recs: Vec<NewRecord> = (first..first + 100)
+            .map(|s| rec("t", &payload(s)))
+            .collect();
+        append_synced(&j, &recs);
+    }
+    assert!(
+        segments(dir.path()).len() >= 3,
+        "{:?}",
+        segments(dir.path())
+    );
+    let mut read_through = 0;
+    for acked in [0u64, 1, 2, 150, 151, 260, 600, 601, 999] {
+        // The uplink has read (and keeps reading) ahead of the acks.
+        while read_through < (acked + 200).min(1000) {
+            let batch = j.read_after(read_through, None, 50, 1 << 20).unwrap();
+            read_through = batch.last().map_or(read_through, Entry::last_seq);
+        }
+        if acked > 0 {
+            assert!(j.ack(acked).unwrap());
+        }
+        let oldest = j.oldest_unsent().unwrap().expect("a record waits");
+        assert_eq!(
+            (oldest.seq, oldest.payload),
+            (acked + 1, payload(acked + 1))
+        );
+        assert_eq!(
+            j.lock().log.as_ref().and_then(Segments::start_kept),
+            Some(acked + 1),
+            "after ack {acked}"
+        );
+    }
+    j.ack(1000).unwrap();
+    assert!(j.oldest_unsent().unwrap().is_none());
+}
+
 #[test]
 fn a_missing_segment_is_reported_as_journal_lost() {
     let dir = tempfile::tempdir().unwrap();
