@@ -287,18 +287,15 @@ fn device_gaps(
     st: &mut Statements,
     device_id: &str,
 ) -> Result<Vec<Gap>, Error> {
-    let read = db("cannot read the gaps");
-    let select = st
-        .get(
-            tx,
-            "SELECT from_seq, to_seq, reason FROM ferry_gaps WHERE device_id = $1 ORDER BY id",
-        )
-        .map_err(&read)?;
-    tx.query(&select, &[&device_id])
-        .map_err(read)?
-        .iter()
-        .map(|row| gap_of(device_id, row, 0))
-        .collect()
+    st.query(
+        tx,
+        "cannot read the gaps",
+        "SELECT from_seq, to_seq, reason FROM ferry_gaps WHERE device_id = $1 ORDER BY id",
+        &[&device_id],
+    )?
+    .iter()
+    .map(|row| gap_of(device_id, row, 0))
+    .collect()
 }
 
 /// A batch or report that updates a device's row: when (ms since the epoch), and the records it
@@ -384,17 +381,14 @@ fn update_device(
         &ledger.balances(),
         &held.and_then(|h| h.backlog_bytes).map(to_i64),
     ];
-    let update = db("cannot update the device");
-    let done = if seen.is_some() {
+    const WHAT: &str = "cannot update the device";
+    if seen.is_some() {
         let mut params = columns.to_vec();
         params.extend([&minute as &(dyn ToSql + Sync), &accepted, &kept_from]);
-        let statement = st.get(tx, UPDATE_SEEN).map_err(&update)?;
-        tx.execute(&statement, &params)
+        st.execute(tx, WHAT, UPDATE_SEEN, &params)?;
     } else {
-        let statement = st.get(tx, update_sql!()).map_err(&update)?;
-        tx.execute(&statement, &columns)
-    };
-    done.map_err(update)?;
+        st.execute(tx, WHAT, update_sql!(), &columns)?;
+    }
     Ok(())
 }
 
@@ -419,17 +413,12 @@ fn ingest_in(
         .collect();
     let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
     if !maybe_stored.is_empty() {
-        let read = db("cannot read stored records");
-        let select = st
-            .get(
-                &mut tx,
-                "SELECT seq, line FROM ferry_records WHERE device_id = $1 AND seq = ANY($2)",
-            )
-            .map_err(&read)?;
-        for found in tx
-            .query(&select, &[&device_id, &maybe_stored])
-            .map_err(read)?
-        {
+        for found in st.query(
+            &mut tx,
+            "cannot read stored records",
+            "SELECT seq, line FROM ferry_records WHERE device_id = $1 AND seq = ANY($2)",
+            &[&device_id, &maybe_stored],
+        )? {
             let line: &str = found.get(1);
             let record =
                 batch::stored_record(line.as_bytes()).map_err(|invalid| Error::Corrupt {
@@ -464,15 +453,12 @@ fn ingest_in(
         }
     }
     if upstream_gaps > 0 {
-        let count = db("cannot count the upstream gaps");
-        let update = st
-            .get(
-                &mut tx,
-                "UPDATE ferry_devices SET upstream_gaps = upstream_gaps + $2 WHERE device_id = $1",
-            )
-            .map_err(&count)?;
-        tx.execute(&update, &[&device_id, &upstream_gaps])
-            .map_err(count)?;
+        st.execute(
+            &mut tx,
+            "cannot count the upstream gaps",
+            "UPDATE ferry_devices SET upstream_gaps = upstream_gaps + $2 WHERE device_id = $1",
+            &[&device_id, &upstream_gaps],
+        )?;
     }
     if !seqs.is_empty() {
         insert_records(&mut tx, st, device_id, &seqs, &lines)?;
@@ -482,20 +468,16 @@ fn ingest_in(
         let from: Vec<i64> = batch.gaps.iter().map(|g| to_i64(g.from_seq)).collect();
         let to: Vec<i64> = batch.gaps.iter().map(|g| to_i64(g.to_seq)).collect();
         let reason: Vec<&str> = batch.gaps.iter().map(|g| g.reason.as_str()).collect();
-        let insert_error = db("cannot insert the gaps");
-        let insert = st
-            .get(
-                &mut tx,
-                "INSERT INTO ferry_gaps (device_id, from_seq, to_seq, reason)
-                 SELECT $1, f, t, r FROM unnest($2::int8[], $3::int8[], $4::text[])
-                     WITH ORDINALITY AS g(f, t, r, n)
-                 ORDER BY n
-                 ON CONFLICT DO NOTHING",
-            )
-            .map_err(&insert_error)?;
-        new_gaps = tx
-            .execute(&insert, &[&device_id, &from, &to, &reason])
-            .map_err(insert_error)?;
+        new_gaps = st.execute(
+            &mut tx,
+            "cannot insert the gaps",
+            "INSERT INTO ferry_gaps (device_id, from_seq, to_seq, reason)
+             SELECT $1, f, t, r FROM unnest($2::int8[], $3::int8[], $4::text[])
+                 WITH ORDINALITY AS g(f, t, r, n)
+             ORDER BY n
+             ON CONFLICT DO NOTHING",
+            &[&device_id, &from, &to, &reason],
+        )?;
     }
     let held = match batch.held {
         Some(new) => Some(ledger::later(row.held, new)),
@@ -543,30 +525,26 @@ fn insert_records(
             seqs.len()
         ),
     };
-    let insert_error = db("cannot insert the records");
+    const WHAT: &str = "cannot insert the records";
     if seqs.len() < COPY_FROM {
-        let insert = st
-            .get(
-                tx,
-                "INSERT INTO ferry_records (device_id, seq, line)
-                 SELECT $1, s, l FROM unnest($2::int8[], $3::text[]) AS t(s, l)
-                 ON CONFLICT DO NOTHING",
-            )
-            .map_err(&insert_error)?;
-        let inserted = tx
-            .execute(&insert, &[&device_id, &seqs, &lines])
-            .map_err(insert_error)?;
+        let inserted = st.execute(
+            tx,
+            WHAT,
+            "INSERT INTO ferry_records (device_id, seq, line)
+             SELECT $1, s, l FROM unnest($2::int8[], $3::text[]) AS t(s, l)
+             ON CONFLICT DO NOTHING",
+            &[&device_id, &seqs, &lines],
+        )?;
         return match seqs.len() as u64 - inserted {
             0 => Ok(()),
             already => Err(inconsistent(already.to_string())),
         };
     }
-    let copy = st
-        .get(
-            tx,
-            "COPY ferry_records (device_id, seq, line) FROM STDIN (FORMAT binary)",
-        )
-        .map_err(&insert_error)?;
+    let copy = st.get(
+        tx,
+        WHAT,
+        "COPY ferry_records (device_id, seq, line) FROM STDIN (FORMAT binary)",
+    )?;
     let copied = (|| {
         let mut writer =
             BinaryCopyInWriter::new(tx.copy_in(&copy)?, &[Type::TEXT, Type::INT8, Type::TEXT]);
@@ -580,7 +558,7 @@ fn insert_records(
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
             Err(inconsistent("some".to_owned()))
         }
-        Err(e) => Err(insert_error(e)),
+        Err(e) => Err(db(WHAT)(e)),
     }
 }
 
@@ -591,30 +569,27 @@ fn lock_device(
     st: &mut Statements,
     device_id: &str,
 ) -> Result<DeviceRow, Error> {
-    let locking = db("cannot lock the device");
-    let lock = st
-        .get(
+    const LOCK: &str = "SELECT delivered, head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes,
+             ledger_gaps > 0
+         FROM ferry_devices WHERE device_id = $1 FOR UPDATE";
+    const LOCKING: &str = "cannot lock the device";
+    let mut rows = st.query(tx, LOCKING, LOCK, &[&device_id])?;
+    if rows.is_empty() {
+        // Another transaction adding it at once waits here for the other's commit; then both
+        // lock the one row.
+        st.execute(
             tx,
-            "SELECT delivered, head_seq, acked_seq, oldest_unsent_ts_ms, backlog_bytes,
-                 ledger_gaps > 0
-             FROM ferry_devices WHERE device_id = $1 FOR UPDATE",
-        )
-        .map_err(&locking)?;
-    let row = match tx.query_opt(&lock, &[&device_id]).map_err(&locking)? {
-        Some(row) => row,
-        None => {
-            // Another transaction adding it at once waits here for the other's commit; then
-            // both lock the one row.
-            let adding = db("cannot add the device");
-            let add = st
-                .get(
-                    tx,
-                    "INSERT INTO ferry_devices (device_id) VALUES ($1) ON CONFLICT DO NOTHING",
-                )
-                .map_err(&adding)?;
-            tx.execute(&add, &[&device_id]).map_err(adding)?;
-            tx.query_one(&lock, &[&device_id]).map_err(locking)?
-        }
+            "cannot add the device",
+            "INSERT INTO ferry_devices (device_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&device_id],
+        )?;
+        rows = st.query(tx, LOCKING, LOCK, &[&device_id])?;
+    }
+    let Some(row) = rows.pop() else {
+        return Err(Error::Inconsistent {
+            device_id: device_id.to_owned(),
+            what: "its row is not there after it was added".to_owned(),
+        });
     };
     Ok(DeviceRow {
         delivered: ranges_of(&row.get::<_, Vec<i64>>(0)),

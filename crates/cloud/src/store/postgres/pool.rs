@@ -9,9 +9,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use log::debug;
 use postgres::config::Host;
-use postgres::{Client, Config, GenericClient, NoTls, Statement};
+use postgres::types::ToSql;
+use postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
-use super::tls;
+use super::{db, tls};
 use crate::store::Error;
 
 /// Connections to the database, pooled (one per thread that is using one at a time); shared by
@@ -39,18 +40,44 @@ pub struct Conn {
 pub struct Statements(HashMap<&'static str, Statement>);
 
 impl Statements {
-    /// The statement for `sql`, prepared on `client`'s connection the first time it is asked for.
+    /// The statement for `sql`, prepared on `client`'s connection the first time it is asked for;
+    /// a failure is the database error `what`.
     pub fn get(
         &mut self,
         client: &mut impl GenericClient,
+        what: &'static str,
         sql: &'static str,
-    ) -> Result<Statement, postgres::Error> {
+    ) -> Result<Statement, Error> {
         if let Some(statement) = self.0.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = client.prepare(sql)?;
+        let statement = client.prepare(sql).map_err(db(what))?;
         self.0.insert(sql, statement.clone());
         Ok(statement)
+    }
+
+    /// Runs `sql` (prepared once) with `params`: the rows it changed. A failure is `what`.
+    pub fn execute(
+        &mut self,
+        client: &mut impl GenericClient,
+        what: &'static str,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        let statement = self.get(client, what, sql)?;
+        client.execute(&statement, params).map_err(db(what))
+    }
+
+    /// Runs `sql` (prepared once) with `params`: the rows it answered. A failure is `what`.
+    pub fn query(
+        &mut self,
+        client: &mut impl GenericClient,
+        what: &'static str,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let statement = self.get(client, what, sql)?;
+        client.query(&statement, params).map_err(db(what))
     }
 }
 
