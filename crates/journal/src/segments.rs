@@ -230,6 +230,9 @@ pub(super) struct Segments {
     /// [`Keep::End`]'s position and [`Keep::Start`]'s.
     cursor: Option<Cursor>,
     start_cursor: Option<Cursor>,
+    /// Frames decoded by reads since the last [`Segments::take_decoded`] (for tests).
+    #[cfg(test)]
+    decoded: u64,
 }
 
 /// A sync of the log, taken by [`Segments::begin_sync`] and run outside the journal's lock.
@@ -303,6 +306,8 @@ impl Segments {
             failed: None,
             cursor: None,
             start_cursor: None,
+            #[cfg(test)]
+            decoded: 0,
         };
         let mut opened = Opened::default();
         if let Some((&first, _)) = log.files.iter().next_back() {
@@ -347,6 +352,12 @@ impl Segments {
     #[cfg(test)]
     pub fn start_kept(&self) -> Option<u64> {
         self.start_cursor.map(|c| c.next_seq)
+    }
+
+    /// Frames decoded by reads since the last call.
+    #[cfg(test)]
+    pub fn take_decoded(&mut self) -> u64 {
+        std::mem::take(&mut self.decoded)
     }
 
     /// First seq of the oldest segment.
@@ -645,6 +656,10 @@ impl Segments {
                 Some(p) => p,
                 None => match read_frame(r, len.saturating_sub(*offset), *expected)? {
                     Frame::Good(entry, size, pkid) => {
+                        #[cfg(test)]
+                        {
+                            self.decoded += 1;
+                        }
                         *offset += size;
                         (entry, size, pkid, *offset)
                     }

@@ -409,6 +409,14 @@ fn the_oldest_unsent_record_follows_the_acks_and_is_found_where_it_was_last() {
             Some(acked + 1),
             "after ack {acked}"
         );
+        // Asked again (the next /status): one frame decoded, the record itself.
+        j.lock().log.as_mut().map(Segments::take_decoded);
+        assert_eq!(j.oldest_unsent().unwrap().map(|r| r.seq), Some(acked + 1));
+        assert_eq!(
+            j.lock().log.as_mut().map(Segments::take_decoded),
+            Some(1),
+            "frames decoded to find the oldest record again after ack {acked}"
+        );
     }
     j.ack(1000).unwrap();
     assert!(j.oldest_unsent().unwrap().is_none());
