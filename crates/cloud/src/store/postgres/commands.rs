@@ -408,7 +408,8 @@ fn listen_once(
     on_queued: &impl Fn(Option<&str>),
     errors: &mut Repeats,
 ) -> Result<(), Error> {
-    let mut client = pool.client()?;
+    let mut conn = pool.conn()?;
+    let client = &mut conn.client;
     client
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .map_err(db("cannot listen"))?;
@@ -419,9 +420,9 @@ fn listen_once(
     let mut beaten: Option<Instant> = None;
     while !shutdown.load(Ordering::SeqCst) {
         if beaten.is_none_or(|at| at.elapsed() >= HEARTBEAT) {
-            beat(&mut client, instance)?;
+            beat(client, instance)?;
             beating.store(true, Ordering::Release);
-            forget_gone_replicas(&mut client)?;
+            forget_gone_replicas(client)?;
             beaten = Some(Instant::now());
         }
         let mut notifications = client.notifications();
@@ -438,7 +439,7 @@ fn listen_once(
     }
     // UNLISTEN before the connection goes back to the pool.
     let _ = client.batch_execute("UNLISTEN *");
-    pool.give_back(client);
+    pool.give_back(conn);
     Ok(())
 }
 

@@ -55,7 +55,7 @@ use postgres::config::{Host, SslMode};
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
-use postgres::{Client, Config, Transaction};
+use postgres::{Config, Transaction};
 
 use super::{Clash, Error, Outcome, Records, is_listed, is_reserved, note_clashes};
 use crate::batch::{self, Batch};
@@ -102,7 +102,7 @@ struct DeviceRow {
     /// Its gaps add seqs to the ledger (`ledger_gaps > 0`). When they add none, every gap of the
     /// device lies within its delivered seqs, which only grow: its gaps cannot change the
     /// account, and [`update_device`] need not read them (unless the batch declares new ones).
-    gaps_count: bool,
+    gaps_matter: bool,
 }
 
 impl PgStore {
@@ -221,7 +221,7 @@ impl PgStore {
                 st,
                 device_id,
                 &row.delivered,
-                row.gaps_count,
+                row.gaps_matter,
                 Some(held),
                 Some(Seen {
                     now_ms,
@@ -234,11 +234,12 @@ impl PgStore {
 
     /// See [`super::Store::records`]: by seq, at most [`MAX_RECORDS_READ`] bytes.
     pub fn records(&self, device_id: &str, last: Option<u64>) -> Result<Option<Records>, Error> {
-        let mut client = self.client()?;
+        let mut conn = self.pool.conn()?;
         let mut body = Vec::new();
         {
             let limit = last.map_or(i64::MAX, to_i64);
-            let mut rows = client
+            let mut rows = conn
+                .client
                 .query_raw(
                     "SELECT line FROM (SELECT seq, line FROM ferry_records WHERE device_id = $1
                          ORDER BY seq DESC LIMIT $2) AS t ORDER BY seq",
@@ -251,7 +252,7 @@ impl PgStore {
                     // Dropping the iterator mid-way leaves the connection in the middle of an
                     // answer: do not pool it.
                     drop(rows);
-                    drop(client);
+                    drop(conn);
                     return Err(Error::TooManyToRead {
                         device_id: device_id.to_owned(),
                         limit: MAX_RECORDS_READ,
@@ -261,7 +262,7 @@ impl PgStore {
                 body.push(b'\n');
             }
         }
-        self.give_back(client);
+        self.pool.give_back(conn);
         if body.is_empty() {
             return Ok(None);
         }
@@ -270,14 +271,6 @@ impl PgStore {
             reader: Box::new(Cursor::new(body)),
             len,
         }))
-    }
-
-    fn client(&self) -> Result<Client, Error> {
-        self.pool.client()
-    }
-
-    fn give_back(&self, client: Client) {
-        self.pool.give_back(client);
     }
 }
 
@@ -343,18 +336,18 @@ const UPDATE_SEEN: &str = concat!(
 /// from those and its gaps (the columns the fleet list filters and sorts by; see the module
 /// header). When `seen` (a batch or a report, not a migration), also when it was last seen, and
 /// its history's point of this minute (added up with the minute's earlier batches), dropping
-/// its points older than [`KEPT_MINUTES`]: all in one statement. `gaps_count`: the device's gaps
-/// may change its account, so they are read (see [`DeviceRow::gaps_count`]).
+/// its points older than [`KEPT_MINUTES`]: all in one statement. `gaps_matter`: the device's gaps
+/// may change its account, so they are read (see [`DeviceRow::gaps_matter`]).
 fn update_device(
     tx: &mut Transaction<'_>,
     st: &mut Statements,
     device_id: &str,
     delivered: &RangeSet,
-    gaps_count: bool,
+    gaps_matter: bool,
     held: Option<Held>,
     seen: Option<Seen>,
 ) -> Result<(), Error> {
-    let gaps = if gaps_count {
+    let gaps = if gaps_matter {
         device_gaps(tx, st, device_id)?
     } else {
         Vec::new()
@@ -489,7 +482,7 @@ fn ingest_in(
         st,
         device_id,
         &delivered,
-        row.gaps_count || !batch.gaps.is_empty(),
+        row.gaps_matter || !batch.gaps.is_empty(),
         held,
         Some(Seen { now_ms, accepted }),
     )?;
@@ -594,7 +587,7 @@ fn lock_device(
     Ok(DeviceRow {
         delivered: ranges_of(&row.get::<_, Vec<i64>>(0)),
         held: held_of(&row, 1),
-        gaps_count: row.get(5),
+        gaps_matter: row.get(5),
     })
 }
 
@@ -705,14 +698,14 @@ fn gap_reason(device_id: &str, text: &str) -> Result<GapReason, Error> {
     })
 }
 
-/// Seqs and times are checked below 2^63 before they are written; a negative value read back
-/// (written by something else) counts as 0.
 /// A replica's instance number as the tables name it (`ferry_sockets`, `ferry_replicas`,
 /// `ferry_rates`).
 fn instance_name(instance: u64) -> String {
     format!("{instance:016x}")
 }
 
+/// Seqs and times are checked below 2^63 before they are written; a negative value read back
+/// (written by something else) counts as 0.
 fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }

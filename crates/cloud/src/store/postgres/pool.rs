@@ -82,9 +82,10 @@ impl Statements {
 }
 
 impl Pool {
-    /// An idle pooled connection, or a new one.
-    pub fn client(&self) -> Result<Client, Error> {
-        self.take().map(|(conn, _)| conn.client)
+    /// An idle pooled connection, or a new one; [`Pool::give_back`] returns it with the
+    /// statements prepared on it.
+    pub fn conn(&self) -> Result<Conn, Error> {
+        self.take().map(|(conn, _)| conn)
     }
 
     /// An idle pooled connection (`true`), or a new one (`false`).
@@ -145,17 +146,14 @@ impl Pool {
         if matches!(result, Err(Error::Database { .. })) {
             conn.statements = Statements::default();
         }
-        lock(&self.idle).push(conn);
+        self.give_back(conn);
         result
     }
 
     /// Returns a connection to the pool after a use that ended cleanly (an error that broke the
     /// connection leaves it closed, and it is dropped at the next take).
-    pub fn give_back(&self, client: Client) {
-        lock(&self.idle).push(Conn {
-            client,
-            statements: Statements::default(),
-        });
+    pub fn give_back(&self, conn: Conn) {
+        lock(&self.idle).push(conn);
     }
 }
 /// `user@host:port/dbname`: where the database is, without the password.

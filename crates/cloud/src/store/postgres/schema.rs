@@ -133,8 +133,8 @@ impl PgStore {
     /// Brings the schema to the newest version this build knows, one replica at a time.
     pub(super) fn migrate(&self) -> Result<i32, Error> {
         let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
-        let mut client = self.client()?;
-        let mut tx = client.transaction().map_err(db("cannot begin"))?;
+        let mut conn = self.pool.conn()?;
+        let mut tx = conn.client.transaction().map_err(db("cannot begin"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .map_err(db("cannot take the migration lock"))?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS ferry_schema (version int4 NOT NULL)")
@@ -162,7 +162,7 @@ impl PgStore {
         tx.execute("INSERT INTO ferry_schema (version) VALUES ($1)", &[&known])
             .map_err(db("cannot record the schema version"))?;
         tx.commit().map_err(db("cannot commit the migration"))?;
-        self.give_back(client);
+        self.pool.give_back(conn);
         Ok(known)
     }
 }
@@ -177,12 +177,15 @@ fn fill_ledger_columns(tx: &mut Transaction<'_>) -> Result<u64, Error> {
             &[],
         )
         .map_err(db("cannot read the devices"))?;
+    let mut statements = Statements::default();
     for row in &rows {
         let device_id: &str = row.get(0);
         let delivered = ranges_of(&row.get::<_, Vec<i64>>(1));
+        // Every device's gaps are read: the ledger columns being filled are not there to say
+        // whether they count.
         update_device(
             tx,
-            &mut Statements::default(),
+            &mut statements,
             device_id,
             &delivered,
             true,
