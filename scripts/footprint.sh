@@ -138,15 +138,17 @@ EOF
     t1=$(date +%s.%N); c1=$(cpu_ticks $fpid); n1=$(status_field "$ctl" '["totals"]["ingested"]')
     w1=$(status_field "$ctl" '["disk"]["written_bytes"]'); p1=$(status_field "$ctl" '["totals"]["ingested_bytes"]')
     local after; after=$(rss_kib $fpid)
-    # Threads: how many, and how many without a name of their own (named as the process).
+    # Threads: how many, and how many besides the main thread (whose name is the process's)
+    # have no name of their own.
     local threads unnamed
     threads=$(ls /proc/$fpid/task | wc -l)
-    unnamed=$(cat /proc/$fpid/task/*/comm | grep -cx "$(cat /proc/$fpid/comm)" || true)
+    unnamed=$(for t in /proc/$fpid/task/*; do [ "${t##*/}" = "$fpid" ] || cat "$t/comm"; done |
+        grep -cx "$(cat /proc/$fpid/comm)" || true)
     awk -v l="$label" -v s="$(stat -c %s "$bin")" -v i="$idle" -v b="$backlog" -v a="$after" -v d="$disk" \
         -v n="$records" -v c=$((c1 - c0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" -v m=$((n1 - n0)) \
         -v w=$((w1 - w0)) -v p=$((p1 - p0)) -v th="$threads" -v un="$unnamed" 'BEGIN {
         secs = t1 - t0; rate = m / secs; cpu = 100 * c / hz / secs
-        printf "| %s | %.2f MiB | %.1f MiB | %.1f MiB (%d records, journal %.0f MiB on disk) | %.1f MiB | %.1f %% of a core at %.0f msg/s: %.1f %% per 1,000 msg/s | %.2f | %d (%d unnamed) |\n",
+        printf "| %s | %.2f MiB | %.1f MiB | %.1f MiB (%d records, journal %.0f MiB on disk) | %.1f MiB | %.1f %% of a core at %.0f msg/s: %.1f %% per 1,000 msg/s | %.2f | %d (main and %d unnamed) |\n",
             l, s / 1048576, i / 1024, b / 1024, n, d / 1048576, a / 1024, cpu, rate, cpu * 1000 / rate, (p > 0 ? w / p : 0), th, un
     }'
     cleanup
