@@ -65,6 +65,11 @@ impl Cloud {
         self.child = Some(child);
     }
 
+    /// Its process id (it must be running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("ferry-cloud is running").id()
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/v1/ingest", self.port)
     }

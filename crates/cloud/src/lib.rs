@@ -70,6 +70,12 @@ pub const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
 /// `--silent-after` unless given: an hour without a batch.
 pub const DEFAULT_SILENT_AFTER: Duration = Duration::from_secs(3600);
+/// [`Config::idle_timeout`] unless told: longer than the agent's connection pool keeps an idle
+/// connection (ureq: 15 s), so that the agent, not the receiver, closes a kept-alive one.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// [`Config::max_connections`] unless told: half the usual limit of 1,024 file descriptors
+/// (tiny_http holds two per connection, and the files store its own).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// Validated settings of the receiver.
 #[derive(Debug, Clone)]
@@ -90,6 +96,10 @@ pub struct Config {
     /// Refuse records whose `ts_ms` is older than this (422), as clouds that keep a window do.
     pub max_record_age: Option<Duration>,
     pub workers: usize,
+    /// An HTTP connection that sends nothing for this long is closed (tiny_http's read timeout).
+    pub idle_timeout: Duration,
+    /// At most this many HTTP connections are open (each holds a thread).
+    pub max_connections: usize,
     /// `host:port` of the downlink WebSocket endpoint ([`ws`]); `None`: no downlink.
     pub ws_listen: Option<String>,
     /// TLS for the downlink endpoint (wss).
@@ -161,10 +171,12 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
         }
         Store::Files(_) => Commands::default(),
     });
-    let server = bind_http(&config.listen).map_err(|source| Error::Bind {
-        addr: config.listen.clone(),
-        source,
-    })?;
+    let server = bind_http(&config.listen, config.idle_timeout, config.max_connections).map_err(
+        |source| Error::Bind {
+            addr: config.listen.clone(),
+            source,
+        },
+    )?;
     let addr = server.server_addr().to_ip().ok_or_else(|| Error::NotIp {
         addr: config.listen.clone(),
     })?;

@@ -16,6 +16,7 @@ const USAGE: &str = "\
 usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://... [--store-ca PEM])
                    [--reject-marker STR] [--token TOKEN | --token-file FILE] [--operators FILE]
                    [--max-records-per-sec N] [--silent-after SECS] [--max-record-age SECS]
+                   [--idle-timeout SECS] [--max-connections N]
                    [--ws-listen HOST:PORT [--tls-cert PEM --tls-key PEM [--client-ca PEM]]]
 
 Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
@@ -41,6 +42,13 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          GET /v1/devices and /metrics (default 3600)
   --max-record-age SECS  answer 422 to any batch with a record whose ts_ms is older than
                          this, as clouds that keep a time window do (default: any age)
+  --idle-timeout SECS    close an HTTP connection that sends nothing for this long,
+                         between requests or within one (default 60): a gateway whose
+                         link died without closing its connection does not hold a
+                         thread for ever
+  --max-connections N    serve at most N HTTP connections at once, one thread each
+                         (default 512); further ones wait in the listen backlog. A
+                         fleet larger than that connects through nginx (README)
   --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads and on the
                          downlink
   --token-file FILE      the same, the token read from FILE's first line (kept out of
@@ -154,6 +162,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut client_ca = None;
     let mut silent_after = None;
     let mut max_record_age = None;
+    let mut idle_timeout = None;
+    let mut max_connections = None;
     while let Some(arg) = args.next() {
         let text = arg.to_string_lossy();
         let (flag, inline) = match text.split_once('=') {
@@ -179,6 +189,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--client-ca" => &mut client_ca,
             "--silent-after" => &mut silent_after,
             "--max-record-age" => &mut max_record_age,
+            "--idle-timeout" => &mut idle_timeout,
+            "--max-connections" => &mut max_connections,
             _ => return Err(format!("unknown argument {flag}")),
         };
         let value = match inline.or_else(|| args.next()) {
@@ -267,6 +279,15 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
         max_record_age: max_record_age
             .map(|v| positive("--max-record-age", v, "number of seconds").map(secs))
             .transpose()?,
+        idle_timeout: match idle_timeout {
+            None => cloud::DEFAULT_IDLE_TIMEOUT,
+            Some(v) => secs(positive("--idle-timeout", v, "number of seconds")?),
+        },
+        max_connections: match max_connections {
+            None => cloud::DEFAULT_MAX_CONNECTIONS,
+            Some(v) => usize::try_from(positive("--max-connections", v, "integer")?)
+                .map_err(|_| "--max-connections is too large".to_string())?,
+        },
         workers: WORKERS,
         ws_listen,
         ws_tls,

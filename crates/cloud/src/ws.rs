@@ -87,7 +87,7 @@ fn accept_loop(
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);
-                let (options, commands, shutdown, active) = (
+                let (options, commands, shutdown, counted) = (
                     options.clone(),
                     Arc::clone(&commands),
                     Arc::clone(&shutdown),
@@ -100,11 +100,14 @@ fn accept_loop(
                             if let Err(e) = serve(tcp, &options, &commands, &shutdown) {
                                 info!("downlink connection ended peer={peer}: {e}");
                             }
-                            active.fetch_sub(1, Ordering::SeqCst);
+                            counted.fetch_sub(1, Ordering::SeqCst);
                         });
                 match spawned {
                     Ok(h) => conns.push(h),
-                    Err(e) => warn!("cannot start a downlink connection thread: {e}"),
+                    Err(e) => {
+                        active.fetch_sub(1, Ordering::SeqCst);
+                        warn!("cannot start a downlink connection thread: {e}");
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),

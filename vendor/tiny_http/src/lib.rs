@@ -105,6 +105,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -142,6 +143,80 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // ferry's change: the connections open, and their bound
+    open: Arc<OpenConnections>,
+}
+
+/// ferry's change: the first pause after a failed `accept`, doubled after each further failure.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(5);
+/// ferry's change: the longest pause between failed `accept`s.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// ferry's change: bounds on the server's connections. The default is upstream's behaviour: no
+/// deadline on a connection's reads and writes, and no bound on how many are open (each holds a
+/// thread).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// The longest one read of a connection may wait, including for the next request of a
+    /// kept-alive connection: past it, the connection is closed. Without it a client that goes
+    /// away without closing (a half-open TCP connection) holds its thread for ever.
+    pub read_timeout: Option<Duration>,
+    /// The longest one write of an answer may wait for the client to take it.
+    pub write_timeout: Option<Duration>,
+    /// At most this many connections are open; further ones wait in the listen backlog until one
+    /// closes.
+    pub max_connections: Option<usize>,
+}
+
+/// ferry's change: how many connections are open, and a signal when one closes.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    count: Mutex<usize>,
+    closed: Condvar,
+}
+
+impl OpenConnections {
+    /// Waits (in steps, to see `close`) until fewer than `max` are open; then counts one more.
+    /// False if the server closes meanwhile.
+    fn admit(&self, max: Option<usize>, close: &AtomicBool) -> bool {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let mut said = false;
+        while max.is_some_and(|max| *count >= max) {
+            if close.load(Relaxed) {
+                return false;
+            }
+            if !said {
+                log::warn!(
+                    "{} connections open, the most allowed: new ones wait until one closes",
+                    *count
+                );
+                said = true;
+            }
+            count = self
+                .closed
+                .wait_timeout(count, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count = count.saturating_sub(1);
+        self.closed.notify_one();
+    }
+}
+
+/// Counts a connection closed when its task ends, however it ends.
+struct Admitted(Arc<OpenConnections>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.release();
+    }
 }
 
 enum Message {
@@ -245,6 +320,18 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// ferry's change: [`Server::from_listener`] with bounds on its connections. The threads are
+    /// named (`http-accept`, `http-conn`), and a failed `accept` (out of file descriptors, say)
+    /// is logged and tried again after a pause growing to a second, where upstream's accept
+    /// thread ended and the server never took a connection again.
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
@@ -287,16 +374,27 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
-        thread::spawn(move || {
+        let open = Arc::new(OpenConnections::default());
+        let inside_open = open.clone();
+        thread::Builder::new().name("http-accept".into()).spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
+            let mut pause = ACCEPT_PAUSE_MIN;
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
+                if !inside_open.admit(limits.max_connections, &inside_close_trigger) {
+                    break;
+                }
+                let admitted = Admitted(inside_open.clone());
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
+                        if let Err(e) = sock.set_timeouts(limits.read_timeout, limits.write_timeout) {
+                            log::warn!("connection dropped: its timeouts cannot be set: {}", e);
+                            continue;
+                        }
+                        let halves = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
@@ -312,6 +410,23 @@ impl Server {
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),
                         };
+                        let (read_closable, write_closable) = match halves {
+                            Ok(halves) => halves,
+                            Err(e) => {
+                                // Out of file descriptors, typically: pause as after a failed
+                                // accept.
+                                log::error!(
+                                    "connection dropped: {}; accepting again in {} ms",
+                                    e,
+                                    pause.as_millis()
+                                );
+                                drop(admitted);
+                                thread::sleep(pause);
+                                pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+                                continue;
+                            }
+                        };
+                        pause = ACCEPT_PAUSE_MIN;
 
                         Ok(ClientConnection::new(write_closable, read_closable))
                     }
@@ -322,7 +437,9 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        let mut admitted = Some(admitted);
                         tasks_pool.spawn(Box::new(move || {
+                            let _admitted = admitted.take();
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
@@ -341,20 +458,29 @@ impl Server {
                     }
 
                     Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        if inside_close_trigger.load(Relaxed) {
+                            break;
+                        }
+                        log::error!(
+                            "cannot accept a connection: {}; trying again in {} ms",
+                            e,
+                            pause.as_millis()
+                        );
+                        drop(admitted);
+                        thread::sleep(pause);
+                        pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                     }
                 }
             }
             log::debug!("Terminating accept thread");
-        });
+        })?;
 
         // result
         Ok(Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            open,
         })
     }
 
@@ -372,10 +498,10 @@ impl Server {
         self.listening_addr.clone()
     }
 
-    /// Returns the number of clients currently connected to the server.
+    /// Returns the number of clients currently connected to the server (ferry's change: upstream
+    /// left it unimplemented).
     pub fn num_connections(&self) -> usize {
-        unimplemented!()
-        //self.requests_receiver.lock().len()
+        *self.open.count.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.

@@ -38,7 +38,7 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// State shared by the workers.
 pub(crate) struct Shared {
-    server: tiny_http::Server,
+    pub(crate) server: tiny_http::Server,
     pub(crate) store: Store,
     pub(crate) reject_marker: Option<String>,
     pub(crate) token: Option<String>,
@@ -457,13 +457,27 @@ fn discard_chunked_body(request: &mut Request) {
 /// tiny_http writes an answer through a 1 KiB buffer, so a longer one leaves in several
 /// segments; on a kept-alive connection Nagle's algorithm held the last of them until the
 /// client's delayed ACK, 40 ms later, for every such answer.
+///
+/// Each connection's reads wait at most `idle_timeout` and its writes [`WRITE_TIMEOUT`], and at
+/// most `max_connections` are open (the vendored tiny_http's `Limits`, see vendor/README.md).
 pub(crate) fn bind_http(
     addr: &str,
+    idle_timeout: Duration,
+    max_connections: usize,
 ) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
     let listener = std::net::TcpListener::bind(addr)?;
     socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
-    tiny_http::Server::from_listener(listener, None)
+    let limits = tiny_http::Limits {
+        read_timeout: Some(idle_timeout),
+        write_timeout: Some(WRITE_TIMEOUT),
+        max_connections: Some(max_connections),
+    };
+    tiny_http::Server::from_listener_with_limits(listener, None, limits)
 }
+
+/// How long writing an answer may wait for the client to take it: a client that stops reading
+/// holds a worker (one of [`crate::Config::workers`]) no longer than this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {

@@ -48,9 +48,15 @@ pub(super) fn metrics(shared: &Shared) -> Reply {
         Ok(t) => t,
         Err(e) => return unreadable(shared, "the devices", &e),
     };
+    let mut text = fleet::metrics(&totals, now);
+    text.push_str(&format!(
+        "# HELP ferry_cloud_http_connections HTTP connections open to this replica (at most --max-connections).\n\
+         # TYPE ferry_cloud_http_connections gauge\nferry_cloud_http_connections {}\n",
+        shared.server.num_connections()
+    ));
     Reply {
         status: 200,
-        body: Body::Text(fleet::metrics(&totals, now)),
+        body: Body::Text(text),
         headers: Vec::new(),
     }
 }

@@ -86,7 +86,9 @@ impl TaskPool {
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        // ferry's change: named, and a thread that cannot be created drops its task (a
+        // connection, which closes) instead of panicking the accept thread.
+        let spawned = thread::Builder::new().name("http-conn".into()).spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -130,6 +132,9 @@ impl TaskPool {
                 task();
             }
         });
+        if let Err(e) = spawned {
+            log::error!("cannot start a connection thread: {}", e);
+        }
     }
 }
 

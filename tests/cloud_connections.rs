@@ -1,0 +1,169 @@
+//! ferry-cloud's HTTP connections against clients that misbehave, through the real binary: a
+//! client that goes silent (a gateway whose cellular link died without closing its connection),
+//! a process out of file descriptors, and more connections than `--max-connections`. Each of
+//! these once stopped the receiver for good, or held one of its threads for ever: the vendored
+//! tiny_http's `Limits` (vendor/README.md).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+mod util;
+
+use util::{Cloud, free_port, wait_until};
+
+/// Deadline of every wait in these tests.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// `GET path` on a new connection (closed after): the body of a `200`, `None` for anything
+/// else, including no answer within 2 s.
+fn try_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).ok()?;
+    let answer = String::from_utf8(answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// `ferry_cloud_http_connections` from `/metrics` (the `/metrics` connection included).
+fn connections(port: u16) -> Option<u64> {
+    try_get(port, "/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_cloud_http_connections "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits for the server to close `s`: a read that ends (EOF or reset) rather than times out.
+/// Returns how long that took.
+fn closed_by_server(mut s: TcpStream) -> Duration {
+    let started = Instant::now();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => continue, // a 408 or 400 before the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return started.elapsed(),
+            Err(e) => panic!(
+                "the connection was not closed by the server after {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+    }
+}
+
+/// A connection that sends nothing, and one that stops in the middle of a request's head, are
+/// closed after `--idle-timeout`; the count of open connections in `/metrics` goes back down.
+/// Without the read timeout each would hold a tiny_http thread for ever.
+#[test]
+fn connections_that_go_silent_are_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start_with(dir.path(), free_port(), &["--idle-timeout", "2"]);
+    let silent = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
+    let mut halfway = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
+    halfway
+        .write_all(b"POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        .unwrap();
+    // Both counted, with the /metrics connection itself.
+    wait_until("three connections open", DEADLINE, || {
+        connections(cloud.port) == Some(3)
+    });
+    let took = closed_by_server(silent);
+    assert!(took < Duration::from_secs(10), "closed after {took:?}");
+    closed_by_server(halfway);
+    wait_until("only the /metrics connection open", DEADLINE, || {
+        connections(cloud.port) == Some(1)
+    });
+}
+
+/// Out of file descriptors, `accept` fails (EMFILE). The receiver logs it, pauses and accepts
+/// again once descriptors are free; tiny_http's accept thread used to end there (or panic
+/// cloning the accepted socket), and the receiver never took another connection.
+#[test]
+fn out_of_file_descriptors_the_receiver_accepts_again_once_they_are_free() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start(dir.path());
+    assert!(try_get(cloud.port, "/metrics").is_some());
+    // A limit a few descriptors above what it holds now, lowered on the running process.
+    let pid = cloud.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = open + 6;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit: {status}");
+    // More connections than it has descriptors for (two each): the kernel completes them all,
+    // ferry-cloud runs out accepting them.
+    let mut held = Vec::new();
+    for _ in 0..limit {
+        held.push(TcpStream::connect(("127.0.0.1", cloud.port)).unwrap());
+    }
+    wait_until("ferry-cloud says accept failed", DEADLINE, || {
+        let log = cloud.log_text();
+        log.contains("cannot accept a connection") || log.contains("connection dropped")
+    });
+    drop(held);
+    wait_until("a request answered again", DEADLINE, || {
+        try_get(cloud.port, "/metrics").is_some()
+    });
+}
+
+/// At `--max-connections`, a further connection waits (the receiver says so) and is served as
+/// soon as one closes; the open count never passes the bound.
+#[test]
+fn connections_past_max_connections_wait_until_one_closes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start_with(dir.path(), free_port(), &["--max-connections", "2"]);
+    let first = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
+    wait_until("one connection open", DEADLINE, || {
+        connections(cloud.port) == Some(2)
+    });
+    let second = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
+    wait_until("ferry-cloud says new connections wait", DEADLINE, || {
+        cloud
+            .log_text()
+            .contains("connections open, the most allowed")
+    });
+    // The third waits in the backlog: its request is answered once the first closes.
+    let port = cloud.port;
+    let third = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).map(|_| answer)
+    });
+    drop(first);
+    let answer = third
+        .join()
+        .unwrap()
+        .expect("the waiting connection is served after one closed");
+    let open: u64 = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_cloud_http_connections "))
+        .expect("the connection count in /metrics")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(open <= 2, "{open} connections open, over the bound of 2");
+    drop(second);
+}
