@@ -498,6 +498,59 @@ fn tls_to_the_database_is_verified_against_the_given_ca() {
     assert!(stderr.contains("Unix socket host"), "{stderr}");
 }
 
+/// A database that asks for a password: `--store-password-file` gives it, so it never shows in
+/// the process list; without it the start is refused saying authentication failed, and a
+/// password both in the connection string and in the file is refused as ambiguous.
+#[test]
+fn the_database_password_comes_from_a_file_not_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = postgres(tmp.path());
+    const PASSWORD: &str = "s3cret with spaces";
+    pg.add_password_role("ferry_pw", PASSWORD)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let file = tmp.path().join("db-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let file = file.display().to_string();
+    let url = format!("postgres://ferry_pw@127.0.0.1:{}/postgres", pg.port);
+
+    let cloud = Cloud::start_postgres(
+        &tmp.path().join("a"),
+        &url,
+        &["--store-password-file", &file],
+    );
+    let batch = json!({"device_id": "gw-pw", "records": [
+        {"seq": 1, "ts_ms": 1, "topic": "t", "payload": {"n": 1}}]});
+    assert_eq!(post_batch(&http(), cloud.port, &batch).0, 200);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", cloud.pid())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("s3cret"),
+        "the password is in the process list"
+    );
+    assert!(
+        !cloud.log_text().contains("s3cret"),
+        "the password is logged"
+    );
+    drop(cloud);
+
+    let refused = |args: &[&str]| -> String {
+        let out = ferry_testkit::output_within(
+            command(ferry_cloud())
+                .args(["--listen", "127.0.0.1:0"])
+                .args(args),
+            "ferry-cloud refusing its database",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = refused(&["--store", &url]);
+    assert!(stderr.contains("password"), "{stderr}");
+    let with_password = format!("postgres://ferry_pw:other@127.0.0.1:{}/postgres", pg.port);
+    let stderr = refused(&["--store", &with_password, "--store-password-file", &file]);
+    assert!(stderr.contains("keep the file's"), "{stderr}");
+}
+
 /// The console's records/s chart shows the fleet whichever replica answers: each replica
 /// publishes what it accepted, and `/v1/fleet` adds every other replica's counts to its own.
 /// Here every record goes to replica b; replica a's chart shows them.

@@ -13,7 +13,8 @@ use ferry_cloud as cloud;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 const USAGE: &str = "\
-usage: ferry-cloud --listen HOST:PORT (--data DIR | --store postgres://... [--store-ca PEM])
+usage: ferry-cloud --listen HOST:PORT
+                   (--data DIR | --store postgres://... [--store-ca PEM] [--store-password-file FILE])
                    [--reject-marker STR] [--token TOKEN | --token-file FILE] [--operators FILE]
                    [--max-records-per-sec N] [--silent-after SECS] [--max-record-age SECS]
                    [--idle-timeout SECS] [--max-connections N]
@@ -29,8 +30,12 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          keep them in PostgreSQL instead (a URL or key=value string as
                          rust-postgres reads it: no .pgpass, PGPASSWORD or sslrootcert;
                          schema created or migrated at start); replicas may share one.
-                         A password in it shows in the process list: prefer a Unix
-                         socket (host=/run/postgresql) with peer authentication
+                         A password in it shows in the process list: give it with
+                         --store-password-file, or use a Unix socket
+                         (host=/run/postgresql) with peer authentication
+  --store-password-file FILE
+                         the database password: FILE's first line (kept out of the
+                         process list and the logs)
   --store-ca PEM         with sslmode=require in the connection string: trust these CA
                          certificates for the database's (default: the Mozilla roots).
                          TLS to the database is always verified, by the host name or
@@ -131,6 +136,21 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
+/// The database password in `path`: its first line, as it is (a password may hold spaces), without
+/// its line ending.
+fn read_password(path: &std::path::Path) -> Result<cloud::store::Password, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--store-password-file {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        return Err(format!(
+            "--store-password-file {}: its first line must be the password",
+            path.display()
+        ));
+    }
+    Ok(cloud::store::Password(line.to_owned()))
+}
+
 /// Whether every address `addr` (`host:port`) names is a loopback one.
 fn is_loopback(addr: &str) -> Result<bool, String> {
     use std::net::ToSocketAddrs as _;
@@ -151,6 +171,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
     let mut data = None;
     let mut store = None;
     let mut store_ca = None;
+    let mut store_password_file = None;
     let mut reject_marker = None;
     let mut token = None;
     let mut token_file = None;
@@ -178,6 +199,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
             "--data" => &mut data,
             "--store" => &mut store,
             "--store-ca" => &mut store_ca,
+            "--store-password-file" => &mut store_password_file,
             "--reject-marker" => &mut reject_marker,
             "--token" => &mut token,
             "--token-file" => &mut token_file,
@@ -256,10 +278,16 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<cloud::
         listen,
         store: match (data, store) {
             (_, None) if store_ca.is_some() => return Err("--store-ca goes with --store".into()),
+            (_, None) if store_password_file.is_some() => {
+                return Err("--store-password-file goes with --store".into());
+            }
             (Some(dir), None) => cloud::store::Location::Files(PathBuf::from(dir)),
             (None, Some(url)) => cloud::store::Location::Postgres {
                 url: text("--store", url)?,
                 ca_file: store_ca.map(PathBuf::from),
+                password: store_password_file
+                    .map(|path| read_password(&PathBuf::from(path)))
+                    .transpose()?,
             },
             (None, None) => return Err("--data DIR or --store postgres://... is required".into()),
             (Some(_), Some(_)) => return Err("--data and --store exclude each other".into()),

@@ -370,6 +370,45 @@ impl Postgres {
         .map_err(|e| format!("{e}; its log:\n{}", self.log_text()))
     }
 
+    /// Adds login role `role` (a superuser, like `ferry`) that must give `password` over TCP
+    /// (SCRAM); `ferry` stays trusted. Applied as a reload: returns once a connection as `role`
+    /// without a password is refused.
+    pub fn add_password_role(&self, role: &str, password: &str) -> Result<()> {
+        self.psql(&format!(
+            "SET password_encryption = 'scram-sha-256'; \
+             CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'"
+        ))?;
+        let hba = self.data.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).map_err(|e| format!("{}: {e}", hba.display()))?;
+        // The first matching line applies: this one before the trusting ones.
+        std::fs::write(
+            &hba,
+            format!("host all {role} 127.0.0.1/32 scram-sha-256\n{old}"),
+        )
+        .map_err(|e| format!("{}: {e}", hba.display()))?;
+        self.psql("SELECT pg_reload_conf()")?;
+        poll_every(
+            "postgres to ask for the role's password",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                output_within(
+                    Command::new("psql")
+                        .args(["-X", "-w", "-At", "-d"])
+                        .arg(format!(
+                            "host=127.0.0.1 port={} user={role} dbname=postgres connect_timeout=5",
+                            self.port
+                        ))
+                        .args(["-c", "SELECT 1"]),
+                    "psql without a password",
+                    Duration::from_secs(10),
+                )
+                .is_ok_and(|out| !out.status.success())
+            },
+        )
+        .map_err(|e| format!("{e}; its log:\n{}", self.log_text()))
+    }
+
     /// Turns TLS on with this certificate and key (PEM), as a reload, and waits until the
     /// server says so. Plain connections are still accepted.
     pub fn enable_tls(&self, cert: &Path, key: &Path) -> Result<()> {

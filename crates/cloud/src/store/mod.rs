@@ -96,6 +96,11 @@ pub enum Error {
         "sslmode=require names a Unix socket host: TLS does not apply there; drop sslmode=require or connect over TCP"
     )]
     TlsOnSocket,
+    /// `--store-password-file` with a connection string that has a password too.
+    #[error(
+        "the connection string has a password and --store-password-file gives one: keep the file's, drop the string's"
+    )]
+    PasswordTwice,
     /// `--store-ca` without `sslmode=require`: the roots would not be used.
     #[error("--store-ca is for TLS to the database: add sslmode=require to the connection string")]
     CaWithoutTls,
@@ -201,7 +206,20 @@ pub enum Location {
     Postgres {
         url: String,
         ca_file: Option<PathBuf>,
+        /// The database password, when not in `url` (`--store-password-file`).
+        password: Option<Password>,
     },
+}
+
+/// A database password: kept out of the process list (a file, not an argument) and out of any
+/// `Debug` output.
+#[derive(Clone)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("****")
+    }
 }
 
 /// The records of one device as `GET /v1/devices/<id>/records` sends them: NDJSON, one stored
@@ -233,9 +251,15 @@ impl Store {
     pub fn open(location: &Location) -> Result<Store, Error> {
         Ok(match location {
             Location::Files(dir) => Store::Files(files::FilesStore::open(dir)?),
-            Location::Postgres { url, ca_file } => {
-                Store::Postgres(Box::new(postgres::PgStore::open(url, ca_file.as_deref())?))
-            }
+            Location::Postgres {
+                url,
+                ca_file,
+                password,
+            } => Store::Postgres(Box::new(postgres::PgStore::open(
+                url,
+                ca_file.as_deref(),
+                password.as_ref(),
+            )?)),
         })
     }
 

@@ -106,15 +106,26 @@ struct DeviceRow {
 }
 
 impl PgStore {
-    /// Parses the connection string, connects, and creates or migrates the schema.
+    /// Parses the connection string (with `password` when given apart), connects, and creates or
+    /// migrates the schema.
     /// With `sslmode=require`, connections are TLS verified against the roots of `ca_file` (or
     /// the Mozilla roots) by [`tls`]; otherwise they are plain (`prefer`, the default, does not
     /// try TLS).
-    pub fn open(url: &str, ca_file: Option<&Path>) -> Result<PgStore, Error> {
+    pub fn open(
+        url: &str,
+        ca_file: Option<&Path>,
+        password: Option<&super::Password>,
+    ) -> Result<PgStore, Error> {
         let mut config = Config::from_str(url).map_err(|source| Error::Database {
             what: "cannot read the connection string",
             source,
         })?;
+        if let Some(password) = password {
+            if config.get_password().is_some() {
+                return Err(Error::PasswordTwice);
+            }
+            config.password(&password.0);
+        }
         let tls = match config.get_ssl_mode() {
             SslMode::Require
                 if config
