@@ -399,9 +399,18 @@ on_both_stores!(
 );
 
 /// Batches of hundreds of records (on PostgreSQL these go in by `COPY`, smaller ones by
-/// `INSERT`): each record stored once, a resend and an overlap counted as duplicates, a clash
-/// inside one refused whole, and every record read back in order.
+/// `INSERT`, which the server's own statement log shows): each record stored once, a resend and
+/// an overlap counted as duplicates, a clash inside one refused whole, and every record read back
+/// in order.
 fn large_batches_stored_once(backend: &Backend) {
+    if let Backend::Postgres(pg) = backend {
+        pg.log_statements().unwrap_or_else(|e| panic!("{e}"));
+    }
+    // What the server ran, on PostgreSQL: whether it took a COPY into the records.
+    let copied = || match backend {
+        Backend::Postgres(pg) => Some(pg.log_text().contains("COPY ferry_records")),
+        Backend::Files(_) => None,
+    };
     let cloud = Cloud::start_on(backend, &[]);
     let batch = |seqs: std::ops::RangeInclusive<u64>, salt: &str| {
         let records: Vec<Value> = seqs
@@ -409,10 +418,18 @@ fn large_batches_stored_once(backend: &Backend) {
             .collect();
         json!({"device_id": "gw-large", "records": records})
     };
+    let small = json!({"device_id": "gw-small", "records": [
+        {"seq": 1, "ts_ms": 1, "topic": "t", "payload": 1}]});
+    assert_eq!(
+        cloud.post_gzip(&small),
+        (200, json!({"accepted": 1, "duplicates": 0}))
+    );
+    assert_ne!(copied(), Some(true), "one record went in by COPY");
     assert_eq!(
         cloud.post_gzip(&batch(1..=300, "")),
         (200, json!({"accepted": 300, "duplicates": 0}))
     );
+    assert_ne!(copied(), Some(false), "300 records went in without COPY");
     assert_eq!(
         cloud.post_gzip(&batch(1..=300, "")),
         (200, json!({"accepted": 0, "duplicates": 300}))

@@ -409,6 +409,22 @@ impl Postgres {
         .map_err(|e| format!("{e}; its log:\n{}", self.log_text()))
     }
 
+    /// Logs every statement the server runs from now on (`log_statement = all`, as a reload), so
+    /// that a test can read in [`Postgres::log_text`] what a client made the server do.
+    pub fn log_statements(&self) -> Result<()> {
+        self.psql("ALTER SYSTEM SET log_statement = 'all'")?;
+        self.psql("SELECT pg_reload_conf()")?;
+        poll_every(
+            "postgres to log statements",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                self.psql("SHOW log_statement")
+                    .is_ok_and(|out| out.trim() == "all")
+            },
+        )
+    }
+
     /// Turns TLS on with this certificate and key (PEM), as a reload, and waits until the
     /// server says so. Plain connections are still accepted.
     pub fn enable_tls(&self, cert: &Path, key: &Path) -> Result<()> {
