@@ -54,6 +54,8 @@ impl Center {
         Center::Postgres { replicas: 1 },
         Center::Postgres { replicas: 2 },
     ];
+    /// The receivers without a database: the files store's own shape (see `main.rs`).
+    pub const NO_DATABASE: [Center; 2] = [Center::Ceiling, Center::Files];
     /// The centers of `make bench-fleet-pg`.
     pub const POSTGRES: [Center; 2] = [
         Center::Postgres { replicas: 1 },
@@ -83,6 +85,8 @@ pub struct Shape {
     pub devices: usize,
     pub per_device: u64,
     pub batch: u64,
+    /// The receivers this shape runs on, of the section's; `None`: all of them.
+    pub receivers: Option<&'static [Center]>,
 }
 
 /// One request to make: a device's batch, gzipped, and what it must be answered.
@@ -104,7 +108,8 @@ pub fn run(
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     for shape in shapes {
-        for &center in centers {
+        let runs_on = |c: &Center| shape.receivers.is_none_or(|only| only.contains(c));
+        for &center in centers.iter().filter(|c| runs_on(c)) {
             one_center(bin_dir, work, *shape, center, s, rows)?;
         }
     }
