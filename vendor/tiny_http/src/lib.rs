@@ -174,7 +174,12 @@ pub struct Limits {
 struct OpenConnections {
     count: Mutex<usize>,
     closed: Condvar,
+    /// When waiting for a free connection was last logged (once a minute at most).
+    said_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// ferry's change: how often a server at its bound of connections says so.
+const AT_BOUND_EVERY: Duration = Duration::from_secs(60);
 
 impl OpenConnections {
     /// Waits (in steps, to see `close`) until fewer than `max` are open; then counts one more.
@@ -187,11 +192,16 @@ impl OpenConnections {
                 return false;
             }
             if !said {
-                log::warn!(
-                    "{} connections open, the most allowed: new ones wait until one closes",
-                    *count
-                );
                 said = true;
+                let mut said_at = self.said_at.lock().unwrap_or_else(|e| e.into_inner());
+                if said_at.map_or(true, |at| at.elapsed() >= AT_BOUND_EVERY) {
+                    *said_at = Some(std::time::Instant::now());
+                    log::warn!(
+                        "{} connections open, the most allowed: new ones wait until one closes \
+                         (said once a minute at most)",
+                        *count
+                    );
+                }
             }
             count = self
                 .closed
