@@ -444,6 +444,21 @@ fn replicas_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
     );
 }
 
+/// Starts ferry-cloud with `args` (after `--listen`), which must make it refuse to start with
+/// exit status 1 (a database it will not use); its stderr.
+fn refused_start(args: &[&str]) -> String {
+    let out = ferry_testkit::output_within(
+        command(ferry_cloud())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args),
+        "ferry-cloud refusing its database",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `sslmode=require`: every connection to the database is TLS, its certificate verified against
 /// `--store-ca` by the address the connection string names. A certificate the roots do not know
 /// refuses the start, saying why; `--store-ca` without `sslmode=require` is refused too (the
@@ -476,25 +491,13 @@ fn tls_to_the_database_is_verified_against_the_given_ca() {
     assert_eq!(all_tls, "t", "{tls}");
     drop(cloud);
 
-    let refused = |args: &[&str]| -> String {
-        let out = ferry_testkit::output_within(
-            command(ferry_cloud())
-                .args(["--listen", "127.0.0.1:0"])
-                .args(args),
-            "ferry-cloud refusing its database",
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     // The Mozilla roots do not know the test CA.
-    let stderr = refused(&["--store", &url]);
+    let stderr = refused_start(&["--store", &url]);
     assert!(stderr.contains("certificate"), "{stderr}");
-    let stderr = refused(&["--store", &pg.url(), "--store-ca", &ca]);
+    let stderr = refused_start(&["--store", &pg.url(), "--store-ca", &ca]);
     assert!(stderr.contains("add sslmode=require"), "{stderr}");
     // TLS does not apply to a Unix socket: said at start, not a failure at each connect.
-    let stderr = refused(&["--store", "host=/run/postgresql user=ferry sslmode=require"]);
+    let stderr = refused_start(&["--store", "host=/run/postgresql user=ferry sslmode=require"]);
     assert!(stderr.contains("Unix socket host"), "{stderr}");
 }
 
@@ -532,22 +535,10 @@ fn the_database_password_comes_from_a_file_not_the_command_line() {
     );
     drop(cloud);
 
-    let refused = |args: &[&str]| -> String {
-        let out = ferry_testkit::output_within(
-            command(ferry_cloud())
-                .args(["--listen", "127.0.0.1:0"])
-                .args(args),
-            "ferry-cloud refusing its database",
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let stderr = refused(&["--store", &url]);
+    let stderr = refused_start(&["--store", &url]);
     assert!(stderr.contains("password"), "{stderr}");
     let with_password = format!("postgres://ferry_pw:other@127.0.0.1:{}/postgres", pg.port);
-    let stderr = refused(&["--store", &with_password, "--store-password-file", &file]);
+    let stderr = refused_start(&["--store", &with_password, "--store-password-file", &file]);
     assert!(stderr.contains("keep the file's"), "{stderr}");
 }
 
