@@ -69,7 +69,7 @@ fn closed_by_server(mut s: TcpStream) -> Duration {
 #[test]
 fn connections_that_go_silent_are_closed_after_the_idle_timeout() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cloud = Cloud::start_with(dir.path(), free_port(), &["--idle-timeout", "2"]);
+    let cloud = Cloud::start_with(dir.path(), free_port(), &["--idle-timeout", "5"]);
     let silent = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
     let mut halfway = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
     halfway
@@ -80,7 +80,7 @@ fn connections_that_go_silent_are_closed_after_the_idle_timeout() {
         connections(cloud.port) == Some(3)
     });
     let took = closed_by_server(silent);
-    assert!(took < Duration::from_secs(10), "closed after {took:?}");
+    assert!(took < Duration::from_secs(15), "closed after {took:?}");
     closed_by_server(halfway);
     wait_until("only the /metrics connection open", DEADLINE, || {
         connections(cloud.port) == Some(1)
@@ -123,21 +123,20 @@ fn out_of_file_descriptors_the_receiver_accepts_again_once_they_are_free() {
     });
 }
 
-/// At `--max-connections`, a further connection waits (the receiver says so) and is served as
-/// soon as one closes; the open count never passes the bound.
+/// At `--max-connections`, the receiver stops accepting and says so; a further connection waits
+/// in the backlog and is served once one closes. The count of open connections is exact: the
+/// waiting one's `/metrics` counts itself and the other one still open.
 #[test]
 fn connections_past_max_connections_wait_until_one_closes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cloud = Cloud::start_with(dir.path(), free_port(), &["--max-connections", "2"]);
     let first = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
-    wait_until("one connection open", DEADLINE, || {
-        connections(cloud.port) == Some(2)
-    });
     let second = TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
+    // Said once both are accepted, before any third connection.
     wait_until("ferry-cloud says new connections wait", DEADLINE, || {
         cloud
             .log_text()
-            .contains("connections open, the most allowed")
+            .contains("2 connections open, the most allowed")
     });
     // The third waits in the backlog: its request is answered once the first closes.
     let port = cloud.port;
@@ -164,6 +163,6 @@ fn connections_past_max_connections_wait_until_one_closes() {
         .trim()
         .parse()
         .unwrap();
-    assert!(open <= 2, "{open} connections open, over the bound of 2");
+    assert_eq!(open, 2, "the second connection and the third, which asks");
     drop(second);
 }

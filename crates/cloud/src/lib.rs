@@ -71,11 +71,12 @@ pub const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
 /// `--silent-after` unless given: an hour without a batch.
 pub const DEFAULT_SILENT_AFTER: Duration = Duration::from_secs(3600);
 /// [`Config::idle_timeout`] unless told: longer than the agent's connection pool keeps an idle
-/// connection (ureq: 15 s), so that the agent, not the receiver, closes a kept-alive one.
+/// connection (30 s), so that the agent, not the receiver, closes a kept-alive one.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// [`Config::max_connections`] unless told: half the usual limit of 1,024 file descriptors
-/// (tiny_http holds two per connection, and the files store its own).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// [`Config::max_connections`] unless told: tiny_http holds two file descriptors per connection,
+/// so 512 of the usual limit of 1,024, leaving the rest to the store, the database connections
+/// and the downlink (see [`http::check_descriptors`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// Validated settings of the receiver.
 #[derive(Debug, Clone)]
@@ -180,6 +181,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<Cloud, Error> 
     let addr = server.server_addr().to_ip().ok_or_else(|| Error::NotIp {
         addr: config.listen.clone(),
     })?;
+    http::check_descriptors(config.max_connections);
     let shared = Arc::new(Shared::new(server, store, &config, Arc::clone(&commands)));
 
     let mut workers = Vec::new();

@@ -51,9 +51,10 @@ Reference receiver of ferry's wire protocol v1 (docs/PROTOCOL.md).
                          between requests or within one (default 60): a gateway whose
                          link died without closing its connection does not hold a
                          thread for ever
-  --max-connections N    serve at most N HTTP connections at once, one thread each
-                         (default 512); further ones wait in the listen backlog. A
-                         fleet larger than that connects through nginx (README)
+  --max-connections N    serve at most N HTTP connections at once, one thread and two
+                         file descriptors each (default 256); further ones wait in the
+                         listen backlog. A fleet larger than that connects through
+                         nginx (README)
   --token TOKEN          require 'Authorization: Bearer TOKEN' on uploads and on the
                          downlink
   --token-file FILE      the same, the token read from FILE's first line (kept out of
@@ -142,6 +143,8 @@ fn read_password(path: &std::path::Path) -> Result<cloud::store::Password, Strin
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--store-password-file {}: {e}", path.display()))?;
     let line = text.lines().next().unwrap_or_default();
+    // `lines` leaves a carriage return that ends the file without a newline.
+    let line = line.strip_suffix('\r').unwrap_or(line);
     if line.is_empty() {
         return Err(format!(
             "--store-password-file {}: its first line must be the password",

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -76,22 +76,21 @@ fn accept_loop(
     commands: Arc<Commands>,
     shutdown: Arc<AtomicBool>,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
+    // The connections' threads: those not finished are the connections open (however a thread
+    // ended, a panic included).
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !shutdown.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((tcp, peer)) => {
                 conns.retain(|h| !h.is_finished());
-                if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                if conns.len() >= MAX_CONNECTIONS {
                     warn!("downlink connection refused peer={peer}: {MAX_CONNECTIONS} open");
                     continue;
                 }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (options, commands, shutdown, counted) = (
+                let (options, commands, shutdown) = (
                     options.clone(),
                     Arc::clone(&commands),
                     Arc::clone(&shutdown),
-                    Arc::clone(&active),
                 );
                 let spawned =
                     thread::Builder::new()
@@ -100,14 +99,10 @@ fn accept_loop(
                             if let Err(e) = serve(tcp, &options, &commands, &shutdown) {
                                 info!("downlink connection ended peer={peer}: {e}");
                             }
-                            counted.fetch_sub(1, Ordering::SeqCst);
                         });
                 match spawned {
                     Ok(h) => conns.push(h),
-                    Err(e) => {
-                        active.fetch_sub(1, Ordering::SeqCst);
-                        warn!("cannot start a downlink connection thread: {e}");
-                    }
+                    Err(e) => warn!("cannot start a downlink connection thread: {e}"),
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),

@@ -41,6 +41,7 @@ impl Nginx {
                upstream cloud {{\n\
                  {servers}\
                  keepalive 8;\n\
+                 keepalive_timeout 30s;\n\
                }}\n\
                server {{\n\
                  listen 127.0.0.1:{port};\n\

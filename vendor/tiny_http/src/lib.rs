@@ -182,9 +182,10 @@ struct OpenConnections {
 const AT_BOUND_EVERY: Duration = Duration::from_secs(60);
 
 impl OpenConnections {
-    /// Waits (in steps, to see `close`) until fewer than `max` are open; then counts one more.
-    /// False if the server closes meanwhile.
-    fn admit(&self, max: Option<usize>, close: &AtomicBool) -> bool {
+    /// Waits (in steps, to see `close`) until fewer than `max` are open. False if the server
+    /// closes meanwhile. Only the accept thread adds connections, so there is room still when
+    /// it has accepted the next one ([`Admitted::new`]).
+    fn wait_for_room(&self, max: Option<usize>, close: &AtomicBool) -> bool {
         let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
         let mut said = false;
         while max.is_some_and(|max| *count >= max) {
@@ -209,7 +210,6 @@ impl OpenConnections {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        *count += 1;
         true
     }
 
@@ -220,8 +220,17 @@ impl OpenConnections {
     }
 }
 
-/// Counts a connection closed when its task ends, however it ends.
+/// ferry's change: an accepted connection, counted open until this is dropped: held by both
+/// halves of its socket ([`util::RefinedTcpStream`]), so until the socket closes, however its
+/// tasks end.
 struct Admitted(Arc<OpenConnections>);
+
+impl Admitted {
+    fn new(open: &Arc<OpenConnections>) -> Admitted {
+        *open.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Admitted(Arc::clone(open))
+    }
+}
 
 impl Drop for Admitted {
     fn drop(&mut self) {
@@ -393,19 +402,19 @@ impl Server {
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
-                if !inside_open.admit(limits.max_connections, &inside_close_trigger) {
+                if !inside_open.wait_for_room(limits.max_connections, &inside_close_trigger) {
                     break;
                 }
-                let admitted = Admitted(inside_open.clone());
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        let admitted: Arc<dyn Send + Sync> = Arc::new(Admitted::new(&inside_open));
                         if let Err(e) = sock.set_timeouts(limits.read_timeout, limits.write_timeout) {
                             log::warn!("connection dropped: its timeouts cannot be set: {}", e);
                             continue;
                         }
                         let halves = match ssl {
-                            None => RefinedTcpStream::new(sock),
+                            None => RefinedTcpStream::new(sock, admitted),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
                                 // trying to apply SSL over the connection
@@ -415,7 +424,7 @@ impl Server {
                                     Err(_) => continue,
                                 };
 
-                                RefinedTcpStream::new(sock)
+                                RefinedTcpStream::new(sock, admitted)
                             }
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),
@@ -430,7 +439,6 @@ impl Server {
                                     e,
                                     pause.as_millis()
                                 );
-                                drop(admitted);
                                 thread::sleep(pause);
                                 pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                                 continue;
@@ -447,9 +455,7 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
-                        let mut admitted = Some(admitted);
                         tasks_pool.spawn(Box::new(move || {
-                            let _admitted = admitted.take();
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
@@ -476,7 +482,6 @@ impl Server {
                             e,
                             pause.as_millis()
                         );
-                        drop(admitted);
                         thread::sleep(pause);
                         pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                     }

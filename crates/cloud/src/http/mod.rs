@@ -475,9 +475,36 @@ pub(crate) fn bind_http(
     tiny_http::Server::from_listener_with_limits(listener, None, limits)
 }
 
-/// How long writing an answer may wait for the client to take it: a client that stops reading
-/// holds a worker (one of [`crate::Config::workers`]) no longer than this.
+/// How long one write of an answer may wait for the client to take some of it: a client that
+/// stops reading holds a worker (one of [`crate::Config::workers`]) no longer than this (one that
+/// reads a trickle, longer).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// File descriptors kept for everything but the HTTP connections: the listeners, the store's
+/// files or database connections, the downlink's connections, logs.
+const DESCRIPTORS_RESERVED: u64 = 128;
+
+/// Says at start (WARN) when `max_connections` HTTP connections, two descriptors each, and
+/// [`DESCRIPTORS_RESERVED`] do not fit under this process's limit (`ulimit -n`): the receiver
+/// would run out of descriptors before reaching its bound (it then pauses accepting, see the
+/// vendored tiny_http, rather than failing).
+pub(crate) fn check_descriptors(max_connections: usize) {
+    let needed = 2 * max_connections as u64 + DESCRIPTORS_RESERVED;
+    match descriptor_limit() {
+        Some(limit) if needed > limit => warn!(
+            "--max-connections {max_connections} needs up to {needed} file descriptors, more than \
+             this process may open ({limit}, ulimit -n): raise the limit or lower --max-connections"
+        ),
+        _ => {}
+    }
+}
+
+/// This process's soft limit of open files (`/proc/self/limits`); `None` if unlimited or unread.
+fn descriptor_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {

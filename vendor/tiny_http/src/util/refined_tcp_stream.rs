@@ -1,6 +1,7 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
 
 use crate::connection::Connection;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -88,10 +89,17 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
+    /// ferry's change: held by both halves, so that the connection counts as open until both
+    /// are dropped (the socket is closed then).
+    _open: Arc<dyn Send + Sync>,
 }
 
 impl RefinedTcpStream {
-    pub(crate) fn new<S>(stream: S) -> IoResult<(RefinedTcpStream, RefinedTcpStream)>
+    /// ferry's change: `open` is held until both halves are dropped.
+    pub(crate) fn new<S>(
+        stream: S,
+        open: Arc<dyn Send + Sync>,
+    ) -> IoResult<(RefinedTcpStream, RefinedTcpStream)>
     where
         S: Into<Stream>,
     {
@@ -103,12 +111,14 @@ impl RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
+            _open: Arc::clone(&open),
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
+            _open: open,
         };
 
         Ok((read, write))
