@@ -454,6 +454,44 @@ fn large_batches_stored_once(backend: &Backend) {
     assert_eq!(seqs, (1..=500).collect::<Vec<u64>>());
 }
 
+/// Each pooled connection prepares a statement once and runs it by name after (a batch is five
+/// round trips, not ten). The server's own statement log shows it: over 30 batches of a device,
+/// the statement that updates the device's row runs under at most one name per connection (one
+/// per worker), not a new one per batch.
+#[test]
+fn statements_are_prepared_once_per_pooled_connection_on_postgres() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::postgres(dir.path());
+    let Backend::Postgres(pg) = &backend else {
+        unreachable!("a PostgreSQL backend")
+    };
+    pg.log_statements().unwrap_or_else(|e| panic!("{e}"));
+    let cloud = Cloud::start_on(&backend, &[]);
+    for seq in 1..=30u64 {
+        let batch = json!({"device_id": "gw-prepared", "records": [
+            {"seq": seq, "ts_ms": 1, "topic": "t", "payload": seq}]});
+        assert_eq!(
+            cloud.post_gzip(&batch),
+            (200, json!({"accepted": 1, "duplicates": 0}))
+        );
+    }
+    // `execute s7: WITH point AS (` (the device row's update with its history point).
+    let log = pg.log_text();
+    let names: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter_map(|line| {
+            let (name, sql) = line.split_once("execute ")?.1.split_once(": ")?;
+            sql.starts_with("WITH point AS").then_some(name)
+        })
+        .collect();
+    assert!(!names.is_empty(), "no update in the statement log:\n{log}");
+    assert!(
+        names.len() <= 4,
+        "the update ran under {} names over 30 batches: {names:?}",
+        names.len()
+    );
+}
+
 #[test]
 fn a_large_batch_over_a_row_the_store_did_not_write_stores_nothing_on_postgres() {
     let dir = tempfile::tempdir().expect("temp dir");
