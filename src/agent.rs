@@ -139,11 +139,14 @@ pub fn run(mut cfg: Config) -> Result<Exit, Error> {
         &cfg.mqtt,
         cfg.journal.commit_wait,
         client_id.clone(),
-        Tracker::new(
-            aliases.clone(),
-            cfg.sparkplug
-                .rebirth
-                .then_some(cfg.sparkplug.rebirth_period),
+        resumed_tracker(
+            &journal,
+            Tracker::new(
+                aliases.clone(),
+                cfg.sparkplug
+                    .rebirth
+                    .then_some(cfg.sparkplug.rebirth_period),
+            ),
         ),
         ingest::Parts {
             journal: journal.clone(),
@@ -371,4 +374,34 @@ fn join_by(handle: JoinHandle<()>, deadline: Instant) {
     if handle.join().is_err() {
         error!("thread {} panicked", name);
     }
+}
+
+/// Records the Sparkplug tracker follows again at start, the newest of the journal.
+const SPARKPLUG_RESUME_RECORDS: u64 = 10_000;
+
+/// `tracker` after the journal's newest records ([`SPARKPLUG_RESUME_RECORDS`]): the edge nodes
+/// as ferry left them (their `seq`, `bdSeq` and births), so that a message lost while ferry was
+/// down is a gap, not an unknown. A journal that cannot be read leaves it empty (said at WARN).
+fn resumed_tracker(journal: &Journal, mut tracker: Tracker) -> Tracker {
+    let mut replayed = 0u64;
+    let read = journal.visit_recent(SPARKPLUG_RESUME_RECORDS, |r| {
+        if crate::sparkplug::is_sparkplug_topic(&r.topic) {
+            tracker.replay(&r.topic, &r.payload, r.ts_ms);
+            replayed += 1;
+        }
+    });
+    match read {
+        Ok(()) if replayed > 0 => info!(
+            "sparkplug: following {} edge nodes again from the journal's newest {} messages",
+            tracker.nodes(),
+            replayed
+        ),
+        Ok(()) => {}
+        Err(e) => warn!(
+            "sparkplug: the journal's newest records cannot be read ({}): each edge node's first \
+             message is reported as unknown, as after a first start",
+            crate::error_chain(&e)
+        ),
+    }
+    tracker
 }

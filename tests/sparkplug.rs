@@ -88,10 +88,12 @@ fn kind(r: &Value) -> &str {
 
 /// An edge node births with aliased metrics and a device, sends data by alias, loses a message
 /// upstream (the test withholds its seq), is asked to rebirth and does, crashes (the broker
-/// publishes its will) and comes back with a new bdSeq, and finally disconnects cleanly. At the
+/// publishes its will) and comes back with a new bdSeq, loses data while ferry itself is down
+/// (the broker drops QoS 0 for ferry's offline session), and finally disconnects cleanly. At the
 /// cloud: every Sparkplug message with its decoded form beside the raw bytes, the aliases resolved
-/// to names, the upstream gap (seq, right before the message that revealed it), ferry's rebirth
-/// request, no false gap for the rebirth or the crash; and one bdSeq mismatch, which is
+/// to names, the upstream gaps (seq, right before the message that revealed each; the one across
+/// ferry's restart found because ferry follows the node again from its journal), ferry's rebirth
+/// requests, no false gap for the rebirth or the crash; and one bdSeq mismatch, which is
 /// pysparkplug's own: its clean disconnect sends an NDEATH with the next session's bdSeq.
 #[test]
 fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
@@ -120,9 +122,10 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
     node.run("data 1");
     node.run("crash");
     node.run("data 1");
-    // ferry restarts: it has not seen the node's birth since, so its next data is reported as
-    // unknown (not a gap), and ferry asks for a rebirth. (QoS 0 messages still on their way when
-    // it stops would be lost: it stops once the last DDATA is at the cloud.)
+    // ferry stops once the last DDATA is at the cloud; the node's next data (QoS 0) then finds
+    // ferry's session offline and the broker drops it. ferry follows the node again from its
+    // journal's newest records, so the data after its restart shows that loss as a gap of
+    // exactly those seqs (not an unknown), and ferry asks for a rebirth.
     wait_until(
         "the data before the restart at the cloud",
         Duration::from_secs(30),
@@ -136,8 +139,16 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
         },
     );
     agent.stop();
+    node.run("data 1");
     agent.start_again();
     agent.wait_connected();
+    assert!(
+        agent
+            .log_text()
+            .contains("sparkplug: following 1 edge nodes again"),
+        "{}",
+        agent.log_text()
+    );
     node.run("data 1");
     node.run("wait_rebirth 20");
     node.run("quit");
@@ -172,18 +183,8 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
         "{records:#?}"
     );
 
-    // The data after ferry's restart and before the rebirth it asked for comes before any birth
-    // it saw: its aliases cannot be resolved, and say so. Every other alias is.
-    let unknown_at = records
-        .iter()
-        .find(|r| r["topic"] == "$ferry/upstream_unknown")
-        .and_then(|r| r["seq"].as_u64())
-        .unwrap();
-    let reborn_at = records
-        .iter()
-        .find(|r| kind(r) == "NBIRTH" && r["seq"].as_u64() > Some(unknown_at))
-        .and_then(|r| r["seq"].as_u64())
-        .unwrap();
+    // Every alias resolved, the data after ferry's restart too: the births it needs were among
+    // the journal's newest records that ferry followed again.
     for r in records
         .iter()
         .filter(|r| kind(r) != "NCMD" && !r["topic"].as_str().unwrap().starts_with("$ferry/"))
@@ -192,11 +193,7 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
         let sp = &r["sparkplug"];
         assert!(sp["metrics"].is_array(), "{r}");
         for m in sp["metrics"].as_array().unwrap() {
-            if (unknown_at..reborn_at).contains(&r["seq"].as_u64().unwrap()) {
-                assert_eq!(m["alias_unresolved"], true, "{r}");
-            } else {
-                assert!(m["name"].is_string(), "every alias resolved: {r}");
-            }
+            assert!(m["name"].is_string(), "every alias resolved: {r}");
         }
     }
     let ndata = records.iter().find(|r| kind(r) == "NDATA").unwrap();
@@ -241,17 +238,24 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
         .iter()
         .filter(|r| r["topic"] == "$ferry/upstream_gap")
         .collect();
-    assert_eq!(gaps.len(), 2, "{gaps:#?}");
-    let mismatch = &gaps[1]["payload"];
+    assert_eq!(gaps.len(), 3, "{gaps:#?}");
+    let mismatch = &gaps[2]["payload"];
     assert_eq!(mismatch["kind"], "bd_seq_mismatch", "{mismatch}");
     assert_eq!(mismatch["birth_bd_seq"], bd_seq(births[2]), "{mismatch}");
     assert_ne!(mismatch["death_bd_seq"], bd_seq(births[2]), "{mismatch}");
     assert_eq!(
         records
             .iter()
-            .find(|r| r["seq"].as_u64() == gaps[1]["seq"].as_u64().map(|s| s + 1))
+            .find(|r| r["seq"].as_u64() == gaps[2]["seq"].as_u64().map(|s| s + 1))
             .map(kind),
         Some("NDEATH")
+    );
+    // The loss while ferry was down: one NDATA and one DDATA, found by the first data after.
+    let lost = &gaps[1]["payload"];
+    assert_eq!(
+        (&lost["kind"], &lost["missing"]),
+        (&json!("seq"), &json!(2)),
+        "{lost}"
     );
     let gap = &gaps[0]["payload"];
     assert_eq!(
@@ -271,17 +275,15 @@ fn a_sparkplug_edge_node_is_decoded_and_its_lost_message_reported() {
     assert_eq!(kind(after), "NDATA");
     assert_eq!(after["sparkplug"]["seq"], gap["received_seq"]);
 
-    // After ferry's restart: one record saying it cannot tell, before the data that showed it.
-    let unknown: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["topic"] == "$ferry/upstream_unknown")
-        .collect();
-    assert_eq!(unknown.len(), 1, "{unknown:#?}");
-    assert_eq!(unknown[0]["payload"]["kind"], "no_birth_seen");
-    assert_eq!(unknown[0]["payload"]["since_start"], true);
-    // The center counts the two gaps, not the unknown.
+    // Nothing ferry could not tell: it knew the node across its restart.
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["topic"] == "$ferry/upstream_unknown"),
+        "{records:#?}"
+    );
     let ledger = cloud.ledger(DEVICE).unwrap();
-    assert_eq!(ledger["upstream_gaps"], 2, "{ledger}");
+    assert_eq!(ledger["upstream_gaps"], 3, "{ledger}");
 
     // ferry asked for the rebirths (the node answered them: "ok wait_rebirth" above).
     assert_eq!(records.iter().filter(|r| kind(r) == "NCMD").count(), 2);

@@ -21,12 +21,20 @@
 //! that many, one 128 or more ahead (that is, up to 128 behind) is taken for a repeat. The
 //! 0..=255 wrap cannot tell more: a loss of 128 messages or more in a row is not reported (the
 //! next birth resynchronises). An NDEATH whose `bdSeq` is not the birth's is reported (Sparkplug
-//! hosts ignore such a stale death) but asks for no rebirth. The
-//! tracker's state lives in memory: after ferry restarts, the first message of a node that is not
-//! a birth is journaled on [`UPSTREAM_UNKNOWN_TOPIC`] (`"no_birth_seen"`, `"since_start": true`:
-//! not a gap, since nothing says one happened, and not counted as one by the center) and, with
-//! `rebirth`, makes the node rebirth; until then its aliases stay unresolved in the decoded form
-//! (the raw bytes are always there).
+//! hosts ignore such a stale death) but asks for no rebirth.
+//!
+//! Across ferry's restarts: the tracker's state lives in memory, and at start the agent replays
+//! the journal's newest records through it ([`Tracker::replay`]: state only, nothing reported
+//! again, no rebirth asked), so each node found there is followed as ferry left it, births and
+//! aliases included, and a message lost while ferry was down is a `seq` gap. A node with nothing
+//! there is as after a first start: its first message that is not a birth is journaled on
+//! [`UPSTREAM_UNKNOWN_TOPIC`] (`"no_birth_seen"`, `"since_start": true`: not a gap, since nothing
+//! says one happened, and not counted as one by the center) and, with `rebirth`, makes the node
+//! rebirth. A node followed without its birth (it was older than the records replayed) is asked
+//! to rebirth too, without a gap. Until a birth, its aliases stay unresolved in the decoded form
+//! (the raw bytes are always there). A record replayed that the journal then loses (written, not
+//! synced, before a crash, and gone at a later power cut) was never acknowledged to the broker,
+//! which sends it again: a repeat, not a gap.
 
 pub mod decode;
 pub mod encode;
@@ -210,6 +218,9 @@ struct Node {
     last_seq: Option<u8>,
     /// When ferry last asked it to rebirth.
     rebirth_asked: Option<Instant>,
+    /// One of its NBIRTHs was seen (since this start, or among the journal's newest records at
+    /// start): the names of its aliases are known.
+    birth_seen: bool,
 }
 
 /// Follows every edge node's births, `seq` and `bdSeq` (see the module header). Owned by the
@@ -251,6 +262,30 @@ impl Tracker {
         payload: &[u8],
         ts_ms: u64,
         now: Instant,
+    ) -> Observed {
+        self.follow(topic_name, payload, ts_ms, Some(now))
+    }
+
+    /// Follows a message journaled before this start (`ts_ms`: its record's stamp), in journal
+    /// order, before any live one: its node's `seq`, `bdSeq` and births (aliases) as they were
+    /// when ferry stopped, so that a message lost while ferry was down shows as a gap. What it
+    /// finds is not reported again, and no rebirth is asked.
+    pub fn replay(&mut self, topic_name: &str, payload: &[u8], ts_ms: u64) {
+        self.follow(topic_name, payload, ts_ms, None);
+    }
+
+    /// Edge nodes followed now.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// [`Tracker::observe`] (`now`: live) or [`Tracker::replay`] (`None`).
+    fn follow(
+        &mut self,
+        topic_name: &str,
+        payload: &[u8],
+        ts_ms: u64,
+        now: Option<Instant>,
     ) -> Observed {
         let Some(t) = topic(topic_name) else {
             return Observed::default();
@@ -297,6 +332,7 @@ impl Tracker {
             "NBIRTH" => {
                 node.bd_seq = bd_seq;
                 node.last_seq = seq;
+                node.birth_seen = true;
                 self.aliases.node_born(&key, ts_ms);
                 self.aliases
                     .born((key.clone(), None), ts_ms, names(&decoded));
@@ -350,11 +386,18 @@ impl Tracker {
                 );
             }
         }
-        // A stale NDEATH (another session's) is reported, but is no reason for a rebirth.
+        let Some(now) = now else {
+            // Replayed: found before, and reported then.
+            return Observed::default();
+        };
+        // A stale NDEATH (another session's) is reported, but is no reason for a rebirth. Data
+        // of a node whose birth ferry has not seen (followed from the journal's newest records,
+        // which did not hold its birth) is: its aliases are unknown.
         let resync = out
             .gap
             .as_ref()
-            .is_some_and(|g| g["kind"] != "bd_seq_mismatch");
+            .is_some_and(|g| g["kind"] != "bd_seq_mismatch")
+            || (!node.birth_seen && t.kind != "NDEATH");
         if resync {
             if let Some(period) = self.rebirth {
                 if node

@@ -308,3 +308,45 @@ fn a_rebirth_is_asked_at_most_once_per_period() {
     );
     assert!(third.rebirth.is_some());
 }
+
+/// Followed again from the journal after a restart: a message lost while ferry was down is a
+/// gap of exactly the seqs missing (not an unknown), replayed messages report nothing and ask no
+/// rebirth, the births replayed resolve aliases, and a node whose birth the replay did not hold
+/// is asked to rebirth (its aliases are unknown) without a gap.
+#[test]
+fn a_tracker_resumed_from_the_journal_finds_what_was_lost_while_ferry_was_down() {
+    let aliases = Aliases::default();
+    let mut t = Tracker::new(aliases.clone(), Some(Duration::from_secs(60)));
+    let now = Instant::now();
+    t.replay("spBv1.0/g/NBIRTH/n", &birth(0, 1), 1_000);
+    t.replay("spBv1.0/g/NDATA/n", &data(1), 1_001);
+    t.replay("spBv1.0/g/NDATA/n", &data(3), 1_002); // a gap found before the restart
+    t.replay("spBv1.0/g/NDATA/other", &data(40), 1_003); // its birth is older than the replay
+    assert_eq!(t.nodes(), 2);
+    let v = aliases
+        .decode("spBv1.0/g/NDATA/n", &data(4), 1_002)
+        .unwrap();
+    assert_eq!(v["metrics"][0]["name"], "Temperature");
+
+    // Seqs 4 and 5 were dropped by the broker while ferry was down.
+    let live = t.observe("spBv1.0/g/NDATA/n", &data(6), 2_000, now);
+    let gap = live.gap.expect("a gap");
+    assert_eq!(
+        (&gap["kind"], &gap["missing"], &gap["missing_seqs"]),
+        (&json!("seq"), &json!(2), &json!("4..=5")),
+        "{gap}"
+    );
+    assert!(live.rebirth.is_some(), "a gap asks for a rebirth");
+    // In sequence after the replay: nothing to say, no rebirth (its birth was replayed).
+    let mut t2 = Tracker::new(Aliases::default(), Some(Duration::from_secs(60)));
+    t2.replay("spBv1.0/g/NBIRTH/n", &birth(0, 1), 1_000);
+    t2.replay("spBv1.0/g/NDATA/n", &data(1), 1_001);
+    assert_eq!(
+        t2.observe("spBv1.0/g/NDATA/n", &data(2), 2_000, now),
+        Observed::default()
+    );
+    // The other node: in sequence, so no gap, but asked for the birth its aliases need.
+    let other = t.observe("spBv1.0/g/NDATA/other", &data(41), 2_000, now);
+    assert!(other.gap.is_none(), "{:?}", other.gap);
+    assert!(other.rebirth.is_some());
+}

@@ -253,4 +253,26 @@ impl Journal {
             .map_err(log_io("reading the oldest entry"))?;
         Ok(ts)
     }
+
+    /// Visits the newest durable records, at most `max_records` seqs back from the last durable
+    /// one, in seq order, acknowledged or not (what the log no longer holds, and gaps, are
+    /// skipped). One record at a time: nothing is collected. For what the agent rebuilds at start
+    /// from what it journaled last (the Sparkplug tracker).
+    pub fn visit_recent(&self, max_records: u64, mut visit: impl FnMut(&Record)) -> Result<()> {
+        let mut st = self.lock();
+        let end = st.durable;
+        if end == 0 || max_records == 0 {
+            return Ok(());
+        }
+        let from = end.saturating_sub(max_records - 1).max(1);
+        let State { log, overlays, .. } = &mut *st;
+        log_of(log)?
+            .read(from, end, overlays, Keep::Nothing, |item| {
+                if let Item::Frame(Entry::Record(r), ..) = &item {
+                    visit(r);
+                }
+                Flow::Next
+            })
+            .map_err(log_io("reading the newest records"))
+    }
 }
