@@ -175,11 +175,18 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        // What it says before its log file is open (a port it cannot bind) goes beside the log.
+        let stderr_path = self.log.with_extension("stderr");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)
+            .map_err(|e| format!("{}: {e}", stderr_path.display()))?;
         let child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(&self.conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| {
                 format!("cannot start mosquitto (scripts/ensure-deps.sh installs it): {e}")
@@ -188,7 +195,21 @@ impl Mosquitto {
         let port = self.port;
         poll_until("mosquitto to listen", Duration::from_secs(10), || {
             port_open(port)
-        })
+        })?;
+        // The port answering is not proof that this mosquitto holds it.
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            return Err(format!(
+                "mosquitto exited ({status}) as port {port} opened: another process holds it? \
+                 its stderr: {}; its log: {}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ));
+        }
+        Ok(())
     }
 
     /// Its process id while it runs (for `/proc/<pid>` figures).
