@@ -332,12 +332,7 @@ pub fn metrics(t: &Totals, now_ms: u64) -> String {
     for (s, n) in STATES.iter().zip(by_state) {
         let _ = writeln!(out, "ferry_cloud_devices{{state=\"{s}\"}} {n}");
     }
-    let mut gauge = |name: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    };
+    let mut gauge = |name: &str, help: &str, value: u64| gauge(&mut out, name, help, value);
     gauge(
         "ferry_cloud_ledger_delivered_records",
         "Seqs stored, over the fleet.",
@@ -369,6 +364,14 @@ pub fn metrics(t: &Totals, now_ms: u64) -> String {
         oldest.map_or(0, |ts| now_ms.saturating_sub(ts) / 1000),
     );
     out
+}
+
+/// Appends one gauge to a Prometheus text exposition: its help, its type and its value.
+pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
 }
 
 /// `GET /v1/fleet`: the totals as JSON, with the records accepted per second over the last

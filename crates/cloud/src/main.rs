@@ -122,12 +122,20 @@ fn run(config: cloud::Config) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The device token in `path`: its first line, trimmed (so that it stays out of the process
-/// list, where `--token` shows).
+/// The first line of the file `path` given to `flag`, without its line ending (a secret kept out
+/// of the process list, where an argument shows).
+fn first_line(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or_default();
+    // `lines` leaves a carriage return that ends the file without a newline.
+    Ok(line.strip_suffix('\r').unwrap_or(line).to_owned())
+}
+
+/// The device token in `path` (`--token-file`): its first line, trimmed.
 fn read_token(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-    let token = text.lines().next().unwrap_or_default().trim();
+    let line = first_line("--token-file", path)?;
+    let token = line.trim();
     if token.is_empty() || token.chars().any(char::is_whitespace) {
         return Err(format!(
             "--token-file {}: its first line must be the token, without spaces",
@@ -137,21 +145,17 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-/// The database password in `path`: its first line, as it is (a password may hold spaces), without
-/// its line ending.
+/// The database password in `path` (`--store-password-file`): its first line as it is (a
+/// password may hold spaces).
 fn read_password(path: &std::path::Path) -> Result<cloud::store::Password, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--store-password-file {}: {e}", path.display()))?;
-    let line = text.lines().next().unwrap_or_default();
-    // `lines` leaves a carriage return that ends the file without a newline.
-    let line = line.strip_suffix('\r').unwrap_or(line);
+    let line = first_line("--store-password-file", path)?;
     if line.is_empty() {
         return Err(format!(
             "--store-password-file {}: its first line must be the password",
             path.display()
         ));
     }
-    Ok(cloud::store::Password(line.to_owned()))
+    Ok(cloud::store::Password(line))
 }
 
 /// Whether every address `addr` (`host:port`) names is a loopback one.

@@ -49,11 +49,12 @@ pub(super) fn metrics(shared: &Shared) -> Reply {
         Err(e) => return unreadable(shared, "the devices", &e),
     };
     let mut text = fleet::metrics(&totals, now);
-    text.push_str(&format!(
-        "# HELP ferry_cloud_http_connections HTTP connections open to this replica (at most --max-connections).\n\
-         # TYPE ferry_cloud_http_connections gauge\nferry_cloud_http_connections {}\n",
-        shared.server.num_connections()
-    ));
+    fleet::gauge(
+        &mut text,
+        "ferry_cloud_http_connections",
+        "HTTP connections open to this replica (at most --max-connections).",
+        shared.server.num_connections() as u64,
+    );
     Reply {
         status: 200,
         body: Body::Text(text),
