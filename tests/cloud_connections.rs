@@ -166,3 +166,52 @@ fn connections_past_max_connections_wait_until_one_closes() {
     assert_eq!(open, 2, "the second connection and the third, which asks");
     drop(second);
 }
+
+/// A descriptor limit (`ulimit -n`) that cannot hold `--max-connections` connections, two
+/// descriptors each, and a reserve is said at start, naming both numbers.
+#[test]
+fn a_descriptor_limit_too_small_for_max_connections_is_said_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // prlimit sets the limit, then runs ferry-cloud (behind the ARM runner when there is one).
+    let wrapped = util::command(util::ferry_cloud());
+    let mut command = std::process::Command::new("prlimit");
+    command
+        .arg("--nofile=300:300")
+        .arg("--")
+        .arg(wrapped.get_program())
+        .args(wrapped.get_args());
+    let log = dir.path().join("cloud.log");
+    let mut child = command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "256",
+            "--data",
+        ])
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("run prlimit (util-linux)");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(DEADLINE).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.starts_with("listening on"),
+        "ferry-cloud said {line:?}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("--max-connections 256 needs up to 640 file descriptors")
+            && text.contains("(300, ulimit -n)"),
+        "{text}"
+    );
+}
