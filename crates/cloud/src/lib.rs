@@ -32,9 +32,12 @@
 //! downlink take the device token, `/v1/devices...`, `/v1/fleet` and `/v1/stats` an operator's
 //! ([`operators`]); `/metrics` is open.
 //!
-//! Limits inherited from tiny_http 0.12: sockets have no read timeout, so a client that stops sending
-//! mid-body holds its worker until it disconnects; a body the receiver does not read is drained after
-//! the answer is written; and a request declaring an absurd body is abandoned unanswered (see
+//! Connections (the vendored tiny_http 0.12, `vendor/README.md`): each read waits at most
+//! [`Config::idle_timeout`] and each write 30 s, at most [`Config::max_connections`] are open
+//! (more wait to be accepted), and a failed accept is retried. The deadline is per read, so a
+//! client that dribbles a body a byte at a time holds its worker as long as it keeps sending
+//! (nginx in front buffers bodies). A body the receiver does not read is drained after the answer
+//! is written, and a request declaring an absurd body is abandoned unanswered (see
 //! `http::MAX_DRAINABLE_BYTES`).
 
 pub mod batch;
