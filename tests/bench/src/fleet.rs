@@ -54,8 +54,6 @@ impl Center {
         Center::Postgres { replicas: 1 },
         Center::Postgres { replicas: 2 },
     ];
-    /// The receivers without a database: the files store's own shape (see `main.rs`).
-    pub const NO_DATABASE: [Center; 2] = [Center::Ceiling, Center::Files];
     /// The centers of `make bench-fleet-pg`.
     pub const POSTGRES: [Center; 2] = [
         Center::Postgres { replicas: 1 },
@@ -85,8 +83,6 @@ pub struct Shape {
     pub devices: usize,
     pub per_device: u64,
     pub batch: u64,
-    /// The receivers this shape runs on, of the section's; `None`: all of them.
-    pub receivers: Option<&'static [Center]>,
 }
 
 /// One request to make: a device's batch, gzipped, and what it must be answered.
@@ -108,8 +104,7 @@ pub fn run(
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     for shape in shapes {
-        let runs_on = |c: &Center| shape.receivers.is_none_or(|only| only.contains(c));
-        for &center in centers.iter().filter(|c| runs_on(c)) {
+        for &center in centers {
             one_center(bin_dir, work, *shape, center, s, rows)?;
         }
     }
@@ -272,6 +267,7 @@ fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<R
         Center::Ceiling => return ceiling_run(shape),
         Center::Files => (None, vec![Cloud::start(&bin, &data)?]),
         Center::Postgres { replicas } => {
+            check_disk(dir, shape)?;
             let pg = ferry_testkit::Postgres::start(&dir.join("pg"), procs::free_port()?)?;
             let clouds = (0..replicas.max(1))
                 .map(|i| Cloud::start_on(&bin, &dir.join(format!("replica-{i}")), Some(&pg.url())))
@@ -374,10 +370,49 @@ fn copy_baseline(pg: &ferry_testkit::Postgres, dir: &Path, shape: Shape) -> Resu
     )?;
     let started = Instant::now();
     // psql takes one meta-command alone; the server runs with synchronous_commit on.
-    pg.psql(&format!("\\copy copy_baseline FROM '{}'", file.display()))?;
+    // A large fleet's rows take longer than psql's usual deadline: 50,000 a second at least.
+    let deadline = ferry_testkit::PSQL_DEADLINE
+        .max(Duration::from_secs(records * shape.devices as u64 / 50_000));
+    pg.psql_within(
+        &format!("\\copy copy_baseline FROM '{}'", file.display()),
+        deadline,
+    )?;
     let secs = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&file);
     Ok((shape.devices as u64 * records) as f64 / secs)
+}
+
+/// Bytes on disk per record a PostgreSQL run is allowed for: the database's directory, WAL
+/// included (510 B measured at 10 million records; up to 1,200 B at a million, where the WAL
+/// kept weighs more), and the COPY baseline's file and table (about 250 B).
+const PG_BYTES_PER_RECORD: u64 = 1_000;
+
+/// Refuses a PostgreSQL run whose records would not fit on the disk under `dir`, before it fills
+/// the disk half way.
+fn check_disk(dir: &Path, shape: Shape) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()?;
+    let free: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| format!("df {}: no free space in its answer", dir.display()))?;
+    let needed = 2 * shape.devices as u64 * shape.per_device * PG_BYTES_PER_RECORD;
+    if free < needed {
+        return Err(format!(
+            "{} devices x {} records on PostgreSQL need up to {:.1} GB under {}, which has {:.1} GB free",
+            shape.devices,
+            shape.per_device,
+            needed as f64 / 1e9,
+            dir.display(),
+            free as f64 / 1e9
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Sends `posts` from [`CLIENTS`] threads, each taking the next one when done with its last;

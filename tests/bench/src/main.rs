@@ -25,10 +25,13 @@ use report::{Row, Target};
 use store::{Layout, PAYLOAD, Result};
 
 const USAGE: &str =
-    "usage: ferry-bench [--quick] [--only SECTION] [--doc FILE] [--work DIR] [--target-dir DIR]
+    "usage: ferry-bench [--quick] [--only SECTION] [--fleet SHAPE] [--doc FILE] [--work DIR]
+                   [--target-dir DIR]
   --quick           a smaller run (about a tenth of the records)
   --only SECTION    run one section: size, append, churn, backlog, ingest, wear, e2e
-                    or fleet (only run by name: make bench-fleet); no --doc then
+                    or fleet, fleet-pg (only run by name: make bench-fleet); no --doc then
+  --fleet SHAPE     the fleet sections run this one fleet: DEVICESxRECORDS/BATCH, as
+                    100000x250/250 (DEVICES gateways of RECORDS records, in batches of BATCH)
   --doc FILE        write the numbers into FILE between the bench markers
   --work DIR        where the bench's files go (default target/bench-work; removed after)
   --target-dir DIR  where the release binaries are (default target)";
@@ -46,27 +49,16 @@ struct Sizes {
     /// Seconds of 1,000 msg/s per setting in the wear measurement.
     wear_secs: u64,
     /// The fleet sections' runs: the issue's two shapes of a fleet, then 100,000 gateways with
-    /// small batches on every receiver and with large ones on the receivers without a database.
+    /// small batches and with large ones.
     fleet: [fleet::Shape; 4],
 }
 
-/// `devices` gateways of `per_device` records each, in batches of `batch`, on every receiver.
+/// `devices` gateways of `per_device` records each, in batches of `batch`.
 const fn shape(devices: usize, per_device: u64, batch: u64) -> fleet::Shape {
     fleet::Shape {
         devices,
         per_device,
         batch,
-        receivers: None,
-    }
-}
-
-/// The same, on the null receiver and the files store only: issue 12's bar for the files store
-/// is 250,000 records/s at 100,000 devices, which batches of 25 cannot show on a 2-core machine
-/// (the null receiver itself takes about that), and PostgreSQL would take half an hour for it.
-const fn no_database(devices: usize, per_device: u64, batch: u64) -> fleet::Shape {
-    fleet::Shape {
-        receivers: Some(&fleet::Center::NO_DATABASE),
-        ..shape(devices, per_device, batch)
     }
 }
 
@@ -81,7 +73,7 @@ const FULL: Sizes = Sizes {
         shape(2_000, 500, 250),
         shape(20_000, 50, 25),
         shape(100_000, 50, 25),
-        no_database(100_000, 500, 250),
+        shape(100_000, 250, 250),
     ],
 };
 
@@ -96,7 +88,7 @@ const QUICK: Sizes = Sizes {
         shape(200, 500, 250),
         shape(2_000, 50, 25),
         shape(10_000, 50, 25),
-        no_database(10_000, 500, 250),
+        shape(10_000, 250, 250),
     ],
 };
 
@@ -123,6 +115,7 @@ type MakeLayout = dyn Fn(&Path) -> Result<Box<dyn Layout>>;
 struct Args {
     quick: bool,
     only: Option<String>,
+    fleet: Option<fleet::Shape>,
     doc: Option<PathBuf>,
     work: PathBuf,
     target: PathBuf,
@@ -132,6 +125,7 @@ fn parse_args() -> std::result::Result<Args, String> {
     let mut a = Args {
         quick: false,
         only: None,
+        fleet: None,
         doc: None,
         work: PathBuf::from("target/bench-work"),
         target: PathBuf::from("target"),
@@ -142,6 +136,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         match arg.as_str() {
             "--quick" => a.quick = true,
             "--only" => a.only = Some(value("--only")?),
+            "--fleet" => a.fleet = Some(fleet_shape(&value("--fleet")?)?),
             "--doc" => a.doc = Some(PathBuf::from(value("--doc")?)),
             "--work" => a.work = PathBuf::from(value("--work")?),
             "--target-dir" => a.target = PathBuf::from(value("--target-dir")?),
@@ -159,6 +154,24 @@ fn parse_args() -> std::result::Result<Args, String> {
         }
     }
     Ok(a)
+}
+
+/// `DEVICESxRECORDS/BATCH` (`--fleet`).
+fn fleet_shape(text: &str) -> std::result::Result<fleet::Shape, String> {
+    let bad = || format!("--fleet {text:?}: not DEVICESxRECORDS/BATCH, as 100000x250/250");
+    let (devices, rest) = text.split_once('x').ok_or_else(bad)?;
+    let (per_device, batch) = rest.split_once('/').ok_or_else(bad)?;
+    let shape = shape(
+        devices.parse().map_err(|_| bad())?,
+        per_device.parse().map_err(|_| bad())?,
+        batch.parse().map_err(|_| bad())?,
+    );
+    if shape.devices == 0 || shape.batch == 0 || shape.per_device < shape.batch {
+        return Err(format!(
+            "--fleet {text:?}: devices and batch must be at least 1, records at least a batch"
+        ));
+    }
+    Ok(shape)
 }
 
 fn main() {
@@ -215,7 +228,9 @@ fn main() {
             fleet::run(
                 &args.target.join("release"),
                 &args.work.join("fleet"),
-                &sizes.fleet,
+                args.fleet
+                    .as_ref()
+                    .map_or(&sizes.fleet[..], std::slice::from_ref),
                 &fleet::Center::ALL,
                 fleet::SECTION,
                 r,
@@ -225,7 +240,9 @@ fn main() {
             fleet::run(
                 &args.target.join("release"),
                 &args.work.join("fleet-pg"),
-                &sizes.fleet,
+                args.fleet
+                    .as_ref()
+                    .map_or(&sizes.fleet[..], std::slice::from_ref),
                 &fleet::Center::POSTGRES,
                 fleet::SECTION_PG,
                 r,

@@ -486,6 +486,11 @@ impl Postgres {
     /// Runs `sql` with psql (unaligned, tuples only) within [`PSQL_DEADLINE`]; its output, or
     /// its error.
     pub fn psql(&self, sql: &str) -> Result<String> {
+        self.psql_within(sql, PSQL_DEADLINE)
+    }
+
+    /// [`Postgres::psql`] within `deadline`.
+    pub fn psql_within(&self, sql: &str, deadline: Duration) -> Result<String> {
         let out = output_within(
             Command::new("psql")
                 .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d"])
@@ -493,7 +498,7 @@ impl Postgres {
                 .arg("-c")
                 .arg(sql),
             "psql",
-            PSQL_DEADLINE,
+            deadline,
         )?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
