@@ -144,6 +144,16 @@ fn parse_args() -> std::result::Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
+    if a.fleet.is_some()
+        && !a
+            .only
+            .as_ref()
+            .is_some_and(|o| ON_REQUEST.contains(&o.as_str()))
+    {
+        return Err(format!(
+            "--fleet goes with --only fleet or --only fleet-pg\n{USAGE}"
+        ));
+    }
     if let Some(only) = &a.only {
         if !SECTIONS.contains(&only.as_str()) {
             return Err(format!("unknown section {only:?}\n{USAGE}"));
