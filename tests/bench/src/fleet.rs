@@ -72,6 +72,9 @@ impl Center {
     }
 }
 
+/// How long a system tool the bench runs (`prlimit`, `df`) may take.
+const TOOL_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Client threads posting batches.
 const CLIENTS: usize = 8;
 /// The descriptor limit ferry-cloud runs under (the usual soft default).
@@ -276,12 +279,20 @@ fn one_run(bin_dir: &Path, dir: &Path, shape: Shape, center: Center) -> Result<R
         }
     };
     for cloud in &clouds {
-        let limited = std::process::Command::new("prlimit")
-            .arg(format!("--pid={}", cloud.proc.pid()))
-            .arg(format!("--nofile={NOFILE}:{NOFILE}"))
-            .status()?;
-        if !limited.success() {
-            return Err(format!("prlimit: {limited}").into());
+        let limited = ferry_testkit::output_within(
+            std::process::Command::new("prlimit")
+                .arg(format!("--pid={}", cloud.proc.pid()))
+                .arg(format!("--nofile={NOFILE}:{NOFILE}")),
+            "prlimit",
+            TOOL_DEADLINE,
+        )?;
+        if !limited.status.success() {
+            return Err(format!(
+                "prlimit: {}: {}",
+                limited.status,
+                String::from_utf8_lossy(&limited.stderr)
+            )
+            .into());
         }
     }
     let nginx = match clouds.len() {
@@ -391,10 +402,13 @@ const PG_BYTES_PER_RECORD: u64 = 1_000;
 /// the disk half way.
 fn check_disk(dir: &Path, shape: Shape) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let out = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(dir)
-        .output()?;
+    let out = ferry_testkit::output_within(
+        std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(dir),
+        "df",
+        TOOL_DEADLINE,
+    )?;
     let free: u64 = String::from_utf8_lossy(&out.stdout)
         .lines()
         .nth(1)
