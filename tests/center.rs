@@ -576,3 +576,80 @@ fn the_fleet_rate_on_any_replica_counts_what_every_replica_accepted() {
     )
     .unwrap_or_else(|e| panic!("{e}; a sees {}", seen(&a)));
 }
+
+/// Records are keyed by device id compared byte by byte (schema 9): with the database's collation
+/// (ICU here, as on most servers) a 100,000-device fleet's steady inserts cost about a fifth
+/// more (docs/BENCHMARKS.md). Rebuilding the key stops every batch while it runs, so a database
+/// written by version 8 is rebuilt at start only while its records are few; a larger one keeps
+/// its collation, every start says so, and its records are served as before.
+#[test]
+fn records_are_keyed_byte_by_byte_unless_too_many_to_rebuild_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = postgres(tmp.path());
+    let collation = || {
+        pg.psql(
+            "SELECT coalesce(c.collname, '-') FROM pg_attribute a
+             LEFT JOIN pg_collation c ON c.oid = a.attcollation
+             WHERE a.attrelid = 'ferry_records'::regclass AND a.attname = 'device_id'",
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    let as_version_8 = || {
+        pg.psql(
+            "ALTER TABLE ferry_records ALTER COLUMN device_id TYPE text COLLATE \"default\";
+             UPDATE ferry_schema SET version = 8",
+        )
+        .unwrap();
+        assert_eq!(collation(), "default");
+    };
+    let batch = |seqs: std::ops::RangeInclusive<u64>| {
+        json!({"device_id": "gw-a", "records": seqs.map(|s| json!({"seq": s, "ts_ms": 1,
+            "topic": "t", "payload": s})).collect::<Vec<_>>()})
+    };
+    const WARNING: &str = "records keyed under a collation";
+
+    let mut cloud = Cloud::start_postgres(&tmp.path().join("r"), &pg.url(), &[]);
+    assert_eq!(collation(), "C", "a new database");
+    let (status, answer) = post_batch(&http(), cloud.port, &batch(1..=3));
+    assert_eq!((status, &answer["accepted"]), (200, &json!(3)), "{answer}");
+    cloud.stop();
+
+    as_version_8();
+    cloud.start_again();
+    assert_eq!(
+        collation(),
+        "C",
+        "a small database written by version 8 is rebuilt"
+    );
+    assert!(!cloud.log_text().contains(WARNING), "{}", cloud.log_text());
+    assert_eq!(cloud.records("gw-a").len(), 3);
+    cloud.stop();
+
+    as_version_8();
+    pg.psql(&format!(
+        "INSERT INTO ferry_records (device_id, seq, line)
+         SELECT 'gw-big', s, '{{}}' FROM generate_series(1, {}) AS s",
+        ferry_cloud::store::postgres::REKEY_LIMIT
+    ))
+    .unwrap();
+    cloud.start_again();
+    assert_eq!(collation(), "default", "a larger one is left as it was");
+    let log = cloud.log_text();
+    assert!(
+        log.contains(WARNING) && log.contains("collation=\"default\""),
+        "{log}"
+    );
+    assert_eq!(
+        pg.psql("SELECT version FROM ferry_schema").unwrap().trim(),
+        ferry_cloud::store::postgres::MIGRATIONS.len().to_string()
+    );
+    let (status, answer) = post_batch(&http(), cloud.port, &batch(2..=5));
+    assert_eq!(
+        (status, &answer["accepted"], &answer["duplicates"]),
+        (200, &json!(2), &json!(2)),
+        "{answer}"
+    );
+    assert_eq!(cloud.records("gw-a").len(), 5);
+}

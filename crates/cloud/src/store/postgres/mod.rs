@@ -10,7 +10,9 @@
 //!   transaction that first locks this row (`SELECT ... FOR UPDATE`), so two batches of one
 //!   device, on one replica or on two, are applied one after the other and see each other's
 //!   records: no duplicate, no lost record, no false clash.
-//! - `ferry_records`: `(device_id, seq)` primary key, the record's JSON line as the device sent it.
+//! - `ferry_records`: `(device_id, seq)` primary key (device ids compared byte by byte, unless
+//!   the table was too large for schema 9 to rebuild: [`REKEY_LIMIT`]), the record's JSON line as
+//!   the device sent it.
 //! - `ferry_gaps`: declared gaps, unique by `(device_id, from_seq, to_seq, reason)`.
 //! - `ferry_clashes`: the [`MAX_CLASHES`](super::MAX_CLASHES) most recently clashing seqs per device.
 //! - `ferry_commands`, `ferry_downlink`, `ferry_sockets`, `ferry_replicas`: the downlink's
@@ -73,7 +75,7 @@ mod tls;
 
 pub use self::pool::Pool;
 use self::pool::{Conn, Statements, describe};
-pub use self::schema::MIGRATIONS;
+pub use self::schema::{MIGRATIONS, REKEY_LIMIT};
 
 /// Statement, lock and connect deadlines (see the module's "Deadlines").
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,11 +1,20 @@
 //! The schema: its versions ([`MIGRATIONS`]) and how a starting replica brings the database to
 //! the newest one (under an advisory lock, one replica at a time, in one transaction).
 
-use log::info;
+use log::{info, warn};
 use postgres::Transaction;
 
 use super::{PgStore, Statements, db, held_of, ranges_of, update_device};
 use crate::store::Error;
+
+/// Most records migration 9 rebuilds `ferry_records`' primary key over (0.6 s here, well
+/// within the statement deadline); a macro, so that the migration's SQL is built from it.
+macro_rules! rekey_limit {
+    () => {
+        1000000
+    };
+}
+pub const REKEY_LIMIT: u64 = rekey_limit!();
 
 /// Schema versions, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
 /// Never edit a released entry; add one.
@@ -121,6 +130,24 @@ pub const MIGRATIONS: &[&str] = &[
         records int8 NOT NULL,
         PRIMARY KEY (instance, slot)
     );",
+    // 9: `ferry_records.device_id` compared byte by byte (`COLLATE "C"`), so that inserting a
+    // record does not compare device ids under the database's collation (with ICU, ~20 % of a
+    // 100,000-device fleet's steady insert cost: docs/BENCHMARKS.md). Only device ids compare, by
+    // equality; no query orders records by them, so only speed changes. The primary key is
+    // rebuilt, under a lock that stops every batch: done here only while the table is small
+    // enough to rebuild well within the statement deadline; a larger one keeps its collation and
+    // every start says so (`check_records_collation`, docs/CENTER-POSTGRES.md).
+    concat!(
+        "DO $$ BEGIN
+            IF (SELECT count(*) FROM (SELECT 1 FROM ferry_records LIMIT ",
+        rekey_limit!(),
+        " + 1) AS t) <= ",
+        rekey_limit!(),
+        " THEN
+                ALTER TABLE ferry_records ALTER COLUMN device_id TYPE text COLLATE \"C\";
+            END IF;
+        END $$;"
+    ),
 ];
 
 /// The schema version that added the ledger columns ([`fill_ledger_columns`]).
@@ -162,9 +189,36 @@ impl PgStore {
         tx.execute("INSERT INTO ferry_schema (version) VALUES ($1)", &[&known])
             .map_err(db("cannot record the schema version"))?;
         tx.commit().map_err(db("cannot commit the migration"))?;
+        check_records_collation(&mut conn.client, self.target())?;
         self.pool.give_back(conn);
         Ok(known)
     }
+}
+
+/// Warns when `ferry_records.device_id` is not compared byte by byte: a table too large for
+/// migration 9 to rebuild keeps its collation, and every start says so until an operator runs
+/// the rebuild (docs/CENTER-POSTGRES.md, "Migrations").
+fn check_records_collation(client: &mut postgres::Client, target: &str) -> Result<(), Error> {
+    let collation: String = client
+        .query_one(
+            "SELECT coalesce(c.collname, '') FROM pg_attribute a
+             LEFT JOIN pg_collation c ON c.oid = a.attcollation
+             WHERE a.attrelid = 'ferry_records'::regclass AND a.attname = 'device_id'",
+            &[],
+        )
+        .map_err(db("cannot read the records' collation"))?
+        .get(0);
+    if collation != "C" {
+        warn!(
+            "records keyed under a collation target={target} table=ferry_records \
+             column=device_id collation={collation:?}: schema 9 compares device ids byte by \
+             byte, but left this table as it was (more than {REKEY_LIMIT} records: rebuilding \
+             its primary key stops every batch while it runs). Inserts into a large fleet cost \
+             up to a fifth more; docs/CENTER-POSTGRES.md (\"Migrations\") gives the statement \
+             to run in a maintenance window"
+        );
+    }
+    Ok(())
 }
 
 /// Fills the ledger columns of every device row (schema version 3 on a database written by an
