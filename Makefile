@@ -73,8 +73,9 @@ bench:
 
 ## The center under simulated fleets (2,000 to 100,000 gateways; QUICK=1: a tenth of the devices),
 ## side by side: a null receiver (the harness's ceiling), the files store, PostgreSQL behind one
-## replica and behind two with nginx (against a COPY of the same rows); prints its table. The full
-## run takes about 45 min and up to 50 GB under target/ (100,000 x 250 records on PostgreSQL);
+## replica and behind two with nginx (against a COPY of the same rows, in key order and in the
+## fleet's); prints its table. The full run takes about 50 min and up to 50 GB under target/
+## (100,000 x 250 records on PostgreSQL);
 ## FLEET=DEVICESxRECORDS/BATCH (as 100000x250/250) runs that one fleet instead.
 bench-fleet:
 	@scripts/ensure-deps.sh --bench
