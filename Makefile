@@ -9,7 +9,7 @@ MSRV_CARGO ?= /usr/bin/cargo
 all: build
 
 # The product's crates: the agent, the receiver (ferry-cloud) and the crates they are built from.
-PACKAGES = -p ferry -p ferry-cloud -p ferry-journal -p ferry-protocol -p ferry-tls -p ferry-util
+PACKAGES = -p ferry -p ferry-cloud -p ferry-journal -p ferry-protocol -p ferry-tls -p ferry-util -p ferry-bench
 
 build:
 	$(CARGO) build --release -p ferry -p ferry-cloud

@@ -12,6 +12,7 @@
 //! Timing never decides a test: nothing here fails a build, a missed target is reported.
 
 mod fleet;
+mod lock;
 mod machine;
 mod procs;
 mod report;
@@ -194,6 +195,13 @@ fn main() {
     };
     let sizes = if args.quick { QUICK } else { FULL };
     let mut args = args;
+    let _lock = match lock::WorkLock::take(&args.work) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
     let _ = std::fs::remove_dir_all(&args.work);
     // Absolute: the agent resolves a relative journal.dir against its config file's directory.
     match std::fs::create_dir_all(&args.work).and_then(|()| args.work.canonicalize()) {
