@@ -37,8 +37,9 @@ fuzz:
 	FERRY_FUZZ_CASES=$(CASES) $(CARGO) test --profile fuzz --test fuzz -- --nocapture
 
 ## Build with the minimum supported Rust (1.85) from Debian; install it with scripts/ensure-deps.sh --msrv.
+## The gateway's binaries, and ferry-cloud's: both crates declare 1.85.
 msrv:
-	PATH=/usr/bin:$$PATH CARGO_TARGET_DIR=target/msrv $(MSRV_CARGO) build --locked --bins
+	PATH=/usr/bin:$$PATH CARGO_TARGET_DIR=target/msrv $(MSRV_CARGO) build --locked --bins -p ferry -p ferry-cloud
 
 ## Static release binaries for ARM gateways, sizes checked against the 6 MiB budget:
 ## `make cross TARGET=aarch64-unknown-linux-gnu` (or armv7-unknown-linux-gnueabihf; both if unset).
