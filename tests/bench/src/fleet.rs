@@ -458,8 +458,9 @@ fn copy_baseline(
 }
 
 /// Bytes on disk per record a PostgreSQL run is allowed for: the database's directory, WAL
-/// included (510 B measured at 10 million records; up to 1,200 B at a million, where the WAL
-/// kept weighs more), and the COPY baseline's file and table (about 250 B).
+/// included (510 B measured at 10 million records, 240 B at 50 million; up to 1,200 B at a
+/// million, where the WAL kept weighs more), and one COPY baseline's file and table at a time
+/// (about 250 B).
 const PG_BYTES_PER_RECORD: u64 = 1_000;
 
 /// Refuses a PostgreSQL run whose records would not fit on the disk under `dir`, before it fills

@@ -220,6 +220,11 @@ fn main() {
     let started = Instant::now();
 
     let mut rows = Vec::new();
+    // The fleet sections' shapes: the one `--fleet` names, or the size's four.
+    let fleets = args
+        .fleet
+        .as_ref()
+        .map_or(&sizes.fleet[..], std::slice::from_ref);
     let sections: [(&'static str, &Section<'_>); 9] = [
         ("binary size", &|r| binary_sizes(&args, r)),
         ("durable append", &|r| append(&args, &sizes, r)),
@@ -246,9 +251,7 @@ fn main() {
             fleet::run(
                 &args.target.join("release"),
                 &args.work.join("fleet"),
-                args.fleet
-                    .as_ref()
-                    .map_or(&sizes.fleet[..], std::slice::from_ref),
+                fleets,
                 &fleet::Center::ALL,
                 fleet::SECTION,
                 r,
@@ -258,9 +261,7 @@ fn main() {
             fleet::run(
                 &args.target.join("release"),
                 &args.work.join("fleet-pg"),
-                args.fleet
-                    .as_ref()
-                    .map_or(&sizes.fleet[..], std::slice::from_ref),
+                fleets,
                 &fleet::Center::POSTGRES,
                 fleet::SECTION_PG,
                 r,
