@@ -492,6 +492,45 @@ fn statements_are_prepared_once_per_pooled_connection_on_postgres() {
     );
 }
 
+/// A batch's `COPY` rows go to the server in messages of up to 1 MiB: a batch of 2.4 MB (600
+/// records of 4,000 bytes) crosses two message boundaries, and every record is read back as
+/// sent, in order, once.
+#[test]
+fn a_batch_of_several_copy_messages_is_stored_whole_on_postgres() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::postgres(dir.path());
+    let cloud = Cloud::start_on(&backend, &[]);
+    let payload = |s: u64| format!("{s:04}").repeat(1000);
+    let records: Vec<Value> = (1..=600u64)
+        .map(|s| json!({"seq": s, "ts_ms": 1, "topic": "t", "payload": payload(s)}))
+        .collect();
+    let batch = json!({"device_id": "gw-wide", "records": records});
+    assert_eq!(
+        cloud.post_gzip(&batch),
+        (200, json!({"accepted": 600, "duplicates": 0}))
+    );
+    let (status, text) = cloud.get("/v1/devices/gw-wide/records");
+    assert_eq!(status, 200);
+    let back: Vec<(u64, String)> = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("ndjson line");
+            let seq = v["seq"].as_u64().expect("seq");
+            (seq, v["payload"].as_str().expect("payload").to_owned())
+        })
+        .collect();
+    let sent: Vec<(u64, String)> = (1..=600u64).map(|s| (s, payload(s))).collect();
+    assert!(
+        back == sent,
+        "{} records read back, not the 600 sent",
+        back.len()
+    );
+    assert_eq!(
+        cloud.post_gzip(&batch),
+        (200, json!({"accepted": 0, "duplicates": 600}))
+    );
+}
+
 #[test]
 fn a_large_batch_over_a_row_the_store_did_not_write_stores_nothing_on_postgres() {
     let dir = tempfile::tempdir().expect("temp dir");

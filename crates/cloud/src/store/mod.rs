@@ -111,6 +111,10 @@ pub enum Error {
         seq: u64,
         problem: String,
     },
+    /// A batch's records could not be put into `COPY` rows (a record longer than a field can be)
+    /// or handed to the connection.
+    #[error("device_id {device_id}: cannot send its records to the database: {problem}")]
+    CopyRows { device_id: String, problem: String },
     #[error("device_id {device_id}: the database is inconsistent: {what}")]
     Inconsistent { device_id: String, what: String },
     /// More records than one answer of `GET .../records` carries from the database.
