@@ -40,8 +40,46 @@ pub fn ferry_cloud() -> &'static str {
             "{} is missing: build it with `cargo build -p ferry-cloud` (make test does)",
             bin.display()
         );
+        // A binary older than its sources would test the code before the change: refuse it
+        // rather than pass on it.
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        if let (Some(built), Some((changed, source))) = (built, newest_source(root)) {
+            assert!(
+                changed <= built,
+                "{} is older than {}: build it again with `cargo build -p ferry-cloud` \
+                 (make test does)",
+                bin.display(),
+                source.display()
+            );
+        }
         bin.to_string_lossy().into_owned()
     })
+}
+
+/// The most recently changed source file ferry-cloud is built from (its crate and the crates it
+/// shares with the agent), and when.
+fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    fn walk(path: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for entry in entries.flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Ok(changed) = std::fs::metadata(path).and_then(|m| m.modified()) {
+            if newest.as_ref().is_none_or(|(t, _)| changed > *t) {
+                *newest = Some((changed, path.to_owned()));
+            }
+        }
+    }
+    let mut newest = None;
+    for krate in ["cloud", "protocol", "tls", "util"] {
+        walk(&root.join("crates").join(krate).join("src"), &mut newest);
+        walk(
+            &root.join("crates").join(krate).join("Cargo.toml"),
+            &mut newest,
+        );
+    }
+    newest
 }
 
 /// A command running one of this crate's binaries. Under `make test-arm` they are ARM executables
