@@ -26,8 +26,13 @@ impl Config {
 
     fn effective_toml(&self, mask: bool) -> String {
         let secret = |s: &Option<Secret>| -> Option<String> {
-            s.as_ref()
-                .map(|s| if mask { MASK.to_owned() } else { s.0.clone() })
+            s.as_ref().map(|s| {
+                if mask {
+                    MASK.to_owned()
+                } else {
+                    s.expose().to_owned()
+                }
+            })
         };
         let effective = Effective {
             device: EffectiveDevice {

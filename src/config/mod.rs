@@ -188,24 +188,8 @@ pub struct ConsoleConfig {
 /// Line speeds a serial console may use.
 pub const CONSOLE_BAUDS: [u32; 8] = [9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600];
 
-/// A string that never prints itself.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: String) -> Secret {
-        Secret(s)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{MASK:?}")
-    }
-}
+/// A string that never prints itself (shared with ferry-cloud).
+pub use ferry_util::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -225,7 +209,7 @@ const TIB: u64 = 1 << 40;
 
 /// How a secret is shown wherever it is printed: [`Secret`]'s `Debug`, [`Config::to_masked_toml`],
 /// and the edits and plans of [`edit`].
-pub(crate) const MASK: &str = "****";
+pub(crate) use ferry_util::MASK;
 
 impl Config {
     /// Reads and validates `path`.

@@ -58,7 +58,7 @@ pub(super) fn validate_console(raw: RawConsole) -> Result<ConsoleConfig, String>
     let pin_sha256 = match raw.pin_sha256 {
         None => None,
         Some(h) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
-            Some(Secret(h.to_ascii_lowercase()))
+            Some(Secret::new(h.to_ascii_lowercase()))
         }
         Some(_) => {
             return Err(

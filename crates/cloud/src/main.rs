@@ -147,7 +147,7 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
 
 /// The database password in `path` (`--store-password-file`): its first line as it is (a
 /// password may hold spaces).
-fn read_password(path: &std::path::Path) -> Result<cloud::store::Password, String> {
+fn read_password(path: &std::path::Path) -> Result<ferry_util::Secret, String> {
     let line = first_line("--store-password-file", path)?;
     if line.is_empty() {
         return Err(format!(
@@ -155,7 +155,7 @@ fn read_password(path: &std::path::Path) -> Result<cloud::store::Password, Strin
             path.display()
         ));
     }
-    Ok(cloud::store::Password(line))
+    Ok(ferry_util::Secret::new(line))
 }
 
 /// Whether every address `addr` (`host:port`) names is a loopback one.

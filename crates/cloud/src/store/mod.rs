@@ -210,20 +210,10 @@ pub enum Location {
     Postgres {
         url: String,
         ca_file: Option<PathBuf>,
-        /// The database password, when not in `url` (`--store-password-file`).
-        password: Option<Password>,
+        /// The database password, when not in `url` (`--store-password-file`: kept out of the
+        /// process list, and out of any `Debug` output).
+        password: Option<ferry_util::Secret>,
     },
-}
-
-/// A database password: kept out of the process list (a file, not an argument) and out of any
-/// `Debug` output.
-#[derive(Clone)]
-pub struct Password(pub String);
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("****")
-    }
 }
 
 /// The records of one device as `GET /v1/devices/<id>/records` sends them: NDJSON, one stored

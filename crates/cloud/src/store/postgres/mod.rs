@@ -115,7 +115,7 @@ impl PgStore {
     pub fn open(
         url: &str,
         ca_file: Option<&Path>,
-        password: Option<&super::Password>,
+        password: Option<&ferry_util::Secret>,
     ) -> Result<PgStore, Error> {
         let mut config = Config::from_str(url).map_err(|source| Error::Database {
             what: "cannot read the connection string",
@@ -125,7 +125,7 @@ impl PgStore {
             if config.get_password().is_some() {
                 return Err(Error::PasswordTwice);
             }
-            config.password(&password.0);
+            config.password(password.expose());
         }
         let tls = match config.get_ssl_mode() {
             SslMode::Require
