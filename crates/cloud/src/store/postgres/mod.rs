@@ -514,8 +514,8 @@ const COPY_FROM: usize = 64;
 /// with [`Error::Inconsistent`]. Small batches are one `INSERT ... ON CONFLICT DO NOTHING`;
 /// from [`COPY_FROM`] records on, a binary `COPY` ([`write_copy_rows`]), which PostgreSQL writes
 /// a page of rows at a time (one WAL record per page, not per row) at the cost of a second
-/// round trip. `COPY`
-/// cannot skip a row already there: the unique violation aborts the transaction.
+/// round trip. `COPY` cannot skip a row already there: the unique violation aborts the
+/// transaction.
 fn insert_records(
     tx: &mut Transaction<'_>,
     st: &mut Statements,
@@ -576,7 +576,7 @@ fn insert_records(
 /// (a few hundred records, tens of KiB) in one message, so that the server's backend wakes once
 /// for it, not once per 4 KiB as `postgres`' row-by-row writer sends them (with a runtime entry
 /// per row); a batch of the largest body a device may send goes without a whole second copy of
-/// it in memory. Measured: ferry-cloud's CPU 7-10 % lower (docs/BENCHMARKS.md).
+/// it in memory. Measured: ferry-cloud's CPU 7-13 % lower (docs/BENCHMARKS.md).
 const COPY_MESSAGE: usize = 1 << 20;
 
 /// Why [`write_copy_rows`] failed.
