@@ -561,6 +561,19 @@ fn a_large_batch_over_a_row_the_store_did_not_write_stores_nothing_on_postgres()
     }
     let ledger = cloud.get_json("/v1/devices/gw-odd/ledger");
     assert_eq!(ledger["delivered"], 10, "{ledger}");
+    // The operator is told which row: the COPY's first one already there, the INSERT's count.
+    // The log line is written before the answer, and read from the pipe by a thread of ours.
+    for said in [
+        "at least 1 (Key (device_id, seq)=(gw-odd, 150) already exists) of 190 new records: \
+         already in ferry_records",
+        "1 of 21 new records: already in ferry_records",
+    ] {
+        util::wait_until(
+            &format!("the log says {said:?}"),
+            Duration::from_secs(10),
+            || cloud.stderr.lock().expect("log").contains(said),
+        );
+    }
 }
 
 on_both_stores!(

@@ -526,7 +526,7 @@ fn insert_records(
     let inconsistent = |already: String| Error::Inconsistent {
         device_id: device_id.to_owned(),
         what: format!(
-            "{already} of {} new records were already in ferry_records but not in the device's \
+            "{already} of {} new records: already in ferry_records but not in the device's \
              delivered ranges",
             seqs.len()
         ),
@@ -566,7 +566,15 @@ fn insert_records(
     match copied {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            Err(inconsistent("some".to_owned()))
+            // `COPY` stops at the first row already there; the server names it (`Key (device_id,
+            // seq)=(gw-1, 150) already exists.`).
+            let first = e
+                .as_db_error()
+                .and_then(|d| d.detail())
+                .map_or_else(String::new, |detail| {
+                    format!(" ({})", detail.trim_end_matches('.'))
+                });
+            Err(inconsistent(format!("at least 1{first}")))
         }
         Err(e) => Err(db(WHAT)(e)),
     }
