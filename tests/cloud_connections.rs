@@ -1,8 +1,9 @@
 //! ferry-cloud's HTTP connections against clients that misbehave, through the real binary: a
 //! client that goes silent (a gateway whose cellular link died without closing its connection),
-//! a process out of file descriptors, and more connections than `--max-connections`. Each of
-//! these once stopped the receiver for good, or held one of its threads for ever: the vendored
-//! tiny_http's `Limits` (vendor/README.md).
+//! a process out of file descriptors, more connections than `--max-connections`, a request
+//! declaring a terabyte of body, a refused body dribbled a byte at a time. Each of these once
+//! stopped the receiver for good, or held one of its threads for ever: the vendored tiny_http's
+//! `Limits` and its bounded drain of an unread body (vendor/README.md).
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -214,4 +215,96 @@ fn a_descriptor_limit_too_small_for_max_connections_is_said_at_start() {
             && text.contains("(300, ulimit -n)"),
         "{text}"
     );
+}
+
+/// Reads `s` until the end of an answer's head; its status line.
+fn answer_status(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "no whole answer: {other:?} after {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    head.lines().next().unwrap_or_default().to_owned()
+}
+
+/// A request declaring a body far beyond what the receiver takes (a terabyte) is answered (413)
+/// without its body being read or buffered, and its connection is closed: at once when the client
+/// goes on sending, after `--idle-timeout` when it sends nothing more. Each such request was once
+/// left unanswered with its connection held for ever, so `--max-connections` of them (here 3, and
+/// 8 requests) stopped the receiver from taking any connection.
+#[test]
+fn requests_declaring_huge_bodies_are_answered_and_their_connections_closed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start_with(
+        dir.path(),
+        free_port(),
+        &["--max-connections", "3", "--idle-timeout", "2"],
+    );
+    let port = cloud.port;
+    for i in 0..8 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n"
+        )
+        .unwrap();
+        if i % 2 == 0 {
+            // The start of a body: what follows the answer is no request, the connection ends.
+            s.write_all(br#"{"device_id":"gw-1","records":["#).unwrap();
+        }
+        let status = answer_status(&mut s);
+        assert!(status.starts_with("HTTP/1.1 413"), "request {i}: {status}");
+        closed_by_server(s);
+    }
+    assert!(
+        try_get(port, "/metrics").is_some(),
+        "the receiver still takes connections"
+    );
+}
+
+/// The body of a refused request (here a wrong `Content-Type`) is drained after the answer so
+/// that the connection can carry the next request, but for 5 s at most: a client that dribbles
+/// it a byte at a time has its connection closed, and the worker that drained it is free again.
+/// Until then the drain went on for as long as the client kept sending.
+#[test]
+fn a_refused_body_dribbled_a_byte_at_a_time_is_drained_for_a_few_seconds_at_most() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start_with(dir.path(), free_port(), &[]);
+    let port = cloud.port;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: text/plain\r\nContent-Length: 200000\r\n\r\n"
+    )
+    .unwrap();
+    let mut dribble = s.try_clone().unwrap();
+    let dribbler = std::thread::spawn(move || {
+        // 20 bytes a second: the whole body would take 10,000 s. Ends when the server closes.
+        let started = Instant::now();
+        while started.elapsed() < 2 * DEADLINE {
+            if dribble.write_all(b"x").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    let status = answer_status(&mut s);
+    assert!(status.starts_with("HTTP/1.1 415"), "{status}");
+    closed_by_server(s);
+    assert!(
+        dribbler.join().unwrap(),
+        "the dribbling client could still write after the close"
+    );
+    assert!(try_get(port, "/metrics").is_some());
 }

@@ -36,9 +36,10 @@
 //! [`Config::idle_timeout`] and each write 30 s, at most [`Config::max_connections`] are open
 //! (more wait to be accepted), and a failed accept is retried. The deadline is per read, so a
 //! client that dribbles a body a byte at a time holds its worker as long as it keeps sending
-//! (nginx in front buffers bodies). A body the receiver does not read is drained after the answer
-//! is written, and a request declaring an absurd body is abandoned unanswered (see
-//! `http::MAX_DRAINABLE_BYTES`).
+//! (nginx in front buffers bodies). A `Content-Length` body the receiver does not read (a refused
+//! request's) is drained after the answer is written, up to 1 MiB within 5 s, so that the
+//! connection can carry the next request; past either, the connection is closed (the vendored
+//! tiny_http's `EqualReader`).
 
 pub mod batch;
 pub mod commands;

@@ -6,6 +6,8 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::common::{HTTPVersion, Method};
 use crate::util::RefinedTcpStream;
@@ -31,6 +33,10 @@ pub struct ClientConnection {
 
     // set to true if we know that the previous request is the last one
     no_more_requests: bool,
+
+    // set when a request's body was dropped before its end and not drained to it: what follows on
+    // the socket is the rest of that body, not a request, so the connection ends (ferry)
+    body_unfinished: Arc<AtomicBool>,
 
     // true if the connection goes through SSL
     secure: bool,
@@ -64,6 +70,7 @@ impl ClientConnection {
             remote_addr,
             next_header_source: first_header,
             no_more_requests: false,
+            body_unfinished: Arc::default(),
             secure,
         }
     }
@@ -88,6 +95,13 @@ impl ClientConnection {
                 Some(b) => b?,
                 None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
             };
+            // The previous request's reader is dropped before this read returns.
+            if self.body_unfinished.load(Ordering::SeqCst) {
+                return Err(IoError::new(
+                    ErrorKind::ConnectionAborted,
+                    "the previous request's body was not read to its end",
+                ));
+            }
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
@@ -153,6 +167,7 @@ impl ClientConnection {
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
+            Arc::clone(&self.body_unfinished),
         )
         .map_err(|e| {
             use crate::request;

@@ -27,12 +27,6 @@ use self::operator::{
     device_history, devices, downlink_route, fleet_overview, ledger, metrics, records,
 };
 
-/// Largest declared body a refused request may have. tiny_http drains an unread body when the
-/// request is dropped, first allocating a buffer of the whole remaining declared length; a
-/// `Content-Length` of a terabyte aborts the process. A request declaring more than this is leaked
-/// instead, unanswered: one connection and one tiny_http thread, rather than the whole receiver.
-pub(crate) const MAX_DRAINABLE_BYTES: usize = 1 << 30;
-
 /// How long a worker waits for a request before it looks at the shutdown flag again.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -165,18 +159,6 @@ impl Reply {
 }
 
 fn serve(shared: &Shared, mut request: Request) {
-    if request
-        .body_length()
-        .is_some_and(|n| n > MAX_DRAINABLE_BYTES)
-    {
-        warn!(
-            "connection abandoned remote={} content_length={:?} reason=declared body too large to drain",
-            remote(&request),
-            request.body_length()
-        );
-        std::mem::forget(request);
-        return;
-    }
     let (path, query) = {
         let mut parts = request.url().splitn(2, '?');
         let path = parts.next().unwrap_or_default().to_owned();

@@ -1,13 +1,28 @@
 use std::io::Read;
 use std::io::Result as IoResult;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The most of an unread body the destructor drains, so that its connection can carry the next
+/// request (ferry: upstream drained any length, through a buffer of the whole remaining length).
+const DRAIN_LIMIT: usize = 1 << 20;
+/// How long the destructor drains at most (ferry: upstream waited for as long as the client kept
+/// sending, however slowly, in the thread that dropped the request).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// The destructor's read buffer.
+const DRAIN_BUFFER: usize = 64 * 1024;
 
 /// A `Reader` that reads exactly the number of bytes from a sub-reader.
 ///
 /// If the limit is reached, it returns EOF. If the limit is not reached
-/// when the destructor is called, the remaining bytes will be read and
-/// thrown away.
+/// when the destructor is called, the remaining bytes are read and thrown
+/// away: at most [`DRAIN_LIMIT`] of them within [`DRAIN_DEADLINE`]. A body
+/// not read to its end sets the `unfinished` flag given with
+/// [`EqualReader::marking`], by which the connection knows to close
+/// rather than read the rest of the body as its next request (ferry).
 pub struct EqualReader<R>
 where
     R: Read,
@@ -15,6 +30,7 @@ where
     reader: R,
     size: usize,
     last_read_signal: Sender<IoResult<()>>,
+    unfinished: Option<Arc<AtomicBool>>,
 }
 
 impl<R> EqualReader<R>
@@ -28,9 +44,22 @@ where
             reader,
             size,
             last_read_signal: tx,
+            unfinished: None,
         };
 
         (r, rx)
+    }
+
+    /// Sets `unfinished` when the body is dropped before its end and not drained to it.
+    pub fn marking(mut self, unfinished: Arc<AtomicBool>) -> EqualReader<R> {
+        self.unfinished = Some(unfinished);
+        self
+    }
+
+    fn mark_unfinished(&self) {
+        if let Some(flag) = &self.unfinished {
+            flag.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -65,16 +94,30 @@ where
 {
     fn drop(&mut self) {
         let mut remaining_to_read = self.size;
+        if remaining_to_read == 0 {
+            return;
+        }
+        if remaining_to_read > DRAIN_LIMIT {
+            self.mark_unfinished();
+            return;
+        }
+        let started = Instant::now();
+        let mut buf = vec![0; remaining_to_read.min(DRAIN_BUFFER)];
 
         while remaining_to_read > 0 {
-            let mut buf = vec![0; remaining_to_read];
-
-            match self.reader.read(&mut buf) {
+            if started.elapsed() > DRAIN_DEADLINE {
+                self.mark_unfinished();
+                break;
+            }
+            let want = remaining_to_read.min(buf.len());
+            match self.reader.read(&mut buf[..want]) {
                 Err(e) => {
+                    self.mark_unfinished();
                     self.last_read_signal.send(Err(e)).ok();
                     break;
                 }
                 Ok(0) => {
+                    self.mark_unfinished();
                     self.last_read_signal.send(Ok(())).ok();
                     break;
                 }
