@@ -308,3 +308,51 @@ fn a_refused_body_dribbled_a_byte_at_a_time_is_drained_for_a_few_seconds_at_most
     );
     assert!(try_get(port, "/metrics").is_some());
 }
+
+/// An upload whose body comes slower than 500 bytes a second once 20 s have passed is answered
+/// `408` (which an agent retries), not read for as long as the client dribbles it: the worker
+/// reading it is free again. Until then a body dribbled a byte at a time held its worker for
+/// the whole body (here 10,000 s), and a read that waited the idle timeout was answered `400`,
+/// which an agent takes for refused content.
+#[test]
+fn an_upload_dribbled_below_the_minimum_rate_is_answered_408() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cloud = Cloud::start_with(dir.path(), free_port(), &[]);
+    let port = cloud.port;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: application/json\r\nContent-Length: 200000\r\n\r\n"
+    )
+    .unwrap();
+    let mut dribble = s.try_clone().unwrap();
+    let dribbler = std::thread::spawn(move || {
+        // 20 bytes a second; ends when the server closes the connection.
+        let started = Instant::now();
+        while started.elapsed() < 4 * DEADLINE {
+            if dribble.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    // The 20 s of grace, then the answer.
+    s.set_read_timeout(Some(3 * DEADLINE)).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "no answer to the dribbled upload: {other:?} after {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    closed_by_server(s);
+    dribbler.join().unwrap();
+    assert!(try_get(port, "/metrics").is_some());
+}

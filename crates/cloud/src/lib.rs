@@ -34,9 +34,10 @@
 //!
 //! Connections (the vendored tiny_http 0.12, `vendor/README.md`): each read waits at most
 //! [`Config::idle_timeout`] and each write 30 s, at most [`Config::max_connections`] are open
-//! (more wait to be accepted), and a failed accept is retried. The deadline is per read, so a
-//! client that dribbles a body a byte at a time holds its worker as long as it keeps sending
-//! (nginx in front buffers bodies). A `Content-Length` body the receiver does not read (a refused
+//! (more wait to be accepted), and a failed accept is retried. A body must also come at 500
+//! bytes a second once 20 s have passed, or it is answered `408` (`http::Paced`): a client that
+//! dribbles a body a byte at a time holds its worker for about that allowance and one idle
+//! timeout, not for as long as it keeps sending. A `Content-Length` body the receiver does not read (a refused
 //! request's) is drained after the answer is written, up to 1 MiB within 5 s, so that the
 //! connection can carry the next request; past either, the connection is closed (the vendored
 //! tiny_http's `EqualReader`).

@@ -13,7 +13,7 @@ use log::{debug, error, warn};
 use serde_json::{Value, json};
 use tiny_http::Request;
 
-use super::{Reply, Shared, header, now_ms};
+use super::{Paced, Reply, Shared, header, now_ms};
 use crate::store;
 use crate::{MAX_BODY_BYTES, MAX_DECOMPRESSED_BYTES, batch};
 
@@ -99,12 +99,11 @@ pub(super) fn ingest(shared: &Shared, request: &mut Request) -> Result<store::Ou
         return Err(too_large(MAX_BODY_BYTES, ""));
     }
     let mut sent = Vec::with_capacity(request.body_length().unwrap_or(0));
-    if let Err(e) = request
-        .as_reader()
+    if let Err(e) = Paced::new(request.as_reader())
         .take(MAX_BODY_BYTES + 1)
         .read_to_end(&mut sent)
     {
-        return Err(Reply::error(400, format!("body: cannot read: {e}")));
+        return Err(super::unreadable_body(&e));
     }
     if sent.len() as u64 > MAX_BODY_BYTES {
         return Err(too_large(MAX_BODY_BYTES, ""));

@@ -429,7 +429,7 @@ fn unreadable(shared: &Shared, what: &str, e: &store::Error) -> Reply {
 fn discard_chunked_body(request: &mut Request) {
     if request.body_length().is_none() {
         let _ = io::copy(
-            &mut request.as_reader().take(MAX_BODY_BYTES),
+            &mut Paced::new(request.as_reader()).take(MAX_BODY_BYTES),
             &mut io::sink(),
         );
     }
@@ -493,14 +493,72 @@ pub(crate) fn now_ms() -> u64 {
     ferry_util::epoch_ms(std::time::SystemTime::now())
 }
 
+/// How long a request body may take before it must keep up [`BODY_MIN_RATE`].
+const BODY_GRACE: Duration = Duration::from_secs(20);
+/// The slowest a request body may arrive, bytes a second, past [`BODY_GRACE`] (4 kbit/s; the
+/// defaults of Apache's `mod_reqtimeout`, `body=20,MinRate=500`).
+const BODY_MIN_RATE: u64 = 500;
+
+/// A request body that must arrive at [`BODY_MIN_RATE`] after [`BODY_GRACE`]: by `t` seconds a
+/// client must have sent `(t - 20) * 500` bytes, or the next read fails (`TimedOut`). Each read
+/// still waits at most the idle timeout, so a client that dribbles its body (a byte per read,
+/// each within the idle timeout) holds a worker for about its allowance and one idle timeout,
+/// not for as long as it keeps dribbling. A gateway on a slow cellular link (GPRS sends 2 to 5
+/// KB/s) is never cut.
+struct Paced<R> {
+    inner: R,
+    started: std::time::Instant,
+    received: u64,
+}
+
+impl<R: Read> Paced<R> {
+    fn new(inner: R) -> Paced<R> {
+        Paced {
+            inner,
+            started: std::time::Instant::now(),
+            received: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Paced<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let allowed = BODY_GRACE + Duration::from_secs(self.received / BODY_MIN_RATE);
+        let taken = self.started.elapsed();
+        if taken > allowed {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} bytes in {} s, slower than {BODY_MIN_RATE} bytes a second",
+                    self.received,
+                    taken.as_secs()
+                ),
+            ));
+        }
+        let n = self.inner.read(buf)?;
+        self.received += n as u64;
+        Ok(n)
+    }
+}
+
+/// The answer to a body that could not be read: 408 when it came too slowly (or a read waited
+/// the idle timeout), 400 otherwise.
+fn unreadable_body(e: &io::Error) -> Reply {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            Reply::error(408, format!("body: it came too slowly: {e}"))
+        }
+        _ => Reply::error(400, format!("body: cannot read: {e}")),
+    }
+}
+
 /// The request body, refused with 413 past `max` bytes.
 fn read_small_body(request: &mut Request, max: usize) -> Result<Vec<u8>, Reply> {
     let mut body = Vec::new();
-    request
-        .as_reader()
+    Paced::new(request.as_reader())
         .take(max as u64 + 1)
         .read_to_end(&mut body)
-        .map_err(|e| Reply::error(400, format!("cannot read the body: {e}")))?;
+        .map_err(|e| unreadable_body(&e))?;
     if body.len() > max {
         return Err(Reply::error(413, format!("body over {max} bytes")));
     }
