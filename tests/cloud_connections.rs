@@ -217,9 +217,9 @@ fn a_descriptor_limit_too_small_for_max_connections_is_said_at_start() {
     );
 }
 
-/// Reads `s` until the end of an answer's head; its status line.
-fn answer_status(s: &mut TcpStream) -> String {
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
+/// Reads `s` until the end of an answer's head, waiting `within` at most; its status line.
+fn answer_status(s: &mut TcpStream, within: Duration) -> String {
+    s.set_read_timeout(Some(within)).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -233,6 +233,35 @@ fn answer_status(s: &mut TcpStream) -> String {
     }
     let head = String::from_utf8_lossy(&head).into_owned();
     head.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Starts `POST /v1/ingest` of `content_type` declaring a 200,000-byte body, and a thread that
+/// dribbles the body at 20 bytes a second (the whole of it would take 10,000 s) for `for_at_most`.
+/// The thread ends `true` once a write fails (the server closed the connection).
+fn dribbled_upload(
+    port: u16,
+    content_type: &str,
+    for_at_most: Duration,
+) -> (TcpStream, std::thread::JoinHandle<bool>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: {content_type}\r\nContent-Length: 200000\r\n\r\n"
+    )
+    .unwrap();
+    let mut dribble = s.try_clone().unwrap();
+    let dribbler = std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < for_at_most {
+            if dribble.write_all(b" ").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    (s, dribbler)
 }
 
 /// A request declaring a body far beyond what the receiver takes (a terabyte) is answered (413)
@@ -261,7 +290,7 @@ fn requests_declaring_huge_bodies_are_answered_and_their_connections_closed() {
             // The start of a body: what follows the answer is no request, the connection ends.
             s.write_all(br#"{"device_id":"gw-1","records":["#).unwrap();
         }
-        let status = answer_status(&mut s);
+        let status = answer_status(&mut s, DEADLINE);
         assert!(status.starts_with("HTTP/1.1 413"), "request {i}: {status}");
         closed_by_server(s);
     }
@@ -280,26 +309,8 @@ fn a_refused_body_dribbled_a_byte_at_a_time_is_drained_for_a_few_seconds_at_most
     let dir = tempfile::tempdir().expect("temp dir");
     let cloud = Cloud::start_with(dir.path(), free_port(), &[]);
     let port = cloud.port;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
-         Content-Type: text/plain\r\nContent-Length: 200000\r\n\r\n"
-    )
-    .unwrap();
-    let mut dribble = s.try_clone().unwrap();
-    let dribbler = std::thread::spawn(move || {
-        // 20 bytes a second: the whole body would take 10,000 s. Ends when the server closes.
-        let started = Instant::now();
-        while started.elapsed() < 2 * DEADLINE {
-            if dribble.write_all(b"x").is_err() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    });
-    let status = answer_status(&mut s);
+    let (mut s, dribbler) = dribbled_upload(port, "text/plain", 2 * DEADLINE);
+    let status = answer_status(&mut s, DEADLINE);
     assert!(status.starts_with("HTTP/1.1 415"), "{status}");
     closed_by_server(s);
     assert!(
@@ -319,39 +330,10 @@ fn an_upload_dribbled_below_the_minimum_rate_is_answered_408() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cloud = Cloud::start_with(dir.path(), free_port(), &[]);
     let port = cloud.port;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
-         Content-Type: application/json\r\nContent-Length: 200000\r\n\r\n"
-    )
-    .unwrap();
-    let mut dribble = s.try_clone().unwrap();
-    let dribbler = std::thread::spawn(move || {
-        // 20 bytes a second; ends when the server closes the connection.
-        let started = Instant::now();
-        while started.elapsed() < 4 * DEADLINE {
-            if dribble.write_all(b" ").is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
+    let (mut s, dribbler) = dribbled_upload(port, "application/json", 4 * DEADLINE);
     // The 20 s of grace, then the answer.
-    s.set_read_timeout(Some(3 * DEADLINE)).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            other => panic!(
-                "no answer to the dribbled upload: {other:?} after {:?}",
-                String::from_utf8_lossy(&head)
-            ),
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    let status = answer_status(&mut s, 3 * DEADLINE);
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
     closed_by_server(s);
     dribbler.join().unwrap();
     assert!(try_get(port, "/metrics").is_some());
