@@ -57,8 +57,8 @@ pub fn ferry_cloud() -> &'static str {
     })
 }
 
-/// The most recently changed source file ferry-cloud is built from (its crate and the crates it
-/// shares with the agent), and when.
+/// The most recently changed source file ferry-cloud is built from (its crate, the crates it
+/// shares with the agent, and the vendored crates it is patched with), and when.
 fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     fn walk(path: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf)>) {
         if let Ok(entries) = std::fs::read_dir(path) {
@@ -78,6 +78,15 @@ fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
             &root.join("crates").join(krate).join("Cargo.toml"),
             &mut newest,
         );
+    }
+    // Only what cargo rebuilds for: a vendored crate's README changes no binary.
+    for krate in std::fs::read_dir(root.join("vendor"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        walk(&krate.path().join("src"), &mut newest);
+        walk(&krate.path().join("Cargo.toml"), &mut newest);
     }
     newest
 }
